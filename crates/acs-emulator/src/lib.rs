@@ -1,0 +1,320 @@
+//! An in-memory emulator of the Adobe Campaign Standard (ACS) profile API.
+//!
+//! It answers as the real API does (see `shared/reference/adobe-campaign-standard.md`): opaque
+//! `@...` keys that only this instance can read, 201 for a creation, `{PKey, href}` for a PATCH,
+//! ACS's timestamp form, `ccpaOptOutLastModified` set when the opt-out changes, 401 `401013`
+//! without a valid bearer token, 403 `403003` without the API key, 500 `XTK-170036` for a key it
+//! cannot read, 404 `RST-360011` for one it can but does not hold, and 500 "Check your URI" for
+//! another tenant. Tests can inject faults ([`Fault`]) and see every request it received.
+//!
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! use acs_emulator::{Emulator, EmulatorConfig, NewProfile};
+//!
+//! let emulator = Emulator::start(EmulatorConfig::default()).await?;
+//! let pkey = emulator.insert_profile(NewProfile { email: "a@example.com".into(), ..Default::default() });
+//! println!("ACS at {} (tenant {}), profile {pkey}", emulator.url(), emulator.config().tenant);
+//! emulator.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod faults;
+mod pkey;
+mod routes;
+mod store;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use chrono::Utc;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use faults::Fault;
+
+use pkey::KeyCodec;
+use store::{Changes, StoredProfile};
+
+/// How an emulator identifies its tenant and whom it lets in.
+#[derive(Clone)]
+pub struct EmulatorConfig {
+    /// The tenant name expected in paths: `/{tenant}/campaign/...`.
+    pub tenant: String,
+    /// The API key expected in `X-Api-Key`.
+    pub api_key: String,
+    /// The bearer token accepted at start. More can be added with
+    /// [`Emulator::add_access_token`].
+    pub access_token: String,
+    /// Answer reads of one profile wrapped in a collection (`{"content":[...]}`), as one ACS
+    /// documentation page shows them, instead of bare.
+    pub wrap_reads_in_collection: bool,
+}
+
+impl EmulatorConfig {
+    /// The tenant of [`EmulatorConfig::default`].
+    pub const DEFAULT_TENANT: &'static str = "emulated-tenant";
+    /// The API key of [`EmulatorConfig::default`].
+    pub const DEFAULT_API_KEY: &'static str = "emulator-api-key";
+    /// The access token of [`EmulatorConfig::default`].
+    pub const DEFAULT_ACCESS_TOKEN: &'static str = "emulator-access-token";
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        Self {
+            tenant: Self::DEFAULT_TENANT.into(),
+            api_key: Self::DEFAULT_API_KEY.into(),
+            access_token: Self::DEFAULT_ACCESS_TOKEN.into(),
+            wrap_reads_in_collection: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for EmulatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatorConfig")
+            .field("tenant", &self.tenant)
+            .field("api_key", &"[REDACTED]")
+            .field("access_token", &"[REDACTED]")
+            .field("wrap_reads_in_collection", &self.wrap_reads_in_collection)
+            .finish()
+    }
+}
+
+/// A profile to put straight into the emulator, bypassing the API.
+#[derive(Debug, Clone, Default)]
+pub struct NewProfile {
+    /// Email address.
+    pub email: String,
+    /// First name.
+    pub first_name: String,
+    /// Last name.
+    pub last_name: String,
+    /// CCPA opt-out of sale.
+    pub ccpa_opt_out: bool,
+}
+
+/// A request as the emulator received it.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    /// The HTTP method.
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    /// The headers, names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl RecordedRequest {
+    /// The first value of a header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Only the newest requests are kept, so that a long run does not grow without bound.
+const MAX_RECORDED_REQUESTS: usize = 10_000;
+
+/// The state every request handler shares.
+pub(crate) struct Shared {
+    config: EmulatorConfig,
+    base_url: String,
+    codec: KeyCodec,
+    profiles: Mutex<HashMap<u64, StoredProfile>>,
+    next_id: AtomicU64,
+    access_tokens: Mutex<HashSet<String>>,
+    requests: Mutex<VecDeque<RecordedRequest>>,
+    request_count: AtomicUsize,
+    faults: Mutex<VecDeque<Fault>>,
+}
+
+/// Locks a mutex, carrying on after a panic elsewhere: every critical section here leaves the
+/// data whole (single inserts and removals), so a poisoned lock still guards valid state.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn href(&self, pkey: &str) -> String {
+        format!(
+            "{}/{}/campaign/profileAndServices/profile/{pkey}",
+            self.base_url, self.config.tenant
+        )
+    }
+
+    fn insert(&self, changes: Changes) -> (String, serde_json::Value) {
+        let now = Utc::now();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut profile = StoredProfile::new(now);
+        profile.apply(changes, now);
+        let pkey = self.codec.encode(id);
+        let rendered = profile.render(&pkey, &self.href(&pkey));
+        lock(&self.profiles).insert(id, profile);
+        (pkey, rendered)
+    }
+}
+
+/// A running emulator. Dropping it stops it at once; [`Emulator::shutdown`] stops it gracefully.
+pub struct Emulator {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Emulator {
+    /// Starts an emulator on a free port of 127.0.0.1.
+    pub async fn start(config: EmulatorConfig) -> std::io::Result<Self> {
+        Self::bind(SocketAddr::from(([127, 0, 0, 1], 0)), config).await
+    }
+
+    /// Starts an emulator listening on `addr`.
+    pub async fn bind(addr: SocketAddr, config: EmulatorConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            access_tokens: Mutex::new(HashSet::from([config.access_token.clone()])),
+            config,
+            base_url: format!("http://{addr}"),
+            codec: KeyCodec::new(),
+            profiles: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            requests: Mutex::new(VecDeque::new()),
+            request_count: AtomicUsize::new(0),
+            faults: Mutex::new(VecDeque::new()),
+        });
+        let app = routes::router(shared.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Ok(Self {
+            addr,
+            shared,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its base URL, `http://127.0.0.1:PORT`: what `https://mc.adobe.io` is to the real API.
+    pub fn url(&self) -> String {
+        self.shared.base_url.clone()
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &EmulatorConfig {
+        &self.shared.config
+    }
+
+    /// Accepts another bearer token from now on.
+    pub fn add_access_token(&self, token: &str) {
+        lock(&self.shared.access_tokens).insert(token.to_owned());
+    }
+
+    /// Refuses a bearer token from now on, with 401 `401013`.
+    pub fn revoke_access_token(&self, token: &str) {
+        lock(&self.shared.access_tokens).remove(token);
+    }
+
+    /// Stores a profile without going through the API, and returns its key.
+    pub fn insert_profile(&self, profile: NewProfile) -> String {
+        let body = serde_json::json!({
+            "email": profile.email,
+            "firstName": profile.first_name,
+            "lastName": profile.last_name,
+            "ccpaOptOut": profile.ccpa_opt_out,
+        });
+        let changes = match Changes::parse(&body) {
+            Ok(changes) => changes,
+            Err(e) => unreachable!("a body built from NewProfile is always valid: {e:?}"),
+        };
+        self.shared.insert(changes).0
+    }
+
+    /// Forgets a profile, as if it had been deleted in Campaign: its key is then well formed but
+    /// unknown (404). Returns whether it existed.
+    pub fn remove_profile(&self, pkey: &str) -> bool {
+        self.shared
+            .codec
+            .decode(pkey)
+            .is_some_and(|id| lock(&self.shared.profiles).remove(&id).is_some())
+    }
+
+    /// A profile as the API would answer it, or `None` when the key names no profile here.
+    pub fn profile(&self, pkey: &str) -> Option<serde_json::Value> {
+        let id = self.shared.codec.decode(pkey)?;
+        let profiles = lock(&self.shared.profiles);
+        Some(profiles.get(&id)?.render(pkey, &self.shared.href(pkey)))
+    }
+
+    /// How many profiles it holds.
+    pub fn profile_count(&self) -> usize {
+        lock(&self.shared.profiles).len()
+    }
+
+    /// The newest requests received (at most 10,000), oldest first.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.shared.requests).iter().cloned().collect()
+    }
+
+    /// How many requests it has received since it started.
+    pub fn request_count(&self) -> usize {
+        self.shared.request_count.load(Ordering::SeqCst)
+    }
+
+    /// Queues a fault for the next request that has none queued before it.
+    pub fn inject(&self, fault: Fault) {
+        lock(&self.shared.faults).push_back(fault);
+    }
+
+    /// Stops accepting connections, lets requests in progress finish, and waits for it.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Profiles for demos and manual runs: made-up people at `example.com`.
+pub fn demo_profiles() -> Vec<NewProfile> {
+    [
+        ("ada@example.com", "Ada", "Lovelace", false),
+        ("grace@example.com", "Grace", "Hopper", true),
+        ("alan@example.com", "Alan", "Turing", false),
+    ]
+    .into_iter()
+    .map(|(email, first, last, opt_out)| NewProfile {
+        email: email.into(),
+        first_name: first.into(),
+        last_name: last.into(),
+        ccpa_opt_out: opt_out,
+    })
+    .collect()
+}

@@ -1,0 +1,295 @@
+//! The HTTP face of the emulator: ACS's paths, its gateway's checks, and its error bodies.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::Utc;
+use serde_json::{Value, json};
+
+use crate::store::{Changes, WriteError};
+use crate::{Fault, MAX_RECORDED_REQUESTS, RecordedRequest, Shared, lock};
+
+/// Larger bodies are refused before they are read: no profile write comes near this.
+const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            "/{tenant}/campaign/profileAndServices/profile",
+            post(create_profile),
+        )
+        .route(
+            "/{tenant}/campaign/profileAndServices/profile/{pkey}",
+            get(read_profile).patch(update_profile),
+        )
+        .fallback(unknown_uri)
+        .layer(middleware::from_fn_with_state(shared.clone(), front_door))
+        .with_state(shared)
+}
+
+/// ACS's own errors and its gateway's, with the bodies the reference records.
+mod answers {
+    use super::*;
+
+    pub(super) fn json_response(status: StatusCode, body: &Value) -> Response {
+        (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json;charset=utf-8"),
+            )],
+            body.to_string(),
+        )
+            .into_response()
+    }
+
+    pub(super) fn token_invalid() -> Response {
+        json_response(
+            StatusCode::UNAUTHORIZED,
+            &json!({"error_code": "401013", "message": "Oauth token is not valid"}),
+        )
+    }
+
+    pub(super) fn api_key_invalid() -> Response {
+        json_response(
+            StatusCode::FORBIDDEN,
+            &json!({"error_code": "403003", "message": "Api Key is invalid"}),
+        )
+    }
+
+    pub(super) fn check_your_uri() -> Response {
+        json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({"code": 500, "message": "Oops. Something went wrong. Check your URI and try again."}),
+        )
+    }
+
+    pub(super) fn unparsable_key() -> Response {
+        json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({
+                "code": 500,
+                "message": "XTK-170036 Unable to parse expression 'PKey'. Check the primary key and try again."
+            }),
+        )
+    }
+
+    pub(super) fn unknown_key() -> Response {
+        json_response(
+            StatusCode::NOT_FOUND,
+            &json!({
+                "code": 404,
+                "message": "RST-360011 An error has occurred - please contact your administrator. Unable to find document."
+            }),
+        )
+    }
+
+    pub(super) fn refused_write(error: WriteError) -> Response {
+        match error {
+            WriteError::Malformed(reason) => json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"code": 400, "message": format!("Invalid request body: {reason}")}),
+            ),
+            WriteError::NotInEnumeration { field } => json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({
+                    "code": 500,
+                    "message": format!(
+                        "RST-360011 An error has occurred - please contact your administrator. The value is not valid for the '{field}' enumeration."
+                    )
+                }),
+            ),
+        }
+    }
+}
+
+/// Everything ACS's API gateway does before a request reaches Campaign: it is recorded, an
+/// injected fault (if any) takes effect, then the token and the API key are checked.
+async fn front_door(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    };
+    record(&shared, &parts, &body);
+
+    let fault = lock(&shared.faults).pop_front();
+    match fault {
+        Some(Fault::Respond {
+            status,
+            content_type,
+            body,
+            headers,
+        }) => return injected_response(status, content_type, body, headers),
+        Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
+        Some(Fault::BreakAfterHeaders) => return broken_response(),
+        None => {}
+    }
+
+    let token_ok = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|token| lock(&shared.access_tokens).contains(token));
+    if !token_ok {
+        return answers::token_invalid();
+    }
+    let api_key_ok = parts
+        .headers
+        .get("x-api-key")
+        .is_some_and(|v| v.as_bytes() == shared.config.api_key.as_bytes());
+    if !api_key_ok {
+        return answers::api_key_invalid();
+    }
+
+    next.run(Request::from_parts(parts, Body::from(body))).await
+}
+
+fn record(shared: &Shared, parts: &axum::http::request::Parts, body: &Bytes) {
+    shared.request_count.fetch_add(1, Ordering::SeqCst);
+    let recorded = RecordedRequest {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: body.clone(),
+    };
+    let mut requests = lock(&shared.requests);
+    if requests.len() == MAX_RECORDED_REQUESTS {
+        requests.pop_front();
+    }
+    requests.push_back(recorded);
+}
+
+fn injected_response(
+    status: u16,
+    content_type: Option<String>,
+    body: String,
+    headers: Vec<(String, String)>,
+) -> Response {
+    let mut response = Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+    if let Some(content_type) = content_type {
+        response = response.header(header::CONTENT_TYPE, content_type);
+    }
+    for (name, value) in headers {
+        response = response.header(name, value);
+    }
+    response
+        .body(Body::from(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// A 200 whose body fails before its first byte: hyper then cuts the connection.
+fn broken_response() -> Response {
+    let failing = futures::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::other("injected connection break"))
+    });
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json;charset=utf-8"),
+        )],
+        Body::from_stream(failing),
+    )
+        .into_response()
+}
+
+async fn unknown_uri() -> Response {
+    answers::check_your_uri()
+}
+
+fn parse_changes(body: &Bytes) -> Result<Changes, WriteError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|_| WriteError::Malformed("the body is not valid JSON".into()))?;
+    Changes::parse(&value)
+}
+
+async fn create_profile(
+    State(shared): State<Arc<Shared>>,
+    Path(tenant): Path<String>,
+    body: Bytes,
+) -> Response {
+    if tenant != shared.config.tenant {
+        return answers::check_your_uri();
+    }
+    let changes = match parse_changes(&body) {
+        Ok(changes) => changes,
+        Err(refusal) => return answers::refused_write(refusal),
+    };
+    let (_, rendered) = shared.insert(changes);
+    answers::json_response(StatusCode::CREATED, &rendered)
+}
+
+async fn read_profile(
+    State(shared): State<Arc<Shared>>,
+    Path((tenant, pkey)): Path<(String, String)>,
+) -> Response {
+    if tenant != shared.config.tenant {
+        return answers::check_your_uri();
+    }
+    let Some(id) = shared.codec.decode(&pkey) else {
+        return answers::unparsable_key();
+    };
+    let rendered = {
+        let profiles = lock(&shared.profiles);
+        match profiles.get(&id) {
+            Some(profile) => profile.render(&pkey, &shared.href(&pkey)),
+            None => return answers::unknown_key(),
+        }
+    };
+    let body = if shared.config.wrap_reads_in_collection {
+        json!({
+            "content": [rendered],
+            "count": {"href": format!("{}/_count", shared.href(&pkey))},
+            "serverSidePagination": true
+        })
+    } else {
+        rendered
+    };
+    answers::json_response(StatusCode::OK, &body)
+}
+
+async fn update_profile(
+    State(shared): State<Arc<Shared>>,
+    Path((tenant, pkey)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    if tenant != shared.config.tenant {
+        return answers::check_your_uri();
+    }
+    let Some(id) = shared.codec.decode(&pkey) else {
+        return answers::unparsable_key();
+    };
+    let changes = match parse_changes(&body) {
+        Ok(changes) => changes,
+        Err(refusal) => return answers::refused_write(refusal),
+    };
+    {
+        let mut profiles = lock(&shared.profiles);
+        let Some(profile) = profiles.get_mut(&id) else {
+            return answers::unknown_key();
+        };
+        profile.apply(changes, Utc::now());
+    }
+    answers::json_response(
+        StatusCode::OK,
+        &json!({"PKey": pkey, "href": shared.href(&pkey)}),
+    )
+}

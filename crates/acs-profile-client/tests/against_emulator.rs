@@ -1,0 +1,356 @@
+//! The generated client and its hand-written hooks, over HTTP against the emulator.
+
+use std::sync::Arc;
+
+use acs_emulator::{Emulator, EmulatorConfig, Fault, NewProfile};
+use acs_profile_client::{
+    AccessToken, ApiError, Client, ClientConfig, ConfigError, Failure, SharedToken, types,
+};
+use serde_json::json;
+
+fn client_for(emulator: &Emulator, tokens: Arc<SharedToken>) -> Client {
+    let config = emulator.config();
+    Client::from_config(ClientConfig::new(
+        emulator.url(),
+        config.tenant.clone(),
+        config.api_key.clone(),
+        tokens,
+    ))
+    .expect("valid configuration")
+}
+
+fn default_tokens() -> Arc<SharedToken> {
+    Arc::new(SharedToken::new(AccessToken::new(
+        EmulatorConfig::DEFAULT_ACCESS_TOKEN,
+    )))
+}
+
+async fn started() -> (Emulator, Client) {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let client = client_for(&emulator, default_tokens());
+    (emulator, client)
+}
+
+fn ada() -> NewProfile {
+    NewProfile {
+        email: "ada@example.com".into(),
+        first_name: "Ada".into(),
+        last_name: "Lovelace".into(),
+        ccpa_opt_out: false,
+    }
+}
+
+#[tokio::test]
+async fn every_request_carries_acs_headers_and_no_api_version() {
+    let (emulator, client) = started().await;
+    let pkey = emulator.insert_profile(ada());
+
+    client.read_profile(&pkey).await.unwrap();
+    client.set_ccpa_opt_out(&pkey, true).await.unwrap();
+    client
+        .create_profile(&types::ProfileInput {
+            email: Some("new@example.com".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let requests = emulator.requests();
+    assert_eq!(requests.len(), 3);
+    for request in &requests {
+        assert_eq!(
+            request.header("authorization"),
+            Some("Bearer emulator-access-token"),
+            "{} {}",
+            request.method,
+            request.path
+        );
+        assert_eq!(request.header("x-api-key"), Some("emulator-api-key"));
+        assert_eq!(request.header("cache-control"), Some("no-cache"));
+        assert_eq!(
+            request.header("content-type"),
+            Some("application/json;charset=utf-8")
+        );
+        assert_eq!(request.header("api-version"), None);
+    }
+    assert_eq!(requests[0].method, "GET");
+    assert_eq!(
+        requests[0].path,
+        format!("/emulated-tenant/campaign/profileAndServices/profile/{pkey}")
+    );
+}
+
+#[tokio::test]
+async fn opt_out_patch_sends_exactly_the_flag_and_answers_a_reference() {
+    let (emulator, client) = started().await;
+    let pkey = emulator.insert_profile(ada());
+
+    let reference = client.set_ccpa_opt_out(&pkey, true).await.unwrap();
+
+    let patch = emulator.requests().pop().unwrap();
+    assert_eq!(patch.method, "PATCH");
+    assert_eq!(&patch.body[..], br#"{"ccpaOptOut":true}"#);
+    assert_eq!(reference.p_key.as_deref(), Some(pkey.as_str()));
+    assert!(reference.href.unwrap().ends_with(&pkey));
+
+    let profile = client.read_profile(&pkey).await.unwrap().unwrap();
+    assert_eq!(profile.ccpa_opt_out, Some(true));
+    assert_eq!(profile.email.as_deref(), Some("ada@example.com"));
+    let changed_at = profile.ccpa_opt_out_last_modified.unwrap();
+    assert!(
+        chrono_like(&changed_at),
+        "ACS timestamp form expected, got {changed_at}"
+    );
+}
+
+/// `2020-07-31 11:19:00.304Z`: a date, a space, a time with milliseconds, and `Z`.
+fn chrono_like(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.len() == 24 && bytes[10] == b' ' && bytes[19] == b'.' && text.ends_with('Z')
+}
+
+#[tokio::test]
+async fn creation_answers_201_with_the_new_profile() {
+    let (emulator, client) = started().await;
+    let created = client
+        .create_profile(&types::ProfileInput {
+            email: Some("new@example.com".into()),
+            first_name: Some("New".into()),
+            ccpa_opt_out: Some(true),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let profile = created.into_inner();
+    let pkey = profile.p_key.unwrap();
+    assert_eq!(profile.ccpa_opt_out, Some(true));
+    assert_eq!(emulator.profile(&pkey).unwrap()["email"], "new@example.com");
+    let post = emulator.requests().pop().unwrap();
+    let sent: serde_json::Value = serde_json::from_slice(&post.body).unwrap();
+    assert_eq!(
+        sent,
+        json!({"email": "new@example.com", "firstName": "New", "ccpaOptOut": true})
+    );
+}
+
+#[tokio::test]
+async fn reads_accept_a_profile_wrapped_in_a_collection() {
+    let emulator = Emulator::start(EmulatorConfig {
+        wrap_reads_in_collection: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = client_for(&emulator, default_tokens());
+    let pkey = emulator.insert_profile(NewProfile {
+        ccpa_opt_out: true,
+        ..ada()
+    });
+    let profile = client.read_profile(&pkey).await.unwrap().unwrap();
+    assert_eq!(profile.ccpa_opt_out, Some(true));
+}
+
+#[tokio::test]
+async fn the_token_is_read_again_for_every_request() {
+    let (emulator, _) = started().await;
+    let tokens = default_tokens();
+    let client = client_for(&emulator, tokens.clone());
+    let pkey = emulator.insert_profile(ada());
+    client.read_profile(&pkey).await.unwrap();
+
+    emulator.add_access_token("rotated-token");
+    emulator.revoke_access_token(EmulatorConfig::DEFAULT_ACCESS_TOKEN);
+    let refused = client.read_profile(&pkey).await.unwrap_err();
+    assert_eq!(Failure::classify(&refused), Failure::TokenRejected);
+
+    tokens.replace(AccessToken::new("rotated-token"));
+    assert!(client.read_profile(&pkey).await.unwrap().is_some());
+}
+
+fn status_of(error: &ApiError) -> Option<u16> {
+    error.status().map(|s| s.as_u16())
+}
+
+#[tokio::test]
+async fn non_json_error_bodies_keep_their_status() {
+    let (emulator, client) = started().await;
+    let pkey = emulator.insert_profile(ada());
+
+    emulator.inject(Fault::html(502));
+    let error = client.read_profile(&pkey).await.unwrap_err();
+    assert_eq!(status_of(&error), Some(502));
+    assert!(matches!(error, acs_profile_client::Error::ErrorResponse(_)));
+    assert_eq!(
+        Failure::classify(&error),
+        Failure::Transient {
+            status: reqwest_status(502)
+        }
+    );
+
+    emulator.inject(Fault::empty(401));
+    let error = client.read_profile(&pkey).await.unwrap_err();
+    assert_eq!(status_of(&error), Some(401));
+    assert_eq!(Failure::classify(&error), Failure::TokenRejected);
+
+    // A JSON error that is not an object is not ACS's shape either.
+    emulator.inject(Fault::json(503, json!(["overloaded"])));
+    let error = client.read_profile(&pkey).await.unwrap_err();
+    assert_eq!(status_of(&error), Some(503));
+}
+
+fn reqwest_status(code: u16) -> http::StatusCode {
+    http::StatusCode::from_u16(code).unwrap()
+}
+
+#[tokio::test]
+async fn replaced_error_bodies_say_what_arrived_but_not_its_content() {
+    let (emulator, client) = started().await;
+    let pkey = emulator.insert_profile(ada());
+    emulator.inject(Fault::Respond {
+        status: 502,
+        content_type: Some("text/html".into()),
+        body: "<p>secret-person@example.com</p>".into(),
+        headers: vec![],
+    });
+    let acs_profile_client::Error::ErrorResponse(response) =
+        client.read_profile(&pkey).await.unwrap_err()
+    else {
+        panic!("expected an error response");
+    };
+    let message = response.message.clone().unwrap();
+    assert!(message.contains("text/html"), "{message}");
+    assert!(!message.contains("secret-person"), "{message}");
+}
+
+#[tokio::test]
+async fn acs_errors_are_classified() {
+    let (emulator, client) = started().await;
+    let pkey = emulator.insert_profile(ada());
+
+    let other = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let foreign = other.insert_profile(ada());
+    let error = client.read_profile(&foreign).await.unwrap_err();
+    assert_eq!(status_of(&error), Some(500));
+    assert_eq!(Failure::classify(&error), Failure::UnparsableKey);
+
+    emulator.remove_profile(&pkey);
+    let error = client.read_profile(&pkey).await.unwrap_err();
+    assert_eq!(Failure::classify(&error), Failure::NotFound);
+
+    emulator.inject(Fault::json(
+        500,
+        json!({"code": 500, "message": "PGS-220000 PostgreSQL error: duplicate key"}),
+    ));
+    let error = client.read_profile(&pkey).await.unwrap_err();
+    assert_eq!(Failure::classify(&error), Failure::Conflict);
+
+    emulator.inject(Fault::json(500, json!({"code": 500, "message": "Oops."})));
+    let error = client.read_profile(&pkey).await.unwrap_err();
+    assert_eq!(
+        Failure::classify(&error),
+        Failure::ServerError {
+            status: reqwest_status(500)
+        }
+    );
+    assert!(!Failure::classify(&error).is_transient());
+
+    emulator.inject(Fault::BreakAfterHeaders);
+    let error = client.read_profile(&pkey).await.unwrap_err();
+    assert_eq!(
+        Failure::classify(&error),
+        Failure::Interrupted { timed_out: false }
+    );
+}
+
+#[tokio::test]
+async fn wrong_credentials_and_tenant_are_told_apart() {
+    let (emulator, _) = started().await;
+    let pkey = emulator.insert_profile(ada());
+
+    let wrong_key = Client::from_config(ClientConfig::new(
+        emulator.url(),
+        emulator.config().tenant.clone(),
+        "not-the-key",
+        default_tokens(),
+    ))
+    .unwrap();
+    let error = wrong_key.read_profile(&pkey).await.unwrap_err();
+    assert_eq!(status_of(&error), Some(403));
+    assert_eq!(Failure::classify(&error), Failure::AccessDenied);
+
+    let wrong_tenant = Client::from_config(ClientConfig::new(
+        emulator.url(),
+        "someone-else",
+        emulator.config().api_key.clone(),
+        default_tokens(),
+    ))
+    .unwrap();
+    let error = wrong_tenant.read_profile(&pkey).await.unwrap_err();
+    assert_eq!(status_of(&error), Some(500));
+    let acs_profile_client::Error::ErrorResponse(response) = &error else {
+        panic!("expected an error response, got {error:?}");
+    };
+    assert!(response.mentions("Check your URI"));
+}
+
+#[tokio::test]
+async fn an_unreachable_acs_is_reported_as_such() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = listener.local_addr().unwrap();
+    drop(listener);
+    let client = Client::from_config(ClientConfig::new(
+        format!("http://{closed_port}"),
+        "tenant",
+        "key",
+        default_tokens(),
+    ))
+    .unwrap();
+    let error = client.read_profile("@abc").await.unwrap_err();
+    assert_eq!(Failure::classify(&error), Failure::Unreachable);
+    assert!(Failure::classify(&error).is_transient());
+}
+
+#[test]
+fn bad_configuration_is_refused_with_the_setting_named() {
+    let build = |base: &str, tenant: &str, key: &str| {
+        Client::from_config(ClientConfig::new(base, tenant, key, default_tokens())).map(|_| ())
+    };
+    assert!(matches!(
+        build("not a url", "t", "k"),
+        Err(ConfigError::BaseUrl(_))
+    ));
+    assert!(matches!(
+        build("ftp://example.com", "t", "k"),
+        Err(ConfigError::BaseUrl(_))
+    ));
+    assert_eq!(
+        build("https://mc.adobe.io", "a/b", "k"),
+        Err(ConfigError::Tenant)
+    );
+    assert_eq!(
+        build("https://mc.adobe.io", "", "k"),
+        Err(ConfigError::Tenant)
+    );
+    assert_eq!(
+        build("https://mc.adobe.io", "t", ""),
+        Err(ConfigError::ApiKey)
+    );
+    assert_eq!(
+        acs_profile_client::tenant_base_url("https://mc.adobe.io/", "acme-mkt-stage1"),
+        Ok("https://mc.adobe.io/acme-mkt-stage1/campaign".to_owned())
+    );
+}
+
+#[test]
+fn debug_output_shows_no_secret() {
+    let client = Client::from_config(ClientConfig::new(
+        "https://mc.adobe.io",
+        "tenant",
+        "super-secret-api-key",
+        Arc::new(SharedToken::new(AccessToken::new("super-secret-token"))),
+    ))
+    .unwrap();
+    let debug = format!("{client:?}");
+    assert!(!debug.contains("super-secret"), "{debug}");
+}

@@ -1,0 +1,199 @@
+//! The one place where a failure upstream (ACS, or the Adobe I/O gateway in front of it) becomes a
+//! gRPC status.
+//!
+//! | upstream                                            | gRPC code        | `ErrorInfo.reason`         |
+//! |-----------------------------------------------------|------------------|----------------------------|
+//! | 404 (`RST-360011`), or an empty collection          | NOT_FOUND        | `PROFILE_NOT_FOUND`        |
+//! | 500 holding `XTK-170036` (ACS cannot parse the key) | NOT_FOUND        | `PROFILE_NOT_FOUND`        |
+//! | 500 holding `RST-360012` or `PGS-220000` (conflict) | ALREADY_EXISTS   | `PROFILE_CONFLICT`         |
+//! | 429, 502, 503, 504                                  | UNAVAILABLE      | `ACS_UNAVAILABLE`          |
+//! | no connection (refused, DNS, TLS)                   | UNAVAILABLE      | `ACS_UNREACHABLE`          |
+//! | connection broken or timed out mid-call             | UNAVAILABLE      | `ACS_INTERRUPTED`          |
+//! | a 2xx body that cannot be read                      | UNAVAILABLE      | `ACS_MALFORMED_RESPONSE`   |
+//! | 401 or 403 (our own credentials), or no token       | INTERNAL         | `ACS_CREDENTIALS_REJECTED` |
+//! | any other 4xx                                       | INTERNAL         | `ACS_REFUSED_REQUEST`      |
+//! | any other 5xx, or 3xx                               | INTERNAL         | `ACS_SERVER_ERROR`         |
+//! | a profile without a field we must read              | INTERNAL         | `ACS_CONTRACT_BROKEN`      |
+//! | a request the client could not build                | INTERNAL         | `GATEWAY_BUG`              |
+//!
+//! Why these choices:
+//! - `XTK-170036` is NOT_FOUND rather than INVALID_ARGUMENT: every key reaching ACS has passed
+//!   our syntax checks, so ACS failing to parse it means the key is not one of this tenant's
+//!   (another tenant's, or stale). From the caller's side, no profile has that key here.
+//! - 401 and 403 speak of the gateway's credentials, not the caller's, so they must not become
+//!   UNAUTHENTICATED or PERMISSION_DENIED (which tell the caller to fix *its* credentials). They
+//!   are INTERNAL and logged at error level for operators.
+//! - Other 500s are INTERNAL, not UNAVAILABLE: ACS answers 500 for bad input as readily as for
+//!   outages, so a blind retry is not known to help.
+//! - A broken connection or an unreadable success body is UNAVAILABLE: gRPC defines it as
+//!   retryable with back-off, and warns that non-idempotent calls (CreateProfile) may have taken
+//!   effect; the proto says the same.
+//!
+//! Upstream bodies are never copied into a status or a log line: they can quote personal data.
+
+use std::collections::HashMap;
+
+use acs_profile_client::{ApiError, Failure};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `ErrorInfo.domain` of every error this gateway reports.
+pub const ERROR_DOMAIN: &str = "ccpa-gateway";
+
+/// A failure on the way to ACS or in what it answered.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// The HTTP call failed. Boxed: progenitor's error is large, and this travels by value.
+    Call(Box<ApiError>),
+    /// ACS answered a read with an empty collection instead of the profile.
+    EmptyCollection,
+    /// ACS answered without a field the gateway must read (say, `ccpaOptOut`): answering a
+    /// default instead could tell a caller that it may sell data when ACS did not say so.
+    MissingField(&'static str),
+}
+
+impl From<ApiError> for UpstreamError {
+    fn from(error: ApiError) -> Self {
+        Self::Call(Box::new(error))
+    }
+}
+
+/// What the table above says for one failure: code, reason, message, log level.
+struct Mapping {
+    code: Code,
+    reason: &'static str,
+    message: &'static str,
+    severity: Severity,
+}
+
+#[derive(Clone, Copy)]
+enum Severity {
+    /// The caller's business (a missing profile): not worth an operator's attention.
+    Expected,
+    /// Likely to pass (ACS overloaded or unreachable).
+    Transient,
+    /// Needs an operator: credentials, a broken contract, a bug.
+    Operator,
+}
+
+fn mapping(failure: &Failure) -> Mapping {
+    use Severity::*;
+    let (code, reason, message, severity) = match failure {
+        Failure::NotFound | Failure::UnparsableKey => (
+            Code::NotFound,
+            "PROFILE_NOT_FOUND",
+            "no profile has this key in the configured Adobe Campaign tenant",
+            Expected,
+        ),
+        Failure::Conflict => (
+            Code::AlreadyExists,
+            "PROFILE_CONFLICT",
+            "Adobe Campaign reported a conflicting profile",
+            Expected,
+        ),
+        Failure::Transient { .. } => (
+            Code::Unavailable,
+            "ACS_UNAVAILABLE",
+            "Adobe Campaign is overloaded or unavailable; retry with back-off",
+            Transient,
+        ),
+        Failure::Unreachable => (
+            Code::Unavailable,
+            "ACS_UNREACHABLE",
+            "Adobe Campaign could not be reached; retry with back-off",
+            Transient,
+        ),
+        Failure::Interrupted { .. } => (
+            Code::Unavailable,
+            "ACS_INTERRUPTED",
+            "the call to Adobe Campaign was interrupted; it may or may not have taken effect",
+            Transient,
+        ),
+        Failure::MalformedResponse => (
+            Code::Unavailable,
+            "ACS_MALFORMED_RESPONSE",
+            "Adobe Campaign's answer could not be read; the call may or may not have taken effect",
+            Transient,
+        ),
+        Failure::TokenRejected | Failure::AccessDenied | Failure::NoToken => (
+            Code::Internal,
+            "ACS_CREDENTIALS_REJECTED",
+            "the gateway's credentials for Adobe Campaign were refused; operators are alerted",
+            Operator,
+        ),
+        Failure::Refused { .. } => (
+            Code::Internal,
+            "ACS_REFUSED_REQUEST",
+            "Adobe Campaign refused the request",
+            Operator,
+        ),
+        Failure::ServerError { .. } => (
+            Code::Internal,
+            "ACS_SERVER_ERROR",
+            "Adobe Campaign failed to process the request",
+            Operator,
+        ),
+        Failure::InvalidRequest => (
+            Code::Internal,
+            "GATEWAY_BUG",
+            "the gateway could not build the request to Adobe Campaign",
+            Operator,
+        ),
+    };
+    Mapping {
+        code,
+        reason,
+        message,
+        severity,
+    }
+}
+
+/// Turns an upstream failure into the status the caller receives, with a
+/// `google.rpc.ErrorInfo` (reason, domain, and the upstream HTTP status when there was one), and
+/// logs it at the level the table implies. `rpc` names the call, for the log line only.
+pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
+    let (failure, mapped, http_status) = match error {
+        UpstreamError::Call(call) => {
+            let failure = Failure::classify(call);
+            let mapped = mapping(&failure);
+            (Some(failure), mapped, call.status().map(|s| s.as_u16()))
+        }
+        UpstreamError::EmptyCollection => (None, mapping(&Failure::NotFound), None),
+        UpstreamError::MissingField(_) => (
+            None,
+            Mapping {
+                code: Code::Internal,
+                reason: "ACS_CONTRACT_BROKEN",
+                message: "Adobe Campaign's answer lacked a field the gateway needs",
+                severity: Severity::Operator,
+            },
+            None,
+        ),
+    };
+
+    let missing_field = match error {
+        UpstreamError::MissingField(field) => *field,
+        _ => "",
+    };
+    match mapped.severity {
+        Severity::Expected => tracing::debug!(rpc, reason = mapped.reason, http_status, "upstream"),
+        Severity::Transient => {
+            tracing::warn!(rpc, reason = mapped.reason, http_status, failure = ?failure, "Adobe Campaign unavailable")
+        }
+        Severity::Operator => tracing::error!(
+            rpc,
+            reason = mapped.reason,
+            http_status,
+            failure = ?failure,
+            missing_field,
+            "Adobe Campaign call failed: needs an operator"
+        ),
+    }
+
+    let mut metadata = HashMap::new();
+    if let Some(status) = http_status {
+        metadata.insert("upstream_http_status".to_owned(), status.to_string());
+    }
+    let details = ErrorDetails::with_error_info(mapped.reason, ERROR_DOMAIN, metadata);
+    Status::with_error_details(mapped.code, mapped.message, details)
+}

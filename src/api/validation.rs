@@ -1,0 +1,186 @@
+//! Input checks that run before anything is sent to ACS.
+//!
+//! Every failure is INVALID_ARGUMENT with a `google.rpc.BadRequest` that names each bad field.
+//! Descriptions say what is wrong, never what was sent: the values can be personal data.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use super::error_mapping::ERROR_DOMAIN;
+
+/// Real PKeys are 90 to 130 characters; four times that leaves room for longer ones ACS may
+/// mint while keeping absurd inputs out of URLs and logs.
+pub const MAX_PKEY_BYTES: usize = 512;
+/// The longest address SMTP can carry (RFC 5321's path limit, less the angle brackets).
+pub const MAX_EMAIL_BYTES: usize = 254;
+/// A bound on names that no real name reaches. ACS's own column size is not documented.
+pub const MAX_NAME_CHARS: usize = 128;
+
+/// The reasons attached to field violations, stable for callers that branch on them.
+pub mod reasons {
+    /// A required field is missing or empty.
+    pub const REQUIRED: &str = "FIELD_REQUIRED";
+    /// A field is longer than its bound.
+    pub const TOO_LONG: &str = "FIELD_TOO_LONG";
+    /// A field does not have the form it must have.
+    pub const MALFORMED: &str = "FIELD_MALFORMED";
+}
+
+/// Collects the problems of one request, so that a caller learns of all of them at once.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    fn add(&mut self, field: &str, reason: &str, description: String) {
+        let mut violation = FieldViolation::new(field, description);
+        violation.reason = reason.to_owned();
+        self.0.push(violation);
+    }
+
+    /// Checks an ACS primary key: `@`, then base64url characters (letters, digits, `-`, `_`,
+    /// and `=` padding), at most [`MAX_PKEY_BYTES`] in all.
+    ///
+    /// The allow-list keeps out everything that would change the meaning of the URL the key is
+    /// placed in (`/`, `?`, `#`, `%`, `.`), whitespace and control characters.
+    pub fn pkey(&mut self, field: &str, value: &str) {
+        if value.is_empty() {
+            self.add(field, reasons::REQUIRED, format!("{field} is required"));
+        } else if value.len() > MAX_PKEY_BYTES {
+            self.add(
+                field,
+                reasons::TOO_LONG,
+                format!("{field} must be at most {MAX_PKEY_BYTES} bytes"),
+            );
+        } else {
+            let well_formed = value.strip_prefix('@').is_some_and(|rest| {
+                !rest.is_empty()
+                    && rest
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'='))
+            });
+            if !well_formed {
+                self.add(
+                    field,
+                    reasons::MALFORMED,
+                    format!(
+                        "{field} must be '@' followed by letters, digits, '-', '_' or '=' \
+                         (an ACS primary key)"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Checks that a required boolean was set, and returns it.
+    pub fn required_bool(&mut self, field: &str, value: Option<bool>) -> bool {
+        if value.is_none() {
+            self.add(
+                field,
+                reasons::REQUIRED,
+                format!("{field} is required: true to opt out of sale, false to opt back in"),
+            );
+        }
+        value.unwrap_or_default()
+    }
+
+    /// Checks a required email address.
+    pub fn email(&mut self, field: &str, value: &str) {
+        if value.is_empty() {
+            self.add(field, reasons::REQUIRED, format!("{field} is required"));
+        } else if value.len() > MAX_EMAIL_BYTES {
+            self.add(
+                field,
+                reasons::TOO_LONG,
+                format!("{field} must be at most {MAX_EMAIL_BYTES} bytes"),
+            );
+        } else if email_address::EmailAddress::from_str(value).is_err()
+            || value.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            self.add(
+                field,
+                reasons::MALFORMED,
+                format!("{field} is not a valid email address"),
+            );
+        }
+    }
+
+    /// Checks an optional name: at most [`MAX_NAME_CHARS`] characters, none of them control
+    /// characters.
+    pub fn name(&mut self, field: &str, value: &str) {
+        if value.chars().count() > MAX_NAME_CHARS {
+            self.add(
+                field,
+                reasons::TOO_LONG,
+                format!("{field} must be at most {MAX_NAME_CHARS} characters"),
+            );
+        } else if value.chars().any(char::is_control) {
+            self.add(
+                field,
+                reasons::MALFORMED,
+                format!("{field} must not contain control characters"),
+            );
+        }
+    }
+
+    /// `Ok` when no check failed, else the INVALID_ARGUMENT status naming every bad field.
+    pub fn into_result(self) -> Result<(), Status> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let fields: Vec<&str> = self.0.iter().map(|v| v.field.as_str()).collect();
+        let message = format!("invalid request: check {}", fields.join(", "));
+        let mut details = ErrorDetails::with_bad_request(self.0);
+        details.set_error_info("INVALID_REQUEST", ERROR_DOMAIN, HashMap::new());
+        Err(Status::with_error_details(
+            Code::InvalidArgument,
+            message,
+            details,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pkey_problems(value: &str) -> usize {
+        let mut violations = Violations::default();
+        violations.pkey("pkey", value);
+        violations.0.len()
+    }
+
+    #[test]
+    fn pkeys_shaped_like_acs_keys_pass() {
+        assert_eq!(
+            pkey_problems("@UyAB_JhRC8T3ZWvWpaz5Ev3rk7bOBDvKD-1a9u5H"),
+            0
+        );
+        assert_eq!(pkey_problems("@abc=="), 0);
+        assert_eq!(pkey_problems(&format!("@{}", "a".repeat(511))), 0);
+    }
+
+    #[test]
+    fn pkeys_that_would_bend_the_url_are_refused() {
+        for bad in [
+            "", "abc", "@", "@a/b", "@a?b", "@a#b", "@a%2F", "@a b", "@a\tb", "@a\u{0}b", "@a.b",
+            "@../x", "@é",
+        ] {
+            assert_eq!(pkey_problems(bad), 1, "{bad:?} should be refused");
+        }
+        assert_eq!(pkey_problems(&format!("@{}", "a".repeat(512))), 1);
+    }
+
+    #[test]
+    fn descriptions_never_quote_the_value() {
+        let mut violations = Violations::default();
+        violations.email("email", "not-an-address-but-personal");
+        violations.pkey("pkey", "@secret/value");
+        for violation in &violations.0 {
+            assert!(!violation.description.contains("personal"));
+            assert!(!violation.description.contains("secret"));
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Commands that call a running gateway over gRPC and print its answer as JSON.
+
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+use super::exit_codes;
+use crate::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
+use crate::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest, Profile, SetOptOutRequest};
+
+/// Where the gateway is, and how long to wait for it.
+#[derive(Args)]
+pub struct Connection {
+    /// The gateway's address.
+    #[arg(long, env = "CCPA_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+
+    /// Deadline of the call, sent to the gateway as `grpc-timeout`.
+    #[arg(long, env = "CCPA_CALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+/// Arguments of `get-opt-out`.
+#[derive(Args)]
+pub struct GetOptOutArgs {
+    /// The profile's ACS primary key (`@...`).
+    pkey: String,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// Arguments of `set-opt-out`.
+#[derive(Args)]
+pub struct SetOptOutArgs {
+    /// The profile's ACS primary key (`@...`).
+    pkey: String,
+    /// true: do not sell this consumer's personal information; false: opt back in.
+    #[arg(long, action = clap::ArgAction::Set, required = true)]
+    opt_out: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// Arguments of `create-profile`.
+#[derive(Args)]
+pub struct CreateProfileArgs {
+    /// Email address.
+    #[arg(long)]
+    email: String,
+    /// First name.
+    #[arg(long, default_value = "")]
+    first_name: String,
+    /// Last name.
+    #[arg(long, default_value = "")]
+    last_name: String,
+    /// Record an opt-out of sale with the profile (`--opt-out` or `--opt-out=true`;
+    /// `--opt-out=false` records an explicit opt-in).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    opt_out: Option<bool>,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+async fn connect(connection: &Connection) -> Result<CcpaServiceClient<Channel>, u8> {
+    let endpoint = Endpoint::from_shared(connection.addr.clone())
+        .map_err(|_| {
+            eprintln!("error: --addr (CCPA_ADDR) is not a URL such as http://127.0.0.1:50051");
+            exit_codes::USAGE
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(connection.timeout);
+    let channel = endpoint.connect().await.map_err(|e| {
+        eprintln!(
+            "error: UNAVAILABLE: cannot connect to the gateway at {}: {e}",
+            connection.addr
+        );
+        exit_codes::UNAVAILABLE
+    })?;
+    Ok(CcpaServiceClient::new(channel))
+}
+
+/// Prints an error status and picks the exit code for it.
+fn report(status: &Status) -> u8 {
+    eprintln!("error: {:?}: {}", status.code(), status.message());
+    if let Some(bad_request) = status.get_details_bad_request() {
+        for violation in bad_request.field_violations {
+            eprintln!("  {}: {}", violation.field, violation.description);
+        }
+    }
+    match status.code() {
+        Code::NotFound => exit_codes::NOT_FOUND,
+        Code::InvalidArgument => exit_codes::INVALID_INPUT,
+        Code::Unavailable | Code::DeadlineExceeded => exit_codes::UNAVAILABLE,
+        _ => exit_codes::FAILURE,
+    }
+}
+
+fn print_json(value: &Value) -> u8 {
+    println!("{value}");
+    exit_codes::OK
+}
+
+fn rfc3339(timestamp: Option<&prost_types::Timestamp>) -> Value {
+    timestamp
+        .and_then(|t| {
+            chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+        })
+        .map_or(Value::Null, |at| {
+            json!(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        })
+}
+
+/// `get-opt-out PKEY`.
+pub async fn get_opt_out(args: GetOptOutArgs) -> u8 {
+    let mut client = match connect(&args.connection).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    match client
+        .get_opt_out(GetOptOutRequest { pkey: args.pkey })
+        .await
+    {
+        Ok(response) => {
+            let answer = response.into_inner();
+            print_json(&json!({
+                "pkey": answer.pkey,
+                "ccpaOptOut": answer.ccpa_opt_out,
+                "ccpaOptOutLastModified": rfc3339(answer.ccpa_opt_out_last_modified.as_ref()),
+            }))
+        }
+        Err(status) => report(&status),
+    }
+}
+
+/// `set-opt-out PKEY --opt-out true|false`.
+pub async fn set_opt_out(args: SetOptOutArgs) -> u8 {
+    let mut client = match connect(&args.connection).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    match client
+        .set_opt_out(SetOptOutRequest {
+            pkey: args.pkey,
+            ccpa_opt_out: Some(args.opt_out),
+        })
+        .await
+    {
+        Ok(response) => {
+            let answer = response.into_inner();
+            print_json(&json!({
+                "pkey": answer.pkey,
+                "ccpaOptOut": answer.ccpa_opt_out,
+                "ccpaOptOutLastModified": rfc3339(answer.ccpa_opt_out_last_modified.as_ref()),
+            }))
+        }
+        Err(status) => report(&status),
+    }
+}
+
+/// `create-profile --email E [--first-name F] [--last-name L] [--opt-out]`.
+pub async fn create_profile(args: CreateProfileArgs) -> u8 {
+    let mut client = match connect(&args.connection).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    match client
+        .create_profile(CreateProfileRequest {
+            email: args.email,
+            first_name: args.first_name,
+            last_name: args.last_name,
+            ccpa_opt_out: args.opt_out,
+        })
+        .await
+    {
+        Ok(response) => match response.into_inner().profile {
+            Some(profile) => print_json(&profile_json(&profile)),
+            None => {
+                eprintln!("error: the gateway answered without the profile");
+                exit_codes::FAILURE
+            }
+        },
+        Err(status) => report(&status),
+    }
+}
+
+fn profile_json(profile: &Profile) -> Value {
+    json!({
+        "pkey": profile.pkey,
+        "email": profile.email,
+        "firstName": profile.first_name,
+        "lastName": profile.last_name,
+        "ccpaOptOut": profile.ccpa_opt_out,
+        "ccpaOptOutLastModified": rfc3339(profile.ccpa_opt_out_last_modified.as_ref()),
+    })
+}

@@ -1,0 +1,70 @@
+//! The `ccpa-gateway` command: the server, the emulator, and commands for people at a terminal.
+
+mod calls;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::telemetry::{self, LogFormat};
+
+/// Exit codes, so that scripts can tell outcomes apart without parsing messages.
+pub mod exit_codes {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Any failure without a code of its own.
+    pub const FAILURE: u8 = 1;
+    /// Bad flags or settings (clap uses 2 for its own usage errors as well).
+    pub const USAGE: u8 = 2;
+    /// The profile does not exist.
+    pub const NOT_FOUND: u8 = 3;
+    /// The gateway refused the input (INVALID_ARGUMENT).
+    pub const INVALID_INPUT: u8 = 4;
+    /// The gateway or Adobe Campaign could not be reached; retrying later may help.
+    pub const UNAVAILABLE: u8 = 5;
+}
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes: 0 success, 1 other failure, 2 bad flags or settings, 3 profile not found,
+4 input refused (INVALID_ARGUMENT), 5 gateway or Adobe Campaign unavailable.";
+
+/// Reads and sets the CCPA opt-out of sale in Adobe Campaign Standard, over gRPC.
+#[derive(Parser)]
+#[command(name = "ccpa-gateway", version, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// Log format, on standard error.
+    #[arg(long, env = "CCPA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC gateway.
+    Serve(Box<crate::config::ServeSettings>),
+    /// Run an Adobe Campaign emulator alone, for pointing a gateway (or anything else) at it.
+    Emulator(serve::EmulatorArgs),
+    /// Print a profile's opt-out, as JSON.
+    GetOptOut(calls::GetOptOutArgs),
+    /// Set a profile's opt-out and print what Adobe Campaign then holds, as JSON.
+    SetOptOut(calls::SetOptOutArgs),
+    /// Create a profile and print it, as JSON.
+    CreateProfile(calls::CreateProfileArgs),
+}
+
+/// Parses the command line, runs the command, and says how it ended.
+pub async fn run() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let code = match cli.command {
+        Command::Serve(settings) => serve::serve(*settings).await,
+        Command::Emulator(args) => serve::emulator(args).await,
+        Command::GetOptOut(args) => calls::get_opt_out(args).await,
+        Command::SetOptOut(args) => calls::set_opt_out(args).await,
+        Command::CreateProfile(args) => calls::create_profile(args).await,
+    };
+    ExitCode::from(code)
+}

@@ -1,0 +1,18 @@
+//! The CCPA opt-out gateway: a gRPC service (`ccpa.v1.CcpaService`) that reads and sets a
+//! consumer's "do not sell my personal information" opt-out in Adobe Campaign Standard, and
+//! creates profiles, through the generated client in `crates/acs-profile-client`.
+//!
+//! - [`proto`]: the wire contract, generated from `proto/ccpa/v1/ccpa.proto`.
+//! - [`api`]: the service, its input checks, and the one mapping of upstream failures to gRPC.
+//! - [`server`]: the server with health, reflection and orderly shutdown.
+//! - [`config`]: settings, from flags and environment variables.
+//! - [`cli`]: the `ccpa-gateway` command.
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod proto;
+pub mod server;
+pub mod telemetry;
