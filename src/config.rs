@@ -110,10 +110,10 @@ impl AcsSettings {
         let tenant = required(self.acs_tenant.clone(), TENANT)?;
         let api_key = required(self.acs_api_key.clone(), API_KEY)?;
         let token = required(self.acs_access_token.clone(), ACCESS_TOKEN)?;
-        if token.expose_secret().trim().is_empty() {
+        if !acs_profile_client::is_header_token(token.expose_secret()) {
             return Err(SettingError {
                 setting: ACCESS_TOKEN,
-                problem: "must not be empty".into(),
+                problem: "must be non-empty visible ASCII".into(),
             });
         }
         let tokens = Arc::new(SharedToken::new(AccessToken::new(token.expose_secret())));

@@ -1,20 +1,21 @@
 //! The one place where a failure upstream (ACS, or the Adobe I/O gateway in front of it) becomes a
 //! gRPC status.
 //!
-//! | upstream                                            | gRPC code        | `ErrorInfo.reason`         |
-//! |-----------------------------------------------------|------------------|----------------------------|
-//! | 404 (`RST-360011`), or an empty collection          | NOT_FOUND        | `PROFILE_NOT_FOUND`        |
-//! | 500 holding `XTK-170036` (ACS cannot parse the key) | NOT_FOUND        | `PROFILE_NOT_FOUND`        |
-//! | 500 holding `RST-360012` or `PGS-220000` (conflict) | ALREADY_EXISTS   | `PROFILE_CONFLICT`         |
-//! | 429, 502, 503, 504                                  | UNAVAILABLE      | `ACS_UNAVAILABLE`          |
-//! | no connection (refused, DNS, TLS)                   | UNAVAILABLE      | `ACS_UNREACHABLE`          |
-//! | connection broken or timed out mid-call             | UNAVAILABLE      | `ACS_INTERRUPTED`          |
-//! | a 2xx body that cannot be read                      | UNAVAILABLE      | `ACS_MALFORMED_RESPONSE`   |
-//! | 401 or 403 (our own credentials), or no token       | INTERNAL         | `ACS_CREDENTIALS_REJECTED` |
-//! | any other 4xx                                       | INTERNAL         | `ACS_REFUSED_REQUEST`      |
-//! | any other 5xx, or 3xx                               | INTERNAL         | `ACS_SERVER_ERROR`         |
-//! | a profile without a field we must read              | INTERNAL         | `ACS_CONTRACT_BROKEN`      |
-//! | a request the client could not build                | INTERNAL         | `GATEWAY_BUG`              |
+//! | upstream                                             | gRPC code      | `ErrorInfo.reason`         |
+//! |------------------------------------------------------|----------------|----------------------------|
+//! | 404 (`RST-360011`), or an empty collection           | NOT_FOUND      | `PROFILE_NOT_FOUND`        |
+//! | 500 holding `XTK-170036` (ACS cannot parse the key)  | NOT_FOUND      | `PROFILE_NOT_FOUND`        |
+//! | 500 holding `RST-360012` or `PGS-220000` (conflict)  | ALREADY_EXISTS | `PROFILE_CONFLICT`         |
+//! | 429, 502, 503, 504                                   | UNAVAILABLE    | `ACS_UNAVAILABLE`          |
+//! | no connection (refused, DNS, TLS)                    | UNAVAILABLE    | `ACS_UNREACHABLE`          |
+//! | connection broken or timed out mid-call              | UNAVAILABLE    | `ACS_INTERRUPTED`          |
+//! | a 2xx body that cannot be read                       | UNAVAILABLE    | `ACS_MALFORMED_RESPONSE`   |
+//! | no access token could be obtained                    | UNAVAILABLE    | `ACS_TOKEN_UNAVAILABLE`    |
+//! | 401 or 403 (our own credentials)                     | INTERNAL       | `ACS_CREDENTIALS_REJECTED` |
+//! | any other 4xx                                        | INTERNAL       | `ACS_REFUSED_REQUEST`      |
+//! | any other 5xx, or a 1xx/3xx (redirects not followed) | INTERNAL       | `ACS_SERVER_ERROR`         |
+//! | a profile without a field we must read               | INTERNAL       | `ACS_CONTRACT_BROKEN`      |
+//! | a request the client could not build                 | INTERNAL       | `GATEWAY_MISCONFIGURED`    |
 //!
 //! Why these choices:
 //! - `XTK-170036` is NOT_FOUND rather than INVALID_ARGUMENT: every key reaching ACS has passed
@@ -25,6 +26,8 @@
 //!   are INTERNAL and logged at error level for operators.
 //! - Other 500s are INTERNAL, not UNAVAILABLE: ACS answers 500 for bad input as readily as for
 //!   outages, so a blind retry is not known to help.
+//! - No token (the token source failed, say Adobe IMS is down) is UNAVAILABLE: the caller can
+//!   do nothing but retry later, and operators are alerted by the log.
 //! - A broken connection or an unreadable success body is UNAVAILABLE: gRPC defines it as
 //!   retryable with back-off, and warns that non-idempotent calls (CreateProfile) may have taken
 //!   effect; the proto says the same.
@@ -115,7 +118,13 @@ fn mapping(failure: &Failure) -> Mapping {
             "Adobe Campaign's answer could not be read; the call may or may not have taken effect",
             Transient,
         ),
-        Failure::TokenRejected | Failure::AccessDenied | Failure::NoToken => (
+        Failure::NoToken => (
+            Code::Unavailable,
+            "ACS_TOKEN_UNAVAILABLE",
+            "the gateway could not obtain an access token for Adobe Campaign; retry with back-off",
+            Operator,
+        ),
+        Failure::TokenRejected | Failure::AccessDenied => (
             Code::Internal,
             "ACS_CREDENTIALS_REJECTED",
             "the gateway's credentials for Adobe Campaign were refused; operators are alerted",
@@ -135,8 +144,8 @@ fn mapping(failure: &Failure) -> Mapping {
         ),
         Failure::InvalidRequest => (
             Code::Internal,
-            "GATEWAY_BUG",
-            "the gateway could not build the request to Adobe Campaign",
+            "GATEWAY_MISCONFIGURED",
+            "the gateway could not build a valid request to Adobe Campaign; check its credentials",
             Operator,
         ),
     };

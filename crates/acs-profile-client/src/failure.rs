@@ -46,15 +46,15 @@ pub enum Failure {
         /// The HTTP status ACS answered.
         status: StatusCode,
     },
-    /// Any other 5xx. ACS uses 500 for bad input as much as for outages, so this is not
-    /// considered transient.
+    /// Any other 5xx, or a status ACS never sends (1xx, 3xx: redirects are not followed). ACS
+    /// uses 500 for bad input as much as for outages, so this is not considered transient.
     ServerError {
         /// The HTTP status ACS answered.
         status: StatusCode,
     },
     /// ACS answered success with a body that could not be read: the call's effect is unknown.
     MalformedResponse,
-    /// The request could not be built (say, an API key that is not a valid header value).
+    /// The request could not be built (say, a token that is not a valid header value).
     InvalidRequest,
 }
 

@@ -119,8 +119,8 @@ pub enum ConfigError {
     /// The tenant is empty or holds characters that do not belong in a URL path segment.
     #[error("the ACS tenant must be non-empty and contain only letters, digits, '-' and '_'")]
     Tenant,
-    /// The API key is empty.
-    #[error("the ACS API key must not be empty")]
+    /// The API key is empty or holds characters an HTTP header cannot carry.
+    #[error("the ACS API key must be non-empty visible ASCII")]
     ApiKey,
     /// The HTTP client could not be built (its TLS backend failed to start).
     #[error("the HTTP client could not be built: {0}")]
@@ -152,17 +152,25 @@ pub fn tenant_base_url(base_url: &str, tenant: &str) -> Result<String, ConfigErr
     ))
 }
 
+/// Whether a credential can travel in an HTTP header as is: non-empty visible ASCII.
+pub fn is_header_token(value: &str) -> bool {
+    !value.is_empty() && value.bytes().all(|b| b.is_ascii_graphic())
+}
+
 impl Client {
     /// A client for one tenant. It keeps one connection pool for its whole life: build it once
     /// and clone it (clones share the pool) rather than building one per call.
     pub fn from_config(config: ClientConfig) -> Result<Self, ConfigError> {
         let base_url = tenant_base_url(&config.base_url, &config.tenant)?;
-        if secrecy::ExposeSecret::expose_secret(&config.api_key).is_empty() {
+        if !is_header_token(secrecy::ExposeSecret::expose_secret(&config.api_key)) {
             return Err(ConfigError::ApiKey);
         }
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.connect_timeout)
+            // ACS does not redirect. Following one would resend a PATCH (or turn it into a GET)
+            // somewhere unplanned; surfacing the 3xx is safer.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ConfigError::HttpClient(e.to_string()))?;
         Ok(Self::new_with_client(

@@ -1,0 +1,523 @@
+//! The `ccpa-gateway` binary: the terminal commands against a running gateway, and `serve` as a
+//! process (settings, SIGTERM, logs).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use acs_emulator::{Emulator, EmulatorConfig, Fault};
+use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
+use ccpa_gateway::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest};
+use common::Harness;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_ccpa-gateway");
+
+struct Outcome {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {:?} / {:?}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Runs a terminal command against the gateway at `addr`.
+async fn run(addr: SocketAddr, args: &[&str]) -> Outcome {
+    let output = Command::new(BINARY)
+        .args(args)
+        .arg("--addr")
+        .arg(format!("http://{addr}"))
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+    Outcome {
+        code: output.status.code().expect("exited, not killed"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn get_set_and_create_print_json() {
+    let harness = Harness::start().await;
+    let pkey = harness.profile(false);
+
+    let got = run(harness.addr, &["get-opt-out", &pkey]).await;
+    assert_eq!(got.code, 0, "{}", got.stderr);
+    let json = got.json();
+    assert_eq!(json["pkey"], pkey.as_str());
+    assert_eq!(json["ccpaOptOut"], false);
+    assert_eq!(json["ccpaOptOutLastModified"], Value::Null);
+
+    let set = run(harness.addr, &["set-opt-out", &pkey, "--opt-out", "true"]).await;
+    assert_eq!(set.code, 0, "{}", set.stderr);
+    let json = set.json();
+    assert_eq!(json["ccpaOptOut"], true);
+    let changed = json["ccpaOptOutLastModified"].as_str().unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(changed).is_ok(),
+        "{changed}"
+    );
+    assert_eq!(harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+
+    let created = run(
+        harness.addr,
+        &[
+            "create-profile",
+            "--email",
+            "grace@example.com",
+            "--first-name",
+            "Grace",
+            "--last-name",
+            "Hopper",
+            "--opt-out",
+        ],
+    )
+    .await;
+    assert_eq!(created.code, 0, "{}", created.stderr);
+    let json = created.json();
+    assert_eq!(json["email"], "grace@example.com");
+    assert_eq!(json["firstName"], "Grace");
+    assert_eq!(json["ccpaOptOut"], true);
+    let new_key = json["pkey"].as_str().unwrap();
+    assert_eq!(
+        harness.emulator.profile(new_key).unwrap()["lastName"],
+        "Hopper"
+    );
+}
+
+#[tokio::test]
+async fn create_profile_without_opt_out_leaves_acs_default() {
+    let harness = Harness::start().await;
+    let created = run(
+        harness.addr,
+        &["create-profile", "--email", "alan@example.com"],
+    )
+    .await;
+    assert_eq!(created.code, 0, "{}", created.stderr);
+    assert_eq!(created.json()["ccpaOptOut"], false);
+    let post = harness.emulator.requests().pop().unwrap();
+    assert_eq!(&post.body[..], br#"{"email":"alan@example.com"}"#);
+}
+
+#[tokio::test]
+async fn exit_codes_tell_outcomes_apart() {
+    let harness = Harness::start().await;
+    let pkey = harness.profile(false);
+    harness.emulator.remove_profile(&pkey);
+
+    let not_found = run(harness.addr, &["get-opt-out", &pkey]).await;
+    assert_eq!(not_found.code, 3, "{}", not_found.stderr);
+    assert!(
+        not_found.stderr.contains("NotFound"),
+        "{}",
+        not_found.stderr
+    );
+    assert!(not_found.stdout.is_empty());
+
+    let invalid = run(
+        harness.addr,
+        &["set-opt-out", "@bad/key", "--opt-out", "false"],
+    )
+    .await;
+    assert_eq!(invalid.code, 4, "{}", invalid.stderr);
+    assert!(invalid.stderr.contains("pkey:"), "{}", invalid.stderr);
+
+    let invalid_email = run(harness.addr, &["create-profile", "--email", "nope"]).await;
+    assert_eq!(invalid_email.code, 4, "{}", invalid_email.stderr);
+    assert!(invalid_email.stderr.contains("email:"));
+
+    harness.emulator.inject(Fault::html(503));
+    let upstream_down = run(harness.addr, &["get-opt-out", "@abc"]).await;
+    assert_eq!(upstream_down.code, 5, "{}", upstream_down.stderr);
+
+    let missing_value = run(harness.addr, &["set-opt-out", "@abc"]).await;
+    assert_eq!(missing_value.code, 2, "clap's usage error");
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = listener.local_addr().unwrap();
+    drop(listener);
+    let gateway_down = run(closed, &["get-opt-out", "@abc"]).await;
+    assert_eq!(gateway_down.code, 5, "{}", gateway_down.stderr);
+}
+
+/// A `ccpa-gateway serve` process, its address (read from its JSON log), and its log lines.
+struct ServeProcess {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<Mutex<Vec<String>>>,
+}
+
+impl ServeProcess {
+    async fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(BINARY);
+        command
+            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (name, value) in envs {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().unwrap();
+
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let log_lines = log.clone();
+        tokio::spawn(async move {
+            let mut addr_tx = Some(addr_tx);
+            while let Ok(Some(line)) = stderr.next_line().await {
+                if let Ok(event) = serde_json::from_str::<Value>(&line)
+                    && let Some(addr) = event["listen"].as_str()
+                    && let Some(tx) = addr_tx.take()
+                {
+                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+                log_lines.lock().unwrap().push(line);
+            }
+        });
+        let stdout_lines = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let lines = stdout_lines.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                lines.lock().unwrap().push(line);
+            }
+        });
+
+        let addr = tokio::time::timeout(Duration::from_secs(20), addr_rx)
+            .await
+            .expect("the gateway logs its address")
+            .expect("the gateway starts");
+        Self {
+            child,
+            addr,
+            log,
+            stdout: stdout_lines,
+        }
+    }
+
+    fn sigterm(&self) {
+        let pid = self.child.id().expect("still running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+    }
+
+    async fn wait(&mut self) -> i32 {
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("the gateway exits")
+            .unwrap()
+            .code()
+            .expect("exited, not killed")
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+fn acs_env(emulator: &Emulator) -> Vec<(&'static str, String)> {
+    let config = emulator.config();
+    vec![
+        ("CCPA_ACS_BASE_URL", emulator.url()),
+        ("CCPA_ACS_TENANT", config.tenant.clone()),
+        ("CCPA_ACS_API_KEY", config.api_key.clone()),
+        ("CCPA_ACS_ACCESS_TOKEN", config.access_token.clone()),
+    ]
+}
+
+fn as_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[tokio::test]
+async fn sigterm_reports_not_serving_drains_and_exits_zero() {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let pkey = emulator.insert_profile(acs_emulator::NewProfile {
+        ccpa_opt_out: true,
+        ..Default::default()
+    });
+    let env = acs_env(&emulator);
+    let mut gateway = ServeProcess::start(&[], &as_refs(&env)).await;
+    let channel = common::connect(gateway.addr).await;
+
+    let mut health = HealthClient::new(channel.clone());
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "ccpa.v1.CcpaService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+
+    emulator.inject(Fault::Delay(Duration::from_millis(700)));
+    let mut client = CcpaServiceClient::new(channel);
+    let in_flight = tokio::spawn(async move {
+        client
+            .get_opt_out(GetOptOutRequest { pkey })
+            .await
+            .map(|r| r.into_inner().ccpa_opt_out)
+    });
+    while emulator.request_count() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    gateway.sigterm();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    assert!(
+        in_flight
+            .await
+            .unwrap()
+            .expect("the call in flight completes")
+    );
+    assert_eq!(gateway.wait().await, 0, "{}", gateway.log());
+
+    let log = gateway.log();
+    let not_serving = log.find("reporting NOT_SERVING").expect("logged");
+    let draining = log.find("draining calls in flight").expect("logged");
+    assert!(not_serving < draining);
+}
+
+#[tokio::test]
+async fn logs_carry_no_personal_data_or_secrets() {
+    let emulator = Emulator::start(EmulatorConfig {
+        api_key: "api-key-canary-7c1f".into(),
+        access_token: "token-canary-93ab".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let env = acs_env(&emulator);
+    let mut gateway = ServeProcess::start(&[], &as_refs(&env)).await;
+    let mut client = CcpaServiceClient::new(common::connect(gateway.addr).await);
+
+    let created = client
+        .create_profile(CreateProfileRequest {
+            email: "email-canary@example.com".into(),
+            first_name: "Firstcanary".into(),
+            last_name: "Lastcanary".into(),
+            ccpa_opt_out: Some(true),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    client
+        .get_opt_out(GetOptOutRequest {
+            pkey: created.pkey.clone(),
+        })
+        .await
+        .unwrap();
+    // Failures too: an upstream body quoting the person, and a refused input.
+    emulator.inject(Fault::Respond {
+        status: 500,
+        content_type: Some("application/json".into()),
+        body: r#"{"code":500,"message":"email-canary@example.com is broken"}"#.into(),
+        headers: vec![],
+    });
+    let _ = client
+        .get_opt_out(GetOptOutRequest {
+            pkey: created.pkey.clone(),
+        })
+        .await
+        .unwrap_err();
+    let _ = client
+        .create_profile(CreateProfileRequest {
+            email: "bad-canary-address".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    emulator.revoke_access_token("token-canary-93ab");
+    let _ = client
+        .get_opt_out(GetOptOutRequest {
+            pkey: created.pkey.clone(),
+        })
+        .await
+        .unwrap_err();
+
+    gateway.sigterm();
+    assert_eq!(gateway.wait().await, 0);
+    let log = gateway.log();
+    assert!(
+        log.contains(r#""rpc":"CreateProfile""#),
+        "one line per RPC: {log}"
+    );
+    assert!(log.contains(r#""code":"Internal""#), "{log}");
+    for secret in [
+        "canary",
+        "token-canary-93ab",
+        "api-key-canary-7c1f",
+        created.pkey.as_str(),
+    ] {
+        assert!(
+            !log.contains(secret),
+            "{secret:?} appears in the log:\n{log}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn missing_or_bad_settings_stop_start_up_naming_them() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["serve"], "CCPA_ACS_TENANT"),
+        (&["serve", "--acs-tenant", "acme"], "CCPA_ACS_API_KEY"),
+        (
+            &["serve", "--acs-tenant", "acme", "--acs-api-key", "k"],
+            "CCPA_ACS_ACCESS_TOKEN",
+        ),
+        (
+            &[
+                "serve",
+                "--acs-tenant",
+                "acme",
+                "--acs-api-key",
+                "k",
+                "--acs-access-token",
+                "t",
+                "--acs-base-url",
+                "nope",
+            ],
+            "CCPA_ACS_BASE_URL",
+        ),
+    ];
+    for (args, named) in cases {
+        let output = Command::new(BINARY)
+            .args(args)
+            .env_remove("CCPA_ACS_TENANT")
+            .env_remove("CCPA_ACS_API_KEY")
+            .env_remove("CCPA_ACS_ACCESS_TOKEN")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+    }
+
+    let output = Command::new(BINARY)
+        .args(["serve", "--listen", "not-an-address"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--listen"));
+
+    let output = Command::new(BINARY)
+        .args(["serve", "--emulator", "--acs-tenant", "acme"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "--emulator excludes ACS settings"
+    );
+}
+
+#[tokio::test]
+async fn serve_with_the_embedded_emulator_prints_commands_that_work() {
+    let mut gateway = ServeProcess::start(&["--emulator"], &[]).await;
+    let printed = loop {
+        let lines = gateway.stdout.lock().unwrap().clone();
+        if lines.iter().any(|l| l.starts_with("Stop with")) {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let command = printed
+        .iter()
+        .find(|l| l.contains("get-opt-out"))
+        .expect("a get-opt-out command to paste");
+    let pkey = command.split('\'').nth(1).expect("a quoted key");
+
+    let got = run(gateway.addr, &["get-opt-out", pkey]).await;
+    assert_eq!(got.code, 0, "{}", got.stderr);
+    assert_eq!(got.json()["pkey"], pkey);
+
+    gateway.sigterm();
+    assert_eq!(gateway.wait().await, 0);
+}
+
+#[tokio::test]
+async fn emulator_command_serves_until_terminated() {
+    let mut child = Command::new(BINARY)
+        .args(["emulator", "--listen", "127.0.0.1:0", "--seed-demo"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = stdout.next_line().await.unwrap().unwrap();
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("the emulator prints its URL");
+    let mut pkey = None;
+    while let Some(line) = stdout.next_line().await.unwrap() {
+        if let Some(key) = line.split_whitespace().find(|w| w.starts_with('@')) {
+            pkey = Some(key.to_owned());
+            break;
+        }
+    }
+    let pkey = pkey.expect("a demo profile key");
+
+    let response = reqwest::Client::new()
+        .get(format!(
+            "{url}/{}/campaign/profileAndServices/profile/{pkey}",
+            EmulatorConfig::DEFAULT_TENANT
+        ))
+        .bearer_auth(EmulatorConfig::DEFAULT_ACCESS_TOKEN)
+        .header("X-Api-Key", EmulatorConfig::DEFAULT_API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

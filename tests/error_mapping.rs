@@ -1,0 +1,454 @@
+//! One test per row of the upstream-to-gRPC mapping (`src/api/error_mapping.rs`), each over real
+//! sockets with the emulator producing the upstream answer.
+
+mod common;
+
+use std::sync::Arc;
+
+use acs_emulator::{Emulator, EmulatorConfig, Fault, NewProfile};
+use acs_profile_client::{AccessToken, ClientConfig, SharedToken, TokenError, TokenSource};
+use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
+use ccpa_gateway::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest, SetOptOutRequest};
+use ccpa_gateway::server::ShutdownOptions;
+use common::{Harness, acs_config, start_gateway};
+use futures::future::BoxFuture;
+use serde_json::json;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+/// A marker placed in upstream bodies: it must never reach the caller.
+const UPSTREAM_MARKER: &str = "upstream-body-marker";
+
+fn assert_mapped(status: Status, code: Code, reason: &str, http_status: Option<u16>) {
+    assert_eq!(status.code(), code, "{status:?}");
+    let info = status
+        .get_details_error_info()
+        .expect("every mapped error carries an ErrorInfo");
+    assert_eq!(info.reason, reason, "{status:?}");
+    assert_eq!(info.domain, "ccpa-gateway");
+    assert_eq!(
+        info.metadata.get("upstream_http_status").cloned(),
+        http_status.map(|s| s.to_string())
+    );
+    assert!(
+        !status.message().contains(UPSTREAM_MARKER),
+        "upstream body leaked: {}",
+        status.message()
+    );
+}
+
+async fn get(harness: &Harness, pkey: &str) -> Status {
+    harness
+        .client()
+        .get_opt_out(GetOptOutRequest { pkey: pkey.into() })
+        .await
+        .expect_err("the call should fail")
+}
+
+/// A profile to read, and a fault for the next request.
+async fn with_fault(fault: Fault) -> (Harness, String) {
+    let harness = Harness::start().await;
+    let pkey = harness.profile(true);
+    harness.emulator.inject(fault);
+    (harness, pkey)
+}
+
+fn marked_json(status: u16, message: &str) -> Fault {
+    Fault::json(
+        status,
+        json!({"code": status, "message": format!("{message} {UPSTREAM_MARKER}")}),
+    )
+}
+
+#[tokio::test]
+async fn not_found_404_is_not_found() {
+    let harness = Harness::start().await;
+    let pkey = harness.profile(true);
+    harness.emulator.remove_profile(&pkey);
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::NotFound,
+        "PROFILE_NOT_FOUND",
+        Some(404),
+    );
+}
+
+#[tokio::test]
+async fn unparsable_key_500_xtk_170036_is_not_found() {
+    let harness = Harness::start().await;
+    let elsewhere = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let foreign_key = elsewhere.insert_profile(NewProfile::default());
+    assert_mapped(
+        get(&harness, &foreign_key).await,
+        Code::NotFound,
+        "PROFILE_NOT_FOUND",
+        Some(500),
+    );
+}
+
+#[tokio::test]
+async fn empty_collection_is_not_found() {
+    let (harness, pkey) = with_fault(Fault::json(200, json!({"content": []}))).await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::NotFound,
+        "PROFILE_NOT_FOUND",
+        None,
+    );
+}
+
+#[tokio::test]
+async fn duplicate_key_500_pgs_220000_is_already_exists() {
+    let harness = Harness::start().await;
+    harness.emulator.inject(marked_json(
+        500,
+        "PGS-220000 PostgreSQL error: duplicate key",
+    ));
+    let status = harness
+        .client()
+        .create_profile(CreateProfileRequest {
+            email: "a@example.com".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_mapped(status, Code::AlreadyExists, "PROFILE_CONFLICT", Some(500));
+}
+
+#[tokio::test]
+async fn inconsistent_operation_500_rst_360012_is_already_exists() {
+    let harness = Harness::start().await;
+    harness
+        .emulator
+        .inject(marked_json(500, "RST-360012 Inconsistent operation"));
+    let status = harness
+        .client()
+        .create_profile(CreateProfileRequest {
+            email: "a@example.com".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_mapped(status, Code::AlreadyExists, "PROFILE_CONFLICT", Some(500));
+}
+
+#[tokio::test]
+async fn too_many_requests_429_is_unavailable() {
+    let fault = marked_json(429, "Too many requests").with_header("Retry-After", "2");
+    let (harness, pkey) = with_fault(fault).await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Unavailable,
+        "ACS_UNAVAILABLE",
+        Some(429),
+    );
+}
+
+#[tokio::test]
+async fn bad_gateway_502_with_html_is_unavailable() {
+    let (harness, pkey) = with_fault(Fault::Respond {
+        status: 502,
+        content_type: Some("text/html".into()),
+        body: format!("<html><body>Bad Gateway {UPSTREAM_MARKER}</body></html>"),
+        headers: vec![],
+    })
+    .await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Unavailable,
+        "ACS_UNAVAILABLE",
+        Some(502),
+    );
+}
+
+#[tokio::test]
+async fn service_unavailable_503_is_unavailable() {
+    let (harness, pkey) = with_fault(marked_json(503, "Service Unavailable")).await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Unavailable,
+        "ACS_UNAVAILABLE",
+        Some(503),
+    );
+}
+
+#[tokio::test]
+async fn gateway_timeout_504_with_empty_body_is_unavailable() {
+    let (harness, pkey) = with_fault(Fault::empty(504)).await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Unavailable,
+        "ACS_UNAVAILABLE",
+        Some(504),
+    );
+}
+
+#[tokio::test]
+async fn connection_refused_is_unavailable() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = listener.local_addr().unwrap();
+    drop(listener);
+    let acs = ClientConfig::new(
+        format!("http://{closed}"),
+        "tenant",
+        "key",
+        Arc::new(SharedToken::new(AccessToken::new("token"))),
+    );
+    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
+    let status = CcpaServiceClient::new(channel)
+        .get_opt_out(GetOptOutRequest {
+            pkey: "@abc".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_mapped(status, Code::Unavailable, "ACS_UNREACHABLE", None);
+}
+
+#[tokio::test]
+async fn connection_broken_mid_answer_is_unavailable() {
+    let (harness, pkey) = with_fault(Fault::BreakAfterHeaders).await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Unavailable,
+        "ACS_INTERRUPTED",
+        None,
+    );
+}
+
+#[tokio::test]
+async fn upstream_timeout_is_unavailable() {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let pkey = emulator.insert_profile(NewProfile::default());
+    emulator.inject(Fault::Delay(std::time::Duration::from_secs(2)));
+    let mut acs = acs_config(&emulator);
+    acs.timeout = std::time::Duration::from_millis(200);
+    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
+    let status = CcpaServiceClient::new(channel)
+        .get_opt_out(GetOptOutRequest { pkey })
+        .await
+        .unwrap_err();
+    assert_mapped(status, Code::Unavailable, "ACS_INTERRUPTED", None);
+}
+
+#[tokio::test]
+async fn unreadable_success_body_is_unavailable() {
+    let (harness, pkey) = with_fault(Fault::Respond {
+        status: 200,
+        content_type: Some("application/json".into()),
+        body: format!("{{\"PKey\":\"{UPSTREAM_MARKER}\",\"ccpaOpt"),
+        headers: vec![],
+    })
+    .await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Unavailable,
+        "ACS_MALFORMED_RESPONSE",
+        None,
+    );
+}
+
+/// A token source whose identity provider is down.
+#[derive(Debug)]
+struct FailingTokens;
+
+impl TokenSource for FailingTokens {
+    fn access_token(&self) -> BoxFuture<'_, Result<AccessToken, TokenError>> {
+        Box::pin(async { Err(TokenError::new("identity provider unreachable")) })
+    }
+}
+
+#[tokio::test]
+async fn no_token_is_unavailable_and_nothing_is_sent() {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let pkey = emulator.insert_profile(NewProfile::default());
+    let mut acs = acs_config(&emulator);
+    acs.tokens = Arc::new(FailingTokens);
+    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
+    let status = CcpaServiceClient::new(channel)
+        .get_opt_out(GetOptOutRequest { pkey })
+        .await
+        .unwrap_err();
+    assert_mapped(status, Code::Unavailable, "ACS_TOKEN_UNAVAILABLE", None);
+    assert_eq!(emulator.request_count(), 0);
+}
+
+#[tokio::test]
+async fn token_rejected_401_401013_is_internal_not_unauthenticated() {
+    let harness = Harness::start().await;
+    let pkey = harness.profile(true);
+    harness
+        .emulator
+        .revoke_access_token(EmulatorConfig::DEFAULT_ACCESS_TOKEN);
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Internal,
+        "ACS_CREDENTIALS_REJECTED",
+        Some(401),
+    );
+}
+
+#[tokio::test]
+async fn empty_401_from_a_proxy_is_internal() {
+    let (harness, pkey) = with_fault(Fault::empty(401)).await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Internal,
+        "ACS_CREDENTIALS_REJECTED",
+        Some(401),
+    );
+}
+
+#[tokio::test]
+async fn api_key_rejected_403_403003_is_internal_not_permission_denied() {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let pkey = emulator.insert_profile(NewProfile::default());
+    let mut acs = acs_config(&emulator);
+    acs.api_key = "not-the-api-key".into();
+    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
+    let status = CcpaServiceClient::new(channel)
+        .get_opt_out(GetOptOutRequest { pkey })
+        .await
+        .unwrap_err();
+    assert_mapped(
+        status,
+        Code::Internal,
+        "ACS_CREDENTIALS_REJECTED",
+        Some(403),
+    );
+}
+
+#[tokio::test]
+async fn token_not_provisioned_403_403023_is_internal() {
+    let (harness, pkey) = with_fault(Fault::json(
+        403,
+        json!({"error_code": "403023", "message": "Profile is not valid"}),
+    ))
+    .await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Internal,
+        "ACS_CREDENTIALS_REJECTED",
+        Some(403),
+    );
+}
+
+#[tokio::test]
+async fn other_4xx_is_internal() {
+    let (harness, pkey) = with_fault(marked_json(400, "Bad request")).await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Internal,
+        "ACS_REFUSED_REQUEST",
+        Some(400),
+    );
+}
+
+#[tokio::test]
+async fn wrong_tenant_500_check_your_uri_is_internal() {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let pkey = emulator.insert_profile(NewProfile::default());
+    let mut acs = acs_config(&emulator);
+    acs.tenant = "another-tenant".into();
+    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
+    let status = CcpaServiceClient::new(channel)
+        .get_opt_out(GetOptOutRequest { pkey })
+        .await
+        .unwrap_err();
+    assert_mapped(status, Code::Internal, "ACS_SERVER_ERROR", Some(500));
+}
+
+#[tokio::test]
+async fn other_500_is_internal_not_unavailable() {
+    let (harness, pkey) = with_fault(marked_json(500, "Oops. Something went wrong.")).await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Internal,
+        "ACS_SERVER_ERROR",
+        Some(500),
+    );
+}
+
+#[tokio::test]
+async fn other_5xx_is_internal() {
+    let (harness, pkey) = with_fault(Fault::html(507)).await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Internal,
+        "ACS_SERVER_ERROR",
+        Some(507),
+    );
+}
+
+#[tokio::test]
+async fn redirect_is_not_followed_and_is_internal() {
+    let (harness, pkey) =
+        with_fault(Fault::empty(307).with_header("Location", "http://127.0.0.1:1/elsewhere")).await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Internal,
+        "ACS_SERVER_ERROR",
+        Some(307),
+    );
+}
+
+#[tokio::test]
+async fn profile_without_the_opt_out_is_internal_never_false() {
+    let (harness, pkey) = with_fault(Fault::json(
+        200,
+        json!({"PKey": "@abc", "email": UPSTREAM_MARKER}),
+    ))
+    .await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Internal,
+        "ACS_CONTRACT_BROKEN",
+        None,
+    );
+}
+
+#[tokio::test]
+async fn token_that_cannot_be_a_header_is_internal() {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let pkey = emulator.insert_profile(NewProfile::default());
+    let mut acs = acs_config(&emulator);
+    acs.tokens = Arc::new(SharedToken::new(AccessToken::new("line\nbreak")));
+    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
+    let status = CcpaServiceClient::new(channel)
+        .get_opt_out(GetOptOutRequest { pkey })
+        .await
+        .unwrap_err();
+    assert_mapped(status, Code::Internal, "GATEWAY_MISCONFIGURED", None);
+    assert_eq!(emulator.request_count(), 0);
+}
+
+#[tokio::test]
+async fn set_opt_out_maps_failures_of_the_write_and_of_the_read_back() {
+    let harness = Harness::start().await;
+    let pkey = harness.profile(false);
+    let mut client: CcpaServiceClient<Channel> = harness.client();
+    let request = || SetOptOutRequest {
+        pkey: pkey.clone(),
+        ccpa_opt_out: Some(true),
+    };
+
+    // The PATCH fails: nothing changed.
+    harness.emulator.inject(Fault::html(503));
+    let status = client.set_opt_out(request()).await.unwrap_err();
+    assert_mapped(status, Code::Unavailable, "ACS_UNAVAILABLE", Some(503));
+    assert_eq!(
+        harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"],
+        false
+    );
+
+    // The PATCH succeeds, the read-back fails: UNAVAILABLE, and a retry is safe.
+    harness
+        .emulator
+        .inject(Fault::Delay(std::time::Duration::ZERO));
+    harness.emulator.inject(Fault::html(502));
+    let status = client.set_opt_out(request()).await.unwrap_err();
+    assert_mapped(status, Code::Unavailable, "ACS_UNAVAILABLE", Some(502));
+    assert_eq!(harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+    let answer = client.set_opt_out(request()).await.unwrap().into_inner();
+    assert!(answer.ccpa_opt_out);
+}
