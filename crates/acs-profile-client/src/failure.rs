@@ -129,7 +129,7 @@ impl types::AcsError {
     /// as `401013`) in its code fields or its message.
     pub fn mentions(&self, code: &str) -> bool {
         self.error_code.as_deref() == Some(code)
-            || matches!(&self.code, Some(types::AcsErrorCode::String(c)) if c == code)
+            || matches!(&self.code, Some(types::AcsErrorCode::Text(c)) if c == code)
             || self.message.as_deref().is_some_and(|m| m.contains(code))
     }
 }

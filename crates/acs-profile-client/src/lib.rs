@@ -210,8 +210,8 @@ impl types::ProfileResponse {
     /// empty collection.
     pub fn into_profile(self) -> Option<types::Profile> {
         match self {
-            Self::Variant0(collection) => collection.content.into_iter().next(),
-            Self::Variant1(profile) => Some(profile),
+            Self::Collection(collection) => collection.content.into_iter().next(),
+            Self::Bare(profile) => Some(profile),
         }
     }
 }
