@@ -2,7 +2,7 @@
 
 mod common;
 
-use acs_emulator::EmulatorConfig;
+use acs_emulator::{EmulatorConfig, Fault};
 use ccpa_gateway::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest, SetOptOutRequest};
 use ccpa_gateway::server::ShutdownOptions;
 use common::Harness;
@@ -107,6 +107,33 @@ async fn set_opt_out_changes_acs_and_reports_the_state_read_back() {
     assert_eq!(
         harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"],
         false
+    );
+}
+
+#[tokio::test]
+async fn set_opt_out_answers_what_acs_holds_even_if_another_writer_won() {
+    let harness = Harness::start().await;
+    let pkey = harness.profile(false);
+    // The PATCH goes through; the read-back sees a profile someone else opted back in.
+    harness
+        .emulator
+        .inject(Fault::Delay(std::time::Duration::ZERO));
+    harness.emulator.inject(Fault::json(
+        200,
+        serde_json::json!({"PKey": pkey, "ccpaOptOut": false, "ccpaOptOutLastModified": ""}),
+    ));
+    let answer = harness
+        .client()
+        .set_opt_out(SetOptOutRequest {
+            pkey: pkey.clone(),
+            ccpa_opt_out: Some(true),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !answer.ccpa_opt_out,
+        "the state read back, not the one asked for"
     );
 }
 
