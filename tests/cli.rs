@@ -221,13 +221,17 @@ impl ServeProcess {
         }
     }
 
-    fn sigterm(&self) {
+    fn signal(&self, signal: nix::sys::signal::Signal) {
         let pid = self.child.id().expect("still running");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
-            nix::sys::signal::Signal::SIGTERM,
+            signal,
         )
         .unwrap();
+    }
+
+    fn sigterm(&self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
     }
 
     async fn wait(&mut self) -> i32 {
@@ -471,8 +475,10 @@ async fn serve_with_the_embedded_emulator_prints_commands_that_work() {
     assert_eq!(got.code, 0, "{}", got.stderr);
     assert_eq!(got.json()["pkey"], pkey);
 
-    gateway.sigterm();
+    // Ctrl-C at the terminal: the same orderly stop as SIGTERM.
+    gateway.signal(nix::sys::signal::Signal::SIGINT);
     assert_eq!(gateway.wait().await, 0);
+    assert!(gateway.log().contains("reporting NOT_SERVING"));
 }
 
 #[tokio::test]
