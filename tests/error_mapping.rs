@@ -46,6 +46,22 @@ async fn get(harness: &Harness, pkey: &str) -> Status {
         .expect_err("the call should fail")
 }
 
+/// Reads a profile through a gateway of its own, configured with `acs`.
+async fn get_through(acs: ClientConfig, pkey: String) -> Status {
+    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
+    CcpaServiceClient::new(channel)
+        .get_opt_out(GetOptOutRequest { pkey })
+        .await
+        .expect_err("the call should fail")
+}
+
+/// An emulator holding one profile, and its key.
+async fn emulator_with_profile() -> (Emulator, String) {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let pkey = emulator.insert_profile(NewProfile::default());
+    (emulator, pkey)
+}
+
 /// A profile to read, and a fault for the next request.
 async fn with_fault(fault: Fault) -> (Harness, String) {
     let harness = Harness::start().await;
@@ -195,13 +211,7 @@ async fn connection_refused_is_unavailable() {
         "key",
         Arc::new(SharedToken::new(AccessToken::new("token"))),
     );
-    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
-    let status = CcpaServiceClient::new(channel)
-        .get_opt_out(GetOptOutRequest {
-            pkey: "@abc".into(),
-        })
-        .await
-        .unwrap_err();
+    let status = get_through(acs, "@abc".into()).await;
     assert_mapped(status, Code::Unavailable, "ACS_UNREACHABLE", None);
 }
 
@@ -223,11 +233,7 @@ async fn upstream_timeout_is_unavailable() {
     emulator.inject(Fault::Delay(std::time::Duration::from_secs(2)));
     let mut acs = acs_config(&emulator);
     acs.timeout = std::time::Duration::from_millis(200);
-    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
-    let status = CcpaServiceClient::new(channel)
-        .get_opt_out(GetOptOutRequest { pkey })
-        .await
-        .unwrap_err();
+    let status = get_through(acs, pkey).await;
     assert_mapped(status, Code::Unavailable, "ACS_INTERRUPTED", None);
 }
 
@@ -260,15 +266,10 @@ impl TokenSource for FailingTokens {
 
 #[tokio::test]
 async fn no_token_is_unavailable_and_nothing_is_sent() {
-    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
-    let pkey = emulator.insert_profile(NewProfile::default());
+    let (emulator, pkey) = emulator_with_profile().await;
     let mut acs = acs_config(&emulator);
     acs.tokens = Arc::new(FailingTokens);
-    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
-    let status = CcpaServiceClient::new(channel)
-        .get_opt_out(GetOptOutRequest { pkey })
-        .await
-        .unwrap_err();
+    let status = get_through(acs, pkey).await;
     assert_mapped(status, Code::Unavailable, "ACS_TOKEN_UNAVAILABLE", None);
     assert_eq!(emulator.request_count(), 0);
 }
@@ -301,15 +302,10 @@ async fn empty_401_from_a_proxy_is_internal() {
 
 #[tokio::test]
 async fn api_key_rejected_403_403003_is_internal_not_permission_denied() {
-    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
-    let pkey = emulator.insert_profile(NewProfile::default());
+    let (emulator, pkey) = emulator_with_profile().await;
     let mut acs = acs_config(&emulator);
     acs.api_key = "not-the-api-key".into();
-    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
-    let status = CcpaServiceClient::new(channel)
-        .get_opt_out(GetOptOutRequest { pkey })
-        .await
-        .unwrap_err();
+    let status = get_through(acs, pkey).await;
     assert_mapped(
         status,
         Code::Internal,
@@ -346,15 +342,10 @@ async fn other_4xx_is_internal() {
 
 #[tokio::test]
 async fn wrong_tenant_500_check_your_uri_is_internal() {
-    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
-    let pkey = emulator.insert_profile(NewProfile::default());
+    let (emulator, pkey) = emulator_with_profile().await;
     let mut acs = acs_config(&emulator);
     acs.tenant = "another-tenant".into();
-    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
-    let status = CcpaServiceClient::new(channel)
-        .get_opt_out(GetOptOutRequest { pkey })
-        .await
-        .unwrap_err();
+    let status = get_through(acs, pkey).await;
     assert_mapped(status, Code::Internal, "ACS_SERVER_ERROR", Some(500));
 }
 
@@ -409,15 +400,10 @@ async fn profile_without_the_opt_out_is_internal_never_false() {
 
 #[tokio::test]
 async fn token_that_cannot_be_a_header_is_internal() {
-    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
-    let pkey = emulator.insert_profile(NewProfile::default());
+    let (emulator, pkey) = emulator_with_profile().await;
     let mut acs = acs_config(&emulator);
     acs.tokens = Arc::new(SharedToken::new(AccessToken::new("line\nbreak")));
-    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
-    let status = CcpaServiceClient::new(channel)
-        .get_opt_out(GetOptOutRequest { pkey })
-        .await
-        .unwrap_err();
+    let status = get_through(acs, pkey).await;
     assert_mapped(status, Code::Internal, "GATEWAY_MISCONFIGURED", None);
     assert_eq!(emulator.request_count(), 0);
 }

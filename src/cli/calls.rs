@@ -126,11 +126,11 @@ pub async fn get_opt_out(args: GetOptOutArgs) -> u8 {
     {
         Ok(response) => {
             let answer = response.into_inner();
-            print_json(&json!({
-                "pkey": answer.pkey,
-                "ccpaOptOut": answer.ccpa_opt_out,
-                "ccpaOptOutLastModified": rfc3339(answer.ccpa_opt_out_last_modified.as_ref()),
-            }))
+            print_json(&opt_out_json(
+                &answer.pkey,
+                answer.ccpa_opt_out,
+                answer.ccpa_opt_out_last_modified.as_ref(),
+            ))
         }
         Err(status) => report(&status),
     }
@@ -151,11 +151,11 @@ pub async fn set_opt_out(args: SetOptOutArgs) -> u8 {
     {
         Ok(response) => {
             let answer = response.into_inner();
-            print_json(&json!({
-                "pkey": answer.pkey,
-                "ccpaOptOut": answer.ccpa_opt_out,
-                "ccpaOptOutLastModified": rfc3339(answer.ccpa_opt_out_last_modified.as_ref()),
-            }))
+            print_json(&opt_out_json(
+                &answer.pkey,
+                answer.ccpa_opt_out,
+                answer.ccpa_opt_out_last_modified.as_ref(),
+            ))
         }
         Err(status) => report(&status),
     }
@@ -185,6 +185,19 @@ pub async fn create_profile(args: CreateProfileArgs) -> u8 {
         },
         Err(status) => report(&status),
     }
+}
+
+/// What `get-opt-out` and `set-opt-out` print.
+fn opt_out_json(
+    pkey: &str,
+    opt_out: bool,
+    last_modified: Option<&prost_types::Timestamp>,
+) -> Value {
+    json!({
+        "pkey": pkey,
+        "ccpaOptOut": opt_out,
+        "ccpaOptOutLastModified": rfc3339(last_modified),
+    })
 }
 
 fn profile_json(profile: &Profile) -> Value {
