@@ -2,14 +2,19 @@
 //! or missing value refused at start-up with a message that names it.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use acs_profile_client::{AccessToken, Client, ClientConfig, ConfigError, SharedToken};
+use acs_profile_client::{
+    AccessToken, CallSettings, Client, ClientConfig, ConfigError, ImsConfig, ImsSecret,
+    ImsTokenSource, SharedToken, ThrottleSettings, TokenSource,
+};
 use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::server::ShutdownOptions;
+use crate::server::{ServerOptions, ShutdownOptions};
 
 /// Settings of `ccpa-gateway serve`.
 #[derive(Args, Clone)]
@@ -20,7 +25,10 @@ pub struct ServeSettings {
 
     /// Run an Adobe Campaign emulator in this process, seeded with demo profiles, and use it
     /// instead of Adobe. For trying the gateway out; nothing is kept.
-    #[arg(long, conflicts_with_all = ["acs_tenant", "acs_api_key", "acs_access_token"])]
+    #[arg(long, conflicts_with_all = [
+        "acs_tenant", "acs_api_key", "acs_access_token", "ims_client_id", "ims_client_secret",
+        "ims_client_secret_file",
+    ])]
     pub emulator: bool,
 
     /// Time between reporting NOT_SERVING and closing the listener on shutdown, so that load
@@ -32,17 +40,90 @@ pub struct ServeSettings {
     #[arg(long, env = "CCPA_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// How often ACS is probed while it refuses the gateway's credentials (health is
+    /// NOT_SERVING until a probe or a call gets through).
+    #[arg(long, env = "CCPA_HEALTH_PROBE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub health_probe_interval: Duration,
+
     /// How to reach Adobe Campaign.
     #[command(flatten, next_help_heading = "Adobe Campaign")]
     pub acs: AcsSettings,
+
+    /// How to obtain tokens from Adobe IMS.
+    #[command(flatten, next_help_heading = "Adobe IMS (OAuth server-to-server)")]
+    pub ims: ImsSettings,
+
+    /// Limits on the calls made to Adobe Campaign.
+    #[command(flatten, next_help_heading = "Calls to Adobe Campaign")]
+    pub calls: CallLimits,
 }
 
 impl ServeSettings {
-    /// The shutdown part of the settings.
-    pub fn shutdown_options(&self) -> ShutdownOptions {
-        ShutdownOptions {
-            drain_delay: self.drain_delay,
-            drain_timeout: self.drain_timeout,
+    /// How the server runs and shuts down.
+    pub fn server_options(&self) -> ServerOptions {
+        ServerOptions {
+            health_probe_interval: self.health_probe_interval,
+            shutdown: ShutdownOptions {
+                drain_delay: self.drain_delay,
+                drain_timeout: self.drain_timeout,
+            },
+        }
+    }
+
+    /// The ACS client these settings describe.
+    pub fn client(&self) -> Result<Client, SettingError> {
+        let (tokens, client_id) = self.token_source()?;
+        let api_key = self
+            .acs
+            .acs_api_key
+            .clone()
+            .or_else(|| client_id.map(SecretString::from))
+            .ok_or(SettingError {
+                setting: API_KEY,
+                problem: "is required (with OAuth it defaults to --ims-client-id)".into(),
+            })?;
+        let tenant = required(self.acs.acs_tenant.clone(), TENANT)?;
+        self.acs.client_for(
+            tenant,
+            api_key,
+            tokens,
+            self.calls.settings(self.acs.acs_timeout),
+        )
+    }
+
+    /// The token source, and the OAuth client id when there is one (the API key's default).
+    fn token_source(&self) -> Result<(Arc<dyn TokenSource>, Option<String>), SettingError> {
+        let oauth = self.ims.ims_client_id.is_some()
+            || self.ims.ims_client_secret.is_some()
+            || self.ims.ims_client_secret_file.is_some();
+        match (&self.acs.acs_access_token, oauth) {
+            (Some(_), true) => Err(SettingError {
+                setting: ACCESS_TOKEN,
+                problem: "conflicts with --ims-client-id (CCPA_IMS_CLIENT_ID) and its secret: \
+                          use a static token or OAuth, not both"
+                    .into(),
+            }),
+            (Some(token), false) => {
+                if !acs_profile_client::is_header_token(token.expose_secret()) {
+                    return Err(SettingError {
+                        setting: ACCESS_TOKEN,
+                        problem: "must be non-empty visible ASCII".into(),
+                    });
+                }
+                let token = AccessToken::new(token.expose_secret());
+                Ok((Arc::new(SharedToken::new(token)), None))
+            }
+            (None, true) => {
+                let source = self.ims.token_source(self.acs.acs_timeout)?;
+                Ok((Arc::new(source), self.ims.ims_client_id.clone()))
+            }
+            (None, false) => Err(SettingError {
+                setting: CREDENTIALS,
+                problem: "no credentials: set CCPA_IMS_CLIENT_ID and CCPA_IMS_CLIENT_SECRET \
+                          (OAuth server-to-server), or CCPA_ACS_ACCESS_TOKEN (a static token), \
+                          or run with --emulator"
+                    .into(),
+            }),
         }
     }
 }
@@ -59,22 +140,91 @@ pub struct AcsSettings {
     #[arg(long, env = "CCPA_ACS_TENANT")]
     pub acs_tenant: Option<String>,
 
-    /// API key: the client id of the Adobe Developer Console integration.
+    /// API key, sent as `X-Api-Key`: the client id of the Adobe Developer Console integration.
+    /// Defaults to --ims-client-id with OAuth.
     #[arg(long, env = "CCPA_ACS_API_KEY", hide_env_values = true, value_parser = secret)]
     pub acs_api_key: Option<SecretString>,
 
-    /// Static access token for Adobe I/O. Prefer the environment variable: command lines are
-    /// visible to other users of the machine.
+    /// A static access token, instead of OAuth. It expires (about a day for Adobe's); prefer the
+    /// IMS settings. Prefer the environment variable to the flag: command lines are visible to
+    /// other users of the machine.
     #[arg(long, env = "CCPA_ACS_ACCESS_TOKEN", hide_env_values = true, value_parser = secret)]
     pub acs_access_token: Option<SecretString>,
 
-    /// Bound on each call to ACS, from connecting to the last byte of the answer.
+    /// Bound on the ACS work of a call whose caller set no deadline (retries and pauses
+    /// included), and on any single request to ACS.
     #[arg(long, env = "CCPA_ACS_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub acs_timeout: Duration,
 
     /// Bound on establishing a connection to ACS.
     #[arg(long, env = "CCPA_ACS_CONNECT_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub acs_connect_timeout: Duration,
+}
+
+/// OAuth server-to-server credentials for Adobe IMS.
+#[derive(Args, Clone)]
+pub struct ImsSettings {
+    /// Adobe IMS endpoint.
+    #[arg(long, env = "CCPA_IMS_URL", default_value = ImsConfig::DEFAULT_URL)]
+    pub ims_url: String,
+
+    /// Client id of the integration (Adobe Developer Console, OAuth server-to-server).
+    #[arg(long, env = "CCPA_IMS_CLIENT_ID")]
+    pub ims_client_id: Option<String>,
+
+    /// Client secret of the integration. Prefer CCPA_IMS_CLIENT_SECRET_FILE.
+    #[arg(long, env = "CCPA_IMS_CLIENT_SECRET", hide_env_values = true, value_parser = secret,
+          conflicts_with = "ims_client_secret_file")]
+    pub ims_client_secret: Option<SecretString>,
+
+    /// File holding the client secret (a mounted secret); read again at every token request, so
+    /// a rotated secret needs no restart.
+    #[arg(long, env = "CCPA_IMS_CLIENT_SECRET_FILE")]
+    pub ims_client_secret_file: Option<PathBuf>,
+
+    /// Comma-separated scopes to ask for.
+    #[arg(long, env = "CCPA_IMS_SCOPES", default_value = ImsConfig::DEFAULT_SCOPES)]
+    pub ims_scopes: String,
+}
+
+/// Limits on the calls made to ACS. Adobe does not throttle the profile API; the contract caps
+/// engine calls, so the gateway must. Every request counts: a SetOptOut is two (write, then
+/// read back), and each retry is one more.
+#[derive(Args, Clone)]
+pub struct CallLimits {
+    /// Requests to ACS started per second, at most.
+    #[arg(long, env = "CCPA_ACS_MAX_RPS", default_value = "100")]
+    pub acs_max_rps: NonZeroU32,
+
+    /// Requests to ACS in progress at once, at most.
+    #[arg(long, env = "CCPA_ACS_MAX_IN_FLIGHT", default_value = "64")]
+    pub acs_max_in_flight: usize,
+
+    /// Calls waiting for their turn toward ACS, at most; past this a call fails at once with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CCPA_ACS_MAX_QUEUED", default_value = "10000")]
+    pub acs_max_queued: usize,
+
+    /// Attempts per call, the first included; only transient failures of calls that are safe to
+    /// repeat are retried.
+    #[arg(long, env = "CCPA_ACS_MAX_ATTEMPTS", default_value = "4", value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub acs_max_attempts: u32,
+}
+
+impl CallLimits {
+    /// The client's call settings, with `default_budget` for calls without a deadline.
+    pub fn settings(&self, default_budget: Duration) -> CallSettings {
+        CallSettings {
+            max_attempts: self.acs_max_attempts,
+            default_budget,
+            throttle: ThrottleSettings {
+                max_rps: self.acs_max_rps,
+                max_in_flight: self.acs_max_in_flight.max(1),
+                max_queued: self.acs_max_queued,
+            },
+            ..CallSettings::default()
+        }
+    }
 }
 
 fn secret(value: &str) -> Result<SecretString, String> {
@@ -96,6 +246,10 @@ const BASE_URL: &str = "--acs-base-url (CCPA_ACS_BASE_URL)";
 const TENANT: &str = "--acs-tenant (CCPA_ACS_TENANT)";
 const API_KEY: &str = "--acs-api-key (CCPA_ACS_API_KEY)";
 const ACCESS_TOKEN: &str = "--acs-access-token (CCPA_ACS_ACCESS_TOKEN)";
+const CREDENTIALS: &str = "credentials";
+const IMS_URL: &str = "--ims-url (CCPA_IMS_URL)";
+const IMS_CLIENT_ID: &str = "--ims-client-id (CCPA_IMS_CLIENT_ID)";
+const IMS_CLIENT_SECRET: &str = "--ims-client-secret (CCPA_IMS_CLIENT_SECRET) or --ims-client-secret-file (CCPA_IMS_CLIENT_SECRET_FILE)";
 
 fn required<T>(value: Option<T>, setting: &'static str) -> Result<T, SettingError> {
     value.ok_or(SettingError {
@@ -104,19 +258,49 @@ fn required<T>(value: Option<T>, setting: &'static str) -> Result<T, SettingErro
     })
 }
 
+impl ImsSettings {
+    fn token_source(&self, request_timeout: Duration) -> Result<ImsTokenSource, SettingError> {
+        let client_id = required(self.ims_client_id.clone(), IMS_CLIENT_ID)?;
+        let client_secret = match (&self.ims_client_secret, &self.ims_client_secret_file) {
+            (Some(secret), None) => ImsSecret::Value(secret.clone()),
+            (None, Some(path)) => {
+                // Read now as well, so that a wrong path stops start-up instead of every call.
+                std::fs::metadata(path).map_err(|e| SettingError {
+                    setting: IMS_CLIENT_SECRET,
+                    problem: format!("cannot read {}: {e}", path.display()),
+                })?;
+                ImsSecret::File(path.clone())
+            }
+            _ => {
+                return Err(SettingError {
+                    setting: IMS_CLIENT_SECRET,
+                    problem: "exactly one is required with --ims-client-id".into(),
+                });
+            }
+        };
+        ImsTokenSource::new(ImsConfig {
+            url: self.ims_url.clone(),
+            client_id,
+            client_secret,
+            scopes: self.ims_scopes.clone(),
+            request_timeout,
+        })
+        .map_err(|e| SettingError {
+            setting: IMS_URL,
+            problem: e.reason().to_owned(),
+        })
+    }
+}
+
 impl AcsSettings {
-    /// The ACS client these settings describe.
-    pub fn client(&self) -> Result<Client, SettingError> {
-        let tenant = required(self.acs_tenant.clone(), TENANT)?;
-        let api_key = required(self.acs_api_key.clone(), API_KEY)?;
-        let token = required(self.acs_access_token.clone(), ACCESS_TOKEN)?;
-        if !acs_profile_client::is_header_token(token.expose_secret()) {
-            return Err(SettingError {
-                setting: ACCESS_TOKEN,
-                problem: "must be non-empty visible ASCII".into(),
-            });
-        }
-        let tokens = Arc::new(SharedToken::new(AccessToken::new(token.expose_secret())));
+    /// A client for `tenant` with these connection settings.
+    pub fn client_for(
+        &self,
+        tenant: String,
+        api_key: SecretString,
+        tokens: Arc<dyn TokenSource>,
+        call: CallSettings,
+    ) -> Result<Client, SettingError> {
         let config = ClientConfig {
             base_url: self.acs_base_url.clone(),
             tenant,
@@ -124,6 +308,7 @@ impl AcsSettings {
             tokens,
             timeout: self.acs_timeout,
             connect_timeout: self.acs_connect_timeout,
+            call,
         };
         Client::from_config(config).map_err(|e| {
             let setting = match &e {
@@ -142,72 +327,150 @@ impl AcsSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
-    fn settings() -> AcsSettings {
-        AcsSettings {
-            acs_base_url: "https://mc.adobe.io".into(),
-            acs_tenant: Some("acme".into()),
-            acs_api_key: Some("key".into()),
-            acs_access_token: Some("token".into()),
-            acs_timeout: Duration::from_secs(10),
-            acs_connect_timeout: Duration::from_secs(3),
-        }
+    #[derive(Parser)]
+    struct Harness {
+        #[command(flatten)]
+        serve: ServeSettings,
+    }
+
+    fn parse(args: &[&str]) -> ServeSettings {
+        Harness::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .serve
     }
 
     #[test]
-    fn complete_settings_make_a_client() {
-        assert!(settings().client().is_ok());
+    fn a_static_token_or_oauth_makes_a_client() {
+        let with_token = parse(&[
+            "--acs-tenant",
+            "acme",
+            "--acs-api-key",
+            "key",
+            "--acs-access-token",
+            "token",
+        ]);
+        assert!(with_token.client().is_ok());
+        let with_oauth = parse(&[
+            "--acs-tenant",
+            "acme",
+            "--ims-client-id",
+            "id",
+            "--ims-client-secret",
+            "secret",
+        ]);
+        assert!(
+            with_oauth.client().is_ok(),
+            "the API key defaults to the client id"
+        );
     }
 
     #[test]
     fn each_missing_or_bad_setting_is_named() {
-        let cases: [(AcsSettings, &str); 6] = [
+        let cases: &[(&[&str], &str)] = &[
+            (&["--acs-api-key", "k", "--acs-access-token", "t"], TENANT),
+            (&["--acs-tenant", "a", "--acs-access-token", "t"], API_KEY),
+            (&["--acs-tenant", "a", "--acs-api-key", "k"], CREDENTIALS),
             (
-                AcsSettings {
-                    acs_tenant: None,
-                    ..settings()
-                },
-                TENANT,
-            ),
-            (
-                AcsSettings {
-                    acs_api_key: None,
-                    ..settings()
-                },
-                API_KEY,
-            ),
-            (
-                AcsSettings {
-                    acs_access_token: None,
-                    ..settings()
-                },
+                &[
+                    "--acs-tenant",
+                    "a",
+                    "--acs-api-key",
+                    "k",
+                    "--acs-access-token",
+                    " ",
+                ],
                 ACCESS_TOKEN,
             ),
             (
-                AcsSettings {
-                    acs_access_token: Some(" ".into()),
-                    ..settings()
-                },
-                ACCESS_TOKEN,
-            ),
-            (
-                AcsSettings {
-                    acs_base_url: "mc.adobe.io".into(),
-                    ..settings()
-                },
+                &[
+                    "--acs-tenant",
+                    "a",
+                    "--acs-api-key",
+                    "k",
+                    "--acs-access-token",
+                    "t",
+                    "--acs-base-url",
+                    "mc.adobe.io",
+                ],
                 BASE_URL,
             ),
             (
-                AcsSettings {
-                    acs_tenant: Some("a b".into()),
-                    ..settings()
-                },
+                &[
+                    "--acs-tenant",
+                    "a b",
+                    "--acs-api-key",
+                    "k",
+                    "--acs-access-token",
+                    "t",
+                ],
                 TENANT,
             ),
+            (
+                &[
+                    "--acs-tenant",
+                    "a",
+                    "--acs-access-token",
+                    "t",
+                    "--ims-client-id",
+                    "id",
+                    "--ims-client-secret",
+                    "s",
+                ],
+                ACCESS_TOKEN,
+            ),
+            (
+                &["--acs-tenant", "a", "--ims-client-id", "id"],
+                IMS_CLIENT_SECRET,
+            ),
+            (
+                &["--acs-tenant", "a", "--ims-client-secret", "s"],
+                IMS_CLIENT_ID,
+            ),
+            (
+                &[
+                    "--acs-tenant",
+                    "a",
+                    "--ims-client-id",
+                    "id",
+                    "--ims-client-secret-file",
+                    "/no/such/file",
+                ],
+                IMS_CLIENT_SECRET,
+            ),
+            (
+                &[
+                    "--acs-tenant",
+                    "a",
+                    "--ims-client-id",
+                    "id",
+                    "--ims-client-secret",
+                    "s",
+                    "--ims-url",
+                    "not a url",
+                ],
+                IMS_URL,
+            ),
         ];
-        for (bad, setting) in cases {
-            let error = bad.client().unwrap_err();
-            assert_eq!(error.setting, setting);
+        for (args, setting) in cases {
+            let error = parse(args)
+                .client()
+                .err()
+                .unwrap_or_else(|| panic!("{args:?}"));
+            assert_eq!(error.setting, *setting, "{args:?}: {error}");
         }
+    }
+
+    #[test]
+    fn secret_and_secret_file_conflict() {
+        let parsed = Harness::try_parse_from([
+            "serve",
+            "--ims-client-secret",
+            "s",
+            "--ims-client-secret-file",
+            "/tmp/s",
+        ]);
+        assert!(parsed.is_err());
     }
 }

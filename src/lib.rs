@@ -5,6 +5,7 @@
 //! - [`proto`]: the wire contract, generated from `proto/ccpa/v1/ccpa.proto`.
 //! - [`api`]: the service, its input checks, and the one mapping of upstream failures to gRPC.
 //! - [`server`]: the server with health, reflection and orderly shutdown.
+//! - [`health`]: what the health service reports, and the probe that restores it.
 //! - [`config`]: settings, from flags and environment variables.
 //! - [`cli`]: the `ccpa-gateway` command.
 
@@ -13,6 +14,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod health;
 pub mod proto;
 pub mod server;
 pub mod telemetry;

@@ -1,7 +1,7 @@
-//! The gRPC server: the CCPA service, `grpc.health.v1`, server reflection, and an orderly
-//! shutdown.
+//! The gRPC server: the CCPA service, `grpc.health.v1` (see [`crate::health`]), server
+//! reflection, and an orderly shutdown.
 //!
-//! Shutdown runs in this order: both health entries (`""` and `ccpa.v1.CcpaService`) turn
+//! Shutdown runs in this order: both readiness entries (`""` and `ccpa.v1.CcpaService`) turn
 //! NOT_SERVING and health watchers are told so; after `drain_delay` (time for load balancers to
 //! notice) the listener closes; calls in flight finish, bounded by `drain_timeout`; then
 //! [`serve`] returns.
@@ -17,16 +17,36 @@ use tonic::server::NamedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
-use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_health::server::{HealthReporter, HealthService};
 
+use acs_profile_client::Client;
+
 use crate::api::CcpaApi;
+use crate::health::GatewayHealth;
 use crate::proto::ccpa_v1::ccpa_service_server::CcpaServiceServer;
 
 /// The name health checks use for the CCPA service: `ccpa.v1.CcpaService`.
 pub const CCPA_SERVICE_NAME: &str = <CcpaServiceServer<CcpaApi> as NamedService>::NAME;
+
+/// How the server runs and shuts down.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerOptions {
+    /// How often ACS is probed while it refuses the gateway's credentials.
+    pub health_probe_interval: Duration,
+    /// The shutdown sequence.
+    pub shutdown: ShutdownOptions,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            health_probe_interval: Duration::from_secs(10),
+            shutdown: ShutdownOptions::default(),
+        }
+    }
+}
 
 /// How the server shuts down.
 #[derive(Debug, Clone, Copy)]
@@ -58,16 +78,27 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Serves the gateway on `listener` until `shutdown` completes, then shuts down in order.
+/// Serves the gateway, calling ACS through `acs`, on `listener` until `shutdown` completes, then
+/// shuts down in order.
 pub async fn serve(
-    api: CcpaApi,
+    acs: Client,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-    options: ShutdownOptions,
+    options: ServerOptions,
 ) -> Result<(), ServeError> {
     let reporter = HealthReporter::new();
+    let health = GatewayHealth::new(reporter.clone()).await;
+    let stop_probing = CancellationToken::new();
+    let _stop_probing_on_return = stop_probing.clone().drop_guard();
+    tokio::spawn(health.clone().probe_while_refused(
+        acs.clone(),
+        options.health_probe_interval,
+        stop_probing.clone(),
+    ));
+    let api = CcpaApi::new(acs, health.clone());
+    let options = options.shutdown;
     let watches_end = CancellationToken::new();
-    let health = HealthServer::new(EndingWatches {
+    let health_service = HealthServer::new(EndingWatches {
         inner: HealthService::from_health_reporter(reporter.clone()),
         end: watches_end.clone(),
     });
@@ -81,13 +112,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    // Ready: the listener is bound and every service is built. `""` starts SERVING.
-    reporter.set_serving::<CcpaServiceServer<CcpaApi>>().await;
-
     let stop_accepting = CancellationToken::new();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
-        .add_service(health)
+        .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(CcpaServiceServer::new(api))
@@ -100,12 +128,8 @@ pub async fn serve(
     }
 
     tracing::info!("shutting down: reporting NOT_SERVING");
-    reporter
-        .set_service_status(CCPA_SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    health.shutting_down().await;
+    stop_probing.cancel();
     watches_end.cancel();
     if !options.drain_delay.is_zero() {
         // Health checks keep being answered (NOT_SERVING) while balancers catch up.

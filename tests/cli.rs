@@ -146,7 +146,10 @@ async fn exit_codes_tell_outcomes_apart() {
     assert_eq!(invalid_email.code, 4, "{}", invalid_email.stderr);
     assert!(invalid_email.stderr.contains("email:"));
 
-    harness.emulator.inject(Fault::html(503));
+    // Every attempt fails: the gateway retries a read, up to its attempt limit.
+    for _ in 0..4 {
+        harness.emulator.inject(Fault::html(503));
+    }
     let upstream_down = run(harness.addr, &["get-opt-out", "@abc"]).await;
     assert_eq!(upstream_down.code, 5, "{}", upstream_down.stderr);
 
@@ -165,6 +168,7 @@ struct ServeProcess {
     child: Child,
     addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
+    log_reader: Option<tokio::task::JoinHandle<()>>,
     stdout: Arc<Mutex<Vec<String>>>,
 }
 
@@ -188,7 +192,7 @@ impl ServeProcess {
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
         let log_lines = log.clone();
-        tokio::spawn(async move {
+        let log_reader = tokio::spawn(async move {
             let mut addr_tx = Some(addr_tx);
             while let Ok(Some(line)) = stderr.next_line().await {
                 if let Ok(event) = serde_json::from_str::<Value>(&line)
@@ -217,6 +221,7 @@ impl ServeProcess {
             child,
             addr,
             log,
+            log_reader: Some(log_reader),
             stdout: stdout_lines,
         }
     }
@@ -234,13 +239,16 @@ impl ServeProcess {
         self.signal(nix::sys::signal::Signal::SIGTERM);
     }
 
+    /// Waits for the process to exit and for its last log lines to be read.
     async fn wait(&mut self) -> i32 {
-        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
             .await
             .expect("the gateway exits")
-            .unwrap()
-            .code()
-            .expect("exited, not killed")
+            .unwrap();
+        if let Some(reader) = self.log_reader.take() {
+            reader.await.unwrap();
+        }
+        status.code().expect("exited, not killed")
     }
 
     fn log(&self) -> String {
@@ -399,12 +407,18 @@ async fn logs_carry_no_personal_data_or_secrets() {
 
 #[tokio::test]
 async fn missing_or_bad_settings_stop_start_up_naming_them() {
-    let cases: [(&[&str], &str); 4] = [
-        (&["serve"], "CCPA_ACS_TENANT"),
-        (&["serve", "--acs-tenant", "acme"], "CCPA_ACS_API_KEY"),
+    let cases: [(&[&str], &[&str]); 5] = [
+        (
+            &["serve", "--acs-api-key", "k", "--acs-access-token", "t"],
+            &["CCPA_ACS_TENANT"],
+        ),
+        (
+            &["serve", "--acs-tenant", "acme", "--acs-access-token", "t"],
+            &["CCPA_ACS_API_KEY"],
+        ),
         (
             &["serve", "--acs-tenant", "acme", "--acs-api-key", "k"],
-            "CCPA_ACS_ACCESS_TOKEN",
+            &["CCPA_IMS_CLIENT_ID", "CCPA_ACS_ACCESS_TOKEN"],
         ),
         (
             &[
@@ -418,7 +432,21 @@ async fn missing_or_bad_settings_stop_start_up_naming_them() {
                 "--acs-base-url",
                 "nope",
             ],
-            "CCPA_ACS_BASE_URL",
+            &["CCPA_ACS_BASE_URL"],
+        ),
+        (
+            &[
+                "serve",
+                "--acs-tenant",
+                "acme",
+                "--acs-access-token",
+                "t",
+                "--ims-client-id",
+                "id",
+                "--ims-client-secret",
+                "s",
+            ],
+            &["CCPA_ACS_ACCESS_TOKEN", "CCPA_IMS_CLIENT_ID"],
         ),
     ];
     for (args, named) in cases {
@@ -427,12 +455,16 @@ async fn missing_or_bad_settings_stop_start_up_naming_them() {
             .env_remove("CCPA_ACS_TENANT")
             .env_remove("CCPA_ACS_API_KEY")
             .env_remove("CCPA_ACS_ACCESS_TOKEN")
+            .env_remove("CCPA_IMS_CLIENT_ID")
+            .env_remove("CCPA_IMS_CLIENT_SECRET")
             .output()
             .await
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(stderr.contains(named), "{args:?}: {stderr}");
+        for name in named {
+            assert!(stderr.contains(name), "{args:?}: {stderr}");
+        }
     }
 
     let output = Command::new(BINARY)

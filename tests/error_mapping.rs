@@ -5,11 +5,13 @@ mod common;
 
 use std::sync::Arc;
 
-use acs_emulator::{Emulator, EmulatorConfig, Fault, NewProfile};
-use acs_profile_client::{AccessToken, ClientConfig, SharedToken, TokenError, TokenSource};
+use acs_emulator::{Emulator, EmulatorConfig, Fault, FaultSettings, NewProfile};
+use acs_profile_client::{
+    AccessToken, ClientConfig, SharedToken, TokenError, TokenErrorKind, TokenSource,
+};
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest, SetOptOutRequest};
-use ccpa_gateway::server::ShutdownOptions;
+use ccpa_gateway::server::ServerOptions;
 use common::{Harness, acs_config, start_gateway};
 use futures::future::BoxFuture;
 use serde_json::json;
@@ -48,7 +50,7 @@ async fn get(harness: &Harness, pkey: &str) -> Status {
 
 /// Reads a profile through a gateway of its own, configured with `acs`.
 async fn get_through(acs: ClientConfig, pkey: String) -> Status {
-    let (_, channel, _stop, _server) = start_gateway(acs, ShutdownOptions::default()).await;
+    let (_, channel, _stop, _server) = start_gateway(acs, ServerOptions::default()).await;
     CcpaServiceClient::new(channel)
         .get_opt_out(GetOptOutRequest { pkey })
         .await
@@ -62,12 +64,24 @@ async fn emulator_with_profile() -> (Emulator, String) {
     (emulator, pkey)
 }
 
-/// A profile to read, and a fault for the next request.
+/// The gateway's default number of attempts per call.
+const ATTEMPTS: usize = 4;
+
+/// A profile to read, and a fault for each of the next [`ATTEMPTS`] requests: a transient fault
+/// that went away on retry would not reach the mapping.
 async fn with_fault(fault: Fault) -> (Harness, String) {
     let harness = Harness::start().await;
     let pkey = harness.profile(true);
-    harness.emulator.inject(fault);
+    for _ in 0..ATTEMPTS {
+        harness.emulator.inject(fault.clone());
+    }
     (harness, pkey)
+}
+
+/// Asserts how many requests reached the emulator: every attempt for a retried failure, one for
+/// a failure that is not retried.
+fn assert_attempts(harness: &Harness, expected: usize) {
+    assert_eq!(harness.emulator.request_count(), expected, "attempts made");
 }
 
 fn marked_json(status: u16, message: &str) -> Fault {
@@ -112,6 +126,7 @@ async fn empty_collection_is_not_found() {
         "PROFILE_NOT_FOUND",
         None,
     );
+    assert_attempts(&harness, 1);
 }
 
 #[tokio::test]
@@ -150,15 +165,20 @@ async fn inconsistent_operation_500_rst_360012_is_already_exists() {
 }
 
 #[tokio::test]
-async fn too_many_requests_429_is_unavailable() {
-    let fault = marked_json(429, "Too many requests").with_header("Retry-After", "2");
+async fn too_many_requests_429_is_unavailable_with_acs_retry_delay() {
+    let fault = marked_json(429, "Too many requests").with_header("Retry-After", "3");
     let (harness, pkey) = with_fault(fault).await;
-    assert_mapped(
-        get(&harness, &pkey).await,
-        Code::Unavailable,
-        "ACS_UNAVAILABLE",
-        Some(429),
-    );
+    // The caller's 1 s deadline leaves no room for the 3 s ACS asks for: the gateway answers at
+    // once, passing the delay on.
+    let mut request = tonic::Request::new(GetOptOutRequest { pkey });
+    request.set_timeout(std::time::Duration::from_secs(1));
+    let started = std::time::Instant::now();
+    let status = harness.client().get_opt_out(request).await.unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_millis(500));
+    let retry = status.get_details_retry_info().expect("a RetryInfo detail");
+    assert_eq!(retry.retry_delay, Some(std::time::Duration::from_secs(3)));
+    assert_mapped(status, Code::Unavailable, "ACS_UNAVAILABLE", Some(429));
+    assert_attempts(&harness, 1);
 }
 
 #[tokio::test]
@@ -176,6 +196,7 @@ async fn bad_gateway_502_with_html_is_unavailable() {
         "ACS_UNAVAILABLE",
         Some(502),
     );
+    assert_attempts(&harness, ATTEMPTS);
 }
 
 #[tokio::test]
@@ -187,6 +208,7 @@ async fn service_unavailable_503_is_unavailable() {
         "ACS_UNAVAILABLE",
         Some(503),
     );
+    assert_attempts(&harness, ATTEMPTS);
 }
 
 #[tokio::test]
@@ -198,6 +220,7 @@ async fn gateway_timeout_504_with_empty_body_is_unavailable() {
         "ACS_UNAVAILABLE",
         Some(504),
     );
+    assert_attempts(&harness, ATTEMPTS);
 }
 
 #[tokio::test]
@@ -224,17 +247,22 @@ async fn connection_broken_mid_answer_is_unavailable() {
         "ACS_INTERRUPTED",
         None,
     );
+    assert_attempts(&harness, ATTEMPTS);
 }
 
 #[tokio::test]
 async fn upstream_timeout_is_unavailable() {
     let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
     let pkey = emulator.insert_profile(NewProfile::default());
-    emulator.inject(Fault::Delay(std::time::Duration::from_secs(2)));
+    emulator.set_faults(FaultSettings {
+        latency: std::time::Duration::from_secs(2),
+        ..Default::default()
+    });
     let mut acs = acs_config(&emulator);
     acs.timeout = std::time::Duration::from_millis(200);
     let status = get_through(acs, pkey).await;
     assert_mapped(status, Code::Unavailable, "ACS_INTERRUPTED", None);
+    assert_eq!(emulator.request_count(), ATTEMPTS, "each attempt timed out");
 }
 
 #[tokio::test]
@@ -252,6 +280,7 @@ async fn unreadable_success_body_is_unavailable() {
         "ACS_MALFORMED_RESPONSE",
         None,
     );
+    assert_attempts(&harness, ATTEMPTS);
 }
 
 /// A token source whose identity provider is down.
@@ -260,7 +289,12 @@ struct FailingTokens;
 
 impl TokenSource for FailingTokens {
     fn access_token(&self) -> BoxFuture<'_, Result<AccessToken, TokenError>> {
-        Box::pin(async { Err(TokenError::new("identity provider unreachable")) })
+        Box::pin(async {
+            Err(TokenError::new(
+                TokenErrorKind::Unavailable,
+                "identity provider unreachable",
+            ))
+        })
     }
 }
 
@@ -298,6 +332,7 @@ async fn empty_401_from_a_proxy_is_internal() {
         "ACS_CREDENTIALS_REJECTED",
         Some(401),
     );
+    assert_attempts(&harness, 1);
 }
 
 #[tokio::test]
@@ -327,6 +362,7 @@ async fn token_not_provisioned_403_403023_is_internal() {
         "ACS_CREDENTIALS_REJECTED",
         Some(403),
     );
+    assert_attempts(&harness, 1);
 }
 
 #[tokio::test]
@@ -338,6 +374,7 @@ async fn other_4xx_is_internal() {
         "ACS_REFUSED_REQUEST",
         Some(400),
     );
+    assert_attempts(&harness, 1);
 }
 
 #[tokio::test]
@@ -358,6 +395,7 @@ async fn other_500_is_internal_not_unavailable() {
         "ACS_SERVER_ERROR",
         Some(500),
     );
+    assert_attempts(&harness, 1);
 }
 
 #[tokio::test]
@@ -369,6 +407,7 @@ async fn other_5xx_is_internal() {
         "ACS_SERVER_ERROR",
         Some(507),
     );
+    assert_attempts(&harness, 1);
 }
 
 #[tokio::test]
@@ -381,6 +420,7 @@ async fn redirect_is_not_followed_and_is_internal() {
         "ACS_SERVER_ERROR",
         Some(307),
     );
+    assert_attempts(&harness, 1);
 }
 
 #[tokio::test]
@@ -396,6 +436,7 @@ async fn profile_without_the_opt_out_is_internal_never_false() {
         "ACS_CONTRACT_BROKEN",
         None,
     );
+    assert_attempts(&harness, 1);
 }
 
 #[tokio::test]
@@ -418,8 +459,10 @@ async fn set_opt_out_maps_failures_of_the_write_and_of_the_read_back() {
         ccpa_opt_out: Some(true),
     };
 
-    // The PATCH fails: nothing changed.
-    harness.emulator.inject(Fault::html(503));
+    // The PATCH fails, every attempt: nothing changed.
+    for _ in 0..ATTEMPTS {
+        harness.emulator.inject(Fault::html(503));
+    }
     let status = client.set_opt_out(request()).await.unwrap_err();
     assert_mapped(status, Code::Unavailable, "ACS_UNAVAILABLE", Some(503));
     assert_eq!(
@@ -431,7 +474,9 @@ async fn set_opt_out_maps_failures_of_the_write_and_of_the_read_back() {
     harness
         .emulator
         .inject(Fault::Delay(std::time::Duration::ZERO));
-    harness.emulator.inject(Fault::html(502));
+    for _ in 0..ATTEMPTS {
+        harness.emulator.inject(Fault::html(502));
+    }
     let status = client.set_opt_out(request()).await.unwrap_err();
     assert_mapped(status, Code::Unavailable, "ACS_UNAVAILABLE", Some(502));
     assert_eq!(harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use acs_emulator::{EmulatorConfig, Fault};
 use ccpa_gateway::proto::ccpa_v1::GetOptOutRequest;
-use ccpa_gateway::server::{CCPA_SERVICE_NAME, ShutdownOptions};
+use ccpa_gateway::server::{CCPA_SERVICE_NAME, ServerOptions, ShutdownOptions};
 use common::Harness;
 use futures::StreamExt;
 use tonic_health::pb::HealthCheckRequest;
@@ -111,9 +111,12 @@ async fn reflection_v1alpha_lists_the_service() {
 async fn shutdown_reports_not_serving_then_drains_calls_in_flight() {
     let mut harness = Harness::start_with(
         EmulatorConfig::default(),
-        ShutdownOptions {
-            drain_delay: Duration::from_millis(300),
-            drain_timeout: Duration::from_secs(10),
+        ServerOptions {
+            shutdown: ShutdownOptions {
+                drain_delay: Duration::from_millis(300),
+                drain_timeout: Duration::from_secs(10),
+            },
+            ..Default::default()
         },
     )
     .await;

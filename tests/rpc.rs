@@ -4,7 +4,7 @@ mod common;
 
 use acs_emulator::{EmulatorConfig, Fault};
 use ccpa_gateway::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest, SetOptOutRequest};
-use ccpa_gateway::server::ShutdownOptions;
+use ccpa_gateway::server::ServerOptions;
 use common::Harness;
 use serde_json::Value;
 
@@ -57,7 +57,7 @@ async fn get_opt_out_reads_profiles_wrapped_in_a_collection() {
             wrap_reads_in_collection: true,
             ..Default::default()
         },
-        ShutdownOptions::default(),
+        ServerOptions::default(),
     )
     .await;
     let pkey = harness.profile(true);

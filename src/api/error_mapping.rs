@@ -1,21 +1,26 @@
 //! The one place where a failure upstream (ACS, or the Adobe I/O gateway in front of it) becomes a
 //! gRPC status.
 //!
-//! | upstream                                             | gRPC code      | `ErrorInfo.reason`         |
-//! |------------------------------------------------------|----------------|----------------------------|
-//! | 404 (`RST-360011`), or an empty collection           | NOT_FOUND      | `PROFILE_NOT_FOUND`        |
-//! | 500 holding `XTK-170036` (ACS cannot parse the key)  | NOT_FOUND      | `PROFILE_NOT_FOUND`        |
-//! | 500 holding `RST-360012` or `PGS-220000` (conflict)  | ALREADY_EXISTS | `PROFILE_CONFLICT`         |
-//! | 429, 502, 503, 504                                   | UNAVAILABLE    | `ACS_UNAVAILABLE`          |
-//! | no connection (refused, DNS, TLS)                    | UNAVAILABLE    | `ACS_UNREACHABLE`          |
-//! | connection broken or timed out mid-call              | UNAVAILABLE    | `ACS_INTERRUPTED`          |
-//! | a 2xx body that cannot be read                       | UNAVAILABLE    | `ACS_MALFORMED_RESPONSE`   |
-//! | no access token could be obtained                    | UNAVAILABLE    | `ACS_TOKEN_UNAVAILABLE`    |
-//! | 401 or 403 (our own credentials)                     | INTERNAL       | `ACS_CREDENTIALS_REJECTED` |
-//! | any other 4xx                                        | INTERNAL       | `ACS_REFUSED_REQUEST`      |
-//! | any other 5xx, or a 1xx/3xx (redirects not followed) | INTERNAL       | `ACS_SERVER_ERROR`         |
-//! | a profile without a field we must read               | INTERNAL       | `ACS_CONTRACT_BROKEN`      |
-//! | a request the client could not build                 | INTERNAL       | `GATEWAY_MISCONFIGURED`    |
+//! | upstream                                             | gRPC code          | `ErrorInfo.reason`         |
+//! |------------------------------------------------------|--------------------|----------------------------|
+//! | 404 (`RST-360011`), or an empty collection           | NOT_FOUND          | `PROFILE_NOT_FOUND`        |
+//! | 500 holding `XTK-170036` (ACS cannot parse the key)  | NOT_FOUND          | `PROFILE_NOT_FOUND`        |
+//! | 500 holding `RST-360012` or `PGS-220000` (conflict)  | ALREADY_EXISTS     | `PROFILE_CONFLICT`         |
+//! | 429, 502, 503, 504                                   | UNAVAILABLE        | `ACS_UNAVAILABLE`          |
+//! | no connection (refused, DNS, TLS)                    | UNAVAILABLE        | `ACS_UNREACHABLE`          |
+//! | connection broken or timed out mid-call              | UNAVAILABLE        | `ACS_INTERRUPTED`          |
+//! | a 2xx body that cannot be read                       | UNAVAILABLE        | `ACS_MALFORMED_RESPONSE`   |
+//! | no access token could be obtained                    | UNAVAILABLE        | `ACS_TOKEN_UNAVAILABLE`    |
+//! | 401 or 403 (our own credentials)                     | INTERNAL           | `ACS_CREDENTIALS_REJECTED` |
+//! | any other 4xx                                        | INTERNAL           | `ACS_REFUSED_REQUEST`      |
+//! | any other 5xx, or a 1xx/3xx (redirects not followed) | INTERNAL           | `ACS_SERVER_ERROR`         |
+//! | a profile without a field we must read               | INTERNAL           | `ACS_CONTRACT_BROKEN`      |
+//! | a request the client could not build                 | INTERNAL           | `GATEWAY_MISCONFIGURED`    |
+//! | the call's deadline passed (the caller's, or ours)   | DEADLINE_EXCEEDED  | `DEADLINE_EXCEEDED`        |
+//! | too many calls already wait for the throttle         | RESOURCE_EXHAUSTED | `ACS_CALL_QUEUE_FULL`      |
+//!
+//! UNAVAILABLE and RESOURCE_EXHAUSTED also carry a `google.rpc.RetryInfo`: the delay ACS asked
+//! for in `Retry-After` when it did, else [`DEFAULT_RETRY_DELAY`].
 //!
 //! Why these choices:
 //! - `XTK-170036` is NOT_FOUND rather than INVALID_ARGUMENT: every key reaching ACS has passed
@@ -32,22 +37,31 @@
 //!   retryable with back-off, and warns that non-idempotent calls (CreateProfile) may have taken
 //!   effect; the proto says the same.
 //!
+//! - DEADLINE_EXCEEDED is also used when the caller set no deadline and the gateway's own budget
+//!   for the call (`--acs-timeout`) ran out: retries included, the work could not finish in time.
+//! - RESOURCE_EXHAUSTED is the gateway protecting the ACS contract (`--acs-max-queued`): the
+//!   caller should slow down.
+//!
 //! Upstream bodies are never copied into a status or a log line: they can quote personal data.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use acs_profile_client::{ApiError, Failure};
+use acs_profile_client::{ApiError, CallError, Failure, retry_after};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 /// The `ErrorInfo.domain` of every error this gateway reports.
 pub const ERROR_DOMAIN: &str = "ccpa-gateway";
 
+/// The delay suggested to callers in `RetryInfo` when ACS gave none.
+pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
+
 /// A failure on the way to ACS or in what it answered.
 #[derive(Debug)]
 pub enum UpstreamError {
-    /// The HTTP call failed. Boxed: progenitor's error is large, and this travels by value.
-    Call(Box<ApiError>),
+    /// The call failed. Boxed: progenitor's error is large, and this travels by value.
+    Call(Box<CallError>),
     /// ACS answered a read with an empty collection instead of the profile.
     EmptyCollection,
     /// ACS answered without a field the gateway must read (say, `ccpaOptOut`): answering a
@@ -55,8 +69,8 @@ pub enum UpstreamError {
     MissingField(&'static str),
 }
 
-impl From<ApiError> for UpstreamError {
-    fn from(error: ApiError) -> Self {
+impl From<CallError> for UpstreamError {
+    fn from(error: CallError) -> Self {
         Self::Call(Box::new(error))
     }
 }
@@ -158,16 +172,39 @@ fn mapping(failure: &Failure) -> Mapping {
 }
 
 /// Turns an upstream failure into the status the caller receives, with a
-/// `google.rpc.ErrorInfo` (reason, domain, and the upstream HTTP status when there was one), and
-/// logs it at the level the table implies. `rpc` names the call, for the log line only.
+/// `google.rpc.ErrorInfo` (reason, domain, and the upstream HTTP status when there was one) and,
+/// when retrying later can help, a `google.rpc.RetryInfo`; and logs it at the level the table
+/// implies. `rpc` names the call, for the log line only.
 pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
-    let (failure, mapped, http_status) = match error {
-        UpstreamError::Call(call) => {
-            let failure = Failure::classify(call);
-            let mapped = mapping(&failure);
-            (Some(failure), mapped, call.status().map(|s| s.as_u16()))
-        }
-        UpstreamError::EmptyCollection => (None, mapping(&Failure::NotFound), None),
+    let mut api_error: Option<&ApiError> = None;
+    let (failure, mapped) = match error {
+        UpstreamError::Call(call) => match call.as_ref() {
+            CallError::Api(e) => {
+                api_error = Some(e);
+                let failure = Failure::classify(e);
+                let mapped = mapping(&failure);
+                (Some(failure), mapped)
+            }
+            CallError::DeadlineExceeded => (
+                None,
+                Mapping {
+                    code: Code::DeadlineExceeded,
+                    reason: "DEADLINE_EXCEEDED",
+                    message: "the deadline passed before Adobe Campaign answered",
+                    severity: Severity::Transient,
+                },
+            ),
+            CallError::Throttled => (
+                None,
+                Mapping {
+                    code: Code::ResourceExhausted,
+                    reason: "ACS_CALL_QUEUE_FULL",
+                    message: "too many calls are waiting for Adobe Campaign; slow down and retry",
+                    severity: Severity::Transient,
+                },
+            ),
+        },
+        UpstreamError::EmptyCollection => (None, mapping(&Failure::NotFound)),
         UpstreamError::MissingField(_) => (
             None,
             Mapping {
@@ -176,9 +213,9 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
                 message: "Adobe Campaign's answer lacked a field the gateway needs",
                 severity: Severity::Operator,
             },
-            None,
         ),
     };
+    let http_status = api_error.and_then(|e| e.status()).map(|s| s.as_u16());
 
     let missing_field = match error {
         UpstreamError::MissingField(field) => *field,
@@ -186,9 +223,13 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
     };
     match mapped.severity {
         Severity::Expected => tracing::debug!(rpc, reason = mapped.reason, http_status, "upstream"),
-        Severity::Transient => {
-            tracing::warn!(rpc, reason = mapped.reason, http_status, failure = ?failure, "Adobe Campaign unavailable")
-        }
+        Severity::Transient => tracing::warn!(
+            rpc,
+            reason = mapped.reason,
+            http_status,
+            failure = ?failure,
+            "Adobe Campaign unavailable"
+        ),
         Severity::Operator => tracing::error!(
             rpc,
             reason = mapped.reason,
@@ -203,6 +244,12 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
     if let Some(status) = http_status {
         metadata.insert("upstream_http_status".to_owned(), status.to_string());
     }
-    let details = ErrorDetails::with_error_info(mapped.reason, ERROR_DOMAIN, metadata);
+    let mut details = ErrorDetails::with_error_info(mapped.reason, ERROR_DOMAIN, metadata);
+    if matches!(mapped.code, Code::Unavailable | Code::ResourceExhausted) {
+        let delay = api_error
+            .and_then(retry_after)
+            .unwrap_or(DEFAULT_RETRY_DELAY);
+        details.set_retry_info(Some(delay));
+    }
     Status::with_error_details(mapped.code, mapped.message, details)
 }

@@ -1,6 +1,7 @@
 //! The gRPC API: the service, its input checks, and the mapping of upstream failures to gRPC
 //! statuses.
 
+pub mod deadline;
 pub mod error_mapping;
 pub mod service;
 mod timestamps;

@@ -1,36 +1,54 @@
 //! `ccpa.v1.CcpaService` on top of the generated ACS client.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Instant;
 
-use acs_profile_client::{Client, types};
+use acs_profile_client::{CallError, Client, types};
 use tonic::{Request, Response, Status};
 
+use super::deadline::caller_deadline;
 use super::error_mapping::{UpstreamError, upstream_status};
 use super::timestamps::acs_timestamp_to_proto;
 use super::validation::Violations;
+use crate::health::{CredentialSignal, GatewayHealth};
 use crate::proto::ccpa_v1::{
     CreateProfileRequest, CreateProfileResponse, GetOptOutRequest, GetOptOutResponse, Profile,
     SetOptOutRequest, SetOptOutResponse, ccpa_service_server::CcpaService,
 };
 
 /// The gRPC service. Cloning it is cheap: clones share the client's connection pool.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CcpaApi {
     acs: Client,
+    health: Arc<GatewayHealth>,
 }
 
+/// When the work for a call must be done by: the caller's deadline, or (if it set none) the
+/// client's default budget.
+type Deadline = Option<Instant>;
+
 impl CcpaApi {
-    /// A service that answers from the ACS tenant `acs` is configured for.
-    pub fn new(acs: Client) -> Self {
-        Self { acs }
+    /// A service that answers from the ACS tenant `acs` is configured for, and tells `health`
+    /// what each call says about the gateway's credentials.
+    pub fn new(acs: Client, health: Arc<GatewayHealth>) -> Self {
+        Self { acs, health }
+    }
+
+    /// Passes a call's outcome by the health tracker on its way back.
+    async fn noted<T>(&self, result: Result<T, CallError>) -> Result<T, UpstreamError> {
+        self.health.observe(CredentialSignal::of(&result)).await;
+        result.map_err(UpstreamError::from)
     }
 
     /// The profile's opt-out as ACS holds it now.
-    async fn read_opt_out(&self, pkey: &str) -> Result<OptOutState, UpstreamError> {
+    async fn read_opt_out(
+        &self,
+        pkey: &str,
+        deadline: Deadline,
+    ) -> Result<OptOutState, UpstreamError> {
         let profile = self
-            .acs
-            .read_profile(pkey)
+            .noted(self.acs.read_profile(pkey, deadline).await)
             .await?
             .ok_or(UpstreamError::EmptyCollection)?;
         OptOutState::from_profile(&profile)
@@ -82,6 +100,7 @@ impl CcpaService for CcpaApi {
         request: Request<GetOptOutRequest>,
     ) -> Result<Response<GetOptOutResponse>, Status> {
         const RPC: &str = "GetOptOut";
+        let deadline = caller_deadline(request.metadata(), Instant::now());
         observed(RPC, async {
             let request = request.into_inner();
             let mut violations = Violations::default();
@@ -89,7 +108,7 @@ impl CcpaService for CcpaApi {
             violations.into_result()?;
 
             let state = self
-                .read_opt_out(&request.pkey)
+                .read_opt_out(&request.pkey, deadline)
                 .await
                 .map_err(|e| upstream_status(RPC, &e))?;
             Ok(GetOptOutResponse {
@@ -106,6 +125,7 @@ impl CcpaService for CcpaApi {
         request: Request<SetOptOutRequest>,
     ) -> Result<Response<SetOptOutResponse>, Status> {
         const RPC: &str = "SetOptOut";
+        let deadline = caller_deadline(request.metadata(), Instant::now());
         observed(RPC, async {
             let request = request.into_inner();
             let mut violations = Violations::default();
@@ -113,15 +133,18 @@ impl CcpaService for CcpaApi {
             let opt_out = violations.required_bool("ccpa_opt_out", request.ccpa_opt_out);
             violations.into_result()?;
 
-            self.acs
-                .set_ccpa_opt_out(&request.pkey, opt_out)
+            let written = self
+                .acs
+                .set_ccpa_opt_out(&request.pkey, opt_out, deadline)
+                .await;
+            self.noted(written)
                 .await
-                .map_err(|e| upstream_status(RPC, &e.into()))?;
+                .map_err(|e| upstream_status(RPC, &e))?;
             // ACS answers a PATCH with `{PKey, href}` only. Reading the profile back costs a
             // second call, but it is what lets the answer say what ACS holds (and when it
             // changed) rather than echo what was asked.
             let state = self
-                .read_opt_out(&request.pkey)
+                .read_opt_out(&request.pkey, deadline)
                 .await
                 .map_err(|e| upstream_status(RPC, &e))?;
             if state.opt_out != opt_out {
@@ -145,6 +168,7 @@ impl CcpaService for CcpaApi {
         request: Request<CreateProfileRequest>,
     ) -> Result<Response<CreateProfileResponse>, Status> {
         const RPC: &str = "CreateProfile";
+        let deadline = caller_deadline(request.metadata(), Instant::now());
         observed(RPC, async {
             let request = request.into_inner();
             let mut violations = Violations::default();
@@ -161,12 +185,11 @@ impl CcpaService for CcpaApi {
                 ccpa_opt_out: request.ccpa_opt_out,
                 ..Default::default()
             };
+            let created = self.acs.add_profile(&input, deadline).await;
             let created = self
-                .acs
-                .create_profile(&input)
+                .noted(created)
                 .await
-                .map_err(|e| upstream_status(RPC, &e.into()))?
-                .into_inner();
+                .map_err(|e| upstream_status(RPC, &e))?;
             let profile = proto_profile(created).map_err(|e| upstream_status(RPC, &e))?;
             Ok(CreateProfileResponse {
                 profile: Some(profile),

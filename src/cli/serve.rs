@@ -2,16 +2,16 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use acs_emulator::{Emulator, EmulatorConfig, demo_profiles};
-use acs_profile_client::{AccessToken, Client, ClientConfig, SharedToken};
+use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, demo_profiles};
+use acs_profile_client::{AccessToken, Client, SharedToken};
 use clap::Args;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 
 use super::exit_codes;
-use crate::api::CcpaApi;
-use crate::config::ServeSettings;
+use crate::config::{AcsSettings, ServeSettings};
 use crate::server;
 
 /// Arguments of `emulator`.
@@ -32,6 +32,84 @@ pub struct EmulatorArgs {
     /// Store a few demo profiles at start and print their keys.
     #[arg(long, env = "CCPA_EMULATOR_SEED_DEMO")]
     seed_demo: bool,
+    /// Client id its IMS endpoint (`/ims/token/v3`) accepts.
+    #[arg(long, env = "CCPA_EMULATOR_IMS_CLIENT_ID", default_value = EmulatorConfig::DEFAULT_IMS_CLIENT_ID)]
+    ims_client_id: String,
+    /// Client secret its IMS endpoint accepts.
+    #[arg(long, env = "CCPA_EMULATOR_IMS_CLIENT_SECRET", default_value = EmulatorConfig::DEFAULT_IMS_CLIENT_SECRET, hide_env_values = true)]
+    ims_client_secret: String,
+    /// Lifetime of the tokens its IMS endpoint issues.
+    #[arg(long, env = "CCPA_EMULATOR_TOKEN_LIFETIME", default_value = "86399s", value_parser = humantime::parse_duration)]
+    token_lifetime: Duration,
+    #[command(flatten, next_help_heading = "Latency and failures")]
+    faults: FaultArgs,
+}
+
+/// Latency and random failures of the emulated profile API.
+#[derive(Args)]
+struct FaultArgs {
+    /// Added to every answer.
+    #[arg(long, env = "CCPA_EMULATOR_LATENCY", default_value = "0ms", value_parser = humantime::parse_duration)]
+    latency: Duration,
+    /// Random extra latency, between zero and this.
+    #[arg(long, env = "CCPA_EMULATOR_LATENCY_JITTER", default_value = "0ms", value_parser = humantime::parse_duration)]
+    latency_jitter: Duration,
+    /// Share of requests answered 429 with Retry-After (0 to 1).
+    #[arg(long, env = "CCPA_EMULATOR_FAIL_429", default_value = "0", value_parser = rate)]
+    fail_429: f64,
+    /// The Retry-After of those 429 answers.
+    #[arg(long, env = "CCPA_EMULATOR_RETRY_AFTER", default_value = "1s", value_parser = humantime::parse_duration)]
+    retry_after: Duration,
+    /// Share of requests answered 500.
+    #[arg(long, env = "CCPA_EMULATOR_FAIL_500", default_value = "0", value_parser = rate)]
+    fail_500: f64,
+    /// Share of requests answered 502 with an HTML body.
+    #[arg(long, env = "CCPA_EMULATOR_FAIL_502", default_value = "0", value_parser = rate)]
+    fail_502: f64,
+    /// Share of requests answered 503.
+    #[arg(long, env = "CCPA_EMULATOR_FAIL_503", default_value = "0", value_parser = rate)]
+    fail_503: f64,
+    /// Share of connections broken after the headers.
+    #[arg(long, env = "CCPA_EMULATOR_FAIL_RESET", default_value = "0", value_parser = rate)]
+    fail_reset: f64,
+    /// Share of answers whose body stalls for --stall-for.
+    #[arg(long, env = "CCPA_EMULATOR_FAIL_STALL", default_value = "0", value_parser = rate)]
+    fail_stall: f64,
+    /// How long a stalled body is held.
+    #[arg(long, env = "CCPA_EMULATOR_STALL_FOR", default_value = "30s", value_parser = humantime::parse_duration)]
+    stall_for: Duration,
+    /// Share of answers whose JSON is cut in half.
+    #[arg(long, env = "CCPA_EMULATOR_FAIL_TRUNCATED", default_value = "0", value_parser = rate)]
+    fail_truncated: f64,
+    /// Share of answers that are not JSON.
+    #[arg(long, env = "CCPA_EMULATOR_FAIL_MALFORMED", default_value = "0", value_parser = rate)]
+    fail_malformed: f64,
+}
+
+impl FaultArgs {
+    fn settings(&self) -> FaultSettings {
+        FaultSettings {
+            latency: self.latency,
+            latency_jitter: self.latency_jitter,
+            too_many_requests: self.fail_429,
+            retry_after: self.retry_after,
+            internal_error: self.fail_500,
+            bad_gateway: self.fail_502,
+            unavailable: self.fail_503,
+            reset: self.fail_reset,
+            stall: self.fail_stall,
+            stall_for: self.stall_for,
+            truncated: self.fail_truncated,
+            malformed: self.fail_malformed,
+        }
+    }
+}
+
+fn rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+        _ => Err("a rate between 0 and 1".into()),
+    }
 }
 
 /// Completes on Ctrl-C or SIGTERM.
@@ -73,7 +151,7 @@ pub async fn serve(settings: ServeSettings) -> u8 {
             Err(code) => return code,
         }
     } else {
-        match settings.acs.client() {
+        match settings.client() {
             Ok(client) => (client, None),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -99,10 +177,10 @@ pub async fn serve(settings: ServeSettings) -> u8 {
     }
 
     let result = server::serve(
-        CcpaApi::new(client),
+        client,
         listener,
         shutdown_signal(),
-        settings.shutdown_options(),
+        settings.server_options(),
     )
     .await;
     drop(emulator);
@@ -127,20 +205,24 @@ async fn start_embedded_emulator(
             exit_codes::FAILURE
         })?;
     let profiles = seed_demo(&emulator);
-    let config = ClientConfig {
-        base_url: emulator.url(),
-        tenant: emulator.config().tenant.clone(),
-        api_key: SecretString::from(emulator.config().api_key.as_str()),
-        tokens: Arc::new(SharedToken::new(AccessToken::new(
-            emulator.config().access_token.as_str(),
-        ))),
-        timeout: settings.acs.acs_timeout,
-        connect_timeout: settings.acs.acs_connect_timeout,
+    let tokens = Arc::new(SharedToken::new(AccessToken::new(
+        emulator.config().access_token.as_str(),
+    )));
+    let towards_emulator = AcsSettings {
+        acs_base_url: emulator.url(),
+        ..settings.acs.clone()
     };
-    let client = Client::from_config(config).map_err(|e| {
-        eprintln!("error: cannot build the client for the embedded emulator: {e}");
-        exit_codes::FAILURE
-    })?;
+    let client = towards_emulator
+        .client_for(
+            emulator.config().tenant.clone(),
+            SecretString::from(emulator.config().api_key.as_str()),
+            tokens,
+            settings.calls.settings(settings.acs.acs_timeout),
+        )
+        .map_err(|e| {
+            eprintln!("error: cannot build the client for the embedded emulator: {e}");
+            exit_codes::FAILURE
+        })?;
     tracing::info!(url = %emulator.url(), "embedded Adobe Campaign emulator started");
     Ok((client, Some((emulator, profiles))))
 }
@@ -180,7 +262,11 @@ pub async fn emulator(args: EmulatorArgs) -> u8 {
         tenant: args.tenant,
         api_key: args.api_key,
         access_token: args.access_token,
-        ..Default::default()
+        ims_client_id: args.ims_client_id,
+        ims_client_secret: args.ims_client_secret,
+        token_lifetime: args.token_lifetime,
+        faults: args.faults.settings(),
+        wrap_reads_in_collection: false,
     };
     let emulator = match Emulator::bind(args.listen, config).await {
         Ok(emulator) => emulator,
@@ -198,9 +284,9 @@ pub async fn emulator(args: EmulatorArgs) -> u8 {
         emulator.config().tenant
     );
     println!(
-        "  CCPA_ACS_BASE_URL={} CCPA_ACS_TENANT={} CCPA_ACS_API_KEY=... CCPA_ACS_ACCESS_TOKEN=... ccpa-gateway serve",
-        emulator.url(),
-        emulator.config().tenant
+        "  CCPA_ACS_BASE_URL={url} CCPA_ACS_TENANT={} CCPA_IMS_URL={url} CCPA_IMS_CLIENT_ID=... CCPA_IMS_CLIENT_SECRET=... ccpa-gateway serve",
+        emulator.config().tenant,
+        url = emulator.url(),
     );
     if args.seed_demo {
         println!("Demo profiles:");

@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use acs_emulator::{Emulator, EmulatorConfig, NewProfile};
 use acs_profile_client::{AccessToken, Client, ClientConfig, SharedToken};
-use ccpa_gateway::api::CcpaApi;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
-use ccpa_gateway::server::{self, ServeError, ShutdownOptions};
+use ccpa_gateway::server::{self, ServeError, ServerOptions};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -41,7 +40,7 @@ pub fn acs_config(emulator: &Emulator) -> ClientConfig {
 /// Starts a gateway on 127.0.0.1:0 that calls ACS through `acs`.
 pub async fn start_gateway(
     acs: ClientConfig,
-    options: ShutdownOptions,
+    options: ServerOptions,
 ) -> (
     SocketAddr,
     Channel,
@@ -53,7 +52,7 @@ pub async fn start_gateway(
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(server::serve(
-        CcpaApi::new(client),
+        client,
         listener,
         async {
             let _ = stopped.await;
@@ -77,11 +76,11 @@ pub async fn connect(addr: SocketAddr) -> Channel {
 impl Harness {
     /// A gateway in front of a fresh emulator with default settings.
     pub async fn start() -> Self {
-        Self::start_with(EmulatorConfig::default(), ShutdownOptions::default()).await
+        Self::start_with(EmulatorConfig::default(), ServerOptions::default()).await
     }
 
     /// A gateway in front of a fresh emulator configured as given.
-    pub async fn start_with(config: EmulatorConfig, options: ShutdownOptions) -> Self {
+    pub async fn start_with(config: EmulatorConfig, options: ServerOptions) -> Self {
         let emulator = Emulator::start(config).await.unwrap();
         let (addr, channel, stop, server) = start_gateway(acs_config(&emulator), options).await;
         Self {

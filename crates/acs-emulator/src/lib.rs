@@ -21,14 +21,16 @@
 #![warn(missing_docs)]
 
 mod faults;
+mod ims;
 mod pkey;
 mod routes;
 mod store;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -36,8 +38,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use faults::Fault;
+pub use faults::{Fault, FaultSettings};
 
+use ims::{ImsSettings, TokenStore};
 use pkey::KeyCodec;
 use store::{Changes, StoredProfile};
 
@@ -54,6 +57,14 @@ pub struct EmulatorConfig {
     /// Answer reads of one profile wrapped in a collection (`{"content":[...]}`), as one ACS
     /// documentation page shows them, instead of bare.
     pub wrap_reads_in_collection: bool,
+    /// The client id its IMS endpoint (`/ims/token/v3`) accepts.
+    pub ims_client_id: String,
+    /// The client secret its IMS endpoint accepts.
+    pub ims_client_secret: String,
+    /// Lifetime of the tokens its IMS endpoint issues (whole seconds are reported).
+    pub token_lifetime: Duration,
+    /// Latency and random failures of the profile API.
+    pub faults: FaultSettings,
 }
 
 impl EmulatorConfig {
@@ -63,6 +74,12 @@ impl EmulatorConfig {
     pub const DEFAULT_API_KEY: &'static str = "emulator-api-key";
     /// The access token of [`EmulatorConfig::default`].
     pub const DEFAULT_ACCESS_TOKEN: &'static str = "emulator-access-token";
+    /// The IMS client id of [`EmulatorConfig::default`]; also its API key, as with Adobe.
+    pub const DEFAULT_IMS_CLIENT_ID: &'static str = Self::DEFAULT_API_KEY;
+    /// The IMS client secret of [`EmulatorConfig::default`].
+    pub const DEFAULT_IMS_CLIENT_SECRET: &'static str = "emulator-client-secret";
+    /// The token lifetime of [`EmulatorConfig::default`]: Adobe's, just under a day.
+    pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(86_399);
 }
 
 impl Default for EmulatorConfig {
@@ -72,6 +89,10 @@ impl Default for EmulatorConfig {
             api_key: Self::DEFAULT_API_KEY.into(),
             access_token: Self::DEFAULT_ACCESS_TOKEN.into(),
             wrap_reads_in_collection: false,
+            ims_client_id: Self::DEFAULT_IMS_CLIENT_ID.into(),
+            ims_client_secret: Self::DEFAULT_IMS_CLIENT_SECRET.into(),
+            token_lifetime: Self::DEFAULT_TOKEN_LIFETIME,
+            faults: FaultSettings::default(),
         }
     }
 }
@@ -83,6 +104,10 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("api_key", &"[REDACTED]")
             .field("access_token", &"[REDACTED]")
             .field("wrap_reads_in_collection", &self.wrap_reads_in_collection)
+            .field("ims_client_id", &self.ims_client_id)
+            .field("ims_client_secret", &"[REDACTED]")
+            .field("token_lifetime", &self.token_lifetime)
+            .field("faults", &self.faults)
             .finish()
     }
 }
@@ -103,6 +128,8 @@ pub struct NewProfile {
 /// A request as the emulator received it.
 #[derive(Debug, Clone)]
 pub struct RecordedRequest {
+    /// When it arrived.
+    pub received_at: Instant,
     /// The HTTP method.
     pub method: String,
     /// The path, without the query.
@@ -133,10 +160,17 @@ pub(crate) struct Shared {
     codec: KeyCodec,
     profiles: Mutex<HashMap<u64, StoredProfile>>,
     next_id: AtomicU64,
-    access_tokens: Mutex<HashSet<String>>,
+    api_key: Mutex<String>,
+    access_tokens: Mutex<TokenStore>,
+    ims: Mutex<ImsSettings>,
+    ims_request_count: AtomicUsize,
+    ims_faults: Mutex<VecDeque<Fault>>,
     requests: Mutex<VecDeque<RecordedRequest>>,
     request_count: AtomicUsize,
+    active_requests: AtomicUsize,
+    peak_active_requests: AtomicUsize,
     faults: Mutex<VecDeque<Fault>>,
+    fault_settings: Mutex<FaultSettings>,
 }
 
 /// Locks a mutex, carrying on after a panic elsewhere: every critical section here leaves the
@@ -184,7 +218,18 @@ impl Emulator {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            access_tokens: Mutex::new(HashSet::from([config.access_token.clone()])),
+            api_key: Mutex::new(config.api_key.clone()),
+            access_tokens: Mutex::new(TokenStore::with_static(&config.access_token)),
+            ims: Mutex::new(ImsSettings {
+                client_id: config.ims_client_id.clone(),
+                client_secret: config.ims_client_secret.clone(),
+                token_lifetime: config.token_lifetime,
+            }),
+            ims_request_count: AtomicUsize::new(0),
+            ims_faults: Mutex::new(VecDeque::new()),
+            active_requests: AtomicUsize::new(0),
+            peak_active_requests: AtomicUsize::new(0),
+            fault_settings: Mutex::new(config.faults.clone()),
             config,
             base_url: format!("http://{addr}"),
             codec: KeyCodec::new(),
@@ -221,19 +266,67 @@ impl Emulator {
         self.shared.base_url.clone()
     }
 
-    /// Its configuration.
+    /// Its configuration at start. [`Emulator::set_api_key`] and the other setters change the
+    /// live values, not this.
     pub fn config(&self) -> &EmulatorConfig {
         &self.shared.config
     }
 
-    /// Accepts another bearer token from now on.
+    /// Accepts another bearer token from now on, without expiry.
     pub fn add_access_token(&self, token: &str) {
-        lock(&self.shared.access_tokens).insert(token.to_owned());
+        lock(&self.shared.access_tokens).add(token, None);
     }
 
     /// Refuses a bearer token from now on, with 401 `401013`.
     pub fn revoke_access_token(&self, token: &str) {
         lock(&self.shared.access_tokens).remove(token);
+    }
+
+    /// Makes every token accepted so far expire now (401 `401013` from here on), as if a day had
+    /// passed.
+    pub fn expire_access_tokens(&self) {
+        lock(&self.shared.access_tokens).expire_all(Instant::now());
+    }
+
+    /// Expects another API key from now on; the old one gets 403 `403003`.
+    pub fn set_api_key(&self, api_key: &str) {
+        *lock(&self.shared.api_key) = api_key.to_owned();
+    }
+
+    /// Changes the client secret IMS accepts (a rotated or revoked secret).
+    pub fn set_ims_client_secret(&self, secret: &str) {
+        lock(&self.shared.ims).client_secret = secret.to_owned();
+    }
+
+    /// Changes the lifetime of tokens issued from now on.
+    pub fn set_token_lifetime(&self, lifetime: Duration) {
+        lock(&self.shared.ims).token_lifetime = lifetime;
+    }
+
+    /// How many token requests its IMS endpoint has received.
+    pub fn ims_request_count(&self) -> usize {
+        self.shared.ims_request_count.load(Ordering::SeqCst)
+    }
+
+    /// Queues a fault for the next token request.
+    pub fn inject_ims(&self, fault: Fault) {
+        lock(&self.shared.ims_faults).push_back(fault);
+    }
+
+    /// Replaces the latency and random failures of the profile API.
+    pub fn set_faults(&self, settings: FaultSettings) {
+        *lock(&self.shared.fault_settings) = settings;
+    }
+
+    /// Profile requests being handled now. A request whose client went away is no longer
+    /// counted once the server notices.
+    pub fn active_requests(&self) -> usize {
+        self.shared.active_requests.load(Ordering::SeqCst)
+    }
+
+    /// The most profile requests handled at once since start.
+    pub fn peak_active_requests(&self) -> usize {
+        self.shared.peak_active_requests.load(Ordering::SeqCst)
     }
 
     /// Stores a profile without going through the API, and returns its key.

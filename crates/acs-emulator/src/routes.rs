@@ -31,14 +31,16 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         )
         .fallback(unknown_uri)
         .layer(middleware::from_fn_with_state(shared.clone(), front_door))
+        // IMS is another service: none of the ACS gateway's checks or faults apply to it.
+        .route("/ims/token/v3", post(crate::ims::issue_token))
         .with_state(shared)
 }
 
 /// ACS's own errors and its gateway's, with the bodies the reference records.
-mod answers {
+pub(crate) mod answers {
     use super::*;
 
-    pub(super) fn json_response(status: StatusCode, body: &Value) -> Response {
+    pub(crate) fn json_response(status: StatusCode, body: &Value) -> Response {
         (
             status,
             [(
@@ -110,51 +112,112 @@ mod answers {
     }
 }
 
-/// Everything ACS's API gateway does before a request reaches Campaign: it is recorded, an
-/// injected fault (if any) takes effect, then the token and the API key are checked.
+/// Everything ACS's API gateway does before a request reaches Campaign: it is recorded, latency
+/// and faults (queued, else drawn at the configured rates) take effect, then the token and the
+/// API key are checked. Faults that spoil an answer are applied to what Campaign answered.
 async fn front_door(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let _active = ActiveRequest::enter(&shared);
     let (parts, body) = request.into_parts();
     let Ok(body) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
         return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     };
     record(&shared, &parts, &body);
 
-    let fault = lock(&shared.faults).pop_front();
-    match fault {
-        Some(Fault::Respond {
-            status,
-            content_type,
-            body,
-            headers,
-        }) => return injected_response(status, content_type, body, headers),
-        Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
-        Some(Fault::BreakAfterHeaders) => return broken_response(),
-        None => {}
+    let settings = lock(&shared.fault_settings).clone();
+    let fault = lock(&shared.faults).pop_front().or_else(|| settings.draw());
+    let delay = settings.delay();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if let Some(early) = apply_before_handling(fault.clone()).await {
+        return early;
     }
 
+    let now = std::time::Instant::now();
     let token_ok = parts
         .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|token| lock(&shared.access_tokens).contains(token));
+        .is_some_and(|token| lock(&shared.access_tokens).is_valid(token, now));
     if !token_ok {
         return answers::token_invalid();
     }
     let api_key_ok = parts
         .headers
         .get("x-api-key")
-        .is_some_and(|v| v.as_bytes() == shared.config.api_key.as_bytes());
+        .is_some_and(|v| v.as_bytes() == lock(&shared.api_key).as_bytes());
     if !api_key_ok {
         return answers::api_key_invalid();
     }
 
-    next.run(Request::from_parts(parts, Body::from(body))).await
+    let response = next.run(Request::from_parts(parts, Body::from(body))).await;
+    apply_after_handling(fault, response).await
+}
+
+/// Counts requests being handled; dropped when the handler finishes or is abandoned (the client
+/// went away).
+struct ActiveRequest<'a>(&'a Shared);
+
+impl<'a> ActiveRequest<'a> {
+    fn enter(shared: &'a Shared) -> Self {
+        let now_active = shared.active_requests.fetch_add(1, Ordering::SeqCst) + 1;
+        shared
+            .peak_active_requests
+            .fetch_max(now_active, Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for ActiveRequest<'_> {
+    fn drop(&mut self) {
+        self.0.active_requests.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Applies a fault that replaces or delays the handling; `Some` is the answer to send instead.
+pub(crate) async fn apply_before_handling(fault: Option<Fault>) -> Option<Response> {
+    match fault? {
+        Fault::Respond {
+            status,
+            content_type,
+            body,
+            headers,
+        } => Some(injected_response(status, content_type, body, headers)),
+        Fault::Delay(delay) => {
+            tokio::time::sleep(delay).await;
+            None
+        }
+        Fault::BreakAfterHeaders => Some(broken_response()),
+        Fault::StallBody(_) | Fault::TruncateBody | Fault::MalformedBody => None,
+    }
+}
+
+/// Applies a fault that spoils an answer already produced.
+async fn apply_after_handling(fault: Option<Fault>, response: Response) -> Response {
+    let Some(fault @ (Fault::StallBody(_) | Fault::TruncateBody | Fault::MalformedBody)) = fault
+    else {
+        return response;
+    };
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let body = match fault {
+        Fault::StallBody(stall) => Body::from_stream(futures::stream::once(async move {
+            tokio::time::sleep(stall).await;
+            Ok::<Bytes, std::io::Error>(bytes)
+        })),
+        Fault::TruncateBody => Body::from(bytes.slice(..bytes.len() / 2)),
+        _ => Body::from("<<not json>>"),
+    };
+    Response::from_parts(parts, body)
 }
 
 fn record(shared: &Shared, parts: &axum::http::request::Parts, body: &Bytes) {
     shared.request_count.fetch_add(1, Ordering::SeqCst);
     let recorded = RecordedRequest {
+        received_at: std::time::Instant::now(),
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
         headers: parts

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use acs_emulator::{Emulator, EmulatorConfig, NewProfile};
-use acs_profile_client::{AccessToken, Client, ClientConfig, Failure, SharedToken};
+use acs_profile_client::{AccessToken, Client, ClientConfig, SharedToken};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -27,12 +27,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokens,
     ))?;
 
-    let before = client.read_profile(&pkey).await?.ok_or("no such profile")?;
+    let before = client
+        .read_profile(&pkey, None)
+        .await?
+        .ok_or("no such profile")?;
     println!("opt-out before: {:?}", before.ccpa_opt_out);
 
     // ACS answers a PATCH with a reference only: read the profile again to see what it holds.
-    client.set_ccpa_opt_out(&pkey, true).await?;
-    let after = client.read_profile(&pkey).await?.ok_or("no such profile")?;
+    client.set_ccpa_opt_out(&pkey, true, None).await?;
+    let after = client
+        .read_profile(&pkey, None)
+        .await?
+        .ok_or("no such profile")?;
     println!(
         "opt-out after: {:?} (changed at {:?})",
         after.ccpa_opt_out, after.ccpa_opt_out_last_modified
@@ -41,8 +47,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // What a failure looks like: a key minted by another tenant.
     let stranger = Emulator::start(EmulatorConfig::default()).await?;
     let foreign_key = stranger.insert_profile(NewProfile::default());
-    match client.read_profile(&foreign_key).await {
-        Err(error) => println!("a foreign key: {:?}", Failure::classify(&error)),
+    match client.read_profile(&foreign_key, None).await {
+        Err(error) => println!("a foreign key: {error}"),
         Ok(_) => println!("a foreign key was unexpectedly readable"),
     }
 

@@ -12,7 +12,12 @@
 //! - error bodies that are not JSON (a proxy's HTML 502, an empty 401) still surface as
 //!   [`Error::ErrorResponse`] with their HTTP status;
 //! - [`Failure::classify`], which says what an error means;
-//! - shortcuts for the CCPA opt-out: [`Client::read_profile`], [`Client::set_ccpa_opt_out`].
+//! - calls with a deadline, client-side throttling, safe retries and a token refresh on
+//!   `401013` ([`Client::call`], [`CallSettings`]), used by the shortcuts
+//!   [`Client::read_profile`], [`Client::set_ccpa_opt_out`] and [`Client::add_profile`]; the
+//!   generated operations alone make exactly one request, unthrottled;
+//! - tokens: a fixed or rotated one ([`SharedToken`]), or OAuth server-to-server tokens from
+//!   Adobe IMS ([`ImsTokenSource`]).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -25,8 +30,8 @@
 //!     "my-api-key",
 //!     Arc::new(SharedToken::new(AccessToken::new("token from Adobe IMS"))),
 //! ))?;
-//! client.set_ccpa_opt_out("@some-pkey", true).await?;
-//! let profile = client.read_profile("@some-pkey").await?;
+//! client.set_ccpa_opt_out("@some-pkey", true, None).await?;
+//! let profile = client.read_profile("@some-pkey", None).await?;
 //! assert_eq!(profile.and_then(|p| p.ccpa_opt_out), Some(true));
 //! # Ok(()) }
 //! ```
@@ -34,9 +39,11 @@
 #![warn(missing_docs)]
 
 mod auth;
+mod call;
 mod failure;
 mod generated;
 mod hooks;
+mod throttle;
 
 use std::fmt;
 use std::sync::Arc;
@@ -44,9 +51,16 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-pub use auth::{AccessToken, SharedToken, TokenError, TokenSource};
+use call::CallRuntime;
+
+pub use auth::{
+    AccessToken, ImsConfig, ImsSecret, ImsTokenSource, SharedToken, TokenError, TokenErrorKind,
+    TokenSource,
+};
+pub use call::{CallError, CallSettings, Idempotency, is_retryable, retry_after};
 pub use failure::Failure;
 pub use generated::{ByteStream, Client, ClientInfo, Error, ResponseValue, types};
+pub use throttle::ThrottleSettings;
 
 /// The error every operation returns.
 pub type ApiError = Error<types::AcsError>;
@@ -57,6 +71,7 @@ pub type ApiError = Error<types::AcsError>;
 pub struct ClientContext {
     api_key: SecretString,
     tokens: Arc<dyn TokenSource>,
+    runtime: Arc<CallRuntime>,
 }
 
 impl fmt::Debug for ClientContext {
@@ -64,6 +79,7 @@ impl fmt::Debug for ClientContext {
         f.debug_struct("ClientContext")
             .field("api_key", &"[REDACTED]")
             .field("tokens", &self.tokens)
+            .field("runtime", &self.runtime)
             .finish()
     }
 }
@@ -79,10 +95,14 @@ pub struct ClientConfig {
     pub api_key: SecretString,
     /// Supplies the bearer token, read again for every request.
     pub tokens: Arc<dyn TokenSource>,
-    /// Bounds a whole request, from connecting to the last byte of the answer.
+    /// Bounds one request (one attempt of a call), from connecting to the last byte of the
+    /// answer.
     pub timeout: Duration,
     /// Bounds establishing a connection.
     pub connect_timeout: Duration,
+    /// Retries, throttling and the default deadline of the calls made through
+    /// [`Client::read_profile`], [`Client::set_ccpa_opt_out`] and [`Client::add_profile`].
+    pub call: CallSettings,
 }
 
 impl ClientConfig {
@@ -101,10 +121,11 @@ impl ClientConfig {
             tokens,
             timeout: Self::DEFAULT_TIMEOUT,
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            call: CallSettings::default(),
         }
     }
 
-    /// Default bound on a whole request.
+    /// Default bound on one request (one attempt of a call).
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
     /// Default bound on establishing a connection.
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -179,29 +200,73 @@ impl Client {
             ClientContext {
                 api_key: config.api_key,
                 tokens: config.tokens,
+                runtime: Arc::new(CallRuntime::new(config.call)),
             },
         ))
     }
 
+    /// Runs `attempt` under the client's call rules: the deadline (or the default budget),
+    /// the throttle, retries when `idempotency` allows, one token refresh on `401013`.
+    pub async fn call<T, F, Fut>(
+        &self,
+        idempotency: Idempotency,
+        deadline: Option<std::time::Instant>,
+        attempt: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        let context = self.inner();
+        context
+            .runtime
+            .run(context.tokens.as_ref(), idempotency, deadline, attempt)
+            .await
+    }
+
     /// Reads one profile, whichever of its two documented shapes ACS answers with. `None` when
-    /// ACS answers an empty collection, which says the same as a 404.
-    pub async fn read_profile(&self, pkey: &str) -> Result<Option<types::Profile>, ApiError> {
-        Ok(self.get_profile(pkey).await?.into_inner().into_profile())
+    /// ACS answers an empty collection, which says the same as a 404. Retried when safe.
+    pub async fn read_profile(
+        &self,
+        pkey: &str,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Option<types::Profile>, CallError> {
+        self.call(Idempotency::Idempotent, deadline, || async {
+            Ok(self.get_profile(pkey).await?.into_inner().into_profile())
+        })
+        .await
     }
 
     /// Sets the CCPA opt-out of sale of one profile: `true` means do not sell. Sends
-    /// `{"ccpaOptOut":<value>}` and nothing else. ACS answers with a reference only; read the
-    /// profile again to see its state.
+    /// `{"ccpaOptOut":<value>}` and nothing else, so it is retried when safe. ACS answers with a
+    /// reference only; read the profile again to see its state.
     pub async fn set_ccpa_opt_out(
         &self,
         pkey: &str,
         opt_out: bool,
-    ) -> Result<types::ProfileReference, ApiError> {
+        deadline: Option<std::time::Instant>,
+    ) -> Result<types::ProfileReference, CallError> {
         let change = types::ProfileInput {
             ccpa_opt_out: Some(opt_out),
             ..Default::default()
         };
-        Ok(self.update_profile(pkey, &change).await?.into_inner())
+        self.call(Idempotency::Idempotent, deadline, || async {
+            Ok(self.update_profile(pkey, &change).await?.into_inner())
+        })
+        .await
+    }
+
+    /// Creates a profile. Retried only when the request never reached ACS: a second attempt
+    /// after that could create a second profile.
+    pub async fn add_profile(
+        &self,
+        input: &types::ProfileInput,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<types::Profile, CallError> {
+        self.call(Idempotency::NotIdempotent, deadline, || async {
+            Ok(self.create_profile(input).await?.into_inner())
+        })
+        .await
     }
 }
 

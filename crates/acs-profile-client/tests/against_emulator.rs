@@ -45,8 +45,8 @@ async fn every_request_carries_acs_headers_and_no_api_version() {
     let (emulator, client) = started().await;
     let pkey = emulator.insert_profile(ada());
 
-    client.read_profile(&pkey).await.unwrap();
-    client.set_ccpa_opt_out(&pkey, true).await.unwrap();
+    client.read_profile(&pkey, None).await.unwrap();
+    client.set_ccpa_opt_out(&pkey, true, None).await.unwrap();
     client
         .create_profile(&types::ProfileInput {
             email: Some("new@example.com".into()),
@@ -85,7 +85,7 @@ async fn opt_out_patch_sends_exactly_the_flag_and_answers_a_reference() {
     let (emulator, client) = started().await;
     let pkey = emulator.insert_profile(ada());
 
-    let reference = client.set_ccpa_opt_out(&pkey, true).await.unwrap();
+    let reference = client.set_ccpa_opt_out(&pkey, true, None).await.unwrap();
 
     let patch = emulator.requests().pop().unwrap();
     assert_eq!(patch.method, "PATCH");
@@ -93,7 +93,7 @@ async fn opt_out_patch_sends_exactly_the_flag_and_answers_a_reference() {
     assert_eq!(reference.p_key.as_deref(), Some(pkey.as_str()));
     assert!(reference.href.unwrap().ends_with(&pkey));
 
-    let profile = client.read_profile(&pkey).await.unwrap().unwrap();
+    let profile = client.read_profile(&pkey, None).await.unwrap().unwrap();
     assert_eq!(profile.ccpa_opt_out, Some(true));
     assert_eq!(profile.email.as_deref(), Some("ada@example.com"));
     let changed_at = profile.ccpa_opt_out_last_modified.unwrap();
@@ -147,7 +147,7 @@ async fn reads_accept_a_profile_wrapped_in_a_collection() {
         ccpa_opt_out: true,
         ..ada()
     });
-    let profile = client.read_profile(&pkey).await.unwrap().unwrap();
+    let profile = client.read_profile(&pkey, None).await.unwrap().unwrap();
     assert_eq!(profile.ccpa_opt_out, Some(true));
 }
 
@@ -157,15 +157,20 @@ async fn the_token_is_read_again_for_every_request() {
     let tokens = default_tokens();
     let client = client_for(&emulator, tokens.clone());
     let pkey = emulator.insert_profile(ada());
-    client.read_profile(&pkey).await.unwrap();
+    client.read_profile(&pkey, None).await.unwrap();
 
     emulator.add_access_token("rotated-token");
     emulator.revoke_access_token(EmulatorConfig::DEFAULT_ACCESS_TOKEN);
-    let refused = client.read_profile(&pkey).await.unwrap_err();
+    let refused = read_once(&client, &pkey).await.unwrap_err();
     assert_eq!(Failure::classify(&refused), Failure::TokenRejected);
 
     tokens.replace(AccessToken::new("rotated-token"));
-    assert!(client.read_profile(&pkey).await.unwrap().is_some());
+    assert!(client.read_profile(&pkey, None).await.unwrap().is_some());
+}
+
+/// One GET, without the call rules (no retry, no refresh): what the hooks alone make of an answer.
+async fn read_once(client: &Client, pkey: &str) -> Result<Option<types::Profile>, ApiError> {
+    Ok(client.get_profile(pkey).await?.into_inner().into_profile())
 }
 
 fn status_of(error: &ApiError) -> Option<u16> {
@@ -178,7 +183,7 @@ async fn non_json_error_bodies_keep_their_status() {
     let pkey = emulator.insert_profile(ada());
 
     emulator.inject(Fault::html(502));
-    let error = client.read_profile(&pkey).await.unwrap_err();
+    let error = read_once(&client, &pkey).await.unwrap_err();
     assert_eq!(status_of(&error), Some(502));
     assert!(matches!(error, acs_profile_client::Error::ErrorResponse(_)));
     assert_eq!(
@@ -189,13 +194,13 @@ async fn non_json_error_bodies_keep_their_status() {
     );
 
     emulator.inject(Fault::empty(401));
-    let error = client.read_profile(&pkey).await.unwrap_err();
+    let error = read_once(&client, &pkey).await.unwrap_err();
     assert_eq!(status_of(&error), Some(401));
     assert_eq!(Failure::classify(&error), Failure::TokenRejected);
 
     // A JSON error that is not an object is not ACS's shape either.
     emulator.inject(Fault::json(503, json!(["overloaded"])));
-    let error = client.read_profile(&pkey).await.unwrap_err();
+    let error = read_once(&client, &pkey).await.unwrap_err();
     assert_eq!(status_of(&error), Some(503));
 }
 
@@ -214,7 +219,7 @@ async fn replaced_error_bodies_say_what_arrived_but_not_its_content() {
         headers: vec![],
     });
     let acs_profile_client::Error::ErrorResponse(response) =
-        client.read_profile(&pkey).await.unwrap_err()
+        read_once(&client, &pkey).await.unwrap_err()
     else {
         panic!("expected an error response");
     };
@@ -230,23 +235,23 @@ async fn acs_errors_are_classified() {
 
     let other = Emulator::start(EmulatorConfig::default()).await.unwrap();
     let foreign = other.insert_profile(ada());
-    let error = client.read_profile(&foreign).await.unwrap_err();
+    let error = read_once(&client, &foreign).await.unwrap_err();
     assert_eq!(status_of(&error), Some(500));
     assert_eq!(Failure::classify(&error), Failure::UnparsableKey);
 
     emulator.remove_profile(&pkey);
-    let error = client.read_profile(&pkey).await.unwrap_err();
+    let error = read_once(&client, &pkey).await.unwrap_err();
     assert_eq!(Failure::classify(&error), Failure::NotFound);
 
     emulator.inject(Fault::json(
         500,
         json!({"code": 500, "message": "PGS-220000 PostgreSQL error: duplicate key"}),
     ));
-    let error = client.read_profile(&pkey).await.unwrap_err();
+    let error = read_once(&client, &pkey).await.unwrap_err();
     assert_eq!(Failure::classify(&error), Failure::Conflict);
 
     emulator.inject(Fault::json(500, json!({"code": 500, "message": "Oops."})));
-    let error = client.read_profile(&pkey).await.unwrap_err();
+    let error = read_once(&client, &pkey).await.unwrap_err();
     assert_eq!(
         Failure::classify(&error),
         Failure::ServerError {
@@ -256,7 +261,7 @@ async fn acs_errors_are_classified() {
     assert!(!Failure::classify(&error).is_transient());
 
     emulator.inject(Fault::BreakAfterHeaders);
-    let error = client.read_profile(&pkey).await.unwrap_err();
+    let error = read_once(&client, &pkey).await.unwrap_err();
     assert_eq!(
         Failure::classify(&error),
         Failure::Interrupted { timed_out: false }
@@ -275,7 +280,7 @@ async fn wrong_credentials_and_tenant_are_told_apart() {
         default_tokens(),
     ))
     .unwrap();
-    let error = wrong_key.read_profile(&pkey).await.unwrap_err();
+    let error = read_once(&wrong_key, &pkey).await.unwrap_err();
     assert_eq!(status_of(&error), Some(403));
     assert_eq!(Failure::classify(&error), Failure::AccessDenied);
 
@@ -286,7 +291,7 @@ async fn wrong_credentials_and_tenant_are_told_apart() {
         default_tokens(),
     ))
     .unwrap();
-    let error = wrong_tenant.read_profile(&pkey).await.unwrap_err();
+    let error = read_once(&wrong_tenant, &pkey).await.unwrap_err();
     assert_eq!(status_of(&error), Some(500));
     let acs_profile_client::Error::ErrorResponse(response) = &error else {
         panic!("expected an error response, got {error:?}");
@@ -306,7 +311,7 @@ async fn an_unreachable_acs_is_reported_as_such() {
         default_tokens(),
     ))
     .unwrap();
-    let error = client.read_profile("@abc").await.unwrap_err();
+    let error = read_once(&client, "@abc").await.unwrap_err();
     assert_eq!(Failure::classify(&error), Failure::Unreachable);
     assert!(Failure::classify(&error).is_transient());
 }

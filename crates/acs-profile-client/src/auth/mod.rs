@@ -1,7 +1,12 @@
 //! Where the client gets the bearer token it sends to ACS.
 //!
 //! The client asks its [`TokenSource`] for a token on every request instead of keeping one, so a
-//! token can be rotated (or, with OAuth, refreshed) while the client lives.
+//! token can be rotated ([`SharedToken`]) or refreshed from Adobe IMS ([`ImsTokenSource`]) while
+//! the client lives.
+
+mod ims;
+
+pub use ims::{ImsConfig, ImsSecret, ImsTokenSource};
 
 use std::fmt;
 use std::sync::{Arc, RwLock};
@@ -31,19 +36,42 @@ impl fmt::Debug for AccessToken {
     }
 }
 
+impl PartialEq for AccessToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+/// Whether trying again later may produce a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenErrorKind {
+    /// The identity provider could not be reached or failed: it may work later.
+    Unavailable,
+    /// The identity provider refused the credentials (or they could not be read): an operator
+    /// must fix them.
+    Refused,
+}
+
 /// Why no token could be obtained. The message never contains a secret.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("no access token for Adobe Campaign: {reason}")]
 pub struct TokenError {
+    kind: TokenErrorKind,
     reason: String,
 }
 
 impl TokenError {
     /// A token error with a reason that must not contain a secret.
-    pub fn new(reason: impl Into<String>) -> Self {
+    pub fn new(kind: TokenErrorKind, reason: impl Into<String>) -> Self {
         Self {
+            kind,
             reason: reason.into(),
         }
+    }
+
+    /// Whether trying again later may help.
+    pub fn kind(&self) -> TokenErrorKind {
+        self.kind
     }
 
     /// Why no token could be obtained.
@@ -56,6 +84,12 @@ impl TokenError {
 pub trait TokenSource: Send + Sync + fmt::Debug {
     /// The token to send with the next request.
     fn access_token(&self) -> BoxFuture<'_, Result<AccessToken, TokenError>>;
+
+    /// Says that ACS refused `rejected` as invalid or expired (401 `401013`): a source that can
+    /// get a new one should stop answering it. Sources that cannot (a fixed token) ignore it.
+    fn invalidate(&self, rejected: &AccessToken) {
+        let _ = rejected;
+    }
 }
 
 /// A token set from outside: fixed for its whole life, or replaced with [`SharedToken::replace`]

@@ -1,0 +1,309 @@
+//! OAuth server-to-server tokens from Adobe IMS (`POST {ims}/ims/token/v3`), cached and refreshed
+//! ahead of expiry by a single request at a time.
+//!
+//! Adobe throttles integrations that mint too many tokens, so:
+//! - a token is reused until 80% of its lifetime, then refreshed by one caller while the others
+//!   keep using it; past the safety margin before expiry, callers wait for that one refresh;
+//! - a failed token request is retried with exponential back-off, remembered across callers, so
+//!   no caller can make the source hammer IMS;
+//! - [`ImsTokenSource::invalidate`] (ACS said `401013`) drops the cached token only if it is the
+//!   one ACS refused, so a thousand calls refused at once cause one refresh, not a thousand.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::{AccessToken, TokenError, TokenErrorKind, TokenSource};
+
+/// Where the client secret comes from.
+#[derive(Clone)]
+pub enum ImsSecret {
+    /// The secret itself.
+    Value(SecretString),
+    /// A file holding it (a mounted secret), read again for every token request so that a
+    /// rotated secret is picked up without a restart. Surrounding whitespace is ignored.
+    File(PathBuf),
+}
+
+impl fmt::Debug for ImsSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Value(_) => f.write_str("Value([REDACTED])"),
+            Self::File(path) => f.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+/// How to ask Adobe IMS for tokens.
+#[derive(Debug, Clone)]
+pub struct ImsConfig {
+    /// The IMS endpoint, `https://ims-na1.adobelogin.com` for Adobe.
+    pub url: String,
+    /// The integration's client id (also the API key ACS expects).
+    pub client_id: String,
+    /// The integration's client secret.
+    pub client_secret: ImsSecret,
+    /// Comma-separated scopes.
+    pub scopes: String,
+    /// Bound on one token request.
+    pub request_timeout: Duration,
+}
+
+impl ImsConfig {
+    /// Adobe's IMS endpoint for North America, which serves every region's integrations.
+    pub const DEFAULT_URL: &'static str = "https://ims-na1.adobelogin.com";
+    /// The scopes real ACS integrations ask for.
+    pub const DEFAULT_SCOPES: &'static str =
+        "openid,AdobeID,campaign_sdk,additional_info.projectedProductContext";
+}
+
+/// Share of a token's lifetime after which it is refreshed.
+const REFRESH_AT: f64 = 0.8;
+/// A token is not used in the last 5% of its lifetime (at most a minute): clocks and queues can
+/// make a token that is valid here expired by the time ACS reads it.
+const EXPIRY_MARGIN_SHARE: f64 = 0.05;
+const MAX_EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+/// Back-off after a failed token request: doubling from the first, capped.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Attempts one caller makes before giving up; the back-off outlives the caller.
+const ATTEMPTS_PER_CALLER: u32 = 3;
+
+struct CachedToken {
+    token: AccessToken,
+    refresh_at: Instant,
+    usable_until: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    cached: Option<CachedToken>,
+    /// No token request before this instant (set after a failure).
+    not_before: Option<Instant>,
+    next_backoff: Option<Duration>,
+}
+
+/// A [`TokenSource`] that obtains tokens from Adobe IMS with the client-credentials grant.
+pub struct ImsTokenSource {
+    http: reqwest::Client,
+    endpoint: String,
+    config: ImsConfig,
+    state: Mutex<State>,
+    /// Held by the one caller requesting a token, so there is only ever one request in flight.
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+impl fmt::Debug for ImsTokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImsTokenSource")
+            .field("endpoint", &self.endpoint)
+            .field("client_id", &self.config.client_id)
+            .field("client_secret", &self.config.client_secret)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    expires_in: u64,
+}
+
+impl ImsTokenSource {
+    /// A source for this integration. No request is made until a token is needed.
+    pub fn new(config: ImsConfig) -> Result<Self, TokenError> {
+        let endpoint = format!("{}/ims/token/v3", config.url.trim_end_matches('/'));
+        reqwest::Url::parse(&endpoint).map_err(|_| {
+            TokenError::new(TokenErrorKind::Refused, "the IMS URL is not a valid URL")
+        })?;
+        let http = reqwest::Client::builder()
+            .timeout(config.request_timeout)
+            .connect_timeout(config.request_timeout.min(Duration::from_secs(3)))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| TokenError::new(TokenErrorKind::Refused, e.to_string()))?;
+        Ok(Self {
+            http,
+            endpoint,
+            config,
+            state: Mutex::new(State::default()),
+            refreshing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every critical section assigns whole values, so a poisoned state is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn token(&self) -> Result<AccessToken, TokenError> {
+        let now = Instant::now();
+        let usable = {
+            let state = self.state();
+            match &state.cached {
+                Some(c) if now < c.refresh_at => return Ok(c.token.clone()),
+                Some(c) if now < c.usable_until => Some(c.token.clone()),
+                _ => None,
+            }
+        };
+
+        if let Some(still_good) = usable {
+            // Time to refresh, but the token still works: one caller tries, once; the others
+            // (and that caller, if IMS fails) keep using the current token.
+            let Ok(_flight) = self.refreshing.try_lock() else {
+                return Ok(still_good);
+            };
+            if self.backing_off(now) {
+                return Ok(still_good);
+            }
+            return Ok(self.request().await.unwrap_or(still_good));
+        }
+
+        // No usable token: wait for the flight in progress, if any, then look again.
+        let _flight = self.refreshing.lock().await;
+        let mut last_error = None;
+        for _ in 0..ATTEMPTS_PER_CALLER {
+            if let Some(c) = &self.state().cached
+                && Instant::now() < c.usable_until
+            {
+                return Ok(c.token.clone());
+            }
+            let not_before = self.state().not_before;
+            if let Some(not_before) = not_before {
+                tokio::time::sleep_until(not_before).await;
+            }
+            match self.request().await {
+                Ok(token) => return Ok(token),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            TokenError::new(TokenErrorKind::Unavailable, "no token request was made")
+        }))
+    }
+
+    fn backing_off(&self, now: Instant) -> bool {
+        self.state().not_before.is_some_and(|t| now < t)
+    }
+
+    /// One token request. The caller holds `refreshing`.
+    async fn request(&self) -> Result<AccessToken, TokenError> {
+        let started = Instant::now();
+        let result = self.exchange().await;
+        let mut state = self.state();
+        match result {
+            Ok(response) => {
+                let lifetime = Duration::from_secs(response.expires_in);
+                let margin = lifetime.mul_f64(EXPIRY_MARGIN_SHARE).min(MAX_EXPIRY_MARGIN);
+                let token = AccessToken::new(response.access_token);
+                state.cached = Some(CachedToken {
+                    token: token.clone(),
+                    refresh_at: started + lifetime.mul_f64(REFRESH_AT),
+                    usable_until: started + lifetime.saturating_sub(margin),
+                });
+                state.not_before = None;
+                state.next_backoff = None;
+                tracing::info!(
+                    lifetime_s = lifetime.as_secs(),
+                    "obtained an IMS access token"
+                );
+                Ok(token)
+            }
+            Err(error) => {
+                let backoff = state.next_backoff.unwrap_or(FIRST_BACKOFF);
+                state.not_before = Some(Instant::now() + backoff);
+                state.next_backoff = Some((backoff * 2).min(MAX_BACKOFF));
+                tracing::warn!(
+                    kind = ?error.kind(),
+                    reason = error.reason(),
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "IMS token request failed"
+                );
+                Err(error)
+            }
+        }
+    }
+
+    async fn exchange(&self) -> Result<TokenResponse, TokenError> {
+        let secret = match &self.config.client_secret {
+            ImsSecret::Value(secret) => secret.clone(),
+            ImsSecret::File(path) => {
+                let text = tokio::fs::read_to_string(path).await.map_err(|e| {
+                    TokenError::new(
+                        TokenErrorKind::Refused,
+                        format!("cannot read the client secret file {}: {e}", path.display()),
+                    )
+                })?;
+                SecretString::from(text.trim())
+            }
+        };
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", self.config.client_id.as_str()),
+            ("client_secret", secret.expose_secret()),
+            ("scope", self.config.scopes.as_str()),
+        ];
+        let response = self
+            .http
+            .post(&self.endpoint)
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| {
+                let what = if e.is_timeout() {
+                    "timed out"
+                } else if e.is_connect() {
+                    "could not connect"
+                } else {
+                    "failed"
+                };
+                TokenError::new(
+                    TokenErrorKind::Unavailable,
+                    format!("the IMS token request {what}"),
+                )
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            // 400 and 401 mean IMS refused the client id, secret or scopes; anything else is IMS
+            // (or a proxy) failing.
+            let kind = if matches!(status.as_u16(), 400 | 401 | 403) {
+                TokenErrorKind::Refused
+            } else {
+                TokenErrorKind::Unavailable
+            };
+            return Err(TokenError::new(kind, format!("IMS answered HTTP {status}")));
+        }
+        let body = response.bytes().await.map_err(|_| {
+            TokenError::new(TokenErrorKind::Unavailable, "the IMS answer was cut short")
+        })?;
+        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
+            TokenError::new(TokenErrorKind::Unavailable, "the IMS answer is not a token")
+        })?;
+        if parsed.access_token.is_empty() || parsed.expires_in == 0 {
+            return Err(TokenError::new(
+                TokenErrorKind::Unavailable,
+                "IMS answered an empty or already expired token",
+            ));
+        }
+        Ok(parsed)
+    }
+}
+
+impl TokenSource for ImsTokenSource {
+    fn access_token(&self) -> BoxFuture<'_, Result<AccessToken, TokenError>> {
+        Box::pin(self.token())
+    }
+
+    fn invalidate(&self, rejected: &AccessToken) {
+        let mut state = self.state();
+        if state.cached.as_ref().is_some_and(|c| c.token == *rejected) {
+            state.cached = None;
+        }
+    }
+}

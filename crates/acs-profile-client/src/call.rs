@@ -1,0 +1,315 @@
+//! How one logical call to ACS is made: within a deadline, through the throttle, retried only
+//! when that is safe, and with one token refresh when ACS says the token expired.
+//!
+//! Retried: failures that are likely to pass (no connection, 429, 502, 503, 504, a broken or
+//! timed-out answer), and only for calls that are safe to repeat ([`Idempotency::Idempotent`]:
+//! reads, and writes of an absolute value). A call that is not idempotent (a creation) is retried
+//! only when the request provably never reached ACS: the connection could not be made. Never
+//! retried: 500, which ACS uses for bad input as much as for outages.
+//!
+//! Delays grow exponentially with full jitter (a random wait between zero and the cap), or
+//! follow ACS's `Retry-After` when it sends one and it fits in the deadline. A retry budget (a
+//! share of recent calls, with a small floor) stops retries from multiplying the load when ACS is
+//! down. The deadline bounds everything: the wait for admission, the token, every attempt and
+//! every pause; when it passes, the attempt in progress is dropped (its connection closed).
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::RETRY_AFTER;
+use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::hooks::TOKEN_ERROR_PREFIX;
+use crate::throttle::{Throttle, ThrottleSettings};
+use crate::{ApiError, Failure, TokenError, TokenSource};
+
+/// Whether a call may be made twice with the same effect as once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idempotency {
+    /// A read, or a write of an absolute value (`PATCH {"ccpaOptOut":true}`).
+    Idempotent,
+    /// A creation: a second attempt can create a second profile.
+    NotIdempotent,
+}
+
+/// Retry and throttling settings of a client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallSettings {
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+    /// The cap of the first retry's random delay; it doubles with each retry.
+    pub backoff_base: Duration,
+    /// The largest cap a delay can have.
+    pub backoff_max: Duration,
+    /// Retries allowed as a share of calls over the last ten seconds (0.2: one retry for five
+    /// calls).
+    pub retry_ratio: f32,
+    /// Retries allowed per second whatever the traffic, so that a quiet client can still retry.
+    pub min_retries_per_second: u32,
+    /// The deadline of a call made without one.
+    pub default_budget: Duration,
+    /// Limits on the requests made to ACS.
+    pub throttle: ThrottleSettings,
+}
+
+impl Default for CallSettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: 4,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            retry_ratio: 0.2,
+            min_retries_per_second: 10,
+            default_budget: Duration::from_secs(10),
+            throttle: ThrottleSettings::default(),
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug)]
+pub enum CallError {
+    /// ACS answered an error, or could not be reached; this is the last attempt's error.
+    Api(ApiError),
+    /// The deadline passed before the call could finish.
+    DeadlineExceeded,
+    /// Too many calls are already waiting for the throttle toward ACS.
+    Throttled,
+}
+
+impl From<ApiError> for CallError {
+    fn from(error: ApiError) -> Self {
+        Self::Api(error)
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Api(error) => write!(f, "{:?}", Failure::classify(error)),
+            Self::DeadlineExceeded => f.write_str("the deadline passed"),
+            Self::Throttled => f.write_str("too many calls are waiting for ACS"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// The shared state behind the calls of one client (and its clones).
+pub(crate) struct CallRuntime {
+    settings: CallSettings,
+    throttle: Throttle,
+    budget: TpsBudget,
+}
+
+impl std::fmt::Debug for CallRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallRuntime")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a failure of this call is worth another attempt.
+pub fn is_retryable(failure: &Failure, idempotency: Idempotency) -> bool {
+    match failure {
+        // The request never left: repeating it cannot do anything twice.
+        Failure::Unreachable => true,
+        Failure::Interrupted { .. } | Failure::Transient { .. } | Failure::MalformedResponse => {
+            idempotency == Idempotency::Idempotent
+        }
+        _ => false,
+    }
+}
+
+/// The delay ACS asked for in `Retry-After` (seconds, or an HTTP date), if any.
+pub fn retry_after(error: &ApiError) -> Option<Duration> {
+    let headers = match error {
+        progenitor_client::Error::ErrorResponse(response) => response.headers(),
+        progenitor_client::Error::UnexpectedResponse(response) => response.headers(),
+        _ => return None,
+    };
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// The error the request hook reports when the token source fails, made here when the token is
+/// fetched ahead of the request.
+fn no_token_error(error: &TokenError) -> ApiError {
+    progenitor_client::Error::Custom(format!("{TOKEN_ERROR_PREFIX}{}", error.reason()))
+}
+
+/// Whether ACS refused the token as invalid or expired (401 `401013`), the one case where a new
+/// token can help.
+fn token_expired(error: &ApiError) -> bool {
+    match error {
+        progenitor_client::Error::ErrorResponse(response) => {
+            response.status().as_u16() == 401 && response.mentions("401013")
+        }
+        _ => false,
+    }
+}
+
+impl CallRuntime {
+    pub(crate) fn new(settings: CallSettings) -> Self {
+        Self {
+            throttle: Throttle::new(settings.throttle),
+            budget: TpsBudget::new(
+                Duration::from_secs(10),
+                settings.min_retries_per_second,
+                settings.retry_ratio,
+            ),
+            settings,
+        }
+    }
+
+    /// Random delay before retry number `retry` (1 for the first): full jitter under an
+    /// exponential cap.
+    fn backoff(&self, retry: u32) -> Duration {
+        let cap = self
+            .settings
+            .backoff_base
+            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
+            .min(self.settings.backoff_max);
+        cap.mul_f64(rand::random::<f64>())
+    }
+
+    /// Makes a call by running `attempt` as often as the rules allow.
+    pub(crate) async fn run<T, F, Fut>(
+        &self,
+        tokens: &dyn TokenSource,
+        idempotency: Idempotency,
+        deadline: Option<std::time::Instant>,
+        mut attempt: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        let deadline = deadline
+            .map(Instant::from_std)
+            .unwrap_or_else(|| Instant::now() + self.settings.default_budget);
+        self.budget.deposit();
+        let mut attempts = 0;
+        let mut refreshed_token = false;
+        loop {
+            attempts += 1;
+            let outcome = tokio::time::timeout_at(deadline, async {
+                let _admitted = self
+                    .throttle
+                    .admit()
+                    .await
+                    .map_err(|_| CallError::Throttled)?;
+                // The token this attempt sends (the request hook finds it cached), known here so
+                // that a 401013 invalidates that one and no other.
+                let token = tokens
+                    .access_token()
+                    .await
+                    .map_err(|e| CallError::Api(no_token_error(&e)))?;
+                Ok::<_, CallError>((attempt().await, token))
+            })
+            .await;
+            let (result, token) = match outcome {
+                Err(_elapsed) => return Err(CallError::DeadlineExceeded),
+                Ok(Err(throttled)) => return Err(throttled),
+                Ok(Ok(pair)) => pair,
+            };
+            let error = match result {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
+
+            if token_expired(&error) && !refreshed_token {
+                // ACS says the token is invalid or expired: one refresh, one more try, at once.
+                refreshed_token = true;
+                tokens.invalidate(&token);
+                continue;
+            }
+            let failure = Failure::classify(&error);
+            if attempts >= self.settings.max_attempts || !is_retryable(&failure, idempotency) {
+                return Err(error.into());
+            }
+            let delay = retry_after(&error).unwrap_or_else(|| self.backoff(attempts));
+            if Instant::now() + delay >= deadline {
+                // Waiting would outlive the caller: give it the answer now.
+                return Err(error.into());
+            }
+            if !self.budget.withdraw() {
+                tracing::warn!(failure = ?failure, "retry budget spent: not retrying");
+                return Err(error.into());
+            }
+            tracing::debug!(failure = ?failure, delay_ms = delay.as_millis() as u64, attempts, "retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::StatusCode;
+
+    #[test]
+    fn only_safe_retries_are_allowed() {
+        use Idempotency::*;
+        let transient = Failure::Transient {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let cases = [
+            (Failure::Unreachable, Idempotent, true),
+            (Failure::Unreachable, NotIdempotent, true),
+            (transient.clone(), Idempotent, true),
+            (transient, NotIdempotent, false),
+            (Failure::Interrupted { timed_out: true }, Idempotent, true),
+            (
+                Failure::Interrupted { timed_out: false },
+                NotIdempotent,
+                false,
+            ),
+            (Failure::MalformedResponse, Idempotent, true),
+            (Failure::MalformedResponse, NotIdempotent, false),
+            (
+                Failure::ServerError {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                },
+                Idempotent,
+                false,
+            ),
+            (Failure::NotFound, Idempotent, false),
+            (Failure::TokenRejected, Idempotent, false),
+            (Failure::NoToken, Idempotent, false),
+        ];
+        for (failure, idempotency, expected) in cases {
+            assert_eq!(
+                is_retryable(&failure, idempotency),
+                expected,
+                "{failure:?} {idempotency:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_growing_cap() {
+        let runtime = CallRuntime::new(CallSettings {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(350),
+            ..Default::default()
+        });
+        for (retry, cap) in [(1, 100), (2, 200), (3, 350), (10, 350)] {
+            let delays: Vec<Duration> = (0..200).map(|_| runtime.backoff(retry)).collect();
+            assert!(delays.iter().all(|d| *d <= Duration::from_millis(cap)));
+            assert!(
+                delays.iter().any(|d| *d < Duration::from_millis(cap / 4)),
+                "full jitter reaches near zero"
+            );
+        }
+    }
+}
