@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tonic::metadata::MetadataMap;
 
 /// How much earlier than tonic's timer the handler gives up, so that its answer wins the race.
-pub const MARGIN: Duration = Duration::from_millis(5);
+pub const MARGIN: Duration = Duration::from_millis(20);
 
 /// The instant by which the call must be answered, if the caller set a deadline.
 pub fn caller_deadline(metadata: &MetadataMap, received: Instant) -> Option<Instant> {

@@ -1,0 +1,604 @@
+//! Surviving a real tenant, over real sockets: IMS tokens, deadlines, retries, throttling and
+//! health, with the emulator producing the trouble.
+
+mod common;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use acs_emulator::{Emulator, EmulatorConfig, Fault, FaultSettings, NewProfile};
+use acs_profile_client::{
+    CallSettings, ClientConfig, ImsConfig, ImsSecret, ImsTokenSource, ThrottleSettings,
+};
+use ccpa_gateway::api::deadline::MARGIN;
+use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
+use ccpa_gateway::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest, SetOptOutRequest};
+use ccpa_gateway::server::{CCPA_SERVICE_NAME, ServerOptions};
+use common::{acs_config, start_gateway};
+use futures::StreamExt;
+use tokio::sync::oneshot;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt;
+
+/// Client settings for the emulator's tenant, with OAuth tokens from its IMS endpoint.
+fn oauth_config(emulator: &Emulator) -> ClientConfig {
+    let tokens = ImsTokenSource::new(ImsConfig {
+        url: emulator.url(),
+        client_id: EmulatorConfig::DEFAULT_IMS_CLIENT_ID.into(),
+        client_secret: ImsSecret::Value(EmulatorConfig::DEFAULT_IMS_CLIENT_SECRET.into()),
+        scopes: ImsConfig::DEFAULT_SCOPES.into(),
+        request_timeout: Duration::from_secs(2),
+    })
+    .unwrap();
+    ClientConfig {
+        tokens: Arc::new(tokens),
+        ..acs_config(emulator)
+    }
+}
+
+/// Limits high enough to stay out of the way.
+fn unthrottled() -> CallSettings {
+    CallSettings {
+        throttle: ThrottleSettings {
+            max_rps: NonZeroU32::new(100_000).unwrap(),
+            max_in_flight: 2_000,
+            max_queued: 100_000,
+        },
+        ..Default::default()
+    }
+}
+
+/// A gateway calling ACS as `acs` says, and a client of it. The gateway stops when the returned
+/// sender is dropped.
+async fn gateway(acs: ClientConfig) -> (CcpaServiceClient<Channel>, oneshot::Sender<()>) {
+    let (_, channel, stop, _server) = start_gateway(acs, ServerOptions::default()).await;
+    (CcpaServiceClient::new(channel), stop)
+}
+
+fn with_deadline<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+async fn emulator(config: EmulatorConfig) -> (Emulator, String) {
+    let emulator = Emulator::start(config).await.unwrap();
+    let pkey = emulator.insert_profile(NewProfile {
+        ccpa_opt_out: true,
+        ..Default::default()
+    });
+    (emulator, pkey)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_calls_at_token_expiry_make_one_token_request() {
+    let (emulator, pkey) = emulator(EmulatorConfig {
+        token_lifetime: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let (client, _gateway) = gateway(ClientConfig {
+        call: unthrottled(),
+        ..oauth_config(&emulator)
+    })
+    .await;
+
+    client
+        .clone()
+        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .await
+        .unwrap();
+    assert_eq!(emulator.ims_request_count(), 1);
+
+    // Past the token's expiry: every call needs a new one at the same moment.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let calls = (0..1_000).map(|_| {
+        let mut client = client.clone();
+        let pkey = pkey.clone();
+        tokio::spawn(async move { client.get_opt_out(GetOptOutRequest { pkey }).await })
+    });
+    for call in futures::future::join_all(calls).await {
+        assert!(call.unwrap().unwrap().into_inner().ccpa_opt_out);
+    }
+    assert_eq!(
+        emulator.ims_request_count(),
+        2,
+        "one refresh for a thousand calls"
+    );
+}
+
+#[tokio::test]
+async fn a_token_refused_as_expired_is_refreshed_once_and_the_call_retried_once() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    let (mut client, _gateway) = gateway(oauth_config(&emulator)).await;
+    client
+        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .await
+        .unwrap();
+    assert_eq!(
+        (emulator.ims_request_count(), emulator.request_count()),
+        (1, 1)
+    );
+
+    // ACS now refuses the cached token with 401 401013, though it has not reached its refresh
+    // time: one new token, one more attempt.
+    emulator.expire_access_tokens();
+    let answer = client
+        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .await
+        .unwrap();
+    assert!(answer.into_inner().ccpa_opt_out);
+    assert_eq!(
+        (emulator.ims_request_count(), emulator.request_count()),
+        (2, 3)
+    );
+
+    // A refusal that persists after the refresh is not retried again.
+    emulator.inject(Fault::json(
+        401,
+        serde_json::json!({"error_code": "401013", "message": "Oauth token is not valid"}),
+    ));
+    emulator.inject(Fault::json(
+        401,
+        serde_json::json!({"error_code": "401013", "message": "Oauth token is not valid"}),
+    ));
+    let status = client
+        .get_opt_out(GetOptOutRequest { pkey })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    assert_eq!(
+        (emulator.ims_request_count(), emulator.request_count()),
+        (3, 5)
+    );
+}
+
+#[tokio::test]
+async fn a_static_token_refused_as_expired_is_not_retried_in_a_loop() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
+    emulator.expire_access_tokens();
+    let status = client
+        .get_opt_out(GetOptOutRequest { pkey })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    assert_eq!(
+        emulator.request_count(),
+        2,
+        "one retry, with the same token"
+    );
+}
+
+#[tokio::test]
+async fn failed_token_requests_are_retried_with_back_off() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    emulator.inject_ims(Fault::html(503));
+    emulator.inject_ims(Fault::html(503));
+    let (mut client, _gateway) = gateway(oauth_config(&emulator)).await;
+
+    let started = Instant::now();
+    let answer = client
+        .get_opt_out(with_deadline(
+            GetOptOutRequest { pkey },
+            Duration::from_secs(5),
+        ))
+        .await
+        .unwrap();
+    assert!(answer.into_inner().ccpa_opt_out);
+    assert_eq!(emulator.ims_request_count(), 3);
+    // 0.5 s, then 1 s, between the three requests.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn refused_client_credentials_never_cause_a_storm_of_token_requests() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    emulator.set_ims_client_secret("rotated-elsewhere");
+    let (client, _gateway) = gateway(oauth_config(&emulator)).await;
+
+    let calls = (0..50).map(|_| {
+        let mut client = client.clone();
+        let pkey = pkey.clone();
+        tokio::spawn(async move {
+            client
+                .get_opt_out(with_deadline(
+                    GetOptOutRequest { pkey },
+                    Duration::from_secs(1),
+                ))
+                .await
+        })
+    });
+    for call in futures::future::join_all(calls).await {
+        let status = call.unwrap().unwrap_err();
+        assert!(
+            matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+            "{status:?}"
+        );
+    }
+    // Requests are serialised and spaced 0.5 s, then 1 s apart: two fit in the second.
+    assert!(
+        emulator.ims_request_count() <= 3,
+        "{}",
+        emulator.ims_request_count()
+    );
+    assert_eq!(
+        emulator.request_count(),
+        0,
+        "nothing goes to ACS without a token"
+    );
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_when_it_fits_the_deadline() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    emulator.inject(Fault::too_many_requests(Duration::from_secs(1)));
+    let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
+
+    let answer = client
+        .get_opt_out(with_deadline(
+            GetOptOutRequest { pkey },
+            Duration::from_secs(5),
+        ))
+        .await
+        .unwrap();
+    assert!(answer.into_inner().ccpa_opt_out);
+    let requests = emulator.requests();
+    assert_eq!(requests.len(), 2);
+    let waited = requests[1].received_at - requests[0].received_at;
+    assert!(waited >= Duration::from_secs(1), "{waited:?}");
+    assert!(waited < Duration::from_millis(1_500), "{waited:?}");
+}
+
+#[tokio::test]
+async fn a_creation_is_not_retried_once_it_may_have_reached_acs() {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
+    let creation = || CreateProfileRequest {
+        email: "once@example.com".into(),
+        ..Default::default()
+    };
+
+    for fault in [
+        Fault::BreakAfterHeaders,
+        Fault::html(503),
+        Fault::too_many_requests(Duration::ZERO),
+        Fault::TruncateBody,
+    ] {
+        let before = emulator.request_count();
+        for _ in 0..4 {
+            emulator.inject(fault.clone());
+        }
+        let status = client.create_profile(creation()).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{fault:?}: {status:?}");
+        assert_eq!(
+            emulator.request_count() - before,
+            1,
+            "{fault:?}: one POST only"
+        );
+        // Leave no queued fault for the next round.
+        while emulator.request_count() - before < 4 {
+            let _ = client
+                .get_opt_out(GetOptOutRequest { pkey: "@x".into() })
+                .await;
+        }
+    }
+    // The truncated answer came after the profile was created: exactly one exists.
+    assert_eq!(emulator.profile_count(), 1);
+}
+
+#[tokio::test]
+async fn the_deadline_bounds_a_stalled_acs_and_leaves_nothing_running() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
+
+    for (stall, label) in [
+        (
+            FaultSettings {
+                latency: Duration::from_secs(30),
+                ..Default::default()
+            },
+            "no answer",
+        ),
+        (
+            FaultSettings {
+                stall: 1.0,
+                stall_for: Duration::from_secs(30),
+                ..Default::default()
+            },
+            "headers, then a stalled body",
+        ),
+    ] {
+        emulator.set_faults(stall);
+        let deadline = Duration::from_millis(400);
+        let started = Instant::now();
+        let status = client
+            .get_opt_out(with_deadline(
+                GetOptOutRequest { pkey: pkey.clone() },
+                deadline,
+            ))
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{label}: {status:?}");
+        assert!(
+            took >= deadline - MARGIN - Duration::from_millis(10)
+                && took <= deadline + Duration::from_millis(50),
+            "{label}: answered after {took:?}"
+        );
+        // The gateway dropped its request: the emulator sees its client go away.
+        let gone = Instant::now();
+        while emulator.active_requests() > 0 {
+            assert!(
+                gone.elapsed() < Duration::from_secs(2),
+                "{label}: a request is still running"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn without_a_caller_deadline_the_upstream_budget_applies() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    emulator.set_faults(FaultSettings {
+        latency: Duration::from_secs(30),
+        ..Default::default()
+    });
+    let (mut client, _gateway) = gateway(ClientConfig {
+        call: CallSettings {
+            default_budget: Duration::from_millis(300),
+            ..Default::default()
+        },
+        ..acs_config(&emulator)
+    })
+    .await;
+    let started = Instant::now();
+    let status = client
+        .get_opt_out(GetOptOutRequest { pkey })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_throttle_holds_the_rate_and_the_concurrency() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    emulator.set_faults(FaultSettings {
+        latency: Duration::from_millis(50),
+        ..Default::default()
+    });
+    let (client, _gateway) = gateway(ClientConfig {
+        call: CallSettings {
+            throttle: ThrottleSettings {
+                max_rps: NonZeroU32::new(20).unwrap(),
+                max_in_flight: 3,
+                max_queued: 1_000,
+            },
+            ..Default::default()
+        },
+        ..acs_config(&emulator)
+    })
+    .await;
+
+    // 30 SetOptOuts: 60 requests to ACS (a write and a read-back each), 3 s at 20 per second.
+    let calls = (0..30).map(|_| {
+        let mut client = client.clone();
+        let pkey = pkey.clone();
+        tokio::spawn(async move {
+            client
+                .set_opt_out(with_deadline(
+                    SetOptOutRequest {
+                        pkey,
+                        ccpa_opt_out: Some(true),
+                    },
+                    Duration::from_secs(20),
+                ))
+                .await
+        })
+    });
+    for call in futures::future::join_all(calls).await {
+        call.unwrap().unwrap();
+    }
+
+    let arrivals: Vec<Instant> = emulator.requests().iter().map(|r| r.received_at).collect();
+    assert_eq!(arrivals.len(), 60);
+    let busiest_second = arrivals
+        .iter()
+        .map(|start| {
+            arrivals
+                .iter()
+                .filter(|t| **t >= *start && **t < *start + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        busiest_second <= 21,
+        "{busiest_second} requests in one second"
+    );
+    assert!(
+        emulator.peak_active_requests() <= 3,
+        "{}",
+        emulator.peak_active_requests()
+    );
+}
+
+#[tokio::test]
+async fn past_the_queue_bound_calls_fail_at_once_with_resource_exhausted() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    emulator.set_faults(FaultSettings {
+        latency: Duration::from_millis(500),
+        ..Default::default()
+    });
+    let (client, _gateway) = gateway(ClientConfig {
+        call: CallSettings {
+            throttle: ThrottleSettings {
+                max_rps: NonZeroU32::new(1_000).unwrap(),
+                max_in_flight: 1,
+                max_queued: 3,
+            },
+            ..Default::default()
+        },
+        ..acs_config(&emulator)
+    })
+    .await;
+
+    let calls = (0..10).map(|_| {
+        let mut client = client.clone();
+        let pkey = pkey.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = client
+                .get_opt_out(with_deadline(
+                    GetOptOutRequest { pkey },
+                    Duration::from_secs(10),
+                ))
+                .await;
+            (result, started.elapsed())
+        })
+    });
+    let mut refused = 0;
+    for call in futures::future::join_all(calls).await {
+        let (result, took) = call.unwrap();
+        if let Err(status) = result {
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            assert!(
+                took < Duration::from_millis(200),
+                "refused at once, not after {took:?}"
+            );
+            assert!(status.get_details_retry_info().is_some());
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 6, "one in flight, three queued, six refused");
+}
+
+fn health_request(service: &str) -> HealthCheckRequest {
+    HealthCheckRequest {
+        service: service.into(),
+    }
+}
+
+async fn next_status(
+    watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+) -> ServingStatus {
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("a health change in time")
+        .unwrap()
+        .unwrap();
+    ServingStatus::try_from(next.status).unwrap()
+}
+
+fn quick_probes() -> ServerOptions {
+    ServerOptions {
+        health_probe_interval: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn health_turns_not_serving_without_a_token_and_recovers() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    let (_, channel, _stop, _server) = start_gateway(oauth_config(&emulator), quick_probes()).await;
+    let mut client = CcpaServiceClient::new(channel.clone());
+    let mut health = HealthClient::new(channel);
+    let mut service = health
+        .watch(health_request(CCPA_SERVICE_NAME))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut server = health.watch(health_request("")).await.unwrap().into_inner();
+    assert_eq!(next_status(&mut service).await, ServingStatus::Serving);
+    assert_eq!(next_status(&mut server).await, ServingStatus::Serving);
+
+    // IMS stops accepting our secret and ACS refuses the token we have.
+    emulator.set_ims_client_secret("rotated-elsewhere");
+    emulator.expire_access_tokens();
+    let status = client
+        .get_opt_out(with_deadline(
+            GetOptOutRequest { pkey: pkey.clone() },
+            Duration::from_secs(3),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(next_status(&mut service).await, ServingStatus::NotServing);
+    assert_eq!(next_status(&mut server).await, ServingStatus::NotServing);
+    let liveness = health
+        .check(health_request("liveness"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(liveness.status, ServingStatus::Serving as i32);
+
+    // The secret works again: the probe notices without any call.
+    emulator.set_ims_client_secret(EmulatorConfig::DEFAULT_IMS_CLIENT_SECRET);
+    assert_eq!(next_status(&mut service).await, ServingStatus::Serving);
+    assert_eq!(next_status(&mut server).await, ServingStatus::Serving);
+    client.get_opt_out(GetOptOutRequest { pkey }).await.unwrap();
+}
+
+#[tokio::test]
+async fn health_turns_not_serving_when_acs_refuses_the_api_key_and_recovers() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    let (_, channel, _stop, _server) = start_gateway(acs_config(&emulator), quick_probes()).await;
+    let mut client = CcpaServiceClient::new(channel.clone());
+    let mut health = HealthClient::new(channel);
+    let mut service = health
+        .watch(health_request(CCPA_SERVICE_NAME))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_status(&mut service).await, ServingStatus::Serving);
+
+    emulator.set_api_key("rotated-api-key");
+    let status = client
+        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    assert_eq!(next_status(&mut service).await, ServingStatus::NotServing);
+
+    emulator.set_api_key(EmulatorConfig::DEFAULT_API_KEY);
+    assert_eq!(next_status(&mut service).await, ServingStatus::Serving);
+    client.get_opt_out(GetOptOutRequest { pkey }).await.unwrap();
+}
+
+#[tokio::test]
+async fn transient_failures_leave_health_alone() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    emulator.set_faults(FaultSettings {
+        unavailable: 1.0,
+        ..Default::default()
+    });
+    let (_, channel, _stop, _server) = start_gateway(acs_config(&emulator), quick_probes()).await;
+    let mut client = CcpaServiceClient::new(channel.clone());
+    let status = client
+        .get_opt_out(GetOptOutRequest { pkey })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    let mut health = HealthClient::new(channel);
+    let service = health
+        .check(health_request(CCPA_SERVICE_NAME))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(service.status, ServingStatus::Serving as i32);
+}
