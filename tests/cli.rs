@@ -406,6 +406,115 @@ async fn logs_carry_no_personal_data_or_secrets() {
 }
 
 #[tokio::test]
+async fn with_oauth_logs_carry_no_secret_and_no_token() {
+    let emulator = Emulator::start(EmulatorConfig {
+        api_key: "client-id-canary-2b7e".into(),
+        ims_client_id: "client-id-canary-2b7e".into(),
+        ims_client_secret: "client-secret-canary-51d2".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let pkey = emulator.insert_profile(acs_emulator::NewProfile::default());
+    let env = [
+        ("CCPA_ACS_BASE_URL", emulator.url()),
+        ("CCPA_ACS_TENANT", emulator.config().tenant.clone()),
+        ("CCPA_IMS_URL", emulator.url()),
+        ("CCPA_IMS_CLIENT_ID", "client-id-canary-2b7e".to_owned()),
+        (
+            "CCPA_IMS_CLIENT_SECRET",
+            "client-secret-canary-51d2".to_owned(),
+        ),
+    ];
+    let mut gateway = ServeProcess::start(&[], &as_refs(&env)).await;
+    let mut client = CcpaServiceClient::new(common::connect(gateway.addr).await);
+    client
+        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .await
+        .unwrap();
+    // The token expires and IMS refuses the secret: the failure path logs too.
+    emulator.set_ims_client_secret("rotated");
+    emulator.expire_access_tokens();
+    let mut request = tonic::Request::new(GetOptOutRequest { pkey });
+    request.set_timeout(Duration::from_secs(2));
+    let _ = client.get_opt_out(request).await.unwrap_err();
+
+    gateway.sigterm();
+    assert_eq!(gateway.wait().await, 0);
+    let log = gateway.log();
+    assert!(log.contains("obtained an IMS access token"), "{log}");
+    assert!(log.contains("IMS token request failed"), "{log}");
+    for secret in ["canary", "ims-"] {
+        assert!(
+            !log.contains(secret),
+            "{secret:?} appears in the log:\n{log}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn emulator_command_injects_the_faults_it_is_told() {
+    let mut child = Command::new(BINARY)
+        .args([
+            "emulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--seed-demo",
+            "--fail-503",
+            "1",
+            "--latency",
+            "100ms",
+            "--ims-client-secret",
+            "flag-secret",
+            "--token-lifetime",
+            "42s",
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = stdout.next_line().await.unwrap().unwrap();
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("the emulator prints its URL")
+        .to_owned();
+    let http = reqwest::Client::new();
+
+    let token: Value = http
+        .post(format!("{url}/ims/token/v3"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", EmulatorConfig::DEFAULT_IMS_CLIENT_ID),
+            ("client_secret", "flag-secret"),
+            ("scope", "openid"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(token["expires_in"], 42);
+
+    let started = std::time::Instant::now();
+    let response = http
+        .get(format!(
+            "{url}/{}/campaign/profileAndServices/profile/@any",
+            EmulatorConfig::DEFAULT_TENANT
+        ))
+        .bearer_auth(token["access_token"].as_str().unwrap())
+        .header("X-Api-Key", EmulatorConfig::DEFAULT_API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
 async fn missing_or_bad_settings_stop_start_up_naming_them() {
     let cases: [(&[&str], &[&str]); 5] = [
         (

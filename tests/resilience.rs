@@ -5,7 +5,7 @@ mod common;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use acs_emulator::{Emulator, EmulatorConfig, Fault, FaultSettings, NewProfile};
 use acs_profile_client::{
@@ -601,4 +601,64 @@ async fn transient_failures_leave_health_alone() {
         .unwrap()
         .into_inner();
     assert_eq!(service.status, ServingStatus::Serving as i32);
+}
+
+#[tokio::test]
+async fn the_retry_budget_stops_a_retry_storm_when_acs_is_down() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    emulator.set_faults(FaultSettings {
+        unavailable: 1.0,
+        ..Default::default()
+    });
+    let (client, _gateway) = gateway(ClientConfig {
+        call: CallSettings {
+            max_attempts: 4,
+            backoff_base: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(5),
+            retry_ratio: 0.2,
+            min_retries_per_second: 1,
+            ..unthrottled()
+        },
+        ..acs_config(&emulator)
+    })
+    .await;
+
+    let calls = (0..100).map(|_| {
+        let mut client = client.clone();
+        let pkey = pkey.clone();
+        tokio::spawn(async move { client.get_opt_out(GetOptOutRequest { pkey }).await })
+    });
+    for call in futures::future::join_all(calls).await {
+        assert_eq!(call.unwrap().unwrap_err().code(), Code::Unavailable);
+    }
+    // Without a budget: 400 requests. With it: the 100 calls, 20% of them again, and the floor
+    // of one retry a second over the budget's ten-second window.
+    let requests = emulator.request_count();
+    assert!(
+        (100..=130).contains(&requests),
+        "{requests} requests to ACS"
+    );
+}
+
+#[tokio::test]
+async fn retry_after_as_an_http_date_is_honoured() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    let in_two_seconds = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(2));
+    emulator.inject(
+        Fault::json(429, serde_json::json!({"message": "Too many requests"}))
+            .with_header("Retry-After", &in_two_seconds),
+    );
+    let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
+    client
+        .get_opt_out(with_deadline(
+            GetOptOutRequest { pkey },
+            Duration::from_secs(5),
+        ))
+        .await
+        .unwrap();
+    let requests = emulator.requests();
+    let waited = requests[1].received_at - requests[0].received_at;
+    // The date has a resolution of one second.
+    assert!(waited >= Duration::from_millis(1_000), "{waited:?}");
+    assert!(waited <= Duration::from_millis(2_500), "{waited:?}");
 }

@@ -11,7 +11,7 @@
 //! | connection broken or timed out mid-call              | UNAVAILABLE        | `ACS_INTERRUPTED`          |
 //! | a 2xx body that cannot be read                       | UNAVAILABLE        | `ACS_MALFORMED_RESPONSE`   |
 //! | no access token could be obtained                    | UNAVAILABLE        | `ACS_TOKEN_UNAVAILABLE`    |
-//! | 401 or 403 (our own credentials)                     | INTERNAL           | `ACS_CREDENTIALS_REJECTED` |
+//! | 401 (after a token refresh) or 403: our credentials  | INTERNAL           | `ACS_CREDENTIALS_REJECTED` |
 //! | any other 4xx                                        | INTERNAL           | `ACS_REFUSED_REQUEST`      |
 //! | any other 5xx, or a 1xx/3xx (redirects not followed) | INTERNAL           | `ACS_SERVER_ERROR`         |
 //! | a profile without a field we must read               | INTERNAL           | `ACS_CONTRACT_BROKEN`      |

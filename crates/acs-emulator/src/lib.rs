@@ -5,7 +5,9 @@
 //! ACS's timestamp form, `ccpaOptOutLastModified` set when the opt-out changes, 401 `401013`
 //! without a valid bearer token, 403 `403003` without the API key, 500 `XTK-170036` for a key it
 //! cannot read, 404 `RST-360011` for one it can but does not hold, and 500 "Check your URI" for
-//! another tenant. Tests can inject faults ([`Fault`]) and see every request it received.
+//! another tenant. It also plays Adobe IMS (`POST /ims/token/v3`, client credentials) and issues
+//! tokens that expire. Tests can inject faults, one at a time ([`Fault`]) or at random rates with
+//! latency ([`FaultSettings`]), and see every request it received.
 //!
 //! ```no_run
 //! # async fn run() -> std::io::Result<()> {

@@ -307,3 +307,36 @@ impl TokenSource for ImsTokenSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_secret() {
+        let source = ImsTokenSource::new(ImsConfig {
+            url: ImsConfig::DEFAULT_URL.into(),
+            client_id: "client".into(),
+            client_secret: ImsSecret::Value("very-secret-value".into()),
+            scopes: ImsConfig::DEFAULT_SCOPES.into(),
+            request_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        let debug = format!("{source:?}");
+        assert!(!debug.contains("very-secret-value"), "{debug}");
+        assert!(debug.contains("REDACTED"), "{debug}");
+    }
+
+    #[test]
+    fn an_unusable_url_is_refused_at_once() {
+        let error = ImsTokenSource::new(ImsConfig {
+            url: "not a url".into(),
+            client_id: "client".into(),
+            client_secret: ImsSecret::Value("s".into()),
+            scopes: ImsConfig::DEFAULT_SCOPES.into(),
+            request_timeout: Duration::from_secs(1),
+        })
+        .unwrap_err();
+        assert_eq!(error.kind(), TokenErrorKind::Refused);
+    }
+}
