@@ -662,3 +662,69 @@ async fn retry_after_as_an_http_date_is_honoured() {
     assert!(waited >= Duration::from_millis(1_000), "{waited:?}");
     assert!(waited <= Duration::from_millis(2_500), "{waited:?}");
 }
+
+#[tokio::test]
+async fn a_slow_token_request_outlives_the_caller_that_started_it() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    emulator.inject_ims(Fault::Delay(Duration::from_millis(1_500)));
+    let (mut client, _gateway) = gateway(oauth_config(&emulator)).await;
+
+    let status = client
+        .get_opt_out(with_deadline(
+            GetOptOutRequest { pkey: pkey.clone() },
+            Duration::from_millis(500),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+
+    // The token request went on without its caller; the next caller gets its token.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let started = Instant::now();
+    client
+        .get_opt_out(with_deadline(
+            GetOptOutRequest { pkey },
+            Duration::from_millis(500),
+        ))
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_millis(200));
+    assert_eq!(emulator.ims_request_count(), 1);
+}
+
+#[tokio::test]
+async fn a_token_is_refreshed_in_the_background_before_it_expires() {
+    let (emulator, pkey) = emulator(EmulatorConfig {
+        token_lifetime: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let (mut client, _gateway) = gateway(oauth_config(&emulator)).await;
+    client
+        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .await
+        .unwrap();
+    // The next token request takes 300 ms: a caller that waited for it would show it.
+    emulator.inject_ims(Fault::Delay(Duration::from_millis(300)));
+
+    // Past 80% of the lifetime, before expiry: answered at once with the current token while one
+    // request fetches the next.
+    tokio::time::sleep(Duration::from_millis(1_650)).await;
+    for _ in 0..20 {
+        let started = Instant::now();
+        client
+            .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(emulator.ims_request_count(), 2);
+    // Past the first token's expiry, the refreshed one serves.
+    client.get_opt_out(GetOptOutRequest { pkey }).await.unwrap();
+    assert_eq!(emulator.ims_request_count(), 2);
+}

@@ -2,19 +2,23 @@
 //! ahead of expiry by a single request at a time.
 //!
 //! Adobe throttles integrations that mint too many tokens, so:
-//! - a token is reused until 80% of its lifetime, then refreshed by one caller while the others
-//!   keep using it; past the safety margin before expiry, callers wait for that one refresh;
-//! - a failed token request is retried with exponential back-off, remembered across callers, so
-//!   no caller can make the source hammer IMS;
+//! - a token is reused until 80% of its lifetime; then one background request refreshes it while
+//!   callers keep using the current one; with no usable token, callers all wait for the same
+//!   request (a thousand calls at expiry make one token request);
+//! - that request runs as a task of its own: a caller whose deadline passes stops waiting, but the
+//!   request goes on, so a slow IMS still yields a token for the callers after it;
+//! - a failed request is followed by a back-off (0.5 s doubling to 60 s) that every caller
+//!   respects, so nothing can make the source hammer IMS;
 //! - [`ImsTokenSource::invalidate`] (ACS said `401013`) drops the cached token only if it is the
 //!   one ACS refused, so a thousand calls refused at once cause one refresh, not a thousand.
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -72,7 +76,7 @@ const MAX_EXPIRY_MARGIN: Duration = Duration::from_secs(60);
 /// Back-off after a failed token request: doubling from the first, capped.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// Attempts one caller makes before giving up; the back-off outlives the caller.
+/// Token requests one caller waits for before giving up; the back-off outlives the caller.
 const ATTEMPTS_PER_CALLER: u32 = 3;
 
 struct CachedToken {
@@ -81,9 +85,14 @@ struct CachedToken {
     usable_until: Instant,
 }
 
+type TokenResult = Result<AccessToken, TokenError>;
+/// The token request in progress, which every caller waiting for a token shares.
+type Flight = Shared<BoxFuture<'static, TokenResult>>;
+
 #[derive(Default)]
 struct State {
     cached: Option<CachedToken>,
+    flight: Option<Flight>,
     /// No token request before this instant (set after a failure).
     not_before: Option<Instant>,
     next_backoff: Option<Duration>,
@@ -91,20 +100,22 @@ struct State {
 
 /// A [`TokenSource`] that obtains tokens from Adobe IMS with the client-credentials grant.
 pub struct ImsTokenSource {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     http: reqwest::Client,
     endpoint: String,
     config: ImsConfig,
     state: Mutex<State>,
-    /// Held by the one caller requesting a token, so there is only ever one request in flight.
-    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for ImsTokenSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ImsTokenSource")
-            .field("endpoint", &self.endpoint)
-            .field("client_id", &self.config.client_id)
-            .field("client_secret", &self.config.client_secret)
+            .field("endpoint", &self.inner.endpoint)
+            .field("client_id", &self.inner.config.client_id)
+            .field("client_secret", &self.inner.config.client_secret)
             .finish_non_exhaustive()
     }
 }
@@ -113,6 +124,12 @@ impl fmt::Debug for ImsTokenSource {
 struct TokenResponse {
     access_token: String,
     expires_in: u64,
+}
+
+/// What a caller does after one look at the state.
+enum Next {
+    Answer(AccessToken),
+    Wait(Flight),
 }
 
 impl ImsTokenSource {
@@ -129,71 +146,92 @@ impl ImsTokenSource {
             .build()
             .map_err(|e| TokenError::new(TokenErrorKind::Refused, e.to_string()))?;
         Ok(Self {
-            http,
-            endpoint,
-            config,
-            state: Mutex::new(State::default()),
-            refreshing: tokio::sync::Mutex::new(()),
+            inner: Arc::new(Inner {
+                http,
+                endpoint,
+                config,
+                state: Mutex::new(State::default()),
+            }),
         })
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        // Every critical section assigns whole values, so a poisoned state is still consistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    async fn token(&self) -> Result<AccessToken, TokenError> {
-        let now = Instant::now();
-        let usable = {
-            let state = self.state();
-            match &state.cached {
-                Some(c) if now < c.refresh_at => return Ok(c.token.clone()),
-                Some(c) if now < c.usable_until => Some(c.token.clone()),
-                _ => None,
-            }
-        };
-
-        if let Some(still_good) = usable {
-            // Time to refresh, but the token still works: one caller tries, once; the others
-            // (and that caller, if IMS fails) keep using the current token.
-            let Ok(_flight) = self.refreshing.try_lock() else {
-                return Ok(still_good);
-            };
-            if self.backing_off(now) {
-                return Ok(still_good);
-            }
-            return Ok(self.request().await.unwrap_or(still_good));
-        }
-
-        // No usable token: wait for the flight in progress, if any, then look again.
-        let _flight = self.refreshing.lock().await;
+    async fn token(&self) -> TokenResult {
         let mut last_error = None;
         for _ in 0..ATTEMPTS_PER_CALLER {
-            if let Some(c) = &self.state().cached
-                && Instant::now() < c.usable_until
-            {
-                return Ok(c.token.clone());
-            }
-            let not_before = self.state().not_before;
-            if let Some(not_before) = not_before {
-                tokio::time::sleep_until(not_before).await;
-            }
-            match self.request().await {
+            let flight = match self.inner.next(Instant::now()) {
+                Next::Answer(token) => return Ok(token),
+                Next::Wait(flight) => flight,
+            };
+            match flight.await {
                 Ok(token) => return Ok(token),
-                Err(e) => last_error = Some(e),
+                Err(error) => last_error = Some(error),
             }
         }
         Err(last_error.unwrap_or_else(|| {
             TokenError::new(TokenErrorKind::Unavailable, "no token request was made")
         }))
     }
+}
 
-    fn backing_off(&self, now: Instant) -> bool {
-        self.state().not_before.is_some_and(|t| now < t)
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every critical section assigns whole values, so a poisoned state is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// One token request. The caller holds `refreshing`.
-    async fn request(&self) -> Result<AccessToken, TokenError> {
+    /// Decides, under the lock, between answering the cached token and waiting for a request
+    /// (starting one if none is in progress).
+    fn next(self: &Arc<Self>, now: Instant) -> Next {
+        let mut state = self.state();
+        let usable = match &state.cached {
+            Some(c) if now < c.refresh_at => return Next::Answer(c.token.clone()),
+            Some(c) if now < c.usable_until => Some(c.token.clone()),
+            _ => None,
+        };
+        let backing_off = state.not_before.is_some_and(|t| now < t);
+        if let Some(still_good) = usable {
+            // Time to refresh, but the token still works: refresh in the background.
+            if state.flight.is_none() && !backing_off {
+                state.flight = Some(self.start_flight(None));
+            }
+            return Next::Answer(still_good);
+        }
+        let flight = match &state.flight {
+            Some(flight) => flight.clone(),
+            None => {
+                let flight = self.start_flight(state.not_before.filter(|_| backing_off));
+                state.flight = Some(flight.clone());
+                flight
+            }
+        };
+        Next::Wait(flight)
+    }
+
+    /// Spawns one token request, after `not_before` if given.
+    fn start_flight(self: &Arc<Self>, not_before: Option<Instant>) -> Flight {
+        let inner = self.clone();
+        let task = tokio::spawn(async move {
+            if let Some(not_before) = not_before {
+                tokio::time::sleep_until(not_before).await;
+            }
+            let result = inner.request().await;
+            inner.state().flight = None;
+            result
+        });
+        async move {
+            task.await.unwrap_or_else(|_| {
+                Err(TokenError::new(
+                    TokenErrorKind::Unavailable,
+                    "the token request was abandoned",
+                ))
+            })
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// One token request, its outcome recorded in the state.
+    async fn request(&self) -> TokenResult {
         let started = Instant::now();
         let result = self.exchange().await;
         let mut state = self.state();
@@ -222,7 +260,7 @@ impl ImsTokenSource {
                 tracing::warn!(
                     kind = ?error.kind(),
                     reason = error.reason(),
-                    retry_in_ms = backoff.as_millis() as u64,
+                    retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
                     "IMS token request failed"
                 );
                 Err(error)
@@ -301,13 +339,12 @@ impl TokenSource for ImsTokenSource {
     }
 
     fn invalidate(&self, rejected: &AccessToken) {
-        let mut state = self.state();
+        let mut state = self.inner.state();
         if state.cached.as_ref().is_some_and(|c| c.token == *rejected) {
             state.cached = None;
         }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
