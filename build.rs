@@ -34,6 +34,8 @@ fn main() {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Small per-call buffers: see src/proto/codec.rs.
+        .codec_path("crate::proto::codec::SmallBufferCodec")
         .compile_fds(descriptors)
         .unwrap_or_else(|e| panic!("generating the gRPC code: {e}"));
 }

@@ -8,10 +8,12 @@
 //! - [`health`]: what the health service reports, and the probe that restores it.
 //! - [`config`]: settings, from flags and environment variables.
 //! - [`cli`]: the `ccpa-gateway` command.
+//! - [`bench`]: the load benchmark (`ccpa-gateway bench`).
 
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod health;

@@ -53,18 +53,43 @@ enum Command {
     SetOptOut(calls::SetOptOutArgs),
     /// Create a profile and print it, as JSON.
     CreateProfile(calls::CreateProfileArgs),
+    /// Measure the gateway against calling Adobe Campaign directly (emulated), and report.
+    Bench(crate::bench::BenchArgs),
 }
 
-/// Parses the command line, runs the command, and says how it ended.
-pub async fn run() -> ExitCode {
+/// Parses the command line, runs the command on a runtime suited to it, and says how it ended.
+pub fn run() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
-    let code = match cli.command {
-        Command::Serve(settings) => serve::serve(*settings).await,
-        Command::Emulator(args) => serve::emulator(args).await,
-        Command::GetOptOut(args) => calls::get_opt_out(args).await,
-        Command::SetOptOut(args) => calls::set_opt_out(args).await,
-        Command::CreateProfile(args) => calls::create_profile(args).await,
-    };
-    ExitCode::from(code)
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if matches!(cli.command, Command::Bench(_)) && std::env::var_os(WORKER_THREADS).is_none() {
+        // The load generator shares the machine with the gateway and the emulator it starts;
+        // each gets one worker thread (see crate::bench), unless TOKIO_WORKER_THREADS says
+        // otherwise.
+        runtime.worker_threads(1);
+    }
+    match runtime.build() {
+        Ok(runtime) => ExitCode::from(runtime.block_on(cli.command.run())),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(exit_codes::FAILURE)
+        }
+    }
+}
+
+/// tokio's variable for the number of worker threads of a runtime.
+pub const WORKER_THREADS: &str = "TOKIO_WORKER_THREADS";
+
+impl Command {
+    async fn run(self) -> u8 {
+        match self {
+            Command::Serve(settings) => serve::serve(*settings).await,
+            Command::Emulator(args) => serve::emulator(args).await,
+            Command::GetOptOut(args) => calls::get_opt_out(args).await,
+            Command::SetOptOut(args) => calls::set_opt_out(args).await,
+            Command::CreateProfile(args) => calls::create_profile(args).await,
+            Command::Bench(args) => crate::bench::run(args).await,
+        }
+    }
 }

@@ -41,6 +41,9 @@ pub struct EmulatorArgs {
     /// Lifetime of the tokens its IMS endpoint issues.
     #[arg(long, env = "CCPA_EMULATOR_TOKEN_LIFETIME", default_value = "86399s", value_parser = humantime::parse_duration)]
     token_lifetime: Duration,
+    /// Do not keep requests for inspection (they are only useful to tests): for benchmarks.
+    #[arg(long, env = "CCPA_EMULATOR_NO_RECORD")]
+    no_record: bool,
     #[command(flatten, next_help_heading = "Latency and failures")]
     faults: FaultArgs,
 }
@@ -267,6 +270,7 @@ pub async fn emulator(args: EmulatorArgs) -> u8 {
         token_lifetime: args.token_lifetime,
         faults: args.faults.settings(),
         wrap_reads_in_collection: false,
+        record_requests: !args.no_record,
     };
     let emulator = match Emulator::bind(args.listen, config).await {
         Ok(emulator) => emulator,

@@ -67,6 +67,9 @@ pub struct EmulatorConfig {
     pub token_lifetime: Duration,
     /// Latency and random failures of the profile API.
     pub faults: FaultSettings,
+    /// Keep the newest requests for [`Emulator::requests`]. Off for benchmarks, where copying
+    /// every request's headers would be the emulator's main cost.
+    pub record_requests: bool,
 }
 
 impl EmulatorConfig {
@@ -95,6 +98,7 @@ impl Default for EmulatorConfig {
             ims_client_secret: Self::DEFAULT_IMS_CLIENT_SECRET.into(),
             token_lifetime: Self::DEFAULT_TOKEN_LIFETIME,
             faults: FaultSettings::default(),
+            record_requests: true,
         }
     }
 }
@@ -110,6 +114,7 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("ims_client_secret", &"[REDACTED]")
             .field("token_lifetime", &self.token_lifetime)
             .field("faults", &self.faults)
+            .field("record_requests", &self.record_requests)
             .finish()
     }
 }
@@ -367,7 +372,8 @@ impl Emulator {
         lock(&self.shared.profiles).len()
     }
 
-    /// The newest requests received (at most 10,000), oldest first.
+    /// The newest requests received (at most 10,000), oldest first; none when
+    /// [`EmulatorConfig::record_requests`] is off.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         lock(&self.shared.requests).iter().cloned().collect()
     }

@@ -216,6 +216,9 @@ async fn apply_after_handling(fault: Option<Fault>, response: Response) -> Respo
 
 fn record(shared: &Shared, parts: &axum::http::request::Parts, body: &Bytes) {
     shared.request_count.fetch_add(1, Ordering::SeqCst);
+    if !shared.config.record_requests {
+        return;
+    }
     let recorded = RecordedRequest {
         received_at: std::time::Instant::now(),
         method: parts.method.to_string(),

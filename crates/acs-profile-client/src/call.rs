@@ -214,7 +214,10 @@ impl CallRuntime {
                     .access_token()
                     .await
                     .map_err(|e| CallError::Api(no_token_error(&e)))?;
-                Ok::<_, CallError>((attempt().await, token))
+                // Boxed: the request's state (a few KiB) then exists only while the request
+                // does, not in every call waiting for admission; with thousands queued, that is
+                // most of the gateway's memory.
+                Ok::<_, CallError>((Box::pin(attempt()).await, token))
             })
             .await;
             let (result, token) = match outcome {

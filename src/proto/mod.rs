@@ -1,5 +1,7 @@
 //! The wire contract, generated from `proto/ccpa/v1/ccpa.proto` by `build.rs`.
 
+pub mod codec;
+
 /// `ccpa.v1`: the gateway's gRPC API (messages, server and client).
 pub mod ccpa_v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]

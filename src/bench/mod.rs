@@ -1,0 +1,538 @@
+//! `ccpa-gateway bench`: what the gateway costs on top of calling ACS directly.
+//!
+//! For each scenario, in one run and against one emulator (a separate process, with the
+//! scenario's latency), the same operations are made twice: directly with the client crate from
+//! this process (the floor for that work), then through a gateway (another process). The report
+//! gives both, their ratios, and the gateway's CPU time per call and peak RSS read from `/proc`.
+//! `BENCHMARKS.md` records the figures.
+
+mod load;
+mod processes;
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use acs_emulator::EmulatorConfig;
+use acs_profile_client::{
+    AccessToken, CallError, CallSettings, Client, ClientConfig, SharedToken, ThrottleSettings,
+    types,
+};
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::cli::exit_codes;
+use crate::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
+use crate::proto::ccpa_v1::{GetOptOutRequest, SetOptOutRequest};
+use load::{drive, round};
+use processes::{GatewayLimits, start_emulator, start_gateway, usage};
+
+/// Arguments of `bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Which scenario to run.
+    #[arg(long, value_enum, default_value = "all")]
+    scenario: ScenarioChoice,
+    /// Run every scenario briefly (under a minute in all): a smoke check, not a measurement.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object with the figures instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Measured time of each phase (default 15 s, 4 s with --quick).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Unmeasured warm-up before each phase (default 3 s, 1 s with --quick).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    warmup: Option<Duration>,
+    /// Log filter of the gateway: `info` (a line per call, as in production) or `warn` (to see
+    /// what those lines cost).
+    #[arg(long, value_enum, default_value = "info")]
+    gateway_log: GatewayLog,
+    /// Requests to ACS in progress at once, for the gateway and the direct client alike,
+    /// instead of the scenario's own value.
+    #[arg(long)]
+    max_in_flight: Option<usize>,
+    /// Calls in flight at once, instead of the scenario's own value.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Worker threads of the gateway (the load generator and the emulator have one each).
+    #[arg(long)]
+    gateway_threads: Option<usize>,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// A gateway, and the emulator it calls, started elsewhere: measured instead of starting both.
+/// The emulator must use the default tenant and credentials; its latency is whatever it was
+/// started with, so the scenario's latency does not apply.
+#[derive(Args, Clone)]
+struct Target {
+    /// Address of the running gateway.
+    #[arg(long, requires = "target_emulator_url")]
+    target_addr: Option<SocketAddr>,
+    /// Its process id, to read its CPU time and peak RSS.
+    #[arg(long, requires = "target_addr")]
+    target_pid: Option<i32>,
+    /// URL of the emulator that gateway calls; the baseline calls it directly.
+    #[arg(long, requires = "target_addr")]
+    target_emulator_url: Option<String>,
+    /// The emulator's process id, to read its CPU time.
+    #[arg(long, requires = "target_addr")]
+    target_emulator_pid: Option<i32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum GatewayLog {
+    Info,
+    Warn,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ScenarioChoice {
+    All,
+    Cpu,
+    Fanout,
+    Flood,
+}
+
+/// One load shape.
+#[derive(Debug, Clone, Copy)]
+struct Scenario {
+    name: &'static str,
+    /// Latency the emulator adds to every answer, standing for ACS's response time.
+    upstream_latency: Duration,
+    /// Calls in flight at once.
+    concurrency: usize,
+    /// Share of calls that are SetOptOut (a write and a read-back); the rest are GetOptOut.
+    set_share: f64,
+    /// Requests to ACS in progress at once, at most: the same for the gateway and the direct
+    /// client, so that both do the same work under the same limit.
+    max_in_flight: usize,
+}
+
+const SCENARIOS: [Scenario; 3] = [
+    Scenario {
+        name: "cpu",
+        upstream_latency: Duration::ZERO,
+        concurrency: 64,
+        set_share: 0.0,
+        max_in_flight: 256,
+    },
+    Scenario {
+        name: "fanout",
+        upstream_latency: Duration::from_millis(50),
+        concurrency: 1_000,
+        set_share: 0.1,
+        max_in_flight: 2_048,
+    },
+    Scenario {
+        name: "flood",
+        upstream_latency: Duration::from_millis(200),
+        concurrency: 10_000,
+        set_share: 0.0,
+        max_in_flight: 1_024,
+    },
+];
+
+/// Profiles the load is spread over.
+const PROFILES: usize = 512;
+/// Deadline of every call: long enough that only a real failure fails one.
+const CALL_DEADLINE: Duration = Duration::from_secs(30);
+/// Streams per connection from the load generator to the gateway (HTTP/2 servers commonly
+/// allow 100 to 200 at once; more wait for a free stream).
+const STREAMS_PER_CONNECTION: usize = 100;
+
+/// Runs the benchmark and prints the report.
+pub async fn run(args: BenchArgs) -> u8 {
+    let (default_warmup, default_duration) = if args.quick {
+        (Duration::from_secs(1), Duration::from_secs(4))
+    } else {
+        (Duration::from_secs(3), Duration::from_secs(15))
+    };
+    let warmup = args.warmup.unwrap_or(default_warmup);
+    let duration = args.duration.unwrap_or(default_duration);
+    let chosen: Vec<Scenario> = SCENARIOS
+        .into_iter()
+        .filter(|s| match args.scenario {
+            ScenarioChoice::All => true,
+            ScenarioChoice::Cpu => s.name == "cpu",
+            ScenarioChoice::Fanout => s.name == "fanout",
+            ScenarioChoice::Flood => s.name == "flood",
+        })
+        .collect();
+
+    let mut scenarios = serde_json::Map::new();
+    for mut scenario in chosen {
+        if let Some(max_in_flight) = args.max_in_flight {
+            scenario.max_in_flight = max_in_flight;
+        }
+        if let Some(concurrency) = args.concurrency {
+            scenario.concurrency = concurrency;
+        }
+        if !args.json {
+            eprintln!(
+                "running {} ({} concurrent, {} ms upstream, {:.0}% SetOptOut) ...",
+                scenario.name,
+                scenario.concurrency,
+                scenario.upstream_latency.as_millis(),
+                scenario.set_share * 100.0
+            );
+        }
+        let log_filter = match args.gateway_log {
+            GatewayLog::Info => "info",
+            // The start-up line carries the address the benchmark needs.
+            GatewayLog::Warn => "warn,ccpa_gateway::cli=info",
+        };
+        let gateway = GatewaySetup {
+            log_filter,
+            worker_threads: args.gateway_threads,
+        };
+        match run_scenario(scenario, warmup, duration, gateway, &args.target).await {
+            Ok(report) => {
+                if !args.json {
+                    print_report(scenario, &report);
+                }
+                scenarios.insert(scenario.name.to_owned(), report);
+            }
+            Err(e) => {
+                eprintln!("error: scenario {}: {e}", scenario.name);
+                return exit_codes::FAILURE;
+            }
+        }
+    }
+    if args.json {
+        let report = json!({
+            "machine": machine(),
+            "quick": args.quick,
+            "warmup_s": warmup.as_secs_f64(),
+            "duration_s": duration.as_secs_f64(),
+            "scenarios": scenarios,
+        });
+        println!("{report}");
+    }
+    exit_codes::OK
+}
+
+fn machine() -> Value {
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "kernel": procfs::sys::kernel::Version::current()
+            .map(|v| format!("{}.{}.{}", v.major, v.minor, v.patch))
+            .unwrap_or_default(),
+    })
+}
+
+/// How the gateway process is started.
+#[derive(Clone, Copy)]
+struct GatewaySetup {
+    log_filter: &'static str,
+    worker_threads: Option<usize>,
+}
+
+/// CPU time used per call by each process during one measured phase.
+struct PhaseCpu {
+    load_generator: Duration,
+    emulator: Option<Duration>,
+    gateway: Option<Duration>,
+}
+
+impl PhaseCpu {
+    fn per_call_json(&self, calls: u64) -> Value {
+        let per_call = |cpu: Duration| round(cpu.as_secs_f64() * 1e6 / calls.max(1) as f64, 1);
+        json!({
+            "load_generator": per_call(self.load_generator),
+            "emulator": self.emulator.map(per_call),
+            "gateway": self.gateway.map(per_call),
+        })
+    }
+}
+
+/// Runs one measured phase and reads the CPU each process used during it.
+async fn measured<F, Fut>(
+    concurrency: usize,
+    duration: Duration,
+    operation: F,
+    emulator_pid: Option<i32>,
+    gateway_pid: Option<i32>,
+) -> Result<(load::LoadResult, PhaseCpu), String>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let own_pid = i32::try_from(std::process::id()).map_err(|e| e.to_string())?;
+    let before = (
+        usage(own_pid)?,
+        emulator_pid.map(usage).transpose()?,
+        gateway_pid.map(usage).transpose()?,
+    );
+    let result = drive(concurrency, duration, operation).await;
+    let after = (
+        usage(own_pid)?,
+        emulator_pid.map(usage).transpose()?,
+        gateway_pid.map(usage).transpose()?,
+    );
+    let cpu = PhaseCpu {
+        load_generator: after.0.cpu - before.0.cpu,
+        emulator: after.1.zip(before.1).map(|(a, b)| a.cpu - b.cpu),
+        gateway: after.2.zip(before.2).map(|(a, b)| a.cpu - b.cpu),
+    };
+    Ok((result, cpu))
+}
+
+async fn run_scenario(
+    scenario: Scenario,
+    warmup: Duration,
+    duration: Duration,
+    gateway_setup: GatewaySetup,
+    target: &Target,
+) -> Result<Value, String> {
+    let (emulator, emulator_url, emulator_pid) = match &target.target_emulator_url {
+        Some(url) => (None, url.clone(), target.target_emulator_pid),
+        None => {
+            let (process, url) = start_emulator(scenario.upstream_latency).await?;
+            let pid = process.pid();
+            (Some(process), url, Some(pid))
+        }
+    };
+    let direct = direct_client(&emulator_url, scenario.max_in_flight)?;
+    let profiles = Arc::new(create_profiles(&direct).await?);
+
+    // The floor: the same operations, straight to the emulator.
+    let operation = direct_operation(direct.clone(), profiles.clone(), scenario.set_share);
+    drive(scenario.concurrency, warmup, operation.clone()).await;
+    let (direct_result, direct_cpu) = measured(
+        scenario.concurrency,
+        duration,
+        operation,
+        emulator_pid,
+        None,
+    )
+    .await?;
+
+    // The same through the gateway.
+    let (gateway, addr, gateway_pid) = match target.target_addr {
+        Some(addr) => (None, addr, target.target_pid),
+        None => {
+            let limits = GatewayLimits {
+                max_in_flight: scenario.max_in_flight,
+                worker_threads: gateway_setup.worker_threads,
+                log_filter: gateway_setup.log_filter,
+            };
+            let (process, addr) = start_gateway(&emulator_url, limits).await?;
+            let pid = process.pid();
+            (Some(process), addr, Some(pid))
+        }
+    };
+    let channels = connect(addr, scenario.concurrency).await?;
+    let operation = gateway_operation(channels, profiles, scenario.set_share);
+    drive(scenario.concurrency, warmup, operation.clone()).await;
+    let (gateway_result, gateway_cpu) = measured(
+        scenario.concurrency,
+        duration,
+        operation,
+        emulator_pid,
+        gateway_pid,
+    )
+    .await?;
+    let gateway_peak_rss = gateway_pid.map(usage).transpose()?.map(|u| u.peak_rss);
+    if let Some(gateway) = gateway {
+        gateway.stop().await;
+    }
+    if let Some(emulator) = emulator {
+        emulator.stop().await;
+    }
+
+    let gateway_cpu_us_per_call = gateway_cpu
+        .gateway
+        .map(|cpu| cpu.as_secs_f64() * 1e6 / gateway_result.calls().max(1) as f64);
+    Ok(json!({
+        "concurrency": scenario.concurrency,
+        "upstream_latency_ms": scenario.upstream_latency.as_millis() as u64,
+        "set_share": scenario.set_share,
+        "max_in_flight": scenario.max_in_flight,
+        "direct": direct_result.to_json(),
+        "gateway": gateway_result.to_json(),
+        "throughput_ratio": round(gateway_result.throughput() / direct_result.throughput().max(f64::MIN_POSITIVE), 3),
+        "added_p50_ms": round(gateway_result.quantile_ms(0.5) - direct_result.quantile_ms(0.5), 3),
+        "added_p99_ms": round(gateway_result.quantile_ms(0.99) - direct_result.quantile_ms(0.99), 3),
+        "gateway_cpu_s_per_1000_calls": gateway_cpu_us_per_call.map(|us| round(us / 1000.0, 4)),
+        "gateway_cpu_us_per_call": gateway_cpu_us_per_call.map(|us| round(us, 1)),
+        "gateway_peak_rss_mb": gateway_peak_rss.map(|bytes| round(bytes as f64 / 1_048_576.0, 1)),
+        "cpu_us_per_call": {
+            "direct": direct_cpu.per_call_json(direct_result.calls()),
+            "gateway": gateway_cpu.per_call_json(gateway_result.calls()),
+        },
+    }))
+}
+
+fn direct_client(emulator_url: &str, max_in_flight: usize) -> Result<Client, String> {
+    let config = ClientConfig {
+        call: CallSettings {
+            throttle: ThrottleSettings {
+                max_rps: NonZeroU32::MAX,
+                max_in_flight,
+                max_queued: usize::MAX,
+            },
+            default_budget: CALL_DEADLINE,
+            ..CallSettings::default()
+        },
+        ..ClientConfig::new(
+            emulator_url,
+            EmulatorConfig::DEFAULT_TENANT,
+            EmulatorConfig::DEFAULT_API_KEY,
+            Arc::new(SharedToken::new(AccessToken::new(
+                EmulatorConfig::DEFAULT_ACCESS_TOKEN,
+            ))),
+        )
+    };
+    Client::from_config(config).map_err(|e| e.to_string())
+}
+
+async fn create_profiles(client: &Client) -> Result<Vec<String>, String> {
+    use futures::StreamExt;
+    let created: Vec<Result<String, String>> = futures::stream::iter(0..PROFILES)
+        .map(|i| async move {
+            let input = types::ProfileInput {
+                email: Some(format!("bench-{i}@example.com")),
+                ccpa_opt_out: Some(i % 2 == 0),
+                ..Default::default()
+            };
+            let profile = client
+                .add_profile(&input, Some(Instant::now() + CALL_DEADLINE))
+                .await
+                .map_err(|e| format!("creating a profile: {e}"))?;
+            profile
+                .p_key
+                .ok_or_else(|| "a profile without a key".to_owned())
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    created.into_iter().collect()
+}
+
+/// Which profile, and whether to set, for call `n` of worker `worker`.
+fn pick(profiles: &[String], worker: usize, n: u64, set_share: f64) -> (String, bool) {
+    // A fixed spread: every worker walks the profiles from its own offset, and sets on a fixed
+    // share of its calls, so both runs make the same mix.
+    let index = (worker.wrapping_mul(7919) + n as usize) % profiles.len();
+    let set = set_share > 0.0 && (n % 100) < (set_share * 100.0) as u64;
+    (profiles[index].clone(), set)
+}
+
+fn direct_operation(
+    client: Client,
+    profiles: Arc<Vec<String>>,
+    set_share: f64,
+) -> impl Fn(usize, u64) -> futures::future::BoxFuture<'static, Result<(), String>>
++ Clone
++ Send
++ Sync
++ 'static {
+    move |worker, n| {
+        let client = client.clone();
+        let (pkey, set) = pick(&profiles, worker, n, set_share);
+        Box::pin(async move {
+            let deadline = Some(Instant::now() + CALL_DEADLINE);
+            // What the gateway does for the same call: a read, or a write and a read-back.
+            if set {
+                client
+                    .set_ccpa_opt_out(&pkey, n % 2 == 0, deadline)
+                    .await
+                    .map_err(|e| error_kind(&e))?;
+            }
+            match client.read_profile(&pkey, deadline).await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err("empty collection".into()),
+                Err(e) => Err(error_kind(&e)),
+            }
+        })
+    }
+}
+
+fn error_kind(error: &CallError) -> String {
+    error.to_string()
+}
+
+fn gateway_operation(
+    channels: Arc<Vec<Channel>>,
+    profiles: Arc<Vec<String>>,
+    set_share: f64,
+) -> impl Fn(usize, u64) -> futures::future::BoxFuture<'static, Result<(), String>>
++ Clone
++ Send
++ Sync
++ 'static {
+    move |worker, n| {
+        let mut client = CcpaServiceClient::new(channels[worker % channels.len()].clone());
+        let (pkey, set) = pick(&profiles, worker, n, set_share);
+        Box::pin(async move {
+            let result = if set {
+                let mut request = tonic::Request::new(SetOptOutRequest {
+                    pkey,
+                    ccpa_opt_out: Some(n % 2 == 0),
+                });
+                request.set_timeout(CALL_DEADLINE);
+                client.set_opt_out(request).await.map(|_| ())
+            } else {
+                let mut request = tonic::Request::new(GetOptOutRequest { pkey });
+                request.set_timeout(CALL_DEADLINE);
+                client.get_opt_out(request).await.map(|_| ())
+            };
+            result.map_err(|status| format!("{:?}", status.code()))
+        })
+    }
+}
+
+async fn connect(addr: SocketAddr, concurrency: usize) -> Result<Arc<Vec<Channel>>, String> {
+    let count = concurrency.div_ceil(STREAMS_PER_CONNECTION).max(1);
+    let mut channels = Vec::with_capacity(count);
+    for _ in 0..count {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| format!("connecting to the gateway: {e}"))?;
+        channels.push(channel);
+    }
+    Ok(Arc::new(channels))
+}
+
+fn print_report(scenario: Scenario, report: &Value) {
+    let line = |label: &str, side: &Value| {
+        println!(
+            "  {label:<8} {:>9.0} calls/s   p50 {:>8.3} ms   p90 {:>8.3} ms   p99 {:>8.3} ms   max {:>9.3} ms   errors {}",
+            side["throughput_per_s"].as_f64().unwrap_or(0.0),
+            side["p50_ms"].as_f64().unwrap_or(0.0),
+            side["p90_ms"].as_f64().unwrap_or(0.0),
+            side["p99_ms"].as_f64().unwrap_or(0.0),
+            side["max_ms"].as_f64().unwrap_or(0.0),
+            side["errors"],
+        );
+    };
+    println!(
+        "{}: {} concurrent, {} ms upstream",
+        scenario.name,
+        scenario.concurrency,
+        scenario.upstream_latency.as_millis()
+    );
+    line("direct", &report["direct"]);
+    line("gateway", &report["gateway"]);
+    println!(
+        "  throughput ratio {}   added p50 {} ms   added p99 {} ms   gateway CPU {} us/call ({} s per 1000)   gateway peak RSS {} MB",
+        report["throughput_ratio"],
+        report["added_p50_ms"],
+        report["added_p99_ms"],
+        report["gateway_cpu_us_per_call"],
+        report["gateway_cpu_s_per_1000_calls"],
+        report["gateway_peak_rss_mb"],
+    );
+    println!(
+        "  CPU us per call: direct {}   through the gateway {}",
+        report["cpu_us_per_call"]["direct"], report["cpu_us_per_call"]["gateway"],
+    );
+}

@@ -1,0 +1,181 @@
+//! The emulator and the gateway as separate processes (this binary, run as `emulator` and
+//! `serve`), and what `/proc` says about them.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A child process of the benchmark.
+pub struct Process {
+    child: Child,
+    pid: i32,
+}
+
+/// CPU time and memory of a process, read from `/proc`.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    /// User plus system CPU time.
+    pub cpu: Duration,
+    /// Peak resident set size (VmHWM), in bytes.
+    pub peak_rss: u64,
+}
+
+/// Reads a process's CPU time and peak RSS.
+pub fn usage(pid: i32) -> Result<Usage, String> {
+    let process = procfs::process::Process::new(pid).map_err(|e| format!("/proc/{pid}: {e}"))?;
+    let stat = process
+        .stat()
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    let status = process
+        .status()
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    let ticks = procfs::ticks_per_second().max(1);
+    let cpu_ticks = stat.utime + stat.stime;
+    Ok(Usage {
+        cpu: Duration::from_secs_f64(cpu_ticks as f64 / ticks as f64),
+        peak_rss: status.vmhwm.unwrap_or(0) * 1024,
+    })
+}
+
+impl Process {
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits for it.
+    pub async fn stop(mut self) {
+        // The child has not been waited for, so its pid cannot have been reused.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+fn this_binary() -> Result<std::path::PathBuf, String> {
+    std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))
+}
+
+fn pid_of(child: &Child) -> Result<i32, String> {
+    child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .ok_or_else(|| "the child process has no pid".to_owned())
+}
+
+/// A command running this binary, with one worker thread unless the caller chose otherwise:
+/// the load generator, the emulator and the gateway share the machine's cores.
+fn this_binary_command() -> Result<Command, String> {
+    let mut command = Command::new(this_binary()?);
+    if std::env::var_os(crate::cli::WORKER_THREADS).is_none() {
+        command.env(crate::cli::WORKER_THREADS, "1");
+    }
+    Ok(command)
+}
+
+/// Starts an emulator with `latency` on every answer; returns it and its URL.
+pub async fn start_emulator(latency: Duration) -> Result<(Process, String), String> {
+    let mut child = this_binary_command()?
+        .args([
+            "emulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-record",
+            "--latency",
+        ])
+        .arg(format!("{}ms", latency.as_millis()))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start the emulator: {e}"))?;
+    let pid = pid_of(&child)?;
+    let stdout = child.stdout.take().ok_or("the emulator has no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .map_err(|_| "the emulator did not start in 10 s")?
+        .map_err(|e| format!("reading the emulator's output: {e}"))?
+        .ok_or("the emulator exited")?;
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .ok_or("the emulator did not print its URL")?
+        .to_owned();
+    // Keep reading so that the emulator never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((Process { child, pid }, url))
+}
+
+/// Limits the gateway is started with.
+#[derive(Debug, Clone, Copy)]
+pub struct GatewayLimits {
+    /// `--acs-max-in-flight`.
+    pub max_in_flight: usize,
+    /// Worker threads of the gateway's runtime; `None` leaves the default of one.
+    pub worker_threads: Option<usize>,
+    /// `RUST_LOG` of the gateway: `info` logs a line per call, as in production.
+    pub log_filter: &'static str,
+}
+
+/// Starts a gateway in front of the emulator at `emulator_url`; returns it and its address.
+pub async fn start_gateway(
+    emulator_url: &str,
+    limits: GatewayLimits,
+) -> Result<(Process, SocketAddr), String> {
+    use acs_emulator::EmulatorConfig;
+    let mut command = this_binary_command()?;
+    if let Some(threads) = limits.worker_threads {
+        command.env(crate::cli::WORKER_THREADS, threads.to_string());
+    }
+    let mut child = command
+        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+        .args(["--acs-max-rps", "1000000"])
+        .args(["--acs-max-in-flight", &limits.max_in_flight.to_string()])
+        .args(["--acs-max-queued", "1000000"])
+        .env("CCPA_ACS_BASE_URL", emulator_url)
+        .env("CCPA_ACS_TENANT", EmulatorConfig::DEFAULT_TENANT)
+        .env("CCPA_ACS_API_KEY", EmulatorConfig::DEFAULT_API_KEY)
+        .env(
+            "CCPA_ACS_ACCESS_TOKEN",
+            EmulatorConfig::DEFAULT_ACCESS_TOKEN,
+        )
+        .env("RUST_LOG", limits.log_filter)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start the gateway: {e}"))?;
+    let pid = pid_of(&child)?;
+    let stderr = child.stderr.take().ok_or("the gateway has no stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if let Some(addr) = event["listen"].as_str().and_then(|a| a.parse().ok()) {
+                return Ok(addr);
+            }
+        }
+        Err("the gateway exited before listening".to_owned())
+    })
+    .await
+    .map_err(|_| "the gateway did not start in 10 s".to_owned())??;
+    // The gateway logs a line per call: read them (as a log collector would) and drop them.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((Process { child, pid }, addr))
+}

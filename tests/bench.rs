@@ -1,0 +1,63 @@
+//! The benchmark command runs end to end (briefly, at low concurrency) and reports every figure
+//! it promises. Speed is not asserted here: `BENCHMARKS.md` reports it.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn a_short_benchmark_reports_every_figure() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+        .args([
+            "bench",
+            "--scenario",
+            "fanout",
+            "--concurrency",
+            "8",
+            "--warmup",
+            "200ms",
+            "--duration",
+            "1s",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&output.stdout));
+    });
+    let fanout = &report["scenarios"]["fanout"];
+    for key in [
+        "throughput_ratio",
+        "added_p50_ms",
+        "added_p99_ms",
+        "gateway_cpu_us_per_call",
+        "gateway_cpu_s_per_1000_calls",
+        "gateway_peak_rss_mb",
+    ] {
+        assert!(fanout[key].is_number(), "{key}: {fanout}");
+    }
+    for side in ["direct", "gateway"] {
+        let figures = &fanout[side];
+        assert!(figures["ok"].as_u64().unwrap() > 0, "{side}: {figures}");
+        assert_eq!(
+            figures["errors"],
+            serde_json::json!({}),
+            "{side}: {figures}"
+        );
+        for key in ["throughput_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms"] {
+            assert!(
+                figures[key].as_f64().unwrap() > 0.0,
+                "{side}.{key}: {figures}"
+            );
+        }
+    }
+    // The scenario's 50 ms of upstream latency shows in both paths.
+    assert!(fanout["direct"]["p50_ms"].as_f64().unwrap() >= 50.0);
+    assert!(fanout["gateway"]["p50_ms"].as_f64().unwrap() >= 50.0);
+    assert_eq!(
+        report["machine"]["cpus"].as_u64(),
+        Some(std::thread::available_parallelism().unwrap().get() as u64)
+    );
+}
