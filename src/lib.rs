@@ -8,7 +8,7 @@
 //! - [`health`]: what the health service reports, and the probe that restores it.
 //! - [`config`]: settings, from flags and environment variables.
 //! - [`cli`]: the `ccpa-gateway` command.
-//! - [`bench`]: the load benchmark (`ccpa-gateway bench`).
+//! - [`mod@bench`]: the load benchmark (`ccpa-gateway bench`).
 
 #![warn(missing_docs)]
 
