@@ -14,6 +14,7 @@ use acs_profile_client::{
 use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::ledger::delivery::DeliverySettings;
 use crate::server::{ServerOptions, ShutdownOptions};
 
 /// Settings of `ccpa-gateway serve`.
@@ -45,6 +46,10 @@ pub struct ServeSettings {
     #[arg(long, env = "CCPA_HEALTH_PROBE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub health_probe_interval: Duration,
 
+    /// Where opt-out requests are recorded.
+    #[command(flatten, next_help_heading = "Opt-out ledger")]
+    pub ledger: LedgerSettings,
+
     /// How to reach Adobe Campaign.
     #[command(flatten, next_help_heading = "Adobe Campaign")]
     pub acs: AcsSettings,
@@ -67,6 +72,23 @@ impl ServeSettings {
                 drain_delay: self.drain_delay,
                 drain_timeout: self.drain_timeout,
             },
+            delivery: DeliverySettings {
+                poll_interval: self.ledger.delivery_poll_interval,
+                attempt_budget: self.acs.acs_timeout,
+                overdue_after_business_days: self.ledger.overdue_after,
+                retention: self.ledger.retention,
+                ..DeliverySettings::default()
+            },
+        }
+    }
+
+    /// The ledger's location: the setting, else an in-memory ledger with `--emulator` (a demo
+    /// keeps nothing), else [`LedgerSettings::DEFAULT_FILE`].
+    pub fn ledger_location(&self) -> String {
+        match (&self.ledger.ledger, self.emulator) {
+            (Some(location), _) => location.clone(),
+            (None, true) => "sqlite::memory:".to_owned(),
+            (None, false) => LedgerSettings::DEFAULT_FILE.to_owned(),
         }
     }
 
@@ -126,6 +148,52 @@ impl ServeSettings {
             }),
         }
     }
+}
+
+/// Where opt-out requests are recorded, and for how long.
+#[derive(Args, Clone)]
+pub struct LedgerSettings {
+    /// The ledger: a SQLite file path (one gateway), or a `postgres://` URL (several gateways
+    /// sharing it). Default: ccpa-ledger.sqlite3 in the working directory; in memory with
+    /// --emulator.
+    #[arg(long, env = "CCPA_LEDGER", hide_env_values = true)]
+    pub ledger: Option<String>,
+
+    /// Pending requests older than this many business days are reported overdue (warning log,
+    /// `ccpa.v1.OptOutDelivery` health NOT_SERVING, `ccpa-gateway records --overdue`). The legal
+    /// limit is 15.
+    #[arg(long, env = "CCPA_OVERDUE_AFTER", default_value = "5",
+          value_parser = clap::value_parser!(u32).range(1..=15))]
+    pub overdue_after: u32,
+
+    /// How long records are kept after the request was made. The regulations require at least
+    /// 24 months; less is refused.
+    #[arg(long, env = "CCPA_RETENTION", default_value = "730days", value_parser = retention)]
+    pub retention: Duration,
+
+    /// How often the deliverer looks for pending requests to deliver.
+    #[arg(long, env = "CCPA_DELIVERY_POLL_INTERVAL", default_value = "1s",
+          value_parser = humantime::parse_duration)]
+    pub delivery_poll_interval: Duration,
+}
+
+impl LedgerSettings {
+    /// The ledger file used when none is set.
+    pub const DEFAULT_FILE: &'static str = "ccpa-ledger.sqlite3";
+}
+
+/// 24 months, counted as 730 days.
+pub const MIN_RETENTION: Duration = Duration::from_secs(730 * 24 * 3600);
+
+/// Parses a retention period, refusing less than [`MIN_RETENTION`].
+pub fn retention(text: &str) -> Result<Duration, String> {
+    let retention = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if retention < MIN_RETENTION {
+        return Err(
+            "the regulations require records to be kept at least 24 months (730days)".into(),
+        );
+    }
+    Ok(retention)
 }
 
 /// How to reach the Adobe Campaign Standard tenant.

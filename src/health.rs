@@ -8,6 +8,9 @@
 //! - `""` (the server as a whole) follows it.
 //! - `liveness` is SERVING for as long as the process answers: restarting does not fix bad
 //!   credentials, so liveness must not follow them.
+//! - `ccpa.v1.OptOutDelivery` turns NOT_SERVING while a recorded opt-out request has waited
+//!   longer than the overdue threshold (see [`crate::ledger::clock`]): an alert, not a readiness
+//!   signal.
 //!
 //! Use `ccpa.v1.CcpaService` (or `""`) as the readiness signal and `liveness` as the liveness
 //! signal. While NOT_SERVING, a probe (a read of a key that cannot exist; any answer from ACS
@@ -28,6 +31,10 @@ use crate::server::CCPA_SERVICE_NAME;
 
 /// The health entry to use for liveness.
 pub const LIVENESS_SERVICE_NAME: &str = "liveness";
+
+/// The health entry that turns NOT_SERVING while a recorded opt-out request is overdue: alert on
+/// it; do not use it for readiness (a replica taken out of rotation delivers nothing faster).
+pub const DELIVERY_SERVICE_NAME: &str = "ccpa.v1.OptOutDelivery";
 
 /// A key no ACS tenant can hold (`@` and text that decrypts to nothing): ACS answers it with
 /// `XTK-170036` once it has accepted our credentials.
@@ -83,7 +90,12 @@ pub struct GatewayHealth {
 impl GatewayHealth {
     /// Starts with everything SERVING.
     pub async fn new(reporter: HealthReporter) -> Arc<Self> {
-        for name in ["", CCPA_SERVICE_NAME, LIVENESS_SERVICE_NAME] {
+        for name in [
+            "",
+            CCPA_SERVICE_NAME,
+            LIVENESS_SERVICE_NAME,
+            DELIVERY_SERVICE_NAME,
+        ] {
             reporter
                 .set_service_status(name, ServingStatus::Serving)
                 .await;
@@ -129,6 +141,18 @@ impl GatewayHealth {
             };
             self.set_ready(status).await;
         }
+    }
+
+    /// Reports whether a recorded request is overdue on the `ccpa.v1.OptOutDelivery` entry.
+    pub async fn set_delivery_overdue(&self, overdue: bool) {
+        let status = if overdue {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        self.reporter
+            .set_service_status(DELIVERY_SERVICE_NAME, status)
+            .await;
     }
 
     /// Whether the credentials worked last time they were tried.

@@ -6,6 +6,7 @@
 //! - [`api`]: the service, its input checks, and the one mapping of upstream failures to gRPC.
 //! - [`server`]: the server with health, reflection and orderly shutdown.
 //! - [`health`]: what the health service reports, and the probe that restores it.
+//! - [`ledger`]: the durable record of opt-out requests, and their delivery to ACS.
 //! - [`config`]: settings, from flags and environment variables.
 //! - [`cli`]: the `ccpa-gateway` command.
 //! - [`mod@bench`]: the load benchmark (`ccpa-gateway bench`).
@@ -17,6 +18,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod health;
+pub mod ledger;
 pub mod proto;
 pub mod server;
 pub mod telemetry;

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -25,6 +26,8 @@ use acs_profile_client::Client;
 
 use crate::api::CcpaApi;
 use crate::health::GatewayHealth;
+use crate::ledger::Ledger;
+use crate::ledger::delivery::{Delivery, DeliverySettings};
 use crate::proto::ccpa_v1::ccpa_service_server::CcpaServiceServer;
 
 /// The name health checks use for the CCPA service: `ccpa.v1.CcpaService`.
@@ -37,6 +40,8 @@ pub struct ServerOptions {
     pub health_probe_interval: Duration,
     /// The shutdown sequence.
     pub shutdown: ShutdownOptions,
+    /// How recorded requests are delivered.
+    pub delivery: DeliverySettings,
 }
 
 impl Default for ServerOptions {
@@ -44,6 +49,7 @@ impl Default for ServerOptions {
         Self {
             health_probe_interval: Duration::from_secs(10),
             shutdown: ShutdownOptions::default(),
+            delivery: DeliverySettings::default(),
         }
     }
 }
@@ -78,10 +84,11 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Serves the gateway, calling ACS through `acs`, on `listener` until `shutdown` completes, then
-/// shuts down in order.
+/// Serves the gateway, calling ACS through `acs` and recording opt-out requests in `ledger`, on
+/// `listener` until `shutdown` completes, then shuts down in order. The deliverer runs alongside.
 pub async fn serve(
     acs: Client,
+    ledger: Ledger,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     options: ServerOptions,
@@ -95,7 +102,16 @@ pub async fn serve(
         options.health_probe_interval,
         stop_probing.clone(),
     ));
-    let api = CcpaApi::new(acs, health.clone());
+    let delivery = Arc::new(Delivery::new(
+        ledger,
+        acs.clone(),
+        health.clone(),
+        options.delivery,
+    ));
+    let stop_delivering = CancellationToken::new();
+    let _stop_delivering_on_return = stop_delivering.clone().drop_guard();
+    let deliverer = tokio::spawn(delivery.clone().run(stop_delivering.clone()));
+    let api = CcpaApi::new(acs, health.clone(), delivery);
     let options = options.shutdown;
     let watches_end = CancellationToken::new();
     let health_service = HealthServer::new(EndingWatches {
@@ -141,7 +157,14 @@ pub async fn serve(
 
     tracing::info!("shutting down: draining calls in flight");
     stop_accepting.cancel();
-    match tokio::time::timeout(options.drain_timeout, &mut server).await {
+    stop_delivering.cancel();
+    let drained = async {
+        let served = (&mut server).await;
+        // The deliverer finishes the batch it is on; what it leaves stays pending in the ledger.
+        let _ = deliverer.await;
+        served
+    };
+    match tokio::time::timeout(options.drain_timeout, drained).await {
         Ok(result) => result.map_err(ServeError::from)?,
         Err(_) => tracing::warn!(
             timeout_s = options.drain_timeout.as_secs_f64(),

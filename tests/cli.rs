@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use acs_emulator::{Emulator, EmulatorConfig, Fault};
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
-use ccpa_gateway::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest};
+use ccpa_gateway::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest, RequestSource};
 use common::Harness;
 use futures::StreamExt;
 use serde_json::Value;
@@ -68,7 +68,18 @@ async fn get_set_and_create_print_json() {
     assert_eq!(json["ccpaOptOut"], false);
     assert_eq!(json["ccpaOptOutLastModified"], Value::Null);
 
-    let set = run(harness.addr, &["set-opt-out", &pkey, "--opt-out", "true"]).await;
+    let set = run(
+        harness.addr,
+        &[
+            "set-opt-out",
+            &pkey,
+            "--opt-out",
+            "true",
+            "--source",
+            "web-form",
+        ],
+    )
+    .await;
     assert_eq!(set.code, 0, "{}", set.stderr);
     let json = set.json();
     assert_eq!(json["ccpaOptOut"], true);
@@ -90,6 +101,8 @@ async fn get_set_and_create_print_json() {
             "--last-name",
             "Hopper",
             "--opt-out",
+            "--source",
+            "email",
         ],
     )
     .await;
@@ -136,7 +149,14 @@ async fn exit_codes_tell_outcomes_apart() {
 
     let invalid = run(
         harness.addr,
-        &["set-opt-out", "@bad/key", "--opt-out", "false"],
+        &[
+            "set-opt-out",
+            "@bad/key",
+            "--opt-out",
+            "false",
+            "--source",
+            "phone",
+        ],
     )
     .await;
     assert_eq!(invalid.code, 4, "{}", invalid.stderr);
@@ -153,7 +173,7 @@ async fn exit_codes_tell_outcomes_apart() {
     let upstream_down = run(harness.addr, &["get-opt-out", "@abc"]).await;
     assert_eq!(upstream_down.code, 5, "{}", upstream_down.stderr);
 
-    let missing_value = run(harness.addr, &["set-opt-out", "@abc"]).await;
+    let missing_value = run(harness.addr, &["set-opt-out", "@abc", "--source", "phone"]).await;
     assert_eq!(missing_value.code, 2, "clap's usage error");
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -165,6 +185,7 @@ async fn exit_codes_tell_outcomes_apart() {
 
 /// A `ccpa-gateway serve` process, its address (read from its JSON log), and its log lines.
 struct ServeProcess {
+    _ledger_dir: tempfile::TempDir,
     child: Child,
     addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
@@ -174,9 +195,11 @@ struct ServeProcess {
 
 impl ServeProcess {
     async fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let ledger_dir = tempfile::tempdir().unwrap();
         let mut command = Command::new(BINARY);
         command
             .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .env("CCPA_LEDGER", ledger_dir.path().join("ledger.sqlite3"))
             .args(args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
@@ -218,6 +241,7 @@ impl ServeProcess {
             .expect("the gateway logs its address")
             .expect("the gateway starts");
         Self {
+            _ledger_dir: ledger_dir,
             child,
             addr,
             log,
@@ -344,6 +368,8 @@ async fn logs_carry_no_personal_data_or_secrets() {
             first_name: "Firstcanary".into(),
             last_name: "Lastcanary".into(),
             ccpa_opt_out: Some(true),
+            source: RequestSource::WebForm as i32,
+            ..Default::default()
         })
         .await
         .unwrap()

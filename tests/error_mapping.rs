@@ -10,7 +10,10 @@ use acs_profile_client::{
     AccessToken, ClientConfig, SharedToken, TokenError, TokenErrorKind, TokenSource,
 };
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
-use ccpa_gateway::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest, SetOptOutRequest};
+use ccpa_gateway::proto::ccpa_v1::{
+    CreateProfileRequest, DeliveryState, GetOptOutRecordRequest, GetOptOutRequest, RequestSource,
+    SetOptOutRequest,
+};
 use ccpa_gateway::server::ServerOptions;
 use common::{Harness, acs_config, start_gateway};
 use futures::future::BoxFuture;
@@ -450,36 +453,83 @@ async fn token_that_cannot_be_a_header_is_internal() {
 }
 
 #[tokio::test]
-async fn set_opt_out_maps_failures_of_the_write_and_of_the_read_back() {
+async fn set_opt_out_answers_pending_not_an_error_when_acs_fails() {
     let harness = Harness::start().await;
     let pkey = harness.profile(false);
     let mut client: CcpaServiceClient<Channel> = harness.client();
     let request = || SetOptOutRequest {
         pkey: pkey.clone(),
         ccpa_opt_out: Some(true),
+        source: RequestSource::WebForm as i32,
+        ..Default::default()
     };
 
-    // The PATCH fails, every attempt: nothing changed.
+    // The PATCH fails, every attempt: nothing changed in ACS, but the request is recorded.
     for _ in 0..ATTEMPTS {
         harness.emulator.inject(Fault::html(503));
     }
-    let status = client.set_opt_out(request()).await.unwrap_err();
-    assert_mapped(status, Code::Unavailable, "ACS_UNAVAILABLE", Some(503));
+    let answer = client.set_opt_out(request()).await.unwrap().into_inner();
+    assert_eq!(answer.state, DeliveryState::Pending as i32);
+    assert!(answer.ccpa_opt_out, "the value asked for");
     assert_eq!(
         harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"],
         false
     );
 
-    // The PATCH succeeds, the read-back fails: UNAVAILABLE, and a retry is safe.
+    // The PATCH succeeds, the read-back fails: APPLIED, answering the value set.
+    let other = harness.profile(false);
     harness
         .emulator
         .inject(Fault::Delay(std::time::Duration::ZERO));
     for _ in 0..ATTEMPTS {
         harness.emulator.inject(Fault::html(502));
     }
-    let status = client.set_opt_out(request()).await.unwrap_err();
-    assert_mapped(status, Code::Unavailable, "ACS_UNAVAILABLE", Some(502));
-    assert_eq!(harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
-    let answer = client.set_opt_out(request()).await.unwrap().into_inner();
+    let answer = client
+        .set_opt_out(SetOptOutRequest {
+            pkey: other.clone(),
+            ..request()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.state, DeliveryState::Applied as i32);
     assert!(answer.ccpa_opt_out);
+    assert_eq!(answer.ccpa_opt_out_last_modified, None);
+    assert_eq!(
+        harness.emulator.profile(&other).unwrap()["ccpaOptOut"],
+        true
+    );
+}
+
+#[tokio::test]
+async fn set_opt_out_on_an_unknown_profile_is_not_found_and_recorded_failed() {
+    let harness = Harness::start().await;
+    let pkey = harness.profile(false);
+    harness.emulator.remove_profile(&pkey);
+    let mut client = harness.client();
+    let status = client
+        .set_opt_out(SetOptOutRequest {
+            pkey,
+            ccpa_opt_out: Some(true),
+            source: RequestSource::WebForm as i32,
+            request_id: "unknown-profile-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let record = client
+        .get_opt_out_record(GetOptOutRecordRequest {
+            request_id: "unknown-profile-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(record.state, DeliveryState::Failed as i32);
+    assert!(
+        record.failure_reason.contains("does not exist"),
+        "{record:?}"
+    );
 }

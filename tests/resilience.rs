@@ -13,7 +13,9 @@ use acs_profile_client::{
 };
 use ccpa_gateway::api::deadline::MARGIN;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
-use ccpa_gateway::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest, SetOptOutRequest};
+use ccpa_gateway::proto::ccpa_v1::{
+    CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,
+};
 use ccpa_gateway::server::{CCPA_SERVICE_NAME, ServerOptions};
 use common::{acs_config, start_gateway};
 use futures::StreamExt;
@@ -377,7 +379,7 @@ async fn without_a_caller_deadline_the_upstream_budget_applies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_throttle_holds_the_rate_and_the_concurrency() {
-    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
     emulator.set_faults(FaultSettings {
         latency: Duration::from_millis(50),
         ..Default::default()
@@ -395,16 +397,21 @@ async fn the_throttle_holds_the_rate_and_the_concurrency() {
     })
     .await;
 
-    // 30 SetOptOuts: 60 requests to ACS (a write and a read-back each), 3 s at 20 per second.
-    let calls = (0..30).map(|_| {
+    // 30 SetOptOuts, one per profile: 60 requests to ACS (a write and a read-back each), 3 s at
+    // 20 per second.
+    let profiles: Vec<String> = (0..30)
+        .map(|_| emulator.insert_profile(NewProfile::default()))
+        .collect();
+    let calls = profiles.into_iter().map(|pkey| {
         let mut client = client.clone();
-        let pkey = pkey.clone();
         tokio::spawn(async move {
             client
                 .set_opt_out(with_deadline(
                     SetOptOutRequest {
                         pkey,
                         ccpa_opt_out: Some(true),
+                        source: RequestSource::WebForm as i32,
+                        ..Default::default()
                     },
                     Duration::from_secs(20),
                 ))

@@ -3,7 +3,9 @@
 mod common;
 
 use acs_emulator::{EmulatorConfig, Fault};
-use ccpa_gateway::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest, SetOptOutRequest};
+use ccpa_gateway::proto::ccpa_v1::{
+    CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,
+};
 use ccpa_gateway::server::ServerOptions;
 use common::Harness;
 use serde_json::Value;
@@ -80,6 +82,8 @@ async fn set_opt_out_changes_acs_and_reports_the_state_read_back() {
         .set_opt_out(SetOptOutRequest {
             pkey: pkey.clone(),
             ccpa_opt_out: Some(true),
+            source: RequestSource::WebForm as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -99,6 +103,8 @@ async fn set_opt_out_changes_acs_and_reports_the_state_read_back() {
         .set_opt_out(SetOptOutRequest {
             pkey: pkey.clone(),
             ccpa_opt_out: Some(false),
+            source: RequestSource::WebForm as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -127,6 +133,8 @@ async fn set_opt_out_answers_what_acs_holds_even_if_another_writer_won() {
         .set_opt_out(SetOptOutRequest {
             pkey: pkey.clone(),
             ccpa_opt_out: Some(true),
+            source: RequestSource::WebForm as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -147,6 +155,8 @@ async fn set_opt_out_again_is_harmless() {
         .set_opt_out(SetOptOutRequest {
             pkey: pkey.clone(),
             ccpa_opt_out: Some(true),
+            source: RequestSource::WebForm as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -170,6 +180,8 @@ async fn create_profile_creates_it_in_acs() {
             first_name: "Grace".into(),
             last_name: "Hopper".into(),
             ccpa_opt_out: Some(true),
+            source: RequestSource::WebForm as i32,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -9,8 +9,11 @@ use std::time::{Duration, Instant};
 
 use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
 use acs_profile_client::{CallSettings, ClientConfig, ThrottleSettings};
+use ccpa_gateway::ledger::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
-use ccpa_gateway::proto::ccpa_v1::{GetOptOutRequest, SetOptOutRequest};
+use ccpa_gateway::proto::ccpa_v1::{
+    DeliveryState, GetOptOutRequest, RequestSource, SetOptOutRequest,
+};
 use ccpa_gateway::server::ServerOptions;
 use common::{acs_config, start_gateway};
 use futures::StreamExt;
@@ -36,8 +39,8 @@ struct Tally {
 
 /// How one call ended.
 enum Outcome {
-    /// The opt-out the gateway answered.
-    Answered(bool),
+    /// The opt-out the gateway answered, and for a SetOptOut the request's state.
+    Answered(bool, Option<DeliveryState>),
     /// The status code the gateway answered.
     Failed(Code),
     /// tonic's client enforces the deadline too, and reports its own expiry as CANCELLED with a
@@ -48,9 +51,9 @@ enum Outcome {
 }
 
 impl Outcome {
-    fn of(result: Result<bool, tonic::Status>) -> Self {
+    fn of(result: Result<(bool, Option<DeliveryState>), tonic::Status>) -> Self {
         let status = match result {
-            Ok(opted_out) => return Self::Answered(opted_out),
+            Ok((opted_out, state)) => return Self::Answered(opted_out, state),
             Err(status) => status,
         };
         let client_side_deadline = status.code() == Code::Cancelled
@@ -107,7 +110,16 @@ async fn two_thousand_calls_through_ten_percent_transient_faults() {
         },
         ..acs_config(&emulator)
     };
-    let (_, channel, _stop, _server) = start_gateway(acs, ServerOptions::default()).await;
+    let options = ServerOptions {
+        delivery: DeliverySettings {
+            attempt_budget: Duration::from_secs(1),
+            poll_interval: Duration::from_millis(100),
+            backoff_base: Duration::from_millis(100),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (_, channel, _stop, _server) = start_gateway(acs, options).await;
     let client = CcpaServiceClient::new(channel);
 
     let outcomes: Vec<(Call, Outcome, Duration)> = futures::stream::iter(calls)
@@ -120,12 +132,17 @@ async fn two_thousand_calls_through_ten_percent_transient_faults() {
                         let mut request = tonic::Request::new(SetOptOutRequest {
                             pkey: pkey.clone(),
                             ccpa_opt_out: Some(true),
+                            source: RequestSource::WebForm as i32,
+                            ..Default::default()
                         });
                         request.set_timeout(DEADLINE);
-                        client
-                            .set_opt_out(request)
-                            .await
-                            .map(|r| r.into_inner().ccpa_opt_out)
+                        client.set_opt_out(request).await.map(|r| {
+                            let answer = r.into_inner();
+                            (
+                                answer.ccpa_opt_out,
+                                DeliveryState::try_from(answer.state).ok(),
+                            )
+                        })
                     }
                     Call::Get(pkey, _) => {
                         let mut request =
@@ -134,7 +151,7 @@ async fn two_thousand_calls_through_ten_percent_transient_faults() {
                         client
                             .get_opt_out(request)
                             .await
-                            .map(|r| r.into_inner().ccpa_opt_out)
+                            .map(|r| (r.into_inner().ccpa_opt_out, None))
                     }
                 };
                 (call, Outcome::of(result), started.elapsed())
@@ -145,6 +162,7 @@ async fn two_thousand_calls_through_ten_percent_transient_faults() {
         .await;
 
     let mut tally = Tally::default();
+    let mut pending = Vec::new();
     for (call, result, took) in &outcomes {
         tally.slowest = tally.slowest.max(*took);
         assert!(
@@ -152,16 +170,20 @@ async fn two_thousand_calls_through_ten_percent_transient_faults() {
             "a call outlived its deadline: {took:?}"
         );
         match (call, result) {
-            (Call::Set(pkey), Outcome::Answered(reported)) => {
+            (Call::Set(pkey), Outcome::Answered(reported, state)) => {
                 tally.ok += 1;
                 assert!(*reported, "SetOptOut(true) answered false");
-                assert_eq!(
-                    emulator.profile(pkey).unwrap()["ccpaOptOut"],
-                    true,
-                    "reported set, but ACS does not hold it"
-                );
+                match state {
+                    Some(DeliveryState::Applied) => assert_eq!(
+                        emulator.profile(pkey).unwrap()["ccpaOptOut"],
+                        true,
+                        "reported applied, but ACS does not hold it"
+                    ),
+                    Some(DeliveryState::Pending) => pending.push(pkey.clone()),
+                    other => panic!("a lone SetOptOut answered {other:?}"),
+                }
             }
-            (Call::Get(_, expected), Outcome::Answered(read)) => {
+            (Call::Get(_, expected), Outcome::Answered(read, _)) => {
                 tally.ok += 1;
                 assert_eq!(
                     read, expected,
@@ -196,4 +218,18 @@ async fn two_thousand_calls_through_ten_percent_transient_faults() {
     );
     // Retries absorb most transient faults; stalls longer than the deadline cannot be absorbed.
     assert!(tally.ok >= CALLS * 95 / 100, "{tally:?}");
+
+    // Every request answered PENDING reaches ACS: the deliverer keeps at it through the faults.
+    let waited = Instant::now();
+    while let Some(missing) = pending
+        .iter()
+        .find(|pkey| emulator.profile(pkey).unwrap()["ccpaOptOut"] != true)
+    {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "a pending opt-out never reached ACS: {missing}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("soak: {} answered PENDING, all delivered", pending.len());
 }

@@ -2,7 +2,9 @@
 
 mod common;
 
-use ccpa_gateway::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest, SetOptOutRequest};
+use ccpa_gateway::proto::ccpa_v1::{
+    CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,
+};
 use common::Harness;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -73,6 +75,8 @@ async fn set_opt_out_refuses_malformed_keys_before_calling_acs() {
                 .set_opt_out(SetOptOutRequest {
                     pkey,
                     ccpa_opt_out: Some(true),
+                    source: RequestSource::WebForm as i32,
+                    ..Default::default()
                 })
                 .await,
             &[("pkey", reason)],
@@ -91,6 +95,8 @@ async fn set_opt_out_without_a_value_is_refused_never_read_as_false() {
             .set_opt_out(SetOptOutRequest {
                 pkey: pkey.clone(),
                 ccpa_opt_out: None,
+                source: RequestSource::WebForm as i32,
+                ..Default::default()
             })
             .await,
         &[("ccpa_opt_out", REQUIRED)],
@@ -108,6 +114,8 @@ async fn every_bad_field_is_named_at_once() {
             .set_opt_out(SetOptOutRequest {
                 pkey: "bad".into(),
                 ccpa_opt_out: None,
+                source: RequestSource::WebForm as i32,
+                ..Default::default()
             })
             .await,
         &[("pkey", MALFORMED), ("ccpa_opt_out", REQUIRED)],
@@ -197,7 +205,7 @@ async fn limits_are_inclusive() {
             email: longest_valid_email(),
             first_name: "é".repeat(128),
             last_name: "x".repeat(128),
-            ccpa_opt_out: None,
+            ..Default::default()
         })
         .await;
     assert!(created.is_ok(), "{created:?}");

@@ -18,6 +18,8 @@
 //! | a request the client could not build                 | INTERNAL           | `GATEWAY_MISCONFIGURED`    |
 //! | the call's deadline passed (the caller's, or ours)   | DEADLINE_EXCEEDED  | `DEADLINE_EXCEEDED`        |
 //! | too many calls already wait for the throttle         | RESOURCE_EXHAUSTED | `ACS_CALL_QUEUE_FULL`      |
+//! | the ledger's database failed (nothing sent to ACS)   | UNAVAILABLE        | `LEDGER_UNAVAILABLE`       |
+//! | a replayed request id whose request FAILED           | as the first time  | `REQUEST_FAILED`           |
 //!
 //! UNAVAILABLE and RESOURCE_EXHAUSTED also carry a `google.rpc.RetryInfo`: the delay ACS asked
 //! for in `Retry-After` when it did, else [`DEFAULT_RETRY_DELAY`].
@@ -48,6 +50,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use acs_profile_client::{ApiError, CallError, Failure, retry_after};
+
+use crate::ledger::{LedgerError, Record};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -67,6 +71,23 @@ pub enum UpstreamError {
     /// ACS answered without a field the gateway must read (say, `ccpaOptOut`): answering a
     /// default instead could tell a caller that it may sell data when ACS did not say so.
     MissingField(&'static str),
+}
+
+impl UpstreamError {
+    /// Whether ACS said the profile does not exist (404, or a key it cannot read).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::EmptyCollection)
+            || matches!(
+                self,
+                Self::Call(call) if matches!(
+                    call.as_ref(),
+                    CallError::Api(e) if matches!(
+                        Failure::classify(e),
+                        Failure::NotFound | Failure::UnparsableKey
+                    )
+                )
+            )
+    }
 }
 
 impl From<CallError> for UpstreamError {
@@ -168,6 +189,69 @@ fn mapping(failure: &Failure) -> Mapping {
         reason,
         message,
         severity,
+    }
+}
+
+/// The status of a call the ledger could not serve. An opt-out that cannot be recorded is not
+/// sent to ACS either: durability comes first, and the caller retries.
+pub fn ledger_status(rpc: &str, error: &LedgerError) -> Status {
+    tracing::error!(rpc, error = %error, "the ledger failed");
+    let mut details =
+        ErrorDetails::with_error_info("LEDGER_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
+    details.set_retry_info(Some(DEFAULT_RETRY_DELAY));
+    Status::with_error_details(
+        Code::Unavailable,
+        "the opt-out ledger is unavailable; nothing was sent to Adobe Campaign; retry",
+        details,
+    )
+}
+
+/// The answer to a replayed request id whose request FAILED: the code the caller was given the
+/// first time, and the recorded basis.
+pub fn replayed_failure(record: &Record) -> Status {
+    let code = match record.failure_code.as_deref() {
+        Some("NOT_FOUND") => Code::NotFound,
+        Some("ALREADY_EXISTS") => Code::AlreadyExists,
+        Some("INTERNAL") => Code::Internal,
+        Some("DEADLINE_EXCEEDED") => Code::DeadlineExceeded,
+        _ => Code::Unavailable,
+    };
+    let metadata = HashMap::from([("request_id".to_owned(), record.request_id.clone())]);
+    let details = ErrorDetails::with_error_info("REQUEST_FAILED", ERROR_DOMAIN, metadata);
+    let message = format!(
+        "this request id was used before and the request failed: {}",
+        record
+            .failure_reason
+            .as_deref()
+            .unwrap_or("no reason recorded")
+    );
+    Status::with_error_details(code, message, details)
+}
+
+/// The gRPC code name a status is recorded under, for replays.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::Internal => "INTERNAL",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        _ => "UNAVAILABLE",
+    }
+}
+
+/// The `ErrorInfo` reason of a failed call, with the upstream HTTP status when there was one: what
+/// the ledger records as a request's last error. Never a body.
+pub fn failure_reason(error: &CallError) -> String {
+    match error {
+        CallError::Api(e) => {
+            let reason = mapping(&Failure::classify(e)).reason;
+            match e.status() {
+                Some(status) => format!("{reason} (HTTP {})", status.as_u16()),
+                None => reason.to_owned(),
+            }
+        }
+        CallError::DeadlineExceeded => "DEADLINE_EXCEEDED".to_owned(),
+        CallError::Throttled => "ACS_CALL_QUEUE_FULL".to_owned(),
     }
 }
 

@@ -1,10 +1,12 @@
-//! `ccpa.v1.CcpaService` on top of the generated ACS client.
+//! `ccpa.v1.CcpaService`: the RPCs, each a thin layer over its module (`opt_out`, `profiles`,
+//! `records`), with one log line per call.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use acs_profile_client::{CallError, Client, types};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::deadline::caller_deadline;
@@ -12,37 +14,54 @@ use super::error_mapping::{UpstreamError, upstream_status};
 use super::timestamps::acs_timestamp_to_proto;
 use super::validation::Violations;
 use crate::health::{CredentialSignal, GatewayHealth};
+use crate::ledger::Ledger;
+use crate::ledger::delivery::Delivery;
 use crate::proto::ccpa_v1::{
-    CreateProfileRequest, CreateProfileResponse, GetOptOutRequest, GetOptOutResponse, Profile,
+    CreateProfileRequest, CreateProfileResponse, GetOptOutRecordRequest, GetOptOutRecordResponse,
+    GetOptOutRequest, GetOptOutResponse, ListOptOutRecordsRequest, ListOptOutRecordsResponse,
     SetOptOutRequest, SetOptOutResponse, ccpa_service_server::CcpaService,
 };
 
-/// The gRPC service. Cloning it is cheap: clones share the client's connection pool.
+/// The metadata key naming the calling service, recorded with each request.
+pub const CALLER_METADATA: &str = "x-ccpa-caller";
+
+/// The gRPC service. Cloning it is cheap: clones share the client's connection pool and the
+/// ledger's.
 #[derive(Clone)]
 pub struct CcpaApi {
-    acs: Client,
-    health: Arc<GatewayHealth>,
+    pub(super) acs: Client,
+    pub(super) health: Arc<GatewayHealth>,
+    pub(super) delivery: Arc<Delivery>,
 }
 
 /// When the work for a call must be done by: the caller's deadline, or (if it set none) the
 /// client's default budget.
-type Deadline = Option<Instant>;
+pub(super) type Deadline = Option<Instant>;
 
 impl CcpaApi {
-    /// A service that answers from the ACS tenant `acs` is configured for, and tells `health`
-    /// what each call says about the gateway's credentials.
-    pub fn new(acs: Client, health: Arc<GatewayHealth>) -> Self {
-        Self { acs, health }
+    /// A service that answers from the ACS tenant `acs` is configured for, records opt-out
+    /// requests in `delivery`'s ledger, and tells `health` what each call says about the
+    /// gateway's credentials.
+    pub fn new(acs: Client, health: Arc<GatewayHealth>, delivery: Arc<Delivery>) -> Self {
+        Self {
+            acs,
+            health,
+            delivery,
+        }
+    }
+
+    pub(super) fn ledger(&self) -> &Ledger {
+        self.delivery.ledger()
     }
 
     /// Passes a call's outcome by the health tracker on its way back.
-    async fn noted<T>(&self, result: Result<T, CallError>) -> Result<T, UpstreamError> {
+    pub(super) async fn noted<T>(&self, result: Result<T, CallError>) -> Result<T, UpstreamError> {
         self.health.observe(CredentialSignal::of(&result)).await;
         result.map_err(UpstreamError::from)
     }
 
     /// The profile's opt-out as ACS holds it now.
-    async fn read_opt_out(
+    pub(super) async fn read_opt_out(
         &self,
         pkey: &str,
         deadline: Deadline,
@@ -53,16 +72,26 @@ impl CcpaApi {
             .ok_or(UpstreamError::EmptyCollection)?;
         OptOutState::from_profile(&profile)
     }
+
+    /// The deadline for applying a request within the call: early enough to record the outcome
+    /// and answer PENDING in time if ACS is slow. Without a caller deadline, the deliverer's
+    /// budget for one attempt.
+    pub(super) fn attempt_deadline(&self, deadline: Deadline) -> Instant {
+        let now = Instant::now();
+        let end = deadline.unwrap_or(now + self.delivery.settings().attempt_budget);
+        let remaining = end.saturating_duration_since(now);
+        end - (remaining / 4).min(Duration::from_millis(250))
+    }
 }
 
 /// What ACS holds about one profile's opt-out.
-struct OptOutState {
-    opt_out: bool,
-    last_modified: Option<prost_types::Timestamp>,
+pub(super) struct OptOutState {
+    pub(super) opt_out: bool,
+    pub(super) last_modified: Option<prost_types::Timestamp>,
 }
 
 impl OptOutState {
-    fn from_profile(profile: &types::Profile) -> Result<Self, UpstreamError> {
+    pub(super) fn from_profile(profile: &types::Profile) -> Result<Self, UpstreamError> {
         Ok(Self {
             // Never default a missing flag to false: that would read as "may sell".
             opt_out: profile
@@ -74,6 +103,26 @@ impl OptOutState {
                 .and_then(acs_timestamp_to_proto),
         })
     }
+}
+
+/// The calling service, from the `x-ccpa-caller` metadata; `unknown` when absent.
+pub(super) fn caller_of(metadata: &MetadataMap, violations: &mut Violations) -> String {
+    match metadata.get(CALLER_METADATA).map(|v| v.to_str()) {
+        None => "unknown".to_owned(),
+        Some(Ok(caller)) => {
+            violations.caller(CALLER_METADATA, caller);
+            caller.to_owned()
+        }
+        Some(Err(_)) => {
+            violations.caller(CALLER_METADATA, "\u{0}");
+            String::new()
+        }
+    }
+}
+
+/// Maps an upstream failure, for `?`.
+pub(super) fn upstream(rpc: &'static str) -> impl Fn(UpstreamError) -> Status {
+    move |error| upstream_status(rpc, &error)
 }
 
 /// Runs one RPC and writes its log line: method, gRPC code, latency. Nothing from the request
@@ -99,114 +148,39 @@ impl CcpaService for CcpaApi {
         &self,
         request: Request<GetOptOutRequest>,
     ) -> Result<Response<GetOptOutResponse>, Status> {
-        const RPC: &str = "GetOptOut";
         let deadline = caller_deadline(request.metadata(), Instant::now());
-        observed(RPC, async {
-            let request = request.into_inner();
-            let mut violations = Violations::default();
-            violations.pkey("pkey", &request.pkey);
-            violations.into_result()?;
-
-            let state = self
-                .read_opt_out(&request.pkey, deadline)
-                .await
-                .map_err(|e| upstream_status(RPC, &e))?;
-            Ok(GetOptOutResponse {
-                pkey: request.pkey,
-                ccpa_opt_out: state.opt_out,
-                ccpa_opt_out_last_modified: state.last_modified,
-            })
-        })
-        .await
+        observed("GetOptOut", self.get(request.into_inner(), deadline)).await
     }
 
     async fn set_opt_out(
         &self,
         request: Request<SetOptOutRequest>,
     ) -> Result<Response<SetOptOutResponse>, Status> {
-        const RPC: &str = "SetOptOut";
         let deadline = caller_deadline(request.metadata(), Instant::now());
-        observed(RPC, async {
-            let request = request.into_inner();
-            let mut violations = Violations::default();
-            violations.pkey("pkey", &request.pkey);
-            let opt_out = violations.required_bool("ccpa_opt_out", request.ccpa_opt_out);
-            violations.into_result()?;
-
-            let written = self
-                .acs
-                .set_ccpa_opt_out(&request.pkey, opt_out, deadline)
-                .await;
-            self.noted(written)
-                .await
-                .map_err(|e| upstream_status(RPC, &e))?;
-            // ACS answers a PATCH with `{PKey, href}` only. Reading the profile back costs a
-            // second call, but it is what lets the answer say what ACS holds (and when it
-            // changed) rather than echo what was asked.
-            let state = self
-                .read_opt_out(&request.pkey, deadline)
-                .await
-                .map_err(|e| upstream_status(RPC, &e))?;
-            if state.opt_out != opt_out {
-                // Another writer changed it in between; the caller is told the truth.
-                tracing::warn!(
-                    rpc = RPC,
-                    "the opt-out read back differs from the one just set"
-                );
-            }
-            Ok(SetOptOutResponse {
-                pkey: request.pkey,
-                ccpa_opt_out: state.opt_out,
-                ccpa_opt_out_last_modified: state.last_modified,
-            })
-        })
-        .await
+        let (metadata, _, request) = request.into_parts();
+        observed("SetOptOut", self.set(request, &metadata, deadline)).await
     }
 
     async fn create_profile(
         &self,
         request: Request<CreateProfileRequest>,
     ) -> Result<Response<CreateProfileResponse>, Status> {
-        const RPC: &str = "CreateProfile";
         let deadline = caller_deadline(request.metadata(), Instant::now());
-        observed(RPC, async {
-            let request = request.into_inner();
-            let mut violations = Violations::default();
-            violations.email("email", &request.email);
-            violations.name("first_name", &request.first_name);
-            violations.name("last_name", &request.last_name);
-            violations.into_result()?;
-
-            let non_empty = |s: String| (!s.is_empty()).then_some(s);
-            let input = types::ProfileInput {
-                email: Some(request.email),
-                first_name: non_empty(request.first_name),
-                last_name: non_empty(request.last_name),
-                ccpa_opt_out: request.ccpa_opt_out,
-                ..Default::default()
-            };
-            let created = self.acs.add_profile(&input, deadline).await;
-            let created = self
-                .noted(created)
-                .await
-                .map_err(|e| upstream_status(RPC, &e))?;
-            let profile = proto_profile(created).map_err(|e| upstream_status(RPC, &e))?;
-            Ok(CreateProfileResponse {
-                profile: Some(profile),
-            })
-        })
-        .await
+        let (metadata, _, request) = request.into_parts();
+        observed("CreateProfile", self.create(request, &metadata, deadline)).await
     }
-}
 
-fn proto_profile(profile: types::Profile) -> Result<Profile, UpstreamError> {
-    let state = OptOutState::from_profile(&profile)?;
-    Ok(Profile {
-        pkey: profile.p_key.ok_or(UpstreamError::MissingField("PKey"))?,
-        email: profile.email.unwrap_or_default(),
-        first_name: profile.first_name.unwrap_or_default(),
-        last_name: profile.last_name.unwrap_or_default(),
-        ccpa_opt_out: state.opt_out,
-        ccpa_opt_out_last_modified: state.last_modified,
-    })
+    async fn get_opt_out_record(
+        &self,
+        request: Request<GetOptOutRecordRequest>,
+    ) -> Result<Response<GetOptOutRecordResponse>, Status> {
+        observed("GetOptOutRecord", self.get_record(request.into_inner())).await
+    }
+
+    async fn list_opt_out_records(
+        &self,
+        request: Request<ListOptOutRecordsRequest>,
+    ) -> Result<Response<ListOptOutRecordsResponse>, Status> {
+        observed("ListOptOutRecords", self.list_records(request.into_inner())).await
+    }
 }

@@ -3,6 +3,22 @@
 
 use chrono::NaiveDateTime;
 
+/// Milliseconds since the epoch as a protobuf `Timestamp`.
+pub fn ms_to_proto(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        // Below one billion by construction.
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// A protobuf `Timestamp` as milliseconds since the epoch (sub-millisecond parts dropped).
+pub fn proto_to_ms(at: &prost_types::Timestamp) -> i64 {
+    at.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(at.nanos / 1_000_000))
+}
+
 /// The protobuf form of an ACS timestamp; `None` for `""` (ACS's "never").
 ///
 /// An unreadable timestamp is logged and treated as absent rather than failing the call: it

@@ -10,6 +10,8 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use super::error_mapping::ERROR_DOMAIN;
+use crate::ledger::Source;
+use crate::proto::ccpa_v1::RequestSource;
 
 /// Real PKeys are 90 to 130 characters; four times that leaves room for longer ones ACS may
 /// mint while keeping absurd inputs out of URLs and logs.
@@ -18,6 +20,14 @@ pub const MAX_PKEY_BYTES: usize = 512;
 pub const MAX_EMAIL_BYTES: usize = 254;
 /// A bound on names that no real name reaches. ACS's own column size is not documented.
 pub const MAX_NAME_CHARS: usize = 128;
+/// Room for a UUID, a ULID or a caller's own scheme, but not for a payload.
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
+/// A service name.
+pub const MAX_CALLER_CHARS: usize = 64;
+/// How far in the future `received_at` may be: clocks of callers drift a little.
+pub const CLOCK_SKEW_MS: i64 = 60_000;
+/// No consumer request predates this (2000-01-01): an earlier `received_at` is a mistake.
+pub const EARLIEST_RECEIVED_AT_MS: i64 = 946_684_800_000;
 
 /// The reasons attached to field violations, stable for callers that branch on them.
 pub mod reasons {
@@ -27,6 +37,8 @@ pub mod reasons {
     pub const TOO_LONG: &str = "FIELD_TOO_LONG";
     /// A field does not have the form it must have.
     pub const MALFORMED: &str = "FIELD_MALFORMED";
+    /// A request id already recorded for a different request.
+    pub const CONFLICT: &str = "REQUEST_ID_CONFLICT";
 }
 
 /// Collects the problems of one request, so that a caller learns of all of them at once.
@@ -125,6 +137,120 @@ impl Violations {
         }
     }
 
+    /// Checks a caller-chosen request id: empty (one is generated), or at most
+    /// [`MAX_REQUEST_ID_CHARS`] printable ASCII characters.
+    pub fn request_id(&mut self, field: &str, value: &str) {
+        if value.len() > MAX_REQUEST_ID_CHARS {
+            self.add(
+                field,
+                reasons::TOO_LONG,
+                format!("{field} must be at most {MAX_REQUEST_ID_CHARS} characters"),
+            );
+        } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
+            self.add(
+                field,
+                reasons::MALFORMED,
+                format!("{field} must be printable ASCII without spaces"),
+            );
+        }
+    }
+
+    /// Checks the manner of a request: required, and one of the known values.
+    pub fn source(&mut self, field: &str, value: i32) -> Option<Source> {
+        let source = match RequestSource::try_from(value) {
+            Ok(RequestSource::Unspecified) => {
+                self.add(
+                    field,
+                    reasons::REQUIRED,
+                    format!(
+                        "{field} is required: the regulations require the manner of each request"
+                    ),
+                );
+                return None;
+            }
+            Ok(RequestSource::GlobalPrivacyControl) => Source::GlobalPrivacyControl,
+            Ok(RequestSource::WebForm) => Source::WebForm,
+            Ok(RequestSource::Email) => Source::Email,
+            Ok(RequestSource::Phone) => Source::Phone,
+            Ok(RequestSource::PostalMail) => Source::PostalMail,
+            Ok(RequestSource::InPerson) => Source::InPerson,
+            Ok(RequestSource::AuthorizedAgent) => Source::AuthorizedAgent,
+            Ok(RequestSource::Internal) => Source::Internal,
+            Err(_) => {
+                self.add(
+                    field,
+                    reasons::MALFORMED,
+                    format!("{field} is not a known RequestSource"),
+                );
+                return None;
+            }
+        };
+        Some(source)
+    }
+
+    /// Checks when the consumer made a request: not in the future (beyond a minute of clock
+    /// skew), not before 2000. Returns milliseconds since the epoch, or `None` when unset.
+    pub fn received_at(
+        &mut self,
+        field: &str,
+        value: Option<&prost_types::Timestamp>,
+        now_ms: i64,
+    ) -> Option<i64> {
+        let value = value?;
+        let valid_nanos = (0..1_000_000_000).contains(&value.nanos);
+        let ms = value
+            .seconds
+            .checked_mul(1000)
+            .and_then(|ms| ms.checked_add(i64::from(value.nanos / 1_000_000)));
+        match ms {
+            Some(ms) if valid_nanos && ms > now_ms + CLOCK_SKEW_MS => {
+                self.add(
+                    field,
+                    reasons::MALFORMED,
+                    format!("{field} must not be in the future"),
+                );
+                None
+            }
+            Some(ms) if valid_nanos && ms >= EARLIEST_RECEIVED_AT_MS => Some(ms),
+            _ => {
+                self.add(
+                    field,
+                    reasons::MALFORMED,
+                    format!("{field} must be a valid instant after 2000-01-01"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Checks the calling service's name (the `x-ccpa-caller` metadata): at most
+    /// [`MAX_CALLER_CHARS`] printable ASCII characters.
+    pub fn caller(&mut self, field: &str, value: &str) {
+        if value.len() > MAX_CALLER_CHARS || !value.bytes().all(|b| b.is_ascii_graphic()) {
+            self.add(
+                field,
+                reasons::MALFORMED,
+                format!("{field} must be at most {MAX_CALLER_CHARS} printable ASCII characters"),
+            );
+        }
+    }
+
+    /// Checks a page size: not negative.
+    pub fn page_size(&mut self, field: &str, value: i32) {
+        if value < 0 {
+            self.add(
+                field,
+                reasons::MALFORMED,
+                format!("{field} must not be negative"),
+            );
+        }
+    }
+
+    /// Records a problem found by a check of the caller's own.
+    pub fn malformed(&mut self, field: &str, description: String) {
+        self.add(field, reasons::MALFORMED, description);
+    }
+
     /// `Ok` when no check failed, else the INVALID_ARGUMENT status naming every bad field.
     pub fn into_result(self) -> Result<(), Status> {
         if self.0.is_empty() {
@@ -139,6 +265,20 @@ impl Violations {
             message,
             details,
         ))
+    }
+}
+
+/// INVALID_ARGUMENT for a request id recorded before for a different request.
+pub fn request_id_conflict() -> Status {
+    let mut violations = Violations::default();
+    violations.add(
+        "request_id",
+        reasons::CONFLICT,
+        "request_id was already used for a different request".to_owned(),
+    );
+    match violations.into_result() {
+        Err(status) => status,
+        Ok(()) => unreachable!("one violation was just added"),
     }
 }
 

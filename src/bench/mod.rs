@@ -25,7 +25,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::exit_codes;
 use crate::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
-use crate::proto::ccpa_v1::{GetOptOutRequest, SetOptOutRequest};
+use crate::proto::ccpa_v1::{GetOptOutRequest, RequestSource, SetOptOutRequest};
 use load::{drive, round};
 use processes::{GatewayLimits, start_emulator, start_gateway, usage};
 
@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// Worker threads of the gateway (the load generator and the emulator have one each).
     #[arg(long)]
     gateway_threads: Option<usize>,
+    /// The gateway's ledger: a `postgres://` URL, or a SQLite file path. Default: a new SQLite
+    /// file in the temporary directory for each scenario, deleted afterwards.
+    #[arg(long)]
+    ledger: Option<String>,
     #[command(flatten)]
     target: Target,
 }
@@ -95,6 +99,7 @@ enum ScenarioChoice {
     All,
     Cpu,
     Fanout,
+    Ledger,
     Flood,
 }
 
@@ -113,7 +118,7 @@ struct Scenario {
     max_in_flight: usize,
 }
 
-const SCENARIOS: [Scenario; 3] = [
+const SCENARIOS: [Scenario; 4] = [
     Scenario {
         name: "cpu",
         upstream_latency: Duration::ZERO,
@@ -127,6 +132,13 @@ const SCENARIOS: [Scenario; 3] = [
         concurrency: 1_000,
         set_share: 0.1,
         max_in_flight: 2_048,
+    },
+    Scenario {
+        name: "ledger",
+        upstream_latency: Duration::ZERO,
+        concurrency: 64,
+        set_share: 1.0,
+        max_in_flight: 256,
     },
     Scenario {
         name: "flood",
@@ -160,6 +172,7 @@ pub async fn run(args: BenchArgs) -> u8 {
             ScenarioChoice::All => true,
             ScenarioChoice::Cpu => s.name == "cpu",
             ScenarioChoice::Fanout => s.name == "fanout",
+            ScenarioChoice::Ledger => s.name == "ledger",
             ScenarioChoice::Flood => s.name == "flood",
         })
         .collect();
@@ -189,6 +202,7 @@ pub async fn run(args: BenchArgs) -> u8 {
         let gateway = GatewaySetup {
             log_filter,
             worker_threads: args.gateway_threads,
+            ledger: args.ledger.clone(),
         };
         match run_scenario(scenario, warmup, duration, gateway, &args.target).await {
             Ok(report) => {
@@ -226,10 +240,11 @@ fn machine() -> Value {
 }
 
 /// How the gateway process is started.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct GatewaySetup {
     log_filter: &'static str,
     worker_threads: Option<usize>,
+    ledger: Option<String>,
 }
 
 /// CPU time used per call by each process during one measured phase.
@@ -313,6 +328,7 @@ async fn run_scenario(
     .await?;
 
     // The same through the gateway.
+    let mut temporary_ledger = None;
     let (gateway, addr, gateway_pid) = match target.target_addr {
         Some(addr) => (None, addr, target.target_pid),
         None => {
@@ -321,7 +337,16 @@ async fn run_scenario(
                 worker_threads: gateway_setup.worker_threads,
                 log_filter: gateway_setup.log_filter,
             };
-            let (process, addr) = start_gateway(&emulator_url, limits).await?;
+            let ledger = gateway_setup.ledger.clone().unwrap_or_else(|| {
+                let file = std::env::temp_dir().join(format!(
+                    "ccpa-bench-{}-{}.sqlite3",
+                    std::process::id(),
+                    scenario.name
+                ));
+                temporary_ledger = Some(file.clone());
+                file.display().to_string()
+            });
+            let (process, addr) = start_gateway(&emulator_url, &ledger, limits).await?;
             let pid = process.pid();
             (Some(process), addr, Some(pid))
         }
@@ -340,6 +365,11 @@ async fn run_scenario(
     let gateway_peak_rss = gateway_pid.map(usage).transpose()?.map(|u| u.peak_rss);
     if let Some(gateway) = gateway {
         gateway.stop().await;
+    }
+    if let Some(file) = temporary_ledger {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+        }
     }
     if let Some(emulator) = emulator {
         emulator.stop().await;
@@ -474,6 +504,8 @@ fn gateway_operation(
                 let mut request = tonic::Request::new(SetOptOutRequest {
                     pkey,
                     ccpa_opt_out: Some(n % 2 == 0),
+                    source: RequestSource::Internal as i32,
+                    ..Default::default()
                 });
                 request.set_timeout(CALL_DEADLINE);
                 client.set_opt_out(request).await.map(|_| ())

@@ -133,6 +133,7 @@ pub struct GatewayLimits {
 /// Starts a gateway in front of the emulator at `emulator_url`; returns it and its address.
 pub async fn start_gateway(
     emulator_url: &str,
+    ledger: &str,
     limits: GatewayLimits,
 ) -> Result<(Process, SocketAddr), String> {
     use acs_emulator::EmulatorConfig;
@@ -145,6 +146,7 @@ pub async fn start_gateway(
         .args(["--acs-max-rps", "1000000"])
         .args(["--acs-max-in-flight", &limits.max_in_flight.to_string()])
         .args(["--acs-max-queued", "1000000"])
+        .args(["--ledger", ledger])
         .env("CCPA_ACS_BASE_URL", emulator_url)
         .env("CCPA_ACS_TENANT", EmulatorConfig::DEFAULT_TENANT)
         .env("CCPA_ACS_API_KEY", EmulatorConfig::DEFAULT_API_KEY)

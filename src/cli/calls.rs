@@ -10,7 +10,10 @@ use tonic_types::StatusExt;
 
 use super::exit_codes;
 use crate::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
-use crate::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest, Profile, SetOptOutRequest};
+use crate::proto::ccpa_v1::{
+    CreateProfileRequest, CreateProfileResponse, DeliveryState, GetOptOutRequest, Profile,
+    RequestSource, SetOptOutRequest,
+};
 
 /// Where the gateway is, and how long to wait for it.
 #[derive(Args)]
@@ -33,6 +36,62 @@ pub struct GetOptOutArgs {
     connection: Connection,
 }
 
+/// How the consumer made a request (the regulations require it recorded).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum SourceArg {
+    /// A Global Privacy Control signal.
+    Gpc,
+    /// A form on a website or in an app.
+    WebForm,
+    /// An email.
+    Email,
+    /// A phone call.
+    Phone,
+    /// A letter.
+    PostalMail,
+    /// In person.
+    InPerson,
+    /// An agent the consumer authorized.
+    AuthorizedAgent,
+    /// The business itself.
+    Internal,
+}
+
+impl SourceArg {
+    fn wire(self) -> RequestSource {
+        match self {
+            Self::Gpc => RequestSource::GlobalPrivacyControl,
+            Self::WebForm => RequestSource::WebForm,
+            Self::Email => RequestSource::Email,
+            Self::Phone => RequestSource::Phone,
+            Self::PostalMail => RequestSource::PostalMail,
+            Self::InPerson => RequestSource::InPerson,
+            Self::AuthorizedAgent => RequestSource::AuthorizedAgent,
+            Self::Internal => RequestSource::Internal,
+        }
+    }
+}
+
+/// What identifies a recorded request: its id, its manner, its time.
+#[derive(Args)]
+pub struct RequestArgs {
+    /// Your id for the request; running the command again with it changes nothing.
+    #[arg(long, default_value = "")]
+    request_id: String,
+    /// When the consumer made the request (RFC 3339); now when left out.
+    #[arg(long, value_parser = timestamp)]
+    received_at: Option<prost_types::Timestamp>,
+}
+
+fn timestamp(text: &str) -> Result<prost_types::Timestamp, String> {
+    let at = chrono::DateTime::parse_from_rfc3339(text)
+        .map_err(|e| format!("not an RFC 3339 instant such as 2026-11-29T10:00:00Z: {e}"))?;
+    Ok(prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+    })
+}
+
 /// Arguments of `set-opt-out`.
 #[derive(Args)]
 pub struct SetOptOutArgs {
@@ -41,6 +100,11 @@ pub struct SetOptOutArgs {
     /// true: do not sell this consumer's personal information; false: opt back in.
     #[arg(long, action = clap::ArgAction::Set, required = true)]
     opt_out: bool,
+    /// How the consumer made the request.
+    #[arg(long, value_enum)]
+    source: SourceArg,
+    #[command(flatten)]
+    request: RequestArgs,
     #[command(flatten)]
     connection: Connection,
 }
@@ -58,9 +122,15 @@ pub struct CreateProfileArgs {
     #[arg(long, default_value = "")]
     last_name: String,
     /// Record an opt-out of sale with the profile (`--opt-out` or `--opt-out=true`;
-    /// `--opt-out=false` records an explicit opt-in).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    /// `--opt-out=false` records an explicit opt-in). Needs --source.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true,
+          requires = "source")]
     opt_out: Option<bool>,
+    /// How the consumer made the request, with --opt-out.
+    #[arg(long, value_enum)]
+    source: Option<SourceArg>,
+    #[command(flatten)]
+    request: RequestArgs,
     #[command(flatten)]
     connection: Connection,
 }
@@ -146,16 +216,22 @@ pub async fn set_opt_out(args: SetOptOutArgs) -> u8 {
         .set_opt_out(SetOptOutRequest {
             pkey: args.pkey,
             ccpa_opt_out: Some(args.opt_out),
+            request_id: args.request.request_id,
+            source: args.source.wire() as i32,
+            received_at: args.request.received_at,
         })
         .await
     {
         Ok(response) => {
             let answer = response.into_inner();
-            print_json(&opt_out_json(
+            let mut json = opt_out_json(
                 &answer.pkey,
                 answer.ccpa_opt_out,
                 answer.ccpa_opt_out_last_modified.as_ref(),
-            ))
+            );
+            json["requestId"] = json!(answer.request_id);
+            json["state"] = json!(state_name(answer.state));
+            print_json(&json)
         }
         Err(status) => report(&status),
     }
@@ -173,12 +249,26 @@ pub async fn create_profile(args: CreateProfileArgs) -> u8 {
             first_name: args.first_name,
             last_name: args.last_name,
             ccpa_opt_out: args.opt_out,
+            request_id: args.request.request_id,
+            source: args
+                .source
+                .map_or(RequestSource::Unspecified, SourceArg::wire) as i32,
+            received_at: args.request.received_at,
         })
         .await
     {
-        Ok(response) => match response.into_inner().profile {
-            Some(profile) => print_json(&profile_json(&profile)),
-            None => {
+        Ok(response) => match response.into_inner() {
+            CreateProfileResponse {
+                profile: Some(profile),
+                request_id,
+            } => {
+                let mut json = profile_json(&profile);
+                if !request_id.is_empty() {
+                    json["requestId"] = json!(request_id);
+                }
+                print_json(&json)
+            }
+            CreateProfileResponse { profile: None, .. } => {
                 eprintln!("error: the gateway answered without the profile");
                 exit_codes::FAILURE
             }
@@ -198,6 +288,17 @@ fn opt_out_json(
         "ccpaOptOut": opt_out,
         "ccpaOptOutLastModified": rfc3339(last_modified),
     })
+}
+
+/// The name of a delivery state, as the proto spells it without its prefix.
+fn state_name(state: i32) -> &'static str {
+    match DeliveryState::try_from(state) {
+        Ok(DeliveryState::Pending) => "PENDING",
+        Ok(DeliveryState::Applied) => "APPLIED",
+        Ok(DeliveryState::Failed) => "FAILED",
+        Ok(DeliveryState::Superseded) => "SUPERSEDED",
+        _ => "UNSPECIFIED",
+    }
 }
 
 fn profile_json(profile: &Profile) -> Value {

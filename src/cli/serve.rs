@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 
 use super::exit_codes;
 use crate::config::{AcsSettings, ServeSettings};
+use crate::ledger::Ledger;
 use crate::server;
 
 /// Arguments of `emulator`.
@@ -163,6 +164,14 @@ pub async fn serve(settings: ServeSettings) -> u8 {
         }
     };
 
+    let ledger = match Ledger::open(&settings.ledger_location()).await {
+        Ok(ledger) => ledger,
+        Err(e) => {
+            eprintln!("error: --ledger (CCPA_LEDGER): {e}");
+            return exit_codes::USAGE;
+        }
+    };
+
     let listener = match TcpListener::bind(settings.listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -181,6 +190,7 @@ pub async fn serve(settings: ServeSettings) -> u8 {
 
     let result = server::serve(
         client,
+        ledger,
         listener,
         shutdown_signal(),
         settings.server_options(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use acs_emulator::{Emulator, EmulatorConfig, NewProfile};
 use acs_profile_client::{AccessToken, Client, ClientConfig, SharedToken};
+use ccpa_gateway::ledger::Ledger;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::server::{self, ServeError, ServerOptions};
 use tokio::net::TcpListener;
@@ -37,22 +38,35 @@ pub fn acs_config(emulator: &Emulator) -> ClientConfig {
     )
 }
 
-/// Starts a gateway on 127.0.0.1:0 that calls ACS through `acs`.
-pub async fn start_gateway(
-    acs: ClientConfig,
-    options: ServerOptions,
-) -> (
+/// A running gateway: its address, a channel to it, what stops it, and its task.
+pub type Running = (
     SocketAddr,
     Channel,
     oneshot::Sender<()>,
     JoinHandle<Result<(), ServeError>>,
-) {
+);
+
+/// Starts a gateway on 127.0.0.1:0 that calls ACS through `acs`, with an in-memory ledger.
+pub async fn start_gateway(acs: ClientConfig, options: ServerOptions) -> Running {
+    let ledger = Ledger::open("sqlite::memory:")
+        .await
+        .expect("an in-memory ledger");
+    start_gateway_on(acs, ledger, options).await
+}
+
+/// Starts a gateway on 127.0.0.1:0 that calls ACS through `acs` and records in `ledger`.
+pub async fn start_gateway_on(
+    acs: ClientConfig,
+    ledger: Ledger,
+    options: ServerOptions,
+) -> Running {
     let client = Client::from_config(acs).expect("valid ACS settings");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(server::serve(
         client,
+        ledger,
         listener,
         async {
             let _ = stopped.await;

@@ -1,0 +1,61 @@
+//! Between the ledger's types and the wire contract's.
+
+use super::timestamps::ms_to_proto;
+use crate::ledger::{Kind, Record, Source, State};
+use crate::proto::ccpa_v1::{DeliveryState, OptOutRecord, RequestSource};
+
+/// The wire form of a state.
+pub fn delivery_state(state: State) -> DeliveryState {
+    match state {
+        State::Pending => DeliveryState::Pending,
+        State::Applied => DeliveryState::Applied,
+        State::Failed => DeliveryState::Failed,
+        State::Superseded => DeliveryState::Superseded,
+    }
+}
+
+/// The ledger form of a wire state; `None` for UNSPECIFIED or an unknown value.
+pub fn ledger_state(value: i32) -> Option<State> {
+    match DeliveryState::try_from(value).ok()? {
+        DeliveryState::Unspecified => None,
+        DeliveryState::Pending => Some(State::Pending),
+        DeliveryState::Applied => Some(State::Applied),
+        DeliveryState::Failed => Some(State::Failed),
+        DeliveryState::Superseded => Some(State::Superseded),
+    }
+}
+
+/// The wire form of a source.
+pub fn request_source(source: Source) -> RequestSource {
+    match source {
+        Source::GlobalPrivacyControl => RequestSource::GlobalPrivacyControl,
+        Source::WebForm => RequestSource::WebForm,
+        Source::Email => RequestSource::Email,
+        Source::Phone => RequestSource::Phone,
+        Source::PostalMail => RequestSource::PostalMail,
+        Source::InPerson => RequestSource::InPerson,
+        Source::AuthorizedAgent => RequestSource::AuthorizedAgent,
+        Source::Internal => RequestSource::Internal,
+    }
+}
+
+/// The wire form of a record.
+pub fn opt_out_record(record: &Record) -> OptOutRecord {
+    OptOutRecord {
+        request_id: record.request_id.clone(),
+        pkey: record.pkey.clone().unwrap_or_default(),
+        ccpa_opt_out: record.opt_out,
+        source: request_source(record.source) as i32,
+        received_at: Some(ms_to_proto(record.received_at)),
+        recorded_at: Some(ms_to_proto(record.recorded_at)),
+        caller: record.caller.clone(),
+        state: delivery_state(record.state) as i32,
+        answered_at: record.answered_at.map(ms_to_proto),
+        resolved_at: record.resolved_at.map(ms_to_proto),
+        attempts: i32::try_from(record.attempts).unwrap_or(i32::MAX),
+        last_error: record.last_error.clone().unwrap_or_default(),
+        failure_reason: record.failure_reason.clone().unwrap_or_default(),
+        superseded_by: record.superseded_by.clone().unwrap_or_default(),
+        profile_creation: record.kind == Kind::CreateProfile,
+    }
+}

@@ -1,0 +1,163 @@
+//! CreateProfile. With an opt-out, the request is recorded in the ledger first, like a
+//! SetOptOut; the ledger keeps no email or name, so a creation that fails cannot be completed
+//! later: it is FAILED, and the caller (told so) retries.
+
+use acs_profile_client::types;
+use tonic::Status;
+use tonic::metadata::MetadataMap;
+
+use super::error_mapping::{
+    UpstreamError, code_name, ledger_status, replayed_failure, upstream_status,
+};
+use super::opt_out::request_id_or_new;
+use super::service::{CcpaApi, Deadline, OptOutState, caller_of};
+use super::validation::{Violations, request_id_conflict};
+use crate::ledger::{Kind, NewRequest, Outcome, Recorded, State, now_ms};
+use crate::proto::ccpa_v1::{CreateProfileRequest, CreateProfileResponse, Profile};
+
+const RPC: &str = "CreateProfile";
+
+impl CcpaApi {
+    pub(super) async fn create(
+        &self,
+        request: CreateProfileRequest,
+        metadata: &MetadataMap,
+        deadline: Deadline,
+    ) -> Result<CreateProfileResponse, Status> {
+        let mut violations = Violations::default();
+        violations.email("email", &request.email);
+        violations.name("first_name", &request.first_name);
+        violations.name("last_name", &request.last_name);
+        violations.request_id("request_id", &request.request_id);
+        let recorded = request.ccpa_opt_out.map(|opt_out| {
+            let source = violations.source("source", request.source);
+            let received_at =
+                violations.received_at("received_at", request.received_at.as_ref(), now_ms());
+            (opt_out, source, received_at)
+        });
+        let caller = caller_of(metadata, &mut violations);
+        violations.into_result()?;
+
+        let non_empty = |s: String| (!s.is_empty()).then_some(s);
+        let input = types::ProfileInput {
+            email: Some(request.email),
+            first_name: non_empty(request.first_name),
+            last_name: non_empty(request.last_name),
+            ccpa_opt_out: request.ccpa_opt_out,
+            ..Default::default()
+        };
+        let Some((opt_out, Some(source), received_at)) = recorded else {
+            // No opt-out: nothing for the ledger.
+            let profile = self.create_in_acs(&input, deadline).await?;
+            return Ok(CreateProfileResponse {
+                profile: Some(profile),
+                request_id: String::new(),
+            });
+        };
+
+        let new = NewRequest {
+            request_id: request_id_or_new(&request.request_id),
+            kind: Kind::CreateProfile,
+            pkey: None,
+            opt_out,
+            source,
+            received_at,
+            caller,
+            first_attempt_window_ms: 0,
+        };
+        let (recorded, _) = self
+            .ledger()
+            .record(&new, None)
+            .await
+            .map_err(|e| ledger_status(RPC, &e))?;
+        let record = match recorded {
+            Recorded::New(record) => record,
+            Recorded::Conflict(_) => return Err(request_id_conflict()),
+            Recorded::Replay(record) => {
+                // The same creation again: answer the profile created the first time.
+                return match (record.state, record.pkey.as_deref()) {
+                    (State::Failed, _) => Err(replayed_failure(&record)),
+                    (_, Some(pkey)) => {
+                        let profile = self
+                            .noted(self.acs.read_profile(pkey, deadline).await)
+                            .await
+                            .and_then(|p| p.ok_or(UpstreamError::EmptyCollection))
+                            .and_then(proto_profile)
+                            .map_err(|e| upstream_status(RPC, &e))?;
+                        Ok(CreateProfileResponse {
+                            profile: Some(profile),
+                            request_id: record.request_id,
+                        })
+                    }
+                    (_, None) => Err(Status::unavailable(
+                        "this request id's creation is still in progress; retry",
+                    )),
+                };
+            }
+        };
+
+        match self.create_in_acs(&input, deadline).await {
+            Ok(profile) => {
+                self.ledger()
+                    .settle(
+                        &record.request_id,
+                        Outcome::Applied {
+                            pkey: Some(&profile.pkey),
+                        },
+                        true,
+                        None,
+                    )
+                    .await
+                    .map_err(|e| ledger_status(RPC, &e))?;
+                Ok(CreateProfileResponse {
+                    profile: Some(profile),
+                    request_id: record.request_id,
+                })
+            }
+            Err(status) => {
+                let reason = format!(
+                    "Adobe Campaign did not create the profile ({}); the caller was told and \
+                     must retry",
+                    code_name(status.code())
+                );
+                self.ledger()
+                    .settle(
+                        &record.request_id,
+                        Outcome::Failed {
+                            reason: &reason,
+                            code: code_name(status.code()),
+                        },
+                        true,
+                        None,
+                    )
+                    .await
+                    .map_err(|e| ledger_status(RPC, &e))?;
+                Err(status)
+            }
+        }
+    }
+
+    async fn create_in_acs(
+        &self,
+        input: &types::ProfileInput,
+        deadline: Deadline,
+    ) -> Result<Profile, Status> {
+        let created = self.acs.add_profile(input, deadline).await;
+        self.noted(created)
+            .await
+            .and_then(proto_profile)
+            .map_err(|e| upstream_status(RPC, &e))
+    }
+}
+
+fn proto_profile(profile: types::Profile) -> Result<Profile, UpstreamError> {
+    let state = OptOutState::from_profile(&profile)?;
+    Ok(Profile {
+        pkey: profile.p_key.ok_or(UpstreamError::MissingField("PKey"))?,
+        email: profile.email.unwrap_or_default(),
+        first_name: profile.first_name.unwrap_or_default(),
+        last_name: profile.last_name.unwrap_or_default(),
+        ccpa_opt_out: state.opt_out,
+        ccpa_opt_out_last_modified: state.last_modified,
+    })
+}

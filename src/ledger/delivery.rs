@@ -1,0 +1,314 @@
+//! Delivery of recorded requests to ACS: by the call itself when it can, within its deadline,
+//! and by a background deliverer afterwards, with back-off, until ACS holds each request or it
+//! fails for good. Every replica runs a deliverer; the profile leases make sure only one of them
+//! applies a given profile's requests at a time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use acs_profile_client::{CallError, Client, Failure};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::clock::business_days_before;
+use super::{Claim, Ledger, LedgerError, Outcome, Record, now_ms};
+use crate::api::error_mapping::failure_reason;
+use crate::health::{CredentialSignal, GatewayHealth};
+
+/// How the deliverer works.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliverySettings {
+    /// How long a profile's lease lasts: longer than any attempt can take.
+    pub lease: Duration,
+    /// How often the deliverer looks for due requests.
+    pub poll_interval: Duration,
+    /// Bound on one background attempt (retries within it included).
+    pub attempt_budget: Duration,
+    /// Pending requests older than this many business days are reported overdue.
+    pub overdue_after_business_days: u32,
+    /// Records are pruned this long after the request was made.
+    pub retention: Duration,
+    /// First back-off after a failed attempt; it doubles with each attempt.
+    pub backoff_base: Duration,
+    /// The longest back-off.
+    pub backoff_max: Duration,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(1),
+            attempt_budget: Duration::from_secs(10),
+            overdue_after_business_days: 5,
+            retention: Duration::from_secs(730 * 24 * 3600),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What one attempt at applying a request did.
+#[derive(Debug)]
+pub enum Attempt {
+    /// ACS holds it.
+    Applied,
+    /// A newer request superseded it while the attempt ran; it was not (or no longer) the one to
+    /// apply.
+    Superseded,
+    /// Not applied yet; the deliverer will try again.
+    Pending,
+    /// It cannot be applied: the profile does not exist.
+    Failed {
+        /// The basis of the response.
+        reason: String,
+    },
+}
+
+/// The basis recorded when ACS has no such profile.
+pub const PROFILE_NOT_FOUND: &str = "the profile does not exist in Adobe Campaign";
+
+/// Delivers recorded requests to ACS.
+pub struct Delivery {
+    ledger: Ledger,
+    acs: Client,
+    health: Arc<GatewayHealth>,
+    settings: DeliverySettings,
+}
+
+impl Delivery {
+    /// A deliverer for `ledger`'s requests.
+    pub fn new(
+        ledger: Ledger,
+        acs: Client,
+        health: Arc<GatewayHealth>,
+        settings: DeliverySettings,
+    ) -> Self {
+        Self {
+            ledger,
+            acs,
+            health,
+            settings,
+        }
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Its settings.
+    pub fn settings(&self) -> &DeliverySettings {
+        &self.settings
+    }
+
+    /// A claim on a profile for one attempt.
+    pub fn new_claim(&self) -> Claim {
+        Claim::new(i64::try_from(self.settings.lease.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    /// Applies a pending request of a profile whose lease `claim` holds, within `deadline`,
+    /// records the outcome and gives the lease back. `answered`: the caller is answered with
+    /// this outcome.
+    pub async fn apply(
+        &self,
+        record: &Record,
+        claim: &Claim,
+        deadline: Instant,
+        answered: bool,
+    ) -> Result<Attempt, LedgerError> {
+        let Some(pkey) = record.pkey.as_deref() else {
+            return Err(LedgerError::Corrupt(
+                "a profile's request without a key".into(),
+            ));
+        };
+        let result = self
+            .acs
+            .set_ccpa_opt_out(pkey, record.opt_out, Some(deadline))
+            .await;
+        self.health.observe(CredentialSignal::of(&result)).await;
+        let release = Some((pkey, claim));
+        match result {
+            Ok(_) => {
+                let settled = self
+                    .ledger
+                    .settle(
+                        &record.request_id,
+                        Outcome::Applied { pkey: None },
+                        answered,
+                        release,
+                    )
+                    .await?;
+                Ok(if settled {
+                    Attempt::Applied
+                } else {
+                    Attempt::Superseded
+                })
+            }
+            Err(CallError::Api(error))
+                if matches!(
+                    Failure::classify(&error),
+                    Failure::NotFound | Failure::UnparsableKey
+                ) =>
+            {
+                self.ledger
+                    .settle(
+                        &record.request_id,
+                        Outcome::Failed {
+                            reason: PROFILE_NOT_FOUND,
+                            code: "NOT_FOUND",
+                        },
+                        answered,
+                        release,
+                    )
+                    .await?;
+                Ok(Attempt::Failed {
+                    reason: PROFILE_NOT_FOUND.to_owned(),
+                })
+            }
+            Err(error) => {
+                // Anything else may pass (ACS down, our credentials, a deadline): the request
+                // stays pending and is tried again; the clock reports it if it lasts.
+                let attempted = !matches!(error, CallError::Throttled)
+                    && !matches!(&error, CallError::Api(e) if Failure::classify(e) == Failure::NoToken);
+                let next_attempt_at = now_ms() + self.backoff_ms(record.attempts);
+                self.ledger
+                    .settle(
+                        &record.request_id,
+                        Outcome::Retry {
+                            error: &failure_reason(&error),
+                            next_attempt_at,
+                            attempted,
+                        },
+                        answered,
+                        release,
+                    )
+                    .await?;
+                Ok(Attempt::Pending)
+            }
+        }
+    }
+
+    /// Back-off after `attempts` failed attempts: doubling from the base, capped, with jitter so
+    /// that requests that failed together are not retried together.
+    fn backoff_ms(&self, attempts: i64) -> i64 {
+        let exponent = u32::try_from(attempts.clamp(0, 20)).unwrap_or(20);
+        let cap = self
+            .settings
+            .backoff_base
+            .saturating_mul(2u32.saturating_pow(exponent))
+            .min(self.settings.backoff_max);
+        let delay = cap.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Delivers the newest pending request of one profile, if no one else is.
+    async fn deliver_profile(&self, pkey: &str) -> Result<(), LedgerError> {
+        let claim = self.new_claim();
+        if !self.ledger.claim(pkey, &claim).await? {
+            return Ok(());
+        }
+        let next = match self.ledger.next_to_apply(pkey).await {
+            Ok(next) => next,
+            Err(e) => {
+                self.ledger.release(pkey, &claim).await?;
+                return Err(e);
+            }
+        };
+        match next {
+            Some(record) if record.next_attempt_at <= now_ms() => {
+                let deadline = Instant::now() + self.settings.attempt_budget;
+                let attempt = self.apply(&record, &claim, deadline, false).await?;
+                tracing::info!(
+                    request_id = record.request_id,
+                    outcome = ?attempt,
+                    attempts = record.attempts + 1,
+                    "delivered a recorded opt-out request"
+                );
+            }
+            _ => self.ledger.release(pkey, &claim).await?,
+        }
+        Ok(())
+    }
+
+    /// Runs the deliverer until `stop`: delivers due requests, reports overdue ones, prunes
+    /// records past their retention.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut last_clock_check: Option<Instant> = None;
+        let mut last_prune: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(self.settings.poll_interval) => {}
+            }
+            if let Err(e) = self.deliver_due().await {
+                tracing::error!(error = %e, "the deliverer could not read the ledger");
+            }
+            if last_clock_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                last_clock_check = Some(Instant::now());
+                if let Err(e) = self.check_clock().await {
+                    tracing::error!(error = %e, "the overdue check could not read the ledger");
+                }
+            }
+            if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+                last_prune = Some(Instant::now());
+                self.prune().await;
+            }
+        }
+    }
+
+    async fn deliver_due(&self) -> Result<(), LedgerError> {
+        let lease_ms = i64::try_from(self.settings.lease.as_millis()).unwrap_or(i64::MAX);
+        let abandoned = self
+            .ledger
+            .fail_abandoned_creations(now_ms() - lease_ms)
+            .await?;
+        if abandoned > 0 {
+            tracing::warn!(
+                abandoned,
+                "profile creations interrupted by a stop are FAILED"
+            );
+        }
+        let due = self.ledger.due_profiles(now_ms(), 256).await?;
+        futures::stream::iter(due)
+            .for_each_concurrent(16, |pkey| async move {
+                if let Err(e) = self.deliver_profile(&pkey).await {
+                    tracing::error!(error = %e, "delivering a recorded request failed");
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    /// Reports pending requests older than the threshold: a warning, and the
+    /// `ccpa.v1.OptOutDelivery` health entry.
+    pub async fn check_clock(&self) -> Result<usize, LedgerError> {
+        let cutoff = business_days_before(now_ms(), self.settings.overdue_after_business_days);
+        let overdue = self.ledger.pending_before(cutoff).await?;
+        if let Some(oldest) = overdue.first() {
+            let days = (now_ms() - oldest.received_at) as f64 / 86_400_000.0;
+            tracing::warn!(
+                overdue = overdue.len(),
+                threshold_business_days = self.settings.overdue_after_business_days,
+                oldest_request_id = oldest.request_id,
+                oldest_age_days = days,
+                "opt-out requests are still not held by Adobe Campaign (legal limit: 15 business days)"
+            );
+        }
+        self.health.set_delivery_overdue(!overdue.is_empty()).await;
+        Ok(overdue.len())
+    }
+
+    async fn prune(&self) {
+        let retention_ms = i64::try_from(self.settings.retention.as_millis()).unwrap_or(i64::MAX);
+        match self
+            .ledger
+            .prune(now_ms().saturating_sub(retention_ms))
+            .await
+        {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "records past their retention deleted"),
+            Err(e) => tracing::error!(error = %e, "pruning the ledger failed"),
+        }
+    }
+}

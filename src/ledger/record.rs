@@ -1,0 +1,168 @@
+//! One row of the ledger, and the names its enumerations are stored under.
+
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::LedgerError;
+
+/// The manner in which the consumer made a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Source {
+    /// A Global Privacy Control signal.
+    GlobalPrivacyControl,
+    /// A form on a website or in an app.
+    WebForm,
+    /// An email.
+    Email,
+    /// A phone call.
+    Phone,
+    /// A letter.
+    PostalMail,
+    /// In person.
+    InPerson,
+    /// An agent the consumer authorized.
+    AuthorizedAgent,
+    /// The business itself.
+    Internal,
+}
+
+/// Where a request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum State {
+    /// Recorded, not yet held by ACS.
+    Pending,
+    /// Held by ACS.
+    Applied,
+    /// Cannot be applied; `failure_reason` says why.
+    Failed,
+    /// Overtaken by a newer request for the same profile before it was applied.
+    Superseded,
+}
+
+/// What kind of call made the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Kind {
+    /// SetOptOut.
+    SetOptOut,
+    /// CreateProfile with an opt-out.
+    CreateProfile,
+}
+
+macro_rules! stored_names {
+    ($type:ty { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $type {
+            /// The name it is stored under.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $name),+ }
+            }
+
+            /// The value stored under `name`.
+            pub fn parse(name: &str) -> Result<Self, LedgerError> {
+                match name {
+                    $($name => Ok(Self::$variant),)+
+                    other => Err(LedgerError::Corrupt(format!(
+                        "unknown {} {other:?}", stringify!($type)
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+stored_names!(Source {
+    GlobalPrivacyControl => "GLOBAL_PRIVACY_CONTROL",
+    WebForm => "WEB_FORM",
+    Email => "EMAIL",
+    Phone => "PHONE",
+    PostalMail => "POSTAL_MAIL",
+    InPerson => "IN_PERSON",
+    AuthorizedAgent => "AUTHORIZED_AGENT",
+    Internal => "INTERNAL",
+});
+
+stored_names!(State {
+    Pending => "PENDING",
+    Applied => "APPLIED",
+    Failed => "FAILED",
+    Superseded => "SUPERSEDED",
+});
+
+stored_names!(Kind {
+    SetOptOut => "SET_OPT_OUT",
+    CreateProfile => "CREATE_PROFILE",
+});
+
+/// A recorded request. Instants are milliseconds since the Unix epoch (UTC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Record {
+    /// The request's id.
+    pub request_id: String,
+    /// The call that made it.
+    pub kind: Kind,
+    /// The profile's ACS key; `None` for a creation ACS has not (yet) answered.
+    pub pkey: Option<String>,
+    /// The requested value: true to opt out of sale.
+    pub opt_out: bool,
+    /// How the consumer made it.
+    pub source: Source,
+    /// When the consumer made it.
+    pub received_at: i64,
+    /// Whether the caller gave `received_at` (else it is when the gateway received the call).
+    pub received_at_given: bool,
+    /// When the gateway recorded it.
+    pub recorded_at: i64,
+    /// The calling service.
+    pub caller: String,
+    /// Where it stands.
+    pub state: State,
+    /// When the gateway first answered the caller.
+    pub answered_at: Option<i64>,
+    /// When it became APPLIED, FAILED or SUPERSEDED.
+    pub resolved_at: Option<i64>,
+    /// Attempts made to apply it.
+    pub attempts: i64,
+    /// When the deliverer may try it next.
+    pub next_attempt_at: i64,
+    /// The last upstream error met (a reason, never a body).
+    pub last_error: Option<String>,
+    /// For FAILED: the basis of the response.
+    pub failure_reason: Option<String>,
+    /// For FAILED: the gRPC code the caller was given, for replays.
+    pub failure_code: Option<String>,
+    /// For SUPERSEDED: the newer request that overtook it.
+    pub superseded_by: Option<String>,
+}
+
+impl Record {
+    /// Reads a row of `opt_out_records`.
+    pub(super) fn from_row(row: &AnyRow) -> Result<Self, LedgerError> {
+        let text = |column: &str| row.try_get::<String, _>(column);
+        let optional_text = |column: &str| row.try_get::<Option<String>, _>(column);
+        let number = |column: &str| row.try_get::<i64, _>(column);
+        let optional_number = |column: &str| row.try_get::<Option<i64>, _>(column);
+        Ok(Self {
+            request_id: text("request_id")?,
+            kind: Kind::parse(&text("kind")?)?,
+            pkey: optional_text("pkey")?,
+            opt_out: number("opt_out")? != 0,
+            source: Source::parse(&text("source")?)?,
+            received_at: number("received_at")?,
+            received_at_given: number("received_at_given")? != 0,
+            recorded_at: number("recorded_at")?,
+            caller: text("caller")?,
+            state: State::parse(&text("state")?)?,
+            answered_at: optional_number("answered_at")?,
+            resolved_at: optional_number("resolved_at")?,
+            attempts: number("attempts")?,
+            next_attempt_at: number("next_attempt_at")?,
+            last_error: optional_text("last_error")?,
+            failure_reason: optional_text("failure_reason")?,
+            failure_code: optional_text("failure_code")?,
+            superseded_by: optional_text("superseded_by")?,
+        })
+    }
+}
