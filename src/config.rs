@@ -73,6 +73,8 @@ impl ServeSettings {
                 drain_timeout: self.drain_timeout,
             },
             delivery: DeliverySettings {
+                // Three attempts' worth: a lease must outlast the attempt that holds it.
+                lease: (self.acs.acs_timeout * 3).max(Duration::from_secs(3)),
                 poll_interval: self.ledger.delivery_poll_interval,
                 attempt_budget: self.acs.acs_timeout,
                 overdue_after_business_days: self.ledger.overdue_after,

@@ -74,11 +74,12 @@ impl CcpaApi {
     }
 
     /// The deadline for applying a request within the call: early enough to record the outcome
-    /// and answer PENDING in time if ACS is slow. Without a caller deadline, the deliverer's
-    /// budget for one attempt.
+    /// and answer PENDING in time if ACS is slow, and never later than one attempt's budget (the
+    /// profile's lease is sized for that).
     pub(super) fn attempt_deadline(&self, deadline: Deadline) -> Instant {
         let now = Instant::now();
-        let end = deadline.unwrap_or(now + self.delivery.settings().attempt_budget);
+        let budget_end = now + self.delivery.settings().attempt_budget;
+        let end = deadline.map_or(budget_end, |d| d.min(budget_end));
         let remaining = end.saturating_duration_since(now);
         end - (remaining / 4).min(Duration::from_millis(250))
     }

@@ -1,6 +1,7 @@
 //! The `ccpa-gateway` command: the server, the emulator, and commands for people at a terminal.
 
 mod calls;
+pub mod records;
 mod serve;
 
 use std::process::ExitCode;
@@ -23,11 +24,14 @@ pub mod exit_codes {
     pub const INVALID_INPUT: u8 = 4;
     /// The gateway or Adobe Campaign could not be reached; retrying later may help.
     pub const UNAVAILABLE: u8 = 5;
+    /// `records --overdue` found pending requests past the threshold.
+    pub const OVERDUE: u8 = 6;
 }
 
 const EXIT_CODES_HELP: &str = "\
 Exit codes: 0 success, 1 other failure, 2 bad flags or settings, 3 profile not found,
-4 input refused (INVALID_ARGUMENT), 5 gateway or Adobe Campaign unavailable.";
+4 input refused (INVALID_ARGUMENT), 5 gateway or Adobe Campaign unavailable,
+6 overdue opt-out requests (records --overdue).";
 
 /// Reads and sets the CCPA opt-out of sale in Adobe Campaign Standard, over gRPC.
 #[derive(Parser)]
@@ -53,6 +57,8 @@ enum Command {
     SetOptOut(calls::SetOptOutArgs),
     /// Create a profile and print it, as JSON.
     CreateProfile(calls::CreateProfileArgs),
+    /// Read the opt-out ledger: overdue requests, exports for auditors, pruning.
+    Records(records::RecordsArgs),
     /// Measure the gateway against calling Adobe Campaign directly (emulated), and report.
     Bench(crate::bench::BenchArgs),
 }
@@ -89,6 +95,7 @@ impl Command {
             Command::GetOptOut(args) => calls::get_opt_out(args).await,
             Command::SetOptOut(args) => calls::set_opt_out(args).await,
             Command::CreateProfile(args) => calls::create_profile(args).await,
+            Command::Records(args) => records::run(args).await,
             Command::Bench(args) => crate::bench::run(args).await,
         }
     }

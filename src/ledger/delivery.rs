@@ -32,6 +32,8 @@ pub struct DeliverySettings {
     pub backoff_base: Duration,
     /// The longest back-off.
     pub backoff_max: Duration,
+    /// How often overdue requests are looked for.
+    pub clock_interval: Duration,
 }
 
 impl Default for DeliverySettings {
@@ -44,6 +46,7 @@ impl Default for DeliverySettings {
             retention: Duration::from_secs(730 * 24 * 3600),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
+            clock_interval: Duration::from_secs(60),
         }
     }
 }
@@ -244,7 +247,7 @@ impl Delivery {
             if let Err(e) = self.deliver_due().await {
                 tracing::error!(error = %e, "the deliverer could not read the ledger");
             }
-            if last_clock_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            if last_clock_check.is_none_or(|t| t.elapsed() >= self.settings.clock_interval) {
                 last_clock_check = Some(Instant::now());
                 if let Err(e) = self.check_clock().await {
                     tracing::error!(error = %e, "the overdue check could not read the ledger");

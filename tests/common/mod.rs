@@ -136,3 +136,96 @@ impl Harness {
             .expect("the server task does not panic")
     }
 }
+
+/// The PostgreSQL the tests use; CI machines run one on 127.0.0.1:5432 with trust auth.
+pub fn postgres_url() -> String {
+    std::env::var("CCPA_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Where a test's ledger lives: a SQLite file in a temporary directory, or a schema of its own
+/// in the test PostgreSQL database. Dropping it removes both.
+pub struct Store {
+    /// What `--ledger` (or `Ledger::open`) takes.
+    pub location: String,
+    _dir: Option<tempfile::TempDir>,
+    schema: Option<String>,
+}
+
+impl Store {
+    /// A new SQLite ledger file.
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self {
+            location: dir.path().join("ledger.sqlite3").display().to_string(),
+            _dir: Some(dir),
+            schema: None,
+        }
+    }
+
+    /// A new, empty schema in the test PostgreSQL database. Fails (never skips) when no
+    /// PostgreSQL is reachable.
+    pub async fn postgres() -> Self {
+        let schema = format!("ledger_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = postgres_admin().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&admin)
+            .await
+            .expect("the test PostgreSQL accepts CREATE SCHEMA");
+        let separator = if postgres_url().contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        Self {
+            location: format!("{}{separator}options[search_path]={schema}", postgres_url()),
+            _dir: None,
+            schema: Some(schema),
+        }
+    }
+
+    /// The ledger itself.
+    pub async fn open(&self) -> Ledger {
+        Ledger::open(&self.location)
+            .await
+            .expect("the ledger opens")
+    }
+}
+
+async fn postgres_admin() -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(&postgres_url())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL at {} is required by these tests (set CCPA_TEST_POSTGRES_URL): {e}",
+                postgres_url()
+            )
+        })
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(schema) = self.schema.take() {
+            // Drop runs outside any runtime the test may still hold: use a thread of its own.
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(runtime) = runtime {
+                    runtime.block_on(async {
+                        let admin = postgres_admin().await;
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP SCHEMA {schema} CASCADE"
+                        )))
+                        .execute(&admin)
+                        .await;
+                    });
+                }
+            })
+            .join();
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! `ccpa-gateway records`: the ledger for operators and auditors, read straight from its
+//! database (the gateway need not run).
+
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use super::exit_codes;
+use crate::config::{LedgerSettings, retention};
+use crate::ledger::clock::business_days_before;
+use crate::ledger::{Ledger, Record, now_ms};
+
+/// Arguments of `records`.
+#[derive(Args)]
+pub struct RecordsArgs {
+    /// The ledger, as `serve --ledger`.
+    #[arg(long, env = "CCPA_LEDGER", default_value = LedgerSettings::DEFAULT_FILE, hide_env_values = true)]
+    ledger: String,
+    /// Print the pending requests older than --overdue-after business days, as JSON lines; exit
+    /// with 6 when there is one.
+    #[arg(long)]
+    overdue: bool,
+    /// The threshold of --overdue, in business days (Monday to Friday, UTC).
+    #[arg(long, env = "CCPA_OVERDUE_AFTER", default_value = "5",
+          value_parser = clap::value_parser!(u32).range(1..=15))]
+    overdue_after: u32,
+    #[command(subcommand)]
+    action: Option<RecordsAction>,
+}
+
+#[derive(Subcommand)]
+enum RecordsAction {
+    /// Write the records of requests made in [--since, --until) as JSON lines, oldest first.
+    Export {
+        /// The first instant (RFC 3339).
+        #[arg(long, value_parser = instant)]
+        since: DateTime<Utc>,
+        /// The instant after the last (RFC 3339); now when left out.
+        #[arg(long, value_parser = instant)]
+        until: Option<DateTime<Utc>>,
+    },
+    /// Delete the records of requests made longer ago than --retention (pending ones are kept).
+    Prune {
+        /// At least 24 months.
+        #[arg(long, env = "CCPA_RETENTION", default_value = "730days", value_parser = retention)]
+        retention: Duration,
+    },
+}
+
+fn instant(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|e| format!("not an RFC 3339 instant such as 2026-01-01T00:00:00Z: {e}"))
+}
+
+fn rfc3339(ms: i64) -> Value {
+    DateTime::<Utc>::from_timestamp_millis(ms).map_or(Value::Null, |at| {
+        json!(at.to_rfc3339_opts(SecondsFormat::Millis, true))
+    })
+}
+
+/// A record as auditors read it: instants in RFC 3339.
+pub fn record_json(record: &Record) -> Value {
+    json!({
+        "requestId": record.request_id,
+        "kind": record.kind.as_str(),
+        "pkey": record.pkey,
+        "ccpaOptOut": record.opt_out,
+        "source": record.source.as_str(),
+        "receivedAt": rfc3339(record.received_at),
+        "receivedAtGivenByCaller": record.received_at_given,
+        "recordedAt": rfc3339(record.recorded_at),
+        "caller": record.caller,
+        "state": record.state.as_str(),
+        "answeredAt": record.answered_at.map(rfc3339),
+        "resolvedAt": record.resolved_at.map(rfc3339),
+        "attempts": record.attempts,
+        "lastError": record.last_error,
+        "failureReason": record.failure_reason,
+        "supersededBy": record.superseded_by,
+    })
+}
+
+/// `records`.
+pub async fn run(args: RecordsArgs) -> u8 {
+    if !args.overdue && args.action.is_none() {
+        eprintln!("error: give --overdue, or a subcommand (export, prune); see --help");
+        return exit_codes::USAGE;
+    }
+    let ledger = match Ledger::open(&args.ledger).await {
+        Ok(ledger) => ledger,
+        Err(e) => {
+            eprintln!("error: --ledger (CCPA_LEDGER): {e}");
+            return exit_codes::USAGE;
+        }
+    };
+    let result = match args.action {
+        Some(RecordsAction::Export { since, until }) => {
+            let until = until.map_or_else(now_ms, |at| at.timestamp_millis());
+            ledger
+                .export(since.timestamp_millis(), until)
+                .await
+                .map(|records| {
+                    for record in &records {
+                        println!("{}", record_json(record));
+                    }
+                    eprintln!("{} records exported", records.len());
+                    exit_codes::OK
+                })
+        }
+        Some(RecordsAction::Prune { retention }) => {
+            let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+            ledger
+                .prune(now_ms().saturating_sub(retention_ms))
+                .await
+                .map(|pruned| {
+                    eprintln!("{pruned} records deleted");
+                    exit_codes::OK
+                })
+        }
+        None => {
+            let cutoff = business_days_before(now_ms(), args.overdue_after);
+            ledger.pending_before(cutoff).await.map(|records| {
+                for record in &records {
+                    println!("{}", record_json(record));
+                }
+                eprintln!(
+                    "{} pending requests older than {} business days",
+                    records.len(),
+                    args.overdue_after
+                );
+                if records.is_empty() {
+                    exit_codes::OK
+                } else {
+                    exit_codes::OVERDUE
+                }
+            })
+        }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        exit_codes::FAILURE
+    })
+}

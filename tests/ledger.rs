@@ -1,0 +1,789 @@
+//! The opt-out ledger, through the gRPC API, on SQLite and on PostgreSQL alike: idempotent and
+//! conflicting replays, PENDING then delivered, superseding, the protective read, permanent
+//! failures, listing, the overdue clock.
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use acs_emulator::{Emulator, EmulatorConfig, Fault, FaultSettings, NewProfile};
+use ccpa_gateway::health::DELIVERY_SERVICE_NAME;
+use ccpa_gateway::ledger::delivery::DeliverySettings;
+use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
+use ccpa_gateway::proto::ccpa_v1::{
+    CreateProfileRequest, DeliveryState, GetOptOutRecordRequest, GetOptOutRequest,
+    ListOptOutRecordsRequest, OptOutRecord, RequestSource, SetOptOutRequest,
+};
+use ccpa_gateway::server::ServerOptions;
+use common::{Store, acs_config, start_gateway_on};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt;
+
+/// Runs a test body once on SQLite and once on PostgreSQL.
+macro_rules! on_both_stores {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$name(super::Store::sqlite()).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    super::$name(super::Store::postgres().await).await;
+                }
+            }
+        )+
+    };
+}
+
+on_both_stores!(
+    a_replayed_request_id_answers_the_original_outcome_and_changes_nothing,
+    a_request_id_reused_for_another_request_is_refused,
+    acs_down_answers_pending_and_the_deliverer_applies_it_later,
+    a_pending_opt_in_does_not_turn_the_answer_to_false,
+    a_newer_request_supersedes_an_older_pending_one_and_a_late_older_one,
+    an_unknown_profile_is_recorded_failed_with_the_reason,
+    records_are_listed_newest_first_in_pages,
+    requests_without_a_source_or_from_the_future_are_refused,
+    overdue_requests_are_reported,
+    a_creation_with_an_opt_out_is_recorded_and_replayed,
+);
+
+/// Delivery tuned for tests: tries often, backs off little.
+fn quick_delivery() -> ServerOptions {
+    ServerOptions {
+        delivery: DeliverySettings {
+            lease: Duration::from_secs(3),
+            poll_interval: Duration::from_millis(100),
+            attempt_budget: Duration::from_millis(600),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(400),
+            clock_interval: Duration::from_millis(200),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+struct Gateway {
+    emulator: Emulator,
+    client: CcpaServiceClient<Channel>,
+    channel: Channel,
+    _stop: oneshot::Sender<()>,
+    _store: Store,
+}
+
+async fn gateway(store: Store) -> Gateway {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let ledger = store.open().await;
+    let (_, channel, stop, _) =
+        start_gateway_on(acs_config(&emulator), ledger, quick_delivery()).await;
+    Gateway {
+        emulator,
+        client: CcpaServiceClient::new(channel.clone()),
+        channel,
+        _stop: stop,
+        _store: store,
+    }
+}
+
+fn set(pkey: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
+    SetOptOutRequest {
+        pkey: pkey.into(),
+        ccpa_opt_out: Some(opt_out),
+        request_id: request_id.into(),
+        source: RequestSource::GlobalPrivacyControl as i32,
+        received_at: None,
+    }
+}
+
+fn ms_ago(ms: i64) -> prost_types::Timestamp {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let at = i64::try_from(now.as_millis()).unwrap() - ms;
+    prost_types::Timestamp {
+        seconds: at / 1000,
+        nanos: i32::try_from((at % 1000) * 1_000_000).unwrap(),
+    }
+}
+
+async fn record(client: &mut CcpaServiceClient<Channel>, request_id: &str) -> OptOutRecord {
+    client
+        .get_opt_out_record(GetOptOutRecordRequest {
+            request_id: request_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap()
+}
+
+/// Waits until a record reaches `state`.
+async fn until_state(
+    client: &mut CcpaServiceClient<Channel>,
+    request_id: &str,
+    state: DeliveryState,
+) -> OptOutRecord {
+    let started = Instant::now();
+    loop {
+        let record = record(client, request_id).await;
+        if record.state == state as i32 {
+            return record;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{request_id} never reached {state:?}: {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn acs_down() -> FaultSettings {
+    FaultSettings {
+        unavailable: 1.0,
+        ..Default::default()
+    }
+}
+
+async fn a_replayed_request_id_answers_the_original_outcome_and_changes_nothing(store: Store) {
+    let mut gw = gateway(store).await;
+    let pkey = gw.emulator.insert_profile(NewProfile::default());
+
+    let first = gw
+        .client
+        .set_opt_out(set(&pkey, true, "replay-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.request_id, "replay-1");
+    assert_eq!(first.state, DeliveryState::Applied as i32);
+    let requests = gw.emulator.request_count();
+    let recorded = record(&mut gw.client, "replay-1").await;
+
+    let again = gw
+        .client
+        .set_opt_out(set(&pkey, true, "replay-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.state, DeliveryState::Applied as i32);
+    assert!(again.ccpa_opt_out);
+    assert_eq!(
+        gw.emulator.request_count(),
+        requests,
+        "a replay calls nothing"
+    );
+    assert_eq!(
+        record(&mut gw.client, "replay-1").await,
+        recorded,
+        "and changes nothing"
+    );
+
+    // A generated id is answered, and works for replays too.
+    let generated = gw
+        .client
+        .set_opt_out(set(&pkey, false, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!generated.request_id.is_empty());
+    let replayed = gw
+        .client
+        .set_opt_out(set(&pkey, false, &generated.request_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.request_id, generated.request_id);
+    assert_eq!(replayed.state, DeliveryState::Applied as i32);
+}
+
+async fn a_request_id_reused_for_another_request_is_refused(store: Store) {
+    let mut gw = gateway(store).await;
+    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    gw.client
+        .set_opt_out(set(&pkey, true, "conflict-1"))
+        .await
+        .unwrap();
+    let requests = gw.emulator.request_count();
+
+    let status = gw
+        .client
+        .set_opt_out(set(&pkey, false, "conflict-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let violation = &status.get_details_bad_request().unwrap().field_violations[0];
+    assert_eq!(violation.field, "request_id");
+    assert_eq!(violation.reason, "REQUEST_ID_CONFLICT");
+    assert_eq!(gw.emulator.request_count(), requests, "nothing sent");
+    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+    assert!(record(&mut gw.client, "conflict-1").await.ccpa_opt_out);
+}
+
+async fn acs_down_answers_pending_and_the_deliverer_applies_it_later(store: Store) {
+    let mut gw = gateway(store).await;
+    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    gw.emulator.set_faults(acs_down());
+
+    let started = Instant::now();
+    let mut request = tonic::Request::new(set(&pkey, true, "down-1"));
+    request.set_timeout(Duration::from_secs(2));
+    let answer = gw.client.set_opt_out(request).await.unwrap().into_inner();
+    assert_eq!(answer.state, DeliveryState::Pending as i32);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "PENDING within the deadline"
+    );
+    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
+
+    // While pending, and with ACS down, reads give the protective answer.
+    let read = gw
+        .client
+        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(read.ccpa_opt_out && read.change_pending);
+
+    let pending = record(&mut gw.client, "down-1").await;
+    assert_eq!(pending.state, DeliveryState::Pending as i32);
+    assert!(pending.answered_at.is_some());
+    assert!(
+        pending.last_error.contains("ACS_UNAVAILABLE"),
+        "{pending:?}"
+    );
+
+    gw.emulator.set_faults(FaultSettings::default());
+    let applied = until_state(&mut gw.client, "down-1", DeliveryState::Applied).await;
+    assert!(applied.resolved_at.is_some());
+    assert!(applied.attempts >= 2, "{applied:?}");
+    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+    let read = gw
+        .client
+        .get_opt_out(GetOptOutRequest { pkey })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(read.ccpa_opt_out && !read.change_pending);
+}
+
+async fn a_pending_opt_in_does_not_turn_the_answer_to_false(store: Store) {
+    let mut gw = gateway(store).await;
+    let pkey = gw.emulator.insert_profile(NewProfile {
+        ccpa_opt_out: true,
+        ..Default::default()
+    });
+    // Every attempt of the PATCH fails; reads work.
+    for _ in 0..8 {
+        gw.emulator.inject(Fault::html(503));
+    }
+    let answer = gw
+        .client
+        .set_opt_out(set(&pkey, false, "opt-in-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.state, DeliveryState::Pending as i32);
+    gw.emulator.set_faults(acs_down());
+    let read = gw
+        .client
+        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .await;
+    assert!(
+        read.is_err(),
+        "without ACS there is no answer but the protective one"
+    );
+    gw.emulator.set_faults(FaultSettings::default());
+    // ACS holds true until the opt-in reaches it: the answer stays true, pending.
+    let read = gw
+        .client
+        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    if read.change_pending {
+        assert!(read.ccpa_opt_out);
+    }
+    until_state(&mut gw.client, "opt-in-1", DeliveryState::Applied).await;
+    let read = gw
+        .client
+        .get_opt_out(GetOptOutRequest { pkey })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!read.ccpa_opt_out && !read.change_pending);
+}
+
+async fn a_newer_request_supersedes_an_older_pending_one_and_a_late_older_one(store: Store) {
+    let mut gw = gateway(store).await;
+    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    gw.emulator.set_faults(acs_down());
+
+    let at = |ms: i64, value: bool, id: &str| SetOptOutRequest {
+        received_at: Some(ms_ago(ms)),
+        ..set(&pkey, value, id)
+    };
+    let older = gw
+        .client
+        .set_opt_out(at(3_000, true, "order-older"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(older.state, DeliveryState::Pending as i32);
+    let newer = gw
+        .client
+        .set_opt_out(at(2_000, false, "order-newer"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(newer.state, DeliveryState::Pending as i32);
+    let late = gw
+        .client
+        .set_opt_out(at(5_000, true, "order-late"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        late.state,
+        DeliveryState::Superseded as i32,
+        "made before the newest"
+    );
+
+    let superseded = record(&mut gw.client, "order-older").await;
+    assert_eq!(superseded.state, DeliveryState::Superseded as i32);
+    assert_eq!(superseded.superseded_by, "order-newer");
+    assert_eq!(
+        record(&mut gw.client, "order-late").await.superseded_by,
+        "order-newer"
+    );
+
+    let patches_before = gw.emulator.request_count();
+    gw.emulator.set_faults(FaultSettings::default());
+    until_state(&mut gw.client, "order-newer", DeliveryState::Applied).await;
+    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
+    // The superseded requests were never applied after it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
+    let patches: Vec<_> = gw.emulator.requests()[patches_before..]
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    assert!(
+        patches.iter().all(|p| p == r#"{"ccpaOptOut":false}"#),
+        "{patches:?}"
+    );
+}
+
+async fn an_unknown_profile_is_recorded_failed_with_the_reason(store: Store) {
+    let mut gw = gateway(store).await;
+    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    gw.emulator.remove_profile(&pkey);
+    let status = gw
+        .client
+        .set_opt_out(set(&pkey, true, "gone-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let failed = record(&mut gw.client, "gone-1").await;
+    assert_eq!(failed.state, DeliveryState::Failed as i32);
+    assert_eq!(
+        failed.failure_reason,
+        "the profile does not exist in Adobe Campaign"
+    );
+    assert!(failed.resolved_at.is_some() && failed.answered_at.is_some());
+
+    // The replay answers the same, without calling ACS.
+    let requests = gw.emulator.request_count();
+    let replayed = gw
+        .client
+        .set_opt_out(set(&pkey, true, "gone-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(replayed.code(), Code::NotFound);
+    assert_eq!(
+        replayed.get_details_error_info().unwrap().reason,
+        "REQUEST_FAILED"
+    );
+    assert_eq!(gw.emulator.request_count(), requests);
+}
+
+async fn records_are_listed_newest_first_in_pages(store: Store) {
+    let mut gw = gateway(store).await;
+    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    let other = gw.emulator.insert_profile(NewProfile::default());
+    for i in 0..7 {
+        let request = SetOptOutRequest {
+            received_at: Some(ms_ago(10_000 - i * 1_000)),
+            ..set(&pkey, i % 2 == 0, &format!("list-{i}"))
+        };
+        gw.client.set_opt_out(request).await.unwrap();
+    }
+    gw.client
+        .set_opt_out(set(&other, true, "list-other"))
+        .await
+        .unwrap();
+
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = gw
+            .client
+            .list_opt_out_records(ListOptOutRecordsRequest {
+                pkey: pkey.clone(),
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.records.len() <= 3);
+        ids.extend(page.records.into_iter().map(|r| r.request_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(pages, 3);
+    let expected: Vec<String> = (0..7).rev().map(|i| format!("list-{i}")).collect();
+    assert_eq!(ids, expected, "newest request first, each once");
+
+    // Filters: by state; a token is refused with other filters.
+    let applied = gw
+        .client
+        .list_opt_out_records(ListOptOutRecordsRequest {
+            state: DeliveryState::Applied as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.records.len(), 8);
+    let first = gw
+        .client
+        .list_opt_out_records(ListOptOutRecordsRequest {
+            pkey: pkey.clone(),
+            page_size: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mismatched = gw
+        .client
+        .list_opt_out_records(ListOptOutRecordsRequest {
+            pkey: other,
+            page_size: 3,
+            page_token: first.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(mismatched.code(), Code::InvalidArgument);
+    let window = gw
+        .client
+        .list_opt_out_records(ListOptOutRecordsRequest {
+            pkey,
+            received_after: Some(ms_ago(8_500)),
+            received_before: Some(ms_ago(5_500)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = window
+        .records
+        .iter()
+        .map(|r| r.request_id.as_str())
+        .collect();
+    assert_eq!(ids, ["list-4", "list-3", "list-2"]);
+}
+
+fn assert_refused(result: Result<impl std::fmt::Debug, Status>, field: &str) {
+    let status = result.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let fields: Vec<String> = status
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, [field]);
+}
+
+async fn requests_without_a_source_or_from_the_future_are_refused(store: Store) {
+    let mut gw = gateway(store).await;
+    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    assert_refused(
+        gw.client
+            .set_opt_out(SetOptOutRequest {
+                source: RequestSource::Unspecified as i32,
+                ..set(&pkey, true, "")
+            })
+            .await,
+        "source",
+    );
+    assert_refused(
+        gw.client
+            .set_opt_out(SetOptOutRequest {
+                received_at: Some(ms_ago(-3_600_000)),
+                ..set(&pkey, true, "")
+            })
+            .await,
+        "received_at",
+    );
+    assert_refused(
+        gw.client
+            .set_opt_out(set(&pkey, true, &"x".repeat(129)))
+            .await,
+        "request_id",
+    );
+    assert_refused(
+        gw.client.set_opt_out(set(&pkey, true, "has space")).await,
+        "request_id",
+    );
+    let mut with_caller = tonic::Request::new(set(&pkey, true, ""));
+    with_caller
+        .metadata_mut()
+        .insert("x-ccpa-caller", "a b".parse().unwrap());
+    assert_refused(gw.client.set_opt_out(with_caller).await, "x-ccpa-caller");
+    assert_eq!(gw.emulator.request_count(), 0, "nothing sent");
+    let listed = gw
+        .client
+        .list_opt_out_records(ListOptOutRecordsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.records.is_empty(), "nothing recorded");
+}
+
+async fn overdue_requests_are_reported(store: Store) {
+    let location = store.location.clone();
+    let mut gw = gateway(store).await;
+    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    let mut health = HealthClient::new(gw.channel.clone());
+    let delivery = || HealthCheckRequest {
+        service: DELIVERY_SERVICE_NAME.into(),
+    };
+    assert_eq!(
+        health.check(delivery()).await.unwrap().into_inner().status,
+        ServingStatus::Serving as i32
+    );
+
+    gw.emulator.set_faults(acs_down());
+    let mut caller = tonic::Request::new(SetOptOutRequest {
+        received_at: Some(ms_ago(10 * 86_400_000)),
+        ..set(&pkey, true, "overdue-1")
+    });
+    caller
+        .metadata_mut()
+        .insert("x-ccpa-caller", "privacy-portal".parse().unwrap());
+    let answer = gw.client.set_opt_out(caller).await.unwrap().into_inner();
+    assert_eq!(answer.state, DeliveryState::Pending as i32);
+    assert_eq!(
+        record(&mut gw.client, "overdue-1").await.caller,
+        "privacy-portal"
+    );
+
+    // The deliverer's clock notices (it checks on its first round).
+    let started = Instant::now();
+    while health.check(delivery()).await.unwrap().into_inner().status
+        != ServingStatus::NotServing as i32
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the clock never reported it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+        .args(["records", "--overdue", "--ledger", &location])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(line["requestId"], "overdue-1");
+    assert_eq!(line["state"], "PENDING");
+    assert_eq!(line["source"], "GLOBAL_PRIVACY_CONTROL");
+    assert_eq!(line["caller"], "privacy-portal");
+
+    let export = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+        .args([
+            "records",
+            "--ledger",
+            &location,
+            "export",
+            "--since",
+            "2000-01-01T00:00:00Z",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(export.status.success());
+    assert_eq!(String::from_utf8_lossy(&export.stdout).lines().count(), 1);
+
+    // Delivered: no longer overdue.
+    gw.emulator.set_faults(FaultSettings::default());
+    until_state(&mut gw.client, "overdue-1", DeliveryState::Applied).await;
+    let started = Instant::now();
+    while health.check(delivery()).await.unwrap().into_inner().status
+        != ServingStatus::Serving as i32
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(70),
+            "the clock never cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn a_creation_with_an_opt_out_is_recorded_and_replayed(store: Store) {
+    let mut gw = gateway(store).await;
+    let creation = || CreateProfileRequest {
+        email: "create-record@example.com".into(),
+        ccpa_opt_out: Some(true),
+        source: RequestSource::WebForm as i32,
+        request_id: "create-1".into(),
+        ..Default::default()
+    };
+    let created = gw
+        .client
+        .create_profile(creation())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.request_id, "create-1");
+    let profile = created.profile.unwrap();
+    let recorded = record(&mut gw.client, "create-1").await;
+    assert_eq!(recorded.state, DeliveryState::Applied as i32);
+    assert_eq!(recorded.pkey, profile.pkey);
+    assert!(recorded.profile_creation);
+
+    // A replay answers the same profile and creates nothing.
+    let replayed = gw
+        .client
+        .create_profile(creation())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.profile.unwrap().pkey, profile.pkey);
+    assert_eq!(gw.emulator.profile_count(), 1);
+
+    // Without a source, a creation with an opt-out is refused.
+    assert_refused(
+        gw.client
+            .create_profile(CreateProfileRequest {
+                source: RequestSource::Unspecified as i32,
+                request_id: String::new(),
+                ..creation()
+            })
+            .await,
+        "source",
+    );
+
+    // A creation ACS refuses is FAILED, with its basis; the caller gets the error.
+    for _ in 0..4 {
+        gw.emulator.inject(Fault::html(503));
+    }
+    let status = gw
+        .client
+        .create_profile(CreateProfileRequest {
+            request_id: "create-2".into(),
+            ..creation()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    let failed = record(&mut gw.client, "create-2").await;
+    assert_eq!(failed.state, DeliveryState::Failed as i32);
+    assert!(
+        failed.failure_reason.contains("did not create"),
+        "{failed:?}"
+    );
+}
+
+on_both_stores!(only_records_past_their_retention_are_pruned_and_never_pending_ones);
+
+async fn only_records_past_their_retention_are_pruned_and_never_pending_ones(store: Store) {
+    use ccpa_gateway::ledger::{Kind, NewRequest, Outcome, Recorded, Source, now_ms};
+    let ledger = store.open().await;
+    let three_years = 3 * 365 * 86_400_000_i64;
+    let request = |id: &str, pkey: &str, received_at: i64| NewRequest {
+        request_id: id.into(),
+        kind: Kind::SetOptOut,
+        pkey: Some(pkey.into()),
+        opt_out: true,
+        source: Source::PostalMail,
+        received_at: Some(received_at),
+        caller: "test".into(),
+        first_attempt_window_ms: 0,
+    };
+    for (id, pkey, received_at, applied) in [
+        ("old-applied", "@a", now_ms() - three_years, true),
+        ("old-pending", "@b", now_ms() - three_years, false),
+        ("recent-applied", "@c", now_ms() - 86_400_000, true),
+    ] {
+        let (recorded, _) = ledger
+            .record(&request(id, pkey, received_at), None)
+            .await
+            .unwrap();
+        assert!(matches!(recorded, Recorded::New(_)));
+        if applied {
+            assert!(
+                ledger
+                    .settle(id, Outcome::Applied { pkey: None }, true, None)
+                    .await
+                    .unwrap()
+            );
+        }
+    }
+    let retention = 730 * 86_400_000_i64;
+    assert_eq!(ledger.prune(now_ms() - retention).await.unwrap(), 1);
+    assert!(ledger.get("old-applied").await.unwrap().is_none());
+    assert!(
+        ledger.get("old-pending").await.unwrap().is_some(),
+        "pending is never pruned"
+    );
+    assert!(ledger.get("recent-applied").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_retention_under_24_months_is_refused() {
+    for args in [
+        &["serve", "--emulator", "--retention", "700days"][..],
+        &["records", "prune", "--retention", "1day"][..],
+    ] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("24 months"), "{stderr}");
+    }
+}

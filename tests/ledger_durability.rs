@@ -1,0 +1,316 @@
+//! The ledger across process deaths and between replicas: gateways killed with SIGKILL lose no
+//! request, and two gateways sharing one PostgreSQL ledger deliver every request once, in order.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
+use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
+use ccpa_gateway::proto::ccpa_v1::{
+    DeliveryState, GetOptOutRecordRequest, ListOptOutRecordsRequest, OptOutRecord, RequestSource,
+    SetOptOutRequest,
+};
+use common::Store;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+/// A `ccpa-gateway serve` process on a ledger, in front of the test's emulator.
+struct GatewayProcess {
+    child: Child,
+    client: CcpaServiceClient<Channel>,
+}
+
+impl GatewayProcess {
+    async fn start(emulator: &Emulator, ledger: &str) -> Self {
+        let config = emulator.config();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .args(["--ledger", ledger, "--acs-timeout", "1s"])
+            .args(["--delivery-poll-interval", "100ms"])
+            .env("CCPA_ACS_BASE_URL", emulator.url())
+            .env("CCPA_ACS_TENANT", &config.tenant)
+            .env("CCPA_ACS_API_KEY", &config.api_key)
+            .env("CCPA_ACS_ACCESS_TOKEN", &config.access_token)
+            .env("RUST_LOG", "warn,ccpa_gateway::cli=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr: SocketAddr = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .unwrap()
+                    .expect("the gateway starts");
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+                    && let Some(addr) = event["listen"].as_str()
+                {
+                    return addr.parse().unwrap();
+                }
+            }
+        })
+        .await
+        .expect("the gateway logs its address");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let client = CcpaServiceClient::new(common::connect(addr).await);
+        Self { child, client }
+    }
+
+    /// Kills it at once: no shutdown, no flush beyond what each commit already made durable.
+    async fn kill(mut self) {
+        let pid = self.child.id().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        self.child.wait().await.unwrap();
+    }
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+fn at_ms(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms / 1000,
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap(),
+    }
+}
+
+async fn record(client: &mut CcpaServiceClient<Channel>, request_id: &str) -> OptOutRecord {
+    client
+        .get_opt_out_record(GetOptOutRecordRequest {
+            request_id: request_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap()
+}
+
+async fn pending_count(client: &mut CcpaServiceClient<Channel>) -> usize {
+    client
+        .list_opt_out_records(ListOptOutRecordsRequest {
+            state: DeliveryState::Pending as i32,
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+        .len()
+}
+
+async fn killed_gateways_lose_nothing(store: Store) {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let mut requests: Vec<(String, String)> = Vec::new();
+
+    // Three gateways in turn, each killed after answering PENDING while ACS is down.
+    emulator.set_faults(FaultSettings {
+        unavailable: 1.0,
+        ..Default::default()
+    });
+    for round in 0..3 {
+        let mut gateway = GatewayProcess::start(&emulator, &store.location).await;
+        for i in 0..10 {
+            let pkey = emulator.insert_profile(NewProfile::default());
+            let request_id = format!("kill-{round}-{i}");
+            let mut request = tonic::Request::new(SetOptOutRequest {
+                pkey: pkey.clone(),
+                ccpa_opt_out: Some(true),
+                request_id: request_id.clone(),
+                source: RequestSource::GlobalPrivacyControl as i32,
+                received_at: None,
+            });
+            request.set_timeout(Duration::from_secs(3));
+            let answer = gateway
+                .client
+                .set_opt_out(request)
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(answer.state, DeliveryState::Pending as i32);
+            requests.push((request_id, pkey));
+        }
+        gateway.kill().await;
+    }
+
+    // ACS comes back, slowly: a gateway is killed in the middle of delivering.
+    emulator.set_faults(FaultSettings {
+        latency: Duration::from_millis(150),
+        ..Default::default()
+    });
+    let gateway = GatewayProcess::start(&emulator, &store.location).await;
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    gateway.kill().await;
+
+    // The last one finishes the work.
+    let mut gateway = GatewayProcess::start(&emulator, &store.location).await;
+    let started = Instant::now();
+    for (request_id, pkey) in &requests {
+        loop {
+            let record = record(&mut gateway.client, request_id).await;
+            if record.state == DeliveryState::Applied as i32 {
+                break;
+            }
+            assert_eq!(record.state, DeliveryState::Pending as i32, "{record:?}");
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{request_id} was lost: {record:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(emulator.profile(pkey).unwrap()["ccpaOptOut"], true);
+    }
+    assert_eq!(pending_count(&mut gateway.client).await, 0);
+    gateway.kill().await;
+}
+
+mod killed_gateways_lose_nothing {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::killed_gateways_lose_nothing(super::Store::sqlite()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::killed_gateways_lose_nothing(super::Store::postgres().await).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_one_postgres_ledger_apply_each_profile_in_order() {
+    const PROFILES: usize = 8;
+    const CHANGES: usize = 6;
+    let store = Store::postgres().await;
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    // ACS flaps: a third of requests fail, some connections break.
+    emulator.set_faults(FaultSettings {
+        latency: Duration::from_millis(10),
+        unavailable: 0.25,
+        reset: 0.1,
+        ..Default::default()
+    });
+    let a = GatewayProcess::start(&emulator, &store.location).await;
+    let b = GatewayProcess::start(&emulator, &store.location).await;
+
+    // Every profile gets six changes, alternating true and false, made a second apart, sent in
+    // a scrambled order, half to each gateway, all at once.
+    let base = now_ms() - 60_000;
+    let mut sends = Vec::new();
+    let mut expected_last: HashMap<String, (String, bool)> = HashMap::new();
+    for p in 0..PROFILES {
+        let pkey = emulator.insert_profile(NewProfile::default());
+        for change in 0..CHANGES {
+            let value = change % 2 == 0;
+            let request_id = format!("replica-{p}-{change}");
+            let received_at = base + i64::try_from(change).unwrap() * 1_000;
+            expected_last.insert(pkey.clone(), (request_id.clone(), value));
+            sends.push((pkey.clone(), request_id, value, received_at));
+        }
+    }
+    sends.sort_by_key(|(_, id, _, _)| {
+        let mut hash = 0u64;
+        for b in id.bytes() {
+            hash = hash.wrapping_mul(31).wrapping_add(u64::from(b));
+        }
+        hash
+    });
+    let calls = sends
+        .iter()
+        .enumerate()
+        .map(|(n, (pkey, request_id, value, received_at))| {
+            let mut client = if n % 2 == 0 {
+                a.client.clone()
+            } else {
+                b.client.clone()
+            };
+            let request = SetOptOutRequest {
+                pkey: pkey.clone(),
+                ccpa_opt_out: Some(*value),
+                request_id: request_id.clone(),
+                source: RequestSource::WebForm as i32,
+                received_at: Some(at_ms(*received_at)),
+            };
+            async move {
+                let mut request = tonic::Request::new(request);
+                request.set_timeout(Duration::from_secs(5));
+                client.set_opt_out(request).await.unwrap().into_inner()
+            }
+        });
+    futures::future::join_all(calls).await;
+
+    let mut client = a.client.clone();
+    let started = Instant::now();
+    while pending_count(&mut client).await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "requests stay pending"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    for (pkey, (last_id, last_value)) in &expected_last {
+        assert_eq!(
+            emulator.profile(pkey).unwrap()["ccpaOptOut"],
+            *last_value,
+            "ACS holds the newest request's value"
+        );
+        let mut records: Vec<OptOutRecord> = client
+            .list_opt_out_records(ListOptOutRecordsRequest {
+                pkey: pkey.clone(),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        assert_eq!(records.len(), CHANGES);
+        records.reverse(); // oldest request first
+        let newest = records.last().unwrap();
+        assert_eq!(&newest.request_id, last_id);
+        assert_eq!(newest.state, DeliveryState::Applied as i32, "{newest:?}");
+        let mut last_applied_at = None;
+        for record in &records {
+            let state = DeliveryState::try_from(record.state).unwrap();
+            assert!(
+                matches!(state, DeliveryState::Applied | DeliveryState::Superseded),
+                "{record:?}"
+            );
+            if state == DeliveryState::Applied {
+                let applied_at = record.resolved_at.unwrap();
+                let applied_ms =
+                    applied_at.seconds * 1000 + i64::from(applied_at.nanos / 1_000_000);
+                if let Some(previous) = last_applied_at {
+                    assert!(
+                        applied_ms >= previous,
+                        "an older request was applied after a newer one: {records:?}"
+                    );
+                }
+                last_applied_at = Some(applied_ms);
+            }
+        }
+    }
+    a.kill().await;
+    b.kill().await;
+}
