@@ -127,8 +127,44 @@ const COLUMNS: &str = "request_id, kind, pkey, opt_out, source, received_at, rec
 /// The ledger.
 #[derive(Clone)]
 pub struct Ledger {
-    pool: AnyPool,
+    /// For reads.
+    reader: AnyPool,
+    /// For writes: the same pool as `reader` on PostgreSQL, a single connection on SQLite.
+    writer: AnyPool,
     backend: Backend,
+}
+
+/// A pool of `max_connections` to `url`, each set up for durability.
+async fn connect(
+    url: &str,
+    backend: Backend,
+    max_connections: u32,
+) -> Result<AnyPool, LedgerError> {
+    let pool = AnyPoolOptions::new()
+        .max_connections(max_connections)
+        .after_connect(move |connection, _| {
+            Box::pin(async move {
+                let settings: &[&'static str] = match backend {
+                    // WAL lets readers run beside the one writer; FULL fsyncs every commit, so a
+                    // request the gateway has answered for survives a power cut.
+                    Backend::Sqlite => &[
+                        "PRAGMA journal_mode = WAL",
+                        "PRAGMA synchronous = FULL",
+                        "PRAGMA busy_timeout = 10000",
+                        "PRAGMA foreign_keys = ON",
+                    ],
+                    // The server's default, made explicit: a commit returns once on disk.
+                    Backend::Postgres => &["SET synchronous_commit TO on"],
+                };
+                for setting in settings {
+                    connection.execute(*setting).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?;
+    Ok(pool)
 }
 
 impl std::fmt::Debug for Ledger {
@@ -144,43 +180,50 @@ impl Ledger {
     /// creating it if needed, and brings its schema up to date.
     pub async fn open(location: &str) -> Result<Self, LedgerError> {
         sqlx::any::install_default_drivers();
-        let (url, backend, max_connections) =
+        let (url, backend) =
             if location.starts_with("postgres://") || location.starts_with("postgresql://") {
-                (location.to_owned(), Backend::Postgres, 16)
+                (location.to_owned(), Backend::Postgres)
             } else if location == "sqlite::memory:" {
-                // One connection: each connection to an in-memory database sees its own database.
-                ("sqlite::memory:".to_owned(), Backend::Sqlite, 1)
+                ("sqlite::memory:".to_owned(), Backend::Sqlite)
             } else if location.is_empty() || location.contains("://") {
                 return Err(LedgerError::Location(format!(
                     "the ledger must be a file path or a postgres:// URL, not {location:?}"
                 )));
             } else {
-                (format!("sqlite://{location}?mode=rwc"), Backend::Sqlite, 8)
+                (format!("sqlite://{location}?mode=rwc"), Backend::Sqlite)
             };
-        let pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .after_connect(move |connection, _| {
-                Box::pin(async move {
-                    let settings: &[&'static str] = match backend {
-                        // WAL lets readers run beside the one writer; FULL fsyncs every commit,
-                        // so a request the gateway has answered for survives a power cut.
-                        Backend::Sqlite => &[
-                            "PRAGMA journal_mode = WAL",
-                            "PRAGMA synchronous = FULL",
-                            "PRAGMA busy_timeout = 10000",
-                            "PRAGMA foreign_keys = ON",
-                        ],
-                        // The server's default, made explicit: a commit returns once on disk.
-                        Backend::Postgres => &["SET synchronous_commit TO on"],
-                    };
-                    for setting in settings {
-                        connection.execute(*setting).await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(&url)
-            .await?;
+        let ledger = match (backend, location) {
+            // PostgreSQL handles concurrent writers itself: one pool for everything.
+            (Backend::Postgres, _) => {
+                let pool = connect(&url, backend, 16).await?;
+                Self {
+                    reader: pool.clone(),
+                    writer: pool,
+                    backend,
+                }
+            }
+            // Each connection to an in-memory database sees a database of its own: one
+            // connection for everything.
+            (Backend::Sqlite, "sqlite::memory:") => {
+                let pool = connect(&url, backend, 1).await?;
+                Self {
+                    reader: pool.clone(),
+                    writer: pool,
+                    backend,
+                }
+            }
+            // SQLite has one writer at a time: writers queue for a single connection (in order,
+            // without SQLite's busy-wait), while readers use others beside it (WAL).
+            (Backend::Sqlite, _) => {
+                let writer = connect(&url, backend, 1).await?;
+                let reader = connect(&url, backend, 4).await?;
+                Self {
+                    reader,
+                    writer,
+                    backend,
+                }
+            }
+        };
         let migrations = MIGRATIONS
             .iter()
             .map(|(version, description, sql)| {
@@ -193,8 +236,10 @@ impl Ledger {
                 )
             })
             .collect();
-        Migrator::with_migrations(migrations).run(&pool).await?;
-        Ok(Self { pool, backend })
+        Migrator::with_migrations(migrations)
+            .run(&ledger.writer)
+            .await?;
+        Ok(ledger)
     }
 
     /// Which database is behind it.
@@ -212,7 +257,7 @@ impl Ledger {
         claim: Option<&Claim>,
     ) -> Result<(Recorded, bool), LedgerError> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         if let (Backend::Postgres, Some(pkey)) = (self.backend, &request.pkey) {
             // Requests for one profile are recorded one at a time, so that each sees the others.
             // (SQLite has one writer at a time anyway.)
@@ -303,7 +348,7 @@ impl Ledger {
 
     /// One record, by request id.
     pub async fn get(&self, request_id: &str) -> Result<Option<Record>, LedgerError> {
-        let mut connection = self.pool.acquire().await?;
+        let mut connection = self.reader.acquire().await?;
         fetch_record(&mut *connection, request_id).await
     }
 
@@ -314,7 +359,7 @@ impl Ledger {
              ORDER BY received_at DESC, recorded_at DESC LIMIT 1",
         )
         .bind(pkey)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reader)
         .await?;
         Ok(value.map(|v| v != 0))
     }
@@ -322,13 +367,13 @@ impl Ledger {
     /// Takes the lease on a profile, unless someone else holds it. Whoever holds it is the only
     /// one applying that profile's requests.
     pub async fn claim(&self, pkey: &str, claim: &Claim) -> Result<bool, LedgerError> {
-        let mut connection = self.pool.acquire().await?;
+        let mut connection = self.writer.acquire().await?;
         claim_lease(&mut *connection, pkey, claim, now_ms()).await
     }
 
     /// Gives a lease back.
     pub async fn release(&self, pkey: &str, claim: &Claim) -> Result<(), LedgerError> {
-        let mut connection = self.pool.acquire().await?;
+        let mut connection = self.writer.acquire().await?;
         release_lease(&mut *connection, pkey, claim).await
     }
 
@@ -337,7 +382,7 @@ impl Ledger {
     /// holding the profile's lease.
     pub async fn next_to_apply(&self, pkey: &str) -> Result<Option<Record>, LedgerError> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         // A write first, so that SQLite takes its write lock now rather than on upgrade.
         sqlx::query("UPDATE profile_leases SET expires_at = expires_at WHERE pkey = $1")
             .bind(pkey)
@@ -387,7 +432,7 @@ impl Ledger {
         release: Option<(&str, &Claim)>,
     ) -> Result<bool, LedgerError> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let query = match outcome {
             Outcome::Applied { pkey } => sqlx::query(
                 "UPDATE opt_out_records SET state = 'APPLIED', resolved_at = $1, \
@@ -443,7 +488,7 @@ impl Ledger {
         )
         .bind(now_ms())
         .bind(request_id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -457,7 +502,7 @@ impl Ledger {
         )
         .bind(now)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         Ok(rows)
     }
@@ -474,7 +519,7 @@ impl Ledger {
         )
         .bind(now_ms())
         .bind(older_than)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?
         .rows_affected();
         Ok(updated)
@@ -486,7 +531,7 @@ impl Ledger {
             "WHERE state = 'PENDING' AND received_at < $1 ORDER BY received_at",
         ))
         .bind(received_before)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         rows.iter().map(Record::from_row).collect()
     }
@@ -514,7 +559,7 @@ impl Ledger {
         .bind(after.map(|c| c.received_at))
         .bind(after.map(|c| c.request_id.clone()).unwrap_or_default())
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         rows.iter().map(Record::from_row).collect()
     }
@@ -526,7 +571,7 @@ impl Ledger {
         ))
         .bind(since)
         .bind(until)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         rows.iter().map(Record::from_row).collect()
     }
@@ -538,7 +583,7 @@ impl Ledger {
             "DELETE FROM opt_out_records WHERE state <> 'PENDING' AND received_at < $1",
         )
         .bind(received_before)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?
         .rows_affected();
         Ok(deleted)
