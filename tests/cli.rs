@@ -322,7 +322,10 @@ async fn sigterm_reports_not_serving_drains_and_exits_zero() {
     let mut client = CcpaServiceClient::new(channel);
     let in_flight = tokio::spawn(async move {
         client
-            .get_opt_out(GetOptOutRequest { pkey })
+            .get_opt_out(GetOptOutRequest {
+                pkey,
+                ..Default::default()
+            })
             .await
             .map(|r| r.into_inner().ccpa_opt_out)
     });
@@ -379,6 +382,7 @@ async fn logs_carry_no_personal_data_or_secrets() {
     client
         .get_opt_out(GetOptOutRequest {
             pkey: created.pkey.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -392,6 +396,7 @@ async fn logs_carry_no_personal_data_or_secrets() {
     let _ = client
         .get_opt_out(GetOptOutRequest {
             pkey: created.pkey.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -406,6 +411,7 @@ async fn logs_carry_no_personal_data_or_secrets() {
     let _ = client
         .get_opt_out(GetOptOutRequest {
             pkey: created.pkey.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -455,13 +461,19 @@ async fn with_oauth_logs_carry_no_secret_and_no_token() {
     let mut gateway = ServeProcess::start(&[], &as_refs(&env)).await;
     let mut client = CcpaServiceClient::new(common::connect(gateway.addr).await);
     client
-        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .get_opt_out(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     // The token expires and IMS refuses the secret: the failure path logs too.
     emulator.set_ims_client_secret("rotated");
     emulator.expire_access_tokens();
-    let mut request = tonic::Request::new(GetOptOutRequest { pkey });
+    let mut request = tonic::Request::new(GetOptOutRequest {
+        pkey,
+        ..Default::default()
+    });
     request.set_timeout(Duration::from_secs(2));
     let _ = client.get_opt_out(request).await.unwrap_err();
 

@@ -46,7 +46,10 @@ fn assert_mapped(status: Status, code: Code, reason: &str, http_status: Option<u
 async fn get(harness: &Harness, pkey: &str) -> Status {
     harness
         .client()
-        .get_opt_out(GetOptOutRequest { pkey: pkey.into() })
+        .get_opt_out(GetOptOutRequest {
+            pkey: pkey.into(),
+            ..Default::default()
+        })
         .await
         .expect_err("the call should fail")
 }
@@ -55,7 +58,10 @@ async fn get(harness: &Harness, pkey: &str) -> Status {
 async fn get_through(acs: ClientConfig, pkey: String) -> Status {
     let (_, channel, _stop, _server) = start_gateway(acs, ServerOptions::default()).await;
     CcpaServiceClient::new(channel)
-        .get_opt_out(GetOptOutRequest { pkey })
+        .get_opt_out(GetOptOutRequest {
+            pkey,
+            ..Default::default()
+        })
         .await
         .expect_err("the call should fail")
 }
@@ -173,7 +179,10 @@ async fn too_many_requests_429_is_unavailable_with_acs_retry_delay() {
     let (harness, pkey) = with_fault(fault).await;
     // The caller's 1 s deadline leaves no room for the 3 s ACS asks for: the gateway answers at
     // once, passing the delay on.
-    let mut request = tonic::Request::new(GetOptOutRequest { pkey });
+    let mut request = tonic::Request::new(GetOptOutRequest {
+        pkey,
+        ..Default::default()
+    });
     request.set_timeout(std::time::Duration::from_secs(1));
     let started = std::time::Instant::now();
     let status = harness.client().get_opt_out(request).await.unwrap_err();

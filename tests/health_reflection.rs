@@ -140,7 +140,10 @@ async fn shutdown_reports_not_serving_then_drains_calls_in_flight() {
     let mut client = harness.client();
     let in_flight = tokio::spawn(async move {
         client
-            .get_opt_out(GetOptOutRequest { pkey })
+            .get_opt_out(GetOptOutRequest {
+                pkey,
+                ..Default::default()
+            })
             .await
             .map(|r| r.into_inner())
     });

@@ -100,7 +100,7 @@ fn set(pkey: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
         ccpa_opt_out: Some(opt_out),
         request_id: request_id.into(),
         source: RequestSource::GlobalPrivacyControl as i32,
-        received_at: None,
+        ..Default::default()
     }
 }
 
@@ -246,7 +246,10 @@ async fn acs_down_answers_pending_and_the_deliverer_applies_it_later(store: Stor
     // While pending, and with ACS down, reads give the protective answer.
     let read = gw
         .client
-        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .get_opt_out(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -267,7 +270,10 @@ async fn acs_down_answers_pending_and_the_deliverer_applies_it_later(store: Stor
     assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
     let read = gw
         .client
-        .get_opt_out(GetOptOutRequest { pkey })
+        .get_opt_out(GetOptOutRequest {
+            pkey,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -294,7 +300,10 @@ async fn a_pending_opt_in_does_not_turn_the_answer_to_false(store: Store) {
     gw.emulator.set_faults(acs_down());
     let read = gw
         .client
-        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .get_opt_out(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        })
         .await;
     assert!(
         read.is_err(),
@@ -304,7 +313,10 @@ async fn a_pending_opt_in_does_not_turn_the_answer_to_false(store: Store) {
     // ACS holds true until the opt-in reaches it: the answer stays true, pending.
     let read = gw
         .client
-        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .get_opt_out(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -314,7 +326,10 @@ async fn a_pending_opt_in_does_not_turn_the_answer_to_false(store: Store) {
     until_state(&mut gw.client, "opt-in-1", DeliveryState::Applied).await;
     let read = gw
         .client
-        .get_opt_out(GetOptOutRequest { pkey })
+        .get_opt_out(GetOptOutRequest {
+            pkey,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -741,6 +756,7 @@ async fn only_records_past_their_retention_are_pruned_and_never_pending_ones(sto
         received_at: Some(received_at),
         caller: "test".into(),
         first_attempt_window_ms: 0,
+        parent_request_id: None,
     };
     for (id, pkey, received_at, applied) in [
         ("old-applied", "@a", now_ms() - three_years, true),

@@ -139,7 +139,7 @@ async fn killed_gateways_lose_nothing(store: Store) {
                 ccpa_opt_out: Some(true),
                 request_id: request_id.clone(),
                 source: RequestSource::GlobalPrivacyControl as i32,
-                received_at: None,
+                ..Default::default()
             });
             request.set_timeout(Duration::from_secs(3));
             let answer = gateway
@@ -250,6 +250,7 @@ async fn two_gateways_on_one_postgres_ledger_apply_each_profile_in_order() {
                 request_id: request_id.clone(),
                 source: RequestSource::WebForm as i32,
                 received_at: Some(at_ms(*received_at)),
+                ..Default::default()
             };
             async move {
                 let mut request = tonic::Request::new(request);

@@ -92,7 +92,10 @@ async fn a_thousand_calls_at_token_expiry_make_one_token_request() {
 
     client
         .clone()
-        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .get_opt_out(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(emulator.ims_request_count(), 1);
@@ -102,7 +105,14 @@ async fn a_thousand_calls_at_token_expiry_make_one_token_request() {
     let calls = (0..1_000).map(|_| {
         let mut client = client.clone();
         let pkey = pkey.clone();
-        tokio::spawn(async move { client.get_opt_out(GetOptOutRequest { pkey }).await })
+        tokio::spawn(async move {
+            client
+                .get_opt_out(GetOptOutRequest {
+                    pkey,
+                    ..Default::default()
+                })
+                .await
+        })
     });
     for call in futures::future::join_all(calls).await {
         assert!(call.unwrap().unwrap().into_inner().ccpa_opt_out);
@@ -119,7 +129,10 @@ async fn a_token_refused_as_expired_is_refreshed_once_and_the_call_retried_once(
     let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
     let (mut client, _gateway) = gateway(oauth_config(&emulator)).await;
     client
-        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .get_opt_out(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(
@@ -131,7 +144,10 @@ async fn a_token_refused_as_expired_is_refreshed_once_and_the_call_retried_once(
     // time: one new token, one more attempt.
     emulator.expire_access_tokens();
     let answer = client
-        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .get_opt_out(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert!(answer.into_inner().ccpa_opt_out);
@@ -150,7 +166,10 @@ async fn a_token_refused_as_expired_is_refreshed_once_and_the_call_retried_once(
         serde_json::json!({"error_code": "401013", "message": "Oauth token is not valid"}),
     ));
     let status = client
-        .get_opt_out(GetOptOutRequest { pkey })
+        .get_opt_out(GetOptOutRequest {
+            pkey,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Internal);
@@ -166,7 +185,10 @@ async fn a_static_token_refused_as_expired_is_not_retried_in_a_loop() {
     let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
     emulator.expire_access_tokens();
     let status = client
-        .get_opt_out(GetOptOutRequest { pkey })
+        .get_opt_out(GetOptOutRequest {
+            pkey,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Internal);
@@ -187,7 +209,10 @@ async fn failed_token_requests_are_retried_with_back_off() {
     let started = Instant::now();
     let answer = client
         .get_opt_out(with_deadline(
-            GetOptOutRequest { pkey },
+            GetOptOutRequest {
+                pkey,
+                ..Default::default()
+            },
             Duration::from_secs(5),
         ))
         .await
@@ -214,7 +239,10 @@ async fn refused_client_credentials_never_cause_a_storm_of_token_requests() {
         tokio::spawn(async move {
             client
                 .get_opt_out(with_deadline(
-                    GetOptOutRequest { pkey },
+                    GetOptOutRequest {
+                        pkey,
+                        ..Default::default()
+                    },
                     Duration::from_secs(1),
                 ))
                 .await
@@ -248,7 +276,10 @@ async fn retry_after_is_honoured_when_it_fits_the_deadline() {
 
     let answer = client
         .get_opt_out(with_deadline(
-            GetOptOutRequest { pkey },
+            GetOptOutRequest {
+                pkey,
+                ..Default::default()
+            },
             Duration::from_secs(5),
         ))
         .await
@@ -290,7 +321,10 @@ async fn a_creation_is_not_retried_once_it_may_have_reached_acs() {
         // Leave no queued fault for the next round.
         while emulator.request_count() - before < 4 {
             let _ = client
-                .get_opt_out(GetOptOutRequest { pkey: "@x".into() })
+                .get_opt_out(GetOptOutRequest {
+                    pkey: "@x".into(),
+                    ..Default::default()
+                })
                 .await;
         }
     }
@@ -325,7 +359,10 @@ async fn the_deadline_bounds_a_stalled_acs_and_leaves_nothing_running() {
         let started = Instant::now();
         let status = client
             .get_opt_out(with_deadline(
-                GetOptOutRequest { pkey: pkey.clone() },
+                GetOptOutRequest {
+                    pkey: pkey.clone(),
+                    ..Default::default()
+                },
                 deadline,
             ))
             .await
@@ -366,7 +403,10 @@ async fn without_a_caller_deadline_the_upstream_budget_applies() {
     .await;
     let started = Instant::now();
     let status = client
-        .get_opt_out(GetOptOutRequest { pkey })
+        .get_opt_out(GetOptOutRequest {
+            pkey,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded);
@@ -472,7 +512,10 @@ async fn past_the_queue_bound_calls_fail_at_once_with_resource_exhausted() {
             let started = Instant::now();
             let result = client
                 .get_opt_out(with_deadline(
-                    GetOptOutRequest { pkey },
+                    GetOptOutRequest {
+                        pkey,
+                        ..Default::default()
+                    },
                     Duration::from_secs(10),
                 ))
                 .await;
@@ -539,7 +582,10 @@ async fn health_turns_not_serving_without_a_token_and_recovers() {
     emulator.expire_access_tokens();
     let status = client
         .get_opt_out(with_deadline(
-            GetOptOutRequest { pkey: pkey.clone() },
+            GetOptOutRequest {
+                pkey: pkey.clone(),
+                ..Default::default()
+            },
             Duration::from_secs(3),
         ))
         .await
@@ -558,7 +604,13 @@ async fn health_turns_not_serving_without_a_token_and_recovers() {
     emulator.set_ims_client_secret(EmulatorConfig::DEFAULT_IMS_CLIENT_SECRET);
     assert_eq!(next_status(&mut service).await, ServingStatus::Serving);
     assert_eq!(next_status(&mut server).await, ServingStatus::Serving);
-    client.get_opt_out(GetOptOutRequest { pkey }).await.unwrap();
+    client
+        .get_opt_out(GetOptOutRequest {
+            pkey,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -576,7 +628,10 @@ async fn health_turns_not_serving_when_acs_refuses_the_api_key_and_recovers() {
 
     emulator.set_api_key("rotated-api-key");
     let status = client
-        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .get_opt_out(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Internal);
@@ -584,7 +639,13 @@ async fn health_turns_not_serving_when_acs_refuses_the_api_key_and_recovers() {
 
     emulator.set_api_key(EmulatorConfig::DEFAULT_API_KEY);
     assert_eq!(next_status(&mut service).await, ServingStatus::Serving);
-    client.get_opt_out(GetOptOutRequest { pkey }).await.unwrap();
+    client
+        .get_opt_out(GetOptOutRequest {
+            pkey,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -597,7 +658,10 @@ async fn transient_failures_leave_health_alone() {
     let (_, channel, _stop, _server) = start_gateway(acs_config(&emulator), quick_probes()).await;
     let mut client = CcpaServiceClient::new(channel.clone());
     let status = client
-        .get_opt_out(GetOptOutRequest { pkey })
+        .get_opt_out(GetOptOutRequest {
+            pkey,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
@@ -633,7 +697,14 @@ async fn the_retry_budget_stops_a_retry_storm_when_acs_is_down() {
     let calls = (0..100).map(|_| {
         let mut client = client.clone();
         let pkey = pkey.clone();
-        tokio::spawn(async move { client.get_opt_out(GetOptOutRequest { pkey }).await })
+        tokio::spawn(async move {
+            client
+                .get_opt_out(GetOptOutRequest {
+                    pkey,
+                    ..Default::default()
+                })
+                .await
+        })
     });
     for call in futures::future::join_all(calls).await {
         assert_eq!(call.unwrap().unwrap_err().code(), Code::Unavailable);
@@ -658,7 +729,10 @@ async fn retry_after_as_an_http_date_is_honoured() {
     let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
     client
         .get_opt_out(with_deadline(
-            GetOptOutRequest { pkey },
+            GetOptOutRequest {
+                pkey,
+                ..Default::default()
+            },
             Duration::from_secs(5),
         ))
         .await
@@ -678,7 +752,10 @@ async fn a_slow_token_request_outlives_the_caller_that_started_it() {
 
     let status = client
         .get_opt_out(with_deadline(
-            GetOptOutRequest { pkey: pkey.clone() },
+            GetOptOutRequest {
+                pkey: pkey.clone(),
+                ..Default::default()
+            },
             Duration::from_millis(500),
         ))
         .await
@@ -690,7 +767,10 @@ async fn a_slow_token_request_outlives_the_caller_that_started_it() {
     let started = Instant::now();
     client
         .get_opt_out(with_deadline(
-            GetOptOutRequest { pkey },
+            GetOptOutRequest {
+                pkey,
+                ..Default::default()
+            },
             Duration::from_millis(500),
         ))
         .await
@@ -708,7 +788,10 @@ async fn a_token_is_refreshed_in_the_background_before_it_expires() {
     .await;
     let (mut client, _gateway) = gateway(oauth_config(&emulator)).await;
     client
-        .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+        .get_opt_out(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     // The next token request takes 300 ms: a caller that waited for it would show it.
@@ -720,7 +803,10 @@ async fn a_token_is_refreshed_in_the_background_before_it_expires() {
     for _ in 0..20 {
         let started = Instant::now();
         client
-            .get_opt_out(GetOptOutRequest { pkey: pkey.clone() })
+            .get_opt_out(GetOptOutRequest {
+                pkey: pkey.clone(),
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert!(
@@ -732,6 +818,12 @@ async fn a_token_is_refreshed_in_the_background_before_it_expires() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(emulator.ims_request_count(), 2);
     // Past the first token's expiry, the refreshed one serves.
-    client.get_opt_out(GetOptOutRequest { pkey }).await.unwrap();
+    client
+        .get_opt_out(GetOptOutRequest {
+            pkey,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(emulator.ims_request_count(), 2);
 }

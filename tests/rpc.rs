@@ -20,6 +20,7 @@ async fn get_opt_out_answers_what_acs_holds() {
     let answer = client
         .get_opt_out(GetOptOutRequest {
             pkey: opted_out.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -36,7 +37,10 @@ async fn get_opt_out_answers_what_acs_holds() {
     );
 
     let answer = client
-        .get_opt_out(GetOptOutRequest { pkey: opted_in })
+        .get_opt_out(GetOptOutRequest {
+            pkey: opted_in,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -65,7 +69,10 @@ async fn get_opt_out_reads_profiles_wrapped_in_a_collection() {
     let pkey = harness.profile(true);
     let answer = harness
         .client()
-        .get_opt_out(GetOptOutRequest { pkey })
+        .get_opt_out(GetOptOutRequest {
+            pkey,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -203,6 +210,7 @@ async fn create_profile_creates_it_in_acs() {
     let answer = client
         .get_opt_out(GetOptOutRequest {
             pkey: created.pkey.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

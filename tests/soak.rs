@@ -145,8 +145,10 @@ async fn two_thousand_calls_through_ten_percent_transient_faults() {
                         })
                     }
                     Call::Get(pkey, _) => {
-                        let mut request =
-                            tonic::Request::new(GetOptOutRequest { pkey: pkey.clone() });
+                        let mut request = tonic::Request::new(GetOptOutRequest {
+                            pkey: pkey.clone(),
+                            ..Default::default()
+                        });
                         request.set_timeout(DEADLINE);
                         client
                             .get_opt_out(request)

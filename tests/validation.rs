@@ -58,7 +58,12 @@ async fn get_opt_out_refuses_malformed_keys_before_calling_acs() {
     let mut client = harness.client();
     for (pkey, reason) in bad_pkeys() {
         assert_refused(
-            client.get_opt_out(GetOptOutRequest { pkey }).await,
+            client
+                .get_opt_out(GetOptOutRequest {
+                    pkey,
+                    ..Default::default()
+                })
+                .await,
             &[("pkey", reason)],
         );
     }
@@ -214,6 +219,7 @@ async fn limits_are_inclusive() {
     let status = client
         .get_opt_out(GetOptOutRequest {
             pkey: format!("@{}", "a".repeat(511)),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -57,5 +57,7 @@ pub fn opt_out_record(record: &Record) -> OptOutRecord {
         failure_reason: record.failure_reason.clone().unwrap_or_default(),
         superseded_by: record.superseded_by.clone().unwrap_or_default(),
         profile_creation: record.kind == Kind::CreateProfile,
+        parent_request_id: record.parent_request_id.clone().unwrap_or_default(),
+        by_email: record.kind == Kind::SetByEmail,
     }
 }

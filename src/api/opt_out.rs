@@ -1,40 +1,217 @@
-//! GetOptOut and SetOptOut: the protective read, and the recorded, delivered write.
+//! GetOptOut and SetOptOut, by key or by email: the protective read, and the recorded, delivered
+//! write.
 
+use acs_profile_client::types;
+use futures::future::join_all;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
 use super::convert::delivery_state;
-use super::error_mapping::{ledger_status, replayed_failure};
-use super::service::{CcpaApi, Deadline, caller_of, upstream};
+use super::error_mapping::{
+    UpstreamError, code_name, failure_reason, ledger_status, replayed_failure, upstream_status,
+};
+use super::service::{CcpaApi, Deadline, OptOutState, caller_of, upstream};
 use super::validation::{Violations, request_id_conflict};
 use crate::ledger::delivery::Attempt;
-use crate::ledger::{Kind, NewRequest, Record, Recorded, State, now_ms};
+use crate::ledger::{Kind, NewRequest, Outcome, Record, Recorded, Source, State, now_ms};
 use crate::proto::ccpa_v1::{
-    DeliveryState, GetOptOutRequest, GetOptOutResponse, SetOptOutRequest, SetOptOutResponse,
+    DeliveryState, GetOptOutRequest, GetOptOutResponse, ProfileDelivery, ProfileOptOut,
+    SetOptOutRequest, SetOptOutResponse,
 };
 
 const GET: &str = "GetOptOut";
 const SET: &str = "SetOptOut";
 
+/// A validated SetOptOut.
+pub(super) struct SetRequest {
+    target: Target,
+    opt_out: bool,
+    request_id: String,
+    source: Source,
+    received_at: Option<i64>,
+    caller: String,
+}
+
+enum Target {
+    Pkey(String),
+    Email {
+        email: String,
+        create_if_missing: bool,
+    },
+}
+
+/// Checks that exactly one of `pkey` and `email` is given, and that it is well formed.
+fn check_target(violations: &mut Violations, pkey: &str, email: &str) {
+    match (pkey.is_empty(), email.is_empty()) {
+        (false, true) => violations.pkey("pkey", pkey),
+        (true, false) => violations.email("email", email),
+        (true, true) => violations.missing(
+            "pkey",
+            "pkey is required, or email instead (exactly one of the two)".to_owned(),
+        ),
+        (false, false) => violations.malformed("email", "give pkey or email, not both".to_owned()),
+    }
+}
+
+impl SetRequest {
+    /// Validates a SetOptOut; every problem is reported at once.
+    pub(super) fn parse(request: SetOptOutRequest, metadata: &MetadataMap) -> Result<Self, Status> {
+        let mut violations = Violations::default();
+        check_target(&mut violations, &request.pkey, &request.email);
+        if request.create_if_missing && request.email.is_empty() {
+            violations.malformed(
+                "create_if_missing",
+                "create_if_missing goes with email".to_owned(),
+            );
+        }
+        let opt_out = violations.required_bool("ccpa_opt_out", request.ccpa_opt_out);
+        violations.request_id("request_id", &request.request_id);
+        let source = violations.source("source", request.source);
+        let received_at =
+            violations.received_at("received_at", request.received_at.as_ref(), now_ms());
+        let caller = caller_of(metadata, &mut violations);
+        violations.into_result()?;
+        let Some(source) = source else {
+            unreachable!("a missing source is a violation, returned just above");
+        };
+        let target = if request.email.is_empty() {
+            Target::Pkey(request.pkey)
+        } else {
+            Target::Email {
+                email: request.email,
+                create_if_missing: request.create_if_missing,
+            }
+        };
+        Ok(Self {
+            target,
+            opt_out,
+            request_id: request_id_or_new(&request.request_id),
+            source,
+            received_at,
+            caller,
+        })
+    }
+
+    /// The request's id.
+    pub(super) fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    fn new_request(
+        &self,
+        kind: Kind,
+        request_id: String,
+        pkey: Option<String>,
+        parent: Option<String>,
+        window_ms: i64,
+    ) -> NewRequest {
+        NewRequest {
+            request_id,
+            kind,
+            pkey,
+            opt_out: self.opt_out,
+            source: self.source,
+            received_at: self.received_at,
+            caller: self.caller.clone(),
+            first_attempt_window_ms: window_ms,
+            parent_request_id: parent,
+        }
+    }
+}
+
+/// Where one profile's record stands after the call's attempt.
+struct Delivered {
+    record: Record,
+    state: DeliveryState,
+    /// What ACS holds, read back after an APPLIED change (when the read-back worked).
+    held: Option<OptOutState>,
+}
+
+impl Delivered {
+    fn profile(&self, pkey: &str, created: bool) -> ProfileDelivery {
+        ProfileDelivery {
+            pkey: pkey.to_owned(),
+            request_id: self.record.request_id.clone(),
+            state: self.state as i32,
+            ccpa_opt_out: self
+                .held
+                .as_ref()
+                .map_or(self.record.opt_out, |h| h.opt_out),
+            created,
+        }
+    }
+}
+
+/// The state of a request made by email, from its profiles' states.
+fn combined_state(states: impl IntoIterator<Item = DeliveryState>) -> DeliveryState {
+    let states: Vec<DeliveryState> = states.into_iter().collect();
+    [
+        DeliveryState::Pending,
+        DeliveryState::Failed,
+        DeliveryState::Applied,
+    ]
+    .into_iter()
+    .find(|wanted| states.contains(wanted))
+    .unwrap_or(DeliveryState::Superseded)
+}
+
 impl CcpaApi {
     /// GetOptOut: what ACS holds, made more protective by what is recorded and not yet
     /// delivered. A pending opt-out reads as opted out, even while ACS is unreachable; a pending
-    /// opt-in changes nothing until ACS holds it.
+    /// opt-in changes nothing until ACS holds it. By email: every profile, and opted out if any
+    /// is.
     pub(super) async fn get(
         &self,
         request: GetOptOutRequest,
         deadline: Deadline,
     ) -> Result<GetOptOutResponse, Status> {
         let mut violations = Violations::default();
-        violations.pkey("pkey", &request.pkey);
+        check_target(&mut violations, &request.pkey, &request.email);
         violations.into_result()?;
 
+        let profiles = if request.email.is_empty() {
+            vec![self.profile_opt_out(&request.pkey, deadline).await?]
+        } else {
+            let found = self
+                .noted(self.acs.profiles_by_email(&request.email, deadline).await)
+                .await
+                .map_err(upstream(GET))?;
+            if found.is_empty() {
+                return Err(Status::not_found("no profile has this email address"));
+            }
+            let reads = found
+                .iter()
+                .map(|profile| self.found_profile_opt_out(profile));
+            join_all(reads)
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?
+        };
+        Ok(GetOptOutResponse {
+            pkey: request.pkey,
+            ccpa_opt_out: profiles.iter().any(|p| p.ccpa_opt_out),
+            // One instant only means something for one profile.
+            ccpa_opt_out_last_modified: match profiles.as_slice() {
+                [only] => only.ccpa_opt_out_last_modified,
+                _ => None,
+            },
+            change_pending: profiles.iter().any(|p| p.change_pending),
+            profiles,
+        })
+    }
+
+    /// One profile's opt-out by key: ACS's value, made protective by the ledger.
+    async fn profile_opt_out(
+        &self,
+        pkey: &str,
+        deadline: Deadline,
+    ) -> Result<ProfileOptOut, Status> {
         let pending = self
             .ledger()
-            .pending_change(&request.pkey)
+            .pending_change(pkey)
             .await
             .map_err(|e| ledger_status(GET, &e))?;
-        let held = self.read_opt_out(&request.pkey, deadline).await;
+        let held = self.read_opt_out(pkey, deadline).await;
         let (ccpa_opt_out, last_modified) = match (held, pending) {
             (Ok(state), Some(true)) => (true, state.last_modified),
             (Ok(state), _) => (state.opt_out, state.last_modified),
@@ -42,10 +219,34 @@ impl CcpaApi {
             (Err(error), Some(true)) if !error.is_not_found() => (true, None),
             (Err(error), _) => return Err(upstream(GET)(error)),
         };
-        Ok(GetOptOutResponse {
-            pkey: request.pkey,
+        Ok(ProfileOptOut {
+            pkey: pkey.to_owned(),
             ccpa_opt_out,
             ccpa_opt_out_last_modified: last_modified,
+            change_pending: pending.is_some(),
+        })
+    }
+
+    /// The opt-out of a profile found by email (ACS has answered it already).
+    async fn found_profile_opt_out(
+        &self,
+        profile: &types::Profile,
+    ) -> Result<ProfileOptOut, Status> {
+        let pkey = profile
+            .p_key
+            .clone()
+            .ok_or(UpstreamError::MissingField("PKey"))
+            .map_err(upstream(GET))?;
+        let state = OptOutState::from_profile(profile).map_err(upstream(GET))?;
+        let pending = self
+            .ledger()
+            .pending_change(&pkey)
+            .await
+            .map_err(|e| ledger_status(GET, &e))?;
+        Ok(ProfileOptOut {
+            pkey,
+            ccpa_opt_out: state.opt_out || pending == Some(true),
+            ccpa_opt_out_last_modified: state.last_modified,
             change_pending: pending.is_some(),
         })
     }
@@ -57,32 +258,74 @@ impl CcpaApi {
         metadata: &MetadataMap,
         deadline: Deadline,
     ) -> Result<SetOptOutResponse, Status> {
-        let mut violations = Violations::default();
-        violations.pkey("pkey", &request.pkey);
-        let opt_out = violations.required_bool("ccpa_opt_out", request.ccpa_opt_out);
-        violations.request_id("request_id", &request.request_id);
-        let source = violations.source("source", request.source);
-        let received_at =
-            violations.received_at("received_at", request.received_at.as_ref(), now_ms());
-        let caller = caller_of(metadata, &mut violations);
-        violations.into_result()?;
-        let Some(source) = source else {
-            unreachable!("a missing source is a violation, returned just above");
-        };
+        let request = SetRequest::parse(request, metadata)?;
+        self.set_parsed(&request, deadline).await
+    }
 
-        let new = NewRequest {
-            request_id: request_id_or_new(&request.request_id),
-            kind: Kind::SetOptOut,
-            pkey: Some(request.pkey.clone()),
-            opt_out,
-            source,
-            received_at,
-            caller,
-            first_attempt_window_ms: i64::try_from(
-                self.delivery.settings().attempt_budget.as_millis(),
-            )
-            .unwrap_or(i64::MAX),
+    /// SetOptOut, once validated (shared with BulkSetOptOut).
+    pub(super) async fn set_parsed(
+        &self,
+        request: &SetRequest,
+        deadline: Deadline,
+    ) -> Result<SetOptOutResponse, Status> {
+        match &request.target {
+            Target::Pkey(pkey) => self.set_for_key(request, pkey, deadline).await,
+            Target::Email {
+                email,
+                create_if_missing,
+            } => {
+                self.set_by_email(request, email, *create_if_missing, deadline)
+                    .await
+            }
+        }
+    }
+
+    fn window_ms(&self) -> i64 {
+        i64::try_from(self.delivery.settings().attempt_budget.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    async fn set_for_key(
+        &self,
+        request: &SetRequest,
+        pkey: &str,
+        deadline: Deadline,
+    ) -> Result<SetOptOutResponse, Status> {
+        let new = request.new_request(
+            Kind::SetOptOut,
+            request.request_id.clone(),
+            Some(pkey.to_owned()),
+            None,
+            self.window_ms(),
+        );
+        let delivered = match self.record_and_apply(new, deadline).await? {
+            Ok(delivered) => delivered,
+            Err(replayed) => return replayed,
         };
+        if delivered.state == DeliveryState::Failed {
+            return Err(replayed_failure(&delivered.record));
+        }
+        Ok(SetOptOutResponse {
+            pkey: pkey.to_owned(),
+            ccpa_opt_out: delivered
+                .held
+                .as_ref()
+                .map_or(request.opt_out, |h| h.opt_out),
+            ccpa_opt_out_last_modified: delivered.held.as_ref().and_then(|h| h.last_modified),
+            request_id: delivered.record.request_id.clone(),
+            state: delivered.state as i32,
+            profiles: vec![delivered.profile(pkey, false)],
+        })
+    }
+
+    /// Records one profile's request and applies it within the deadline. `Err` of the outer
+    /// result is a failure of the call; `Err` of the inner one is the answer to a replayed (or
+    /// conflicting) request id.
+    #[allow(clippy::type_complexity)]
+    async fn record_and_apply(
+        &self,
+        new: NewRequest,
+        deadline: Deadline,
+    ) -> Result<Result<Delivered, Result<SetOptOutResponse, Status>>, Status> {
         let claim = self.delivery.new_claim();
         let (recorded, claimed) = self
             .ledger()
@@ -90,8 +333,8 @@ impl CcpaApi {
             .await
             .map_err(|e| ledger_status(SET, &e))?;
         let record = match recorded {
-            Recorded::Conflict(_) => return Err(request_id_conflict()),
-            Recorded::Replay(record) => return self.answer_recorded(&record),
+            Recorded::Conflict(_) => return Ok(Err(Err(request_id_conflict()))),
+            Recorded::Replay(record) => return Ok(Err(self.answer_recorded(&record).await)),
             Recorded::New(record) => record,
         };
         if record.state != State::Pending || !claimed {
@@ -101,7 +344,12 @@ impl CcpaApi {
                 .mark_answered(&record.request_id)
                 .await
                 .map_err(|e| ledger_status(SET, &e))?;
-            return self.answer_recorded(&record);
+            let state = delivery_state(record.state);
+            return Ok(Ok(Delivered {
+                record,
+                state,
+                held: None,
+            }));
         }
 
         let attempt = self
@@ -118,35 +366,31 @@ impl CcpaApi {
                     .ledger()
                     .get(&record.request_id)
                     .await
-                    .map_err(|e| ledger_status(SET, &e))?;
-                return Err(failed.as_ref().map_or_else(
-                    || Status::not_found("the profile does not exist in Adobe Campaign"),
-                    replayed_failure,
-                ));
+                    .map_err(|e| ledger_status(SET, &e))?
+                    .unwrap_or(record);
+                return Ok(Ok(Delivered {
+                    record: failed,
+                    state: DeliveryState::Failed,
+                    held: None,
+                }));
             }
         };
-
-        let mut response = SetOptOutResponse {
-            pkey: request.pkey,
-            ccpa_opt_out: opt_out,
-            ccpa_opt_out_last_modified: None,
-            request_id: record.request_id,
-            state: state as i32,
-        };
-        if state == DeliveryState::Applied {
+        let mut held = None;
+        if state == DeliveryState::Applied
+            && let Some(pkey) = record.pkey.as_deref()
+        {
             // ACS answers a PATCH with `{PKey, href}` only. Reading the profile back costs a
             // second call, but it lets the answer say what ACS holds (and when it changed)
             // rather than echo what was asked. If the read fails, the change is still applied.
-            match self.read_opt_out(&response.pkey, deadline).await {
-                Ok(held) => {
-                    if held.opt_out != opt_out {
+            match self.read_opt_out(pkey, deadline).await {
+                Ok(read) => {
+                    if read.opt_out != record.opt_out {
                         tracing::warn!(
                             rpc = SET,
                             "the opt-out read back differs from the one just set"
                         );
                     }
-                    response.ccpa_opt_out = held.opt_out;
-                    response.ccpa_opt_out_last_modified = held.last_modified;
+                    held = Some(read);
                 }
                 Err(error) => tracing::warn!(
                     rpc = SET,
@@ -155,20 +399,242 @@ impl CcpaApi {
                 ),
             }
         }
-        Ok(response)
+        Ok(Ok(Delivered {
+            record,
+            state,
+            held,
+        }))
     }
 
-    /// The answer for a request already recorded: its current state, without calling ACS.
-    fn answer_recorded(&self, record: &Record) -> Result<SetOptOutResponse, Status> {
+    /// SetOptOut by email: the request is recorded first, then the profiles are looked up and
+    /// each gets a record of its own, linked to it, applied like a SetOptOut by key.
+    async fn set_by_email(
+        &self,
+        request: &SetRequest,
+        email: &str,
+        create_if_missing: bool,
+        deadline: Deadline,
+    ) -> Result<SetOptOutResponse, Status> {
+        let parent =
+            request.new_request(Kind::SetByEmail, request.request_id.clone(), None, None, 0);
+        let (recorded, _) = self
+            .ledger()
+            .record(&parent, None)
+            .await
+            .map_err(|e| ledger_status(SET, &e))?;
+        match recorded {
+            Recorded::Conflict(_) => return Err(request_id_conflict()),
+            Recorded::Replay(record) => return self.answer_recorded(&record).await,
+            Recorded::New(_) => {}
+        }
+
+        let found = match self
+            .noted(self.acs.profiles_by_email(email, deadline).await)
+            .await
+        {
+            Ok(found) => found,
+            Err(error) => {
+                // Without the address (which the ledger does not keep) the request cannot be
+                // completed later: it fails now, with its basis, and the caller retries.
+                let status = upstream_status(SET, &error);
+                let reason = match &error {
+                    UpstreamError::Call(call) => format!(
+                        "the profiles of this email could not be looked up ({}); the caller was \
+                         told and must retry",
+                        failure_reason(call)
+                    ),
+                    other => {
+                        format!("the profiles of this email could not be looked up ({other:?})")
+                    }
+                };
+                self.fail_parent(&request.request_id, &reason, code_name(status.code()))
+                    .await?;
+                return Err(status);
+            }
+        };
+
+        if found.is_empty() {
+            if !create_if_missing {
+                self.fail_parent(
+                    &request.request_id,
+                    "no profile has this email address",
+                    "NOT_FOUND",
+                )
+                .await?;
+                let failed = self.recorded_parent(&request.request_id).await?;
+                return Err(replayed_failure(&failed));
+            }
+            return self.create_for_email(request, email, deadline).await;
+        }
+
+        let mut parts = Vec::with_capacity(found.len());
+        for (n, profile) in found.into_iter().enumerate() {
+            let pkey = profile
+                .p_key
+                .ok_or(UpstreamError::MissingField("PKey"))
+                .map_err(upstream(SET))?;
+            let child = request.new_request(
+                Kind::SetOptOut,
+                format!("{}:{}", request.request_id, n + 1),
+                Some(pkey),
+                Some(request.request_id.clone()),
+                self.window_ms(),
+            );
+            parts.push(child);
+        }
+        let applied = join_all(parts.into_iter().map(|child| async move {
+            let pkey = child.pkey.clone().unwrap_or_default();
+            (pkey, self.record_and_apply(child, deadline).await)
+        }))
+        .await;
+        self.ledger()
+            .settle(
+                &request.request_id,
+                Outcome::Applied { pkey: None },
+                true,
+                None,
+            )
+            .await
+            .map_err(|e| ledger_status(SET, &e))?;
+
+        let mut profiles = Vec::with_capacity(applied.len());
+        for (pkey, result) in applied {
+            match result? {
+                Ok(delivered) => profiles.push(delivered.profile(&pkey, false)),
+                Err(_) => {
+                    // A child id recorded before can only be a replay of this very request.
+                    let record = self.recorded_parent(&request.request_id).await?;
+                    return self.answer_recorded(&record).await;
+                }
+            }
+        }
+        Ok(SetOptOutResponse {
+            pkey: String::new(),
+            ccpa_opt_out: request.opt_out,
+            ccpa_opt_out_last_modified: None,
+            request_id: request.request_id.clone(),
+            state: combined_state(
+                profiles
+                    .iter()
+                    .map(|p| DeliveryState::try_from(p.state).unwrap_or(DeliveryState::Pending)),
+            ) as i32,
+            profiles,
+        })
+    }
+
+    /// No profile has the address and `create_if_missing` is set: one is created with the
+    /// opt-out, recorded as a creation linked to the request.
+    async fn create_for_email(
+        &self,
+        request: &SetRequest,
+        email: &str,
+        deadline: Deadline,
+    ) -> Result<SetOptOutResponse, Status> {
+        let child = request.new_request(
+            Kind::CreateProfile,
+            format!("{}:1", request.request_id),
+            None,
+            Some(request.request_id.clone()),
+            0,
+        );
+        let input = types::ProfileInput {
+            email: Some(email.to_owned()),
+            ccpa_opt_out: Some(request.opt_out),
+            ..Default::default()
+        };
+        let profile = self.create_recorded(&child, &input, deadline).await;
+        let outcome = match &profile {
+            Ok(_) => Outcome::Applied { pkey: None },
+            Err(status) => Outcome::Failed {
+                reason: "the profile for this email could not be created",
+                code: code_name(status.code()),
+            },
+        };
+        self.ledger()
+            .settle(&request.request_id, outcome, true, None)
+            .await
+            .map_err(|e| ledger_status(SET, &e))?;
+        let profile = profile?;
+        Ok(SetOptOutResponse {
+            pkey: String::new(),
+            ccpa_opt_out: profile.ccpa_opt_out,
+            ccpa_opt_out_last_modified: profile.ccpa_opt_out_last_modified,
+            request_id: request.request_id.clone(),
+            state: DeliveryState::Applied as i32,
+            profiles: vec![ProfileDelivery {
+                pkey: profile.pkey,
+                request_id: child.request_id,
+                state: DeliveryState::Applied as i32,
+                ccpa_opt_out: profile.ccpa_opt_out,
+                created: true,
+            }],
+        })
+    }
+
+    async fn recorded_parent(&self, request_id: &str) -> Result<Record, Status> {
+        self.ledger()
+            .get(request_id)
+            .await
+            .map_err(|e| ledger_status(SET, &e))?
+            .ok_or_else(|| Status::internal("a recorded request vanished from the ledger"))
+    }
+
+    async fn fail_parent(&self, request_id: &str, reason: &str, code: &str) -> Result<(), Status> {
+        self.ledger()
+            .settle(request_id, Outcome::Failed { reason, code }, true, None)
+            .await
+            .map(|_| ())
+            .map_err(|e| ledger_status(SET, &e))
+    }
+
+    /// The answer for a request already recorded: its current state (and, for a request by
+    /// email, its profiles'), without calling ACS.
+    pub(super) async fn answer_recorded(
+        &self,
+        record: &Record,
+    ) -> Result<SetOptOutResponse, Status> {
         if record.state == State::Failed {
             return Err(replayed_failure(record));
         }
+        if record.kind != Kind::SetByEmail {
+            let profile = ProfileDelivery {
+                pkey: record.pkey.clone().unwrap_or_default(),
+                request_id: record.request_id.clone(),
+                state: delivery_state(record.state) as i32,
+                ccpa_opt_out: record.opt_out,
+                created: record.kind == Kind::CreateProfile,
+            };
+            return Ok(SetOptOutResponse {
+                pkey: record.pkey.clone().unwrap_or_default(),
+                ccpa_opt_out: record.opt_out,
+                ccpa_opt_out_last_modified: None,
+                request_id: record.request_id.clone(),
+                state: delivery_state(record.state) as i32,
+                profiles: vec![profile],
+            });
+        }
+        let children = self
+            .ledger()
+            .children(&record.request_id)
+            .await
+            .map_err(|e| ledger_status(SET, &e))?;
+        let profiles: Vec<ProfileDelivery> = children
+            .iter()
+            .map(|child| ProfileDelivery {
+                pkey: child.pkey.clone().unwrap_or_default(),
+                request_id: child.request_id.clone(),
+                state: delivery_state(child.state) as i32,
+                ccpa_opt_out: child.opt_out,
+                created: child.kind == Kind::CreateProfile,
+            })
+            .collect();
         Ok(SetOptOutResponse {
-            pkey: record.pkey.clone().unwrap_or_default(),
+            pkey: String::new(),
             ccpa_opt_out: record.opt_out,
             ccpa_opt_out_last_modified: None,
             request_id: record.request_id.clone(),
-            state: delivery_state(record.state) as i32,
+            state: combined_state(children.iter().map(|c| delivery_state(c.state))) as i32,
+            profiles,
         })
     }
 }

@@ -64,31 +64,41 @@ impl CcpaApi {
             received_at,
             caller,
             first_attempt_window_ms: 0,
+            parent_request_id: None,
         };
+        let request_id = new.request_id.clone();
+        let profile = self.create_recorded(&new, &input, deadline).await?;
+        Ok(CreateProfileResponse {
+            profile: Some(profile),
+            request_id,
+        })
+    }
+
+    /// Records a creation with an opt-out, then creates the profile; a replayed request id
+    /// answers the profile created the first time, without creating another.
+    pub(super) async fn create_recorded(
+        &self,
+        new: &NewRequest,
+        input: &types::ProfileInput,
+        deadline: Deadline,
+    ) -> Result<Profile, Status> {
         let (recorded, _) = self
             .ledger()
-            .record(&new, None)
+            .record(new, None)
             .await
             .map_err(|e| ledger_status(RPC, &e))?;
         let record = match recorded {
             Recorded::New(record) => record,
             Recorded::Conflict(_) => return Err(request_id_conflict()),
             Recorded::Replay(record) => {
-                // The same creation again: answer the profile created the first time.
                 return match (record.state, record.pkey.as_deref()) {
                     (State::Failed, _) => Err(replayed_failure(&record)),
-                    (_, Some(pkey)) => {
-                        let profile = self
-                            .noted(self.acs.read_profile(pkey, deadline).await)
-                            .await
-                            .and_then(|p| p.ok_or(UpstreamError::EmptyCollection))
-                            .and_then(proto_profile)
-                            .map_err(|e| upstream_status(RPC, &e))?;
-                        Ok(CreateProfileResponse {
-                            profile: Some(profile),
-                            request_id: record.request_id,
-                        })
-                    }
+                    (_, Some(pkey)) => self
+                        .noted(self.acs.read_profile(pkey, deadline).await)
+                        .await
+                        .and_then(|p| p.ok_or(UpstreamError::EmptyCollection))
+                        .and_then(proto_profile)
+                        .map_err(|e| upstream_status(RPC, &e)),
                     (_, None) => Err(Status::unavailable(
                         "this request id's creation is still in progress; retry",
                     )),
@@ -96,7 +106,7 @@ impl CcpaApi {
             }
         };
 
-        match self.create_in_acs(&input, deadline).await {
+        match self.create_in_acs(input, deadline).await {
             Ok(profile) => {
                 self.ledger()
                     .settle(
@@ -109,10 +119,7 @@ impl CcpaApi {
                     )
                     .await
                     .map_err(|e| ledger_status(RPC, &e))?;
-                Ok(CreateProfileResponse {
-                    profile: Some(profile),
-                    request_id: record.request_id,
-                })
+                Ok(profile)
             }
             Err(status) => {
                 let reason = format!(

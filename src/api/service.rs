@@ -17,9 +17,10 @@ use crate::health::{CredentialSignal, GatewayHealth};
 use crate::ledger::Ledger;
 use crate::ledger::delivery::Delivery;
 use crate::proto::ccpa_v1::{
-    CreateProfileRequest, CreateProfileResponse, GetOptOutRecordRequest, GetOptOutRecordResponse,
-    GetOptOutRequest, GetOptOutResponse, ListOptOutRecordsRequest, ListOptOutRecordsResponse,
-    SetOptOutRequest, SetOptOutResponse, ccpa_service_server::CcpaService,
+    BulkSetOptOutRequest, CreateProfileRequest, CreateProfileResponse, GetOptOutRecordRequest,
+    GetOptOutRecordResponse, GetOptOutRequest, GetOptOutResponse, ListOptOutRecordsRequest,
+    ListOptOutRecordsResponse, SetOptOutRequest, SetOptOutResponse,
+    ccpa_service_server::CcpaService,
 };
 
 /// The metadata key naming the calling service, recorded with each request.
@@ -176,6 +177,16 @@ impl CcpaService for CcpaApi {
         request: Request<GetOptOutRecordRequest>,
     ) -> Result<Response<GetOptOutRecordResponse>, Status> {
         observed("GetOptOutRecord", self.get_record(request.into_inner())).await
+    }
+
+    type BulkSetOptOutStream = super::bulk::BulkStream;
+
+    async fn bulk_set_opt_out(
+        &self,
+        request: Request<tonic::Streaming<BulkSetOptOutRequest>>,
+    ) -> Result<Response<Self::BulkSetOptOutStream>, Status> {
+        let (metadata, _, items) = request.into_parts();
+        Ok(Response::new(self.bulk(metadata, items)))
     }
 
     async fn list_opt_out_records(

@@ -246,6 +246,11 @@ impl Violations {
         }
     }
 
+    /// Records a missing field found by a check of the caller's own.
+    pub fn missing(&mut self, field: &str, description: String) {
+        self.add(field, reasons::REQUIRED, description);
+    }
+
     /// Records a problem found by a check of the caller's own.
     pub fn malformed(&mut self, field: &str, description: String) {
         self.add(field, reasons::MALFORMED, description);

@@ -510,7 +510,10 @@ fn gateway_operation(
                 request.set_timeout(CALL_DEADLINE);
                 client.set_opt_out(request).await.map(|_| ())
             } else {
-                let mut request = tonic::Request::new(GetOptOutRequest { pkey });
+                let mut request = tonic::Request::new(GetOptOutRequest {
+                    pkey,
+                    ..Default::default()
+                });
                 request.set_timeout(CALL_DEADLINE);
                 client.get_opt_out(request).await.map(|_| ())
             };

@@ -191,7 +191,10 @@ pub async fn get_opt_out(args: GetOptOutArgs) -> u8 {
         Err(code) => return code,
     };
     match client
-        .get_opt_out(GetOptOutRequest { pkey: args.pkey })
+        .get_opt_out(GetOptOutRequest {
+            pkey: args.pkey,
+            ..Default::default()
+        })
         .await
     {
         Ok(response) => {
@@ -219,6 +222,7 @@ pub async fn set_opt_out(args: SetOptOutArgs) -> u8 {
             request_id: args.request.request_id,
             source: args.source.wire() as i32,
             received_at: args.request.received_at,
+            ..Default::default()
         })
         .await
     {

@@ -80,6 +80,7 @@ pub fn record_json(record: &Record) -> Value {
         "lastError": record.last_error,
         "failureReason": record.failure_reason,
         "supersededBy": record.superseded_by,
+        "parentRequestId": record.parent_request_id,
     })
 }
 

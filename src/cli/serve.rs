@@ -281,6 +281,7 @@ pub async fn emulator(args: EmulatorArgs) -> u8 {
         faults: args.faults.settings(),
         wrap_reads_in_collection: false,
         record_requests: !args.no_record,
+        relative_next_links: false,
     };
     let emulator = match Emulator::bind(args.listen, config).await {
         Ok(emulator) => emulator,

@@ -77,6 +77,8 @@ pub struct NewRequest {
     pub caller: String,
     /// How long the call itself has to apply it before the deliverer may take over.
     pub first_attempt_window_ms: i64,
+    /// The request made by email this one is a part of.
+    pub parent_request_id: Option<String>,
 }
 
 /// What recording a request did.
@@ -113,16 +115,23 @@ pub struct Cursor {
     pub request_id: String,
 }
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "opt-out ledger",
-    include_str!("../../migrations/0001_opt_out_ledger.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "opt-out ledger",
+        include_str!("../../migrations/0001_opt_out_ledger.sql"),
+    ),
+    (
+        2,
+        "requests by email",
+        include_str!("../../migrations/0002_requests_by_email.sql"),
+    ),
+];
 
 /// Every column of `opt_out_records`, in the order [`Record::from_row`] reads them.
 const COLUMNS: &str = "request_id, kind, pkey, opt_out, source, received_at, received_at_given, \
      recorded_at, caller, state, answered_at, resolved_at, attempts, next_attempt_at, last_error, \
-     failure_reason, failure_code, superseded_by";
+     failure_reason, failure_code, superseded_by, parent_request_id";
 
 /// The ledger.
 #[derive(Clone)]
@@ -268,8 +277,9 @@ impl Ledger {
         }
         let inserted = sqlx::query(
             "INSERT INTO opt_out_records (request_id, kind, pkey, opt_out, source, received_at, \
-             received_at_given, recorded_at, caller, state, attempts, next_attempt_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PENDING', 0, $10) \
+             received_at_given, recorded_at, caller, state, attempts, next_attempt_at, \
+             parent_request_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PENDING', 0, $10, $11) \
              ON CONFLICT (request_id) DO NOTHING",
         )
         .bind(&request.request_id)
@@ -282,6 +292,7 @@ impl Ledger {
         .bind(now)
         .bind(&request.caller)
         .bind(now + request.first_attempt_window_ms)
+        .bind(&request.parent_request_id)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -350,6 +361,17 @@ impl Ledger {
     pub async fn get(&self, request_id: &str) -> Result<Option<Record>, LedgerError> {
         let mut connection = self.reader.acquire().await?;
         fetch_record(&mut *connection, request_id).await
+    }
+
+    /// The records a request made by email fanned out to, in the order they were made.
+    pub async fn children(&self, parent_request_id: &str) -> Result<Vec<Record>, LedgerError> {
+        let rows = sqlx::query(AssertColumns::sql(
+            "WHERE parent_request_id = $1 ORDER BY request_id",
+        ))
+        .bind(parent_request_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(Record::from_row).collect()
     }
 
     /// The value of the newest pending request for a profile, if any.

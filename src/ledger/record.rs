@@ -50,6 +50,8 @@ pub enum Kind {
     SetOptOut,
     /// CreateProfile with an opt-out.
     CreateProfile,
+    /// SetOptOut by email: the request itself, fanned out to one record per profile found.
+    SetByEmail,
 }
 
 macro_rules! stored_names {
@@ -94,6 +96,7 @@ stored_names!(State {
 stored_names!(Kind {
     SetOptOut => "SET_OPT_OUT",
     CreateProfile => "CREATE_PROFILE",
+    SetByEmail => "SET_BY_EMAIL",
 });
 
 /// A recorded request. Instants are milliseconds since the Unix epoch (UTC).
@@ -135,6 +138,8 @@ pub struct Record {
     pub failure_code: Option<String>,
     /// For SUPERSEDED: the newer request that overtook it.
     pub superseded_by: Option<String>,
+    /// The request made by email this one is a part of.
+    pub parent_request_id: Option<String>,
 }
 
 impl Record {
@@ -163,6 +168,7 @@ impl Record {
             failure_reason: optional_text("failure_reason")?,
             failure_code: optional_text("failure_code")?,
             superseded_by: optional_text("superseded_by")?,
+            parent_request_id: optional_text("parent_request_id")?,
         })
     }
 }

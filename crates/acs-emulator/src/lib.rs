@@ -67,6 +67,9 @@ pub struct EmulatorConfig {
     pub token_lifetime: Duration,
     /// Latency and random failures of the profile API.
     pub faults: FaultSettings,
+    /// Give `byEmail`'s `next.href` as a path relative to the host instead of an absolute URL
+    /// (ACS has been seen to give both).
+    pub relative_next_links: bool,
     /// Keep the newest requests for [`Emulator::requests`]. Off for benchmarks, where copying
     /// every request's headers would be the emulator's main cost.
     pub record_requests: bool,
@@ -99,6 +102,7 @@ impl Default for EmulatorConfig {
             token_lifetime: Self::DEFAULT_TOKEN_LIFETIME,
             faults: FaultSettings::default(),
             record_requests: true,
+            relative_next_links: false,
         }
     }
 }
@@ -115,6 +119,7 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("token_lifetime", &self.token_lifetime)
             .field("faults", &self.faults)
             .field("record_requests", &self.record_requests)
+            .field("relative_next_links", &self.relative_next_links)
             .finish()
     }
 }
@@ -349,6 +354,13 @@ impl Emulator {
             Err(e) => unreachable!("a body built from NewProfile is always valid: {e:?}"),
         };
         self.shared.insert(changes).0
+    }
+
+    /// Another valid key for the profile `pkey` names, different from it: ACS can show one
+    /// profile under several keys. `None` when the key names no profile here.
+    pub fn alternate_pkey(&self, pkey: &str) -> Option<String> {
+        let id = self.shared.codec.decode(pkey)?;
+        Some(self.shared.codec.encode_alternate(id))
     }
 
     /// Forgets a profile, as if it had been deleted in Campaign: its key is then well formed but

@@ -11,9 +11,11 @@ use sha2::Sha512;
 
 type KeyMac = Hmac<Sha512>;
 
-/// A random nonce, the id masked under it, and a truncated MAC: 72 bytes, 96 characters of
-/// base64url, within the 90 to 130 characters real PKeys have. The nonce makes every key look
-/// unrelated to the others, and the same profile can be given several keys, as in ACS.
+/// A nonce, the id masked under it, and a truncated MAC: 72 bytes, 96 characters of base64url,
+/// within the 90 to 130 characters real PKeys have. The nonce makes every key look unrelated to
+/// the others. A profile's usual key uses a nonce derived from its id, so ACS answers the same key
+/// for it every time; [`KeyCodec::encode_alternate`] mints another valid key for the same
+/// profile, as ACS can.
 const NONCE_LEN: usize = 8;
 const ID_LEN: usize = 8;
 const TAG_LEN: usize = 56;
@@ -30,8 +32,20 @@ impl KeyCodec {
         }
     }
 
+    /// The profile's usual key.
     pub(crate) fn encode(&self, id: u64) -> String {
-        let nonce: [u8; NONCE_LEN] = rand::random();
+        let derived = self.mac(&[b"nonce", &id.to_be_bytes()]);
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&derived[..NONCE_LEN]);
+        self.encode_with(id, nonce)
+    }
+
+    /// Another key for the same profile, different from every other.
+    pub(crate) fn encode_alternate(&self, id: u64) -> String {
+        self.encode_with(id, rand::random())
+    }
+
+    fn encode_with(&self, id: u64, nonce: [u8; NONCE_LEN]) -> String {
         let mut raw = Vec::with_capacity(NONCE_LEN + ID_LEN + TAG_LEN);
         raw.extend_from_slice(&nonce);
         raw.extend_from_slice(&self.masked(&nonce, id.to_be_bytes()));
@@ -90,7 +104,9 @@ mod tests {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         );
         assert_eq!(codec.decode(&pkey), Some(42));
-        let other_key_same_profile = codec.encode(42);
+        assert_eq!(codec.encode(42), pkey, "a profile's usual key is stable");
+        assert_ne!(codec.encode(43)[..20], pkey[..20], "keys look unrelated");
+        let other_key_same_profile = codec.encode_alternate(42);
         assert_ne!(pkey, other_key_same_profile);
         assert_eq!(codec.decode(&other_key_same_profile), Some(42));
     }

@@ -26,6 +26,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             post(create_profile),
         )
         .route(
+            "/{tenant}/campaign/profileAndServices/profile/byEmail",
+            get(profiles_by_email),
+        )
+        .route(
             "/{tenant}/campaign/profileAndServices/profile/{pkey}",
             get(read_profile).patch(update_profile),
         )
@@ -330,6 +334,120 @@ async fn read_profile(
         rendered
     };
     answers::json_response(StatusCode::OK, &body)
+}
+
+/// The query of `byEmail`.
+#[derive(serde::Deserialize)]
+struct ByEmail {
+    email: String,
+    #[serde(rename = "_lineCount")]
+    line_count: Option<usize>,
+    #[serde(rename = "_lineStart")]
+    line_start: Option<String>,
+}
+
+/// ACS's page size when none is asked for.
+const DEFAULT_LINE_COUNT: usize = 25;
+
+/// `byEmail`: a page of profiles whose email starts with the given text, ignoring case. ACS does
+/// not document how it matches; matching more than the whole address is the pessimistic model,
+/// so that a client which does not check the whole address itself fails its tests.
+async fn profiles_by_email(
+    State(shared): State<Arc<Shared>>,
+    Path(tenant): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<ByEmail>,
+) -> Response {
+    if tenant != shared.config.tenant {
+        return answers::check_your_uri();
+    }
+    let line_count = query
+        .line_count
+        .unwrap_or(DEFAULT_LINE_COUNT)
+        .clamp(1, 1_000);
+    let offset = match query.line_start.as_deref().map(decode_line_start) {
+        None => 0,
+        Some(Some(offset)) => offset,
+        Some(None) => {
+            return answers::json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"code": 400, "message": "Invalid _lineStart"}),
+            );
+        }
+    };
+    let wanted = query.email.to_lowercase();
+    let (page, more) = {
+        let profiles = lock(&shared.profiles);
+        let mut ids: Vec<u64> = profiles
+            .iter()
+            .filter(|(_, p)| p.email().to_lowercase().starts_with(&wanted))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        let more = ids.len() > offset + line_count;
+        let page: Vec<Value> = ids
+            .iter()
+            .skip(offset)
+            .take(line_count)
+            .filter_map(|id| {
+                let pkey = shared.codec.encode(*id);
+                profiles
+                    .get(id)
+                    .map(|p| p.render(&pkey, &shared.href(&pkey)))
+            })
+            .collect();
+        (page, more)
+    };
+    let query_string = |extra: &[(&str, String)]| {
+        let mut encoder = form_urlencoded::Serializer::new(String::new());
+        encoder.append_pair("email", &query.email);
+        for (name, value) in extra {
+            encoder.append_pair(name, value);
+        }
+        encoder.finish()
+    };
+    let path = format!(
+        "/{}/campaign/profileAndServices/profile/byEmail",
+        shared.config.tenant
+    );
+    let mut body = json!({
+        "content": page,
+        "count": {"href": format!("{}{path}/_count?{}", shared.base_url, query_string(&[]))},
+        "serverSidePagination": true,
+    });
+    if more {
+        let next = format!(
+            "{path}?{}",
+            query_string(&[
+                ("_lineCount", line_count.to_string()),
+                ("_lineStart", encode_line_start(offset + line_count)),
+            ])
+        );
+        let href = if shared.config.relative_next_links {
+            next
+        } else {
+            format!("{}{next}", shared.base_url)
+        };
+        body["next"] = json!({ "href": href });
+    }
+    answers::json_response(StatusCode::OK, &body)
+}
+
+/// `_lineStart` is opaque in ACS; here it hides an offset.
+fn encode_line_start(offset: usize) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("offset:{offset}"))
+}
+
+fn decode_line_start(token: &str) -> Option<usize> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()?;
+    String::from_utf8(bytes)
+        .ok()?
+        .strip_prefix("offset:")?
+        .parse()
+        .ok()
 }
 
 async fn update_profile(

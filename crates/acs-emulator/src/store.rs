@@ -141,6 +141,11 @@ impl StoredProfile {
         self.last_modified = now;
     }
 
+    /// The profile's email address.
+    pub(crate) fn email(&self) -> &str {
+        self.text("email")
+    }
+
     fn text(&self, field: &str) -> &str {
         self.text.get(field).map(String::as_str).unwrap_or("")
     }

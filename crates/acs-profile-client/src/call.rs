@@ -171,6 +171,11 @@ impl CallRuntime {
         }
     }
 
+    /// The deadline of a call made without one.
+    pub(crate) fn default_budget(&self) -> Duration {
+        self.settings.default_budget
+    }
+
     /// Random delay before retry number `retry` (1 for the first): full jitter under an
     /// exponential cap.
     fn backoff(&self, retry: u32) -> Duration {

@@ -270,6 +270,65 @@ impl Client {
     }
 }
 
+/// More pages than any real address has profiles: past this, pagination is taken to be broken.
+const MAX_EMAIL_PAGES: usize = 1_000;
+
+/// The `_lineStart` token of a `next.href`, relative or absolute.
+fn line_start_of(href: &str) -> Option<String> {
+    let base = reqwest::Url::parse("http://relative.invalid/").ok()?;
+    let url = base.join(href).ok()?;
+    url.query_pairs()
+        .find(|(name, _)| name == "_lineStart")
+        .map(|(_, value)| value.into_owned())
+}
+
+impl Client {
+    /// Every profile whose email is `email`, whole and regardless of case, following every page
+    /// ACS answers (`next.href`, relative or absolute). ACS's own filter is not documented to be
+    /// exact, so the match is checked here. Each page is a call under the client's rules, all
+    /// within `deadline`.
+    pub async fn profiles_by_email(
+        &self,
+        email: &str,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Vec<types::Profile>, CallError> {
+        // One deadline for all pages, even without a caller's: the default budget, once.
+        let deadline = deadline
+            .unwrap_or_else(|| std::time::Instant::now() + self.inner().runtime.default_budget());
+        let wanted = email.to_lowercase();
+        let mut found = Vec::new();
+        let mut line_start: Option<String> = None;
+        for _ in 0..MAX_EMAIL_PAGES {
+            let page = self
+                .call(Idempotency::Idempotent, Some(deadline), || async {
+                    Ok(self
+                        .list_profiles_by_email(None, line_start.as_deref(), email)
+                        .await?
+                        .into_inner())
+                })
+                .await?;
+            found.extend(page.content.into_iter().filter(|profile| {
+                profile
+                    .email
+                    .as_deref()
+                    .is_some_and(|e| e.to_lowercase() == wanted)
+            }));
+            match page
+                .next
+                .and_then(|next| next.href)
+                .as_deref()
+                .and_then(line_start_of)
+            {
+                Some(next) => line_start = Some(next),
+                None => return Ok(found),
+            }
+        }
+        Err(CallError::Api(Error::Custom(format!(
+            "ACS answered more than {MAX_EMAIL_PAGES} pages for one address"
+        ))))
+    }
+}
+
 impl types::ProfileResponse {
     /// The profile, whether ACS answered it bare or wrapped in a collection. `None` for an
     /// empty collection.

@@ -359,3 +359,56 @@ fn debug_output_shows_no_secret() {
     let debug = format!("{client:?}");
     assert!(!debug.contains("super-secret"), "{debug}");
 }
+
+#[tokio::test]
+async fn profiles_by_email_follows_every_page_and_matches_the_whole_address() {
+    for relative_next_links in [false, true] {
+        let emulator = Emulator::start(EmulatorConfig {
+            relative_next_links,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let client = client_for(&emulator, default_tokens());
+        let spellings = ["ada@example.com", "Ada@Example.COM", "ADA@EXAMPLE.COM"];
+        let mut expected = Vec::new();
+        for i in 0..60 {
+            expected.push(emulator.insert_profile(NewProfile {
+                email: spellings[i % 3].into(),
+                ..Default::default()
+            }));
+            // Addresses ACS's filter also returns, which are not this one.
+            emulator.insert_profile(NewProfile {
+                email: "ada@example.com.evil.test".into(),
+                ..Default::default()
+            });
+        }
+        emulator.insert_profile(NewProfile {
+            email: "grace@example.com".into(),
+            ..Default::default()
+        });
+
+        let found = client
+            .profiles_by_email("ada@EXAMPLE.com", None)
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 60, "relative links: {relative_next_links}");
+        let gets = emulator
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/byEmail"))
+            .count();
+        assert_eq!(gets, 5, "120 candidates at 25 a page");
+        for profile in &found {
+            let pkey = profile.p_key.as_deref().unwrap();
+            assert!(emulator.profile(pkey).is_some());
+        }
+        assert!(
+            client
+                .profiles_by_email("nobody@example.com", None)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}

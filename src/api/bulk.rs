@@ -1,0 +1,169 @@
+//! BulkSetOptOut: SetOptOut over a stream, with bounded memory.
+//!
+//! At most [`BULK_CONCURRENCY`] items are in progress at once; the next item is read from the
+//! stream only when one finishes, so HTTP/2 flow control holds the rest back at the caller
+//! (back-pressure), however long the stream. Each item is answered once it is recorded in the
+//! ledger: an answered item is never lost, and an unanswered one can be resent with its request
+//! id. One item's failure is that item's answer; the stream goes on.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Status, Streaming};
+use tonic_types::StatusExt;
+
+use super::opt_out::SetRequest;
+use super::service::CcpaApi;
+use super::validation::Violations;
+use crate::proto::ccpa_v1::{BulkSetOptOutRequest, BulkSetOptOutResponse, ItemError};
+
+/// Items in progress at once in one stream: enough to keep the throttle toward ACS busy, few
+/// enough that a stream holds little memory.
+pub const BULK_CONCURRENCY: usize = 32;
+
+/// The answers of a BulkSetOptOut stream.
+pub type BulkStream = Pin<Box<dyn Stream<Item = Result<BulkSetOptOutResponse, Status>> + Send>>;
+
+/// Counts a stream's items, and writes its log line when the stream ends (or is dropped).
+struct StreamLog {
+    started: Instant,
+    items: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Drop for StreamLog {
+    fn drop(&mut self) {
+        tracing::info!(
+            rpc = "BulkSetOptOut",
+            items = self.items.load(Ordering::Relaxed),
+            failed_items = self.failed.load(Ordering::Relaxed),
+            latency_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            "rpc"
+        );
+    }
+}
+
+fn code_name(code: Code) -> String {
+    format!("{code:?}")
+        .chars()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            let upper = c.to_ascii_uppercase();
+            if c.is_ascii_uppercase() && i > 0 {
+                vec!['_', upper]
+            } else {
+                vec![upper]
+            }
+        })
+        .collect()
+}
+
+/// An item's failure, as the stream answers it: code, message, reason, fields at fault.
+fn item_error(status: &Status) -> ItemError {
+    ItemError {
+        code: code_name(status.code()),
+        message: status.message().to_owned(),
+        reason: status
+            .get_details_error_info()
+            .map(|info| info.reason)
+            .unwrap_or_default(),
+        fields: status
+            .get_details_bad_request()
+            .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
+            .unwrap_or_default(),
+    }
+}
+
+impl CcpaApi {
+    /// The answers to a stream of items.
+    pub(super) fn bulk(
+        &self,
+        metadata: MetadataMap,
+        items: Streaming<BulkSetOptOutRequest>,
+    ) -> BulkStream {
+        let log = Arc::new(StreamLog {
+            started: Instant::now(),
+            items: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        });
+        let api = self.clone();
+        let metadata = Arc::new(metadata);
+        let answers = items
+            // A broken inbound stream ends the work: nothing after it is read.
+            .take_while(|item| futures::future::ready(item.is_ok()))
+            .filter_map(|item| futures::future::ready(item.ok()))
+            .enumerate()
+            .map(move |(index, item)| {
+                let api = api.clone();
+                let metadata = metadata.clone();
+                let log = log.clone();
+                async move {
+                    let answer = api.bulk_item(index as u64, item, &metadata).await;
+                    log.items.fetch_add(1, Ordering::Relaxed);
+                    if answer.error.is_some() {
+                        log.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(answer)
+                }
+            })
+            .buffer_unordered(BULK_CONCURRENCY);
+        Box::pin(answers)
+    }
+
+    async fn bulk_item(
+        &self,
+        index: u64,
+        item: BulkSetOptOutRequest,
+        metadata: &MetadataMap,
+    ) -> BulkSetOptOutResponse {
+        let failed = |request_id: String, status: &Status| BulkSetOptOutResponse {
+            index,
+            request_id,
+            state: 0,
+            error: Some(item_error(status)),
+            profiles: Vec::new(),
+        };
+        let Some(request) = item.item else {
+            let mut violations = Violations::default();
+            violations.missing("item", "item is required".to_owned());
+            let status = violations
+                .into_result()
+                .err()
+                .unwrap_or_else(|| Status::invalid_argument("item is required"));
+            return failed(String::new(), &status);
+        };
+        let given_id = request.request_id.clone();
+        let parsed = match SetRequest::parse(request, metadata) {
+            Ok(parsed) => parsed,
+            Err(status) => return failed(given_id, &status),
+        };
+        // No deadline of its own: the stream's own, if any, bounds everything; each item gets
+        // one attempt's budget, then answers PENDING.
+        match self.set_parsed(&parsed, None).await {
+            Ok(answer) => BulkSetOptOutResponse {
+                index,
+                request_id: answer.request_id,
+                state: answer.state,
+                error: None,
+                profiles: answer.profiles,
+            },
+            Err(status) => failed(parsed.request_id().to_owned(), &status),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_named_as_grpc_spells_them() {
+        assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(Code::Unavailable), "UNAVAILABLE");
+    }
+}
