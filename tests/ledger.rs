@@ -77,7 +77,7 @@ struct Gateway {
     client: CcpaServiceClient<Channel>,
     channel: Channel,
     _stop: oneshot::Sender<()>,
-    _store: Store,
+    store: Store,
 }
 
 async fn gateway(store: Store) -> Gateway {
@@ -90,7 +90,7 @@ async fn gateway(store: Store) -> Gateway {
         client: CcpaServiceClient::new(channel.clone()),
         channel,
         _stop: stop,
-        _store: store,
+        store,
     }
 }
 
@@ -297,6 +297,13 @@ async fn a_pending_opt_in_does_not_turn_the_answer_to_false(store: Store) {
         .unwrap()
         .into_inner();
     assert_eq!(answer.state, DeliveryState::Pending as i32);
+    // Hold the profile's lease, as another replica delivering it would: the deliverer leaves the
+    // opt-in pending until it is given back, so the reads below see it pending.
+    let ledger = gw.store.open().await;
+    let lease = ccpa_gateway::ledger::Claim::new(60_000);
+    while !ledger.claim(&pkey, &lease).await.unwrap() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     gw.emulator.set_faults(acs_down());
     let read = gw
         .client
@@ -320,9 +327,8 @@ async fn a_pending_opt_in_does_not_turn_the_answer_to_false(store: Store) {
         .await
         .unwrap()
         .into_inner();
-    if read.change_pending {
-        assert!(read.ccpa_opt_out);
-    }
+    assert!(read.ccpa_opt_out && read.change_pending, "{read:?}");
+    ledger.release(&pkey, &lease).await.unwrap();
     until_state(&mut gw.client, "opt-in-1", DeliveryState::Applied).await;
     let read = gw
         .client
@@ -785,6 +791,94 @@ async fn only_records_past_their_retention_are_pruned_and_never_pending_ones(sto
         "pending is never pruned"
     );
     assert!(ledger.get("recent-applied").await.unwrap().is_some());
+}
+
+on_both_stores!(a_caller_that_goes_away_does_not_interrupt_its_request);
+
+/// tonic drops a handler when its caller cancels; the request's work must still end properly
+/// (applied, recorded, the profile's lease given back) rather than wait for the deliverer.
+async fn a_caller_that_goes_away_does_not_interrupt_its_request(store: Store) {
+    let mut gw = gateway(store).await;
+    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    gw.emulator.set_faults(FaultSettings {
+        latency: Duration::from_millis(300),
+        ..Default::default()
+    });
+    let started = Instant::now();
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(100),
+        gw.client.set_opt_out(set(&pkey, true, "went-away")),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the caller gave up first");
+    let applied = until_state(&mut gw.client, "went-away", DeliveryState::Applied).await;
+    assert_eq!(
+        applied.attempts, 1,
+        "applied by the call itself: {applied:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "sooner than the lease would have expired"
+    );
+    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+}
+
+on_both_stores!(interrupted_requests_that_cannot_be_completed_later_fail_with_their_reason);
+
+async fn interrupted_requests_that_cannot_be_completed_later_fail_with_their_reason(store: Store) {
+    use ccpa_gateway::ledger::{Kind, NewRequest, Recorded, Source, State, now_ms};
+    let ledger = store.open().await;
+    let request = |id: &str, kind: Kind, pkey: Option<&str>, parent: Option<&str>| NewRequest {
+        request_id: id.into(),
+        kind,
+        pkey: pkey.map(Into::into),
+        opt_out: true,
+        source: Source::Email,
+        received_at: None,
+        caller: "test".into(),
+        first_attempt_window_ms: 0,
+        parent_request_id: parent.map(Into::into),
+    };
+    for new in [
+        request("creation", Kind::CreateProfile, None, None),
+        request("by-email", Kind::SetByEmail, None, None),
+        request(
+            "by-email:1",
+            Kind::SetOptOut,
+            Some("@one"),
+            Some("by-email"),
+        ),
+        request("by-key", Kind::SetOptOut, Some("@two"), None),
+    ] {
+        let (recorded, _) = ledger.record(&new, None).await.unwrap();
+        assert!(matches!(recorded, Recorded::New(_)));
+    }
+    assert_eq!(
+        ledger.fail_abandoned(now_ms() - 60_000).await.unwrap(),
+        0,
+        "requests still within a lease may be in progress"
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(ledger.fail_abandoned(now_ms()).await.unwrap(), 2);
+    for id in ["creation", "by-email"] {
+        let record = ledger.get(id).await.unwrap().unwrap();
+        assert_eq!(record.state, State::Failed, "{id}");
+        assert!(
+            record
+                .failure_reason
+                .as_deref()
+                .unwrap()
+                .contains("must retry"),
+            "{record:?}"
+        );
+    }
+    for id in ["by-email:1", "by-key"] {
+        assert_eq!(
+            ledger.get(id).await.unwrap().unwrap().state,
+            State::Pending,
+            "{id}: the deliverer completes it"
+        );
+    }
 }
 
 #[tokio::test]

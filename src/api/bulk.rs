@@ -4,7 +4,8 @@
 //! stream only when one finishes, so HTTP/2 flow control holds the rest back at the caller
 //! (back-pressure), however long the stream. Each item is answered once it is recorded in the
 //! ledger: an answered item is never lost, and an unanswered one can be resent with its request
-//! id. One item's failure is that item's answer; the stream goes on.
+//! id. Items already taken when the stream breaks are still carried to their end (see
+//! [`to_completion`]). One item's failure is that item's answer; the stream goes on.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use tonic::{Code, Status, Streaming};
 use tonic_types::StatusExt;
 
 use super::opt_out::SetRequest;
-use super::service::CcpaApi;
+use super::service::{CcpaApi, to_completion};
 use super::validation::Violations;
 use crate::proto::ccpa_v1::{BulkSetOptOutRequest, BulkSetOptOutResponse, ItemError};
 
@@ -102,7 +103,17 @@ impl CcpaApi {
                 let metadata = metadata.clone();
                 let log = log.clone();
                 async move {
-                    let answer = api.bulk_item(index as u64, item, &metadata).await;
+                    let work = async move {
+                        Ok::<_, Status>(api.bulk_item(index as u64, item, &metadata).await)
+                    };
+                    let answer = match to_completion(work).await {
+                        Ok(answer) => answer,
+                        Err(status) => BulkSetOptOutResponse {
+                            index: index as u64,
+                            error: Some(item_error(&status)),
+                            ..Default::default()
+                        },
+                    };
                     log.items.fetch_add(1, Ordering::Relaxed);
                     if answer.error.is_some() {
                         log.failed.fetch_add(1, Ordering::Relaxed);

@@ -127,6 +127,19 @@ pub(super) fn upstream(rpc: &'static str) -> impl Fn(UpstreamError) -> Status {
     move |error| upstream_status(rpc, &error)
 }
 
+/// Runs a writing call's work to its end even if the caller goes away. tonic drops a handler's
+/// future when its caller cancels or its stream breaks; dropped mid-way, a write would leave the
+/// profile's lease held until it expires (holding back every later request for that profile) and
+/// a by-email request half fanned out. The work is bounded by its own deadline, so the task is
+/// too. The `Status` of a panicked task is INTERNAL.
+pub(super) async fn to_completion<T: Send + 'static>(
+    work: impl Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(work)
+        .await
+        .unwrap_or_else(|_| Err(Status::internal("the request's work stopped unexpectedly")))
+}
+
 /// Runs one RPC and writes its log line: method, gRPC code, latency. Nothing from the request
 /// or the answer goes into it.
 async fn observed<T>(
@@ -160,7 +173,9 @@ impl CcpaService for CcpaApi {
     ) -> Result<Response<SetOptOutResponse>, Status> {
         let deadline = caller_deadline(request.metadata(), Instant::now());
         let (metadata, _, request) = request.into_parts();
-        observed("SetOptOut", self.set(request, &metadata, deadline)).await
+        let api = self.clone();
+        let work = async move { api.set(request, &metadata, deadline).await };
+        observed("SetOptOut", to_completion(work)).await
     }
 
     async fn create_profile(
@@ -169,7 +184,9 @@ impl CcpaService for CcpaApi {
     ) -> Result<Response<CreateProfileResponse>, Status> {
         let deadline = caller_deadline(request.metadata(), Instant::now());
         let (metadata, _, request) = request.into_parts();
-        observed("CreateProfile", self.create(request, &metadata, deadline)).await
+        let api = self.clone();
+        let work = async move { api.create(request, &metadata, deadline).await };
+        observed("CreateProfile", to_completion(work)).await
     }
 
     async fn get_opt_out_record(

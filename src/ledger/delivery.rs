@@ -262,14 +262,11 @@ impl Delivery {
 
     async fn deliver_due(&self) -> Result<(), LedgerError> {
         let lease_ms = i64::try_from(self.settings.lease.as_millis()).unwrap_or(i64::MAX);
-        let abandoned = self
-            .ledger
-            .fail_abandoned_creations(now_ms() - lease_ms)
-            .await?;
+        let abandoned = self.ledger.fail_abandoned(now_ms() - lease_ms).await?;
         if abandoned > 0 {
             tracing::warn!(
                 abandoned,
-                "profile creations interrupted by a stop are FAILED"
+                "requests interrupted by a stop, which cannot be completed later, are FAILED"
             );
         }
         let due = self.ledger.due_profiles(now_ms(), 256).await?;

@@ -529,22 +529,43 @@ impl Ledger {
         Ok(rows)
     }
 
-    /// Creations whose caller was never answered (the gateway stopped during the call) are
-    /// FAILED: without the profile's data, which the ledger does not keep, they cannot be
-    /// completed later. Returns how many.
-    pub async fn fail_abandoned_creations(&self, older_than: i64) -> Result<u64, LedgerError> {
-        let updated = sqlx::query(
-            "UPDATE opt_out_records SET state = 'FAILED', resolved_at = $1, \
-             failure_reason = 'the gateway stopped before ACS answered the creation; the caller \
-             was not answered and must retry', failure_code = 'UNAVAILABLE' \
-             WHERE kind = 'CREATE_PROFILE' AND state = 'PENDING' AND recorded_at < $2",
-        )
-        .bind(now_ms())
-        .bind(older_than)
-        .execute(&self.writer)
-        .await?
-        .rows_affected();
-        Ok(updated)
+    /// Requests whose caller was never answered because the gateway stopped during the call,
+    /// and which the ledger cannot complete later, are FAILED, with the reason the caller must
+    /// retry:
+    /// - a creation (the profile's data is not kept);
+    /// - a by-email request interrupted before its profiles were all recorded (the address is
+    ///   not kept). Its profiles that were recorded are delivered as usual.
+    ///
+    /// `older_than`: only requests recorded before it (a lease's length ago: none of them can
+    /// still be in progress). Returns how many.
+    pub async fn fail_abandoned(&self, older_than: i64) -> Result<u64, LedgerError> {
+        let mut failed = 0;
+        for (kind, reason) in [
+            (
+                Kind::CreateProfile,
+                "the gateway stopped before ACS answered the creation; the caller was not \
+                 answered and must retry",
+            ),
+            (
+                Kind::SetByEmail,
+                "the gateway stopped before every profile of this email was recorded (those \
+                 recorded are delivered); the caller was not answered and must retry",
+            ),
+        ] {
+            failed += sqlx::query(
+                "UPDATE opt_out_records SET state = 'FAILED', resolved_at = $1, \
+                 failure_reason = $2, failure_code = 'UNAVAILABLE' \
+                 WHERE kind = $3 AND state = 'PENDING' AND recorded_at < $4",
+            )
+            .bind(now_ms())
+            .bind(reason)
+            .bind(kind.as_str())
+            .bind(older_than)
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        }
+        Ok(failed)
     }
 
     /// Pending requests made before `received_before`, oldest first.
