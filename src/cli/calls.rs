@@ -58,7 +58,8 @@ pub enum SourceArg {
 }
 
 impl SourceArg {
-    fn wire(self) -> RequestSource {
+    /// The wire form.
+    pub(super) fn wire(self) -> RequestSource {
         match self {
             Self::Gpc => RequestSource::GlobalPrivacyControl,
             Self::WebForm => RequestSource::WebForm,
@@ -83,7 +84,7 @@ pub struct RequestArgs {
     received_at: Option<prost_types::Timestamp>,
 }
 
-fn timestamp(text: &str) -> Result<prost_types::Timestamp, String> {
+pub(super) fn timestamp(text: &str) -> Result<prost_types::Timestamp, String> {
     let at = chrono::DateTime::parse_from_rfc3339(text)
         .map_err(|e| format!("not an RFC 3339 instant such as 2026-11-29T10:00:00Z: {e}"))?;
     Ok(prost_types::Timestamp {
@@ -135,7 +136,14 @@ pub struct CreateProfileArgs {
     connection: Connection,
 }
 
-async fn connect(connection: &Connection) -> Result<CcpaServiceClient<Channel>, u8> {
+impl Connection {
+    /// The gateway's address.
+    pub(super) fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+pub(super) async fn connect(connection: &Connection) -> Result<CcpaServiceClient<Channel>, u8> {
     let endpoint = Endpoint::from_shared(connection.addr.clone())
         .map_err(|_| {
             eprintln!("error: --addr (CCPA_ADDR) is not a URL such as http://127.0.0.1:50051");
@@ -295,7 +303,7 @@ fn opt_out_json(
 }
 
 /// The name of a delivery state, as the proto spells it without its prefix.
-fn state_name(state: i32) -> &'static str {
+pub(super) fn state_name(state: i32) -> &'static str {
     match DeliveryState::try_from(state) {
         Ok(DeliveryState::Pending) => "PENDING",
         Ok(DeliveryState::Applied) => "APPLIED",

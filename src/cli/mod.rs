@@ -1,5 +1,6 @@
 //! The `ccpa-gateway` command: the server, the emulator, and commands for people at a terminal.
 
+mod bulk;
 mod calls;
 pub mod records;
 mod serve;
@@ -26,12 +27,14 @@ pub mod exit_codes {
     pub const UNAVAILABLE: u8 = 5;
     /// `records --overdue` found pending requests past the threshold.
     pub const OVERDUE: u8 = 6;
+    /// `bulk-set-opt-out` finished, but some rows failed (see the results file).
+    pub const SOME_ROWS_FAILED: u8 = 7;
 }
 
 const EXIT_CODES_HELP: &str = "\
 Exit codes: 0 success, 1 other failure, 2 bad flags or settings, 3 profile not found,
 4 input refused (INVALID_ARGUMENT), 5 gateway or Adobe Campaign unavailable,
-6 overdue opt-out requests (records --overdue).";
+6 overdue opt-out requests (records --overdue), 7 some rows failed (bulk-set-opt-out).";
 
 /// Reads and sets the CCPA opt-out of sale in Adobe Campaign Standard, over gRPC.
 #[derive(Parser)]
@@ -57,6 +60,9 @@ enum Command {
     SetOptOut(calls::SetOptOutArgs),
     /// Create a profile and print it, as JSON.
     CreateProfile(calls::CreateProfileArgs),
+    /// Send a CSV file of opt-out requests to the gateway (columns: pkey or email, opt_out,
+    /// source, received_at, request_id), with a progress bar, a summary and a results file.
+    BulkSetOptOut(bulk::BulkArgs),
     /// Read the opt-out ledger: overdue requests, exports for auditors, pruning.
     Records(records::RecordsArgs),
     /// Measure the gateway against calling Adobe Campaign directly (emulated), and report.
@@ -95,6 +101,7 @@ impl Command {
             Command::GetOptOut(args) => calls::get_opt_out(args).await,
             Command::SetOptOut(args) => calls::set_opt_out(args).await,
             Command::CreateProfile(args) => calls::create_profile(args).await,
+            Command::BulkSetOptOut(args) => bulk::run(args).await,
             Command::Records(args) => records::run(args).await,
             Command::Bench(args) => crate::bench::run(args).await,
         }

@@ -1,0 +1,373 @@
+//! `ccpa-gateway bulk-set-opt-out --file FILE.csv`: a file of opt-out requests, streamed to a
+//! gateway's BulkSetOptOut, with a progress bar, a summary and a results file.
+//!
+//! The CSV has a header row naming its columns, in any order:
+//!
+//! | column        | value                                                                  |
+//! |---------------|------------------------------------------------------------------------|
+//! | `pkey`        | the profile's key; or leave it empty and give `email`                   |
+//! | `email`       | every profile with this address                                         |
+//! | `opt_out`     | `true` / `false` (also `1`/`0`, `yes`/`no`)                              |
+//! | `source`      | `gpc`, `web-form`, `email`, `phone`, `postal-mail`, `in-person`, `authorized-agent`, `internal` |
+//! | `received_at` | when the consumer made the request, RFC 3339; empty for now            |
+//! | `request_id`  | optional; when empty, `bulk-<file digest>-<line>`, the same every run  |
+//!
+//! Running the same file twice records nothing twice: every row has the same request id each
+//! time, and the ledger answers a replayed id with its first outcome. If the stream breaks, the
+//! rows not yet answered are sent again, the same way.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Args;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+
+use super::calls::{Connection, SourceArg, connect, state_name, timestamp};
+use super::exit_codes;
+use crate::proto::ccpa_v1::{BulkSetOptOutRequest, SetOptOutRequest};
+
+/// Arguments of `bulk-set-opt-out`.
+#[derive(Args)]
+pub struct BulkArgs {
+    /// The CSV file of requests (columns: see `ccpa-gateway help bulk-set-opt-out`).
+    #[arg(long)]
+    file: PathBuf,
+    /// Where to write one result per row; default: the file's name with `.results.csv`.
+    #[arg(long)]
+    results: Option<PathBuf>,
+    /// The calling service recorded with each request (`x-ccpa-caller`).
+    #[arg(long, env = "CCPA_CALLER", default_value = "ccpa-gateway-bulk")]
+    caller: String,
+    /// Times to resume after the stream breaks.
+    #[arg(long, default_value = "5")]
+    retries: u32,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// One row, ready to send, or why it cannot be.
+enum Row {
+    Item(SetOptOutRequest),
+    Invalid { request_id: String, problem: String },
+}
+
+/// Reads one data row (`line` counts the header as line 1).
+fn parse_row(
+    record: &csv::StringRecord,
+    columns: &HashMap<String, usize>,
+    line: u64,
+    digest: &str,
+) -> Row {
+    let get = |name: &str| {
+        columns
+            .get(name)
+            .and_then(|i| record.get(*i))
+            .map(str::trim)
+            .unwrap_or("")
+    };
+    let request_id = match get("request_id") {
+        "" => format!("bulk-{digest}-{line}"),
+        given => given.to_owned(),
+    };
+    let invalid = |problem: String| Row::Invalid {
+        request_id: request_id.clone(),
+        problem,
+    };
+    let opt_out = match get("opt_out").to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => true,
+        "false" | "0" | "no" => false,
+        "" => return invalid("opt_out is required".into()),
+        _ => return invalid("opt_out must be true or false".into()),
+    };
+    let source =
+        match <SourceArg as clap::ValueEnum>::from_str(&get("source").replace('_', "-"), true) {
+            Ok(source) => source,
+            Err(_) => return invalid("source is not one of the known manners of request".into()),
+        };
+    let received_at = match get("received_at") {
+        "" => None,
+        text => match timestamp(text) {
+            Ok(at) => Some(at),
+            Err(_) => return invalid("received_at is not an RFC 3339 instant".into()),
+        },
+    };
+    Row::Item(SetOptOutRequest {
+        pkey: get("pkey").to_owned(),
+        email: get("email").to_owned(),
+        ccpa_opt_out: Some(opt_out),
+        request_id,
+        source: source.wire() as i32,
+        received_at,
+        create_if_missing: false,
+    })
+}
+
+/// The file's digest, which makes generated request ids stable from one run to the next.
+fn digest_of(path: &Path) -> std::io::Result<String> {
+    let bytes = std::fs::read(path)?;
+    let digest = Sha256::digest(&bytes);
+    Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+/// Where every row stands: answered (with its result written), or not yet.
+struct Progress {
+    answered: Vec<bool>,
+    counts: HashMap<String, u64>,
+    results: csv::Writer<std::fs::File>,
+}
+
+impl Progress {
+    fn answer(&mut self, row: usize, request_id: &str, outcome: &str, code: &str, message: &str) {
+        if std::mem::replace(&mut self.answered[row], true) {
+            return;
+        }
+        *self.counts.entry(outcome.to_owned()).or_default() += 1;
+        let line = (row + 2).to_string();
+        if let Err(e) =
+            self.results
+                .write_record([line.as_str(), request_id, outcome, code, message])
+        {
+            eprintln!("error: writing the results file: {e}");
+        }
+    }
+}
+
+/// `bulk-set-opt-out`.
+pub async fn run(args: BulkArgs) -> u8 {
+    let digest = match digest_of(&args.file) {
+        Ok(digest) => digest,
+        Err(e) => {
+            eprintln!("error: --file: cannot read {}: {e}", args.file.display());
+            return exit_codes::USAGE;
+        }
+    };
+    let rows = match count_rows(&args.file) {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!("error: --file: {e}");
+            return exit_codes::USAGE;
+        }
+    };
+    let results_path = args.results.clone().unwrap_or_else(|| {
+        let mut name = args.file.clone().into_os_string();
+        name.push(".results.csv");
+        PathBuf::from(name)
+    });
+    let mut results = match csv::Writer::from_path(&results_path) {
+        Ok(writer) => writer,
+        Err(e) => {
+            eprintln!(
+                "error: --results: cannot write {}: {e}",
+                results_path.display()
+            );
+            return exit_codes::USAGE;
+        }
+    };
+    let _ = results.write_record(["line", "request_id", "outcome", "code", "message"]);
+    let caller = match MetadataValue::try_from(args.caller.as_str()) {
+        Ok(caller) => caller,
+        Err(_) => {
+            eprintln!("error: --caller (CCPA_CALLER) must be printable ASCII");
+            return exit_codes::USAGE;
+        }
+    };
+    let progress = Arc::new(Mutex::new(Progress {
+        answered: vec![false; rows],
+        counts: HashMap::new(),
+        results,
+    }));
+    let bar = indicatif::ProgressBar::new(rows as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} rows  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+
+    let mut attempts = 0;
+    let finished = loop {
+        match stream_once(&args, &digest, &caller, &progress, &bar).await {
+            Ok(()) => break true,
+            Err(problem) if attempts < args.retries => {
+                attempts += 1;
+                bar.suspend(|| {
+                    eprintln!(
+                        "the stream broke ({problem}); resuming ({attempts}/{})",
+                        args.retries
+                    )
+                });
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempts))).await;
+            }
+            Err(problem) => {
+                bar.suspend(|| eprintln!("error: UNAVAILABLE: {problem}"));
+                break false;
+            }
+        }
+    };
+    bar.finish_and_clear();
+
+    let mut progress = match progress.lock() {
+        Ok(progress) => progress,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let _ = progress.results.flush();
+    let unanswered = progress.answered.iter().filter(|a| !**a).count();
+    let mut summary: Vec<_> = progress.counts.iter().collect();
+    summary.sort();
+    eprintln!(
+        "{rows} rows: {}{}; results in {}",
+        summary
+            .iter()
+            .map(|(outcome, count)| format!("{count} {outcome}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if unanswered > 0 {
+            format!(", {unanswered} not answered")
+        } else {
+            String::new()
+        },
+        results_path.display()
+    );
+    let failed = progress.counts.keys().any(|outcome| outcome == "ERROR");
+    if !finished {
+        exit_codes::UNAVAILABLE
+    } else if failed {
+        exit_codes::SOME_ROWS_FAILED
+    } else {
+        exit_codes::OK
+    }
+}
+
+fn count_rows(path: &Path) -> Result<usize, String> {
+    let mut reader = csv::Reader::from_path(path).map_err(|e| e.to_string())?;
+    let mut rows = 0;
+    for record in reader.records() {
+        record.map_err(|e| format!("line {}: {e}", rows + 2))?;
+        rows += 1;
+    }
+    Ok(rows)
+}
+
+/// One stream: sends every row not yet answered, records the answers. `Err` when the stream
+/// broke (the caller resumes).
+async fn stream_once(
+    args: &BulkArgs,
+    digest: &str,
+    caller: &MetadataValue<tonic::metadata::Ascii>,
+    progress: &Arc<Mutex<Progress>>,
+    bar: &indicatif::ProgressBar,
+) -> Result<(), String> {
+    let mut client = connect(&args.connection).await.map_err(|_| {
+        format!(
+            "cannot connect to the gateway at {}",
+            args.connection.addr()
+        )
+    })?;
+
+    // Rows are read as the stream takes them: a bounded channel holds the file back.
+    let (items, to_send) = mpsc::channel::<BulkSetOptOutRequest>(256);
+    let sent_rows: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(Vec::new()));
+    let file = args.file.clone();
+    let digest = digest.to_owned();
+    let reader_progress = progress.clone();
+    let reader_sent = sent_rows.clone();
+    let reader_bar = bar.clone();
+    let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let mut reader = csv::Reader::from_path(&file).map_err(|e| e.to_string())?;
+        let columns: HashMap<String, usize> = reader
+            .headers()
+            .map_err(|e| e.to_string())?
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (name.trim().to_ascii_lowercase(), i))
+            .collect();
+        for (row, record) in reader.records().enumerate() {
+            let record = record.map_err(|e| e.to_string())?;
+            let already = reader_progress
+                .lock()
+                .map(|p| p.answered[row])
+                .unwrap_or(false);
+            if already {
+                continue;
+            }
+            match parse_row(&record, &columns, row as u64 + 2, &digest) {
+                Row::Invalid {
+                    request_id,
+                    problem,
+                } => {
+                    if let Ok(mut p) = reader_progress.lock() {
+                        p.answer(row, &request_id, "ERROR", "INVALID_ROW", &problem);
+                    }
+                    reader_bar.inc(1);
+                }
+                Row::Item(item) => {
+                    if let Ok(mut sent) = reader_sent.lock() {
+                        sent.push(row);
+                    }
+                    if items
+                        .blocking_send(BulkSetOptOutRequest { item: Some(item) })
+                        .is_err()
+                    {
+                        // The stream is gone; the caller resumes with what is left.
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    });
+
+    let mut request = tonic::Request::new(ReceiverStream::new(to_send));
+    request
+        .metadata_mut()
+        .insert("x-ccpa-caller", caller.clone());
+    let mut answers = client
+        .bulk_set_opt_out(request)
+        .await
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+        .into_inner();
+    while let Some(answer) = answers.next().await {
+        let answer =
+            answer.map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
+        let row = sent_rows
+            .lock()
+            .ok()
+            .and_then(|sent| sent.get(answer.index as usize).copied());
+        let Some(row) = row else {
+            return Err(format!(
+                "the gateway answered an item never sent ({})",
+                answer.index
+            ));
+        };
+        if let Ok(mut p) = progress.lock() {
+            match &answer.error {
+                Some(error) => {
+                    let message = if error.fields.is_empty() {
+                        error.message.clone()
+                    } else {
+                        format!("{} ({})", error.message, error.fields.join(", "))
+                    };
+                    p.answer(row, &answer.request_id, "ERROR", &error.code, &message);
+                }
+                None => p.answer(row, &answer.request_id, state_name(answer.state), "OK", ""),
+            }
+        }
+        bar.inc(1);
+    }
+    reader
+        .await
+        .map_err(|e| format!("reading the file failed: {e}"))??;
+    let complete = progress
+        .lock()
+        .map(|p| p.answered.iter().all(|a| *a))
+        .unwrap_or(false);
+    if complete {
+        Ok(())
+    } else {
+        Err("the stream ended before every row was answered".into())
+    }
+}

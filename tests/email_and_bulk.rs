@@ -1,0 +1,604 @@
+//! Opt-outs by email (every page, whole address, any case, duplicates, create_if_missing) and in
+//! bulk (the stream, a cut stream resumed, the CSV command).
+
+mod common;
+
+use std::time::Duration;
+
+use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
+use ccpa_gateway::ledger::delivery::DeliverySettings;
+use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
+use ccpa_gateway::proto::ccpa_v1::{
+    BulkSetOptOutRequest, DeliveryState, GetOptOutRecordRequest, GetOptOutRequest,
+    ListOptOutRecordsRequest, RequestSource, SetOptOutRequest,
+};
+use ccpa_gateway::server::ServerOptions;
+use common::{Store, acs_config, start_gateway_on};
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+struct Gateway {
+    emulator: Emulator,
+    client: CcpaServiceClient<Channel>,
+    addr: std::net::SocketAddr,
+    _stop: oneshot::Sender<()>,
+    store: Store,
+}
+
+async fn gateway(config: EmulatorConfig) -> Gateway {
+    let emulator = Emulator::start(config).await.unwrap();
+    let store = Store::sqlite();
+    let options = ServerOptions {
+        delivery: DeliverySettings {
+            poll_interval: Duration::from_millis(100),
+            attempt_budget: Duration::from_millis(800),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(300),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (addr, channel, stop, _) =
+        start_gateway_on(acs_config(&emulator), store.open().await, options).await;
+    Gateway {
+        emulator,
+        client: CcpaServiceClient::new(channel),
+        addr,
+        _stop: stop,
+        store,
+    }
+}
+
+/// Profiles sharing one address, spelled three ways, spread over several pages, beside
+/// addresses ACS's filter also returns.
+fn duplicates(emulator: &Emulator, count: usize, opted_out_every: usize) -> Vec<String> {
+    let spellings = ["ada@example.com", "Ada@Example.com", "ADA@EXAMPLE.COM"];
+    let mut keys = Vec::new();
+    for i in 0..count {
+        keys.push(emulator.insert_profile(NewProfile {
+            email: spellings[i % 3].into(),
+            ccpa_opt_out: opted_out_every > 0 && i % opted_out_every == 0,
+            ..Default::default()
+        }));
+        emulator.insert_profile(NewProfile {
+            email: "ada@example.com.au".into(),
+            ..Default::default()
+        });
+    }
+    keys
+}
+
+/// Waits until no record is PENDING: the deliverer has finished whatever answered PENDING (an
+/// item whose attempt outlived its budget on a busy machine is PENDING, and delivered after).
+async fn until_settled(client: &mut CcpaServiceClient<Channel>) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let pending = client
+            .list_opt_out_records(ListOptOutRecordsRequest {
+                state: DeliveryState::Pending as i32,
+                page_size: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        if pending.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "still pending after a minute: {pending:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// PATCHes each profile has received so far.
+fn patches_per_profile(emulator: &Emulator) -> std::collections::HashMap<String, usize> {
+    let mut patches = std::collections::HashMap::new();
+    for request in emulator.requests().iter().filter(|r| r.method == "PATCH") {
+        let pkey = request
+            .path
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        *patches.entry(pkey).or_default() += 1;
+    }
+    patches
+}
+
+fn by_email(email: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
+    SetOptOutRequest {
+        email: email.into(),
+        ccpa_opt_out: Some(opt_out),
+        request_id: request_id.into(),
+        source: RequestSource::Email as i32,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn get_by_email_answers_every_matching_profile_and_protects() {
+    let mut gw = gateway(EmulatorConfig {
+        relative_next_links: true,
+        ..Default::default()
+    })
+    .await;
+    duplicates(&gw.emulator, 40, 13);
+
+    let answer = gw
+        .client
+        .get_opt_out(GetOptOutRequest {
+            email: "ADA@example.COM".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.profiles.len(), 40, "every page, no decoy");
+    assert!(answer.ccpa_opt_out, "one opted out: the protective answer");
+    assert_eq!(answer.profiles.iter().filter(|p| p.ccpa_opt_out).count(), 4);
+
+    let none = gw
+        .client
+        .get_opt_out(GetOptOutRequest {
+            email: "nobody@example.com".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn set_by_email_applies_to_every_profile_each_with_its_record() {
+    let mut gw = gateway(EmulatorConfig::default()).await;
+    let keys = duplicates(&gw.emulator, 30, 0);
+
+    let answer = gw
+        .client
+        .set_opt_out(by_email("Ada@EXAMPLE.com", true, "email-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.request_id, "email-1");
+    assert_eq!(answer.state, DeliveryState::Applied as i32);
+    assert_eq!(answer.profiles.len(), 30);
+    for profile in &answer.profiles {
+        assert_eq!(profile.state, DeliveryState::Applied as i32);
+        assert!(profile.request_id.starts_with("email-1:"));
+    }
+    for key in &keys {
+        assert_eq!(gw.emulator.profile(key).unwrap()["ccpaOptOut"], true);
+    }
+
+    let parent = gw
+        .client
+        .get_opt_out_record(GetOptOutRecordRequest {
+            request_id: "email-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert!(parent.by_email && parent.pkey.is_empty());
+    assert_eq!(parent.state, DeliveryState::Applied as i32);
+    let child = gw
+        .client
+        .get_opt_out_record(GetOptOutRecordRequest {
+            request_id: answer.profiles[0].request_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(child.parent_request_id, "email-1");
+    assert_eq!(child.pkey, answer.profiles[0].pkey);
+
+    // A replay answers the same and calls nothing.
+    let requests = gw.emulator.request_count();
+    let again = gw
+        .client
+        .set_opt_out(by_email("Ada@EXAMPLE.com", true, "email-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.profiles.len(), 30);
+    assert_eq!(gw.emulator.request_count(), requests);
+}
+
+#[tokio::test]
+async fn an_unknown_address_is_not_found_unless_the_profile_may_be_created() {
+    let mut gw = gateway(EmulatorConfig::default()).await;
+    let status = gw
+        .client
+        .set_opt_out(by_email("new@example.com", true, "new-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let failed = gw
+        .client
+        .get_opt_out_record(GetOptOutRecordRequest {
+            request_id: "new-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(failed.state, DeliveryState::Failed as i32);
+    assert_eq!(failed.failure_reason, "no profile has this email address");
+    assert_eq!(gw.emulator.profile_count(), 0);
+
+    let created = gw
+        .client
+        .set_opt_out(SetOptOutRequest {
+            create_if_missing: true,
+            ..by_email("new@example.com", true, "new-2")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.profiles.len(), 1);
+    assert!(created.profiles[0].created);
+    let pkey = &created.profiles[0].pkey;
+    let stored = gw.emulator.profile(pkey).unwrap();
+    assert_eq!(stored["email"], "new@example.com");
+    assert_eq!(stored["ccpaOptOut"], true);
+    let read = gw
+        .client
+        .get_opt_out(GetOptOutRequest {
+            email: "NEW@example.com".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(read.ccpa_opt_out);
+}
+
+#[tokio::test]
+async fn email_requests_are_checked_before_anything_is_sent() {
+    let mut gw = gateway(EmulatorConfig::default()).await;
+    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    for (request, field) in [
+        (
+            SetOptOutRequest {
+                pkey: pkey.clone(),
+                ..by_email("ada@example.com", true, "")
+            },
+            "email",
+        ),
+        (by_email("not an address", true, ""), "email"),
+        (
+            SetOptOutRequest {
+                create_if_missing: true,
+                pkey: pkey.clone(),
+                email: String::new(),
+                ..by_email("", true, "")
+            },
+            "create_if_missing",
+        ),
+        (
+            SetOptOutRequest {
+                email: String::new(),
+                ..by_email("", true, "")
+            },
+            "pkey",
+        ),
+    ] {
+        let status = gw.client.set_opt_out(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let fields: Vec<String> = status
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert!(fields.contains(&field.to_owned()), "{field}: {fields:?}");
+    }
+    assert_eq!(gw.emulator.request_count(), 0);
+}
+
+#[tokio::test]
+async fn a_failed_lookup_is_unavailable_and_recorded_with_its_basis() {
+    let mut gw = gateway(EmulatorConfig::default()).await;
+    duplicates(&gw.emulator, 3, 0);
+    gw.emulator.set_faults(FaultSettings {
+        unavailable: 1.0,
+        ..Default::default()
+    });
+    let status = gw
+        .client
+        .set_opt_out(by_email("ada@example.com", true, "lookup-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    let failed = gw
+        .client
+        .get_opt_out_record(GetOptOutRecordRequest {
+            request_id: "lookup-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(failed.state, DeliveryState::Failed as i32);
+    assert!(
+        failed.failure_reason.contains("ACS_UNAVAILABLE"),
+        "{failed:?}"
+    );
+}
+
+fn item(pkey: &str, request_id: &str) -> BulkSetOptOutRequest {
+    BulkSetOptOutRequest {
+        item: Some(SetOptOutRequest {
+            pkey: pkey.into(),
+            ccpa_opt_out: Some(true),
+            request_id: request_id.into(),
+            source: RequestSource::GlobalPrivacyControl as i32,
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_bulk_stream_answers_each_item_and_one_bad_item_fails_alone() {
+    let mut gw = gateway(EmulatorConfig::default()).await;
+    let mut items = Vec::new();
+    let mut keys = Vec::new();
+    for i in 0..300 {
+        if i % 50 == 7 {
+            items.push(item("not-a-key", &format!("bulk-bad-{i}")));
+            keys.push(None);
+        } else {
+            let pkey = gw.emulator.insert_profile(NewProfile::default());
+            items.push(item(&pkey, &format!("bulk-{i}")));
+            keys.push(Some(pkey));
+        }
+    }
+    let answers: Vec<_> = gw
+        .client
+        .bulk_set_opt_out(futures::stream::iter(items))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    assert_eq!(answers.len(), 300);
+    let mut seen = vec![false; 300];
+    for answer in answers {
+        let answer = answer.unwrap();
+        let index = usize::try_from(answer.index).unwrap();
+        assert!(
+            !std::mem::replace(&mut seen[index], true),
+            "one answer per item"
+        );
+        match &keys[index] {
+            None => {
+                let error = answer.error.unwrap();
+                assert_eq!(error.code, "INVALID_ARGUMENT");
+                assert_eq!(error.fields, ["pkey"]);
+                assert_eq!(answer.request_id, format!("bulk-bad-{index}"));
+            }
+            Some(pkey) => {
+                assert!(answer.error.is_none(), "{answer:?}");
+                assert_eq!(answer.request_id, format!("bulk-{index}"));
+                assert!(
+                    answer.state == DeliveryState::Applied as i32
+                        || answer.state == DeliveryState::Pending as i32,
+                    "{answer:?}"
+                );
+                assert_eq!(answer.profiles.len(), 1);
+                assert_eq!(&answer.profiles[0].pkey, pkey);
+            }
+        }
+    }
+    until_settled(&mut gw.client).await;
+    for pkey in keys.iter().flatten() {
+        assert_eq!(gw.emulator.profile(pkey).unwrap()["ccpaOptOut"], true);
+    }
+    let recorded = gw
+        .client
+        .list_opt_out_records(ListOptOutRecordsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(recorded.len(), 294, "bad items record nothing");
+}
+
+#[tokio::test]
+async fn a_cut_stream_loses_nothing_acknowledged_and_resumes_without_duplicates() {
+    let mut gw = gateway(EmulatorConfig::default()).await;
+    let keys: Vec<String> = (0..400)
+        .map(|_| gw.emulator.insert_profile(NewProfile::default()))
+        .collect();
+
+    // First stream: cut after 150 answers.
+    let (sender, receiver) = mpsc::channel(16);
+    let feeder = {
+        let keys = keys.clone();
+        tokio::spawn(async move {
+            for (i, pkey) in keys.iter().enumerate() {
+                if sender.send(item(pkey, &format!("cut-{i}"))).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut answers = gw
+        .client
+        .bulk_set_opt_out(ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acknowledged = Vec::new();
+    while acknowledged.len() < 150 {
+        let answer = answers.next().await.unwrap().unwrap();
+        acknowledged.push(answer.request_id);
+    }
+    drop(answers);
+    feeder.abort();
+
+    for request_id in &acknowledged {
+        let record = gw
+            .client
+            .get_opt_out_record(GetOptOutRecordRequest {
+                request_id: request_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .record
+            .unwrap();
+        assert_ne!(record.state, DeliveryState::Failed as i32);
+    }
+    // Items the gateway took but never answered are recorded too, and delivered.
+    until_settled(&mut gw.client).await;
+    let before = patches_per_profile(&gw.emulator);
+    let applied_before: Vec<usize> = (0..keys.len())
+        .filter(|i| before.contains_key(&keys[*i]))
+        .collect();
+    assert!(applied_before.len() >= 150, "{}", applied_before.len());
+    assert!(applied_before.len() < 400, "the cut stopped the rest");
+
+    // Second stream: everything again, same ids.
+    let items: Vec<_> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, pkey)| item(pkey, &format!("cut-{i}")))
+        .collect();
+    let answers: Vec<_> = gw
+        .client
+        .bulk_set_opt_out(futures::stream::iter(items))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    assert_eq!(answers.len(), 400);
+    assert!(answers.iter().all(|a| a.as_ref().unwrap().error.is_none()));
+    until_settled(&mut gw.client).await;
+    let listed = gw
+        .client
+        .list_opt_out_records(ListOptOutRecordsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.records.len(), 400, "each request recorded once");
+    for pkey in &keys {
+        assert_eq!(gw.emulator.profile(pkey).unwrap()["ccpaOptOut"], true);
+    }
+    // What was delivered before the cut is not delivered again: the replay called nothing
+    // for those profiles.
+    let after = patches_per_profile(&gw.emulator);
+    for i in applied_before {
+        assert_eq!(after[&keys[i]], before[&keys[i]], "cut-{i} was sent again");
+    }
+}
+
+#[tokio::test]
+async fn the_csv_command_records_a_file_once_however_often_it_runs() {
+    let gw = gateway(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("opt-outs.csv");
+    let mut csv = String::from("pkey,email,opt_out,source,received_at,request_id\n");
+    let mut expected_ok = 0;
+    for i in 0..120 {
+        match i % 40 {
+            // Invalid rows: no opt_out, an unknown source, a bad instant, a bad key.
+            5 => csv.push_str(",ada@example.com,,gpc,,\n"),
+            6 => csv.push_str(",ada@example.com,true,carrier-pigeon,,\n"),
+            7 => csv.push_str(",ada@example.com,true,gpc,yesterday,\n"),
+            8 => csv.push_str("bad-key,,true,phone,,\n"),
+            9 => {
+                // By email: the address's profiles.
+                csv.push_str(",ada@example.com,true,web-form,2026-01-02T03:04:05Z,\n");
+                expected_ok += 1;
+            }
+            _ => {
+                let pkey = gw.emulator.insert_profile(NewProfile::default());
+                csv.push_str(&format!("{pkey},,yes,GPC,,\n"));
+                expected_ok += 1;
+            }
+        }
+    }
+    duplicates(&gw.emulator, 3, 0);
+    std::fs::write(&file, csv).unwrap();
+
+    let run = || async {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+            .args(["bulk-set-opt-out", "--file"])
+            .arg(&file)
+            .args(["--addr", &format!("http://{}", gw.addr)])
+            .output()
+            .await
+            .unwrap()
+    };
+    let first = run().await;
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert_eq!(
+        first.status.code(),
+        Some(7),
+        "some rows are invalid: {stderr}"
+    );
+    assert!(stderr.contains("120 rows"), "{stderr}");
+    let results = std::fs::read_to_string(dir.path().join("opt-outs.csv.results.csv")).unwrap();
+    let lines: Vec<&str> = results.lines().collect();
+    assert_eq!(lines.len(), 121, "a header and a line per row");
+    let ok = lines.iter().filter(|l| l.contains(",OK,")).count();
+    let invalid = lines.iter().filter(|l| l.contains("INVALID")).count();
+    assert_eq!(ok, expected_ok);
+    assert_eq!(invalid, 120 - expected_ok);
+    assert!(
+        results.contains("INVALID_ROW"),
+        "rows refused before sending"
+    );
+    assert!(
+        results.contains("INVALID_ARGUMENT"),
+        "rows refused by the gateway"
+    );
+
+    let mut client = gw.client.clone();
+    until_settled(&mut client).await;
+    let ledger = gw.store.open().await;
+    let count = |records: Vec<ccpa_gateway::ledger::Record>| records.len();
+    let recorded = count(ledger.export(0, i64::MAX).await.unwrap());
+    let requests = gw.emulator.request_count();
+
+    let second = run().await;
+    assert_eq!(second.status.code(), Some(7));
+    assert_eq!(
+        count(ledger.export(0, i64::MAX).await.unwrap()),
+        recorded,
+        "the same file records nothing twice"
+    );
+    let lookups = gw
+        .emulator
+        .requests()
+        .iter()
+        .skip(requests)
+        .filter(|r| r.method != "GET" || !r.path.ends_with("/byEmail"))
+        .count();
+    assert_eq!(
+        lookups, 0,
+        "replays call nothing in ACS but the email lookup"
+    );
+}
