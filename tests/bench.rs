@@ -61,3 +61,39 @@ fn a_short_benchmark_reports_every_figure() {
         Some(std::thread::available_parallelism().unwrap().get() as u64)
     );
 }
+
+#[test]
+fn the_bulk_scenario_reports_throughput_and_memory() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+        .args(["bench", "--scenario", "bulk", "--items", "400", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&output.stdout));
+    });
+    let bulk = &report["scenarios"]["bulk"];
+    assert_eq!(bulk["items"], 400);
+    assert_eq!(bulk["direct"]["errors"], 0, "{bulk}");
+    assert_eq!(bulk["gateway"]["failed"], 0, "{bulk}");
+    assert_eq!(
+        bulk["gateway"]["applied"].as_u64().unwrap() + bulk["gateway"]["pending"].as_u64().unwrap(),
+        400,
+        "{bulk}"
+    );
+    for key in [
+        "throughput_ratio",
+        "gateway_cpu_us_per_item",
+        "gateway_peak_rss_mb_after_a_tenth",
+        "gateway_peak_rss_mb",
+    ] {
+        assert!(bulk[key].as_f64().unwrap() > 0.0, "{key}: {bulk}");
+    }
+    for side in ["direct", "gateway"] {
+        assert!(
+            bulk[side]["items_per_s"].as_f64().unwrap() > 0.0,
+            "{side}: {bulk}"
+        );
+    }
+}

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
+use acs_profile_client::{CallSettings, ClientConfig, ThrottleSettings};
 use ccpa_gateway::ledger::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
@@ -13,7 +14,7 @@ use ccpa_gateway::proto::ccpa_v1::{
     ListOptOutRecordsRequest, RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{Store, acs_config, start_gateway_on};
+use common::{Store, acs_config, start_gateway_on, until_settled};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,6 +31,14 @@ struct Gateway {
 }
 
 async fn gateway(config: EmulatorConfig) -> Gateway {
+    gateway_with(config, |acs| acs).await
+}
+
+/// A gateway whose client settings `adjust` changes.
+async fn gateway_with(
+    config: EmulatorConfig,
+    adjust: impl FnOnce(ClientConfig) -> ClientConfig,
+) -> Gateway {
     let emulator = Emulator::start(config).await.unwrap();
     let store = Store::sqlite();
     let options = ServerOptions {
@@ -43,7 +52,7 @@ async fn gateway(config: EmulatorConfig) -> Gateway {
         ..Default::default()
     };
     let (addr, channel, stop, _) =
-        start_gateway_on(acs_config(&emulator), store.open().await, options).await;
+        start_gateway_on(adjust(acs_config(&emulator)), store.open().await, options).await;
     Gateway {
         emulator,
         client: CcpaServiceClient::new(channel),
@@ -70,32 +79,6 @@ fn duplicates(emulator: &Emulator, count: usize, opted_out_every: usize) -> Vec<
         });
     }
     keys
-}
-
-/// Waits until no record is PENDING: the deliverer has finished whatever answered PENDING (an
-/// item whose attempt outlived its budget on a busy machine is PENDING, and delivered after).
-async fn until_settled(client: &mut CcpaServiceClient<Channel>) {
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let pending = client
-            .list_opt_out_records(ListOptOutRecordsRequest {
-                state: DeliveryState::Pending as i32,
-                page_size: 1,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .records;
-        if pending.is_empty() {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "still pending after a minute: {pending:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// PATCHes each profile has received so far.
@@ -419,6 +402,73 @@ async fn a_bulk_stream_answers_each_item_and_one_bad_item_fails_alone() {
         .into_inner()
         .records;
     assert_eq!(recorded.len(), 294, "bad items record nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_stream_keeps_to_the_acs_throttle() {
+    let mut gw = gateway_with(EmulatorConfig::default(), |acs| ClientConfig {
+        call: CallSettings {
+            throttle: ThrottleSettings {
+                max_rps: std::num::NonZeroU32::new(50).unwrap(),
+                max_in_flight: 4,
+                max_queued: 1_000,
+            },
+            ..Default::default()
+        },
+        ..acs
+    })
+    .await;
+    gw.emulator.set_faults(FaultSettings {
+        latency: Duration::from_millis(20),
+        ..Default::default()
+    });
+    // 60 items: 120 requests to ACS (a write and a read-back each), 2.4 s at 50 per second,
+    // while the stream offers 32 items at once.
+    let items: Vec<_> = (0..60)
+        .map(|i| {
+            item(
+                &gw.emulator.insert_profile(NewProfile::default()),
+                &format!("rate-{i}"),
+            )
+        })
+        .collect();
+    let answers: Vec<_> = gw
+        .client
+        .bulk_set_opt_out(futures::stream::iter(items))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    assert_eq!(answers.len(), 60);
+    assert!(answers.iter().all(|a| a.as_ref().unwrap().error.is_none()));
+    // Items whose turn came after their attempt's budget answered PENDING; the deliverer
+    // finishes them, under the same throttle.
+    until_settled(&mut gw.client).await;
+
+    let requests = gw.emulator.requests();
+    let patched = patches_per_profile(&gw.emulator);
+    assert_eq!(patched.len(), 60, "every profile written");
+    let arrivals: Vec<std::time::Instant> = requests.iter().map(|r| r.received_at).collect();
+    let busiest_second = arrivals
+        .iter()
+        .map(|start| {
+            arrivals
+                .iter()
+                .filter(|t| **t >= *start && **t < *start + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        busiest_second <= 51,
+        "{busiest_second} requests in one second"
+    );
+    assert!(
+        gw.emulator.peak_active_requests() <= 4,
+        "{} at once",
+        gw.emulator.peak_active_requests()
+    );
 }
 
 #[tokio::test]

@@ -4,8 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
@@ -14,68 +12,8 @@ use ccpa_gateway::proto::ccpa_v1::{
     DeliveryState, GetOptOutRecordRequest, ListOptOutRecordsRequest, OptOutRecord, RequestSource,
     SetOptOutRequest,
 };
-use common::Store;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use common::{GatewayProcess, Store};
 use tonic::transport::Channel;
-
-/// A `ccpa-gateway serve` process on a ledger, in front of the test's emulator.
-struct GatewayProcess {
-    child: Child,
-    client: CcpaServiceClient<Channel>,
-}
-
-impl GatewayProcess {
-    async fn start(emulator: &Emulator, ledger: &str) -> Self {
-        let config = emulator.config();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
-            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
-            .args(["--ledger", ledger, "--acs-timeout", "1s"])
-            .args(["--delivery-poll-interval", "100ms"])
-            .env("CCPA_ACS_BASE_URL", emulator.url())
-            .env("CCPA_ACS_TENANT", &config.tenant)
-            .env("CCPA_ACS_API_KEY", &config.api_key)
-            .env("CCPA_ACS_ACCESS_TOKEN", &config.access_token)
-            .env("RUST_LOG", "warn,ccpa_gateway::cli=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr: SocketAddr = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                let line = lines
-                    .next_line()
-                    .await
-                    .unwrap()
-                    .expect("the gateway starts");
-                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
-                    && let Some(addr) = event["listen"].as_str()
-                {
-                    return addr.parse().unwrap();
-                }
-            }
-        })
-        .await
-        .expect("the gateway logs its address");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let client = CcpaServiceClient::new(common::connect(addr).await);
-        Self { child, client }
-    }
-
-    /// Kills it at once: no shutdown, no flush beyond what each commit already made durable.
-    async fn kill(mut self) {
-        let pid = self.child.id().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        self.child.wait().await.unwrap();
-    }
-}
 
 fn now_ms() -> i64 {
     i64::try_from(

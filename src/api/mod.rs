@@ -2,7 +2,7 @@
 //! `records`: the ledger's records), its input checks, and the one mapping of upstream failures to
 //! gRPC statuses.
 
-mod bulk;
+pub mod bulk;
 mod convert;
 pub mod deadline;
 pub mod error_mapping;

@@ -6,6 +6,7 @@
 //! gives both, their ratios, and the gateway's CPU time per call and peak RSS read from `/proc`.
 //! `BENCHMARKS.md` records the figures.
 
+mod bulk;
 mod load;
 mod processes;
 
@@ -58,6 +59,9 @@ pub struct BenchArgs {
     /// Calls in flight at once, instead of the scenario's own value.
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Items in the `bulk` scenario's stream (default 100,000, 5,000 with --quick).
+    #[arg(long)]
+    items: Option<usize>,
     /// Worker threads of the gateway (the load generator and the emulator have one each).
     #[arg(long)]
     gateway_threads: Option<usize>,
@@ -101,6 +105,7 @@ enum ScenarioChoice {
     Fanout,
     Ledger,
     Flood,
+    Bulk,
 }
 
 /// One load shape.
@@ -174,8 +179,14 @@ pub async fn run(args: BenchArgs) -> u8 {
             ScenarioChoice::Fanout => s.name == "fanout",
             ScenarioChoice::Ledger => s.name == "ledger",
             ScenarioChoice::Flood => s.name == "flood",
+            ScenarioChoice::Bulk => false,
         })
         .collect();
+    let log_filter = match args.gateway_log {
+        GatewayLog::Info => "info",
+        // The start-up line carries the address the benchmark needs.
+        GatewayLog::Warn => "warn,ccpa_gateway::cli=info",
+    };
 
     let mut scenarios = serde_json::Map::new();
     for mut scenario in chosen {
@@ -194,11 +205,6 @@ pub async fn run(args: BenchArgs) -> u8 {
                 scenario.set_share * 100.0
             );
         }
-        let log_filter = match args.gateway_log {
-            GatewayLog::Info => "info",
-            // The start-up line carries the address the benchmark needs.
-            GatewayLog::Warn => "warn,ccpa_gateway::cli=info",
-        };
         let gateway = GatewaySetup {
             log_filter,
             worker_threads: args.gateway_threads,
@@ -213,6 +219,31 @@ pub async fn run(args: BenchArgs) -> u8 {
             }
             Err(e) => {
                 eprintln!("error: scenario {}: {e}", scenario.name);
+                return exit_codes::FAILURE;
+            }
+        }
+    }
+    if matches!(args.scenario, ScenarioChoice::All | ScenarioChoice::Bulk) {
+        let items = args
+            .items
+            .unwrap_or(if args.quick { 5_000 } else { 100_000 });
+        if !args.json {
+            eprintln!("running bulk ({items} items in one stream) ...");
+        }
+        let gateway = GatewaySetup {
+            log_filter,
+            worker_threads: args.gateway_threads,
+            ledger: args.ledger.clone(),
+        };
+        match bulk::run(items, gateway).await {
+            Ok(report) => {
+                if !args.json {
+                    bulk::print_report(&report);
+                }
+                scenarios.insert("bulk".to_owned(), report);
+            }
+            Err(e) => {
+                eprintln!("error: scenario bulk: {e}");
                 return exit_codes::FAILURE;
             }
         }

@@ -229,3 +229,111 @@ impl Drop for Store {
         }
     }
 }
+
+/// A `ccpa-gateway serve` process on a ledger, in front of the test's emulator: what a
+/// deployment runs, with its own memory and its own death.
+pub struct GatewayProcess {
+    child: tokio::process::Child,
+    pub client: CcpaServiceClient<Channel>,
+}
+
+impl GatewayProcess {
+    /// Starts one with the test settings (a 1 s ACS timeout, delivery polled every 100 ms).
+    pub async fn start(emulator: &Emulator, ledger: &str) -> Self {
+        Self::start_with(emulator, ledger, &[], "warn,ccpa_gateway::cli=info").await
+    }
+
+    /// Starts one with `extra` arguments to `serve` and the log filter `log`.
+    pub async fn start_with(emulator: &Emulator, ledger: &str, extra: &[&str], log: &str) -> Self {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let config = emulator.config();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .args(["--ledger", ledger, "--acs-timeout", "1s"])
+            .args(["--delivery-poll-interval", "100ms"])
+            .args(extra)
+            .env("CCPA_ACS_BASE_URL", emulator.url())
+            .env("CCPA_ACS_TENANT", &config.tenant)
+            .env("CCPA_ACS_API_KEY", &config.api_key)
+            .env("CCPA_ACS_ACCESS_TOKEN", &config.access_token)
+            .env("RUST_LOG", log)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr: SocketAddr = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .unwrap()
+                    .expect("the gateway starts");
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+                    && let Some(addr) = event["listen"].as_str()
+                {
+                    return addr.parse().unwrap();
+                }
+            }
+        })
+        .await
+        .expect("the gateway logs its address");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let client = CcpaServiceClient::new(connect(addr).await);
+        Self { child, client }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap()
+    }
+
+    /// Its peak resident set size so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("/proc/<pid>/status has VmHWM");
+        kib * 1024
+    }
+
+    /// Kills it at once: no shutdown, no flush beyond what each commit already made durable.
+    pub async fn kill(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.pid()).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        self.child.wait().await.unwrap();
+    }
+}
+
+/// Waits until no record is PENDING: the deliverer has finished whatever answered PENDING (an
+/// item whose attempt outlived its budget on a busy machine is PENDING, and delivered after).
+pub async fn until_settled(client: &mut CcpaServiceClient<Channel>) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let pending = client
+            .list_opt_out_records(ccpa_gateway::proto::ccpa_v1::ListOptOutRecordsRequest {
+                state: ccpa_gateway::proto::ccpa_v1::DeliveryState::Pending as i32,
+                page_size: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        if pending.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "still pending after five minutes: {pending:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

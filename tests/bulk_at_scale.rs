@@ -1,0 +1,135 @@
+//! 100,000 opt-outs in one BulkSetOptOut stream, through a gateway process (so that its memory
+//! is its own, read from `/proc`) to the emulator: every item is answered once, every profile
+//! ends opted out and is recorded once, and the gateway's peak memory does not grow with the
+//! stream's length. The figures (items per second, peak RSS) are printed; run with
+//! `--nocapture` to see them. `CCPA_BULK_SCALE_ITEMS` changes the number of items.
+//!
+//! This checks correctness and the memory bound, not speed: `ccpa-gateway bench --scenario bulk`
+//! measures throughput on a release build (see BENCHMARKS.md).
+
+mod common;
+
+use std::time::Instant;
+
+use acs_emulator::{Emulator, EmulatorConfig, NewProfile};
+use ccpa_gateway::ledger::{Ledger, State};
+use ccpa_gateway::proto::ccpa_v1::{
+    BulkSetOptOutRequest, DeliveryState, RequestSource, SetOptOutRequest,
+};
+use common::{GatewayProcess, Store, until_settled};
+use futures::StreamExt;
+
+const MIB: u64 = 1024 * 1024;
+
+/// How much the gateway's peak RSS may grow between the first tenth of the stream and its end.
+/// Bounded memory means it holds the same few dozen items whatever the length: what it may still
+/// grow by is allocator and SQLite cache slack, well under this. Holding every item (no
+/// back-pressure) would cost hundreds of MiB at this length.
+const GROWTH_ALLOWED: u64 = 32 * MIB;
+
+fn items() -> usize {
+    std::env::var("CCPA_BULK_SCALE_ITEMS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_000_item_stream_is_applied_once_each_in_bounded_memory() {
+    let count = items();
+    let emulator = Emulator::start(EmulatorConfig {
+        // The emulator keeps no log of 200,000 requests: its memory is not what is measured,
+        // but it shares the machine.
+        record_requests: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let pkeys: std::sync::Arc<Vec<String>> = std::sync::Arc::new(
+        (0..count)
+            .map(|_| emulator.insert_profile(NewProfile::default()))
+            .collect(),
+    );
+    let store = Store::postgres().await;
+    let mut gateway = GatewayProcess::start_with(
+        &emulator,
+        &store.location,
+        // The rate limit is the contract's, not under test here (see the throttle tests).
+        &["--acs-max-rps", "100000", "--acs-max-queued", "100000"],
+        "warn,ccpa_gateway::cli=info",
+    )
+    .await;
+    let rss_at_start = gateway.peak_rss();
+
+    let started = Instant::now();
+    let stream_keys = pkeys.clone();
+    let outbound = futures::stream::iter(0..count).map(move |i| BulkSetOptOutRequest {
+        item: Some(SetOptOutRequest {
+            pkey: stream_keys[i].clone(),
+            ccpa_opt_out: Some(true),
+            request_id: format!("scale-{i}"),
+            source: RequestSource::GlobalPrivacyControl as i32,
+            ..Default::default()
+        }),
+    });
+    let mut answers = gateway
+        .client
+        .bulk_set_opt_out(outbound)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = vec![false; count];
+    let mut answered_count = 0;
+    let mut pending = 0;
+    let mut rss_at_tenth = None;
+    while let Some(answer) = answers.next().await {
+        let answer = answer.unwrap();
+        let index = usize::try_from(answer.index).unwrap();
+        assert!(answer.error.is_none(), "{answer:?}");
+        assert_eq!(answer.request_id, format!("scale-{index}"));
+        assert!(
+            !std::mem::replace(&mut answered[index], true),
+            "item {index} answered twice"
+        );
+        if answer.state == DeliveryState::Pending as i32 {
+            pending += 1;
+        } else {
+            assert_eq!(answer.state, DeliveryState::Applied as i32, "{answer:?}");
+        }
+        answered_count += 1;
+        if answered_count == count / 10 {
+            rss_at_tenth = Some(gateway.peak_rss());
+        }
+    }
+    let elapsed = started.elapsed();
+    let rss_at_end = gateway.peak_rss();
+    assert_eq!(answered_count, count, "every item answered");
+
+    until_settled(&mut gateway.client).await;
+    for pkey in pkeys.iter() {
+        assert_eq!(emulator.profile(pkey).unwrap()["ccpaOptOut"], true);
+    }
+    let ledger = Ledger::open(&store.location).await.unwrap();
+    let records = ledger.export(0, i64::MAX).await.unwrap();
+    assert_eq!(records.len(), count, "each item recorded once");
+    assert!(records.iter().all(|r| r.state == State::Applied));
+
+    let rss_at_tenth = rss_at_tenth.unwrap_or(rss_at_start);
+    eprintln!(
+        "bulk at scale: {count} items in {:.1} s = {:.0} items/s ({pending} answered PENDING, \
+         delivered after); gateway peak RSS {} MiB at start, {} MiB after {} items, {} MiB \
+         after {count}",
+        elapsed.as_secs_f64(),
+        count as f64 / elapsed.as_secs_f64(),
+        rss_at_start / MIB,
+        rss_at_tenth / MIB,
+        count / 10,
+        rss_at_end / MIB,
+    );
+    assert!(
+        rss_at_end <= rss_at_tenth + GROWTH_ALLOWED,
+        "the gateway's peak RSS grew from {} MiB to {} MiB over the stream",
+        rss_at_tenth / MIB,
+        rss_at_end / MIB
+    );
+}
