@@ -1,5 +1,5 @@
 //! 100,000 opt-outs in one BulkSetOptOut stream, through a gateway process (so that its memory
-//! is its own, read from `/proc`) to the emulator: every item is answered once, every profile
+//! is its own, read from `/proc`) on a PostgreSQL ledger (what replicas share) to the emulator: every item is answered once, every profile
 //! ends opted out and is recorded once, and the gateway's peak memory does not grow with the
 //! stream's length. The figures (items per second, peak RSS) are printed; run with
 //! `--nocapture` to see them. `CCPA_BULK_SCALE_ITEMS` changes the number of items.

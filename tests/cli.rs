@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use acs_emulator::{Emulator, EmulatorConfig, Fault};
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
-use ccpa_gateway::proto::ccpa_v1::{CreateProfileRequest, GetOptOutRequest, RequestSource};
+use ccpa_gateway::proto::ccpa_v1::{
+    BulkSetOptOutRequest, CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,
+};
 use common::Harness;
 use futures::StreamExt;
 use serde_json::Value;
@@ -116,6 +118,86 @@ async fn get_set_and_create_print_json() {
         harness.emulator.profile(new_key).unwrap()["lastName"],
         "Hopper"
     );
+}
+
+#[tokio::test]
+async fn get_and_set_by_email_answer_every_profile() {
+    let harness = Harness::start().await;
+    let first = harness.profile(false);
+    let second = harness.profile(true);
+
+    let got = run(harness.addr, &["get-opt-out", "--email", "ADA@example.com"]).await;
+    assert_eq!(got.code, 0, "{}", got.stderr);
+    let json = got.json();
+    assert_eq!(json["ccpaOptOut"], true, "one is opted out: {json}");
+    let mut keys: Vec<&str> = json["profiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pkey"].as_str().unwrap())
+        .collect();
+    keys.sort_unstable();
+    let mut expected = [first.as_str(), second.as_str()];
+    expected.sort_unstable();
+    assert_eq!(keys, expected);
+    assert!(!got.stdout.contains("ada@"), "the address is not echoed");
+
+    let set = run(
+        harness.addr,
+        &[
+            "set-opt-out",
+            "--email",
+            "ada@example.com",
+            "--opt-out",
+            "true",
+            "--source",
+            "email",
+            "--request-id",
+            "cli-email-1",
+        ],
+    )
+    .await;
+    assert_eq!(set.code, 0, "{}", set.stderr);
+    let json = set.json();
+    assert_eq!(json["requestId"], "cli-email-1");
+    assert_eq!(json["profiles"].as_array().unwrap().len(), 2, "{json}");
+    for pkey in [&first, &second] {
+        assert_eq!(harness.emulator.profile(pkey).unwrap()["ccpaOptOut"], true);
+    }
+
+    let unknown = run(
+        harness.addr,
+        &[
+            "set-opt-out",
+            "--email",
+            "new@example.com",
+            "--opt-out",
+            "true",
+            "--source",
+            "email",
+            "--create-if-missing",
+        ],
+    )
+    .await;
+    assert_eq!(unknown.code, 0, "{}", unknown.stderr);
+    assert_eq!(unknown.json()["profiles"][0]["created"], true);
+
+    for args in [
+        &["get-opt-out"][..],
+        &["get-opt-out", &first, "--email", "ada@example.com"][..],
+        &[
+            "set-opt-out",
+            &first,
+            "--opt-out",
+            "true",
+            "--source",
+            "email",
+            "--create-if-missing",
+        ][..],
+    ] {
+        let refused = run(harness.addr, args).await;
+        assert_eq!(refused.code, 2, "{args:?}: {}", refused.stderr);
+    }
 }
 
 #[tokio::test]
@@ -407,6 +489,61 @@ async fn logs_carry_no_personal_data_or_secrets() {
         })
         .await
         .unwrap_err();
+    // By email (found, then a failed lookup) and in bulk (a good item and a refused one).
+    client
+        .set_opt_out(SetOptOutRequest {
+            email: "EMAIL-canary@example.com".into(),
+            ccpa_opt_out: Some(true),
+            source: RequestSource::Email as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    emulator.inject(Fault::Respond {
+        status: 400,
+        content_type: Some("application/json".into()),
+        body: r#"{"code":400,"message":"email-canary@example.com: no"}"#.into(),
+        headers: vec![],
+    });
+    let _ = client
+        .get_opt_out(GetOptOutRequest {
+            email: "email-canary@example.com".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let items = [
+        SetOptOutRequest {
+            email: "email-canary@example.com".into(),
+            ccpa_opt_out: Some(true),
+            source: RequestSource::GlobalPrivacyControl as i32,
+            ..Default::default()
+        },
+        SetOptOutRequest {
+            email: "bulk-canary-not-an-address".into(),
+            ccpa_opt_out: Some(true),
+            source: RequestSource::GlobalPrivacyControl as i32,
+            ..Default::default()
+        },
+    ]
+    .map(|item| BulkSetOptOutRequest { item: Some(item) });
+    let answers: Vec<_> = client
+        .bulk_set_opt_out(futures::stream::iter(items))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    assert_eq!(answers.len(), 2);
+    let refused = answers
+        .iter()
+        .map(|a| a.as_ref().unwrap())
+        .find(|a| a.error.is_some())
+        .unwrap();
+    assert!(
+        !refused.error.as_ref().unwrap().message.contains("canary"),
+        "{refused:?}"
+    );
     emulator.revoke_access_token("token-canary-93ab");
     let _ = client
         .get_opt_out(GetOptOutRequest {
@@ -424,6 +561,20 @@ async fn logs_carry_no_personal_data_or_secrets() {
         "one line per RPC: {log}"
     );
     assert!(log.contains(r#""code":"Internal""#), "{log}");
+    assert!(log.contains(r#""rpc":"BulkSetOptOut""#), "{log}");
+    // Nor does the ledger keep an address, a name or a body (its files, WAL included).
+    let mut files = 0;
+    for file in std::fs::read_dir(gateway._ledger_dir.path()).unwrap() {
+        let path = file.unwrap().path();
+        files += 1;
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"canary")),
+            "{} holds personal data",
+            path.display()
+        );
+    }
+    assert!(files > 0, "the ledger was written");
     for secret in [
         "canary",
         "token-canary-93ab",

@@ -27,11 +27,22 @@ pub struct Connection {
     timeout: Duration,
 }
 
+/// Which profiles a command is about: one key, or every profile with an email address.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+pub struct Profiles {
+    /// The profile's ACS primary key (`@...`).
+    pkey: Option<String>,
+    /// Instead of a key: every profile with this email address (any case).
+    #[arg(long)]
+    email: Option<String>,
+}
+
 /// Arguments of `get-opt-out`.
 #[derive(Args)]
 pub struct GetOptOutArgs {
-    /// The profile's ACS primary key (`@...`).
-    pkey: String,
+    #[command(flatten)]
+    profiles: Profiles,
     #[command(flatten)]
     connection: Connection,
 }
@@ -96,8 +107,11 @@ pub(super) fn timestamp(text: &str) -> Result<prost_types::Timestamp, String> {
 /// Arguments of `set-opt-out`.
 #[derive(Args)]
 pub struct SetOptOutArgs {
-    /// The profile's ACS primary key (`@...`).
-    pkey: String,
+    #[command(flatten)]
+    profiles: Profiles,
+    /// With --email: when no profile has the address, create one holding the opt-out.
+    #[arg(long, conflicts_with = "pkey")]
+    create_if_missing: bool,
     /// true: do not sell this consumer's personal information; false: opt back in.
     #[arg(long, action = clap::ArgAction::Set, required = true)]
     opt_out: bool,
@@ -192,7 +206,7 @@ fn rfc3339(timestamp: Option<&prost_types::Timestamp>) -> Value {
         })
 }
 
-/// `get-opt-out PKEY`.
+/// `get-opt-out PKEY` or `get-opt-out --email E`.
 pub async fn get_opt_out(args: GetOptOutArgs) -> u8 {
     let mut client = match connect(&args.connection).await {
         Ok(client) => client,
@@ -200,24 +214,42 @@ pub async fn get_opt_out(args: GetOptOutArgs) -> u8 {
     };
     match client
         .get_opt_out(GetOptOutRequest {
-            pkey: args.pkey,
-            ..Default::default()
+            pkey: args.profiles.pkey.unwrap_or_default(),
+            email: args.profiles.email.unwrap_or_default(),
         })
         .await
     {
         Ok(response) => {
             let answer = response.into_inner();
-            print_json(&opt_out_json(
+            let mut json = opt_out_json(
                 &answer.pkey,
                 answer.ccpa_opt_out,
                 answer.ccpa_opt_out_last_modified.as_ref(),
-            ))
+            );
+            json["changePending"] = json!(answer.change_pending);
+            if answer.pkey.is_empty() {
+                // By email: the overall answer is the protective one; each profile follows.
+                json["profiles"] = answer
+                    .profiles
+                    .iter()
+                    .map(|p| {
+                        let mut profile = opt_out_json(
+                            &p.pkey,
+                            p.ccpa_opt_out,
+                            p.ccpa_opt_out_last_modified.as_ref(),
+                        );
+                        profile["changePending"] = json!(p.change_pending);
+                        profile
+                    })
+                    .collect();
+            }
+            print_json(&json)
         }
         Err(status) => report(&status),
     }
 }
 
-/// `set-opt-out PKEY --opt-out true|false`.
+/// `set-opt-out PKEY|--email E --opt-out true|false`.
 pub async fn set_opt_out(args: SetOptOutArgs) -> u8 {
     let mut client = match connect(&args.connection).await {
         Ok(client) => client,
@@ -225,12 +257,13 @@ pub async fn set_opt_out(args: SetOptOutArgs) -> u8 {
     };
     match client
         .set_opt_out(SetOptOutRequest {
-            pkey: args.pkey,
+            pkey: args.profiles.pkey.unwrap_or_default(),
+            email: args.profiles.email.unwrap_or_default(),
+            create_if_missing: args.create_if_missing,
             ccpa_opt_out: Some(args.opt_out),
             request_id: args.request.request_id,
             source: args.source.wire() as i32,
             received_at: args.request.received_at,
-            ..Default::default()
         })
         .await
     {
@@ -243,6 +276,22 @@ pub async fn set_opt_out(args: SetOptOutArgs) -> u8 {
             );
             json["requestId"] = json!(answer.request_id);
             json["state"] = json!(state_name(answer.state));
+            if answer.pkey.is_empty() {
+                // By email: each profile's own request and state.
+                json["profiles"] = answer
+                    .profiles
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "pkey": p.pkey,
+                            "requestId": p.request_id,
+                            "state": state_name(p.state),
+                            "ccpaOptOut": p.ccpa_opt_out,
+                            "created": p.created,
+                        })
+                    })
+                    .collect();
+            }
             print_json(&json)
         }
         Err(status) => report(&status),
