@@ -10,11 +10,11 @@ use acs_profile_client::{CallSettings, ClientConfig, ThrottleSettings};
 use ccpa_gateway::ledger::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
-    BulkSetOptOutRequest, DeliveryState, GetOptOutRecordRequest, GetOptOutRequest,
+    BulkSetOptOutRequest, BulkSetOptOutResponse, DeliveryState, GetOptOutRequest,
     ListOptOutRecordsRequest, RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{Store, acs_config, start_gateway_on, until_settled};
+use common::{Store, acs_config, record, start_gateway_on, until_settled};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -161,28 +161,10 @@ async fn set_by_email_applies_to_every_profile_each_with_its_record() {
         assert_eq!(gw.emulator.profile(key).unwrap()["ccpaOptOut"], true);
     }
 
-    let parent = gw
-        .client
-        .get_opt_out_record(GetOptOutRecordRequest {
-            request_id: "email-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .record
-        .unwrap();
+    let parent = record(&mut gw.client, "email-1").await;
     assert!(parent.by_email && parent.pkey.is_empty());
     assert_eq!(parent.state, DeliveryState::Applied as i32);
-    let child = gw
-        .client
-        .get_opt_out_record(GetOptOutRecordRequest {
-            request_id: answer.profiles[0].request_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .record
-        .unwrap();
+    let child = record(&mut gw.client, &answer.profiles[0].request_id).await;
     assert_eq!(child.parent_request_id, "email-1");
     assert_eq!(child.pkey, answer.profiles[0].pkey);
 
@@ -207,16 +189,7 @@ async fn an_unknown_address_is_not_found_unless_the_profile_may_be_created() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let failed = gw
-        .client
-        .get_opt_out_record(GetOptOutRecordRequest {
-            request_id: "new-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .record
-        .unwrap();
+    let failed = record(&mut gw.client, "new-1").await;
     assert_eq!(failed.state, DeliveryState::Failed as i32);
     assert_eq!(failed.failure_reason, "no profile has this email address");
     assert_eq!(gw.emulator.profile_count(), 0);
@@ -306,21 +279,27 @@ async fn a_failed_lookup_is_unavailable_and_recorded_with_its_basis() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    let failed = gw
-        .client
-        .get_opt_out_record(GetOptOutRecordRequest {
-            request_id: "lookup-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .record
-        .unwrap();
+    let failed = record(&mut gw.client, "lookup-1").await;
     assert_eq!(failed.state, DeliveryState::Failed as i32);
     assert!(
         failed.failure_reason.contains("ACS_UNAVAILABLE"),
         "{failed:?}"
     );
+}
+
+/// Every answer of a stream of `items`, each one a success at the gRPC level.
+async fn bulk(
+    client: &mut CcpaServiceClient<Channel>,
+    items: Vec<BulkSetOptOutRequest>,
+) -> Vec<BulkSetOptOutResponse> {
+    let answers: Vec<_> = client
+        .bulk_set_opt_out(futures::stream::iter(items))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    answers.into_iter().map(Result::unwrap).collect()
 }
 
 fn item(pkey: &str, request_id: &str) -> BulkSetOptOutRequest {
@@ -350,18 +329,10 @@ async fn a_bulk_stream_answers_each_item_and_one_bad_item_fails_alone() {
             keys.push(Some(pkey));
         }
     }
-    let answers: Vec<_> = gw
-        .client
-        .bulk_set_opt_out(futures::stream::iter(items))
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
+    let answers = bulk(&mut gw.client, items).await;
     assert_eq!(answers.len(), 300);
     let mut seen = vec![false; 300];
     for answer in answers {
-        let answer = answer.unwrap();
         let index = usize::try_from(answer.index).unwrap();
         assert!(
             !std::mem::replace(&mut seen[index], true),
@@ -432,16 +403,9 @@ async fn a_bulk_stream_keeps_to_the_acs_throttle() {
             )
         })
         .collect();
-    let answers: Vec<_> = gw
-        .client
-        .bulk_set_opt_out(futures::stream::iter(items))
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
+    let answers = bulk(&mut gw.client, items).await;
     assert_eq!(answers.len(), 60);
-    assert!(answers.iter().all(|a| a.as_ref().unwrap().error.is_none()));
+    assert!(answers.iter().all(|a| a.error.is_none()));
     // Items whose turn came after their attempt's budget answered PENDING; the deliverer
     // finishes them, under the same throttle.
     until_settled(&mut gw.client).await;
@@ -450,16 +414,7 @@ async fn a_bulk_stream_keeps_to_the_acs_throttle() {
     let patched = patches_per_profile(&gw.emulator);
     assert_eq!(patched.len(), 60, "every profile written");
     let arrivals: Vec<std::time::Instant> = requests.iter().map(|r| r.received_at).collect();
-    let busiest_second = arrivals
-        .iter()
-        .map(|start| {
-            arrivals
-                .iter()
-                .filter(|t| **t >= *start && **t < *start + Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap();
+    let busiest_second = common::busiest_second(&arrivals);
     assert!(
         busiest_second <= 51,
         "{busiest_second} requests in one second"
@@ -505,17 +460,8 @@ async fn a_cut_stream_loses_nothing_acknowledged_and_resumes_without_duplicates(
     feeder.abort();
 
     for request_id in &acknowledged {
-        let record = gw
-            .client
-            .get_opt_out_record(GetOptOutRecordRequest {
-                request_id: request_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .record
-            .unwrap();
-        assert_ne!(record.state, DeliveryState::Failed as i32);
+        let recorded = record(&mut gw.client, request_id).await;
+        assert_ne!(recorded.state, DeliveryState::Failed as i32);
     }
     // Items the gateway took but never answered are recorded too, and delivered.
     until_settled(&mut gw.client).await;
@@ -532,16 +478,9 @@ async fn a_cut_stream_loses_nothing_acknowledged_and_resumes_without_duplicates(
         .enumerate()
         .map(|(i, pkey)| item(pkey, &format!("cut-{i}")))
         .collect();
-    let answers: Vec<_> = gw
-        .client
-        .bulk_set_opt_out(futures::stream::iter(items))
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
+    let answers = bulk(&mut gw.client, items).await;
     assert_eq!(answers.len(), 400);
-    assert!(answers.iter().all(|a| a.as_ref().unwrap().error.is_none()));
+    assert!(answers.iter().all(|a| a.error.is_none()));
     until_settled(&mut gw.client).await;
     let listed = gw
         .client

@@ -11,11 +11,11 @@ use ccpa_gateway::health::DELIVERY_SERVICE_NAME;
 use ccpa_gateway::ledger::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
-    CreateProfileRequest, DeliveryState, GetOptOutRecordRequest, GetOptOutRequest,
-    ListOptOutRecordsRequest, OptOutRecord, RequestSource, SetOptOutRequest,
+    CreateProfileRequest, DeliveryState, GetOptOutRequest, ListOptOutRecordsRequest, OptOutRecord,
+    RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{Store, acs_config, start_gateway_on};
+use common::{Store, acs_config, record, start_gateway_on};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -111,18 +111,6 @@ fn ms_ago(ms: i64) -> prost_types::Timestamp {
         seconds: at / 1000,
         nanos: i32::try_from((at % 1000) * 1_000_000).unwrap(),
     }
-}
-
-async fn record(client: &mut CcpaServiceClient<Channel>, request_id: &str) -> OptOutRecord {
-    client
-        .get_opt_out_record(GetOptOutRecordRequest {
-            request_id: request_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .record
-        .unwrap()
 }
 
 /// Waits until a record reaches `state`.

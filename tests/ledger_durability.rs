@@ -9,10 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
-    DeliveryState, GetOptOutRecordRequest, ListOptOutRecordsRequest, OptOutRecord, RequestSource,
-    SetOptOutRequest,
+    DeliveryState, ListOptOutRecordsRequest, OptOutRecord, RequestSource, SetOptOutRequest,
 };
-use common::{GatewayProcess, Store};
+use common::{GatewayProcess, Store, record};
 use tonic::transport::Channel;
 
 fn now_ms() -> i64 {
@@ -30,18 +29,6 @@ fn at_ms(ms: i64) -> prost_types::Timestamp {
         seconds: ms / 1000,
         nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap(),
     }
-}
-
-async fn record(client: &mut CcpaServiceClient<Channel>, request_id: &str) -> OptOutRecord {
-    client
-        .get_opt_out_record(GetOptOutRecordRequest {
-            request_id: request_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .record
-        .unwrap()
 }
 
 async fn pending_count(client: &mut CcpaServiceClient<Channel>) -> usize {

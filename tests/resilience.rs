@@ -464,16 +464,7 @@ async fn the_throttle_holds_the_rate_and_the_concurrency() {
 
     let arrivals: Vec<Instant> = emulator.requests().iter().map(|r| r.received_at).collect();
     assert_eq!(arrivals.len(), 60);
-    let busiest_second = arrivals
-        .iter()
-        .map(|start| {
-            arrivals
-                .iter()
-                .filter(|t| **t >= *start && **t < *start + Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap();
+    let busiest_second = common::busiest_second(&arrivals);
     assert!(
         busiest_second <= 21,
         "{busiest_second} requests in one second"

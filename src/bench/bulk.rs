@@ -11,11 +11,10 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use super::processes::{GatewayLimits, start_emulator, start_gateway, usage};
-use super::{CALL_DEADLINE, GatewaySetup, connect, direct_client, error_kind};
+use super::{CALL_DEADLINE, GatewaySetup, connect, create_profiles, direct_client, error_kind};
 use crate::api::bulk::BULK_CONCURRENCY;
 use crate::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use crate::proto::ccpa_v1::{BulkSetOptOutRequest, DeliveryState, RequestSource, SetOptOutRequest};
-use acs_profile_client::{Client, types};
 
 /// Requests to ACS in progress at once, for the gateway and the direct client alike.
 const MAX_IN_FLIGHT: usize = 256;
@@ -24,7 +23,7 @@ const MAX_IN_FLIGHT: usize = 256;
 pub async fn run(items: usize, gateway_setup: GatewaySetup) -> Result<Value, String> {
     let (emulator, emulator_url) = start_emulator(Duration::ZERO).await?;
     let direct = direct_client(&emulator_url, MAX_IN_FLIGHT)?;
-    let profiles = Arc::new(create_profiles(&direct, items).await?);
+    let profiles = Arc::new(create_profiles(&direct, items, "bulk").await?);
 
     // The floor: the same opt-outs straight to the emulator, with the stream's concurrency.
     let started = Instant::now();
@@ -130,28 +129,6 @@ pub async fn run(items: usize, gateway_setup: GatewaySetup) -> Result<Value, Str
         "gateway_peak_rss_mb_after_a_tenth": rss_after_a_tenth.map(mb),
         "gateway_peak_rss_mb": mb(after.peak_rss),
     }))
-}
-
-/// `count` profiles, created through the API as a tenant's would be.
-async fn create_profiles(client: &Client, count: usize) -> Result<Vec<String>, String> {
-    let created: Vec<Result<String, String>> = futures::stream::iter(0..count)
-        .map(|i| async move {
-            let input = types::ProfileInput {
-                email: Some(format!("bulk-{i}@example.com")),
-                ..Default::default()
-            };
-            let profile = client
-                .add_profile(&input, Some(Instant::now() + CALL_DEADLINE))
-                .await
-                .map_err(|e| format!("creating a profile: {e}"))?;
-            profile
-                .p_key
-                .ok_or_else(|| "a profile without a key".to_owned())
-        })
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    created.into_iter().collect()
 }
 
 /// Prints the scenario's figures.

@@ -344,7 +344,7 @@ async fn run_scenario(
         }
     };
     let direct = direct_client(&emulator_url, scenario.max_in_flight)?;
-    let profiles = Arc::new(create_profiles(&direct).await?);
+    let profiles = Arc::new(create_profiles(&direct, PROFILES, "bench").await?);
 
     // The floor: the same operations, straight to the emulator.
     let operation = direct_operation(direct.clone(), profiles.clone(), scenario.set_share);
@@ -452,12 +452,18 @@ fn direct_client(emulator_url: &str, max_in_flight: usize) -> Result<Client, Str
     Client::from_config(config).map_err(|e| e.to_string())
 }
 
-async fn create_profiles(client: &Client) -> Result<Vec<String>, String> {
+/// `count` profiles, created through the API as a tenant's would be (half opted out), their
+/// addresses numbered after `prefix`.
+async fn create_profiles(
+    client: &Client,
+    count: usize,
+    prefix: &str,
+) -> Result<Vec<String>, String> {
     use futures::StreamExt;
-    let created: Vec<Result<String, String>> = futures::stream::iter(0..PROFILES)
+    let created: Vec<Result<String, String>> = futures::stream::iter(0..count)
         .map(|i| async move {
             let input = types::ProfileInput {
-                email: Some(format!("bench-{i}@example.com")),
+                email: Some(format!("{prefix}-{i}@example.com")),
                 ccpa_opt_out: Some(i % 2 == 0),
                 ..Default::default()
             };

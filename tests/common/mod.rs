@@ -337,3 +337,33 @@ pub async fn until_settled(client: &mut CcpaServiceClient<Channel>) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// One record of the ledger, by request id; it must exist.
+pub async fn record(
+    client: &mut CcpaServiceClient<Channel>,
+    request_id: &str,
+) -> ccpa_gateway::proto::ccpa_v1::OptOutRecord {
+    client
+        .get_opt_out_record(ccpa_gateway::proto::ccpa_v1::GetOptOutRecordRequest {
+            request_id: request_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap()
+}
+
+/// The most requests that arrived within any one second.
+pub fn busiest_second(arrivals: &[std::time::Instant]) -> usize {
+    arrivals
+        .iter()
+        .map(|start| {
+            arrivals
+                .iter()
+                .filter(|t| **t >= *start && **t < *start + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
