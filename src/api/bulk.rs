@@ -5,7 +5,7 @@
 //! (back-pressure), however long the stream. Each item is answered once it is recorded in the
 //! ledger: an answered item is never lost, and an unanswered one can be resent with its request
 //! id. Items already taken when the stream breaks are still carried to their end (see
-//! [`to_completion`]). One item's failure is that item's answer; the stream goes on.
+//! `service::to_completion`). One item's failure is that item's answer; the stream goes on.
 
 use std::pin::Pin;
 use std::sync::Arc;
