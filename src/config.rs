@@ -170,7 +170,7 @@ pub struct LedgerSettings {
 
     /// How long records are kept after the request was made. The regulations require at least
     /// 24 months; less is refused.
-    #[arg(long, env = "CCPA_RETENTION", default_value = "730days", value_parser = retention)]
+    #[arg(long, env = "CCPA_RETENTION", default_value = "731days", value_parser = retention)]
     pub retention: Duration,
 
     /// How often the deliverer looks for pending requests to deliver.
@@ -184,15 +184,16 @@ impl LedgerSettings {
     pub const DEFAULT_FILE: &'static str = "ccpa-ledger.sqlite3";
 }
 
-/// 24 months, counted as 730 days.
-pub const MIN_RETENTION: Duration = Duration::from_secs(730 * 24 * 3600);
+/// 24 months: 731 days, the longest any 24 months can be (when they hold a 29 February), so that
+/// a record is never pruned a day early.
+pub const MIN_RETENTION: Duration = Duration::from_secs(731 * 24 * 3600);
 
 /// Parses a retention period, refusing less than [`MIN_RETENTION`].
 pub fn retention(text: &str) -> Result<Duration, String> {
     let retention = humantime::parse_duration(text).map_err(|e| e.to_string())?;
     if retention < MIN_RETENTION {
         return Err(
-            "the regulations require records to be kept at least 24 months (730days)".into(),
+            "the regulations require records to be kept at least 24 months (731days)".into(),
         );
     }
     Ok(retention)

@@ -54,6 +54,9 @@ on_both_stores!(
     requests_without_a_source_or_from_the_future_are_refused,
     overdue_requests_are_reported,
     a_creation_with_an_opt_out_is_recorded_and_replayed,
+    a_request_by_email_replayed_with_other_content_is_refused,
+    a_request_by_email_whose_lookup_failed_is_tried_again_when_replayed,
+    a_newer_request_waits_while_an_older_one_may_still_be_on_its_way_to_acs,
 );
 
 /// Delivery tuned for tests: tries often, backs off little.
@@ -99,7 +102,7 @@ fn set(pkey: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
         pkey: pkey.into(),
         ccpa_opt_out: Some(opt_out),
         request_id: request_id.into(),
-        source: RequestSource::GlobalPrivacyControl as i32,
+        source: RequestSource::WebForm as i32,
         ..Default::default()
     }
 }
@@ -593,6 +596,7 @@ async fn overdue_requests_are_reported(store: Store) {
     gw.emulator.set_faults(acs_down());
     let mut caller = tonic::Request::new(SetOptOutRequest {
         received_at: Some(ms_ago(10 * 86_400_000)),
+        source: RequestSource::GlobalPrivacyControl as i32,
         ..set(&pkey, true, "overdue-1")
     });
     caller
@@ -654,6 +658,33 @@ async fn overdue_requests_are_reported(store: Store) {
         .unwrap();
     assert!(export.status.success());
     assert_eq!(String::from_utf8_lossy(&export.stdout).lines().count(), 1);
+    // `--until` ends the range: a request made ten days ago is outside one ending eleven days
+    // ago, inside one ending a week ago.
+    let days_ago =
+        |days: u32| humantime::format_rfc3339(SystemTime::now() - days * DAY).to_string();
+    for (until, lines) in [(days_ago(11), 0), (days_ago(7), 1)] {
+        let until = until.as_str();
+        let export = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+            .args([
+                "records",
+                "--ledger",
+                &location,
+                "export",
+                "--since",
+                "2000-01-01T00:00:00Z",
+                "--until",
+                until,
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(export.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&export.stdout).lines().count(),
+            lines,
+            "until {until}"
+        );
+    }
 
     // Delivered: no longer overdue.
     gw.emulator.set_faults(FaultSettings::default());
@@ -751,6 +782,7 @@ async fn only_records_past_their_retention_are_pruned_and_never_pending_ones(sto
         caller: "test".into(),
         first_attempt_window_ms: 0,
         parent_request_id: None,
+        fingerprint: None,
     };
     for (id, pkey, received_at, applied) in [
         ("old-applied", "@a", now_ms() - three_years, true),
@@ -771,14 +803,21 @@ async fn only_records_past_their_retention_are_pruned_and_never_pending_ones(sto
             );
         }
     }
-    let retention = 730 * 86_400_000_i64;
-    assert_eq!(ledger.prune(now_ms() - retention).await.unwrap(), 1);
+    let retention = 731 * 86_400_000_i64;
+    assert_eq!(
+        ledger.prune(now_ms() - retention).await.unwrap(),
+        0,
+        "retention counts from the response: a request made long ago but answered now is kept"
+    );
+    assert!(ledger.get("old-applied").await.unwrap().is_some());
+    // Once the responses are older than the retention (a cutoff after them), they go.
+    assert_eq!(ledger.prune(now_ms() + 1_000).await.unwrap(), 2);
     assert!(ledger.get("old-applied").await.unwrap().is_none());
+    assert!(ledger.get("recent-applied").await.unwrap().is_none());
     assert!(
         ledger.get("old-pending").await.unwrap().is_some(),
         "pending is never pruned"
     );
-    assert!(ledger.get("recent-applied").await.unwrap().is_some());
 }
 
 on_both_stores!(a_caller_that_goes_away_does_not_interrupt_its_request);
@@ -826,6 +865,7 @@ async fn interrupted_requests_that_cannot_be_completed_later_fail_with_their_rea
         caller: "test".into(),
         first_attempt_window_ms: 0,
         parent_request_id: parent.map(Into::into),
+        fingerprint: None,
     };
     for new in [
         request("creation", Kind::CreateProfile, None, None),
@@ -884,4 +924,169 @@ async fn a_retention_under_24_months_is_refused() {
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains("24 months"), "{stderr}");
     }
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn set_by_email(email: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
+    SetOptOutRequest {
+        email: email.into(),
+        ccpa_opt_out: Some(opt_out),
+        request_id: request_id.into(),
+        source: RequestSource::Email as i32,
+        ..Default::default()
+    }
+}
+
+fn profile_with_email(email: &str) -> NewProfile {
+    NewProfile {
+        email: email.into(),
+        ..Default::default()
+    }
+}
+
+/// The ledger keeps no address, yet a request id replayed with another address (or another
+/// `create_if_missing`) is another request: refused, not answered as the first one.
+async fn a_request_by_email_replayed_with_other_content_is_refused(store: Store) {
+    let mut gw = gateway(store).await;
+    let pkey = gw
+        .emulator
+        .insert_profile(profile_with_email("grace@example.com"));
+    gw.emulator
+        .insert_profile(profile_with_email("other@example.com"));
+    let first = gw
+        .client
+        .set_opt_out(set_by_email("grace@example.com", true, "mail-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.state, DeliveryState::Applied as i32);
+    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+    let requests = gw.emulator.request_count();
+
+    for other in [
+        set_by_email("other@example.com", true, "mail-1"),
+        SetOptOutRequest {
+            create_if_missing: true,
+            ..set_by_email("grace@example.com", true, "mail-1")
+        },
+    ] {
+        let status = gw.client.set_opt_out(other).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        let violation = &status.get_details_bad_request().unwrap().field_violations[0];
+        assert_eq!(violation.reason, "REQUEST_ID_CONFLICT");
+    }
+    // The same address, spelt in another case, is the same request.
+    let replayed = gw
+        .client
+        .set_opt_out(set_by_email("Grace@Example.com", true, "mail-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.state, DeliveryState::Applied as i32);
+    assert_eq!(replayed.profiles, first.profiles);
+    assert_eq!(gw.emulator.request_count(), requests, "nothing sent");
+}
+
+/// A lookup that could not be made did nothing under its request id: replaying the id (say,
+/// running a CSV file again) tries the request again. An address no profile has is an outcome:
+/// replaying it answers it again.
+async fn a_request_by_email_whose_lookup_failed_is_tried_again_when_replayed(store: Store) {
+    let mut gw = gateway(store).await;
+    let pkey = gw
+        .emulator
+        .insert_profile(profile_with_email("lin@example.com"));
+
+    let unknown = gw
+        .client
+        .set_opt_out(set_by_email("nobody@example.com", true, "nobody-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert!(!unknown.message().contains("used before"), "{unknown:?}");
+    assert_eq!(
+        unknown.get_details_error_info().unwrap().reason,
+        "EMAIL_NOT_FOUND"
+    );
+    let replayed = gw
+        .client
+        .set_opt_out(set_by_email("nobody@example.com", true, "nobody-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(replayed.code(), Code::NotFound);
+    assert!(replayed.message().contains("used before"), "{replayed:?}");
+
+    gw.emulator.set_faults(acs_down());
+    let mut request = tonic::Request::new(set_by_email("lin@example.com", true, "lin-1"));
+    request.set_timeout(Duration::from_secs(2));
+    let status = gw.client.set_opt_out(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    let failed = record(&mut gw.client, "lin-1").await;
+    assert_eq!(failed.state, DeliveryState::Failed as i32);
+    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
+
+    gw.emulator.set_faults(FaultSettings::default());
+    let answer = gw
+        .client
+        .set_opt_out(set_by_email("lin@example.com", true, "lin-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.state, DeliveryState::Applied as i32);
+    assert_eq!(answer.profiles.len(), 1);
+    assert_eq!(answer.profiles[0].request_id, "lin-1:1");
+    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+    let reopened = record(&mut gw.client, "lin-1").await;
+    assert_eq!(reopened.state, DeliveryState::Applied as i32);
+    assert!(reopened.attempts >= 1, "{reopened:?}");
+    assert!(
+        !reopened.last_error.is_empty(),
+        "the earlier failure is kept: {reopened:?}"
+    );
+
+    // Once it reached its profiles, a replay answers that outcome and sends nothing.
+    let requests = gw.emulator.request_count();
+    let again = gw
+        .client
+        .set_opt_out(set_by_email("lin@example.com", true, "lin-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.state, DeliveryState::Applied as i32);
+    assert_eq!(gw.emulator.request_count(), requests);
+}
+
+/// A PATCH that timed out may still be on its way through ACS. Until the profile's lease lapses,
+/// no newer request is sent, so that the older one cannot land after it.
+async fn a_newer_request_waits_while_an_older_one_may_still_be_on_its_way_to_acs(store: Store) {
+    let mut gw = gateway(store).await;
+    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    gw.emulator.set_faults(FaultSettings {
+        latency: Duration::from_secs(2),
+        ..Default::default()
+    });
+    let mut older = tonic::Request::new(SetOptOutRequest {
+        received_at: Some(ms_ago(1_000)),
+        ..set(&pkey, true, "in-flight-1")
+    });
+    older.set_timeout(Duration::from_millis(700));
+    let answer = gw.client.set_opt_out(older).await.unwrap().into_inner();
+    assert_eq!(answer.state, DeliveryState::Pending as i32);
+
+    gw.emulator.set_faults(FaultSettings::default());
+    let mut newer = tonic::Request::new(set(&pkey, false, "after-1"));
+    newer.set_timeout(Duration::from_secs(2));
+    let answer = gw.client.set_opt_out(newer).await.unwrap().into_inner();
+    assert_eq!(
+        answer.state,
+        DeliveryState::Pending as i32,
+        "not sent while the older PATCH may still land"
+    );
+
+    until_state(&mut gw.client, "after-1", DeliveryState::Applied).await;
+    until_state(&mut gw.client, "in-flight-1", DeliveryState::Superseded).await;
+    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
 }

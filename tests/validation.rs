@@ -240,3 +240,115 @@ async fn refusals_never_quote_the_input() {
         assert!(!violation.description.contains("canary"));
     }
 }
+
+#[tokio::test]
+async fn get_opt_out_takes_exactly_one_of_pkey_and_email() {
+    let harness = Harness::start().await;
+    let pkey = harness.profile(true);
+    let mut client = harness.client();
+    assert_refused(
+        client.get_opt_out(GetOptOutRequest::default()).await,
+        &[("pkey", REQUIRED)],
+    );
+    assert_refused(
+        client
+            .get_opt_out(GetOptOutRequest {
+                pkey,
+                email: "ada@example.com".into(),
+            })
+            .await,
+        &[("email", MALFORMED)],
+    );
+    assert_refused(
+        client
+            .get_opt_out(GetOptOutRequest {
+                email: "not-an-address".into(),
+                ..Default::default()
+            })
+            .await,
+        &[("email", MALFORMED)],
+    );
+    assert_eq!(harness.emulator.request_count(), 0);
+}
+
+/// `:` joins a request by email's id to its profiles' records (`<id>:1`, ...): a caller's id of
+/// that form could collide with one of them.
+#[tokio::test]
+async fn request_ids_with_the_reserved_separator_are_refused() {
+    let harness = Harness::start().await;
+    let pkey = harness.profile(false);
+    let mut client = harness.client();
+    assert_refused(
+        client
+            .set_opt_out(SetOptOutRequest {
+                pkey: pkey.clone(),
+                ccpa_opt_out: Some(true),
+                source: RequestSource::WebForm as i32,
+                request_id: "order:1".into(),
+                ..Default::default()
+            })
+            .await,
+        &[("request_id", MALFORMED)],
+    );
+    assert_refused(
+        client
+            .create_profile(CreateProfileRequest {
+                ccpa_opt_out: Some(true),
+                source: RequestSource::WebForm as i32,
+                request_id: "signup:7".into(),
+                ..creation("ada@example.com")
+            })
+            .await,
+        &[("request_id", MALFORMED)],
+    );
+    assert_eq!(harness.emulator.request_count(), 0);
+    assert_eq!(
+        harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"],
+        false
+    );
+}
+
+/// A Global Privacy Control signal only ever says "do not sell"; an opt-in must be the
+/// consumer's explicit choice, made another way.
+#[tokio::test]
+async fn a_global_privacy_control_signal_cannot_opt_in() {
+    let harness = Harness::start().await;
+    let pkey = harness.profile(true);
+    let mut client = harness.client();
+    assert_refused(
+        client
+            .set_opt_out(SetOptOutRequest {
+                pkey: pkey.clone(),
+                ccpa_opt_out: Some(false),
+                source: RequestSource::GlobalPrivacyControl as i32,
+                ..Default::default()
+            })
+            .await,
+        &[("source", MALFORMED)],
+    );
+    assert_refused(
+        client
+            .create_profile(CreateProfileRequest {
+                ccpa_opt_out: Some(false),
+                source: RequestSource::GlobalPrivacyControl as i32,
+                ..creation("ada@example.com")
+            })
+            .await,
+        &[("source", MALFORMED)],
+    );
+    assert_eq!(harness.emulator.request_count(), 0);
+    assert_eq!(harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+
+    // The same signal opting out is taken.
+    let answer = client
+        .set_opt_out(SetOptOutRequest {
+            pkey: pkey.clone(),
+            ccpa_opt_out: Some(true),
+            source: RequestSource::GlobalPrivacyControl as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.ccpa_opt_out);
+}

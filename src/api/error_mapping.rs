@@ -90,6 +90,18 @@ impl UpstreamError {
     }
 }
 
+impl UpstreamError {
+    /// What went wrong, for logs and records: a reason and an HTTP status, never a body, a URL
+    /// (it holds the key) or a header. (`Debug` would show all of those.)
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Call(call) => failure_reason(call),
+            Self::EmptyCollection => "EMPTY_COLLECTION".to_owned(),
+            Self::MissingField(field) => format!("MISSING_FIELD {field}"),
+        }
+    }
+}
+
 impl From<CallError> for UpstreamError {
     fn from(error: CallError) -> Self {
         Self::Call(Box::new(error))
@@ -204,6 +216,17 @@ pub fn ledger_status(rpc: &str, error: &LedgerError) -> Status {
         "the opt-out ledger is unavailable; nothing was sent to Adobe Campaign; retry",
         details,
     )
+}
+
+/// A status the gateway decides itself (not an upstream failure's: see [`upstream_status`]),
+/// with its `ErrorInfo` reason, and a `RetryInfo` when the caller should retry. Like every
+/// message here, `message` names no personal data.
+pub fn gateway_status(code: Code, reason: &str, message: &str) -> Status {
+    let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new());
+    if matches!(code, Code::Unavailable | Code::ResourceExhausted) {
+        details.set_retry_info(Some(DEFAULT_RETRY_DELAY));
+    }
+    Status::with_error_details(code, message, details)
 }
 
 /// The answer to a replayed request id whose request FAILED: the code the caller was given the

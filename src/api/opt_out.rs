@@ -3,17 +3,20 @@
 
 use acs_profile_client::types;
 use futures::future::join_all;
-use tonic::Status;
 use tonic::metadata::MetadataMap;
+use tonic::{Code, Status};
 
 use super::convert::delivery_state;
 use super::error_mapping::{
-    UpstreamError, code_name, failure_reason, ledger_status, replayed_failure, upstream_status,
+    UpstreamError, code_name, failure_reason, gateway_status, ledger_status, replayed_failure,
+    upstream_status,
 };
 use super::service::{CcpaApi, Deadline, OptOutState, caller_of, upstream};
-use super::validation::{Violations, request_id_conflict};
+use super::validation::{RESERVED_REQUEST_ID_SEPARATOR, Violations, request_id_conflict};
 use crate::ledger::delivery::Attempt;
-use crate::ledger::{Kind, NewRequest, Outcome, Record, Recorded, Source, State, now_ms};
+use crate::ledger::{
+    Kind, NewRequest, Outcome, Record, Recorded, Source, State, fingerprint, now_ms,
+};
 use crate::proto::ccpa_v1::{
     DeliveryState, GetOptOutRequest, GetOptOutResponse, ProfileDelivery, ProfileOptOut,
     SetOptOutRequest, SetOptOutResponse,
@@ -65,8 +68,9 @@ impl SetRequest {
             );
         }
         let opt_out = violations.required_bool("ccpa_opt_out", request.ccpa_opt_out);
-        violations.request_id("request_id", &request.request_id);
+        violations.new_request_id("request_id", &request.request_id);
         let source = violations.source("source", request.source);
+        violations.source_fits("source", source, request.ccpa_opt_out);
         let received_at =
             violations.received_at("received_at", request.received_at.as_ref(), now_ms());
         let caller = caller_of(metadata, &mut violations);
@@ -115,6 +119,7 @@ impl SetRequest {
             caller: self.caller.clone(),
             first_attempt_window_ms: window_ms,
             parent_request_id: parent,
+            fingerprint: None,
         }
     }
 }
@@ -177,7 +182,11 @@ impl CcpaApi {
                 .await
                 .map_err(upstream(GET))?;
             if found.is_empty() {
-                return Err(Status::not_found("no profile has this email address"));
+                return Err(gateway_status(
+                    Code::NotFound,
+                    "EMAIL_NOT_FOUND",
+                    "no profile has this email address",
+                ));
             }
             let reads = found
                 .iter()
@@ -394,7 +403,7 @@ impl CcpaApi {
                 }
                 Err(error) => tracing::warn!(
                     rpc = SET,
-                    error = ?error,
+                    error = error.reason(),
                     "applied, but the read-back failed; answering the value set"
                 ),
             }
@@ -415,8 +424,18 @@ impl CcpaApi {
         create_if_missing: bool,
         deadline: Deadline,
     ) -> Result<SetOptOutResponse, Status> {
-        let parent =
+        let deadline = self.within_lease(deadline);
+        let mut parent =
             request.new_request(Kind::SetByEmail, request.request_id.clone(), None, None, 0);
+        // The address is not kept, but a replay of this id with another address (or without
+        // `create_if_missing`) is a different request.
+        parent.fingerprint = Some(fingerprint(
+            &parent.request_id,
+            &[
+                &email.to_lowercase(),
+                if create_if_missing { "create" } else { "" },
+            ],
+        ));
         let (recorded, _) = self
             .ledger()
             .record(&parent, None)
@@ -461,21 +480,34 @@ impl CcpaApi {
                     "NOT_FOUND",
                 )
                 .await?;
-                let failed = self.recorded_parent(&request.request_id).await?;
-                return Err(replayed_failure(&failed));
+                return Err(gateway_status(
+                    Code::NotFound,
+                    "EMAIL_NOT_FOUND",
+                    "no profile has this email address",
+                ));
             }
             return self.create_for_email(request, email, deadline).await;
         }
 
         let mut parts = Vec::with_capacity(found.len());
         for (n, profile) in found.into_iter().enumerate() {
-            let pkey = profile
-                .p_key
-                .ok_or(UpstreamError::MissingField("PKey"))
-                .map_err(upstream(SET))?;
+            let Some(pkey) = profile.p_key else {
+                let status = upstream(SET)(UpstreamError::MissingField("PKey"));
+                self.fail_parent(
+                    &request.request_id,
+                    "ACS listed a profile of this email without its key; nothing was changed",
+                    code_name(status.code()),
+                )
+                .await?;
+                return Err(status);
+            };
             let child = request.new_request(
                 Kind::SetOptOut,
-                format!("{}:{}", request.request_id, n + 1),
+                format!(
+                    "{}{RESERVED_REQUEST_ID_SEPARATOR}{}",
+                    request.request_id,
+                    n + 1
+                ),
                 Some(pkey),
                 Some(request.request_id.clone()),
                 self.window_ms(),
@@ -487,26 +519,45 @@ impl CcpaApi {
             (pkey, self.record_and_apply(child, deadline).await)
         }))
         .await;
-        self.ledger()
-            .settle(
-                &request.request_id,
-                Outcome::Applied { pkey: None },
-                true,
-                None,
-            )
-            .await
-            .map_err(|e| ledger_status(SET, &e))?;
 
         let mut profiles = Vec::with_capacity(applied.len());
+        let mut unrecorded = None;
         for (pkey, result) in applied {
-            match result? {
-                Ok(delivered) => profiles.push(delivered.profile(&pkey, false)),
-                Err(_) => {
-                    // A child id recorded before can only be a replay of this very request.
-                    let record = self.recorded_parent(&request.request_id).await?;
-                    return self.answer_recorded(&record).await;
+            match result {
+                Ok(Ok(delivered)) => profiles.push(delivered.profile(&pkey, false)),
+                Ok(Err(_)) => {
+                    // The request is new and callers cannot choose ids with the separator, so
+                    // no record of this id can exist: if one does, this profile has no record
+                    // of its own, and the request must not read as done.
+                    tracing::error!(
+                        rpc = SET,
+                        "a record with the id of one of this request's profiles already existed"
+                    );
+                    unrecorded = Some(gateway_status(
+                        Code::Internal,
+                        "PROFILE_NOT_RECORDED",
+                        "one of this email's profiles could not be recorded",
+                    ));
                 }
+                Err(status) => unrecorded = Some(status),
             }
+        }
+        // The request's own record says it reached its profiles (each record says where it
+        // stands), or that it did not: then the caller is told, and retries with a new id.
+        let outcome = match &unrecorded {
+            None => Outcome::Applied { pkey: None },
+            Some(status) => Outcome::Failed {
+                reason: "not every profile of this email could be recorded (those recorded are \
+                         delivered); the caller was told and must retry",
+                code: code_name(status.code()),
+            },
+        };
+        self.ledger()
+            .settle(&request.request_id, outcome, true, None)
+            .await
+            .map_err(|e| ledger_status(SET, &e))?;
+        if let Some(status) = unrecorded {
+            return Err(status);
         }
         Ok(SetOptOutResponse {
             pkey: String::new(),
@@ -532,7 +583,7 @@ impl CcpaApi {
     ) -> Result<SetOptOutResponse, Status> {
         let child = request.new_request(
             Kind::CreateProfile,
-            format!("{}:1", request.request_id),
+            format!("{}{RESERVED_REQUEST_ID_SEPARATOR}1", request.request_id),
             None,
             Some(request.request_id.clone()),
             0,
@@ -569,14 +620,6 @@ impl CcpaApi {
                 created: true,
             }],
         })
-    }
-
-    async fn recorded_parent(&self, request_id: &str) -> Result<Record, Status> {
-        self.ledger()
-            .get(request_id)
-            .await
-            .map_err(|e| ledger_status(SET, &e))?
-            .ok_or_else(|| Status::internal("a recorded request vanished from the ledger"))
     }
 
     async fn fail_parent(&self, request_id: &str, reason: &str, code: &str) -> Result<(), Status> {

@@ -3,16 +3,16 @@
 //! later: it is FAILED, and the caller (told so) retries.
 
 use acs_profile_client::types;
-use tonic::Status;
 use tonic::metadata::MetadataMap;
+use tonic::{Code, Status};
 
 use super::error_mapping::{
-    UpstreamError, code_name, ledger_status, replayed_failure, upstream_status,
+    UpstreamError, code_name, gateway_status, ledger_status, replayed_failure, upstream_status,
 };
 use super::opt_out::request_id_or_new;
 use super::service::{CcpaApi, Deadline, OptOutState, caller_of};
 use super::validation::{Violations, request_id_conflict};
-use crate::ledger::{Kind, NewRequest, Outcome, Recorded, State, now_ms};
+use crate::ledger::{Kind, NewRequest, Outcome, Recorded, State, fingerprint, now_ms};
 use crate::proto::ccpa_v1::{CreateProfileRequest, CreateProfileResponse, Profile};
 
 const RPC: &str = "CreateProfile";
@@ -28,9 +28,10 @@ impl CcpaApi {
         violations.email("email", &request.email);
         violations.name("first_name", &request.first_name);
         violations.name("last_name", &request.last_name);
-        violations.request_id("request_id", &request.request_id);
+        violations.new_request_id("request_id", &request.request_id);
         let recorded = request.ccpa_opt_out.map(|opt_out| {
             let source = violations.source("source", request.source);
+            violations.source_fits("source", source, Some(opt_out));
             let received_at =
                 violations.received_at("received_at", request.received_at.as_ref(), now_ms());
             (opt_out, source, received_at)
@@ -55,8 +56,19 @@ impl CcpaApi {
             });
         };
 
+        let request_id = request_id_or_new(&request.request_id);
+        // The address and names are not kept, but a replay of this id with others is a
+        // different request.
+        let content = fingerprint(
+            &request_id,
+            &[
+                &input.email.as_deref().unwrap_or_default().to_lowercase(),
+                input.first_name.as_deref().unwrap_or_default(),
+                input.last_name.as_deref().unwrap_or_default(),
+            ],
+        );
         let new = NewRequest {
-            request_id: request_id_or_new(&request.request_id),
+            request_id,
             kind: Kind::CreateProfile,
             pkey: None,
             opt_out,
@@ -65,6 +77,7 @@ impl CcpaApi {
             caller,
             first_attempt_window_ms: 0,
             parent_request_id: None,
+            fingerprint: Some(content),
         };
         let request_id = new.request_id.clone();
         let profile = self.create_recorded(&new, &input, deadline).await?;
@@ -82,6 +95,7 @@ impl CcpaApi {
         input: &types::ProfileInput,
         deadline: Deadline,
     ) -> Result<Profile, Status> {
+        let deadline = self.within_lease(deadline);
         let (recorded, _) = self
             .ledger()
             .record(new, None)
@@ -99,7 +113,9 @@ impl CcpaApi {
                         .and_then(|p| p.ok_or(UpstreamError::EmptyCollection))
                         .and_then(proto_profile)
                         .map_err(|e| upstream_status(RPC, &e)),
-                    (_, None) => Err(Status::unavailable(
+                    (_, None) => Err(gateway_status(
+                        Code::Unavailable,
+                        "REQUEST_IN_PROGRESS",
                         "this request id's creation is still in progress; retry",
                     )),
                 };

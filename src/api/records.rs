@@ -3,15 +3,13 @@
 //! Listing follows AIP-158: `page_size` defaults to 50 and is capped at 1,000; `page_token` is
 //! opaque, and only valid with the filters it was issued for.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
-
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
-use tonic::Status;
+use tonic::{Code, Status};
 
 use super::convert::{ledger_state, opt_out_record};
-use super::error_mapping::ledger_status;
+use super::error_mapping::{gateway_status, ledger_status};
 use super::service::CcpaApi;
 use super::timestamps::proto_to_ms;
 use super::validation::Violations;
@@ -35,13 +33,20 @@ struct PageToken {
     request_id: String,
 }
 
+/// A digest of the filters, stable across builds and Rust versions (unlike `DefaultHasher`), so
+/// that a token stays valid on another replica or after an upgrade.
 fn fingerprint(filter: &ListFilter) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    filter.pkey.hash(&mut hasher);
-    filter.received_after.hash(&mut hasher);
-    filter.received_before.hash(&mut hasher);
-    filter.state.map(|s| s.as_str()).hash(&mut hasher);
-    hasher.finish()
+    use sha2::{Digest, Sha256};
+    let filters = serde_json::json!([
+        filter.pkey,
+        filter.received_after,
+        filter.received_before,
+        filter.state.map(|s| s.as_str()),
+    ]);
+    let digest = Sha256::digest(filters.to_string().as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
 fn encode_token(filter: &ListFilter, cursor: &Cursor) -> String {
@@ -78,7 +83,13 @@ impl CcpaApi {
             .get(&request.request_id)
             .await
             .map_err(|e| ledger_status("GetOptOutRecord", &e))?
-            .ok_or_else(|| Status::not_found("no request has this id in the ledger"))?;
+            .ok_or_else(|| {
+                gateway_status(
+                    Code::NotFound,
+                    "RECORD_NOT_FOUND",
+                    "no request has this id in the ledger",
+                )
+            })?;
         Ok(GetOptOutRecordResponse {
             record: Some(opt_out_record(&record)),
         })

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use acs_profile_client::{CallError, Client, types};
 use tonic::metadata::MetadataMap;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use super::deadline::caller_deadline;
-use super::error_mapping::{UpstreamError, upstream_status};
+use super::error_mapping::{UpstreamError, gateway_status, upstream_status};
 use super::timestamps::acs_timestamp_to_proto;
 use super::validation::Violations;
 use crate::health::{CredentialSignal, GatewayHealth};
@@ -77,6 +77,14 @@ impl CcpaApi {
     /// The deadline for applying a request within the call: early enough to record the outcome
     /// and answer PENDING in time if ACS is slow, and never later than one attempt's budget (the
     /// profile's lease is sized for that).
+    /// The deadline of work the deliverer cannot finish for the call (a creation, a request by
+    /// email): within half a lease, since such a request still pending after a whole lease is
+    /// taken as abandoned by a stopped gateway and FAILED (`Ledger::fail_abandoned`).
+    pub(super) fn within_lease(&self, deadline: Deadline) -> Deadline {
+        let bound = Instant::now() + self.delivery.settings().lease / 2;
+        Some(deadline.map_or(bound, |d| d.min(bound)))
+    }
+
     pub(super) fn attempt_deadline(&self, deadline: Deadline) -> Instant {
         let now = Instant::now();
         let budget_end = now + self.delivery.settings().attempt_budget;
@@ -135,9 +143,13 @@ pub(super) fn upstream(rpc: &'static str) -> impl Fn(UpstreamError) -> Status {
 pub(super) async fn to_completion<T: Send + 'static>(
     work: impl Future<Output = Result<T, Status>> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::spawn(work)
-        .await
-        .unwrap_or_else(|_| Err(Status::internal("the request's work stopped unexpectedly")))
+    tokio::spawn(work).await.unwrap_or_else(|_| {
+        Err(gateway_status(
+            Code::Internal,
+            "WORK_STOPPED",
+            "the request's work stopped unexpectedly",
+        ))
+    })
 }
 
 /// Runs one RPC and writes its log line: method, gRPC code, latency. Nothing from the request

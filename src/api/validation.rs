@@ -22,6 +22,9 @@ pub const MAX_EMAIL_BYTES: usize = 254;
 pub const MAX_NAME_CHARS: usize = 128;
 /// Room for a UUID, a ULID or a caller's own scheme, but not for a payload.
 pub const MAX_REQUEST_ID_CHARS: usize = 128;
+
+/// Joins a request by email's id to the number of each of its profiles' records.
+pub const RESERVED_REQUEST_ID_SEPARATOR: char = ':';
 /// A service name.
 pub const MAX_CALLER_CHARS: usize = 64;
 /// How far in the future `received_at` may be: clocks of callers drift a little.
@@ -151,6 +154,40 @@ impl Violations {
                 field,
                 reasons::MALFORMED,
                 format!("{field} must be printable ASCII without spaces"),
+            );
+        }
+    }
+
+    /// Checks the id a caller chooses for a new request: as [`Self::request_id`], and without
+    /// `:`, which is reserved for the records of a request by email (`<id>:<n>`): a caller's
+    /// id of that form could collide with one of them and leave a profile without its record.
+    pub fn new_request_id(&mut self, field: &str, value: &str) {
+        let before = self.0.len();
+        self.request_id(field, value);
+        if self.0.len() == before && value.contains(RESERVED_REQUEST_ID_SEPARATOR) {
+            self.add(
+                field,
+                reasons::MALFORMED,
+                format!(
+                    "{field} must not contain '{RESERVED_REQUEST_ID_SEPARATOR}' (reserved for the \
+                     records of a request by email)"
+                ),
+            );
+        }
+    }
+
+    /// Checks that a request's manner fits its value: a Global Privacy Control signal can only
+    /// ever say "do not sell"; an opt-in must be the consumer's explicit choice, made another
+    /// way (CCPA regulations §7025, §7026).
+    pub fn source_fits(&mut self, field: &str, source: Option<Source>, opt_out: Option<bool>) {
+        if source == Some(Source::GlobalPrivacyControl) && opt_out == Some(false) {
+            self.add(
+                field,
+                reasons::MALFORMED,
+                format!(
+                    "{field} GLOBAL_PRIVACY_CONTROL can only opt out: an opt-in (ccpa_opt_out \
+                     false) must come from the consumer another way"
+                ),
             );
         }
     }

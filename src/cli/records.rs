@@ -41,10 +41,10 @@ enum RecordsAction {
         #[arg(long, value_parser = instant)]
         until: Option<DateTime<Utc>>,
     },
-    /// Delete the records of requests made longer ago than --retention (pending ones are kept).
+    /// Delete the records of requests answered longer ago than --retention (pending ones are kept).
     Prune {
         /// At least 24 months.
-        #[arg(long, env = "CCPA_RETENTION", default_value = "730days", value_parser = retention)]
+        #[arg(long, env = "CCPA_RETENTION", default_value = "731days", value_parser = retention)]
         retention: Duration,
     },
 }

@@ -43,7 +43,7 @@ impl Default for DeliverySettings {
             poll_interval: Duration::from_secs(1),
             attempt_budget: Duration::from_secs(10),
             overdue_after_business_days: 5,
-            retention: Duration::from_secs(730 * 24 * 3600),
+            retention: crate::config::MIN_RETENTION,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             clock_interval: Duration::from_secs(60),
@@ -175,6 +175,11 @@ impl Delivery {
                 let attempted = !matches!(error, CallError::Throttled)
                     && !matches!(&error, CallError::Api(e) if Failure::classify(e) == Failure::NoToken);
                 let next_attempt_at = now_ms() + self.backoff_ms(record.attempts);
+                // A PATCH that was sent may still be on its way through ACS (a timeout, a reset,
+                // a 504 from its gateway): the lease is kept until it expires, so that no newer
+                // request for the profile is sent before this one has surely landed or died,
+                // and none can be overtaken at ACS by an older one.
+                let release = if attempted { None } else { release };
                 self.ledger
                     .settle(
                         &record.request_id,

@@ -79,6 +79,30 @@ pub struct NewRequest {
     pub first_attempt_window_ms: i64,
     /// The request made by email this one is a part of.
     pub parent_request_id: Option<String>,
+    /// A digest of what the request holds but the ledger does not keep (an email address, a
+    /// name), so that its id replayed with other content is told apart: see [`fingerprint`].
+    pub fingerprint: Option<String>,
+}
+
+/// A digest of content the ledger must not keep, to tell a replay from a conflicting reuse of
+/// its request id. Salted with the request id, so that one address gives unrelated digests in
+/// different records and a table of digests cannot be joined across requests; SHA-256, so the
+/// content cannot be read back from it (a guess at an address can still be checked against one
+/// record, as it could against the profile in ACS).
+pub fn fingerprint(request_id: &str, parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    digest.update(b"ccpa-gateway request fingerprint v1");
+    for part in std::iter::once(request_id).chain(parts.iter().copied()) {
+        // Length-prefixed, so that ("ab", "c") and ("a", "bc") differ.
+        digest.update((part.len() as u64).to_be_bytes());
+        digest.update(part.as_bytes());
+    }
+    digest
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// What recording a request did.
@@ -126,12 +150,17 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "requests by email",
         include_str!("../../migrations/0002_requests_by_email.sql"),
     ),
+    (
+        3,
+        "request fingerprints",
+        include_str!("../../migrations/0003_request_fingerprints.sql"),
+    ),
 ];
 
 /// Every column of `opt_out_records`, in the order [`Record::from_row`] reads them.
 const COLUMNS: &str = "request_id, kind, pkey, opt_out, source, received_at, received_at_given, \
      recorded_at, caller, state, answered_at, resolved_at, attempts, next_attempt_at, last_error, \
-     failure_reason, failure_code, superseded_by, parent_request_id";
+     failure_reason, failure_code, superseded_by, parent_request_id, fingerprint";
 
 /// The ledger.
 #[derive(Clone)]
@@ -278,8 +307,8 @@ impl Ledger {
         let inserted = sqlx::query(
             "INSERT INTO opt_out_records (request_id, kind, pkey, opt_out, source, received_at, \
              received_at_given, recorded_at, caller, state, attempts, next_attempt_at, \
-             parent_request_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PENDING', 0, $10, $11) \
+             parent_request_id, fingerprint) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PENDING', 0, $10, $11, $12) \
              ON CONFLICT (request_id) DO NOTHING",
         )
         .bind(&request.request_id)
@@ -293,6 +322,7 @@ impl Ledger {
         .bind(&request.caller)
         .bind(now + request.first_attempt_window_ms)
         .bind(&request.parent_request_id)
+        .bind(&request.fingerprint)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -301,13 +331,31 @@ impl Ledger {
             let existing = fetch_record(&mut *tx, &request.request_id)
                 .await?
                 .ok_or_else(|| LedgerError::Corrupt("a conflicting id vanished".into()))?;
+            if !same_request(&existing, request) {
+                tx.commit().await?;
+                return Ok((Recorded::Conflict(existing), false));
+            }
+            if reopenable(&existing) && !has_children(&mut *tx, &request.request_id).await? {
+                // A request by email that failed before reaching any profile (its lookup could
+                // not be made, or the gateway stopped first) did nothing: its replay tries it
+                // again, so that a caller (or a re-run file) can complete it under the same id.
+                // The earlier failure stays in `last_error` and `attempts`.
+                sqlx::query(
+                    "UPDATE opt_out_records SET state = 'PENDING', resolved_at = NULL, \
+                     last_error = failure_reason, failure_reason = NULL, failure_code = NULL, \
+                     attempts = attempts + 1 WHERE request_id = $1 AND state = 'FAILED'",
+                )
+                .bind(&request.request_id)
+                .execute(&mut *tx)
+                .await?;
+                let reopened = fetch_record(&mut *tx, &request.request_id)
+                    .await?
+                    .ok_or_else(|| LedgerError::Corrupt("a reopened request vanished".into()))?;
+                tx.commit().await?;
+                return Ok((Recorded::New(reopened), false));
+            }
             tx.commit().await?;
-            let recorded = if same_request(&existing, request) {
-                Recorded::Replay(existing)
-            } else {
-                Recorded::Conflict(existing)
-            };
-            return Ok((recorded, false));
+            return Ok((Recorded::Replay(existing), false));
         }
 
         if let Some(pkey) = &request.pkey {
@@ -619,13 +667,16 @@ impl Ledger {
         rows.iter().map(Record::from_row).collect()
     }
 
-    /// Deletes the records of requests made before `received_before`, except pending ones.
+    /// Deletes the records of requests resolved before `resolved_before`, except pending ones.
     /// Returns how many.
-    pub async fn prune(&self, received_before: i64) -> Result<u64, LedgerError> {
+    pub async fn prune(&self, resolved_before: i64) -> Result<u64, LedgerError> {
+        // Counted from the response, not the request: the regulations keep the record of how
+        // the business responded for 24 months, and a request may have waited before it was.
         let deleted = sqlx::query(
-            "DELETE FROM opt_out_records WHERE state <> 'PENDING' AND received_at < $1",
+            "DELETE FROM opt_out_records \
+             WHERE state <> 'PENDING' AND COALESCE(resolved_at, received_at) < $1",
         )
-        .bind(received_before)
+        .bind(resolved_before)
         .execute(&self.writer)
         .await?
         .rows_affected();
@@ -762,11 +813,36 @@ where
 
 /// Whether a replayed request is the one recorded under its id. `received_at` counts only when
 /// both gave it: a retry without it must not look different because the clock moved.
+/// Whether a failed request may be tried again under its id: a request by email whose failure
+/// was transient (see [`Ledger::record`]).
+fn reopenable(recorded: &Record) -> bool {
+    recorded.kind == Kind::SetByEmail
+        && recorded.state == State::Failed
+        && matches!(
+            recorded.failure_code.as_deref(),
+            Some("UNAVAILABLE" | "DEADLINE_EXCEEDED")
+        )
+}
+
+async fn has_children<'e, E>(executor: E, request_id: &str) -> Result<bool, LedgerError>
+where
+    E: Executor<'e, Database = sqlx::Any>,
+{
+    let children: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM opt_out_records WHERE parent_request_id = $1")
+            .bind(request_id)
+            .fetch_one(executor)
+            .await?;
+    Ok(children > 0)
+}
+
 fn same_request(recorded: &Record, request: &NewRequest) -> bool {
     recorded.kind == request.kind
         && (request.kind == Kind::CreateProfile || recorded.pkey == request.pkey)
         && recorded.opt_out == request.opt_out
         && recorded.source == request.source
+        // Records written before fingerprints were kept have none: nothing to compare.
+        && (recorded.fingerprint.is_none() || recorded.fingerprint == request.fingerprint)
         && match (recorded.received_at_given, request.received_at) {
             (true, Some(at)) => recorded.received_at == at,
             (false, Some(_)) => false,

@@ -140,6 +140,9 @@ pub struct Record {
     pub superseded_by: Option<String>,
     /// The request made by email this one is a part of.
     pub parent_request_id: Option<String>,
+    /// See [`super::NewRequest::fingerprint`]: for telling replays apart, not for auditors.
+    #[serde(skip)]
+    pub fingerprint: Option<String>,
 }
 
 impl Record {
@@ -169,6 +172,7 @@ impl Record {
             failure_code: optional_text("failure_code")?,
             superseded_by: optional_text("superseded_by")?,
             parent_request_id: optional_text("parent_request_id")?,
+            fingerprint: optional_text("fingerprint")?,
         })
     }
 }
