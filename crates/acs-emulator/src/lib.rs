@@ -30,7 +30,7 @@ mod store;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -146,6 +146,8 @@ pub struct RecordedRequest {
     pub method: String,
     /// The path, without the query.
     pub path: String,
+    /// The query, as sent (still percent-encoded), if there was one.
+    pub query: Option<String>,
     /// The headers, names in lower case, in the order received.
     pub headers: Vec<(String, String)>,
     /// The body.
@@ -183,6 +185,10 @@ pub(crate) struct Shared {
     peak_active_requests: AtomicUsize,
     faults: Mutex<VecDeque<Fault>>,
     fault_settings: Mutex<FaultSettings>,
+    /// Put in every `byEmail` next link and required back on the page it leads to.
+    listing_token: String,
+    /// `byEmail` next links carry the position under another name than `_lineStart`.
+    next_links_without_line_start: AtomicBool,
 }
 
 /// Locks a mutex, carrying on after a panic elsewhere: every critical section here leaves the
@@ -250,6 +256,10 @@ impl Emulator {
             requests: Mutex::new(VecDeque::new()),
             request_count: AtomicUsize::new(0),
             faults: Mutex::new(VecDeque::new()),
+            // Random per emulator, and with characters a URL must encode, so that only a link
+            // followed as given carries it back.
+            listing_token: format!("{:016x}+/=", rand::random::<u64>()),
+            next_links_without_line_start: AtomicBool::new(false),
         });
         let app = routes::router(shared.clone());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -313,6 +323,16 @@ impl Emulator {
     /// Changes the lifetime of tokens issued from now on.
     pub fn set_token_lifetime(&self, lifetime: Duration) {
         lock(&self.shared.ims).token_lifetime = lifetime;
+    }
+
+    /// From now on, gives `byEmail`'s `next.href` the next page's position in a parameter of
+    /// another name than `_lineStart` (`true`), or as ACS documents it (`false`, the default).
+    /// The reference says to follow `next.href` and treat what it holds as opaque: a client
+    /// that looks for `_lineStart` in it stops after the first page.
+    pub fn set_next_links_without_line_start(&self, without: bool) {
+        self.shared
+            .next_links_without_line_start
+            .store(without, Ordering::SeqCst);
     }
 
     /// How many token requests its IMS endpoint has received.

@@ -227,6 +227,7 @@ fn record(shared: &Shared, parts: &axum::http::request::Parts, body: &Bytes) {
         received_at: std::time::Instant::now(),
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
         headers: parts
             .headers
             .iter()
@@ -344,6 +345,14 @@ struct ByEmail {
     line_count: Option<usize>,
     #[serde(rename = "_lineStart")]
     line_start: Option<String>,
+    /// Where the next page starts when links carry no `_lineStart`
+    /// (`Emulator::set_next_links_without_line_start`).
+    #[serde(rename = "_cursor")]
+    cursor: Option<String>,
+    /// An opaque parameter of every next page's link, checked on the pages after the first: a
+    /// client that rebuilds the link instead of following it loses it and is refused.
+    #[serde(rename = "_listing")]
+    listing: Option<String>,
 }
 
 /// ACS's page size when none is asked for.
@@ -364,15 +373,17 @@ async fn profiles_by_email(
         .line_count
         .unwrap_or(DEFAULT_LINE_COUNT)
         .clamp(1, 1_000);
-    let offset = match query.line_start.as_deref().map(decode_line_start) {
+    let position = query.line_start.as_deref().or(query.cursor.as_deref());
+    let offset = match position {
         None => 0,
-        Some(Some(offset)) => offset,
-        Some(None) => {
-            return answers::json_response(
-                StatusCode::BAD_REQUEST,
-                &json!({"code": 400, "message": "Invalid _lineStart"}),
-            );
+        // A later page is served only to a request that kept every parameter of its link.
+        Some(token) if query.listing.as_deref() == Some(shared.listing_token.as_str()) => {
+            match decode_line_start(token) {
+                Some(offset) => offset,
+                None => return invalid_line_start(),
+            }
         }
+        Some(_) => return invalid_line_start(),
     };
     let wanted = query.email.to_lowercase();
     let (page, more) = {
@@ -415,11 +426,17 @@ async fn profiles_by_email(
         "serverSidePagination": true,
     });
     if more {
+        let position_name = if shared.next_links_without_line_start.load(Ordering::SeqCst) {
+            "_cursor"
+        } else {
+            "_lineStart"
+        };
         let next = format!(
             "{path}?{}",
             query_string(&[
                 ("_lineCount", line_count.to_string()),
-                ("_lineStart", encode_line_start(offset + line_count)),
+                (position_name, encode_line_start(offset + line_count)),
+                ("_listing", shared.listing_token.clone()),
             ])
         );
         let href = if shared.config.relative_next_links {
@@ -432,15 +449,24 @@ async fn profiles_by_email(
     answers::json_response(StatusCode::OK, &body)
 }
 
-/// `_lineStart` is opaque in ACS; here it hides an offset.
+fn invalid_line_start() -> Response {
+    answers::json_response(
+        StatusCode::BAD_REQUEST,
+        &json!({"code": 400, "message": "Invalid _lineStart"}),
+    )
+}
+
+/// `_lineStart` is opaque in ACS; here it hides an offset in standard base64, whose `+`, `/`
+/// and `=` must be percent-encoded in a URL: a client that parses or rebuilds the token rather
+/// than following the link as given is the more likely to spoil it.
 fn encode_line_start(offset: usize) -> String {
     use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("offset:{offset}"))
+    base64::engine::general_purpose::STANDARD.encode(format!("offset:{offset}"))
 }
 
 fn decode_line_start(token: &str) -> Option<usize> {
     use base64::Engine;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+    let bytes = base64::engine::general_purpose::STANDARD
         .decode(token)
         .ok()?;
     String::from_utf8(bytes)

@@ -43,6 +43,7 @@ mod call;
 mod failure;
 mod generated;
 mod hooks;
+mod pages;
 mod throttle;
 
 use std::fmt;
@@ -273,20 +274,15 @@ impl Client {
 /// More pages than any real address has profiles: past this, pagination is taken to be broken.
 const MAX_EMAIL_PAGES: usize = 1_000;
 
-/// The `_lineStart` token of a `next.href`, relative or absolute.
-fn line_start_of(href: &str) -> Option<String> {
-    let base = reqwest::Url::parse("http://relative.invalid/").ok()?;
-    let url = base.join(href).ok()?;
-    url.query_pairs()
-        .find(|(name, _)| name == "_lineStart")
-        .map(|(_, value)| value.into_owned())
-}
-
 impl Client {
     /// Every profile whose email is `email`, whole and regardless of case, following every page
-    /// ACS answers (`next.href`, relative or absolute). ACS's own filter is not documented to be
-    /// exact, so the match is checked here. Each page is a call under the client's rules, all
-    /// within `deadline`.
+    /// ACS answers. ACS's own filter is not documented to be exact, so the match is checked
+    /// here. Each page is a call under the client's rules (throttle, retries, token refresh),
+    /// all within `deadline`.
+    ///
+    /// Pages are followed through `next.href` exactly as ACS writes it, relative or absolute,
+    /// whatever parameters it holds; a link to another origin than the configured base URL is
+    /// refused (an error, not a shorter answer), since it would carry the token elsewhere.
     pub async fn profiles_by_email(
         &self,
         email: &str,
@@ -297,31 +293,49 @@ impl Client {
             .unwrap_or_else(|| std::time::Instant::now() + self.inner().runtime.default_budget());
         let wanted = email.to_lowercase();
         let mut found = Vec::new();
-        let mut line_start: Option<String> = None;
+        // What relative links of the first page are resolved against: the URL it came from.
+        let first_url = reqwest::Url::parse(&format!(
+            "{}/profileAndServices/profile/byEmail",
+            self.baseurl()
+        ))
+        .map_err(|_| {
+            CallError::Api(Error::Custom(
+                "the configured ACS base URL cannot be parsed".to_owned(),
+            ))
+        })?;
+        // `None` until the first page is read: it is the one request built from the spec.
+        let mut next_url: Option<reqwest::Url> = None;
         for _ in 0..MAX_EMAIL_PAGES {
-            let page = self
-                .call(Idempotency::Idempotent, Some(deadline), || async {
-                    Ok(self
-                        .list_profiles_by_email(None, line_start.as_deref(), email)
-                        .await?
-                        .into_inner())
-                })
-                .await?;
+            let page = match &next_url {
+                None => {
+                    self.call(Idempotency::Idempotent, Some(deadline), || async {
+                        Ok(self
+                            .list_profiles_by_email(None, None, email)
+                            .await?
+                            .into_inner())
+                    })
+                    .await?
+                }
+                Some(url) => {
+                    self.call(Idempotency::Idempotent, Some(deadline), || async {
+                        Ok(self.get_profile_collection(url.clone()).await?.into_inner())
+                    })
+                    .await?
+                }
+            };
             found.extend(page.content.into_iter().filter(|profile| {
                 profile
                     .email
                     .as_deref()
                     .is_some_and(|e| e.to_lowercase() == wanted)
             }));
-            match page
-                .next
-                .and_then(|next| next.href)
-                .as_deref()
-                .and_then(line_start_of)
-            {
-                Some(next) => line_start = Some(next),
-                None => return Ok(found),
-            }
+            let Some(href) = page.next.and_then(|next| next.href) else {
+                return Ok(found);
+            };
+            let current = next_url.as_ref().unwrap_or(&first_url);
+            let resolved = pages::resolve_next(self.baseurl(), current, &href)
+                .map_err(|reason| CallError::Api(Error::Custom(reason.to_owned())))?;
+            next_url = Some(resolved);
         }
         Err(CallError::Api(Error::Custom(format!(
             "ACS answered more than {MAX_EMAIL_PAGES} pages for one address"

@@ -412,3 +412,113 @@ async fn profiles_by_email_follows_every_page_and_matches_the_whole_address() {
         );
     }
 }
+
+/// The byEmail requests the emulator received, with their queries as sent.
+fn by_email_queries(emulator: &Emulator) -> Vec<String> {
+    emulator
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/byEmail"))
+        .map(|r| r.query.clone().unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test]
+async fn next_links_are_followed_as_given_whatever_they_hold() {
+    for (relative_next_links, without_line_start) in [(false, false), (true, true), (false, true)] {
+        let emulator = Emulator::start(EmulatorConfig {
+            relative_next_links,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        emulator.set_next_links_without_line_start(without_line_start);
+        let client = client_for(&emulator, default_tokens());
+        for _ in 0..80 {
+            emulator.insert_profile(ada());
+        }
+
+        let found = client
+            .profiles_by_email("ada@example.com", None)
+            .await
+            .unwrap();
+        let case = format!("relative: {relative_next_links}, no _lineStart: {without_line_start}");
+        assert_eq!(found.len(), 80, "nothing truncated ({case})");
+
+        let queries = by_email_queries(&emulator);
+        assert_eq!(queries.len(), 4, "80 at 25 a page ({case})");
+        assert_eq!(queries[0], "email=ada%40example.com");
+        let position = if without_line_start {
+            "_cursor="
+        } else {
+            "_lineStart="
+        };
+        for query in &queries[1..] {
+            // The link's own parameters, which the client has no reason to know, all went back.
+            assert!(query.contains("_lineCount=25"), "{query}");
+            assert!(query.contains("&_listing="), "{query}");
+            assert!(query.contains(position), "{query}");
+            assert_eq!(
+                query.contains("_lineStart="),
+                !without_line_start,
+                "{query}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rebuilt_next_link_is_refused_by_the_emulator() {
+    // What the emulator makes of a client that keeps `_lineStart` and drops the rest: a 400,
+    // so the test above would catch one.
+    let (emulator, client) = started().await;
+    for _ in 0..30 {
+        emulator.insert_profile(ada());
+    }
+    let first = client
+        .list_profiles_by_email(None, None, "ada@example.com")
+        .await
+        .unwrap()
+        .into_inner();
+    let href = first.next.and_then(|n| n.href).unwrap();
+    let url = reqwest::Url::parse(&href).unwrap();
+    let line_start = url
+        .query_pairs()
+        .find(|(name, _)| name == "_lineStart")
+        .map(|(_, value)| value.into_owned())
+        .unwrap();
+    assert!(line_start.parse::<u64>().is_err(), "an opaque token");
+    let rebuilt = client
+        .list_profiles_by_email(None, Some(&line_start), "ada@example.com")
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&rebuilt), Some(400));
+}
+
+#[tokio::test]
+async fn a_next_link_to_another_origin_is_not_followed() {
+    let (emulator, client) = started().await;
+    let elsewhere = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let foreign = format!(
+        "{}/emulated-tenant/campaign/profileAndServices/profile/byEmail?email=ada%40example.com&_lineStart=x",
+        elsewhere.url()
+    );
+    emulator.inject(Fault::json(
+        200,
+        json!({"content": [], "next": {"href": foreign}}),
+    ));
+    let error = client
+        .profiles_by_email("ada@example.com", None)
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(error, acs_profile_client::CallError::Api(_)),
+        "{message}"
+    );
+    assert_eq!(elsewhere.request_count(), 0, "the token went nowhere else");
+    assert!(
+        !message.contains("ada"),
+        "the address is not quoted: {message}"
+    );
+}
