@@ -106,6 +106,30 @@ fn by_email(email: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
     }
 }
 
+/// Profiles at one address stored in each of `spellings`, `count` of each, interleaved with an
+/// address ACS's prefix filter also returns; every `opted_out_every`-th one opted out. The keys,
+/// per spelling.
+fn spelled(
+    emulator: &Emulator,
+    spellings: &[&str],
+    count: usize,
+    opted_out_every: usize,
+) -> Vec<Vec<String>> {
+    let mut keys = vec![Vec::new(); spellings.len()];
+    for i in 0..count * spellings.len() {
+        keys[i % spellings.len()].push(emulator.insert_profile(NewProfile {
+            email: spellings[i % spellings.len()].into(),
+            ccpa_opt_out: opted_out_every > 0 && i % opted_out_every == 0,
+            ..Default::default()
+        }));
+        emulator.insert_profile(NewProfile {
+            email: "ada@example.com.au".into(),
+            ..Default::default()
+        });
+    }
+    keys
+}
+
 #[tokio::test]
 async fn get_by_email_answers_every_matching_profile_and_protects() {
     let mut gw = gateway(EmulatorConfig {
@@ -113,7 +137,19 @@ async fn get_by_email_answers_every_matching_profile_and_protects() {
         ..Default::default()
     })
     .await;
-    duplicates(&gw.emulator, 40, 13);
+    // Asked for as `ADA@example.COM`, then `ada@example.com` and `ADA@example.com`: ACS's byEmail
+    // is taken to match case-sensitively, so the last spelling is the one it cannot find.
+    let keys = spelled(
+        &gw.emulator,
+        &[
+            "ADA@example.COM",
+            "ada@example.com",
+            "ADA@example.com",
+            "Ada@Example.com",
+        ],
+        15,
+        7,
+    );
 
     let answer = gw
         .client
@@ -124,9 +160,25 @@ async fn get_by_email_answers_every_matching_profile_and_protects() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(answer.profiles.len(), 40, "every page, no decoy");
-    assert!(answer.ccpa_opt_out, "one opted out: the protective answer");
-    assert_eq!(answer.profiles.iter().filter(|p| p.ccpa_opt_out).count(), 4);
+    let mut answered: Vec<&str> = answer.profiles.iter().map(|p| p.pkey.as_str()).collect();
+    answered.sort_unstable();
+    let mut expected: Vec<&str> = keys[..3].iter().flatten().map(String::as_str).collect();
+    expected.sort_unstable();
+    assert_eq!(
+        answered, expected,
+        "every page, every spelling asked, no decoy"
+    );
+    assert!(answered.iter().all(|k| !keys[3].iter().any(|m| m == k)));
+    assert!(answer.ccpa_opt_out, "some opted out: the protective answer");
+    let opted_out = keys[..3]
+        .iter()
+        .flatten()
+        .filter(|k| gw.emulator.profile(k).unwrap()["ccpaOptOut"] == true)
+        .count();
+    assert_eq!(
+        answer.profiles.iter().filter(|p| p.ccpa_opt_out).count(),
+        opted_out
+    );
 
     let none = gw
         .client
@@ -142,7 +194,19 @@ async fn get_by_email_answers_every_matching_profile_and_protects() {
 #[tokio::test]
 async fn set_by_email_applies_to_every_profile_each_with_its_record() {
     let mut gw = gateway(EmulatorConfig::default()).await;
-    let keys = duplicates(&gw.emulator, 30, 0);
+    // Asked for as given, in lower case, and with the domain in lower case; `ADA@EXAMPLE.COM` is
+    // the spelling a case-sensitive byEmail leaves out (the documented limitation).
+    let keys = spelled(
+        &gw.emulator,
+        &[
+            "Ada@EXAMPLE.com",
+            "ada@example.com",
+            "Ada@example.com",
+            "ADA@EXAMPLE.COM",
+        ],
+        10,
+        0,
+    );
 
     let answer = gw
         .client
@@ -157,8 +221,11 @@ async fn set_by_email_applies_to_every_profile_each_with_its_record() {
         assert_eq!(profile.state, DeliveryState::Applied as i32);
         assert!(profile.request_id.starts_with("email-1:"));
     }
-    for key in &keys {
+    for key in keys[..3].iter().flatten() {
         assert_eq!(gw.emulator.profile(key).unwrap()["ccpaOptOut"], true);
+    }
+    for key in &keys[3] {
+        assert_eq!(gw.emulator.profile(key).unwrap()["ccpaOptOut"], false);
     }
 
     let parent = record(&mut gw.client, "email-1").await;

@@ -358,9 +358,10 @@ struct ByEmail {
 /// ACS's page size when none is asked for.
 const DEFAULT_LINE_COUNT: usize = 25;
 
-/// `byEmail`: a page of profiles whose email starts with the given text, ignoring case. ACS does
-/// not document how it matches; matching more than the whole address is the pessimistic model,
-/// so that a client which does not check the whole address itself fails its tests.
+/// `byEmail`: a page of profiles whose email starts with the given text, case included. ACS does
+/// not document how it matches; the pessimistic model is that of the documented `byText` (a
+/// case-sensitive prefix match), so that a client which does not check the whole address
+/// itself, or which counts on ACS to ignore case, fails its tests.
 async fn profiles_by_email(
     State(shared): State<Arc<Shared>>,
     Path(tenant): Path<String>,
@@ -385,12 +386,11 @@ async fn profiles_by_email(
         }
         Some(_) => return invalid_line_start(),
     };
-    let wanted = query.email.to_lowercase();
     let (page, more) = {
         let profiles = lock(&shared.profiles);
         let mut ids: Vec<u64> = profiles
             .iter()
-            .filter(|(_, p)| p.email().to_lowercase().starts_with(&wanted))
+            .filter(|(_, p)| p.email().starts_with(&query.email))
             .map(|(id, _)| *id)
             .collect();
         ids.sort_unstable();

@@ -271,14 +271,41 @@ impl Client {
     }
 }
 
-/// More pages than any real address has profiles: past this, pagination is taken to be broken.
+/// More pages than any real address has profiles, over all the spellings asked for: past this,
+/// pagination is taken to be broken.
 const MAX_EMAIL_PAGES: usize = 1_000;
+
+/// The spellings of `email` asked of ACS, each once: as given, all in lower case, and with only
+/// the domain in lower case (domains are case-insensitive; local parts, in principle, are not, so
+/// that is how most systems store a mixed-case address they did not lower entirely).
+fn email_spellings(email: &str) -> Vec<String> {
+    let mut spellings = vec![email.to_owned()];
+    let lower_domain = match email.rsplit_once('@') {
+        Some((local, domain)) => format!("{local}@{}", domain.to_lowercase()),
+        None => email.to_owned(),
+    };
+    for spelling in [email.to_lowercase(), lower_domain] {
+        if !spellings.contains(&spelling) {
+            spellings.push(spelling);
+        }
+    }
+    spellings
+}
 
 impl Client {
     /// Every profile whose email is `email`, whole and regardless of case, following every page
-    /// ACS answers. ACS's own filter is not documented to be exact, so the match is checked
-    /// here. Each page is a call under the client's rules (throttle, retries, token refresh),
-    /// all within `deadline`.
+    /// ACS answers. Each page is a call under the client's rules (throttle, retries, token
+    /// refresh), all within `deadline`.
+    ///
+    /// ACS does not document how `byEmail` matches. Its documented sibling `byText` is a
+    /// case-sensitive prefix match, so `byEmail` is assumed to be one too: the address is asked
+    /// for as given, all in lower case, and with only its domain in lower case; the answers are
+    /// merged, each profile once (by its key, within this lookup), and only those whose whole
+    /// address equals `email` ignoring case are kept.
+    ///
+    /// **Limitation:** an address stored with a local part cased unlike all three spellings
+    /// (`Ada@example.com` when asked for `ADA@EXAMPLE.COM`) is missed if ACS's match is indeed
+    /// case-sensitive. Only a listing of every profile could rule that out.
     ///
     /// Pages are followed through `next.href` exactly as ACS writes it, relative or absolute,
     /// whatever parameters it holds; a link to another origin than the configured base URL is
@@ -292,7 +319,39 @@ impl Client {
         let deadline = deadline
             .unwrap_or_else(|| std::time::Instant::now() + self.inner().runtime.default_budget());
         let wanted = email.to_lowercase();
+        let mut pages_left = MAX_EMAIL_PAGES;
+        let mut seen = std::collections::HashSet::new();
         let mut found = Vec::new();
+        for spelling in email_spellings(email) {
+            let answered = self
+                .all_pages_by_email(&spelling, deadline, &mut pages_left)
+                .await?;
+            found.extend(answered.into_iter().filter(|profile| {
+                let same_address = profile
+                    .email
+                    .as_deref()
+                    .is_some_and(|e| e.to_lowercase() == wanted);
+                // A profile answered for two spellings is one profile. Comparing keys is sound
+                // here only because both came from the same lookup, moments apart.
+                same_address
+                    && profile
+                        .p_key
+                        .as_ref()
+                        .is_none_or(|pkey| seen.insert(pkey.clone()))
+            }));
+        }
+        Ok(found)
+    }
+
+    /// Every profile ACS answers to `byEmail?email=<query>`, over all its pages, each page
+    /// counted against `pages_left`.
+    async fn all_pages_by_email(
+        &self,
+        query: &str,
+        deadline: std::time::Instant,
+        pages_left: &mut usize,
+    ) -> Result<Vec<types::Profile>, CallError> {
+        let mut answered = Vec::new();
         // What relative links of the first page are resolved against: the URL it came from.
         let first_url = reqwest::Url::parse(&format!(
             "{}/profileAndServices/profile/byEmail",
@@ -305,12 +364,13 @@ impl Client {
         })?;
         // `None` until the first page is read: it is the one request built from the spec.
         let mut next_url: Option<reqwest::Url> = None;
-        for _ in 0..MAX_EMAIL_PAGES {
+        while *pages_left > 0 {
+            *pages_left -= 1;
             let page = match &next_url {
                 None => {
                     self.call(Idempotency::Idempotent, Some(deadline), || async {
                         Ok(self
-                            .list_profiles_by_email(None, None, email)
+                            .list_profiles_by_email(None, None, query)
                             .await?
                             .into_inner())
                     })
@@ -323,14 +383,9 @@ impl Client {
                     .await?
                 }
             };
-            found.extend(page.content.into_iter().filter(|profile| {
-                profile
-                    .email
-                    .as_deref()
-                    .is_some_and(|e| e.to_lowercase() == wanted)
-            }));
+            answered.extend(page.content);
             let Some(href) = page.next.and_then(|next| next.href) else {
-                return Ok(found);
+                return Ok(answered);
             };
             let current = next_url.as_ref().unwrap_or(&first_url);
             let resolved = pages::resolve_next(self.baseurl(), current, &href)
@@ -351,5 +406,31 @@ impl types::ProfileResponse {
             Self::Collection(collection) => collection.content.into_iter().next(),
             Self::Bare(profile) => Some(profile),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::email_spellings;
+
+    #[test]
+    fn an_address_is_asked_for_in_up_to_three_spellings() {
+        assert_eq!(
+            email_spellings("Ada.L@Example.COM"),
+            [
+                "Ada.L@Example.COM",
+                "ada.l@example.com",
+                "Ada.L@example.com"
+            ]
+        );
+        assert_eq!(
+            email_spellings("ADA@example.com"),
+            ["ADA@example.com", "ada@example.com"]
+        );
+        assert_eq!(
+            email_spellings("ada@EXAMPLE.com"),
+            ["ada@EXAMPLE.com", "ada@example.com"]
+        );
+        assert_eq!(email_spellings("ada@example.com"), ["ada@example.com"]);
     }
 }

@@ -370,13 +370,21 @@ async fn profiles_by_email_follows_every_page_and_matches_the_whole_address() {
         .await
         .unwrap();
         let client = client_for(&emulator, default_tokens());
-        let spellings = ["ada@example.com", "Ada@Example.COM", "ADA@EXAMPLE.COM"];
+        // As asked, all in lower case (both found), and a local part cased otherwise, which a
+        // case-sensitive ACS does not answer to any of the spellings asked for.
+        let spellings = ["ada@EXAMPLE.com", "ada@example.com", "Ada@Example.COM"];
         let mut expected = Vec::new();
+        let mut missed = Vec::new();
         for i in 0..60 {
-            expected.push(emulator.insert_profile(NewProfile {
+            let pkey = emulator.insert_profile(NewProfile {
                 email: spellings[i % 3].into(),
                 ..Default::default()
-            }));
+            });
+            if i % 3 == 2 {
+                missed.push(pkey);
+            } else {
+                expected.push(pkey);
+            }
             // Addresses ACS's filter also returns, which are not this one.
             emulator.insert_profile(NewProfile {
                 email: "ada@example.com.evil.test".into(),
@@ -392,17 +400,19 @@ async fn profiles_by_email_follows_every_page_and_matches_the_whole_address() {
             .profiles_by_email("ada@EXAMPLE.com", None)
             .await
             .unwrap();
-        assert_eq!(found.len(), 60, "relative links: {relative_next_links}");
-        let gets = emulator
-            .requests()
-            .iter()
-            .filter(|r| r.path.ends_with("/byEmail"))
-            .count();
-        assert_eq!(gets, 5, "120 candidates at 25 a page");
-        for profile in &found {
-            let pkey = profile.p_key.as_deref().unwrap();
-            assert!(emulator.profile(pkey).is_some());
-        }
+        let mut keys: Vec<String> = found.iter().map(|p| p.p_key.clone().unwrap()).collect();
+        keys.sort();
+        expected.sort();
+        assert_eq!(keys, expected, "relative links: {relative_next_links}");
+        assert!(keys.iter().all(|k| !missed.contains(k)));
+        let queries = by_email_queries(&emulator);
+        assert_eq!(
+            queries.len(),
+            5,
+            "20 as given on one page, then 20 and 60 decoys in lower case at 25 a page"
+        );
+        assert_eq!(queries[0], "email=ada%40EXAMPLE.com");
+        assert_eq!(queries[1], "email=ada%40example.com");
         assert!(
             client
                 .profiles_by_email("nobody@example.com", None)
@@ -411,6 +421,25 @@ async fn profiles_by_email_follows_every_page_and_matches_the_whole_address() {
                 .is_empty()
         );
     }
+}
+
+#[tokio::test]
+async fn a_profile_answered_for_two_spellings_is_listed_once() {
+    let (emulator, client) = started().await;
+    let pkey = emulator.insert_profile(ada());
+    // What an ACS that ignores case would answer to the first spelling asked (`ADA@...`): the
+    // same profile the lower-case spelling finds next.
+    emulator.inject(Fault::json(
+        200,
+        json!({"content": [emulator.profile(&pkey).unwrap()]}),
+    ));
+    let found = client
+        .profiles_by_email("ADA@example.com", None)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].p_key.as_deref(), Some(pkey.as_str()));
+    assert_eq!(by_email_queries(&emulator).len(), 2);
 }
 
 /// The byEmail requests the emulator received, with their queries as sent.
