@@ -246,7 +246,10 @@ impl CallRuntime {
                 return Err(error.into());
             }
             let delay = retry_after(&error).unwrap_or_else(|| self.backoff(attempts));
-            if Instant::now() + delay >= deadline {
+            // Checked: `Retry-After` is ACS's (or a proxy's) to choose, and a huge one must mean
+            // "not within this deadline", not an overflow.
+            let resume_at = Instant::now().checked_add(delay);
+            if resume_at.is_none_or(|at| at >= deadline) {
                 // Waiting would outlive the caller: give it the answer now.
                 return Err(error.into());
             }

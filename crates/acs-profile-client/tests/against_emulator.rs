@@ -442,6 +442,29 @@ async fn a_profile_answered_for_two_spellings_is_listed_once() {
     assert_eq!(by_email_queries(&emulator).len(), 2);
 }
 
+#[tokio::test]
+async fn a_retry_after_beyond_any_deadline_means_no_retry() {
+    let (emulator, client) = started().await;
+    let pkey = emulator.insert_profile(ada());
+    // Seconds at the end of u64, and the last date HTTP can write: far past any deadline, and
+    // the first past the end of the clock.
+    for retry_after in ["18446744073709551615", "Fri, 31 Dec 9999 23:59:59 GMT"] {
+        let before = emulator.request_count();
+        emulator.inject(
+            Fault::json(503, json!({"error_code": "503000", "message": "Too busy"}))
+                .with_header("Retry-After", retry_after),
+        );
+        let started = std::time::Instant::now();
+        let error = client.read_profile(&pkey, None).await.unwrap_err();
+        let acs_profile_client::CallError::Api(error) = error else {
+            panic!("ACS's answer expected, got {error:?}");
+        };
+        assert_eq!(status_of(&error), Some(503), "{retry_after}");
+        assert_eq!(emulator.request_count() - before, 1, "not retried");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+}
+
 /// The byEmail requests the emulator received, with their queries as sent.
 fn by_email_queries(emulator: &Emulator) -> Vec<String> {
     emulator
