@@ -320,7 +320,9 @@ impl Emulator {
         lock(&self.shared.ims).client_secret = secret.to_owned();
     }
 
-    /// Changes the lifetime of tokens issued from now on.
+    /// Changes the lifetime of tokens issued from now on. Any value is answered as is in
+    /// `expires_in` (whole seconds), `u64::MAX` seconds included, to test clients against an
+    /// absurd one; a lifetime beyond what the clock can count never expires here.
     pub fn set_token_lifetime(&self, lifetime: Duration) {
         lock(&self.shared.ims).token_lifetime = lifetime;
     }

@@ -9,6 +9,9 @@
 //!   request goes on, so a slow IMS still yields a token for the callers after it;
 //! - a failed request is followed by a back-off (0.5 s doubling to 60 s) that every caller
 //!   respects, so nothing can make the source hammer IMS;
+//! - a token request that fails in any way, a panic included, ends its flight and backs off: no
+//!   caller is ever left waiting on a request that is over;
+//! - `expires_in` is believed up to a day, what IMS issues: a larger value is a fault upstream;
 //! - [`ImsTokenSource::invalidate`] (ACS said `401013`) drops the cached token only if it is the
 //!   one ACS refused, so a thousand calls refused at once cause one refresh, not a thousand.
 
@@ -78,6 +81,14 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Token requests one caller waits for before giving up; the back-off outlives the caller.
 const ATTEMPTS_PER_CALLER: u32 = 3;
+/// The longest lifetime believed, whatever `expires_in` says: IMS issues tokens for a day. A
+/// larger value is a fault upstream, and taken literally it would overflow the clock arithmetic.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The lifetime a token is treated as having, from the `expires_in` (seconds) IMS announced.
+fn believed_lifetime(expires_in: u64) -> Duration {
+    Duration::from_secs(expires_in).min(MAX_TOKEN_LIFETIME)
+}
 
 struct CachedToken {
     token: AccessToken,
@@ -96,6 +107,38 @@ struct State {
     /// No token request before this instant (set after a failure).
     not_before: Option<Instant>,
     next_backoff: Option<Duration>,
+}
+
+impl State {
+    /// Records a failed token request: no other before the back-off passes, and a longer one
+    /// next time. Returns the back-off.
+    fn note_failure(&mut self) -> Duration {
+        let backoff = self.next_backoff.unwrap_or(FIRST_BACKOFF);
+        self.not_before = Some(Instant::now() + backoff);
+        self.next_backoff = Some((backoff * 2).min(MAX_BACKOFF));
+        backoff
+    }
+}
+
+/// Ends a flight, however its task ends: on completion, on a panic (the guard is dropped while
+/// unwinding) or on cancellation. Without it, a flight whose task panicked stayed in
+/// `state.flight`, and every caller after it was answered that flight's failure, forever.
+struct FlightEnd {
+    inner: Arc<Inner>,
+    /// Whether the request ran to its end and recorded its outcome itself.
+    settled: bool,
+}
+
+impl Drop for FlightEnd {
+    fn drop(&mut self) {
+        let mut state = self.inner.state();
+        state.flight = None;
+        if !self.settled {
+            // A request that never recorded an outcome failed: back off as after any failure,
+            // so that a request that panics every time cannot make the source hammer IMS.
+            state.note_failure();
+        }
+    }
 }
 
 /// A [`TokenSource`] that obtains tokens from Adobe IMS with the client-credentials grant.
@@ -209,13 +252,28 @@ impl Inner {
 
     /// Spawns one token request, after `not_before` if given.
     fn start_flight(self: &Arc<Self>, not_before: Option<Instant>) -> Flight {
+        self.spawn_flight(not_before, |inner| async move { inner.request().await })
+    }
+
+    /// Spawns `request` as the flight; whatever becomes of it, `state.flight` is cleared when it
+    /// ends (see [`FlightEnd`]).
+    fn spawn_flight<F, Fut>(self: &Arc<Self>, not_before: Option<Instant>, request: F) -> Flight
+    where
+        F: FnOnce(Arc<Self>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = TokenResult> + Send + 'static,
+    {
         let inner = self.clone();
         let task = tokio::spawn(async move {
+            let mut end = FlightEnd {
+                inner: inner.clone(),
+                settled: false,
+            };
             if let Some(not_before) = not_before {
                 tokio::time::sleep_until(not_before).await;
             }
-            let result = inner.request().await;
-            inner.state().flight = None;
+            let result = request(inner).await;
+            end.settled = true;
+            drop(end);
             result
         });
         async move {
@@ -237,7 +295,7 @@ impl Inner {
         let mut state = self.state();
         match result {
             Ok(response) => {
-                let lifetime = Duration::from_secs(response.expires_in);
+                let lifetime = believed_lifetime(response.expires_in);
                 let margin = lifetime.mul_f64(EXPIRY_MARGIN_SHARE).min(MAX_EXPIRY_MARGIN);
                 let token = AccessToken::new(response.access_token);
                 state.cached = Some(CachedToken {
@@ -254,9 +312,7 @@ impl Inner {
                 Ok(token)
             }
             Err(error) => {
-                let backoff = state.next_backoff.unwrap_or(FIRST_BACKOFF);
-                state.not_before = Some(Instant::now() + backoff);
-                state.next_backoff = Some((backoff * 2).min(MAX_BACKOFF));
+                let backoff = state.note_failure();
                 tracing::warn!(
                     kind = ?error.kind(),
                     reason = error.reason(),
@@ -362,6 +418,45 @@ mod tests {
         let debug = format!("{source:?}");
         assert!(!debug.contains("very-secret-value"), "{debug}");
         assert!(debug.contains("REDACTED"), "{debug}");
+    }
+
+    #[test]
+    fn a_lifetime_beyond_a_day_is_not_believed() {
+        assert_eq!(believed_lifetime(86_399), Duration::from_secs(86_399));
+        assert_eq!(believed_lifetime(86_401), MAX_TOKEN_LIFETIME);
+        assert_eq!(believed_lifetime(u64::MAX), MAX_TOKEN_LIFETIME);
+    }
+
+    #[tokio::test]
+    async fn a_flight_that_panics_leaves_no_flight_behind() {
+        use acs_emulator::{Emulator, EmulatorConfig};
+
+        let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+        let source = ImsTokenSource::new(ImsConfig {
+            url: emulator.url(),
+            client_id: EmulatorConfig::DEFAULT_IMS_CLIENT_ID.into(),
+            client_secret: ImsSecret::Value(EmulatorConfig::DEFAULT_IMS_CLIENT_SECRET.into()),
+            scopes: ImsConfig::DEFAULT_SCOPES.into(),
+            request_timeout: Duration::from_secs(5),
+        })
+        .unwrap();
+        {
+            // As `next` does, under the lock: a flight whose request is a bug. Its panic message
+            // in the test output is expected.
+            let mut state = source.inner.state();
+            state.flight = Some(
+                source
+                    .inner
+                    .spawn_flight(None, |_| async { panic!("a bug inside a token request") }),
+            );
+        }
+
+        // The first attempt shares the broken flight and fails; the next starts a new one after
+        // the back-off and gets a token.
+        let token = source.access_token().await;
+        assert!(token.is_ok(), "{token:?}");
+        assert_eq!(emulator.ims_request_count(), 1);
+        assert!(source.inner.state().flight.is_none());
     }
 
     #[test]
