@@ -785,6 +785,109 @@ async fn missing_or_bad_settings_stop_start_up_naming_them() {
     );
 }
 
+/// Splits a command line as a POSIX shell would, for the quoting the printed commands use
+/// (single quotes); anything else a shell would treat specially fails the test, since the test
+/// could not say what pasting it does.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                word.get_or_insert_default();
+            }
+            c if c.is_whitespace() && !quoted => words.extend(word.take()),
+            '"' | '\\' | '$' | '`' | '|' | ';' | '&' | '<' | '>' | '#' | '*' | '?' if !quoted => {
+                panic!("{c:?} outside single quotes in {line:?}")
+            }
+            c => word.get_or_insert_default().push(c),
+        }
+    }
+    assert!(!quoted, "an unbalanced quote in {line:?}");
+    words.extend(word);
+    words
+}
+
+/// Runs a printed `ccpa-gateway` command as it stands (its own `--addr`, nothing added).
+async fn run_as_printed(args: &[String]) -> Outcome {
+    let output = Command::new(BINARY)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("CCPA_ADDR")
+        .output()
+        .await
+        .unwrap();
+    Outcome {
+        code: output.status.code().expect("exited, not killed"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// What a printed `grpcurl` command does, made over gRPC by the test: grpcurl is not something
+/// the tests can count on, but the call it names (address, method, JSON body) can be checked.
+async fn call_as_grpcurl_would(gateway: SocketAddr, line: &str, args: &[String]) {
+    let mut plaintext = false;
+    let mut body = None;
+    let mut positional = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-plaintext" => plaintext = true,
+            "-d" => {
+                let json = args.next().expect("-d takes a body");
+                body = Some(serde_json::from_str::<Value>(json).unwrap());
+            }
+            flag if flag.starts_with('-') => {
+                panic!("{flag}: a grpcurl flag the test does not know")
+            }
+            _ => positional.push(arg.as_str()),
+        }
+    }
+    assert!(plaintext, "the gateway serves plaintext: {line}");
+    let [addr, method] = positional[..] else {
+        panic!("grpcurl ADDRESS METHOD: {line}");
+    };
+    assert_eq!(addr.parse::<SocketAddr>().unwrap(), gateway, "{line}");
+    let body = body.unwrap_or_else(|| serde_json::json!({}));
+    let fields: Vec<&String> = body.as_object().expect("a JSON object").keys().collect();
+    let text = |name: &str| body[name].as_str().unwrap_or_default().to_owned();
+    let channel = common::connect(gateway).await;
+    match method {
+        "ccpa.v1.CcpaService/GetOptOut" => {
+            assert!(
+                fields
+                    .iter()
+                    .all(|f| ["pkey", "email"].contains(&f.as_str())),
+                "{line}"
+            );
+            let answer = CcpaServiceClient::new(channel)
+                .get_opt_out(GetOptOutRequest {
+                    pkey: text("pkey"),
+                    email: text("email"),
+                })
+                .await
+                .unwrap_or_else(|status| panic!("{line}: {status:?}"))
+                .into_inner();
+            assert_eq!(answer.pkey, text("pkey"), "{line}");
+        }
+        "grpc.health.v1.Health/Check" => {
+            assert!(fields.iter().all(|f| *f == "service"), "{line}");
+            let answer = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: text("service"),
+                })
+                .await
+                .unwrap_or_else(|status| panic!("{line}: {status:?}"))
+                .into_inner();
+            assert_eq!(answer.status, ServingStatus::Serving as i32, "{line}");
+        }
+        other => panic!("{other}: a method the test does not know, in {line}"),
+    }
+}
+
 #[tokio::test]
 async fn serve_with_the_embedded_emulator_prints_commands_that_work() {
     let mut gateway = ServeProcess::start(&["--emulator"], &[]).await;
@@ -795,15 +898,69 @@ async fn serve_with_the_embedded_emulator_prints_commands_that_work() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let command = printed
+    let commands: Vec<&str> = printed
+        .iter()
+        .skip_while(|l| !l.starts_with("Try, from another terminal"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("Stop with"))
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let pkey = commands
         .iter()
         .find(|l| l.contains("get-opt-out"))
-        .expect("a get-opt-out command to paste");
-    let pkey = command.split('\'').nth(1).expect("a quoted key");
+        .and_then(|l| l.split('\'').nth(1))
+        .expect("a get-opt-out command with a quoted key");
 
-    let got = run(gateway.addr, &["get-opt-out", pkey]).await;
-    assert_eq!(got.code, 0, "{}", got.stderr);
-    assert_eq!(got.json()["pkey"], pkey);
+    // Every command printed is run, as pasted: one that fails would fail whoever tries it.
+    let mut ran = Vec::new();
+    for line in &commands {
+        let words = shell_words(line);
+        match words.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+            ["cargo", "run", "--release", "--", subcommand, ..] => {
+                let outcome = run_as_printed(&words[4..]).await;
+                assert_eq!(outcome.code, 0, "{line}: {}", outcome.stderr);
+                let json = outcome.json();
+                match subcommand {
+                    "get-opt-out" => {
+                        assert_eq!(json["pkey"], pkey, "{line}: {json}");
+                        assert!(json["ccpaOptOut"].is_boolean(), "{line}: {json}");
+                    }
+                    "set-opt-out" => {
+                        assert_eq!(json["pkey"], pkey, "{line}: {json}");
+                        assert_eq!(json["ccpaOptOut"], true, "{line}: {json}");
+                        assert_eq!(json["state"], "APPLIED", "{line}: {json}");
+                    }
+                    "create-profile" => {
+                        assert!(
+                            json["pkey"].as_str().unwrap().starts_with('@'),
+                            "{line}: {json}"
+                        );
+                        assert_eq!(json["email"], "someone@example.com", "{line}: {json}");
+                        assert_eq!(json["ccpaOptOut"], true, "{line}: {json}");
+                    }
+                    other => panic!("{other}: a printed command the test does not check"),
+                }
+                ran.push(subcommand.to_owned());
+            }
+            ["grpcurl", ..] => {
+                call_as_grpcurl_would(gateway.addr, line, &words[1..]).await;
+                ran.push(words.last().unwrap().clone());
+            }
+            _ => panic!("a printed command the test does not know: {line}"),
+        }
+    }
+    assert_eq!(
+        ran,
+        [
+            "get-opt-out",
+            "set-opt-out",
+            "create-profile",
+            "ccpa.v1.CcpaService/GetOptOut",
+            "grpc.health.v1.Health/Check"
+        ],
+        "{printed:#?}"
+    );
 
     // Ctrl-C at the terminal: the same orderly stop as SIGTERM.
     gateway.signal(nix::sys::signal::Signal::SIGINT);

@@ -257,9 +257,12 @@ fn print_try_it(emulator: &Emulator, profiles: &[(String, bool)], listen: Socket
     if let Some((pkey, _)) = profiles.first() {
         println!("\nTry, from another terminal:");
         println!("  cargo run --release -- get-opt-out '{pkey}'{addr}");
-        println!("  cargo run --release -- set-opt-out '{pkey}' --opt-out true{addr}");
+        // Every opt-out is recorded with the manner of its request, so --source is required.
         println!(
-            "  cargo run --release -- create-profile --email someone@example.com --opt-out{addr}"
+            "  cargo run --release -- set-opt-out '{pkey}' --opt-out true --source web-form{addr}"
+        );
+        println!(
+            "  cargo run --release -- create-profile --email someone@example.com --opt-out --source email{addr}"
         );
         println!(
             "  grpcurl -plaintext -d '{{\"pkey\":\"{pkey}\"}}' {listen} ccpa.v1.CcpaService/GetOptOut"
