@@ -16,6 +16,7 @@ use ccpa_gateway::proto::ccpa_v1::{
 use ccpa_gateway::server::ServerOptions;
 use common::{Store, acs_config, record, start_gateway_on, until_settled};
 use futures::StreamExt;
+use sha2::Digest;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -657,4 +658,164 @@ async fn the_csv_command_records_a_file_once_however_often_it_runs() {
         lookups, 0,
         "replays call nothing in ACS but the email lookup"
     );
+}
+
+/// Runs `bulk-set-opt-out --file FILE` against the gateway at `addr`.
+async fn bulk_csv(addr: std::net::SocketAddr, file: &std::path::Path) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+        .args(["bulk-set-opt-out", "--file"])
+        .arg(file)
+        .args(["--addr", &format!("http://{addr}")])
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap()
+}
+
+/// The results file of `file`, by line: `[request_id, outcome, code, message]`.
+fn results_by_line(file: &std::path::Path) -> std::collections::BTreeMap<u64, [String; 4]> {
+    let mut path = file.as_os_str().to_owned();
+    path.push(".results.csv");
+    let mut reader = csv::Reader::from_path(path).unwrap();
+    assert_eq!(
+        reader.headers().unwrap(),
+        vec!["line", "request_id", "outcome", "code", "message"]
+    );
+    let mut by_line = std::collections::BTreeMap::new();
+    for record in reader.records() {
+        let record = record.unwrap();
+        let line: u64 = record[0].parse().unwrap();
+        let row = [1, 2, 3, 4].map(|i| record[i].to_owned());
+        assert!(
+            by_line.insert(line, row).is_none(),
+            "line {line} answered twice"
+        );
+    }
+    by_line
+}
+
+#[tokio::test]
+async fn the_csv_command_answers_a_bad_row_alone_at_its_own_line() {
+    let mut gw = gateway(EmulatorConfig::default()).await;
+    let keys: Vec<String> = (0..8)
+        .map(|i| {
+            gw.emulator.insert_profile(NewProfile {
+                // The last row opts back in: its profile starts opted out.
+                ccpa_opt_out: i == 7,
+                ..Default::default()
+            })
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("exported.csv");
+    // A spreadsheet's export: a byte order mark, CRLF line ends, quotes where needed.
+    let mut csv = b"\xEF\xBB\xBFpkey,email,opt_out,source,received_at,request_id\r\n".to_vec();
+    for row in [
+        format!("{},,true,gpc,,\r\n", keys[0]),                  // 2
+        "\r\n".to_owned(),                                       // 3: blank, not a row
+        format!("{},,yes,web-form,,\"csv-row,4\"\r\n", keys[1]), // 4
+        format!("{},,true,phone\r\n", keys[2]),                  // 5: too few fields
+        format!("{},,true,gpc,,,extra\r\n", keys[3]),            // 6: too many
+        "   \r\n".to_owned(),                                    // 7: spaces only
+        format!("{},,maybe,gpc,,\r\n", keys[4]),                 // 8: not a boolean
+    ] {
+        csv.extend_from_slice(row.as_bytes());
+    }
+    csv.extend_from_slice(format!("{},,true,email,,", keys[5]).as_bytes()); // 9: not UTF-8
+    csv.extend_from_slice(b"\xFF\xFE\r\n");
+    for row in [
+        format!("{},,true,\"web\r\nform\",,\r\n", keys[6]), // 10-11: one field, two lines
+        "\r\n".to_owned(),                                  // 12: blank
+        format!("{},,0,internal,2026-01-02T03:04:05Z,\r\n", keys[7]), // 13
+    ] {
+        csv.extend_from_slice(row.as_bytes());
+    }
+    std::fs::write(&file, &csv).unwrap();
+    let digest: String = sha2::Sha256::digest(&csv)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let generated = |line: u64| format!("bulk-{digest}-{line}");
+
+    let output = bulk_csv(gw.addr, &file).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(7), "rows were refused: {stderr}");
+    assert!(stderr.contains("9 rows: "), "{stderr}");
+    assert!(stderr.contains("6 ERROR"), "{stderr}");
+    let results = results_by_line(&file);
+    assert_eq!(
+        results.keys().copied().collect::<Vec<_>>(),
+        [2, 4, 5, 6, 7, 8, 9, 10, 13],
+        "one result per row, at the row's own line: {results:#?}"
+    );
+    for (line, request_id) in [
+        (2, generated(2)),
+        (4, "csv-row,4".into()),
+        (13, generated(13)),
+    ] {
+        let [id, outcome, code, _] = &results[&line];
+        assert_eq!(id, &request_id, "line {line}");
+        assert!(
+            outcome == "APPLIED" || outcome == "PENDING",
+            "line {line}: {outcome}"
+        );
+        assert_eq!(code, "OK", "line {line}");
+    }
+    for (line, problem) in [
+        (5, "the row has 4 fields; the header has 6"),
+        (6, "the row has 7 fields; the header has 6"),
+        (7, "the row is empty"),
+        (8, "opt_out must be true or false"),
+        (9, "the row is not UTF-8"),
+        (10, "source is not one of the known manners of request"),
+    ] {
+        let [id, outcome, code, message] = &results[&line];
+        assert_eq!(id, &generated(line), "line {line}");
+        assert_eq!(
+            [outcome.as_str(), code, message],
+            ["ERROR", "INVALID_ROW", problem],
+            "line {line}"
+        );
+    }
+
+    // The valid rows were applied; the others changed nothing and recorded nothing.
+    until_settled(&mut gw.client).await;
+    for (key, opt_out) in [(&keys[0], true), (&keys[1], true), (&keys[7], false)] {
+        let read = gw
+            .client
+            .get_opt_out(GetOptOutRequest {
+                pkey: key.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(read.ccpa_opt_out, opt_out, "{key}");
+        assert!(!read.change_pending);
+    }
+    for key in &keys[2..7] {
+        assert_eq!(
+            gw.emulator.profile(key).unwrap()["ccpaOptOut"],
+            false,
+            "{key}"
+        );
+    }
+    let recorded = record(&mut gw.client, "csv-row,4").await;
+    assert_eq!(recorded.pkey, keys[1]);
+    assert_eq!(recorded.source, RequestSource::WebForm as i32);
+    let recorded = record(&mut gw.client, &generated(13)).await;
+    assert_eq!(recorded.source, RequestSource::Internal as i32);
+    assert_eq!(recorded.received_at.unwrap().seconds, 1_767_323_045);
+    let listed = gw
+        .client
+        .list_opt_out_records(ListOptOutRecordsRequest {
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(listed.len(), 3, "only the valid rows are recorded");
 }

@@ -15,8 +15,15 @@
 //! Running the same file twice records nothing twice: every row has the same request id each
 //! time, and the ledger answers a replayed id with its first outcome. If the stream breaks, the
 //! rows not yet answered are sent again, the same way.
+//!
+//! One bad row fails alone: a row with more or fewer fields than the header, a blank one (but
+//! for spaces) or one that is not UTF-8 is answered `INVALID_ROW` at its line, and the rest of
+//! the file is sent. Lines are the file's own (1 is the header), counting blank lines and the
+//! lines inside quoted fields; a UTF-8 byte order mark and CRLF line ends are accepted.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -57,13 +64,59 @@ enum Row {
     Invalid { request_id: String, problem: String },
 }
 
-/// Reads one data row (`line` counts the header as line 1).
-fn parse_row(
-    record: &csv::StringRecord,
-    columns: &HashMap<String, usize>,
-    line: u64,
-    digest: &str,
-) -> Row {
+/// The header: each column's index by its name, and how many fields every row must have.
+struct Header {
+    columns: HashMap<String, usize>,
+    width: usize,
+}
+
+/// Opens the file for reading rows. Flexible, because a strict reader stops at the first row
+/// whose length differs from the header's, and one bad row must not stop the file: such a row
+/// is read, and answered INVALID_ROW by `parse_row`.
+fn open(path: &Path) -> csv::Result<csv::Reader<File>> {
+    csv::ReaderBuilder::new().flexible(true).from_path(path)
+}
+
+/// Reads the header (raw bytes, so that a header not in UTF-8 still names what it can).
+fn header(reader: &mut csv::Reader<File>) -> csv::Result<Header> {
+    let names = reader.byte_headers()?;
+    Ok(Header {
+        columns: names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (String::from_utf8_lossy(name).trim().to_ascii_lowercase(), i))
+            .collect(),
+        width: names.len(),
+    })
+}
+
+/// Reads one data row, found at `line` of the file.
+fn parse_row(record: csv::ByteRecord, header: &Header, line: u64, digest: &str) -> Row {
+    let generated = || format!("bulk-{digest}-{line}");
+    // The problems say what is wrong, never what the row holds: it is personal data.
+    if record.iter().all(|field| field.trim_ascii().is_empty()) {
+        return Row::Invalid {
+            request_id: generated(),
+            problem: "the row is empty".into(),
+        };
+    }
+    if record.len() != header.width {
+        return Row::Invalid {
+            request_id: generated(),
+            problem: format!(
+                "the row has {} fields; the header has {}",
+                record.len(),
+                header.width
+            ),
+        };
+    }
+    let Ok(record) = csv::StringRecord::from_byte_record(record) else {
+        return Row::Invalid {
+            request_id: generated(),
+            problem: "the row is not UTF-8".into(),
+        };
+    };
+    let columns = &header.columns;
     let get = |name: &str| {
         columns
             .get(name)
@@ -72,7 +125,7 @@ fn parse_row(
             .unwrap_or("")
     };
     let request_id = match get("request_id") {
-        "" => format!("bulk-{digest}-{line}"),
+        "" => generated(),
         given => given.to_owned(),
     };
     let invalid = |problem: String| Row::Invalid {
@@ -115,9 +168,81 @@ fn digest_of(path: &Path) -> std::io::Result<String> {
     Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
 }
 
+/// Counts the file's lines up to each row. A record's own `position().line()` cannot be used:
+/// it is the line where the reader stopped after the row before, which is not the row's after a
+/// blank line or with CRLF line ends (csv issues 208 and 395). Its byte offset is exact up to
+/// those line ends, which this skips.
+struct LineCounter {
+    bytes: BufReader<File>,
+    offset: u64,
+    line: u64,
+}
+
+impl LineCounter {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            bytes: BufReader::new(File::open(path)?),
+            offset: 0,
+            line: 1,
+        })
+    }
+
+    /// The line of the row whose position is byte `at`: the line of the first byte from `at`
+    /// on that ends no line (a row begins with a field or a quote, never with a line end).
+    /// Rows come in the file's order, so the count goes forward only.
+    fn line_of(&mut self, at: u64) -> std::io::Result<u64> {
+        loop {
+            let buffer = self.bytes.fill_buf()?;
+            if buffer.is_empty() {
+                return Ok(self.line);
+            }
+            let mut used = 0;
+            let mut found = false;
+            for &byte in buffer {
+                if self.offset + used as u64 >= at && byte != b'\r' && byte != b'\n' {
+                    found = true;
+                    break;
+                }
+                if byte == b'\n' {
+                    self.line += 1;
+                }
+                used += 1;
+            }
+            self.bytes.consume(used);
+            self.offset += used as u64;
+            if found {
+                return Ok(self.line);
+            }
+        }
+    }
+}
+
+/// The line each data row starts on, in order: one pass over the file before anything is sent.
+fn row_lines(path: &Path) -> Result<Vec<u64>, String> {
+    let mut reader = open(path).map_err(|e| e.to_string())?;
+    header(&mut reader).map_err(|e| e.to_string())?;
+    let mut counter = LineCounter::open(path).map_err(|e| e.to_string())?;
+    let mut lines: Vec<u64> = Vec::new();
+    for record in reader.byte_records() {
+        let record = record.map_err(|e| e.to_string())?;
+        let line = match record.position() {
+            Some(position) => counter
+                .line_of(position.byte())
+                .map_err(|e| e.to_string())?,
+            // The reader gives every record its position; were it not to, the line after the
+            // last row's is the likeliest.
+            None => lines.last().map_or(2, |last| last + 1),
+        };
+        lines.push(line);
+    }
+    Ok(lines)
+}
+
 /// Where every row stands: answered (with its result written), or not yet.
 struct Progress {
     answered: Vec<bool>,
+    /// The line of each row: as long as `answered`, both being one entry per row.
+    lines: Arc<Vec<u64>>,
     counts: HashMap<String, u64>,
     results: csv::Writer<std::fs::File>,
 }
@@ -128,7 +253,7 @@ impl Progress {
             return;
         }
         *self.counts.entry(outcome.to_owned()).or_default() += 1;
-        let line = (row + 2).to_string();
+        let line = self.lines[row].to_string();
         if let Err(e) =
             self.results
                 .write_record([line.as_str(), request_id, outcome, code, message])
@@ -147,13 +272,14 @@ pub async fn run(args: BulkArgs) -> u8 {
             return exit_codes::USAGE;
         }
     };
-    let rows = match count_rows(&args.file) {
-        Ok(rows) => rows,
+    let lines = match row_lines(&args.file) {
+        Ok(lines) => Arc::new(lines),
         Err(e) => {
             eprintln!("error: --file: {e}");
             return exit_codes::USAGE;
         }
     };
+    let rows = lines.len();
     let results_path = args.results.clone().unwrap_or_else(|| {
         let mut name = args.file.clone().into_os_string();
         name.push(".results.csv");
@@ -179,6 +305,7 @@ pub async fn run(args: BulkArgs) -> u8 {
     };
     let progress = Arc::new(Mutex::new(Progress {
         answered: vec![false; rows],
+        lines: lines.clone(),
         counts: HashMap::new(),
         results,
     }));
@@ -190,7 +317,7 @@ pub async fn run(args: BulkArgs) -> u8 {
 
     let mut attempts = 0;
     let finished = loop {
-        match stream_once(&args, &digest, &caller, &progress, &bar).await {
+        match stream_once(&args, &digest, &lines, &caller, &progress, &bar).await {
             Ok(()) => break true,
             Err(problem) if attempts < args.retries => {
                 attempts += 1;
@@ -242,21 +369,12 @@ pub async fn run(args: BulkArgs) -> u8 {
     }
 }
 
-fn count_rows(path: &Path) -> Result<usize, String> {
-    let mut reader = csv::Reader::from_path(path).map_err(|e| e.to_string())?;
-    let mut rows = 0;
-    for record in reader.records() {
-        record.map_err(|e| format!("line {}: {e}", rows + 2))?;
-        rows += 1;
-    }
-    Ok(rows)
-}
-
 /// One stream: sends every row not yet answered, records the answers. `Err` when the stream
 /// broke (the caller resumes).
 async fn stream_once(
     args: &BulkArgs,
     digest: &str,
+    lines: &Arc<Vec<u64>>,
     caller: &MetadataValue<tonic::metadata::Ascii>,
     progress: &Arc<Mutex<Progress>>,
     bar: &indicatif::ProgressBar,
@@ -273,20 +391,18 @@ async fn stream_once(
     let sent_rows: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(Vec::new()));
     let file = args.file.clone();
     let digest = digest.to_owned();
+    let lines = lines.clone();
     let reader_progress = progress.clone();
     let reader_sent = sent_rows.clone();
     let reader_bar = bar.clone();
     let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let mut reader = csv::Reader::from_path(&file).map_err(|e| e.to_string())?;
-        let columns: HashMap<String, usize> = reader
-            .headers()
-            .map_err(|e| e.to_string())?
-            .iter()
-            .enumerate()
-            .map(|(i, name)| (name.trim().to_ascii_lowercase(), i))
-            .collect();
-        for (row, record) in reader.records().enumerate() {
+        let mut reader = open(&file).map_err(|e| e.to_string())?;
+        let header = header(&mut reader).map_err(|e| e.to_string())?;
+        for (row, record) in reader.byte_records().enumerate() {
             let record = record.map_err(|e| e.to_string())?;
+            let Some(&line) = lines.get(row) else {
+                return Err("the file grew while it was being sent".into());
+            };
             let already = reader_progress
                 .lock()
                 .map(|p| p.answered[row])
@@ -294,7 +410,7 @@ async fn stream_once(
             if already {
                 continue;
             }
-            match parse_row(&record, &columns, row as u64 + 2, &digest) {
+            match parse_row(record, &header, line, &digest) {
                 Row::Invalid {
                     request_id,
                     problem,
