@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
+use acs_emulator::{Emulator, EmulatorConfig, Fault, FaultSettings, NewProfile};
 use acs_profile_client::{CallSettings, ClientConfig, ThrottleSettings};
 use ccpa_gateway::ledger::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
@@ -818,4 +818,55 @@ async fn the_csv_command_answers_a_bad_row_alone_at_its_own_line() {
         .into_inner()
         .records;
     assert_eq!(listed.len(), 3, "only the valid rows are recorded");
+}
+
+#[tokio::test]
+async fn the_csv_command_exits_7_when_a_row_failed() {
+    let mut gw = gateway(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // Refused: no profile has the address (NOT_FOUND, answered with an error).
+    let unknown = dir.path().join("unknown.csv");
+    std::fs::write(
+        &unknown,
+        "email,opt_out,source\nnobody@example.com,true,email\n",
+    )
+    .unwrap();
+    let output = bulk_csv(gw.addr, &unknown).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(7), "{stderr}");
+    let [_, outcome, code, _] = &results_by_line(&unknown)[&2];
+    assert_eq!([outcome.as_str(), code], ["ERROR", "NOT_FOUND"]);
+
+    // Failed: by email, the one profile's delivery fails for good (ACS no longer has it). The
+    // answer carries no error, only its state, FAILED.
+    let pkey = gw.emulator.insert_profile(NewProfile {
+        email: "ada@example.com".into(),
+        ..Default::default()
+    });
+    let failing = dir.path().join("failing.csv");
+    std::fs::write(
+        &failing,
+        "email,opt_out,source,request_id\nada@example.com,true,email,failing-1\n",
+    )
+    .unwrap();
+    // The lookup goes through; the PATCH after it is answered 404.
+    gw.emulator.inject(Fault::Delay(Duration::ZERO));
+    gw.emulator.inject(Fault::json(
+        404,
+        serde_json::json!({"code": 404, "message": "RST-360011 An error has occurred"}),
+    ));
+    let output = bulk_csv(gw.addr, &failing).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let [id, outcome, _, _] = &results_by_line(&failing)[&2];
+    assert_eq!([id.as_str(), outcome], ["failing-1", "FAILED"], "{stderr}");
+    assert_eq!(
+        output.status.code(),
+        Some(7),
+        "a FAILED row fails: {stderr}"
+    );
+    assert!(stderr.contains("1 FAILED"), "{stderr}");
+    let child = record(&mut gw.client, "failing-1:1").await;
+    assert_eq!(child.pkey, pkey);
+    assert_eq!(child.state, DeliveryState::Failed as i32);
 }

@@ -359,7 +359,12 @@ pub async fn run(args: BulkArgs) -> u8 {
         },
         results_path.display()
     );
-    let failed = progress.counts.keys().any(|outcome| outcome == "ERROR");
+    // A row the gateway answered FAILED (a request by email whose profiles' deliveries failed
+    // comes back so, without an error) failed as surely as one refused.
+    let failed = progress
+        .counts
+        .keys()
+        .any(|outcome| outcome == "ERROR" || outcome == "FAILED");
     if !finished {
         exit_codes::UNAVAILABLE
     } else if failed {
