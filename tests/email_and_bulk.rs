@@ -1,4 +1,4 @@
-//! Opt-outs by email (every page, whole address, any case, duplicates, create_if_missing) and in
+//! Opt-outs by email (every page, whole address, spellings, duplicates, create_if_missing) and in
 //! bulk (the stream, a cut stream resumed, the CSV command).
 
 mod common;

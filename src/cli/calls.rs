@@ -33,7 +33,7 @@ pub struct Connection {
 pub struct Profiles {
     /// The profile's ACS primary key (`@...`).
     pkey: Option<String>,
-    /// Instead of a key: every profile with this email address (any case).
+    /// Instead of a key: every profile with this email address (whole, ignoring case).
     #[arg(long)]
     email: Option<String>,
 }
