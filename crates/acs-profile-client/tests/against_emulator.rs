@@ -574,3 +574,23 @@ async fn a_next_link_to_another_origin_is_not_followed() {
         "the address is not quoted: {message}"
     );
 }
+
+/// ACS writes empty strings for missing values, in fields the spec would otherwise type as
+/// numbers (`age` of a profile without a birth date): the profile must still read.
+#[test]
+fn a_profile_with_empty_strings_for_missing_values_reads() {
+    for age in [json!(""), json!(0), json!(42)] {
+        let profile: types::Profile = serde_json::from_value(json!({
+            "PKey": "@abc",
+            "email": "",
+            "birthDate": "",
+            "age": age,
+            "gender": "unknown",
+            "ccpaOptOut": true,
+            "ccpaOptOutLastModified": "",
+            "someFieldAddedLater": {"x": 1}
+        }))
+        .unwrap();
+        assert_eq!(profile.ccpa_opt_out, Some(true));
+    }
+}
