@@ -250,8 +250,16 @@ async fn refused_client_credentials_never_cause_a_storm_of_token_requests() {
     });
     for call in futures::future::join_all(calls).await {
         let status = call.unwrap().unwrap_err();
+        // tonic's client enforces the deadline too, as CANCELLED "Timeout expired" (a transport
+        // error): with fifty calls and the other tests of this file sharing two cores, the
+        // gateway's DEADLINE_EXCEEDED (sent 20 ms early) can still be in transit then. What this
+        // test is about is below: the token requests. (Deadline precision is tested on its own.)
+        let client_side_deadline = status.code() == Code::Cancelled
+            && std::error::Error::source(&status)
+                .is_some_and(|source| format!("{source:?}").contains("TimeoutExpired"));
         assert!(
-            matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+            client_side_deadline
+                || matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
             "{status:?}"
         );
     }
