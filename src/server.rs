@@ -82,6 +82,9 @@ pub enum ServeError {
     /// The reflection service refused the descriptor sets compiled into the binary.
     #[error("server reflection could not be set up: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The ledger cannot be served by this gateway (another serves its SQLite file).
+    #[error("{0}")]
+    Ledger(#[from] crate::ledger::LedgerError),
 }
 
 /// Serves the gateway, calling ACS through `acs` and recording opt-out requests in `ledger`, on
@@ -93,6 +96,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     options: ServerOptions,
 ) -> Result<(), ServeError> {
+    // Held until the server returns: one gateway per SQLite ledger.
+    let _exclusive = ledger.hold_exclusively()?;
     let reporter = HealthReporter::new();
     let health = GatewayHealth::new(reporter.clone()).await;
     let stop_probing = CancellationToken::new();

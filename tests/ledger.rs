@@ -1090,3 +1090,88 @@ async fn a_newer_request_waits_while_an_older_one_may_still_be_on_its_way_to_acs
     until_state(&mut gw.client, "in-flight-1", DeliveryState::Superseded).await;
     assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
 }
+
+/// A SQLite ledger is for one gateway: a second one on the same file refuses to start, naming
+/// the way to run several.
+#[tokio::test]
+async fn a_second_gateway_on_one_sqlite_ledger_refuses_to_start() {
+    let store = Store::sqlite();
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let (_, _channel, _stop, _server) =
+        start_gateway_on(acs_config(&emulator), store.open().await, quick_delivery()).await;
+    let second = ccpa_gateway::server::serve(
+        acs_profile_client::Client::from_config(acs_config(&emulator)).unwrap(),
+        store.open().await,
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        std::future::pending(),
+        quick_delivery(),
+    );
+    let refused = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("the second gateway stops at once")
+        .unwrap_err();
+    let message = refused.to_string();
+    assert!(message.contains("already serves"), "{message}");
+    assert!(message.contains("PostgreSQL"), "{message}");
+}
+
+on_both_stores!(requests_left_pending_by_an_earlier_run_are_protective_from_the_start);
+
+/// A gateway starting on a ledger that holds pending requests gives the protective answer for
+/// their profiles from its first call, before and after its deliverer's first round.
+async fn requests_left_pending_by_an_earlier_run_are_protective_from_the_start(store: Store) {
+    use ccpa_gateway::ledger::{Kind, NewRequest, Recorded, Source};
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let pkey = emulator.insert_profile(NewProfile::default());
+    let other = emulator.insert_profile(NewProfile::default());
+    {
+        let earlier_run = store.open().await;
+        // The earlier run holds the profile's lease (as a gateway that died mid-attempt would,
+        // until it lapses): the request stays pending here while ACS works.
+        let lease = ccpa_gateway::ledger::Claim::new(60_000);
+        let (recorded, claimed) = earlier_run
+            .record(
+                &NewRequest {
+                    request_id: "left-pending".into(),
+                    kind: Kind::SetOptOut,
+                    pkey: Some(pkey.clone()),
+                    opt_out: true,
+                    source: Source::WebForm,
+                    received_at: None,
+                    caller: "test".into(),
+                    first_attempt_window_ms: 0,
+                    parent_request_id: None,
+                    fingerprint: None,
+                },
+                Some(&lease),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(recorded, Recorded::New(_)) && claimed);
+    }
+    let (_, channel, _stop, _server) =
+        start_gateway_on(acs_config(&emulator), store.open().await, quick_delivery()).await;
+    let mut client = CcpaServiceClient::new(channel);
+    for round in 0..2 {
+        let read = client
+            .get_opt_out(GetOptOutRequest {
+                pkey: pkey.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(read.ccpa_opt_out && read.change_pending, "round {round}");
+        let unrelated = client
+            .get_opt_out(GetOptOutRequest {
+                pkey: other.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!unrelated.ccpa_opt_out && !unrelated.change_pending);
+        // After a few of the deliverer's rounds (each refreshes what may be pending).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// Calls in flight at once, instead of the scenario's own value.
     #[arg(long)]
     concurrency: Option<usize>,
+    /// The share of SetOptOut calls (0 to 1), instead of the scenario's own value: `fanout
+    /// --set-share 0` shows what the durable writes of its SetOptOuts cost.
+    #[arg(long, value_parser = share)]
+    set_share: Option<f64>,
     /// Items in the `bulk` scenario's stream (default 100,000, 5,000 with --quick).
     #[arg(long)]
     items: Option<usize>,
@@ -195,6 +199,9 @@ pub async fn run(args: BenchArgs) -> u8 {
         }
         if let Some(concurrency) = args.concurrency {
             scenario.concurrency = concurrency;
+        }
+        if let Some(set_share) = args.set_share {
+            scenario.set_share = set_share;
         }
         if !args.json {
             eprintln!(
@@ -482,6 +489,13 @@ async fn create_profiles(
 }
 
 /// Which profile, and whether to set, for call `n` of worker `worker`.
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err("a share from 0 to 1".to_owned()),
+    }
+}
+
 fn pick(profiles: &[String], worker: usize, n: u64, set_share: f64) -> (String, bool) {
     // A fixed spread: every worker walks the profiles from its own offset, and sets on a fixed
     // share of its calls, so both runs make the same mix.

@@ -274,6 +274,7 @@ impl Delivery {
                 "requests interrupted by a stop, which cannot be completed later, are FAILED"
             );
         }
+        self.ledger.refresh_pending_hint().await?;
         let due = self.ledger.due_profiles(now_ms(), 256).await?;
         futures::stream::iter(due)
             .for_each_concurrent(16, |pkey| async move {
