@@ -42,10 +42,10 @@ pub struct BenchArgs {
     /// Print one JSON object with the figures instead of a table.
     #[arg(long)]
     json: bool,
-    /// Measured time of each phase (default 15 s, 4 s with --quick).
+    /// Measured time of each phase (default 15 s, 3 s with --quick).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
-    /// Unmeasured warm-up before each phase (default 3 s, 1 s with --quick).
+    /// Unmeasured warm-up before each phase (default 3 s, 0.5 s with --quick).
     #[arg(long, value_parser = humantime::parse_duration)]
     warmup: Option<Duration>,
     /// Log filter of the gateway: `info` (a line per call, as in production) or `warn` (to see
@@ -63,7 +63,7 @@ pub struct BenchArgs {
     /// --set-share 0` shows what the durable writes of its SetOptOuts cost.
     #[arg(long, value_parser = share)]
     set_share: Option<f64>,
-    /// Items in the `bulk` scenario's stream (default 100,000, 5,000 with --quick).
+    /// Items in the `bulk` scenario's stream (default 100,000, 2,000 with --quick).
     #[arg(long)]
     items: Option<usize>,
     /// Worker threads of the gateway (the load generator and the emulator have one each).
@@ -168,8 +168,9 @@ const STREAMS_PER_CONNECTION: usize = 100;
 
 /// Runs the benchmark and prints the report.
 pub async fn run(args: BenchArgs) -> u8 {
+    // Quick: under a minute in all, set-up (processes, 512 profiles per scenario) included.
     let (default_warmup, default_duration) = if args.quick {
-        (Duration::from_secs(1), Duration::from_secs(4))
+        (Duration::from_millis(500), Duration::from_secs(3))
     } else {
         (Duration::from_secs(3), Duration::from_secs(15))
     };
@@ -233,7 +234,7 @@ pub async fn run(args: BenchArgs) -> u8 {
     if matches!(args.scenario, ScenarioChoice::All | ScenarioChoice::Bulk) {
         let items = args
             .items
-            .unwrap_or(if args.quick { 5_000 } else { 100_000 });
+            .unwrap_or(if args.quick { 2_000 } else { 100_000 });
         if !args.json {
             eprintln!("running bulk ({items} items in one stream) ...");
         }

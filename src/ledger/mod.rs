@@ -186,11 +186,6 @@ pub struct Ledger {
     /// The SQLite file, if that is what it is.
     file: Option<PathBuf>,
     pending: Arc<PendingHint>,
-    /// One permit per reader connection. Callers wait here, in a fair queue that wakes one
-    /// waiter per release, rather than in sqlx's pool: with a thousand reads waiting for four
-    /// connections, the pool's wake-ups cost more CPU than the queries (fanout benchmark:
-    /// ~850 µs of gateway CPU per call).
-    read_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Which profiles may have a pending request, so that the protective read can skip its query
@@ -270,9 +265,6 @@ pub struct ExclusiveHold {
     _lock: Option<std::fs::File>,
 }
 
-/// Reads at once: the SQLite reader pool's size (PostgreSQL's pool is larger).
-const READ_SLOTS: usize = 4;
-
 /// A pool of `max_connections` to `url`, each set up for durability.
 async fn connect(
     url: &str,
@@ -345,7 +337,6 @@ impl Ledger {
                     backend,
                     file: None,
                     pending: Arc::new(PendingHint::new()),
-                    read_slots: Arc::new(tokio::sync::Semaphore::new(READ_SLOTS)),
                 }
             }
             // Each connection to an in-memory database sees a database of its own: one
@@ -358,21 +349,19 @@ impl Ledger {
                     backend,
                     file: None,
                     pending: Arc::new(PendingHint::new()),
-                    read_slots: Arc::new(tokio::sync::Semaphore::new(READ_SLOTS)),
                 }
             }
             // SQLite has one writer at a time: writers queue for a single connection (in order,
             // without SQLite's busy-wait), while readers use others beside it (WAL).
             (Backend::Sqlite, _) => {
                 let writer = connect(&url, backend, 1).await?;
-                let reader = connect(&url, backend, READ_SLOTS as u32).await?;
+                let reader = connect(&url, backend, 4).await?;
                 Self {
                     reader,
                     writer,
                     backend,
                     file: Some(PathBuf::from(location)),
                     pending: Arc::new(PendingHint::new()),
-                    read_slots: Arc::new(tokio::sync::Semaphore::new(READ_SLOTS)),
                 }
             }
         };
@@ -598,11 +587,6 @@ impl Ledger {
         if !self.pending.maybe_pending(pkey) {
             return Ok(None);
         }
-        let _slot = self
-            .read_slots
-            .acquire()
-            .await
-            .map_err(|_| LedgerError::Corrupt("the ledger's read slots were closed".into()))?;
         let value: Option<i64> = sqlx::query_scalar(
             "SELECT opt_out FROM opt_out_records WHERE pkey = $1 AND state = 'PENDING' \
              ORDER BY received_at DESC, recorded_at DESC LIMIT 1",
