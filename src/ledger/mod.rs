@@ -415,7 +415,7 @@ impl Ledger {
     }
 
     /// Brings the hint of which profiles may have a pending request down to those that do (see
-    /// [`PendingHint`]). The deliverer calls it on each round.
+    /// `PendingHint`). The deliverer calls it on each round.
     pub async fn refresh_pending_hint(&self) -> Result<(), LedgerError> {
         if !self.pending.trusted.load(Ordering::SeqCst) {
             return Ok(());
