@@ -826,3 +826,39 @@ async fn a_token_is_refreshed_in_the_background_before_it_expires() {
         .unwrap();
     assert_eq!(emulator.ims_request_count(), 2);
 }
+
+/// The other side of the rule above: a creation whose connection could not even be made never
+/// reached ACS, so it is retried, and the profile is created once.
+#[tokio::test]
+async fn a_creation_is_retried_when_acs_could_not_be_reached() {
+    // An address where nothing listens yet: connections are refused.
+    let gone = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let config = acs_config(&gone);
+    let addr = gone.addr();
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (mut client, _gateway) = gateway(config).await;
+
+    let creation = tokio::spawn(async move {
+        client
+            .create_profile(with_deadline(
+                CreateProfileRequest {
+                    email: "late@example.com".into(),
+                    ..Default::default()
+                },
+                Duration::from_secs(5),
+            ))
+            .await
+    });
+    // ACS comes up while the gateway backs off between attempts: after the first (made at
+    // once), before the later ones (full jitter from 100 ms doubling: three retries all land in
+    // the first 40 ms about once in a thousand runs).
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let emulator = Emulator::bind(addr, EmulatorConfig::default())
+        .await
+        .unwrap();
+    let created = creation.await.unwrap().unwrap().into_inner();
+    assert!(!created.profile.unwrap().pkey.is_empty());
+    assert_eq!(emulator.profile_count(), 1, "created once");
+    assert_eq!(emulator.request_count(), 1, "one POST reached ACS");
+}
