@@ -9,7 +9,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
@@ -34,12 +34,21 @@ struct StreamLog {
     started: Instant,
     items: AtomicU64,
     failed: AtomicU64,
+    /// Every item was answered and the caller's stream ended cleanly.
+    finished: AtomicBool,
 }
 
 impl Drop for StreamLog {
     fn drop(&mut self) {
+        // Dropped before its end: the caller went away or its stream broke.
+        let code = if self.finished.load(Ordering::Relaxed) {
+            Code::Ok
+        } else {
+            Code::Cancelled
+        };
         tracing::info!(
             rpc = "BulkSetOptOut",
+            code = ?code,
             items = self.items.load(Ordering::Relaxed),
             failed_items = self.failed.load(Ordering::Relaxed),
             latency_ms = self.started.elapsed().as_secs_f64() * 1000.0,
@@ -90,12 +99,21 @@ impl CcpaApi {
             started: Instant::now(),
             items: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
         });
+        let broken = Arc::new(AtomicBool::new(false));
+        let seen_broken = broken.clone();
+        let end = log.clone();
         let api = self.clone();
         let metadata = Arc::new(metadata);
         let answers = items
             // A broken inbound stream ends the work: nothing after it is read.
-            .take_while(|item| futures::future::ready(item.is_ok()))
+            .take_while(move |item| {
+                if item.is_err() {
+                    seen_broken.store(true, Ordering::Relaxed);
+                }
+                futures::future::ready(item.is_ok())
+            })
             .filter_map(|item| futures::future::ready(item.ok()))
             .enumerate()
             .map(move |(index, item)| {
@@ -122,6 +140,13 @@ impl CcpaApi {
                 }
             })
             .buffer_unordered(BULK_CONCURRENCY);
+        let answers = answers.chain(futures::stream::poll_fn(move |_| {
+            // Reached once every answer is out.
+            if !broken.load(Ordering::Relaxed) {
+                end.finished.store(true, Ordering::Relaxed);
+            }
+            std::task::Poll::Ready(None)
+        }));
         Box::pin(answers)
     }
 
