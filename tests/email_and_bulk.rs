@@ -387,10 +387,18 @@ async fn a_bulk_stream_answers_each_item_and_one_bad_item_fails_alone() {
     let mut gw = gateway(EmulatorConfig::default()).await;
     let mut items = Vec::new();
     let mut keys = Vec::new();
+    let mut unknown = Vec::new();
     for i in 0..300 {
         if i % 50 == 7 {
             items.push(item("not-a-key", &format!("bulk-bad-{i}")));
             keys.push(None);
+        } else if i % 50 == 23 {
+            // Well formed, but ACS has no such profile (any more): it fails at ACS, alone.
+            let pkey = gw.emulator.insert_profile(NewProfile::default());
+            assert!(gw.emulator.remove_profile(&pkey));
+            items.push(item(&pkey, &format!("bulk-gone-{i}")));
+            keys.push(None);
+            unknown.push(i);
         } else {
             let pkey = gw.emulator.insert_profile(NewProfile::default());
             items.push(item(&pkey, &format!("bulk-{i}")));
@@ -407,6 +415,11 @@ async fn a_bulk_stream_answers_each_item_and_one_bad_item_fails_alone() {
             "one answer per item"
         );
         match &keys[index] {
+            None if unknown.contains(&index) => {
+                let error = answer.error.unwrap();
+                assert_eq!(error.code, "NOT_FOUND", "{error:?}");
+                assert_eq!(answer.request_id, format!("bulk-gone-{index}"));
+            }
             None => {
                 let error = answer.error.unwrap();
                 assert_eq!(error.code, "INVALID_ARGUMENT");
@@ -441,6 +454,13 @@ async fn a_bulk_stream_answers_each_item_and_one_bad_item_fails_alone() {
         .into_inner()
         .records;
     assert_eq!(recorded.len(), 294, "bad items record nothing");
+    for index in unknown {
+        let failed = recorded
+            .iter()
+            .find(|r| r.request_id == format!("bulk-gone-{index}"))
+            .unwrap();
+        assert_eq!(failed.state, DeliveryState::Failed as i32, "{failed:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
