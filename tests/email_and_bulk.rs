@@ -878,8 +878,9 @@ async fn the_csv_command_exits_7_when_a_row_failed() {
     ));
     let output = bulk_csv(gw.addr, &failing).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let [id, outcome, _, _] = &results_by_line(&failing)[&2];
+    let [id, outcome, _, message] = &results_by_line(&failing)[&2];
     assert_eq!([id.as_str(), outcome], ["failing-1", "FAILED"], "{stderr}");
+    assert_eq!(message, "failed for the records failing-1:1", "{stderr}");
     assert_eq!(
         output.status.code(),
         Some(7),

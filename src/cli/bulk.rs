@@ -37,7 +37,7 @@ use tonic::metadata::MetadataValue;
 
 use super::calls::{Connection, SourceArg, connect, state_name, timestamp};
 use super::exit_codes;
-use crate::proto::ccpa_v1::{BulkSetOptOutRequest, SetOptOutRequest};
+use crate::proto::ccpa_v1::{BulkSetOptOutRequest, DeliveryState, SetOptOutRequest};
 
 /// Arguments of `bulk-set-opt-out`.
 #[derive(Args)]
@@ -474,7 +474,28 @@ async fn stream_once(
                     };
                     p.answer(row, &answer.request_id, "ERROR", &error.code, &message);
                 }
-                None => p.answer(row, &answer.request_id, state_name(answer.state), "OK", ""),
+                None => {
+                    // The call worked (code OK) but the request may not have: say which of its
+                    // profiles' records did not (by their ids: no key, no address).
+                    let failed: Vec<&str> = answer
+                        .profiles
+                        .iter()
+                        .filter(|p| p.state == DeliveryState::Failed as i32)
+                        .map(|p| p.request_id.as_str())
+                        .collect();
+                    let message = if failed.is_empty() {
+                        String::new()
+                    } else {
+                        format!("failed for the records {}", failed.join(" "))
+                    };
+                    p.answer(
+                        row,
+                        &answer.request_id,
+                        state_name(answer.state),
+                        "OK",
+                        &message,
+                    );
+                }
             }
         }
         bar.inc(1);
