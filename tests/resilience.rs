@@ -862,3 +862,69 @@ async fn a_creation_is_retried_when_acs_could_not_be_reached() {
     assert_eq!(emulator.profile_count(), 1, "created once");
     assert_eq!(emulator.request_count(), 1, "one POST reached ACS");
 }
+
+/// A call waiting in the throttle's queue waits only within its deadline: when that passes it
+/// is answered DEADLINE_EXCEEDED promptly, and never sent.
+#[tokio::test]
+async fn a_call_queued_behind_the_throttle_ends_at_its_deadline() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    emulator.set_faults(FaultSettings {
+        latency: Duration::from_secs(2),
+        ..Default::default()
+    });
+    let (client, _gateway) = gateway(ClientConfig {
+        call: CallSettings {
+            throttle: ThrottleSettings {
+                max_rps: NonZeroU32::new(1_000).unwrap(),
+                max_in_flight: 1,
+                max_queued: 10,
+            },
+            ..Default::default()
+        },
+        ..acs_config(&emulator)
+    })
+    .await;
+
+    // The first call holds the one slot toward ACS for two seconds.
+    let mut first = client.clone();
+    let first_pkey = pkey.clone();
+    let holder = tokio::spawn(async move {
+        first
+            .get_opt_out(with_deadline(
+                GetOptOutRequest {
+                    pkey: first_pkey,
+                    ..Default::default()
+                },
+                Duration::from_secs(5),
+            ))
+            .await
+    });
+    while emulator.active_requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let deadline = Duration::from_millis(300);
+    let started = Instant::now();
+    let status = client
+        .clone()
+        .get_opt_out(with_deadline(
+            GetOptOutRequest {
+                pkey,
+                ..Default::default()
+            },
+            deadline,
+        ))
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        took < deadline + Duration::from_millis(50),
+        "answered {took:?} after a {deadline:?} deadline"
+    );
+    assert_eq!(
+        emulator.request_count(),
+        1,
+        "the queued call was never sent"
+    );
+    assert!(holder.await.unwrap().is_ok());
+}
