@@ -14,7 +14,7 @@ use ccpa_gateway::proto::ccpa_v1::{
     ListOptOutRecordsRequest, RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{Store, acs_config, record, start_gateway_on, until_settled};
+use common::{Store, acs_config, opt_out_of, record, start_gateway_on, until_settled};
 use futures::StreamExt;
 use sha2::Digest;
 use tokio::sync::{mpsc, oneshot};
@@ -802,15 +802,7 @@ async fn the_csv_command_answers_a_bad_row_alone_at_its_own_line() {
     // The valid rows were applied; the others changed nothing and recorded nothing.
     until_settled(&mut gw.client).await;
     for (key, opt_out) in [(&keys[0], true), (&keys[1], true), (&keys[7], false)] {
-        let read = gw
-            .client
-            .get_opt_out(GetOptOutRequest {
-                pkey: key.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let read = opt_out_of(&mut gw.client, key).await;
         assert_eq!(read.ccpa_opt_out, opt_out, "{key}");
         assert!(!read.change_pending);
     }

@@ -15,7 +15,7 @@ use ccpa_gateway::proto::ccpa_v1::{
     RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{Store, acs_config, record, start_gateway_on};
+use common::{Store, acs_config, opt_out_of, record, start_gateway_on};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -235,15 +235,7 @@ async fn acs_down_answers_pending_and_the_deliverer_applies_it_later(store: Stor
     assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
 
     // While pending, and with ACS down, reads give the protective answer.
-    let read = gw
-        .client
-        .get_opt_out(GetOptOutRequest {
-            pkey: pkey.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let read = opt_out_of(&mut gw.client, &pkey).await;
     assert!(read.ccpa_opt_out && read.change_pending);
 
     let pending = record(&mut gw.client, "down-1").await;
@@ -309,15 +301,7 @@ async fn a_pending_opt_in_does_not_turn_the_answer_to_false(store: Store) {
     );
     gw.emulator.set_faults(FaultSettings::default());
     // ACS holds true until the opt-in reaches it: the answer stays true, pending.
-    let read = gw
-        .client
-        .get_opt_out(GetOptOutRequest {
-            pkey: pkey.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let read = opt_out_of(&mut gw.client, &pkey).await;
     assert!(read.ccpa_opt_out && read.change_pending, "{read:?}");
     ledger.release(&pkey, &lease).await.unwrap();
     until_state(&mut gw.client, "opt-in-1", DeliveryState::Applied).await;
@@ -1153,23 +1137,9 @@ async fn requests_left_pending_by_an_earlier_run_are_protective_from_the_start(s
         start_gateway_on(acs_config(&emulator), store.open().await, quick_delivery()).await;
     let mut client = CcpaServiceClient::new(channel);
     for round in 0..2 {
-        let read = client
-            .get_opt_out(GetOptOutRequest {
-                pkey: pkey.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let read = opt_out_of(&mut client, &pkey).await;
         assert!(read.ccpa_opt_out && read.change_pending, "round {round}");
-        let unrelated = client
-            .get_opt_out(GetOptOutRequest {
-                pkey: other.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let unrelated = opt_out_of(&mut client, &other).await;
         assert!(!unrelated.ccpa_opt_out && !unrelated.change_pending);
         // After a few of the deliverer's rounds (each refreshes what may be pending).
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -45,11 +45,16 @@ fn oauth_config(emulator: &Emulator) -> ClientConfig {
 
 /// Limits high enough to stay out of the way.
 fn unthrottled() -> CallSettings {
+    throttled(100_000, 2_000, 100_000)
+}
+
+/// The call rules with these throttle limits toward ACS.
+fn throttled(max_rps: u32, max_in_flight: usize, max_queued: usize) -> CallSettings {
     CallSettings {
         throttle: ThrottleSettings {
-            max_rps: NonZeroU32::new(100_000).unwrap(),
-            max_in_flight: 2_000,
-            max_queued: 100_000,
+            max_rps: NonZeroU32::new(max_rps).unwrap(),
+            max_in_flight,
+            max_queued,
         },
         ..Default::default()
     }
@@ -433,14 +438,7 @@ async fn the_throttle_holds_the_rate_and_the_concurrency() {
         ..Default::default()
     });
     let (client, _gateway) = gateway(ClientConfig {
-        call: CallSettings {
-            throttle: ThrottleSettings {
-                max_rps: NonZeroU32::new(20).unwrap(),
-                max_in_flight: 3,
-                max_queued: 1_000,
-            },
-            ..Default::default()
-        },
+        call: throttled(20, 3, 1_000),
         ..acs_config(&emulator)
     })
     .await;
@@ -492,14 +490,7 @@ async fn past_the_queue_bound_calls_fail_at_once_with_resource_exhausted() {
         ..Default::default()
     });
     let (client, _gateway) = gateway(ClientConfig {
-        call: CallSettings {
-            throttle: ThrottleSettings {
-                max_rps: NonZeroU32::new(1_000).unwrap(),
-                max_in_flight: 1,
-                max_queued: 3,
-            },
-            ..Default::default()
-        },
+        call: throttled(1_000, 1, 3),
         ..acs_config(&emulator)
     })
     .await;
@@ -873,14 +864,7 @@ async fn a_call_queued_behind_the_throttle_ends_at_its_deadline() {
         ..Default::default()
     });
     let (client, _gateway) = gateway(ClientConfig {
-        call: CallSettings {
-            throttle: ThrottleSettings {
-                max_rps: NonZeroU32::new(1_000).unwrap(),
-                max_in_flight: 1,
-                max_queued: 10,
-            },
-            ..Default::default()
-        },
+        call: throttled(1_000, 1, 10),
         ..acs_config(&emulator)
     })
     .await;

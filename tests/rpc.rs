@@ -7,7 +7,7 @@ use ccpa_gateway::proto::ccpa_v1::{
     CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::Harness;
+use common::{Harness, opt_out_of};
 use serde_json::Value;
 
 #[tokio::test]
@@ -17,14 +17,7 @@ async fn get_opt_out_answers_what_acs_holds() {
     let opted_in = harness.profile(false);
     let mut client = harness.client();
 
-    let answer = client
-        .get_opt_out(GetOptOutRequest {
-            pkey: opted_out.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let answer = opt_out_of(&mut client, &opted_out).await;
     assert_eq!(answer.pkey, opted_out);
     assert!(answer.ccpa_opt_out);
     let changed_at = answer
@@ -36,14 +29,7 @@ async fn get_opt_out_answers_what_acs_holds() {
         acs_seconds(&stored["ccpaOptOutLastModified"])
     );
 
-    let answer = client
-        .get_opt_out(GetOptOutRequest {
-            pkey: opted_in,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let answer = opt_out_of(&mut client, &opted_in).await;
     assert!(!answer.ccpa_opt_out);
     assert_eq!(answer.ccpa_opt_out_last_modified, None, "never changed");
 }
@@ -207,14 +193,7 @@ async fn create_profile_creates_it_in_acs() {
     assert_eq!(stored["ccpaOptOut"], true);
 
     // The new key works for the other calls.
-    let answer = client
-        .get_opt_out(GetOptOutRequest {
-            pkey: created.pkey.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let answer = opt_out_of(&mut client, &created.pkey).await;
     assert!(answer.ccpa_opt_out);
 }
 

@@ -34,6 +34,8 @@ struct StreamLog {
     started: Instant,
     items: AtomicU64,
     failed: AtomicU64,
+    /// The caller's stream broke (its items ended with an error).
+    broken: AtomicBool,
     /// Every item was answered and the caller's stream ended cleanly.
     finished: AtomicBool,
 }
@@ -99,10 +101,10 @@ impl CcpaApi {
             started: Instant::now(),
             items: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            broken: AtomicBool::new(false),
             finished: AtomicBool::new(false),
         });
-        let broken = Arc::new(AtomicBool::new(false));
-        let seen_broken = broken.clone();
+        let seen_broken = log.clone();
         let end = log.clone();
         let api = self.clone();
         let metadata = Arc::new(metadata);
@@ -110,7 +112,7 @@ impl CcpaApi {
             // A broken inbound stream ends the work: nothing after it is read.
             .take_while(move |item| {
                 if item.is_err() {
-                    seen_broken.store(true, Ordering::Relaxed);
+                    seen_broken.broken.store(true, Ordering::Relaxed);
                 }
                 futures::future::ready(item.is_ok())
             })
@@ -142,7 +144,7 @@ impl CcpaApi {
             .buffer_unordered(BULK_CONCURRENCY);
         let answers = answers.chain(futures::stream::poll_fn(move |_| {
             // Reached once every answer is out.
-            if !broken.load(Ordering::Relaxed) {
+            if !end.broken.load(Ordering::Relaxed) {
                 end.finished.store(true, Ordering::Relaxed);
             }
             std::task::Poll::Ready(None)

@@ -208,13 +208,10 @@ fn mapping(failure: &Failure) -> Mapping {
 /// sent to ACS either: durability comes first, and the caller retries.
 pub fn ledger_status(rpc: &str, error: &LedgerError) -> Status {
     tracing::error!(rpc, error = %error, "the ledger failed");
-    let mut details =
-        ErrorDetails::with_error_info("LEDGER_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
-    details.set_retry_info(Some(DEFAULT_RETRY_DELAY));
-    Status::with_error_details(
+    gateway_status(
         Code::Unavailable,
+        "LEDGER_UNAVAILABLE",
         "the opt-out ledger is unavailable; nothing was sent to Adobe Campaign; retry",
-        details,
     )
 }
 

@@ -339,6 +339,21 @@ pub async fn until_settled(client: &mut CcpaServiceClient<Channel>) {
 }
 
 /// One record of the ledger, by request id; it must exist.
+/// GetOptOut by key, which must succeed.
+pub async fn opt_out_of(
+    client: &mut CcpaServiceClient<Channel>,
+    pkey: &str,
+) -> ccpa_gateway::proto::ccpa_v1::GetOptOutResponse {
+    client
+        .get_opt_out(ccpa_gateway::proto::ccpa_v1::GetOptOutRequest {
+            pkey: pkey.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 pub async fn record(
     client: &mut CcpaServiceClient<Channel>,
     request_id: &str,
