@@ -416,8 +416,12 @@ async fn a_bulk_stream_answers_each_item_and_one_bad_item_fails_alone() {
         );
         match &keys[index] {
             None if unknown.contains(&index) => {
-                let error = answer.error.unwrap();
-                assert_eq!(error.code, "NOT_FOUND", "{error:?}");
+                // NOT_FOUND in the call, or, if ACS did not answer within the item's attempt
+                // (a busy machine), PENDING: the deliverer then records it FAILED (below).
+                match answer.error {
+                    Some(error) => assert_eq!(error.code, "NOT_FOUND", "{error:?}"),
+                    None => assert_eq!(answer.state, DeliveryState::Pending as i32),
+                }
                 assert_eq!(answer.request_id, format!("bulk-gone-{index}"));
             }
             None => {
