@@ -67,6 +67,17 @@ async fn gateway(acs: ClientConfig) -> (CcpaServiceClient<Channel>, oneshot::Sen
     (CcpaServiceClient::new(channel), stop)
 }
 
+/// DEADLINE_EXCEEDED from the gateway, or tonic's own client-side expiry of the same deadline
+/// (CANCELLED "Timeout expired", a transport error): with the other tests of this file sharing
+/// two cores, the gateway's answer (sent 20 ms early) can still be in transit at the deadline.
+/// For tests about something other than deadline precision, which has tests of its own.
+fn past_deadline(status: &tonic::Status) -> bool {
+    status.code() == Code::DeadlineExceeded
+        || (status.code() == Code::Cancelled
+            && std::error::Error::source(status)
+                .is_some_and(|source| format!("{source:?}").contains("TimeoutExpired")))
+}
+
 fn with_deadline<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(timeout);
@@ -255,16 +266,9 @@ async fn refused_client_credentials_never_cause_a_storm_of_token_requests() {
     });
     for call in futures::future::join_all(calls).await {
         let status = call.unwrap().unwrap_err();
-        // tonic's client enforces the deadline too, as CANCELLED "Timeout expired" (a transport
-        // error): with fifty calls and the other tests of this file sharing two cores, the
-        // gateway's DEADLINE_EXCEEDED (sent 20 ms early) can still be in transit then. What this
-        // test is about is below: the token requests. (Deadline precision is tested on its own.)
-        let client_side_deadline = status.code() == Code::Cancelled
-            && std::error::Error::source(&status)
-                .is_some_and(|source| format!("{source:?}").contains("TimeoutExpired"));
+        // What this test is about is below: the token requests.
         assert!(
-            client_side_deadline
-                || matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+            past_deadline(&status) || status.code() == Code::Unavailable,
             "{status:?}"
         );
     }
@@ -711,12 +715,13 @@ async fn the_retry_budget_stops_a_retry_storm_when_acs_is_down() {
 #[tokio::test]
 async fn retry_after_as_an_http_date_is_honoured() {
     let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
+    // The date is taken once the gateway is up, so that starting it cannot eat into the wait.
     let in_two_seconds = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(2));
     emulator.inject(
         Fault::json(429, serde_json::json!({"message": "Too many requests"}))
             .with_header("Retry-After", &in_two_seconds),
     );
-    let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
     client
         .get_opt_out(with_deadline(
             GetOptOutRequest {
@@ -750,7 +755,7 @@ async fn a_slow_token_request_outlives_the_caller_that_started_it() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert!(past_deadline(&status), "{status:?}");
 
     // The token request went on without its caller; the next caller gets its token.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
@@ -799,8 +804,9 @@ async fn a_token_is_refreshed_in_the_background_before_it_expires() {
             })
             .await
             .unwrap();
+        // Not waiting for the 300 ms token request; the margin is for this busy machine.
         assert!(
-            started.elapsed() < Duration::from_millis(100),
+            started.elapsed() < Duration::from_millis(250),
             "{:?}",
             started.elapsed()
         );
