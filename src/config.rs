@@ -14,8 +14,10 @@ use acs_profile_client::{
 use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::access::tls::{ServerTls, TlsFiles};
+use crate::access::{AccessControl, IdentityMode, PolicySource};
 use crate::ledger::delivery::DeliverySettings;
-use crate::server::{ServerOptions, ShutdownOptions};
+use crate::server::{Boundary, ConnectionLimits, ServerOptions, ShutdownOptions};
 
 /// Settings of `ccpa-gateway serve`.
 #[derive(Args, Clone)]
@@ -61,12 +63,211 @@ pub struct ServeSettings {
     /// Limits on the calls made to Adobe Campaign.
     #[command(flatten, next_help_heading = "Calls to Adobe Campaign")]
     pub calls: CallLimits,
+
+    /// Who may call, and how much.
+    #[command(
+        flatten,
+        next_help_heading = "Callers: TLS, identity, policy and limits"
+    )]
+    pub callers: CallerSettings,
+}
+
+/// Who may connect and call the gateway, and the limits that keep one caller from starving
+/// the rest. See the README's "Security" section.
+#[derive(Args, Clone)]
+pub struct CallerSettings {
+    /// The server's certificate chain (PEM): serve TLS. Reloaded when the file changes.
+    #[arg(long, env = "CCPA_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The server's private key (PEM). Reloaded when the file changes.
+    #[arg(long, env = "CCPA_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA that client certificates must chain to (PEM): mutual TLS. A connection without a
+    /// certificate may call grpc.health.v1.Health only. Reloaded when the file changes.
+    #[arg(long, env = "CCPA_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Also serve grpc.health.v1.Health alone, in plaintext, on this address: for the
+    /// kubelet's native gRPC probes, which speak no TLS. Nothing else answers there.
+    #[arg(long, env = "CCPA_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
+    /// How callers are identified: `mtls` (the client certificate's URI SAN, else its first DNS
+    /// SAN; the default with --tls-client-ca), `header:NAME` (a service mesh's header, such as
+    /// header:l5d-client-id or header:x-forwarded-client-cert; the port must then be reachable
+    /// only through the mesh), or `self-declared` (x-ccpa-caller; loopback or --emulator only;
+    /// the default otherwise).
+    #[arg(long, env = "CCPA_CALLER_IDENTITY")]
+    pub caller_identity: Option<IdentityMode>,
+
+    /// The authorization policy (TOML): which caller may do what, and how often. Required with
+    /// mtls and header: identities; reloaded when the file changes.
+    #[arg(long, env = "CCPA_AUTHZ_POLICY")]
+    pub authz_policy: Option<PathBuf>,
+
+    /// Calls in progress at once on one connection.
+    #[arg(long, env = "CCPA_MAX_CONCURRENT_STREAMS", default_value = "200",
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrent_streams: u32,
+
+    /// Time between HTTP/2 keepalive pings on a connection.
+    #[arg(long, env = "CCPA_HTTP2_KEEPALIVE_INTERVAL", default_value = "60s",
+          value_parser = duration_within(Duration::from_secs(1), DAY))]
+    pub http2_keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "CCPA_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s",
+          value_parser = duration_within(Duration::from_secs(1), Duration::from_secs(3600)))]
+    pub http2_keepalive_timeout: Duration,
+
+    /// Age at which a connection is asked to go away, so that callers reconnect and spread
+    /// across replicas behind a load balancer.
+    #[arg(long, env = "CCPA_MAX_CONNECTION_AGE", default_value = "5min",
+          value_parser = duration_within(Duration::from_secs(1), DAY))]
+    pub max_connection_age: Duration,
+
+    /// How long the calls of a connection past its age may still take before it is closed
+    /// (a long bulk stream is cut then; `bulk-set-opt-out` resumes it).
+    #[arg(long, env = "CCPA_MAX_CONNECTION_AGE_GRACE", default_value = "5min",
+          value_parser = duration_within(Duration::from_secs(1), DAY))]
+    pub max_connection_age_grace: Duration,
+
+    /// A lookup by email that matches more profiles is refused (FAILED_PRECONDITION,
+    /// TOO_MANY_PROFILES), and nothing is recorded for them.
+    #[arg(long, env = "CCPA_MAX_PROFILES_PER_EMAIL", default_value = "100",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_profiles_per_email: u32,
+}
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// A parser of durations from `min` to `max`, both included.
+fn duration_within(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |text| {
+        let value = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+        if value < min || value > max {
+            return Err(format!(
+                "must be from {} to {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ));
+        }
+        Ok(value)
+    }
+}
+
+const TLS_FILES: &str =
+    "--tls-cert (CCPA_TLS_CERT), --tls-key (CCPA_TLS_KEY) or --tls-client-ca (CCPA_TLS_CLIENT_CA)";
+const CALLER_IDENTITY: &str = "--caller-identity (CCPA_CALLER_IDENTITY)";
+const AUTHZ_POLICY: &str = "--authz-policy (CCPA_AUTHZ_POLICY)";
+const LISTEN: &str = "--listen (CCPA_LISTEN)";
+
+impl CallerSettings {
+    /// TLS and access control, checked together: an unsafe combination stops start-up.
+    /// `listen` is the gRPC address; `emulator` whether the gateway runs on its emulator.
+    pub fn boundary(&self, listen: SocketAddr, emulator: bool) -> Result<Boundary, SettingError> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let files = TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: self.tls_client_ca.clone(),
+                };
+                Some(Arc::new(ServerTls::open(&files).map_err(|problem| {
+                    SettingError {
+                        setting: TLS_FILES,
+                        problem,
+                    }
+                })?))
+            }
+            // clap requires the pair; this is only reached when one is given empty.
+            (None, None) => None,
+            _ => {
+                return Err(SettingError {
+                    setting: TLS_FILES,
+                    problem: "--tls-cert and --tls-key go together".into(),
+                });
+            }
+        };
+        let mode = self.caller_identity.clone().unwrap_or_else(|| {
+            if self.tls_client_ca.is_some() {
+                IdentityMode::Mtls
+            } else {
+                IdentityMode::SelfDeclared
+            }
+        });
+        match &mode {
+            IdentityMode::Mtls if self.tls_client_ca.is_none() => {
+                return Err(SettingError {
+                    setting: CALLER_IDENTITY,
+                    problem: "mtls needs client certificates: set --tls-cert, --tls-key and \
+                              --tls-client-ca (CCPA_TLS_CLIENT_CA)"
+                        .into(),
+                });
+            }
+            IdentityMode::SelfDeclared if !(emulator || listen.ip().is_loopback()) => {
+                return Err(SettingError {
+                    setting: LISTEN,
+                    problem: format!(
+                        "{listen} is not a loopback address, and callers would only declare who \
+                         they are: serve mutual TLS (--tls-cert, --tls-key, --tls-client-ca) or \
+                         take the identity from a service mesh (--caller-identity header:NAME), \
+                         with --authz-policy"
+                    ),
+                });
+            }
+            IdentityMode::SelfDeclared if self.authz_policy.is_some() => {
+                return Err(SettingError {
+                    setting: AUTHZ_POLICY,
+                    problem: "has no effect with self-declared callers (everything is allowed): \
+                              use --caller-identity mtls or header:NAME"
+                        .into(),
+                });
+            }
+            _ => {}
+        }
+        let policy = match (&mode, &self.authz_policy) {
+            (IdentityMode::SelfDeclared, _) => None,
+            (_, None) => {
+                return Err(SettingError {
+                    setting: AUTHZ_POLICY,
+                    problem: format!("is required with --caller-identity {mode}"),
+                });
+            }
+            (_, Some(path)) => Some(Arc::new(PolicySource::open(path.clone()).map_err(
+                |problem| SettingError {
+                    setting: AUTHZ_POLICY,
+                    problem,
+                },
+            )?)),
+        };
+        Ok(Boundary {
+            tls,
+            access: AccessControl { mode, policy },
+        })
+    }
+
+    /// The limits on each connection.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_concurrent_streams: self.max_concurrent_streams,
+            keepalive_interval: self.http2_keepalive_interval,
+            keepalive_timeout: self.http2_keepalive_timeout,
+            max_connection_age: self.max_connection_age,
+            max_connection_age_grace: self.max_connection_age_grace,
+        }
+    }
 }
 
 impl ServeSettings {
-    /// How the server runs and shuts down.
-    pub fn server_options(&self) -> ServerOptions {
-        ServerOptions {
+    /// How the server runs and shuts down, who may call it, and its limits.
+    pub fn server_options(&self) -> Result<ServerOptions, SettingError> {
+        Ok(ServerOptions {
             health_probe_interval: self.health_probe_interval,
             shutdown: ShutdownOptions {
                 drain_delay: self.drain_delay,
@@ -81,7 +282,11 @@ impl ServeSettings {
                 retention: self.ledger.retention,
                 ..DeliverySettings::default()
             },
-        }
+            boundary: self.callers.boundary(self.listen, self.emulator)?,
+            connections: self.callers.connection_limits(),
+            max_profiles_per_email: usize::try_from(self.callers.max_profiles_per_email)
+                .unwrap_or(usize::MAX),
+        })
     }
 
     /// The ledger's location: the setting, else an in-memory ledger with `--emulator` (a demo
@@ -96,6 +301,10 @@ impl ServeSettings {
 
     /// The ACS client these settings describe.
     pub fn client(&self) -> Result<Client, SettingError> {
+        require_https(&self.acs.acs_base_url, BASE_URL)?;
+        if self.acs.acs_access_token.is_none() {
+            require_https(&self.ims.ims_url, IMS_URL)?;
+        }
         let (tokens, client_id) = self.token_source()?;
         let api_key = self
             .acs
@@ -321,6 +530,25 @@ const CREDENTIALS: &str = "credentials";
 const IMS_URL: &str = "--ims-url (CCPA_IMS_URL)";
 const IMS_CLIENT_ID: &str = "--ims-client-id (CCPA_IMS_CLIENT_ID)";
 const IMS_CLIENT_SECRET: &str = "--ims-client-secret (CCPA_IMS_CLIENT_SECRET) or --ims-client-secret-file (CCPA_IMS_CLIENT_SECRET_FILE)";
+
+/// Refuses a URL that would carry tokens and personal data in clear: `https://` only, except
+/// to a loopback address (the emulator).
+fn require_https(text: &str, setting: &'static str) -> Result<(), SettingError> {
+    let url = url::Url::parse(text).map_err(|e| SettingError {
+        setting,
+        problem: format!("not a URL: {e}"),
+    })?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if crate::access::is_loopback(&url) => Ok(()),
+        _ => Err(SettingError {
+            setting,
+            problem: "must be an https:// URL (plain http:// is allowed to a loopback address \
+                      only, such as the emulator's)"
+                .into(),
+        }),
+    }
+}
 
 fn required<T>(value: Option<T>, setting: &'static str) -> Result<T, SettingError> {
     value.ok_or(SettingError {

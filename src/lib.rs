@@ -3,6 +3,7 @@
 //! creates profiles, through the generated client in `crates/acs-profile-client`.
 //!
 //! - [`proto`]: the wire contract, generated from `proto/ccpa/v1/ccpa.proto`.
+//! - [`access`]: the trust boundary: TLS, caller identity, the policy, per-caller rates.
 //! - [`api`]: the service, its input checks, and the one mapping of upstream failures to gRPC.
 //! - [`server`]: the server with health, reflection and orderly shutdown.
 //! - [`health`]: what the health service reports, and the probe that restores it.
@@ -13,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod api;
 pub mod bench;
 pub mod cli;

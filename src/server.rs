@@ -1,5 +1,7 @@
 //! The gRPC server: the CCPA service, `grpc.health.v1` (see [`crate::health`]), server
-//! reflection, and an orderly shutdown.
+//! reflection, behind the trust boundary ([`crate::access`]), with connection limits and an
+//! orderly shutdown. Health can also be served alone, in plaintext, on a listener of its own for
+//! the kubelet's native gRPC probes.
 //!
 //! Shutdown runs in this order: both readiness entries (`""` and `ccpa.v1.CcpaService`) turn
 //! NOT_SERVING and health watchers are told so; after `drain_delay` (time for load balancers to
@@ -24,6 +26,9 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use acs_profile_client::Client;
 
+use crate::access::AccessControl;
+use crate::access::gate::GateLayer;
+use crate::access::tls::ServerTls;
 use crate::api::CcpaApi;
 use crate::health::GatewayHealth;
 use crate::ledger::Ledger;
@@ -33,8 +38,17 @@ use crate::proto::ccpa_v1::ccpa_service_server::CcpaServiceServer;
 /// The name health checks use for the CCPA service: `ccpa.v1.CcpaService`.
 pub const CCPA_SERVICE_NAME: &str = <CcpaServiceServer<CcpaApi> as NamedService>::NAME;
 
+/// Largest request message accepted: every request is a few hundred bytes (a bulk item is one
+/// message).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest response message sent: a page of 1,000 records, or the profiles of one email
+/// (`--max-profiles-per-email`), fit well within it.
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+/// Largest header block accepted on a call (an Istio `x-forwarded-client-cert` included).
+pub const MAX_HEADER_LIST_BYTES: u32 = 32 * 1024;
+
 /// How the server runs and shuts down.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct ServerOptions {
     /// How often ACS is probed while it refuses the gateway's credentials.
     pub health_probe_interval: Duration,
@@ -42,6 +56,12 @@ pub struct ServerOptions {
     pub shutdown: ShutdownOptions,
     /// How recorded requests are delivered.
     pub delivery: DeliverySettings,
+    /// TLS, caller identity and policy.
+    pub boundary: Boundary,
+    /// Limits on each connection.
+    pub connections: ConnectionLimits,
+    /// A lookup by email that matches more profiles is refused (TOO_MANY_PROFILES).
+    pub max_profiles_per_email: usize,
 }
 
 impl Default for ServerOptions {
@@ -50,7 +70,72 @@ impl Default for ServerOptions {
             health_probe_interval: Duration::from_secs(10),
             shutdown: ShutdownOptions::default(),
             delivery: DeliverySettings::default(),
+            boundary: Boundary::default(),
+            connections: ConnectionLimits::default(),
+            max_profiles_per_email: 100,
         }
+    }
+}
+
+/// Who may connect and call: TLS (with its files reloaded on change) and access control.
+/// The default, plaintext with self-declared callers, is for loopback listeners only; the
+/// settings (`crate::config`) refuse it anywhere else.
+#[derive(Clone)]
+pub struct Boundary {
+    /// TLS on the gRPC listener.
+    pub tls: Option<Arc<ServerTls>>,
+    /// How callers are identified and what they may do.
+    pub access: AccessControl,
+}
+
+impl Default for Boundary {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            access: AccessControl::self_declared(),
+        }
+    }
+}
+
+/// Limits on each connection, so that one caller cannot starve the rest.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Calls in progress at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Time between HTTP/2 pings on an idle connection (a dead peer is found and dropped).
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+    /// Age at which a connection is asked to go away (GOAWAY), so that clients reconnect and
+    /// spread across replicas behind a load balancer.
+    pub max_connection_age: Duration,
+    /// How long calls in progress on such a connection may still take before it is closed.
+    pub max_connection_age_grace: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 200,
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            max_connection_age: Duration::from_secs(5 * 60),
+            max_connection_age_grace: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// Where the server listens: the gRPC listener, and optionally one for health alone.
+pub struct Listeners {
+    /// Every service, behind the gate (TLS when configured).
+    pub grpc: TcpListener,
+    /// `grpc.health.v1.Health` alone, in plaintext, for probes (`--health-listen`).
+    pub health: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(grpc: TcpListener) -> Self {
+        Self { grpc, health: None }
     }
 }
 
@@ -85,17 +170,25 @@ pub enum ServeError {
     /// The ledger cannot be served by this gateway (another serves its SQLite file).
     #[error("{0}")]
     Ledger(#[from] crate::ledger::LedgerError),
+    /// The health listener failed.
+    #[error("the health listener failed: {0}")]
+    HealthListener(tonic::transport::Error),
 }
 
 /// Serves the gateway, calling ACS through `acs` and recording opt-out requests in `ledger`, on
-/// `listener` until `shutdown` completes, then shuts down in order. The deliverer runs alongside.
+/// `listeners` until `shutdown` completes, then shuts down in order. The deliverer runs
+/// alongside.
 pub async fn serve(
     acs: Client,
     ledger: Ledger,
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     shutdown: impl Future<Output = ()>,
     options: ServerOptions,
 ) -> Result<(), ServeError> {
+    let Listeners {
+        grpc: listener,
+        health: health_listener,
+    } = listeners.into();
     // Held until the server returns: one gateway per SQLite ledger.
     let _exclusive = ledger.hold_exclusively()?;
     let reporter = HealthReporter::new();
@@ -116,7 +209,24 @@ pub async fn serve(
     let stop_delivering = CancellationToken::new();
     let _stop_delivering_on_return = stop_delivering.clone().drop_guard();
     let deliverer = tokio::spawn(delivery.clone().run(stop_delivering.clone()));
-    let api = CcpaApi::new(acs, health.clone(), delivery);
+    let api = CcpaApi::new(
+        acs,
+        health.clone(),
+        delivery,
+        options.max_profiles_per_email,
+    );
+    let stop_watching = CancellationToken::new();
+    let _stop_watching_on_return = stop_watching.clone().drop_guard();
+    if let Some(tls) = &options.boundary.tls {
+        tokio::spawn(tls.watch(stop_watching.clone()));
+    }
+    if let Some(policy) = options.boundary.access.policy.clone() {
+        let stop = stop_watching.clone();
+        tokio::spawn(async move { policy.watch(stop).await });
+    }
+    let limits = options.connections;
+    let tls = options.boundary.tls.clone();
+    let gate = GateLayer::new(options.boundary.access.clone());
     let options = options.shutdown;
     let watches_end = CancellationToken::new();
     let health_service = HealthServer::new(EndingWatches {
@@ -134,12 +244,33 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let stop_accepting = CancellationToken::new();
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = Server::builder()
+    let _stop_accepting_on_return = stop_accepting.clone().drop_guard();
+    if let Some(listener) = health_listener {
+        // Probes only: any other service there is UNIMPLEMENTED (tonic's answer for a service
+        // it does not route).
+        let probes = Server::builder()
+            .add_service(health_service.clone())
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stop_accepting.clone().cancelled_owned(),
+            );
+        tokio::spawn(async move {
+            if let Err(e) = probes.await {
+                tracing::error!(error = %ServeError::HealthListener(e), "health listener stopped");
+            }
+        });
+    }
+    let incoming = crate::access::tls::incoming(listener, tls, stop_accepting.clone());
+    let server = with_limits(Server::builder(), &limits)
+        .layer(gate)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(CcpaServiceServer::new(api))
+        .add_service(
+            CcpaServiceServer::new(api)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
     tokio::pin!(server);
 
@@ -178,6 +309,16 @@ pub async fn serve(
     }
     tracing::info!("shut down");
     Ok(())
+}
+
+fn with_limits(builder: Server, limits: &ConnectionLimits) -> Server {
+    builder
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .max_connection_age(limits.max_connection_age)
+        .max_connection_age_grace(limits.max_connection_age_grace)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
 }
 
 /// The health service, with one change: `Watch` streams end once shutdown has begun.

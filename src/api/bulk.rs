@@ -18,8 +18,9 @@ use tonic::{Code, Status, Streaming};
 use tonic_types::StatusExt;
 
 use super::opt_out::SetRequest;
-use super::service::{CcpaApi, to_completion};
+use super::service::{CcpaApi, authorize_change, to_completion};
 use super::validation::Violations;
+use crate::access::Caller;
 use crate::proto::ccpa_v1::{BulkSetOptOutRequest, BulkSetOptOutResponse, ItemError};
 
 /// Items in progress at once in one stream: enough to keep the throttle toward ACS busy, few
@@ -94,6 +95,7 @@ impl CcpaApi {
     /// The answers to a stream of items.
     pub(super) fn bulk(
         &self,
+        caller: Caller,
         metadata: MetadataMap,
         items: Streaming<BulkSetOptOutRequest>,
     ) -> BulkStream {
@@ -108,6 +110,7 @@ impl CcpaApi {
         let end = log.clone();
         let api = self.clone();
         let metadata = Arc::new(metadata);
+        let caller = Arc::new(caller);
         let answers = items
             // A broken inbound stream ends the work: nothing after it is read.
             .take_while(move |item| {
@@ -121,10 +124,11 @@ impl CcpaApi {
             .map(move |(index, item)| {
                 let api = api.clone();
                 let metadata = metadata.clone();
+                let caller = caller.clone();
                 let log = log.clone();
                 async move {
                     let work = async move {
-                        Ok::<_, Status>(api.bulk_item(index as u64, item, &metadata).await)
+                        Ok::<_, Status>(api.bulk_item(index as u64, item, &caller, &metadata).await)
                     };
                     let answer = match to_completion(work).await {
                         Ok(answer) => answer,
@@ -156,6 +160,7 @@ impl CcpaApi {
         &self,
         index: u64,
         item: BulkSetOptOutRequest,
+        caller: &Caller,
         metadata: &MetadataMap,
     ) -> BulkSetOptOutResponse {
         let failed = |request_id: String, status: &Status| BulkSetOptOutResponse {
@@ -175,7 +180,11 @@ impl CcpaApi {
             return failed(String::new(), &status);
         };
         let given_id = request.request_id.clone();
-        let parsed = match SetRequest::parse(request, metadata) {
+        // A denied item is that item's answer; the stream goes on.
+        if let Err(status) = authorize_change("BulkSetOptOut", caller, request.ccpa_opt_out) {
+            return failed(given_id, &status);
+        }
+        let parsed = match SetRequest::parse(request, caller, metadata) {
             Ok(parsed) => parsed,
             Err(status) => return failed(given_id, &status),
         };

@@ -21,6 +21,20 @@
 //! | the ledger's database failed (nothing sent to ACS)   | UNAVAILABLE        | `LEDGER_UNAVAILABLE`       |
 //! | a replayed request id whose request FAILED           | as the first time  | `REQUEST_FAILED`           |
 //!
+//! The gateway's own trust boundary (`crate::access`) answers, before anything is recorded or
+//! sent to ACS:
+//!
+//! | the caller                                           | gRPC code          | `ErrorInfo.reason`         |
+//! |------------------------------------------------------|--------------------|----------------------------|
+//! | has no identity (no client certificate, no header)   | UNAUTHENTICATED    | `CALLER_UNAUTHENTICATED`   |
+//! | lacks the permission the call needs                  | PERMISSION_DENIED  | `CALLER_NOT_ALLOWED`       |
+//! | is over its `max_rps`                                | RESOURCE_EXHAUSTED | `CALLER_RATE_LIMITED`      |
+//! | asked by an email that more profiles have than allowed | FAILED_PRECONDITION | `TOO_MANY_PROFILES`     |
+//!
+//! `CALLER_NOT_ALLOWED` names the missing permission in its metadata (`permission`), so the
+//! owner of the caller knows what to ask the policy's owners for. `CALLER_RATE_LIMITED`'s
+//! RetryInfo is when the caller's budget allows its next call.
+//!
 //! UNAVAILABLE and RESOURCE_EXHAUSTED also carry a `google.rpc.RetryInfo`: the delay ACS asked
 //! for in `Retry-After` when it did, else [`DEFAULT_RETRY_DELAY`].
 //!
@@ -51,6 +65,7 @@ use std::time::Duration;
 
 use acs_profile_client::{ApiError, CallError, Failure, retry_after};
 
+use crate::access::Permission;
 use crate::ledger::{LedgerError, Record};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -215,6 +230,46 @@ pub fn ledger_status(rpc: &str, error: &LedgerError) -> Status {
     )
 }
 
+/// A call without an identity that can be trusted (see `crate::access::identity`).
+pub fn unauthenticated(message: &str) -> Status {
+    gateway_status(Code::Unauthenticated, "CALLER_UNAUTHENTICATED", message)
+}
+
+/// A call its caller is not allowed to make: the policy does not grant it `permission`.
+pub fn caller_not_allowed(permission: Permission) -> Status {
+    let metadata = HashMap::from([("permission".to_owned(), permission.as_str().to_owned())]);
+    let details = ErrorDetails::with_error_info("CALLER_NOT_ALLOWED", ERROR_DOMAIN, metadata);
+    Status::with_error_details(
+        Code::PermissionDenied,
+        format!("the gateway's policy does not allow this caller \"{permission}\""),
+        details,
+    )
+}
+
+/// A call beyond its caller's `max_rps`; `wait` is when the next would be admitted.
+pub fn caller_rate_limited(wait: Duration) -> Status {
+    let mut details =
+        ErrorDetails::with_error_info("CALLER_RATE_LIMITED", ERROR_DOMAIN, HashMap::new());
+    details.set_retry_info(Some(wait.max(Duration::from_millis(1))));
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        "this caller is over the calls per second its policy allows; retry after the delay given",
+        details,
+    )
+}
+
+/// A lookup by email that matched more profiles than `--max-profiles-per-email`.
+pub fn too_many_profiles(max: usize) -> Status {
+    gateway_status(
+        Code::FailedPrecondition,
+        "TOO_MANY_PROFILES",
+        &format!(
+            "more than {max} profiles have this email address; nothing was changed (ask by key, \
+             or raise --max-profiles-per-email)"
+        ),
+    )
+}
+
 /// A status the gateway decides itself (not an upstream failure's: see [`upstream_status`]),
 /// with its `ErrorInfo` reason, and a `RetryInfo` when the caller should retry. Like every
 /// message here, `message` names no personal data.
@@ -234,6 +289,7 @@ pub fn replayed_failure(record: &Record) -> Status {
         Some("ALREADY_EXISTS") => Code::AlreadyExists,
         Some("INTERNAL") => Code::Internal,
         Some("DEADLINE_EXCEEDED") => Code::DeadlineExceeded,
+        Some("FAILED_PRECONDITION") => Code::FailedPrecondition,
         _ => Code::Unavailable,
     };
     let metadata = HashMap::from([("request_id".to_owned(), record.request_id.clone())]);

@@ -2,17 +2,20 @@
 //! write.
 
 use acs_profile_client::types;
-use futures::future::join_all;
+use futures::{StreamExt, stream};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
 use super::convert::delivery_state;
 use super::error_mapping::{
     UpstreamError, code_name, failure_reason, gateway_status, ledger_status, replayed_failure,
-    upstream_status,
+    too_many_profiles, upstream_status,
 };
-use super::service::{CcpaApi, Deadline, OptOutState, caller_of, upstream};
+use super::service::{
+    CcpaApi, Deadline, EMAIL_PROFILE_CONCURRENCY, OptOutState, recorded_caller, upstream,
+};
 use super::validation::{RESERVED_REQUEST_ID_SEPARATOR, Violations, request_id_conflict};
+use crate::access::Caller;
 use crate::ledger::delivery::Attempt;
 use crate::ledger::{
     Kind, NewRequest, Outcome, Record, Recorded, Source, State, fingerprint, now_ms,
@@ -58,7 +61,11 @@ fn check_target(violations: &mut Violations, pkey: &str, email: &str) {
 
 impl SetRequest {
     /// Validates a SetOptOut; every problem is reported at once.
-    pub(super) fn parse(request: SetOptOutRequest, metadata: &MetadataMap) -> Result<Self, Status> {
+    pub(super) fn parse(
+        request: SetOptOutRequest,
+        caller: &Caller,
+        metadata: &MetadataMap,
+    ) -> Result<Self, Status> {
         let mut violations = Violations::default();
         check_target(&mut violations, &request.pkey, &request.email);
         if request.create_if_missing && request.email.is_empty() {
@@ -73,7 +80,7 @@ impl SetRequest {
         violations.source_fits("source", source, request.ccpa_opt_out);
         let received_at =
             violations.received_at("received_at", request.received_at.as_ref(), now_ms());
-        let caller = caller_of(metadata, &mut violations);
+        let caller = recorded_caller(caller, metadata, &mut violations);
         violations.into_result()?;
         let Some(source) = source else {
             unreachable!("a missing source is a violation, returned just above");
@@ -188,10 +195,15 @@ impl CcpaApi {
                     "no profile has this email address",
                 ));
             }
-            let reads = found
-                .iter()
-                .map(|profile| self.found_profile_opt_out(profile));
-            join_all(reads)
+            if found.len() > self.max_profiles_per_email {
+                return Err(too_many_profiles(self.max_profiles_per_email));
+            }
+            // By index: a closure over `&Profile` would be higher-ranked, which the async
+            // trait's `Send` bound cannot see through.
+            stream::iter(0..found.len())
+                .map(|n| self.found_profile_opt_out(&found[n]))
+                .buffered(EMAIL_PROFILE_CONCURRENCY)
+                .collect::<Vec<_>>()
                 .await
                 .into_iter()
                 .collect::<Result<_, _>>()?
@@ -264,10 +276,11 @@ impl CcpaApi {
     pub(super) async fn set(
         &self,
         request: SetOptOutRequest,
+        caller: &Caller,
         metadata: &MetadataMap,
         deadline: Deadline,
     ) -> Result<SetOptOutResponse, Status> {
-        let request = SetRequest::parse(request, metadata)?;
+        let request = SetRequest::parse(request, caller, metadata)?;
         self.set_parsed(&request, deadline).await
     }
 
@@ -489,6 +502,17 @@ impl CcpaApi {
             return self.create_for_email(request, email, deadline).await;
         }
 
+        if found.len() > self.max_profiles_per_email {
+            self.fail_parent(
+                &request.request_id,
+                "more profiles have this email address than --max-profiles-per-email allows; \
+                 nothing was changed",
+                code_name(Code::FailedPrecondition),
+            )
+            .await?;
+            return Err(too_many_profiles(self.max_profiles_per_email));
+        }
+
         let mut parts = Vec::with_capacity(found.len());
         for (n, profile) in found.into_iter().enumerate() {
             let Some(pkey) = profile.p_key else {
@@ -514,11 +538,14 @@ impl CcpaApi {
             );
             parts.push(child);
         }
-        let applied = join_all(parts.into_iter().map(|child| async move {
-            let pkey = child.pkey.clone().unwrap_or_default();
-            (pkey, self.record_and_apply(child, deadline).await)
-        }))
-        .await;
+        let applied: Vec<_> = stream::iter(parts)
+            .map(|child| async move {
+                let pkey = child.pkey.clone().unwrap_or_default();
+                (pkey, self.record_and_apply(child, deadline).await)
+            })
+            .buffered(EMAIL_PROFILE_CONCURRENCY)
+            .collect()
+            .await;
 
         let mut profiles = Vec::with_capacity(applied.len());
         let mut unrecorded = None;

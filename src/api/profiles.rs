@@ -10,8 +10,9 @@ use super::error_mapping::{
     UpstreamError, code_name, gateway_status, ledger_status, replayed_failure, upstream_status,
 };
 use super::opt_out::request_id_or_new;
-use super::service::{CcpaApi, Deadline, OptOutState, caller_of};
+use super::service::{CcpaApi, Deadline, OptOutState, recorded_caller};
 use super::validation::{Violations, request_id_conflict};
+use crate::access::Caller;
 use crate::ledger::{Kind, NewRequest, Outcome, Recorded, State, fingerprint, now_ms};
 use crate::proto::ccpa_v1::{CreateProfileRequest, CreateProfileResponse, Profile};
 
@@ -21,6 +22,7 @@ impl CcpaApi {
     pub(super) async fn create(
         &self,
         request: CreateProfileRequest,
+        caller: &Caller,
         metadata: &MetadataMap,
         deadline: Deadline,
     ) -> Result<CreateProfileResponse, Status> {
@@ -36,7 +38,7 @@ impl CcpaApi {
                 violations.received_at("received_at", request.received_at.as_ref(), now_ms());
             (opt_out, source, received_at)
         });
-        let caller = caller_of(metadata, &mut violations);
+        let caller = recorded_caller(caller, metadata, &mut violations);
         violations.into_result()?;
 
         let non_empty = |s: String| (!s.is_empty()).then_some(s);

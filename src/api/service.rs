@@ -10,9 +10,12 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 
 use super::deadline::caller_deadline;
-use super::error_mapping::{UpstreamError, gateway_status, upstream_status};
+use super::error_mapping::{
+    UpstreamError, caller_not_allowed, gateway_status, unauthenticated, upstream_status,
+};
 use super::timestamps::acs_timestamp_to_proto;
 use super::validation::Violations;
+use crate::access::{Caller, Permission};
 use crate::health::{CredentialSignal, GatewayHealth};
 use crate::ledger::Ledger;
 use crate::ledger::delivery::Delivery;
@@ -23,8 +26,12 @@ use crate::proto::ccpa_v1::{
     ccpa_service_server::CcpaService,
 };
 
-/// The metadata key naming the calling service, recorded with each request.
-pub const CALLER_METADATA: &str = "x-ccpa-caller";
+/// The metadata key naming the calling service where identities are self-declared.
+pub const CALLER_METADATA: &str = crate::access::identity::SELF_DECLARED_HEADER;
+
+/// Profiles of one email address worked at once: a few, so that one address with many profiles
+/// does not take the whole throttle toward ACS from every other caller.
+pub const EMAIL_PROFILE_CONCURRENCY: usize = 4;
 
 /// The gRPC service. Cloning it is cheap: clones share the client's connection pool and the
 /// ledger's.
@@ -33,6 +40,8 @@ pub struct CcpaApi {
     pub(super) acs: Client,
     pub(super) health: Arc<GatewayHealth>,
     pub(super) delivery: Arc<Delivery>,
+    /// A lookup by email matching more profiles than this is refused (TOO_MANY_PROFILES).
+    pub(super) max_profiles_per_email: usize,
 }
 
 /// When the work for a call must be done by: the caller's deadline, or (if it set none) the
@@ -41,13 +50,19 @@ pub(super) type Deadline = Option<Instant>;
 
 impl CcpaApi {
     /// A service that answers from the ACS tenant `acs` is configured for, records opt-out
-    /// requests in `delivery`'s ledger, and tells `health` what each call says about the
-    /// gateway's credentials.
-    pub fn new(acs: Client, health: Arc<GatewayHealth>, delivery: Arc<Delivery>) -> Self {
+    /// requests in `delivery`'s ledger, tells `health` what each call says about the gateway's
+    /// credentials, and refuses lookups by email matching more than `max_profiles_per_email`.
+    pub fn new(
+        acs: Client,
+        health: Arc<GatewayHealth>,
+        delivery: Arc<Delivery>,
+        max_profiles_per_email: usize,
+    ) -> Self {
         Self {
             acs,
             health,
             delivery,
+            max_profiles_per_email,
         }
     }
 
@@ -115,8 +130,20 @@ impl OptOutState {
     }
 }
 
-/// The calling service, from the `x-ccpa-caller` metadata; `unknown` when absent.
-pub(super) fn caller_of(metadata: &MetadataMap, violations: &mut Violations) -> String {
+/// The caller recorded with a request: the authenticated identity, or where identities are
+/// self-declared the `x-ccpa-caller` metadata (checked like any input; `unknown` when absent).
+pub(super) fn recorded_caller(
+    caller: &Caller,
+    metadata: &MetadataMap,
+    violations: &mut Violations,
+) -> String {
+    match caller {
+        Caller::Authenticated { id, .. } => id.to_string(),
+        Caller::SelfDeclared => declared_caller(metadata, violations),
+    }
+}
+
+fn declared_caller(metadata: &MetadataMap, violations: &mut Violations) -> String {
     match metadata.get(CALLER_METADATA).map(|v| v.to_str()) {
         None => "unknown".to_owned(),
         Some(Ok(caller)) => {
@@ -127,6 +154,45 @@ pub(super) fn caller_of(metadata: &MetadataMap, violations: &mut Violations) -> 
             violations.caller(CALLER_METADATA, "\u{0}");
             String::new()
         }
+    }
+}
+
+/// The caller of a call, as the gate established it. A request the gate did not see has none,
+/// and is refused: deny by default.
+pub(super) fn caller_in<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| unauthenticated("the call carries no caller identity"))
+}
+
+/// `Ok` if `caller` may do `permission`; else PERMISSION_DENIED naming it, logged.
+pub(super) fn authorize(rpc: &str, caller: &Caller, permission: Permission) -> Result<(), Status> {
+    caller.require(permission).map_err(|missing| {
+        if let Caller::Authenticated { id, .. } = caller {
+            tracing::info!(
+                rpc,
+                caller = &**id,
+                permission = missing.as_str(),
+                "call denied by the policy"
+            );
+        }
+        caller_not_allowed(missing)
+    })
+}
+
+/// Authorizes a change of the opt-out: `opt-out` to set it, `opt-in` to clear it. Without a
+/// value (which validation then refuses), either will do.
+pub(super) fn authorize_change(
+    rpc: &str,
+    caller: &Caller,
+    opt_out: Option<bool>,
+) -> Result<(), Status> {
+    match opt_out {
+        Some(value) => authorize(rpc, caller, Caller::permission_to_set(value)),
+        None if caller.may(Permission::OptOut) || caller.may(Permission::OptIn) => Ok(()),
+        None => authorize(rpc, caller, Permission::OptOut),
     }
 }
 
@@ -176,7 +242,18 @@ impl CcpaService for CcpaApi {
         request: Request<GetOptOutRequest>,
     ) -> Result<Response<GetOptOutResponse>, Status> {
         let deadline = caller_deadline(request.metadata(), Instant::now());
-        observed("GetOptOut", self.get(request.into_inner(), deadline)).await
+        let caller = caller_in(&request);
+        let request = request.into_inner();
+        let work = async {
+            let permission = if request.email.is_empty() {
+                Permission::Read
+            } else {
+                Permission::ReadByEmail
+            };
+            authorize("GetOptOut", &caller?, permission)?;
+            self.get(request, deadline).await
+        };
+        observed("GetOptOut", work).await
     }
 
     async fn set_opt_out(
@@ -184,10 +261,15 @@ impl CcpaService for CcpaApi {
         request: Request<SetOptOutRequest>,
     ) -> Result<Response<SetOptOutResponse>, Status> {
         let deadline = caller_deadline(request.metadata(), Instant::now());
+        let caller = caller_in(&request);
         let (metadata, _, request) = request.into_parts();
         let api = self.clone();
-        let work = async move { api.set(request, &metadata, deadline).await };
-        observed("SetOptOut", to_completion(work)).await
+        let work = async move {
+            let caller = caller?;
+            authorize_change("SetOptOut", &caller, request.ccpa_opt_out)?;
+            to_completion(async move { api.set(request, &caller, &metadata, deadline).await }).await
+        };
+        observed("SetOptOut", work).await
     }
 
     async fn create_profile(
@@ -195,17 +277,31 @@ impl CcpaService for CcpaApi {
         request: Request<CreateProfileRequest>,
     ) -> Result<Response<CreateProfileResponse>, Status> {
         let deadline = caller_deadline(request.metadata(), Instant::now());
+        let caller = caller_in(&request);
         let (metadata, _, request) = request.into_parts();
         let api = self.clone();
-        let work = async move { api.create(request, &metadata, deadline).await };
-        observed("CreateProfile", to_completion(work)).await
+        let work = async move {
+            let caller = caller?;
+            authorize("CreateProfile", &caller, Permission::CreateProfile)?;
+            if let Some(opt_out) = request.ccpa_opt_out {
+                authorize_change("CreateProfile", &caller, Some(opt_out))?;
+            }
+            to_completion(async move { api.create(request, &caller, &metadata, deadline).await })
+                .await
+        };
+        observed("CreateProfile", work).await
     }
 
     async fn get_opt_out_record(
         &self,
         request: Request<GetOptOutRecordRequest>,
     ) -> Result<Response<GetOptOutRecordResponse>, Status> {
-        observed("GetOptOutRecord", self.get_record(request.into_inner())).await
+        let caller = caller_in(&request);
+        let work = async {
+            authorize("GetOptOutRecord", &caller?, Permission::Records)?;
+            self.get_record(request.into_inner()).await
+        };
+        observed("GetOptOutRecord", work).await
     }
 
     type BulkSetOptOutStream = super::bulk::BulkStream;
@@ -214,14 +310,21 @@ impl CcpaService for CcpaApi {
         &self,
         request: Request<tonic::Streaming<BulkSetOptOutRequest>>,
     ) -> Result<Response<Self::BulkSetOptOutStream>, Status> {
+        let caller = caller_in(&request)?;
+        authorize("BulkSetOptOut", &caller, Permission::Bulk)?;
         let (metadata, _, items) = request.into_parts();
-        Ok(Response::new(self.bulk(metadata, items)))
+        Ok(Response::new(self.bulk(caller, metadata, items)))
     }
 
     async fn list_opt_out_records(
         &self,
         request: Request<ListOptOutRecordsRequest>,
     ) -> Result<Response<ListOptOutRecordsResponse>, Status> {
-        observed("ListOptOutRecords", self.list_records(request.into_inner())).await
+        let caller = caller_in(&request);
+        let work = async {
+            authorize("ListOptOutRecords", &caller?, Permission::Records)?;
+            self.list_records(request.into_inner()).await
+        };
+        observed("ListOptOutRecords", work).await
     }
 }

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use clap::Args;
 use serde_json::{Value, json};
-use tonic::transport::{Channel, Endpoint};
+use std::path::PathBuf;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
@@ -25,6 +27,20 @@ pub struct Connection {
     /// Deadline of the call, sent to the gateway as `grpc-timeout`.
     #[arg(long, env = "CCPA_CALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+
+    /// For an https:// address: the CA the gateway's certificate must chain to (PEM). The
+    /// system's roots when left out.
+    #[arg(long, env = "CCPA_CLIENT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+
+    /// For a gateway that asks for client certificates (mutual TLS): this client's certificate
+    /// (PEM). Its URI SAN (or DNS SAN) is the identity the gateway records.
+    #[arg(long, env = "CCPA_CLIENT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "CCPA_CLIENT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// Which profiles a command is about: one key, or every profile with an email address.
@@ -157,14 +173,61 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// The TLS settings for an https:// address; `None` for http://.
+    fn tls(&self) -> Result<Option<ClientTlsConfig>, u8> {
+        let usage = |message: String| {
+            eprintln!("error: {message}");
+            exit_codes::USAGE
+        };
+        let read = |path: &PathBuf, flag: &str| {
+            std::fs::read(path)
+                .map_err(|e| usage(format!("{flag}: cannot read {}: {e}", path.display())))
+        };
+        if !self.addr.starts_with("https://") {
+            if self.tls_ca.is_some() || self.tls_cert.is_some() {
+                return Err(usage(
+                    "--tls-ca, --tls-cert and --tls-key need an https:// --addr (CCPA_ADDR)"
+                        .to_owned(),
+                ));
+            }
+            return Ok(None);
+        }
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.tls_ca {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(read(
+                ca,
+                "--tls-ca (CCPA_CLIENT_TLS_CA)",
+            )?)),
+            None => tls.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            tls = tls.identity(Identity::from_pem(
+                read(cert, "--tls-cert (CCPA_CLIENT_TLS_CERT)")?,
+                read(key, "--tls-key (CCPA_CLIENT_TLS_KEY)")?,
+            ));
+        }
+        Ok(Some(tls))
+    }
+}
+
 pub(super) async fn connect(connection: &Connection) -> Result<CcpaServiceClient<Channel>, u8> {
-    let endpoint = Endpoint::from_shared(connection.addr.clone())
+    let mut endpoint = Endpoint::from_shared(connection.addr.clone())
         .map_err(|_| {
-            eprintln!("error: --addr (CCPA_ADDR) is not a URL such as http://127.0.0.1:50051");
+            eprintln!(
+                "error: --addr (CCPA_ADDR) is not a URL such as http://127.0.0.1:50051 or \
+                 https://ccpa-gateway:50051"
+            );
             exit_codes::USAGE
         })?
         .connect_timeout(Duration::from_secs(5))
         .timeout(connection.timeout);
+    if let Some(tls) = connection.tls()? {
+        endpoint = endpoint.tls_config(tls).map_err(|e| {
+            eprintln!("error: the TLS settings cannot be used: {e}");
+            exit_codes::USAGE
+        })?;
+    }
     let channel = endpoint.connect().await.map_err(|e| {
         eprintln!(
             "error: UNAVAILABLE: cannot connect to the gateway at {}: {e}",

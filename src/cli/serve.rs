@@ -164,6 +164,14 @@ pub async fn serve(settings: ServeSettings) -> u8 {
         }
     };
 
+    let options = match settings.server_options() {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit_codes::USAGE;
+        }
+    };
+
     let ledger = match Ledger::open(&settings.ledger_location()).await {
         Ok(ledger) => ledger,
         Err(e) => {
@@ -183,19 +191,37 @@ pub async fn serve(settings: ServeSettings) -> u8 {
         }
     };
     let listen = listener.local_addr().unwrap_or(settings.listen);
-    tracing::info!(%listen, "gRPC server listening (health and reflection on)");
+    let health_listener = match settings.callers.health_listen {
+        None => None,
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let bound = listener.local_addr().unwrap_or(addr);
+                tracing::info!(health_listen = %bound, "health listening (plaintext, health only)");
+                Some(listener)
+            }
+            Err(e) => {
+                eprintln!(
+                    "error: --health-listen (CCPA_HEALTH_LISTEN): cannot listen on {addr}: {e}"
+                );
+                return exit_codes::USAGE;
+            }
+        },
+    };
+    tracing::info!(
+        %listen,
+        tls = options.boundary.tls.is_some(),
+        caller_identity = %options.boundary.access.mode,
+        "gRPC server listening (health and reflection on)"
+    );
     if let Some((emulator, profiles)) = &emulator {
         print_try_it(emulator, profiles, listen);
     }
 
-    let result = server::serve(
-        client,
-        ledger,
-        listener,
-        shutdown_signal(),
-        settings.server_options(),
-    )
-    .await;
+    let listeners = server::Listeners {
+        grpc: listener,
+        health: health_listener,
+    };
+    let result = server::serve(client, ledger, listeners, shutdown_signal(), options).await;
     drop(emulator);
     match result {
         Ok(()) => exit_codes::OK,

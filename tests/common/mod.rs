@@ -2,8 +2,10 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of this harness.
 
+pub mod pki;
+
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use acs_emulator::{Emulator, EmulatorConfig, NewProfile};
@@ -14,7 +16,7 @@ use ccpa_gateway::server::{self, ServeError, ServerOptions};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 /// A running gateway and the emulator behind it.
 pub struct Harness {
@@ -60,21 +62,47 @@ pub async fn start_gateway_on(
     ledger: Ledger,
     options: ServerOptions,
 ) -> Running {
-    let client = Client::from_config(acs).expect("valid ACS settings");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let (stop, server) = spawn_gateway(acs, ledger, listener.into(), options);
+    let channel = connect(addr).await;
+    (addr, channel, stop, server)
+}
+
+/// Starts a gateway on `listeners`, already bound, without connecting to it (TLS, say): what
+/// stops it, and its task.
+pub fn spawn_gateway(
+    acs: ClientConfig,
+    ledger: Ledger,
+    listeners: server::Listeners,
+    options: ServerOptions,
+) -> (oneshot::Sender<()>, JoinHandle<Result<(), ServeError>>) {
+    let client = Client::from_config(acs).expect("valid ACS settings");
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(server::serve(
         client,
         ledger,
-        listener,
+        listeners,
         async {
             let _ = stopped.await;
         },
         options,
     ));
-    let channel = connect(addr).await;
-    (addr, channel, stop, server)
+    (stop, server)
+}
+
+/// A channel to a gateway serving TLS; `Err` when the handshake is refused.
+pub async fn connect_tls(
+    addr: SocketAddr,
+    tls: ClientTlsConfig,
+) -> Result<Channel, tonic::transport::Error> {
+    Channel::from_shared(format!("https://localhost:{}", addr.port()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
 }
 
 /// A channel to a gateway.
@@ -235,6 +263,10 @@ impl Drop for Store {
 pub struct GatewayProcess {
     child: tokio::process::Child,
     pub client: CcpaServiceClient<Channel>,
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+    /// Every line it has written to stderr so far.
+    logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl GatewayProcess {
@@ -245,6 +277,27 @@ impl GatewayProcess {
 
     /// Starts one with `extra` arguments to `serve` and the log filter `log`.
     pub async fn start_with(emulator: &Emulator, ledger: &str, extra: &[&str], log: &str) -> Self {
+        Self::start_connected(emulator, ledger, extra, log, None).await
+    }
+
+    /// Starts one serving TLS (given in `extra`), connected with `tls`.
+    pub async fn start_tls(
+        emulator: &Emulator,
+        ledger: &str,
+        extra: &[&str],
+        log: &str,
+        tls: ClientTlsConfig,
+    ) -> Self {
+        Self::start_connected(emulator, ledger, extra, log, Some(tls)).await
+    }
+
+    async fn start_connected(
+        emulator: &Emulator,
+        ledger: &str,
+        extra: &[&str],
+        log: &str,
+        tls: Option<ClientTlsConfig>,
+    ) -> Self {
         use tokio::io::{AsyncBufReadExt, BufReader};
         let config = emulator.config();
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
@@ -280,9 +333,59 @@ impl GatewayProcess {
         })
         .await
         .expect("the gateway logs its address");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let client = CcpaServiceClient::new(connect(addr).await);
-        Self { child, client }
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let kept = logs.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                kept.lock().unwrap().push(line);
+            }
+        });
+        let channel = match tls {
+            None => connect(addr).await,
+            Some(tls) => connect_tls(addr, tls)
+                .await
+                .expect("the gateway accepts TLS connections"),
+        };
+        Self {
+            child,
+            client: CcpaServiceClient::new(channel),
+            addr,
+            logs,
+        }
+    }
+
+    /// Waits for a log line holding every one of `needles`, and returns it. The wait ends when
+    /// the line is written; the bound is only there so that a broken gateway fails the test.
+    pub async fn log_line(&self, needles: &[&str]) -> String {
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|line| needles.iter().all(|n| line.contains(n)))
+                .cloned();
+            if let Some(line) = found {
+                return line;
+            }
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "no log line holds {needles:?}: {:?}",
+                self.logs.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// How many log lines hold every one of `needles` so far.
+    pub fn log_count(&self, needles: &[&str]) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| needles.iter().all(|n| line.contains(n)))
+            .count()
     }
 
     /// The process id.

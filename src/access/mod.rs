@@ -1,0 +1,180 @@
+//! The trust boundary: who may connect (TLS), who is calling (caller identity), what they may do
+//! (the policy), and how often (per-caller rates).
+//!
+//! - [`tls`]: TLS and mutual TLS on the listener, with files reloaded on change.
+//! - [`identity`]: the three identity modes of `--caller-identity`.
+//! - [`policy`]: the TOML policy of `--authz-policy`.
+//! - [`gate`]: the layer in front of every service that authenticates each call, applies the
+//!   caller's rate, and hands the handlers a [`Caller`] to check permissions against.
+//!
+//! Health answers everyone, on every listener. Every other call needs an identity when `mtls`
+//! or `header:` identity is on; the CCPA service's handlers then ask [`Caller::require`] for
+//! the permission each call needs, before anything is recorded or sent to Adobe.
+
+pub mod gate;
+pub mod identity;
+pub mod policy;
+pub mod tls;
+mod watched;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+pub use identity::IdentityMode;
+pub use policy::{Permission, Permissions, Policy};
+pub use watched::RELOAD_INTERVAL;
+
+use watched::Watched;
+
+/// Whether `url` names this machine (a loopback address or `localhost`): the one place where
+/// traffic may go unencrypted (the emulator, a local PostgreSQL). For schemes the URL standard
+/// does not know (`postgres://`) the host is opaque text, so addresses are parsed here.
+pub fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(host)) => {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            host.eq_ignore_ascii_case("localhost")
+                || bare
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        None => false,
+    }
+}
+
+/// The caller of one call to the CCPA service, as the gate established it. The gate puts it in
+/// every such request's extensions; a request without one is refused (deny by default).
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// Identities are self-declared: the handler reads `x-ccpa-caller` itself (and checks it
+    /// like any input), and everything is allowed.
+    SelfDeclared,
+    /// An identity established by mutual TLS or a mesh, and what the policy allows it.
+    Authenticated {
+        /// The identity: what the ledger records as the request's caller.
+        id: Arc<str>,
+        /// What the policy allows it.
+        permissions: Permissions,
+    },
+}
+
+impl Caller {
+    /// Whether the caller may do `permission`.
+    pub fn may(&self, permission: Permission) -> bool {
+        match self {
+            Self::SelfDeclared => true,
+            Self::Authenticated { permissions, .. } => permissions.contains(permission),
+        }
+    }
+
+    /// `Ok` if the caller may do `permission`, else the permission it lacks.
+    pub fn require(&self, permission: Permission) -> Result<(), Permission> {
+        if self.may(permission) {
+            Ok(())
+        } else {
+            Err(permission)
+        }
+    }
+
+    /// The permission a change of the opt-out to `opt_out` needs.
+    pub fn permission_to_set(opt_out: bool) -> Permission {
+        if opt_out {
+            Permission::OptOut
+        } else {
+            Permission::OptIn
+        }
+    }
+}
+
+/// The policy in force, reloaded when its file changes.
+pub struct PolicySource {
+    watched: Arc<Watched<Policy>>,
+}
+
+impl PolicySource {
+    /// Loads the policy file; an error says what is wrong with it.
+    pub fn open(path: PathBuf) -> Result<Self, String> {
+        let watched = Watched::open("--authz-policy", vec![path], policy::load)?;
+        Ok(Self {
+            watched: Arc::new(watched),
+        })
+    }
+
+    /// The policy in force.
+    pub fn current(&self) -> Arc<Policy> {
+        self.watched.current()
+    }
+
+    /// Reloads the policy when its file changes, until `stop`.
+    pub async fn watch(&self, stop: CancellationToken) {
+        let watched = self.watched.clone();
+        let forget = {
+            let watched = self.watched.clone();
+            let stop = stop.clone();
+            async move {
+                // Rate budgets of callers not seen for a while are dropped, so that a `*`
+                // entry's map of callers does not grow without end.
+                let mut ticks = tokio::time::interval(std::time::Duration::from_secs(60));
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = ticks.tick() => watched.current().forget_idle_callers(),
+                    }
+                }
+            }
+        };
+        tokio::join!(watched.watch(stop), forget);
+    }
+}
+
+/// How calls are authenticated and authorized.
+#[derive(Clone)]
+pub struct AccessControl {
+    /// How callers are identified.
+    pub mode: IdentityMode,
+    /// What they may do: required with `mtls` and `header:` identities, unused with
+    /// self-declared ones.
+    pub policy: Option<Arc<PolicySource>>,
+}
+
+impl AccessControl {
+    /// Self-declared identities, everything allowed: for a loopback listener or the emulator.
+    pub fn self_declared() -> Self {
+        Self {
+            mode: IdentityMode::SelfDeclared,
+            policy: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_are_recognised_whatever_the_scheme() {
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://localhost:1",
+            "http://[::1]:1",
+            "postgres://postgres@127.0.0.1:5432/test",
+            "postgres://u@[::1]/db",
+            "postgresql://localhost/db",
+        ] {
+            assert!(is_loopback(&url::Url::parse(url).unwrap()), "{url}");
+        }
+        for url in [
+            "http://10.0.0.1",
+            "https://mc.adobe.io",
+            "postgres://db.corp.example/x",
+            "postgres://10.1.2.3/x",
+            "postgres://127.0.0.1.corp.example/x",
+        ] {
+            assert!(!is_loopback(&url::Url::parse(url).unwrap()), "{url}");
+        }
+    }
+}
