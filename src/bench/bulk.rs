@@ -61,8 +61,8 @@ pub async fn run(items: usize, gateway_setup: GatewaySetup) -> Result<Value, Str
         worker_threads: gateway_setup.worker_threads,
         log_filter: gateway_setup.log_filter,
     };
-    let (gateway, addr) = start_gateway(&emulator_url, &ledger, limits).await?;
-    let channels = connect(addr, 1).await?;
+    let (gateway, addr) = start_gateway(&emulator_url, &ledger, limits, &[]).await?;
+    let channels = connect(addr, 1, None).await?;
     let mut client = CcpaServiceClient::new(channels[0].clone());
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let outbound_profiles = profiles.clone();

@@ -9,6 +9,7 @@
 mod bulk;
 mod load;
 mod processes;
+mod tls;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -22,7 +23,7 @@ use acs_profile_client::{
 };
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::cli::exit_codes;
 use crate::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
@@ -73,6 +74,11 @@ pub struct BenchArgs {
     /// file in the temporary directory for each scenario, deleted afterwards.
     #[arg(long)]
     ledger: Option<String>,
+    /// Also measure each scenario through a second gateway serving mutual TLS (certificates
+    /// made for the run, the load generator's identity allowed everything), reported as
+    /// `gateway_tls` beside the plaintext figures.
+    #[arg(long, conflicts_with = "target_addr")]
+    tls: bool,
     #[command(flatten)]
     target: Target,
 }
@@ -218,7 +224,8 @@ pub async fn run(args: BenchArgs) -> u8 {
             worker_threads: args.gateway_threads,
             ledger: args.ledger.clone(),
         };
-        match run_scenario(scenario, warmup, duration, gateway, &args.target).await {
+        let run = run_scenario(scenario, warmup, duration, gateway, &args.target, args.tls);
+        match run.await {
             Ok(report) => {
                 if !args.json {
                     print_report(scenario, &report);
@@ -342,6 +349,7 @@ async fn run_scenario(
     duration: Duration,
     gateway_setup: GatewaySetup,
     target: &Target,
+    with_tls: bool,
 ) -> Result<Value, String> {
     let (emulator, emulator_url, emulator_pid) = match &target.target_emulator_url {
         Some(url) => (None, url.clone(), target.target_emulator_pid),
@@ -350,6 +358,11 @@ async fn run_scenario(
             let pid = process.pid();
             (Some(process), url, Some(pid))
         }
+    };
+    let tls = if with_tls {
+        Some(tls::BenchTls::new()?)
+    } else {
+        None
     };
     let direct = direct_client(&emulator_url, scenario.max_in_flight)?;
     let profiles = Arc::new(create_profiles(&direct, PROFILES, "bench").await?);
@@ -367,49 +380,21 @@ async fn run_scenario(
     .await?;
 
     // The same through the gateway.
-    let mut temporary_ledger = None;
-    let (gateway, addr, gateway_pid) = match target.target_addr {
-        Some(addr) => (None, addr, target.target_pid),
-        None => {
-            let limits = GatewayLimits {
-                max_in_flight: scenario.max_in_flight,
-                worker_threads: gateway_setup.worker_threads,
-                log_filter: gateway_setup.log_filter,
-            };
-            let ledger = gateway_setup.ledger.clone().unwrap_or_else(|| {
-                let file = std::env::temp_dir().join(format!(
-                    "ccpa-bench-{}-{}.sqlite3",
-                    std::process::id(),
-                    scenario.name
-                ));
-                temporary_ledger = Some(file.clone());
-                file.display().to_string()
-            });
-            let (process, addr) = start_gateway(&emulator_url, &ledger, limits).await?;
-            let pid = process.pid();
-            (Some(process), addr, Some(pid))
-        }
-    };
-    let channels = connect(addr, scenario.concurrency).await?;
-    let operation = gateway_operation(channels, profiles, scenario.set_share);
-    drive(scenario.concurrency, warmup, operation.clone()).await;
-    let (gateway_result, gateway_cpu) = measured(
-        scenario.concurrency,
+    let phase = GatewayPhase {
+        scenario,
+        warmup,
         duration,
-        operation,
+        setup: &gateway_setup,
+        target,
+        emulator_url: &emulator_url,
         emulator_pid,
-        gateway_pid,
-    )
-    .await?;
-    let gateway_peak_rss = gateway_pid.map(usage).transpose()?.map(|u| u.peak_rss);
-    if let Some(gateway) = gateway {
-        gateway.stop().await;
-    }
-    if let Some(file) = temporary_ledger {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
-        }
-    }
+        profiles: &profiles,
+    };
+    let (gateway_result, gateway_cpu, gateway_peak_rss) = phase.run(None).await?;
+    let through_tls = match &tls {
+        Some(tls) => Some(phase.run(Some(tls)).await?),
+        None => None,
+    };
     if let Some(emulator) = emulator {
         emulator.stop().await;
     }
@@ -417,6 +402,20 @@ async fn run_scenario(
     let gateway_cpu_us_per_call = gateway_cpu
         .gateway
         .map(|cpu| cpu.as_secs_f64() * 1e6 / gateway_result.calls().max(1) as f64);
+    let gateway_tls = through_tls.map(|(result, cpu, peak_rss)| {
+        let cpu_us_per_call = cpu
+            .gateway
+            .map(|cpu| cpu.as_secs_f64() * 1e6 / result.calls().max(1) as f64);
+        json!({
+            "gateway": result.to_json(),
+            "throughput_ratio": round(result.throughput() / direct_result.throughput().max(f64::MIN_POSITIVE), 3),
+            "added_p50_ms": round(result.quantile_ms(0.5) - direct_result.quantile_ms(0.5), 3),
+            "added_p99_ms": round(result.quantile_ms(0.99) - direct_result.quantile_ms(0.99), 3),
+            "gateway_cpu_us_per_call": cpu_us_per_call.map(|us| round(us, 1)),
+            "gateway_peak_rss_mb": peak_rss.map(|bytes| round(bytes as f64 / 1_048_576.0, 1)),
+            "cpu_us_per_call": cpu.per_call_json(result.calls()),
+        })
+    });
     Ok(json!({
         "concurrency": scenario.concurrency,
         "upstream_latency_ms": scenario.upstream_latency.as_millis() as u64,
@@ -434,7 +433,77 @@ async fn run_scenario(
             "direct": direct_cpu.per_call_json(direct_result.calls()),
             "gateway": gateway_cpu.per_call_json(gateway_result.calls()),
         },
+        "gateway_tls": gateway_tls,
     }))
+}
+
+/// The measured phase through a gateway: the one given by `--target-addr`, or one started for
+/// it (with mutual TLS when `tls` is given) on a ledger of its own.
+struct GatewayPhase<'a> {
+    scenario: Scenario,
+    warmup: Duration,
+    duration: Duration,
+    setup: &'a GatewaySetup,
+    target: &'a Target,
+    emulator_url: &'a str,
+    emulator_pid: Option<i32>,
+    profiles: &'a Arc<Vec<String>>,
+}
+
+impl GatewayPhase<'_> {
+    async fn run(
+        &self,
+        tls: Option<&tls::BenchTls>,
+    ) -> Result<(load::LoadResult, PhaseCpu, Option<u64>), String> {
+        let scenario = self.scenario;
+        let mut temporary_ledger = None;
+        let (gateway, addr, gateway_pid) = match self.target.target_addr {
+            Some(addr) => (None, addr, self.target.target_pid),
+            None => {
+                let limits = GatewayLimits {
+                    max_in_flight: scenario.max_in_flight,
+                    worker_threads: self.setup.worker_threads,
+                    log_filter: self.setup.log_filter,
+                };
+                let ledger = self.setup.ledger.clone().unwrap_or_else(|| {
+                    let file = std::env::temp_dir().join(format!(
+                        "ccpa-bench-{}-{}{}.sqlite3",
+                        std::process::id(),
+                        scenario.name,
+                        if tls.is_some() { "-tls" } else { "" }
+                    ));
+                    temporary_ledger = Some(file.clone());
+                    file.display().to_string()
+                });
+                let extra = tls.map(tls::BenchTls::serve_args).unwrap_or_default();
+                let (process, addr) =
+                    start_gateway(self.emulator_url, &ledger, limits, &extra).await?;
+                let pid = process.pid();
+                (Some(process), addr, Some(pid))
+            }
+        };
+        let channels = connect(addr, scenario.concurrency, tls.map(tls::BenchTls::client)).await?;
+        let operation = gateway_operation(channels, self.profiles.clone(), scenario.set_share);
+        drive(scenario.concurrency, self.warmup, operation.clone()).await;
+        let (result, cpu) = measured(
+            scenario.concurrency,
+            self.duration,
+            operation,
+            self.emulator_pid,
+            gateway_pid,
+        )
+        .await?;
+        let peak_rss = gateway_pid.map(usage).transpose()?.map(|u| u.peak_rss);
+        if let Some(gateway) = gateway {
+            gateway.stop().await;
+        }
+        if let Some(file) = temporary_ledger {
+            for suffix in ["", "-wal", "-shm", ".lock"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+            }
+        }
+        Ok((result, cpu, peak_rss))
+    }
 }
 
 fn direct_client(emulator_url: &str, max_in_flight: usize) -> Result<Client, String> {
@@ -574,12 +643,26 @@ fn gateway_operation(
     }
 }
 
-async fn connect(addr: SocketAddr, concurrency: usize) -> Result<Arc<Vec<Channel>>, String> {
+async fn connect(
+    addr: SocketAddr,
+    concurrency: usize,
+    tls: Option<ClientTlsConfig>,
+) -> Result<Arc<Vec<Channel>>, String> {
     let count = concurrency.div_ceil(STREAMS_PER_CONNECTION).max(1);
     let mut channels = Vec::with_capacity(count);
     for _ in 0..count {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
+        let endpoint = match &tls {
+            None => Endpoint::from_shared(format!("http://{addr}")),
+            Some(_) => Endpoint::from_shared(format!("https://localhost:{}", addr.port())),
+        }
+        .map_err(|e| e.to_string())?;
+        let endpoint = match &tls {
+            None => endpoint,
+            Some(tls) => endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| e.to_string())?,
+        };
+        let channel = endpoint
             .tcp_nodelay(true)
             .connect()
             .await
@@ -622,4 +705,16 @@ fn print_report(scenario: Scenario, report: &Value) {
         "  CPU us per call: direct {}   through the gateway {}",
         report["cpu_us_per_call"]["direct"], report["cpu_us_per_call"]["gateway"],
     );
+    let tls = &report["gateway_tls"];
+    if !tls.is_null() {
+        line("mTLS", &tls["gateway"]);
+        println!(
+            "  over mutual TLS: throughput ratio {}   added p50 {} ms   added p99 {} ms   gateway CPU {} us/call   gateway peak RSS {} MB",
+            tls["throughput_ratio"],
+            tls["added_p50_ms"],
+            tls["added_p99_ms"],
+            tls["gateway_cpu_us_per_call"],
+            tls["gateway_peak_rss_mb"],
+        );
+    }
 }

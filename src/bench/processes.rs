@@ -131,10 +131,12 @@ pub struct GatewayLimits {
 }
 
 /// Starts a gateway in front of the emulator at `emulator_url`; returns it and its address.
+/// `extra` arguments are given to `serve` (TLS, say).
 pub async fn start_gateway(
     emulator_url: &str,
     ledger: &str,
     limits: GatewayLimits,
+    extra: &[String],
 ) -> Result<(Process, SocketAddr), String> {
     use acs_emulator::EmulatorConfig;
     let mut command = this_binary_command()?;
@@ -147,6 +149,7 @@ pub async fn start_gateway(
         .args(["--acs-max-in-flight", &limits.max_in_flight.to_string()])
         .args(["--acs-max-queued", "1000000"])
         .args(["--ledger", ledger])
+        .args(extra)
         .env("CCPA_ACS_BASE_URL", emulator_url)
         .env("CCPA_ACS_TENANT", EmulatorConfig::DEFAULT_TENANT)
         .env("CCPA_ACS_API_KEY", EmulatorConfig::DEFAULT_API_KEY)
