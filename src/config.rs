@@ -221,6 +221,14 @@ impl CallerSettings {
                     ),
                 });
             }
+            IdentityMode::SelfDeclared if self.tls_client_ca.is_some() => {
+                return Err(SettingError {
+                    setting: CALLER_IDENTITY,
+                    problem: "self-declared callers are not identified by their certificates: \
+                              use mtls with --tls-client-ca (CCPA_TLS_CLIENT_CA), or drop it"
+                        .into(),
+                });
+            }
             IdentityMode::SelfDeclared if self.authz_policy.is_some() => {
                 return Err(SettingError {
                     setting: AUTHZ_POLICY,
@@ -248,7 +256,11 @@ impl CallerSettings {
         };
         Ok(Boundary {
             tls,
-            access: AccessControl { mode, policy },
+            access: AccessControl {
+                mode,
+                policy,
+                client_certificate_required: self.tls_client_ca.is_some(),
+            },
         })
     }
 
@@ -531,23 +543,10 @@ const IMS_URL: &str = "--ims-url (CCPA_IMS_URL)";
 const IMS_CLIENT_ID: &str = "--ims-client-id (CCPA_IMS_CLIENT_ID)";
 const IMS_CLIENT_SECRET: &str = "--ims-client-secret (CCPA_IMS_CLIENT_SECRET) or --ims-client-secret-file (CCPA_IMS_CLIENT_SECRET_FILE)";
 
-/// Refuses a URL that would carry tokens and personal data in clear: `https://` only, except
-/// to a loopback address (the emulator).
+/// Refuses an upstream URL that would carry tokens in clear (see `access::transport`).
 fn require_https(text: &str, setting: &'static str) -> Result<(), SettingError> {
-    let url = url::Url::parse(text).map_err(|e| SettingError {
-        setting,
-        problem: format!("not a URL: {e}"),
-    })?;
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if crate::access::is_loopback(&url) => Ok(()),
-        _ => Err(SettingError {
-            setting,
-            problem: "must be an https:// URL (plain http:// is allowed to a loopback address \
-                      only, such as the emulator's)"
-                .into(),
-        }),
-    }
+    crate::access::transport::require_https(text)
+        .map_err(|problem| SettingError { setting, problem })
 }
 
 fn required<T>(value: Option<T>, setting: &'static str) -> Result<T, SettingError> {
@@ -759,6 +758,19 @@ mod tests {
                 .unwrap_or_else(|| panic!("{args:?}"));
             assert_eq!(error.setting, *setting, "{args:?}: {error}");
         }
+    }
+
+    #[test]
+    fn callers_declare_themselves_only_on_loopback_or_the_emulator() {
+        let settings = parse(&[]);
+        let boundary =
+            |listen: &str, emulator| settings.callers.boundary(listen.parse().unwrap(), emulator);
+        assert!(boundary("127.0.0.1:50051", false).is_ok());
+        assert!(boundary("[::1]:50051", false).is_ok());
+        assert!(boundary("0.0.0.0:50051", true).is_ok(), "--emulator");
+        let refused = boundary("0.0.0.0:50051", false).err().unwrap();
+        assert_eq!(refused.setting, LISTEN);
+        assert!(refused.problem.contains("--tls-client-ca"), "{refused}");
     }
 
     #[test]

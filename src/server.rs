@@ -232,23 +232,29 @@ pub async fn serve(
     let health_service = HealthServer::new(EndingWatches {
         inner: HealthService::from_health_reporter(reporter.clone()),
         end: watches_end.clone(),
-    });
+    })
+    .max_decoding_message_size(MAX_REQUEST_BYTES)
+    .max_encoding_message_size(MAX_RESPONSE_BYTES);
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        .build_v1()?
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+        .build_v1alpha()?
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
 
     let stop_accepting = CancellationToken::new();
     let _stop_accepting_on_return = stop_accepting.clone().drop_guard();
     if let Some(listener) = health_listener {
         // Probes only: any other service there is UNIMPLEMENTED (tonic's answer for a service
         // it does not route).
-        let probes = Server::builder()
+        let probes = with_limits(Server::builder(), &limits)
             .add_service(health_service.clone())
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -18,6 +18,7 @@ fn a_short_benchmark_reports_every_figure() {
             "200ms",
             "--duration",
             "1s",
+            "--tls",
             "--json",
         ])
         .output()
@@ -53,6 +54,17 @@ fn a_short_benchmark_reports_every_figure() {
             );
         }
     }
+    // The same through a gateway serving mutual TLS.
+    let tls = &fanout["gateway_tls"];
+    for key in [
+        "throughput_ratio",
+        "added_p99_ms",
+        "gateway_cpu_us_per_call",
+    ] {
+        assert!(tls[key].is_number(), "gateway_tls.{key}: {tls}");
+    }
+    assert!(tls["gateway"]["ok"].as_u64().unwrap() > 0, "{tls}");
+    assert_eq!(tls["gateway"]["errors"], serde_json::json!({}), "{tls}");
     // The scenario's 50 ms of upstream latency shows in both paths.
     assert!(fanout["direct"]["p50_ms"].as_f64().unwrap() >= 50.0);
     assert!(fanout["gateway"]["p50_ms"].as_f64().unwrap() >= 50.0);

@@ -134,6 +134,7 @@ impl Certificates {
             access: AccessControl {
                 mode: IdentityMode::Mtls,
                 policy: Some(Arc::new(PolicySource::open(self.policy(policy)).unwrap())),
+                client_certificate_required: true,
             },
         }
     }
@@ -151,6 +152,7 @@ fn header_boundary(header: &str, policy: &Path) -> Boundary {
         access: AccessControl {
             mode: format!("header:{header}").parse().unwrap(),
             policy: Some(Arc::new(PolicySource::open(policy.to_owned()).unwrap())),
+            client_certificate_required: false,
         },
     }
 }
@@ -236,7 +238,7 @@ async fn mutual_tls_records_the_certificate_identity_and_enforces_the_policy() {
     let certs = Certificates::new();
     let gateway = Secured::start(certs.mtls(&format!(
         "[[caller]]\nid = \"{PORTAL}\"\nallow = [\"read\", \"opt-out\"]\n\n\
-         [[caller]]\nid = \"{AUDITOR}\"\nallow = [\"records\"]\n"
+         [[caller]]\nid = \"{AUDITOR}\"\nallow = [\"records\", \"create-profile\"]\n"
     )))
     .await;
     let pkey = gateway.profile();
@@ -276,17 +278,22 @@ async fn mutual_tls_records_the_certificate_identity_and_enforces_the_policy() {
     assert_eq!(writes, 1);
 
     // Not allowed to opt back in: refused before the ledger or Adobe.
+    let seen_by_adobe = gateway.emulator.requests().len();
     let denied = portal
         .set_opt_out(set(&pkey, false, "portal-2"))
         .await
         .unwrap_err();
     assert_denied(&denied, "opt-in");
+    assert_eq!(
+        gateway.emulator.requests().len(),
+        seen_by_adobe,
+        "nothing, not even a read, was sent to Adobe"
+    );
     let missing = auditor
         .get_opt_out_record(record_request("portal-2"))
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound, "nothing was recorded");
-    assert_eq!(gateway.writes(), writes, "nothing was sent to Adobe");
     assert!(
         portal
             .get_opt_out(get(&pkey))
@@ -325,6 +332,24 @@ async fn mutual_tls_records_the_certificate_identity_and_enforces_the_policy() {
         .await
         .unwrap_err();
     assert_denied(&status, "create-profile");
+    // By email, the answer tells whether the address is a customer's: that is a read by email.
+    let by_email = SetOptOutRequest {
+        email: "ada@example.com".into(),
+        ..set("", true, "portal-4")
+    };
+    let status = portal.set_opt_out(by_email).await.unwrap_err();
+    assert_denied(&status, "read-by-email");
+    // A creation may carry an opt-out only for a caller allowed that opt-out.
+    let status = auditor
+        .create_profile(CreateProfileRequest {
+            email: "new@example.com".into(),
+            ccpa_opt_out: Some(true),
+            source: RequestSource::WebForm as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_denied(&status, "opt-out");
     let status = portal
         .bulk_set_opt_out(futures::stream::iter([BulkSetOptOutRequest {
             item: Some(set(&pkey, true, "portal-3")),
@@ -333,6 +358,25 @@ async fn mutual_tls_records_the_certificate_identity_and_enforces_the_policy() {
         .unwrap_err();
     assert_denied(&status, "bulk");
     assert_eq!(gateway.writes(), writes, "nothing was sent to Adobe");
+    let records = auditor
+        .list_opt_out_records(ListOptOutRecordsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(records.len(), 1, "only portal-1 was recorded: {records:?}");
+}
+
+#[tokio::test]
+async fn a_certificate_naming_no_one_is_not_an_identity() {
+    let certs = Certificates::new();
+    let gateway = Secured::start(certs.mtls("[[caller]]\nid = \"*\"\nallow = [\"read\"]\n")).await;
+    let pkey = gateway.profile();
+    let nameless = certs.ca.client(Name::Nothing);
+    let mut client = CcpaServiceClient::new(certs.channel(gateway.addr, Some(&nameless)).await);
+    let status = client.get_opt_out(get(&pkey)).await.unwrap_err();
+    assert_unauthenticated(&status);
+    assert!(status.message().contains("SAN"), "{status:?}");
 }
 
 #[tokio::test]
@@ -778,6 +822,8 @@ async fn certificates_and_policy_rotate_without_a_restart() {
     .await;
     let policy_reloads = ["reloaded after a change on disk", "--authz-policy"];
     let policy_refusals = ["do not load", "--authz-policy"];
+    let tls_reloads = ["reloaded after a change on disk", "--tls-cert"];
+    let tls_refusals = ["do not load", "--tls-cert"];
 
     let status = gateway
         .client
@@ -787,8 +833,10 @@ async fn certificates_and_policy_rotate_without_a_restart() {
     assert_denied(&status, "opt-in");
 
     // A new policy takes effect without a restart.
-    portal_policy(certs.dir.path(), "\"read\", \"opt-out\", \"opt-in\"");
-    gateway.log_line(&policy_reloads).await;
+    after(&gateway, &policy_reloads, || {
+        portal_policy(certs.dir.path(), "\"read\", \"opt-out\", \"opt-in\"");
+    })
+    .await;
     gateway
         .client
         .set_opt_out(set(&pkey, false, "rotate-2"))
@@ -796,8 +844,10 @@ async fn certificates_and_policy_rotate_without_a_restart() {
         .unwrap();
 
     // A policy that does not parse leaves the last good one in force.
-    write_atomically(&policy, "[[caller]]\nid = \"unterminated\n");
-    gateway.log_line(&policy_refusals).await;
+    after(&gateway, &policy_refusals, || {
+        write_atomically(&policy, "[[caller]]\nid = \"unterminated\n");
+    })
+    .await;
     gateway
         .client
         .set_opt_out(set(&pkey, false, "rotate-3"))
@@ -805,10 +855,11 @@ async fn certificates_and_policy_rotate_without_a_restart() {
         .unwrap();
 
     // A new server certificate, from another CA: new handshakes see it.
-    let tls_reloads = ["reloaded after a change on disk", "--tls-cert"];
     let next_ca = Ca::new("next CA");
-    next_ca.server().write(certs.dir.path(), "server");
-    gateway.log_line(&tls_reloads).await;
+    after(&gateway, &tls_reloads, || {
+        next_ca.server().write(certs.dir.path(), "server");
+    })
+    .await;
     let next = connect_tls(
         gateway.addr,
         client_tls(&next_ca.pem(), Some(&certs.portal)),
@@ -819,38 +870,60 @@ async fn certificates_and_policy_rotate_without_a_restart() {
         health_of(next.clone(), "").await.unwrap(),
         ServingStatus::Serving as i32
     );
-    let old = connect_tls(
-        gateway.addr,
-        client_tls(&certs.ca.pem(), Some(&certs.portal)),
-    )
+    assert!(
+        !handshake_works(gateway.addr, &certs.ca.pem(), &certs.portal).await,
+        "the old certificate is no longer served"
+    );
+
+    // A new client CA: certificates from it are let in, those from the old one no longer.
+    let next_portal = next_ca.client(Name::Uri(PORTAL));
+    after(&gateway, &tls_reloads, || {
+        write_atomically(&client_ca, &next_ca.pem());
+    })
     .await;
-    match old {
-        Err(_) => {}
-        Ok(channel) => assert!(health_of(channel, "").await.is_err()),
-    }
+    let mut client = CcpaServiceClient::new(
+        connect_tls(gateway.addr, client_tls(&next_ca.pem(), Some(&next_portal)))
+            .await
+            .unwrap(),
+    );
+    client.get_opt_out(get(&pkey)).await.unwrap();
+    assert!(
+        !handshake_works(gateway.addr, &next_ca.pem(), &certs.portal).await,
+        "a certificate from the old client CA is refused"
+    );
 
     // A certificate file that does not parse keeps the one in force.
-    let refusals = ["do not load", "--tls-cert"];
-    let before = gateway.log_count(&refusals);
-    write_atomically(
-        &certs.files.cert,
-        "-----BEGIN CERTIFICATE-----\nnot base64\n",
-    );
-    while gateway.log_count(&refusals) == before {
-        gateway.log_line(&refusals).await;
+    after(&gateway, &tls_refusals, || {
+        write_atomically(
+            &certs.files.cert,
+            "-----BEGIN CERTIFICATE-----\nnot base64\n",
+        );
+    })
+    .await;
+    assert!(handshake_works(gateway.addr, &next_ca.pem(), &next_portal).await);
+    gateway.kill().await;
+}
+
+/// Makes `change`, then waits for the gateway to log one more line holding `needles`.
+async fn after(gateway: &GatewayProcess, needles: &[&str], change: impl FnOnce()) {
+    let before = gateway.log_count(needles);
+    change();
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while gateway.log_count(needles) == before {
+        assert!(
+            Instant::now() < give_up,
+            "no new log line holds {needles:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let still = connect_tls(
-        gateway.addr,
-        client_tls(&next_ca.pem(), Some(&certs.portal)),
-    )
-    .await
-    .expect("the previous certificate is still served");
-    assert_eq!(
-        health_of(still, "").await.unwrap(),
-        ServingStatus::Serving as i32
-    );
-    gateway.kill().await;
+}
+
+/// Whether a client trusting `ca` and presenting `identity` completes a call to health.
+async fn handshake_works(addr: SocketAddr, ca: &str, identity: &Pem) -> bool {
+    match connect_tls(addr, client_tls(ca, Some(identity))).await {
+        Err(_) => false,
+        Ok(channel) => health_of(channel, "").await.is_ok(),
+    }
 }
 
 /// Runs `serve` with a static ACS token and `args`, in a directory of its own, and returns
@@ -958,6 +1031,19 @@ async fn unsafe_settings_stop_start_up_naming_the_fix() {
             &["--tls-cert"],
         ),
         (vec!["--tls-cert", &cert], &["--tls-key"]),
+        (
+            vec![
+                "--caller-identity",
+                "self-declared",
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--tls-client-ca",
+                &ca,
+            ],
+            &["--caller-identity", "mtls"],
+        ),
         (
             vec!["--caller-identity", "header:x-ccpa-caller"],
             &["--caller-identity"],
@@ -1176,4 +1262,83 @@ async fn one_connection_has_at_most_max_concurrent_streams_calls_in_progress() {
         .max()
         .unwrap_or(0);
     assert_eq!(overlapping, 2, "{arrivals:?}");
+}
+
+#[tokio::test]
+async fn the_profiles_of_one_email_are_worked_a_few_at_a_time() {
+    let latency = Duration::from_millis(300);
+    let gateway = Secured::start(Boundary::default()).await;
+    for n in 0..12 {
+        gateway.emulator.insert_profile(NewProfile {
+            email: "family@example.com".into(),
+            first_name: format!("Member{n}"),
+            last_name: "Family".into(),
+            ccpa_opt_out: false,
+        });
+    }
+    gateway.emulator.set_faults(acs_emulator::FaultSettings {
+        latency,
+        ..Default::default()
+    });
+    let mut client = CcpaServiceClient::new(connect(gateway.addr).await);
+    let mut request = Request::new(SetOptOutRequest {
+        email: "family@example.com".into(),
+        ..set("", true, "family-1")
+    });
+    request.set_timeout(Duration::from_secs(60));
+    let answer = client.set_opt_out(request).await.unwrap().into_inner();
+    assert_eq!(answer.profiles.len(), 12);
+    // Each PATCH is answered after the emulator's latency: PATCHes that arrived within it of
+    // each other were in progress together.
+    let patches: Vec<Instant> = gateway
+        .emulator
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .map(|r| r.received_at)
+        .collect();
+    assert_eq!(patches.len(), 12);
+    let together = patches
+        .iter()
+        .map(|start| {
+            patches
+                .iter()
+                .filter(|t| **t >= *start && **t < *start + latency * 9 / 10)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        (2..=ccpa_gateway::api::service::EMAIL_PROFILE_CONCURRENCY).contains(&together),
+        "{together} PATCHes in progress at once"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_past_its_age_and_grace_is_closed() {
+    let options = ServerOptions {
+        connections: ccpa_gateway::server::ConnectionLimits {
+            max_connection_age: Duration::from_secs(1),
+            max_connection_age_grace: Duration::from_secs(1),
+            ..Default::default()
+        },
+        ..ServerOptions::default()
+    };
+    let gateway = Secured::start_with(Boundary::default(), options, None).await;
+    let pkey = gateway.profile();
+    // A call far longer than the connection's age and grace together.
+    gateway.emulator.set_faults(acs_emulator::FaultSettings {
+        latency: Duration::from_secs(20),
+        ..Default::default()
+    });
+    let mut client = CcpaServiceClient::new(connect(gateway.addr).await);
+    let mut request = Request::new(get(&pkey));
+    request.set_timeout(Duration::from_secs(30));
+    let started = Instant::now();
+    let status = client.get_opt_out(request).await.unwrap_err();
+    assert_ne!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the connection was closed at its age plus grace, not at the call's end: {status:?}"
+    );
 }

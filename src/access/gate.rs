@@ -69,7 +69,8 @@ where
         match admit(&self.access, &mut request) {
             Ok(()) => Either::Right(self.inner.call(request)),
             Err(status) => {
-                tracing::info!(
+                // Debug, not info: an unauthenticated flood must not become a log flood.
+                tracing::debug!(
                     path = request.uri().path(),
                     code = ?status.code(),
                     reason = status.message(),
@@ -88,12 +89,16 @@ fn admit<B>(access: &AccessControl, request: &mut http::Request<B>) -> Result<()
         return Ok(());
     }
     let reflection = path.starts_with(REFLECTION_PATH);
+    let connection = request.extensions().get::<ConnectionInfo>();
+    if access.client_certificate_required && !connection.is_some_and(|c| c.client_certificate) {
+        return Err(unauthenticated(Unidentified::NoCertificate.message()));
+    }
     let id: Arc<str> = match &access.mode {
         IdentityMode::SelfDeclared => {
             request.extensions_mut().insert(Caller::SelfDeclared);
             return Ok(());
         }
-        IdentityMode::Mtls => certificate_identity(request.extensions().get::<ConnectionInfo>()),
+        IdentityMode::Mtls => certificate_identity(connection),
         IdentityMode::Header(name) => identity::from_header(request.headers(), name).map(Arc::from),
     }
     .map_err(|why| unauthenticated(why.message()))?;
@@ -105,7 +110,7 @@ fn admit<B>(access: &AccessControl, request: &mut http::Request<B>) -> Result<()
     let permissions = match policy.as_deref().and_then(|p| p.rule_for(&id)) {
         Some(rule) => {
             rule.admit(&id).map_err(|wait| {
-                tracing::info!(caller = &*id, "caller over its max_rps");
+                tracing::debug!(caller = &*id, "caller over its max_rps");
                 caller_rate_limited(wait)
             })?;
             rule.permissions()

@@ -134,11 +134,13 @@ pub fn from_header(headers: &HeaderMap, header: &HeaderName) -> Result<String, U
 /// The `URI=` value of the last element of an `x-forwarded-client-cert` header.
 ///
 /// Elements are separated by commas and pairs by semicolons, except inside double quotes, where
-/// `\"` is a quote (Envoy's format).
+/// `\"` is a quote (Envoy's format). A header whose quotes do not balance is refused: a caller
+/// could otherwise open a quote in the element it sends, swallow the comma before the element
+/// its sidecar appends, and have its own `URI=` read as the last one.
 fn xfcc_last_uri(header: &str) -> Option<String> {
-    let elements = split_unquoted(header, ',');
+    let elements = split_unquoted(header, ',')?;
     let last = elements.last()?;
-    split_unquoted(last, ';').into_iter().find_map(|pair| {
+    split_unquoted(last, ';')?.into_iter().find_map(|pair| {
         let (key, value) = pair.split_once('=')?;
         key.trim()
             .eq_ignore_ascii_case("URI")
@@ -146,7 +148,8 @@ fn xfcc_last_uri(header: &str) -> Option<String> {
     })
 }
 
-fn split_unquoted(text: &str, separator: char) -> Vec<&str> {
+/// Splits `text` at `separator` outside quotes; `None` when a quote or escape is left open.
+fn split_unquoted(text: &str, separator: char) -> Option<Vec<&str>> {
     let mut parts = Vec::new();
     let mut start = 0;
     let mut quoted = false;
@@ -163,8 +166,11 @@ fn split_unquoted(text: &str, separator: char) -> Vec<&str> {
             _ => {}
         }
     }
+    if quoted || escaped {
+        return None;
+    }
     parts.push(&text[start..]);
-    parts
+    Some(parts)
 }
 
 fn unquote(value: &str) -> String {
@@ -268,6 +274,17 @@ mod tests {
         assert_eq!(
             from_header(&lines, &name).unwrap(),
             "spiffe://corp.example/ns/last/sa/y"
+        );
+        // A caller's own element left with an open quote must not swallow its sidecar's.
+        let smuggled = headers(
+            ISTIO_HEADER,
+            &[
+                "URI=spiffe://corp.example/ns/web/sa/privacy-portal;Subject=\",By=spiffe://corp.example/ns/privacy/sa/ccpa-gateway;URI=spiffe://corp.example/ns/evil/sa/attacker",
+            ],
+        );
+        assert_eq!(
+            from_header(&smuggled, &name),
+            Err(Unidentified::MalformedHeader)
         );
         let without_uri = headers(ISTIO_HEADER, &["Hash=abc;DNS=web.example"]);
         assert_eq!(

@@ -4,6 +4,8 @@
 //! - [`tls`]: TLS and mutual TLS on the listener, with files reloaded on change.
 //! - [`identity`]: the three identity modes of `--caller-identity`.
 //! - [`policy`]: the TOML policy of `--authz-policy`.
+//! - [`transport`]: the gateway's own connections (ACS, IMS, a PostgreSQL ledger) over verified
+//!   TLS.
 //! - [`gate`]: the layer in front of every service that authenticates each call, applies the
 //!   caller's rate, and hands the handlers a [`Caller`] to check permissions against.
 //!
@@ -15,6 +17,7 @@ pub mod gate;
 pub mod identity;
 pub mod policy;
 pub mod tls;
+pub mod transport;
 mod watched;
 
 use std::path::PathBuf;
@@ -27,24 +30,6 @@ pub use policy::{Permission, Permissions, Policy};
 pub use watched::RELOAD_INTERVAL;
 
 use watched::Watched;
-
-/// Whether `url` names this machine (a loopback address or `localhost`): the one place where
-/// traffic may go unencrypted (the emulator, a local PostgreSQL). For schemes the URL standard
-/// does not know (`postgres://`) the host is opaque text, so addresses are parsed here.
-pub fn is_loopback(url: &url::Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(host)) => {
-            let bare = host.trim_start_matches('[').trim_end_matches(']');
-            host.eq_ignore_ascii_case("localhost")
-                || bare
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        }
-        None => false,
-    }
-}
 
 /// The caller of one call to the CCPA service, as the gate established it. The gate puts it in
 /// every such request's extensions; a request without one is refused (deny by default).
@@ -139,6 +124,9 @@ pub struct AccessControl {
     /// What they may do: required with `mtls` and `header:` identities, unused with
     /// self-declared ones.
     pub policy: Option<Arc<PolicySource>>,
+    /// Calls other than health need a client certificate (a client CA is set), whatever the
+    /// identity mode.
+    pub client_certificate_required: bool,
 }
 
 impl AccessControl {
@@ -147,34 +135,7 @@ impl AccessControl {
         Self {
             mode: IdentityMode::SelfDeclared,
             policy: None,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback_hosts_are_recognised_whatever_the_scheme() {
-        for url in [
-            "http://127.0.0.1:8080",
-            "http://localhost:1",
-            "http://[::1]:1",
-            "postgres://postgres@127.0.0.1:5432/test",
-            "postgres://u@[::1]/db",
-            "postgresql://localhost/db",
-        ] {
-            assert!(is_loopback(&url::Url::parse(url).unwrap()), "{url}");
-        }
-        for url in [
-            "http://10.0.0.1",
-            "https://mc.adobe.io",
-            "postgres://db.corp.example/x",
-            "postgres://10.1.2.3/x",
-            "postgres://127.0.0.1.corp.example/x",
-        ] {
-            assert!(!is_loopback(&url::Url::parse(url).unwrap()), "{url}");
+            client_certificate_required: false,
         }
     }
 }

@@ -209,7 +209,14 @@ pub fn load(paths: &[PathBuf]) -> Result<Policy, String> {
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot be read ({e})", path.display()))?;
-    Policy::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    let policy = Policy::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if policy.is_empty() {
+        tracing::warn!(
+            file = %path.display(),
+            "the policy names no caller: every call but health is denied"
+        );
+    }
+    Ok(policy)
 }
 
 #[cfg(test)]

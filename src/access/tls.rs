@@ -29,12 +29,66 @@ use tonic::transport::server::Connected;
 
 use super::watched::Watched;
 
-/// The longest a client may take to complete its handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a client may take to complete its handshake (a few round trips on a data-centre
+/// network take milliseconds).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Handshakes in progress at once: a flood of connections that never finish their handshake
 /// holds at most this many tasks.
 const MAX_HANDSHAKES: usize = 1024;
+
+/// Handshakes in progress at once from one address: one host holding silent sockets open
+/// cannot take every slot from the others (health probes included).
+const MAX_HANDSHAKES_PER_PEER: usize = 32;
+
+/// The handshakes in progress, in all and per peer address.
+#[derive(Default)]
+struct Handshakes {
+    per_peer: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// A slot taken by one handshake; given back when dropped.
+struct HandshakeSlot {
+    handshakes: Arc<Handshakes>,
+    peer: std::net::IpAddr,
+}
+
+impl Handshakes {
+    fn take(self: &Arc<Self>, peer: std::net::IpAddr) -> Option<HandshakeSlot> {
+        let mut per_peer = self.lock();
+        let total: usize = per_peer.values().sum();
+        let mine = per_peer.entry(peer).or_insert(0);
+        if total >= MAX_HANDSHAKES || *mine >= MAX_HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *mine += 1;
+        Some(HandshakeSlot {
+            handshakes: self.clone(),
+            peer,
+        })
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        // Counts only: a panic cannot leave them worse than off by one.
+        self.per_peer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut per_peer = self.handshakes.lock();
+        if let Some(count) = per_peer.get_mut(&self.peer) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
 
 /// The files TLS is served from.
 #[derive(Debug, Clone)]
@@ -255,7 +309,7 @@ pub fn incoming(
     stop: CancellationToken,
 ) -> impl Stream<Item = io::Result<Connection>> {
     let (sender, receiver) = tokio::sync::mpsc::channel::<io::Result<Connection>>(64);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let handshakes = Arc::new(Handshakes::default());
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -286,14 +340,14 @@ pub fn incoming(
                 }
                 continue;
             };
-            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            let Some(slot) = handshakes.take(remote.ip()) else {
                 tracing::warn!("too many TLS handshakes in progress; connection dropped");
                 continue;
             };
             let acceptor = tls.acceptor();
             let sender = sender.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _slot = slot;
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
                 let stream = match handshake.await {
                     Ok(Ok(stream)) => stream,

@@ -7,7 +7,7 @@
 //! a symlink. A new version that does not load keeps the old value in force, and is logged.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
@@ -50,12 +50,11 @@ pub struct Watched<T> {
     what: &'static str,
     paths: Vec<PathBuf>,
     load: Loader<T>,
-    state: Mutex<State<T>>,
-}
-
-struct State<T> {
-    stamps: Vec<Option<Stamp>>,
-    current: Arc<T>,
+    /// Read on every call or handshake: a read lock, so that readers never wait for each other.
+    current: RwLock<Arc<T>>,
+    /// The files' stamps when last loaded; held through a reload, so that two reloads never
+    /// race.
+    stamps: Mutex<Vec<Option<Stamp>>>,
 }
 
 impl<T: Send + Sync + 'static> Watched<T> {
@@ -67,17 +66,17 @@ impl<T: Send + Sync + 'static> Watched<T> {
             what,
             paths,
             load,
-            state: Mutex::new(State { stamps, current }),
+            current: RwLock::new(current),
+            stamps: Mutex::new(stamps),
         })
     }
 
     /// The value in force.
     pub fn current(&self) -> Arc<T> {
         // The lock is only held to copy or replace an `Arc`; a panic cannot leave it half done.
-        self.state
-            .lock()
+        self.current
+            .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .current
             .clone()
     }
 
@@ -86,18 +85,14 @@ impl<T: Send + Sync + 'static> Watched<T> {
     /// the next change is tried again.
     pub fn refresh(&self) -> bool {
         let stamps: Vec<Option<Stamp>> = self.paths.iter().map(|p| stamp(p)).collect();
-        {
-            let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            if state.stamps == stamps {
-                return false;
-            }
+        let mut last = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
+        if *last == stamps {
+            return false;
         }
-        let loaded = (self.load)(&self.paths);
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.stamps = stamps;
-        match loaded {
+        *last = stamps;
+        match (self.load)(&self.paths) {
             Ok(value) => {
-                state.current = Arc::new(value);
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(value);
                 tracing::info!(files = self.what, "reloaded after a change on disk");
                 true
             }

@@ -18,7 +18,7 @@ use tonic::{Code, Status, Streaming};
 use tonic_types::StatusExt;
 
 use super::opt_out::SetRequest;
-use super::service::{CcpaApi, authorize_change, to_completion};
+use super::service::{CcpaApi, authorize_set, to_completion};
 use super::validation::Violations;
 use crate::access::Caller;
 use crate::proto::ccpa_v1::{BulkSetOptOutRequest, BulkSetOptOutResponse, ItemError};
@@ -181,7 +181,7 @@ impl CcpaApi {
         };
         let given_id = request.request_id.clone();
         // A denied item is that item's answer; the stream goes on.
-        if let Err(status) = authorize_change("BulkSetOptOut", caller, request.ccpa_opt_out) {
+        if let Err(status) = authorize_set("BulkSetOptOut", caller, &request) {
             return failed(given_id, &status);
         }
         let parsed = match SetRequest::parse(request, caller, metadata) {

@@ -182,6 +182,24 @@ pub(super) fn authorize(rpc: &str, caller: &Caller, permission: Permission) -> R
     })
 }
 
+/// Authorizes a SetOptOut (or a bulk item): the change itself, and by email also
+/// `read-by-email` (the answer tells whether the address is a customer's, and names its
+/// profiles), and `create-profile` with `create_if_missing`.
+pub(super) fn authorize_set(
+    rpc: &str,
+    caller: &Caller,
+    request: &SetOptOutRequest,
+) -> Result<(), Status> {
+    authorize_change(rpc, caller, request.ccpa_opt_out)?;
+    if !request.email.is_empty() {
+        authorize(rpc, caller, Permission::ReadByEmail)?;
+    }
+    if request.create_if_missing {
+        authorize(rpc, caller, Permission::CreateProfile)?;
+    }
+    Ok(())
+}
+
 /// Authorizes a change of the opt-out: `opt-out` to set it, `opt-in` to clear it. Without a
 /// value (which validation then refuses), either will do.
 pub(super) fn authorize_change(
@@ -266,7 +284,7 @@ impl CcpaService for CcpaApi {
         let api = self.clone();
         let work = async move {
             let caller = caller?;
-            authorize_change("SetOptOut", &caller, request.ccpa_opt_out)?;
+            authorize_set("SetOptOut", &caller, &request)?;
             to_completion(async move { api.set(request, &caller, &metadata, deadline).await }).await
         };
         observed("SetOptOut", work).await

@@ -310,35 +310,6 @@ impl std::fmt::Debug for Ledger {
     }
 }
 
-/// Refuses a PostgreSQL ledger on another host unless its certificate is verified: the ledger
-/// holds who asked not to be sold, and its credentials travel with every connection.
-fn require_verified_tls(location: &str) -> Result<(), LedgerError> {
-    let url = url::Url::parse(location)
-        .map_err(|e| LedgerError::Location(format!("not a postgres:// URL: {e}")))?;
-    let query = |key: &str| {
-        url.query_pairs()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.into_owned())
-    };
-    let local = match url.host() {
-        // A Unix socket (`postgres:///db?host=/run/postgresql`) never leaves the machine.
-        None => query("host").is_none_or(|host| host.starts_with('/')),
-        Some(_) => crate::access::is_loopback(&url) && query("host").is_none(),
-    };
-    let verified = matches!(
-        query("sslmode").as_deref(),
-        Some("verify-full" | "verify-ca")
-    );
-    if local || verified {
-        return Ok(());
-    }
-    Err(LedgerError::Location(
-        "a PostgreSQL ledger on another host must be reached over verified TLS: add \
-         sslmode=verify-full (and sslrootcert=<CA file>) to the URL"
-            .into(),
-    ))
-}
-
 impl Ledger {
     /// Opens the ledger at `location` (a file path, `sqlite::memory:`, or a `postgres://` URL),
     /// creating it if needed, and brings its schema up to date.
@@ -346,7 +317,8 @@ impl Ledger {
         sqlx::any::install_default_drivers();
         let (url, backend) =
             if location.starts_with("postgres://") || location.starts_with("postgresql://") {
-                require_verified_tls(location)?;
+                crate::access::transport::require_verified_postgres(location)
+                    .map_err(LedgerError::Location)?;
                 (location.to_owned(), Backend::Postgres)
             } else if location == "sqlite::memory:" {
                 ("sqlite::memory:".to_owned(), Backend::Sqlite)

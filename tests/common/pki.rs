@@ -27,6 +27,8 @@ pub enum Name<'a> {
     Uri(&'a str),
     /// A DNS SAN only.
     Dns(&'a str),
+    /// No subject alternative name at all.
+    Nothing,
 }
 
 impl Ca {
@@ -74,6 +76,7 @@ impl Ca {
             Name::Dns(dns) => params
                 .subject_alt_names
                 .push(SanType::DnsName(dns.try_into().unwrap())),
+            Name::Nothing => {}
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.sign(params)
