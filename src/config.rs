@@ -405,9 +405,7 @@ impl LedgerSettings {
     pub const DEFAULT_FILE: &'static str = "ccpa-ledger.sqlite3";
 }
 
-/// 24 months: 731 days, the longest any 24 months can be (when they hold a 29 February), so that
-/// a record is never pruned a day early.
-pub const MIN_RETENTION: Duration = Duration::from_secs(731 * 24 * 3600);
+pub use crate::ledger::MIN_RETENTION;
 
 /// Parses a retention period, refusing less than [`MIN_RETENTION`].
 pub fn retention(text: &str) -> Result<Duration, String> {

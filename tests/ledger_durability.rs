@@ -110,6 +110,91 @@ async fn killed_gateways_lose_nothing(store: Store) {
     gateway.kill().await;
 }
 
+/// Many SetOptOuts in flight at once (so that commits carry many of them), and the gateway
+/// killed in the middle: every request it acknowledged is in the ledger afterwards, as it was
+/// acknowledged.
+async fn a_kill_among_concurrent_writes_loses_no_acknowledged_request(store: Store) {
+    const CALLS: usize = 400;
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let gateway = GatewayProcess::start_with(
+        &emulator,
+        &store.location,
+        &["--acs-max-rps", "100000", "--acs-max-queued", "100000"],
+        "warn,ccpa_gateway::cli=info",
+    )
+    .await;
+    let pkeys: Vec<String> = (0..CALLS)
+        .map(|_| emulator.insert_profile(NewProfile::default()))
+        .collect();
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (enough, mut reached) = tokio::sync::watch::channel(false);
+    let calls: Vec<_> = pkeys
+        .iter()
+        .enumerate()
+        .map(|(i, pkey)| {
+            let mut client = gateway.client.clone();
+            let acknowledged = acknowledged.clone();
+            let enough = enough.clone();
+            let request = SetOptOutRequest {
+                pkey: pkey.clone(),
+                ccpa_opt_out: Some(true),
+                request_id: format!("concurrent-{i}"),
+                source: RequestSource::WebForm as i32,
+                ..Default::default()
+            };
+            tokio::spawn(async move {
+                let mut call = tonic::Request::new(request);
+                call.set_timeout(Duration::from_secs(20));
+                if let Ok(answer) = client.set_opt_out(call).await {
+                    let answer = answer.into_inner();
+                    let mut acknowledged = acknowledged.lock().unwrap();
+                    acknowledged.push((answer.request_id, answer.state));
+                    if acknowledged.len() >= CALLS / 4 {
+                        let _ = enough.send(true);
+                    }
+                }
+            })
+        })
+        .collect();
+    reached.wait_for(|reached| *reached).await.unwrap();
+    gateway.kill().await;
+    for call in calls {
+        call.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() < CALLS,
+        "the kill came after every call was answered: nothing was in flight"
+    );
+
+    let mut gateway = GatewayProcess::start(&emulator, &store.location).await;
+    for (request_id, state) in &acknowledged {
+        let recorded = record(&mut gateway.client, request_id).await;
+        if *state == DeliveryState::Applied as i32 {
+            assert_eq!(recorded.state, *state, "{request_id}: {recorded:?}");
+        } else {
+            assert_ne!(recorded.state, DeliveryState::Failed as i32, "{recorded:?}");
+        }
+    }
+    gateway.kill().await;
+}
+
+mod a_kill_among_concurrent_writes_loses_no_acknowledged_request {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::a_kill_among_concurrent_writes_loses_no_acknowledged_request(super::Store::sqlite())
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::a_kill_among_concurrent_writes_loses_no_acknowledged_request(
+            super::Store::postgres().await,
+        )
+        .await;
+    }
+}
+
 mod killed_gateways_lose_nothing {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite() {

@@ -66,7 +66,7 @@ use std::time::Duration;
 use acs_profile_client::{ApiError, CallError, Failure, retry_after};
 
 use crate::access::Permission;
-use crate::ledger::{LedgerError, Record};
+use crate::ledger::{FailureCode, LedgerError, Record};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -110,7 +110,7 @@ impl UpstreamError {
     /// (it holds the key) or a header. (`Debug` would show all of those.)
     pub fn reason(&self) -> String {
         match self {
-            Self::Call(call) => failure_reason(call),
+            Self::Call(call) => call.reason(),
             Self::EmptyCollection => "EMPTY_COLLECTION".to_owned(),
             Self::MissingField(field) => format!("MISSING_FIELD {field}"),
         }
@@ -146,67 +146,67 @@ fn mapping(failure: &Failure) -> Mapping {
     let (code, reason, message, severity) = match failure {
         Failure::NotFound | Failure::UnparsableKey => (
             Code::NotFound,
-            "PROFILE_NOT_FOUND",
+            failure.name(),
             "no profile has this key in the configured Adobe Campaign tenant",
             Expected,
         ),
         Failure::Conflict => (
             Code::AlreadyExists,
-            "PROFILE_CONFLICT",
+            failure.name(),
             "Adobe Campaign reported a conflicting profile",
             Expected,
         ),
         Failure::Transient { .. } => (
             Code::Unavailable,
-            "ACS_UNAVAILABLE",
+            failure.name(),
             "Adobe Campaign is overloaded or unavailable; retry with back-off",
             Transient,
         ),
         Failure::Unreachable => (
             Code::Unavailable,
-            "ACS_UNREACHABLE",
+            failure.name(),
             "Adobe Campaign could not be reached; retry with back-off",
             Transient,
         ),
         Failure::Interrupted { .. } => (
             Code::Unavailable,
-            "ACS_INTERRUPTED",
+            failure.name(),
             "the call to Adobe Campaign was interrupted; it may or may not have taken effect",
             Transient,
         ),
         Failure::MalformedResponse => (
             Code::Unavailable,
-            "ACS_MALFORMED_RESPONSE",
+            failure.name(),
             "Adobe Campaign's answer could not be read; the call may or may not have taken effect",
             Transient,
         ),
         Failure::NoToken => (
             Code::Unavailable,
-            "ACS_TOKEN_UNAVAILABLE",
+            failure.name(),
             "the gateway could not obtain an access token for Adobe Campaign; retry with back-off",
             Operator,
         ),
         Failure::TokenRejected | Failure::AccessDenied => (
             Code::Internal,
-            "ACS_CREDENTIALS_REJECTED",
+            failure.name(),
             "the gateway's credentials for Adobe Campaign were refused; operators are alerted",
             Operator,
         ),
         Failure::Refused { .. } => (
             Code::Internal,
-            "ACS_REFUSED_REQUEST",
+            failure.name(),
             "Adobe Campaign refused the request",
             Operator,
         ),
         Failure::ServerError { .. } => (
             Code::Internal,
-            "ACS_SERVER_ERROR",
+            failure.name(),
             "Adobe Campaign failed to process the request",
             Operator,
         ),
         Failure::InvalidRequest => (
             Code::Internal,
-            "GATEWAY_MISCONFIGURED",
+            failure.name(),
             "the gateway could not build a valid request to Adobe Campaign; check its credentials",
             Operator,
         ),
@@ -284,13 +284,13 @@ pub fn gateway_status(code: Code, reason: &str, message: &str) -> Status {
 /// The answer to a replayed request id whose request FAILED: the code the caller was given the
 /// first time, and the recorded basis.
 pub fn replayed_failure(record: &Record) -> Status {
-    let code = match record.failure_code.as_deref() {
-        Some("NOT_FOUND") => Code::NotFound,
-        Some("ALREADY_EXISTS") => Code::AlreadyExists,
-        Some("INTERNAL") => Code::Internal,
-        Some("DEADLINE_EXCEEDED") => Code::DeadlineExceeded,
-        Some("FAILED_PRECONDITION") => Code::FailedPrecondition,
-        _ => Code::Unavailable,
+    let code = match record.failure_code {
+        Some(FailureCode::ProfileNotFound) => Code::NotFound,
+        Some(FailureCode::ProfileConflict) => Code::AlreadyExists,
+        Some(FailureCode::Internal) => Code::Internal,
+        Some(FailureCode::DeadlinePassed) => Code::DeadlineExceeded,
+        Some(FailureCode::TooManyProfiles) => Code::FailedPrecondition,
+        Some(FailureCode::Unavailable) | None => Code::Unavailable,
     };
     let metadata = HashMap::from([("request_id".to_owned(), record.request_id.clone())]);
     let details = ErrorDetails::with_error_info("REQUEST_FAILED", ERROR_DOMAIN, metadata);
@@ -304,30 +304,18 @@ pub fn replayed_failure(record: &Record) -> Status {
     Status::with_error_details(code, message, details)
 }
 
-/// The gRPC code name a status is recorded under, for replays.
-pub fn code_name(code: Code) -> &'static str {
+/// What the ledger records of a failed call's status, so that a replay answers the same (see
+/// [`replayed_failure`]). A status that asks the caller to come back later (UNAVAILABLE,
+/// RESOURCE_EXHAUSTED, and any other) is recorded as unavailable: such a request did nothing and
+/// may be tried again under its id.
+pub fn ledger_failure(code: Code) -> FailureCode {
     match code {
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::Internal => "INTERNAL",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        _ => "UNAVAILABLE",
-    }
-}
-
-/// The `ErrorInfo` reason of a failed call, with the upstream HTTP status when there was one: what
-/// the ledger records as a request's last error. Never a body.
-pub fn failure_reason(error: &CallError) -> String {
-    match error {
-        CallError::Api(e) => {
-            let reason = mapping(&Failure::classify(e)).reason;
-            match e.status() {
-                Some(status) => format!("{reason} (HTTP {})", status.as_u16()),
-                None => reason.to_owned(),
-            }
-        }
-        CallError::DeadlineExceeded => "DEADLINE_EXCEEDED".to_owned(),
-        CallError::Throttled => "ACS_CALL_QUEUE_FULL".to_owned(),
+        Code::NotFound => FailureCode::ProfileNotFound,
+        Code::AlreadyExists => FailureCode::ProfileConflict,
+        Code::Internal => FailureCode::Internal,
+        Code::DeadlineExceeded => FailureCode::DeadlinePassed,
+        Code::FailedPrecondition => FailureCode::TooManyProfiles,
+        _ => FailureCode::Unavailable,
     }
 }
 

@@ -8,7 +8,7 @@ use tonic::{Code, Status};
 
 use super::convert::delivery_state;
 use super::error_mapping::{
-    UpstreamError, code_name, failure_reason, gateway_status, ledger_status, replayed_failure,
+    UpstreamError, gateway_status, ledger_failure, ledger_status, replayed_failure,
     too_many_profiles, upstream_status,
 };
 use super::service::{
@@ -18,7 +18,7 @@ use super::validation::{RESERVED_REQUEST_ID_SEPARATOR, Violations, request_id_co
 use crate::access::Caller;
 use crate::ledger::delivery::Attempt;
 use crate::ledger::{
-    Kind, NewRequest, Outcome, Record, Recorded, Source, State, fingerprint, now_ms,
+    FailureCode, Kind, NewRequest, Outcome, Record, Recorded, Source, State, fingerprint, now_ms,
 };
 use crate::proto::ccpa_v1::{
     DeliveryState, GetOptOutRequest, GetOptOutResponse, ProfileDelivery, ProfileOptOut,
@@ -473,13 +473,13 @@ impl CcpaApi {
                     UpstreamError::Call(call) => format!(
                         "the profiles of this email could not be looked up ({}); the caller was \
                          told and must retry",
-                        failure_reason(call)
+                        call.reason()
                     ),
                     other => {
                         format!("the profiles of this email could not be looked up ({other:?})")
                     }
                 };
-                self.fail_parent(&request.request_id, &reason, code_name(status.code()))
+                self.fail_parent(&request.request_id, &reason, ledger_failure(status.code()))
                     .await?;
                 return Err(status);
             }
@@ -490,7 +490,7 @@ impl CcpaApi {
                 self.fail_parent(
                     &request.request_id,
                     "no profile has this email address",
-                    "NOT_FOUND",
+                    FailureCode::ProfileNotFound,
                 )
                 .await?;
                 return Err(gateway_status(
@@ -507,7 +507,7 @@ impl CcpaApi {
                 &request.request_id,
                 "more profiles have this email address than --max-profiles-per-email allows; \
                  nothing was changed",
-                code_name(Code::FailedPrecondition),
+                FailureCode::TooManyProfiles,
             )
             .await?;
             return Err(too_many_profiles(self.max_profiles_per_email));
@@ -520,7 +520,7 @@ impl CcpaApi {
                 self.fail_parent(
                     &request.request_id,
                     "ACS listed a profile of this email without its key; nothing was changed",
-                    code_name(status.code()),
+                    ledger_failure(status.code()),
                 )
                 .await?;
                 return Err(status);
@@ -576,7 +576,7 @@ impl CcpaApi {
             Some(status) => Outcome::Failed {
                 reason: "not every profile of this email could be recorded (those recorded are \
                          delivered); the caller was told and must retry",
-                code: code_name(status.code()),
+                code: ledger_failure(status.code()),
             },
         };
         self.ledger()
@@ -625,7 +625,7 @@ impl CcpaApi {
             Ok(_) => Outcome::Applied { pkey: None },
             Err(status) => Outcome::Failed {
                 reason: "the profile for this email could not be created",
-                code: code_name(status.code()),
+                code: ledger_failure(status.code()),
             },
         };
         self.ledger()
@@ -649,7 +649,12 @@ impl CcpaApi {
         })
     }
 
-    async fn fail_parent(&self, request_id: &str, reason: &str, code: &str) -> Result<(), Status> {
+    async fn fail_parent(
+        &self,
+        request_id: &str,
+        reason: &str,
+        code: FailureCode,
+    ) -> Result<(), Status> {
         self.ledger()
             .settle(request_id, Outcome::Failed { reason, code }, true, None)
             .await

@@ -7,7 +7,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
 use super::error_mapping::{
-    UpstreamError, code_name, gateway_status, ledger_status, replayed_failure, upstream_status,
+    UpstreamError, gateway_status, ledger_failure, ledger_status, replayed_failure, upstream_status,
 };
 use super::opt_out::request_id_or_new;
 use super::service::{CcpaApi, Deadline, OptOutState, recorded_caller};
@@ -143,14 +143,14 @@ impl CcpaApi {
                 let reason = format!(
                     "Adobe Campaign did not create the profile ({}); the caller was told and \
                      must retry",
-                    code_name(status.code())
+                    ledger_failure(status.code()).as_str()
                 );
                 self.ledger()
                     .settle(
                         &record.request_id,
                         Outcome::Failed {
                             reason: &reason,
-                            code: code_name(status.code()),
+                            code: ledger_failure(status.code()),
                         },
                         true,
                         None,

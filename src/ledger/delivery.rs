@@ -11,8 +11,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::clock::business_days_before;
-use super::{Claim, Ledger, LedgerError, Outcome, Record, now_ms};
-use crate::api::error_mapping::failure_reason;
+use super::{Claim, FailureCode, Ledger, LedgerError, Outcome, Record, now_ms};
 use crate::health::{CredentialSignal, GatewayHealth};
 
 /// How the deliverer works.
@@ -43,7 +42,7 @@ impl Default for DeliverySettings {
             poll_interval: Duration::from_secs(1),
             attempt_budget: Duration::from_secs(10),
             overdue_after_business_days: 5,
-            retention: crate::config::MIN_RETENTION,
+            retention: super::MIN_RETENTION,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             clock_interval: Duration::from_secs(60),
@@ -159,7 +158,7 @@ impl Delivery {
                         &record.request_id,
                         Outcome::Failed {
                             reason: PROFILE_NOT_FOUND,
-                            code: "NOT_FOUND",
+                            code: FailureCode::ProfileNotFound,
                         },
                         answered,
                         release,
@@ -184,7 +183,7 @@ impl Delivery {
                     .settle(
                         &record.request_id,
                         Outcome::Retry {
-                            error: &failure_reason(&error),
+                            error: &error.reason(),
                             next_attempt_at,
                             attempted,
                         },

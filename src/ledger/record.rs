@@ -54,6 +54,39 @@ pub enum Kind {
     SetByEmail,
 }
 
+/// Why a request FAILED, in the ledger's own words: what the caller was told, kept so that a
+/// replay of the request id is told the same. (Stored under the names of the gRPC codes the
+/// gateway answers them with, which is what earlier versions stored.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureCode {
+    /// The profile (or any profile with the address) does not exist.
+    ProfileNotFound,
+    /// ACS reported a conflict, creating a profile.
+    ProfileConflict,
+    /// ACS could not be reached or did not answer in time; the caller must retry.
+    Unavailable,
+    /// The call's deadline passed first; the caller must retry.
+    DeadlinePassed,
+    /// More profiles have the address than the gateway works on at once.
+    TooManyProfiles,
+    /// Anything else: a failure the caller cannot fix by retrying.
+    Internal,
+}
+
+impl FailureCode {
+    /// Whether the failure was transient: the request did nothing, and may be tried again under
+    /// its id.
+    pub fn is_transient(self) -> bool {
+        matches!(self, Self::Unavailable | Self::DeadlinePassed)
+    }
+}
+
+impl Serialize for FailureCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 macro_rules! stored_names {
     ($type:ty { $($variant:ident => $name:literal),+ $(,)? }) => {
         impl $type {
@@ -91,6 +124,15 @@ stored_names!(State {
     Applied => "APPLIED",
     Failed => "FAILED",
     Superseded => "SUPERSEDED",
+});
+
+stored_names!(FailureCode {
+    ProfileNotFound => "NOT_FOUND",
+    ProfileConflict => "ALREADY_EXISTS",
+    Unavailable => "UNAVAILABLE",
+    DeadlinePassed => "DEADLINE_EXCEEDED",
+    TooManyProfiles => "FAILED_PRECONDITION",
+    Internal => "INTERNAL",
 });
 
 stored_names!(Kind {
@@ -134,8 +176,8 @@ pub struct Record {
     pub last_error: Option<String>,
     /// For FAILED: the basis of the response.
     pub failure_reason: Option<String>,
-    /// For FAILED: the gRPC code the caller was given, for replays.
-    pub failure_code: Option<String>,
+    /// For FAILED: what the caller was told, for replays.
+    pub failure_code: Option<FailureCode>,
     /// For SUPERSEDED: the newer request that overtook it.
     pub superseded_by: Option<String>,
     /// The request made by email this one is a part of.
@@ -169,7 +211,9 @@ impl Record {
             next_attempt_at: number("next_attempt_at")?,
             last_error: optional_text("last_error")?,
             failure_reason: optional_text("failure_reason")?,
-            failure_code: optional_text("failure_code")?,
+            failure_code: optional_text("failure_code")?
+                .map(|code| FailureCode::parse(&code))
+                .transpose()?,
             superseded_by: optional_text("superseded_by")?,
             parent_request_id: optional_text("parent_request_id")?,
             fingerprint: optional_text("fingerprint")?,

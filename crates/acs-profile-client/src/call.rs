@@ -78,6 +78,24 @@ pub enum CallError {
     Throttled,
 }
 
+impl CallError {
+    /// What went wrong, by name ([`Failure::name`]), with the HTTP status when ACS answered
+    /// one: for logs and records. Never a body.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Api(error) => {
+                let name = Failure::classify(error).name();
+                match error.status() {
+                    Some(status) => format!("{name} (HTTP {})", status.as_u16()),
+                    None => name.to_owned(),
+                }
+            }
+            Self::DeadlineExceeded => "DEADLINE_EXCEEDED".to_owned(),
+            Self::Throttled => "ACS_CALL_QUEUE_FULL".to_owned(),
+        }
+    }
+}
+
 impl From<ApiError> for CallError {
     fn from(error: ApiError) -> Self {
         Self::Api(error)

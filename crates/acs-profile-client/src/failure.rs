@@ -113,6 +113,26 @@ impl Failure {
         }
     }
 
+    /// A stable name for this kind of failure, such as `ACS_UNAVAILABLE`: what a service built
+    /// on this client reports as its error's reason, and what a record of the call keeps. Never
+    /// a body, which can quote personal data.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::NotFound | Self::UnparsableKey => "PROFILE_NOT_FOUND",
+            Self::Conflict => "PROFILE_CONFLICT",
+            Self::Transient { .. } => "ACS_UNAVAILABLE",
+            Self::Unreachable => "ACS_UNREACHABLE",
+            Self::Interrupted { .. } => "ACS_INTERRUPTED",
+            Self::MalformedResponse => "ACS_MALFORMED_RESPONSE",
+            Self::NoToken => "ACS_TOKEN_UNAVAILABLE",
+            Self::TokenRejected | Self::AccessDenied => "ACS_CREDENTIALS_REJECTED",
+            Self::Refused { .. } => "ACS_REFUSED_REQUEST",
+            Self::ServerError { .. } => "ACS_SERVER_ERROR",
+            // The request never left: the client's configuration (its credentials) is at fault.
+            Self::InvalidRequest => "GATEWAY_MISCONFIGURED",
+        }
+    }
+
     /// Whether the same call may succeed if made again unchanged. Only calls that are safe to
     /// repeat (reads, and writes of an absolute value) should be retried, and a creation only
     /// after [`Failure::Unreachable`].

@@ -1,0 +1,294 @@
+//! Intake: recording a request, durably, before anything else is done with it.
+
+use sqlx::{AnyConnection, Connection, Executor};
+
+use super::leases::claim_lease;
+use super::queries::fetch_record;
+use super::{
+    Backend, Claim, FailureCode, Kind, Ledger, LedgerError, PendingHint, Record, Source, State,
+    now_ms,
+};
+
+/// A request to record.
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    /// The request's id (the caller's, or generated).
+    pub request_id: String,
+    /// The call making it.
+    pub kind: Kind,
+    /// The profile's key; `None` for a creation.
+    pub pkey: Option<String>,
+    /// The requested value.
+    pub opt_out: bool,
+    /// How the consumer made it.
+    pub source: Source,
+    /// When the consumer made it, if the caller said.
+    pub received_at: Option<i64>,
+    /// The calling service.
+    pub caller: String,
+    /// How long the call itself has to apply it before the deliverer may take over.
+    pub first_attempt_window_ms: i64,
+    /// The request made by email this one is a part of.
+    pub parent_request_id: Option<String>,
+    /// A digest of what the request holds but the ledger does not keep (an email address, a
+    /// name), so that its id replayed with other content is told apart: see [`fingerprint`].
+    pub fingerprint: Option<String>,
+}
+
+/// A digest of content the ledger must not keep, to tell a replay from a conflicting reuse of
+/// its request id. Salted with the request id, so that one address gives unrelated digests in
+/// different records and a table of digests cannot be joined across requests; SHA-256, so the
+/// content cannot be read back from it (a guess at an address can still be checked against one
+/// record, as it could against the profile in ACS).
+pub fn fingerprint(request_id: &str, parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    digest.update(b"ccpa-gateway request fingerprint v1");
+    for part in std::iter::once(request_id).chain(parts.iter().copied()) {
+        // Length-prefixed, so that ("ab", "c") and ("a", "bc") differ.
+        digest.update((part.len() as u64).to_be_bytes());
+        digest.update(part.as_bytes());
+    }
+    digest
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// What recording a request did.
+#[derive(Debug)]
+pub enum Recorded {
+    /// A new record. It is SUPERSEDED already if a newer request for the profile was recorded
+    /// before it.
+    New(Record),
+    /// The request id was recorded before, for the same request: nothing changed.
+    Replay(Record),
+    /// The request id was recorded before, for a different request.
+    Conflict(Record),
+}
+
+impl Ledger {
+    /// Records a request, durably, unless its id was recorded before. A new request overtaken by
+    /// a newer one recorded earlier is SUPERSEDED at once; older pending requests for the same
+    /// profile are SUPERSEDED by it. With `claim`, a new pending request also takes its
+    /// profile's lease when it is free, in the same transaction (one write to disk for both).
+    pub async fn record(
+        &self,
+        request: &NewRequest,
+        claim: Option<&Claim>,
+    ) -> Result<(Recorded, bool), LedgerError> {
+        let request = request.clone();
+        let claim = claim.cloned();
+        let hint = self.pending.clone();
+        let backend = self.backend;
+        self.write(move |connection| {
+            Box::pin(async move {
+                record_unit(connection, &request, claim.as_ref(), &hint, backend).await
+            })
+        })
+        .await
+    }
+
+    /// Records that the caller is being answered now, if it was not before.
+    pub async fn mark_answered(&self, request_id: &str) -> Result<(), LedgerError> {
+        let request_id = request_id.to_owned();
+        self.write(move |connection| {
+            Box::pin(async move {
+                sqlx::query(
+                    "UPDATE opt_out_records SET answered_at = COALESCE(answered_at, $1) \
+                     WHERE request_id = $2",
+                )
+                .bind(now_ms())
+                .bind(&request_id)
+                .execute(&mut *connection)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+}
+
+/// [`Ledger::record`]'s unit of work.
+pub(super) async fn record_unit(
+    connection: &mut AnyConnection,
+    request: &NewRequest,
+    claim: Option<&Claim>,
+    hint: &PendingHint,
+    backend: Backend,
+) -> Result<(Recorded, bool), LedgerError> {
+    let now = now_ms();
+    let mut tx = connection.begin().await?;
+    if let Some(pkey) = &request.pkey {
+        // Inside the write, before it commits: no read after the commit can skip this profile,
+        // and a refresh of the hint either sees this write or runs before it noted.
+        hint.note(pkey);
+    }
+    if let (Backend::Postgres, Some(pkey)) = (backend, &request.pkey) {
+        // Requests for one profile are recorded one at a time, so that each sees the others.
+        // (SQLite has one writer at a time anyway.)
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))::text")
+            .bind(pkey)
+            .fetch_one(&mut *tx)
+            .await?;
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO opt_out_records (request_id, kind, pkey, opt_out, source, received_at, \
+             received_at_given, recorded_at, caller, state, attempts, next_attempt_at, \
+             parent_request_id, fingerprint) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PENDING', 0, $10, $11, $12) \
+             ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(&request.request_id)
+    .bind(request.kind.as_str())
+    .bind(&request.pkey)
+    .bind(i64::from(request.opt_out))
+    .bind(request.source.as_str())
+    .bind(request.received_at.unwrap_or(now))
+    .bind(i64::from(request.received_at.is_some()))
+    .bind(now)
+    .bind(&request.caller)
+    .bind(now + request.first_attempt_window_ms)
+    .bind(&request.parent_request_id)
+    .bind(&request.fingerprint)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+
+    if inserted == 0 {
+        let existing = fetch_record(&mut *tx, &request.request_id)
+            .await?
+            .ok_or_else(|| LedgerError::Corrupt("a conflicting id vanished".into()))?;
+        if !same_request(&existing, request) {
+            tx.commit().await?;
+            return Ok((Recorded::Conflict(existing), false));
+        }
+        if reopenable(&existing) && !has_children(&mut *tx, &request.request_id).await? {
+            // A request by email that failed before reaching any profile (its lookup could
+            // not be made, or the gateway stopped first) did nothing: its replay tries it
+            // again, so that a caller (or a re-run file) can complete it under the same id.
+            // The earlier failure stays in `last_error` and `attempts`.
+            sqlx::query(
+                "UPDATE opt_out_records SET state = 'PENDING', resolved_at = NULL, \
+                     last_error = failure_reason, failure_reason = NULL, failure_code = NULL, \
+                     attempts = attempts + 1 WHERE request_id = $1 AND state = 'FAILED'",
+            )
+            .bind(&request.request_id)
+            .execute(&mut *tx)
+            .await?;
+            let reopened = fetch_record(&mut *tx, &request.request_id)
+                .await?
+                .ok_or_else(|| LedgerError::Corrupt("a reopened request vanished".into()))?;
+            tx.commit().await?;
+            return Ok((Recorded::New(reopened), false));
+        }
+        tx.commit().await?;
+        return Ok((Recorded::Replay(existing), false));
+    }
+
+    if let Some(pkey) = &request.pkey {
+        let received_at = request.received_at.unwrap_or(now);
+        // A newer request (pending or applied) already recorded for the profile overtakes
+        // this one.
+        let newer: Option<String> = sqlx::query_scalar(
+            "SELECT request_id FROM opt_out_records \
+                 WHERE pkey = $1 AND request_id <> $2 AND state IN ('PENDING', 'APPLIED') \
+                   AND (received_at > $3 OR (received_at = $3 AND recorded_at > $4)) \
+                 ORDER BY received_at DESC, recorded_at DESC LIMIT 1",
+        )
+        .bind(pkey)
+        .bind(&request.request_id)
+        .bind(received_at)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match newer {
+            Some(newer) => {
+                supersede(&mut *tx, &request.request_id, &newer, now, true).await?;
+            }
+            None => {
+                sqlx::query(
+                    "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = $1, \
+                         resolved_at = $2 \
+                         WHERE pkey = $3 AND state = 'PENDING' AND request_id <> $1",
+                )
+                .bind(&request.request_id)
+                .bind(now)
+                .bind(pkey)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+    }
+    let record = fetch_record(&mut *tx, &request.request_id)
+        .await?
+        .ok_or_else(|| LedgerError::Corrupt("a record vanished as it was written".into()))?;
+    let claimed = match (claim, &record.pkey) {
+        (Some(claim), Some(pkey)) if record.state == State::Pending => {
+            claim_lease(&mut *tx, pkey, claim, now).await?
+        }
+        _ => false,
+    };
+    tx.commit().await?;
+    Ok((Recorded::New(record), claimed))
+}
+
+pub(super) async fn supersede<'e, E>(
+    executor: E,
+    request_id: &str,
+    by: &str,
+    now: i64,
+    answered: bool,
+) -> Result<(), LedgerError>
+where
+    E: Executor<'e, Database = sqlx::Any>,
+{
+    sqlx::query(
+        "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = $1, resolved_at = $2, \
+         answered_at = CASE WHEN $3 = 1 THEN $2 ELSE answered_at END WHERE request_id = $4",
+    )
+    .bind(by)
+    .bind(now)
+    .bind(i64::from(answered))
+    .bind(request_id)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Whether a replayed request is the one recorded under its id. `received_at` counts only when
+/// both gave it: a retry without it must not look different because the clock moved.
+/// Whether a failed request may be tried again under its id: a request by email whose failure
+/// was transient (see [`Ledger::record`]).
+pub(super) fn reopenable(recorded: &Record) -> bool {
+    recorded.kind == Kind::SetByEmail
+        && recorded.state == State::Failed
+        && recorded.failure_code.is_some_and(FailureCode::is_transient)
+}
+
+pub(super) async fn has_children<'e, E>(executor: E, request_id: &str) -> Result<bool, LedgerError>
+where
+    E: Executor<'e, Database = sqlx::Any>,
+{
+    let children: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM opt_out_records WHERE parent_request_id = $1")
+            .bind(request_id)
+            .fetch_one(executor)
+            .await?;
+    Ok(children > 0)
+}
+
+pub(super) fn same_request(recorded: &Record, request: &NewRequest) -> bool {
+    recorded.kind == request.kind
+        && (request.kind == Kind::CreateProfile || recorded.pkey == request.pkey)
+        && recorded.opt_out == request.opt_out
+        && recorded.source == request.source
+        // Records written before fingerprints were kept have none: nothing to compare.
+        && (recorded.fingerprint.is_none() || recorded.fingerprint == request.fingerprint)
+        && match (recorded.received_at_given, request.received_at) {
+            (true, Some(at)) => recorded.received_at == at,
+            (false, Some(_)) => false,
+            (_, None) => true,
+        }
+}

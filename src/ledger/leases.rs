@@ -1,0 +1,379 @@
+//! Leases and delivery: who applies a profile's newest request, and what came of each attempt.
+
+use sqlx::{AnyConnection, Connection, Executor};
+
+use super::queries::fetch_record;
+use super::{FailureCode, Kind, Ledger, LedgerError, Record, State, now_ms};
+
+/// Who holds a profile's lease, and until when. A holder is unique to one attempt at applying,
+/// so two tasks of one process never both think they hold it.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// A name unique to this claim.
+    pub holder: String,
+    /// When the lease lapses if not given back (ms): longer than any attempt can take.
+    pub expires_at: i64,
+}
+
+impl Claim {
+    /// A new claim lasting `lease_ms` from now.
+    pub fn new(lease_ms: i64) -> Self {
+        Self {
+            holder: uuid::Uuid::new_v4().to_string(),
+            expires_at: now_ms() + lease_ms,
+        }
+    }
+}
+
+/// The outcome of an attempt to apply a request.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'a> {
+    /// ACS holds it. `pkey` fills the key of a creation.
+    Applied {
+        /// The created profile's key, for a creation.
+        pkey: Option<&'a str>,
+    },
+    /// It cannot be applied.
+    Failed {
+        /// The basis of the response.
+        reason: &'a str,
+        /// What the caller was told.
+        code: FailureCode,
+    },
+    /// It may be applied later.
+    Retry {
+        /// What went wrong (a reason, never a body).
+        error: &'a str,
+        /// When to try again (ms).
+        next_attempt_at: i64,
+        /// Whether a request reached (or may have reached) ACS.
+        attempted: bool,
+    },
+}
+
+/// An [`Outcome`] that owns its text, to travel to the writer.
+pub(super) enum OwnedOutcome {
+    Applied {
+        pkey: Option<String>,
+    },
+    Failed {
+        reason: String,
+        code: FailureCode,
+    },
+    Retry {
+        error: String,
+        next_attempt_at: i64,
+        attempted: bool,
+    },
+}
+
+impl From<Outcome<'_>> for OwnedOutcome {
+    fn from(outcome: Outcome<'_>) -> Self {
+        match outcome {
+            Outcome::Applied { pkey } => Self::Applied {
+                pkey: pkey.map(str::to_owned),
+            },
+            Outcome::Failed { reason, code } => Self::Failed {
+                reason: reason.to_owned(),
+                code,
+            },
+            Outcome::Retry {
+                error,
+                next_attempt_at,
+                attempted,
+            } => Self::Retry {
+                error: error.to_owned(),
+                next_attempt_at,
+                attempted,
+            },
+        }
+    }
+}
+
+impl OwnedOutcome {
+    fn borrowed(&self) -> Outcome<'_> {
+        match self {
+            Self::Applied { pkey } => Outcome::Applied {
+                pkey: pkey.as_deref(),
+            },
+            Self::Failed { reason, code } => Outcome::Failed {
+                reason,
+                code: *code,
+            },
+            Self::Retry {
+                error,
+                next_attempt_at,
+                attempted,
+            } => Outcome::Retry {
+                error,
+                next_attempt_at: *next_attempt_at,
+                attempted: *attempted,
+            },
+        }
+    }
+}
+
+impl Ledger {
+    /// Takes the lease on a profile, unless someone else holds it. Whoever holds it is the only
+    /// one applying that profile's requests.
+    pub async fn claim(&self, pkey: &str, claim: &Claim) -> Result<bool, LedgerError> {
+        let (pkey, claim) = (pkey.to_owned(), claim.clone());
+        self.write(move |connection| {
+            Box::pin(async move { claim_lease(&mut *connection, &pkey, &claim, now_ms()).await })
+        })
+        .await
+    }
+
+    /// Gives a lease back.
+    pub async fn release(&self, pkey: &str, claim: &Claim) -> Result<(), LedgerError> {
+        let (pkey, claim) = (pkey.to_owned(), claim.clone());
+        self.write(move |connection| {
+            Box::pin(async move { release_lease(&mut *connection, &pkey, &claim).await })
+        })
+        .await
+    }
+
+    /// The profile's newest pending request, once every older pending one is SUPERSEDED by it;
+    /// or `None`, with every pending one SUPERSEDED, when an applied request is newer. Call it
+    /// holding the profile's lease.
+    pub async fn next_to_apply(&self, pkey: &str) -> Result<Option<Record>, LedgerError> {
+        let pkey = pkey.to_owned();
+        self.write(move |connection| Box::pin(next_to_apply_unit(connection, pkey)))
+            .await
+    }
+
+    /// Records the outcome of an attempt to apply a request, and (with `release`) gives the
+    /// profile's lease back, in one transaction. `answered` also records that the caller is being
+    /// answered now. False when the record was no longer pending (a newer request superseded it
+    /// meanwhile).
+    pub async fn settle(
+        &self,
+        request_id: &str,
+        outcome: Outcome<'_>,
+        answered: bool,
+        release: Option<(&str, &Claim)>,
+    ) -> Result<bool, LedgerError> {
+        let request_id = request_id.to_owned();
+        let outcome = OwnedOutcome::from(outcome);
+        let release = release.map(|(pkey, claim)| (pkey.to_owned(), claim.clone()));
+        self.write(move |connection| {
+            Box::pin(async move {
+                let release = release.as_ref().map(|(pkey, claim)| (pkey.as_str(), claim));
+                settle_unit(
+                    connection,
+                    &request_id,
+                    outcome.borrowed(),
+                    answered,
+                    release,
+                )
+                .await
+            })
+        })
+        .await
+    }
+
+    /// Profiles with a pending request due for delivery, the oldest request first.
+    pub async fn due_profiles(&self, now: i64, limit: i64) -> Result<Vec<String>, LedgerError> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT pkey FROM opt_out_records \
+             WHERE state = 'PENDING' AND kind = 'SET_OPT_OUT' AND next_attempt_at <= $1 \
+             GROUP BY pkey ORDER BY MIN(received_at) LIMIT $2",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Requests whose caller was never answered because the gateway stopped during the call,
+    /// and which the ledger cannot complete later, are FAILED, with the reason the caller must
+    /// retry:
+    /// - a creation (the profile's data is not kept);
+    /// - a by-email request interrupted before its profiles were all recorded (the address is
+    ///   not kept). Its profiles that were recorded are delivered as usual.
+    ///
+    /// `older_than`: only requests recorded before it (a lease's length ago: none of them can
+    /// still be in progress). Returns how many.
+    pub async fn fail_abandoned(&self, older_than: i64) -> Result<u64, LedgerError> {
+        self.write(move |connection| Box::pin(fail_abandoned_unit(connection, older_than)))
+            .await
+    }
+}
+
+pub(super) async fn claim_lease<'e, E>(
+    executor: E,
+    pkey: &str,
+    claim: &Claim,
+    now: i64,
+) -> Result<bool, LedgerError>
+where
+    E: Executor<'e, Database = sqlx::Any>,
+{
+    let claimed = sqlx::query(
+        "INSERT INTO profile_leases (pkey, holder, expires_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (pkey) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+         WHERE profile_leases.expires_at < $4",
+    )
+    .bind(pkey)
+    .bind(&claim.holder)
+    .bind(claim.expires_at)
+    .bind(now)
+    .execute(executor)
+    .await?
+    .rows_affected();
+    Ok(claimed == 1)
+}
+
+pub(super) async fn release_lease<'e, E>(
+    executor: E,
+    pkey: &str,
+    claim: &Claim,
+) -> Result<(), LedgerError>
+where
+    E: Executor<'e, Database = sqlx::Any>,
+{
+    sqlx::query("DELETE FROM profile_leases WHERE pkey = $1 AND holder = $2")
+        .bind(pkey)
+        .bind(&claim.holder)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// [`Ledger::next_to_apply`]'s unit of work.
+pub(super) async fn next_to_apply_unit(
+    connection: &mut AnyConnection,
+    pkey: String,
+) -> Result<Option<Record>, LedgerError> {
+    let pkey = pkey.as_str();
+    let now = now_ms();
+    let mut tx = connection.begin().await?;
+    // A write first, so that SQLite takes its write lock now rather than on upgrade.
+    sqlx::query("UPDATE profile_leases SET expires_at = expires_at WHERE pkey = $1")
+        .bind(pkey)
+        .execute(&mut *tx)
+        .await?;
+    let newest = sqlx::query(
+        "SELECT request_id, state FROM opt_out_records \
+             WHERE pkey = $1 AND state IN ('PENDING', 'APPLIED') \
+             ORDER BY received_at DESC, recorded_at DESC LIMIT 1",
+    )
+    .bind(pkey)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(newest) = newest else {
+        tx.commit().await?;
+        return Ok(None);
+    };
+    let newest_id: String = sqlx::Row::try_get(&newest, "request_id")?;
+    let newest_state = State::parse(&sqlx::Row::try_get::<String, _>(&newest, "state")?)?;
+    sqlx::query(
+        "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = $1, resolved_at = $2 \
+             WHERE pkey = $3 AND state = 'PENDING' AND request_id <> $1",
+    )
+    .bind(&newest_id)
+    .bind(now)
+    .bind(pkey)
+    .execute(&mut *tx)
+    .await?;
+    let next = if newest_state == State::Pending {
+        fetch_record(&mut *tx, &newest_id).await?
+    } else {
+        None
+    };
+    tx.commit().await?;
+    Ok(next)
+}
+
+/// [`Ledger::settle`]'s unit of work.
+pub(super) async fn settle_unit(
+    connection: &mut AnyConnection,
+    request_id: &str,
+    outcome: Outcome<'_>,
+    answered: bool,
+    release: Option<(&str, &Claim)>,
+) -> Result<bool, LedgerError> {
+    let now = now_ms();
+    let mut tx = connection.begin().await?;
+    let query = match outcome {
+            Outcome::Applied { pkey } => sqlx::query(
+                "UPDATE opt_out_records SET state = 'APPLIED', resolved_at = $1, \
+                 attempts = attempts + 1, pkey = COALESCE(pkey, $2), \
+                 answered_at = CASE WHEN $3 = 1 THEN COALESCE(answered_at, $1) ELSE answered_at END \
+                 WHERE request_id = $4 AND state = 'PENDING'",
+            )
+            .bind(now)
+            .bind(pkey)
+            .bind(i64::from(answered))
+            .bind(request_id),
+            Outcome::Failed { reason, code } => sqlx::query(
+                "UPDATE opt_out_records SET state = 'FAILED', resolved_at = $1, \
+                 attempts = attempts + 1, failure_reason = $2, failure_code = $3, \
+                 answered_at = CASE WHEN $4 = 1 THEN COALESCE(answered_at, $1) ELSE answered_at END \
+                 WHERE request_id = $5 AND state = 'PENDING'",
+            )
+            .bind(now)
+            .bind(reason)
+            .bind(code.as_str())
+            .bind(i64::from(answered))
+            .bind(request_id),
+            Outcome::Retry {
+                error,
+                next_attempt_at,
+                attempted,
+            } => sqlx::query(
+                "UPDATE opt_out_records SET attempts = attempts + $1, last_error = $2, \
+                 next_attempt_at = $3, \
+                 answered_at = CASE WHEN $4 = 1 THEN COALESCE(answered_at, $5) ELSE answered_at END \
+                 WHERE request_id = $6 AND state = 'PENDING'",
+            )
+            .bind(i64::from(attempted))
+            .bind(error)
+            .bind(next_attempt_at)
+            .bind(i64::from(answered))
+            .bind(now)
+            .bind(request_id),
+        };
+    let updated = query.execute(&mut *tx).await?.rows_affected();
+    if let Some((pkey, claim)) = release {
+        release_lease(&mut *tx, pkey, claim).await?;
+    }
+    tx.commit().await?;
+    Ok(updated == 1)
+}
+
+/// [`Ledger::fail_abandoned`]'s unit of work.
+pub(super) async fn fail_abandoned_unit(
+    connection: &mut AnyConnection,
+    older_than: i64,
+) -> Result<u64, LedgerError> {
+    let mut failed = 0;
+    for (kind, reason) in [
+        (
+            Kind::CreateProfile,
+            "the gateway stopped before ACS answered the creation; the caller was not \
+                 answered and must retry",
+        ),
+        (
+            Kind::SetByEmail,
+            "the gateway stopped before every profile of this email was recorded (those \
+                 recorded are delivered); the caller was not answered and must retry",
+        ),
+    ] {
+        failed += sqlx::query(
+            "UPDATE opt_out_records SET state = 'FAILED', resolved_at = $1, \
+                 failure_reason = $2, failure_code = $3 \
+                 WHERE kind = $4 AND state = 'PENDING' AND recorded_at < $5",
+        )
+        .bind(now_ms())
+        .bind(reason)
+        .bind(FailureCode::Unavailable.as_str())
+        .bind(kind.as_str())
+        .bind(older_than)
+        .execute(&mut *connection)
+        .await?
+        .rows_affected();
+    }
+    Ok(failed)
+}

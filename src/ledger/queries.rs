@@ -1,0 +1,143 @@
+//! Reading the ledger: one record, a request's profiles, pending changes, pages and exports.
+
+use sqlx::Executor;
+use sqlx::any::AnyRow;
+
+use super::{Ledger, LedgerError, Record, State};
+
+/// Filters of a listing; every one optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only this profile key.
+    pub pkey: Option<String>,
+    /// Only requests made at or after this instant (ms).
+    pub received_after: Option<i64>,
+    /// Only requests made before this instant (ms).
+    pub received_before: Option<i64>,
+    /// Only this state.
+    pub state: Option<State>,
+}
+
+/// Where a page of a listing starts: after this record (newest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// `received_at` of the last record of the previous page.
+    pub received_at: i64,
+    /// `request_id` of the last record of the previous page.
+    pub request_id: String,
+}
+
+/// Every column of `opt_out_records`, in the order [`Record::from_row`] reads them.
+pub(super) const COLUMNS: &str = "request_id, kind, pkey, opt_out, source, received_at, received_at_given, \
+     recorded_at, caller, state, answered_at, resolved_at, attempts, next_attempt_at, last_error, \
+     failure_reason, failure_code, superseded_by, parent_request_id, fingerprint";
+
+/// `SELECT <every column> FROM opt_out_records <rest>`, for the static `rest` of a query.
+pub(super) struct AssertColumns;
+
+impl AssertColumns {
+    fn sql(rest: &'static str) -> sqlx::AssertSqlSafe<String> {
+        // Both parts are constants of this module: nothing from a request reaches the text of
+        // the query.
+        sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM opt_out_records {rest}"))
+    }
+}
+
+pub(super) async fn fetch_record<'e, E>(
+    executor: E,
+    request_id: &str,
+) -> Result<Option<Record>, LedgerError>
+where
+    E: Executor<'e, Database = sqlx::Any>,
+{
+    let row: Option<AnyRow> = sqlx::query(AssertColumns::sql("WHERE request_id = $1"))
+        .bind(request_id)
+        .fetch_optional(executor)
+        .await?;
+    row.as_ref().map(Record::from_row).transpose()
+}
+
+impl Ledger {
+    /// One record, by request id.
+    pub async fn get(&self, request_id: &str) -> Result<Option<Record>, LedgerError> {
+        let mut connection = self.reader.acquire().await?;
+        fetch_record(&mut *connection, request_id).await
+    }
+
+    /// The records a request made by email fanned out to, in the order they were made.
+    pub async fn children(&self, parent_request_id: &str) -> Result<Vec<Record>, LedgerError> {
+        let rows = sqlx::query(AssertColumns::sql(
+            "WHERE parent_request_id = $1 ORDER BY request_id",
+        ))
+        .bind(parent_request_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(Record::from_row).collect()
+    }
+
+    /// The value of the newest pending request for a profile, if any.
+    pub async fn pending_change(&self, pkey: &str) -> Result<Option<bool>, LedgerError> {
+        if !self.pending.maybe_pending(pkey) {
+            return Ok(None);
+        }
+        let value: Option<i64> = sqlx::query_scalar(
+            "SELECT opt_out FROM opt_out_records WHERE pkey = $1 AND state = 'PENDING' \
+             ORDER BY received_at DESC, recorded_at DESC LIMIT 1",
+        )
+        .bind(pkey)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(value.map(|v| v != 0))
+    }
+
+    /// Pending requests made before `received_before`, oldest first.
+    pub async fn pending_before(&self, received_before: i64) -> Result<Vec<Record>, LedgerError> {
+        let rows = sqlx::query(AssertColumns::sql(
+            "WHERE state = 'PENDING' AND received_at < $1 ORDER BY received_at",
+        ))
+        .bind(received_before)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(Record::from_row).collect()
+    }
+
+    /// A page of records, newest request first.
+    pub async fn list(
+        &self,
+        filter: &ListFilter,
+        after: Option<&Cursor>,
+        limit: i64,
+    ) -> Result<Vec<Record>, LedgerError> {
+        let rows = sqlx::query(AssertColumns::sql(
+            "WHERE (CAST($1 AS TEXT) IS NULL OR pkey = $1) \
+               AND (CAST($2 AS BIGINT) IS NULL OR received_at >= $2) \
+               AND (CAST($3 AS BIGINT) IS NULL OR received_at < $3) \
+               AND (CAST($4 AS TEXT) IS NULL OR state = $4) \
+               AND (CAST($5 AS BIGINT) IS NULL OR received_at < $5 \
+                    OR (received_at = $5 AND request_id < $6)) \
+             ORDER BY received_at DESC, request_id DESC LIMIT $7",
+        ))
+        .bind(&filter.pkey)
+        .bind(filter.received_after)
+        .bind(filter.received_before)
+        .bind(filter.state.map(State::as_str))
+        .bind(after.map(|c| c.received_at))
+        .bind(after.map(|c| c.request_id.clone()).unwrap_or_default())
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(Record::from_row).collect()
+    }
+
+    /// Every record of requests made in `[since, until)`, oldest first.
+    pub async fn export(&self, since: i64, until: i64) -> Result<Vec<Record>, LedgerError> {
+        let rows = sqlx::query(AssertColumns::sql(
+            "WHERE received_at >= $1 AND received_at < $2 ORDER BY received_at, request_id",
+        ))
+        .bind(since)
+        .bind(until)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(Record::from_row).collect()
+    }
+}
