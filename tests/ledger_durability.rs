@@ -116,6 +116,11 @@ async fn killed_gateways_lose_nothing(store: Store) {
 async fn a_kill_among_concurrent_writes_loses_no_acknowledged_request(store: Store) {
     const CALLS: usize = 400;
     let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    // Each call waits for ACS a little, so that many are between their writes when it dies.
+    emulator.set_faults(FaultSettings {
+        latency: Duration::from_millis(50),
+        ..Default::default()
+    });
     let gateway = GatewayProcess::start_with(
         &emulator,
         &store.location,
@@ -156,7 +161,13 @@ async fn a_kill_among_concurrent_writes_loses_no_acknowledged_request(store: Sto
             })
         })
         .collect();
-    reached.wait_for(|reached| *reached).await.unwrap();
+    // Only the calls hold a sender now: if they all end short of enough answers, this fails
+    // instead of waiting for ever.
+    drop(enough);
+    reached
+        .wait_for(|reached| *reached)
+        .await
+        .expect("a quarter of the calls are answered");
     gateway.kill().await;
     for call in calls {
         call.await.unwrap();
@@ -173,7 +184,13 @@ async fn a_kill_among_concurrent_writes_loses_no_acknowledged_request(store: Sto
         if *state == DeliveryState::Applied as i32 {
             assert_eq!(recorded.state, *state, "{request_id}: {recorded:?}");
         } else {
-            assert_ne!(recorded.state, DeliveryState::Failed as i32, "{recorded:?}");
+            // Answered PENDING: still pending, or delivered since; never lost or overtaken.
+            assert_eq!(*state, DeliveryState::Pending as i32, "{request_id}");
+            assert!(
+                [DeliveryState::Pending as i32, DeliveryState::Applied as i32]
+                    .contains(&recorded.state),
+                "{recorded:?}"
+            );
         }
     }
     gateway.kill().await;

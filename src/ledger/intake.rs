@@ -1,6 +1,6 @@
 //! Intake: recording a request, durably, before anything else is done with it.
 
-use sqlx::{AnyConnection, Connection, Executor};
+use sqlx::{AnyConnection, Executor};
 
 use super::leases::claim_lease;
 use super::queries::fetch_record;
@@ -119,7 +119,8 @@ pub(super) async fn record_unit(
     backend: Backend,
 ) -> Result<(Recorded, bool), LedgerError> {
     let now = now_ms();
-    let mut tx = connection.begin().await?;
+    // The writer holds the transaction (a savepoint of its batch on SQLite).
+    let tx = connection;
     if let Some(pkey) = &request.pkey {
         // Inside the write, before it commits: no read after the commit can skip this profile,
         // and a refresh of the hint either sees this write or runs before it noted.
@@ -161,7 +162,6 @@ pub(super) async fn record_unit(
             .await?
             .ok_or_else(|| LedgerError::Corrupt("a conflicting id vanished".into()))?;
         if !same_request(&existing, request) {
-            tx.commit().await?;
             return Ok((Recorded::Conflict(existing), false));
         }
         if reopenable(&existing) && !has_children(&mut *tx, &request.request_id).await? {
@@ -180,10 +180,8 @@ pub(super) async fn record_unit(
             let reopened = fetch_record(&mut *tx, &request.request_id)
                 .await?
                 .ok_or_else(|| LedgerError::Corrupt("a reopened request vanished".into()))?;
-            tx.commit().await?;
             return Ok((Recorded::New(reopened), false));
         }
-        tx.commit().await?;
         return Ok((Recorded::Replay(existing), false));
     }
 
@@ -230,7 +228,6 @@ pub(super) async fn record_unit(
         }
         _ => false,
     };
-    tx.commit().await?;
     Ok((Recorded::New(record), claimed))
 }
 

@@ -1,6 +1,6 @@
 //! Leases and delivery: who applies a profile's newest request, and what came of each attempt.
 
-use sqlx::{AnyConnection, Connection, Executor};
+use sqlx::{AnyConnection, Executor};
 
 use super::queries::fetch_record;
 use super::{FailureCode, Kind, Ledger, LedgerError, Record, State, now_ms};
@@ -248,8 +248,10 @@ pub(super) async fn next_to_apply_unit(
 ) -> Result<Option<Record>, LedgerError> {
     let pkey = pkey.as_str();
     let now = now_ms();
-    let mut tx = connection.begin().await?;
-    // A write first, so that SQLite takes its write lock now rather than on upgrade.
+    // The writer holds the transaction (a savepoint of its batch on SQLite).
+    let tx = connection;
+    // A write first: on PostgreSQL it locks the profile's lease row until the transaction ends
+    // (SQLite batches hold the write lock from their BEGIN IMMEDIATE).
     sqlx::query("UPDATE profile_leases SET expires_at = expires_at WHERE pkey = $1")
         .bind(pkey)
         .execute(&mut *tx)
@@ -263,7 +265,6 @@ pub(super) async fn next_to_apply_unit(
     .fetch_optional(&mut *tx)
     .await?;
     let Some(newest) = newest else {
-        tx.commit().await?;
         return Ok(None);
     };
     let newest_id: String = sqlx::Row::try_get(&newest, "request_id")?;
@@ -282,7 +283,6 @@ pub(super) async fn next_to_apply_unit(
     } else {
         None
     };
-    tx.commit().await?;
     Ok(next)
 }
 
@@ -295,7 +295,8 @@ pub(super) async fn settle_unit(
     release: Option<(&str, &Claim)>,
 ) -> Result<bool, LedgerError> {
     let now = now_ms();
-    let mut tx = connection.begin().await?;
+    // The writer holds the transaction (a savepoint of its batch on SQLite).
+    let tx = connection;
     let query = match outcome {
             Outcome::Applied { pkey } => sqlx::query(
                 "UPDATE opt_out_records SET state = 'APPLIED', resolved_at = $1, \
@@ -339,7 +340,6 @@ pub(super) async fn settle_unit(
     if let Some((pkey, claim)) = release {
         release_lease(&mut *tx, pkey, claim).await?;
     }
-    tx.commit().await?;
     Ok(updated == 1)
 }
 

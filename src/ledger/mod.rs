@@ -162,6 +162,13 @@ impl PendingHint {
         }
     }
 
+    /// Forgets which profiles have pending requests: every one may, until the next refresh.
+    fn distrust(&self) {
+        let mut profiles = self.profiles();
+        profiles.overflowed = true;
+        profiles.keys = HashSet::new();
+    }
+
     /// False only when the profile cannot have a pending request.
     fn maybe_pending(&self, pkey: &str) -> bool {
         if !self.trusted.load(Ordering::SeqCst) {

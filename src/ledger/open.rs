@@ -103,6 +103,7 @@ impl Ledger {
             } else {
                 (format!("sqlite://{location}?mode=rwc"), Backend::Sqlite)
             };
+        let pending = Arc::new(PendingHint::new());
         let (reader, writer, file) = match (backend, location) {
             // PostgreSQL handles concurrent writers itself: one pool for everything.
             (Backend::Postgres, _) => {
@@ -120,13 +121,16 @@ impl Ledger {
             // SQLite has one writer at a time: one connection, owned by the task that batches
             // every write into group commits, while readers use others beside it (WAL).
             (Backend::Sqlite, _) => {
-                let setup = connect(&url, backend, 1).await?;
-                migrate(&setup).await?;
-                let connection = setup.acquire().await?.detach();
+                let writer_pool = connect(&url, backend, 1).await?;
+                migrate(&writer_pool).await?;
                 let reader = connect(&url, backend, 4).await?;
+                let hint = pending.clone();
+                // A batch that did not commit may have changed the hint for writes that are
+                // not there: until the next refresh, every read asks the database.
+                let on_failure = Box::new(move || hint.distrust());
                 (
                     reader,
-                    Writer::batched(connection),
+                    Writer::batched(writer_pool, on_failure),
                     Some(PathBuf::from(location)),
                 )
             }
@@ -136,7 +140,7 @@ impl Ledger {
             writer,
             backend,
             file,
-            pending: Arc::new(PendingHint::new()),
+            pending,
         })
     }
 }

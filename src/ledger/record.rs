@@ -211,9 +211,17 @@ impl Record {
             next_attempt_at: number("next_attempt_at")?,
             last_error: optional_text("last_error")?,
             failure_reason: optional_text("failure_reason")?,
-            failure_code: optional_text("failure_code")?
-                .map(|code| FailureCode::parse(&code))
-                .transpose()?,
+            // Read leniently: a code this version does not know (written by a newer one) must
+            // not make every listing and export fail; it reads as the most cautious meaning.
+            failure_code: optional_text("failure_code")?.map(|code| {
+                FailureCode::parse(&code).unwrap_or_else(|_| {
+                    tracing::warn!(
+                        code,
+                        "a record holds an unknown failure code; read as INTERNAL"
+                    );
+                    FailureCode::Internal
+                })
+            }),
             superseded_by: optional_text("superseded_by")?,
             parent_request_id: optional_text("parent_request_id")?,
             fingerprint: optional_text("fingerprint")?,
