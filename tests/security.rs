@@ -730,6 +730,28 @@ async fn an_email_with_too_many_profiles_is_refused_and_nothing_is_recorded_for_
     assert_eq!(records[0].request_id, "fan-1");
     assert_eq!(records[0].state, DeliveryState::Failed as i32);
     assert_eq!(gateway.writes(), 0);
+    // Replayed, the request answers what it answered the first time, and is not tried again.
+    let lookups_before = gateway.emulator.requests().len();
+    let replayed = client
+        .set_opt_out(SetOptOutRequest {
+            email: "many@example.com".into(),
+            ccpa_opt_out: Some(true),
+            source: RequestSource::Email as i32,
+            request_id: "fan-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(replayed.code(), Code::FailedPrecondition, "{replayed:?}");
+    assert_eq!(
+        replayed.get_details_error_info().expect("ErrorInfo").reason,
+        "REQUEST_FAILED"
+    );
+    assert_eq!(
+        gateway.emulator.requests().len(),
+        lookups_before,
+        "a replay does not look the address up again"
+    );
 
     // At the limit, the request goes through.
     let applied = client
