@@ -199,6 +199,23 @@ fn assert_unauthenticated(status: &Status) {
     );
 }
 
+/// The caller recorded for `request_id`, read by a caller identified by `header: value`.
+async fn caller_recorded(
+    client: &mut CcpaServiceClient<Channel>,
+    request_id: &str,
+    header: &'static str,
+    value: &str,
+) -> String {
+    client
+        .get_opt_out_record(with_header(record_request(request_id), header, value))
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap()
+        .caller
+}
+
 fn with_header<T>(message: T, name: &'static str, value: &str) -> Request<T> {
     let mut request = Request::new(message);
     request.metadata_mut().insert(name, value.parse().unwrap());
@@ -523,18 +540,10 @@ async fn a_mesh_header_names_the_caller() {
         ))
         .await
         .unwrap();
-    let record = client
-        .get_opt_out_record(with_header(
-            record_request("mesh-1"),
-            "l5d-client-id",
-            identity,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .record
-        .unwrap();
-    assert_eq!(record.caller, identity);
+    assert_eq!(
+        caller_recorded(&mut client, "mesh-1", "l5d-client-id", identity).await,
+        identity
+    );
 
     // No header, no identity; a self-declared name counts for nothing.
     let status = client
@@ -587,18 +596,10 @@ async fn istio_names_the_caller_in_the_last_element_of_its_header() {
         ))
         .await
         .unwrap();
-    let record = client
-        .get_opt_out_record(with_header(
-            record_request("istio-1"),
-            "x-forwarded-client-cert",
-            &xfcc,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .record
-        .unwrap();
-    assert_eq!(record.caller, PORTAL);
+    assert_eq!(
+        caller_recorded(&mut client, "istio-1", "x-forwarded-client-cert", &xfcc).await,
+        PORTAL
+    );
     let status = client
         .set_opt_out(with_header(
             set(&pkey, true, "istio-2"),
@@ -1273,16 +1274,7 @@ async fn one_connection_has_at_most_max_concurrent_streams_calls_in_progress() {
         .map(|r| r.received_at)
         .collect();
     assert_eq!(arrivals.len(), 6);
-    let overlapping = arrivals
-        .iter()
-        .map(|start| {
-            arrivals
-                .iter()
-                .filter(|t| **t >= *start && **t < *start + latency * 9 / 10)
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
+    let overlapping = common::busiest_window(&arrivals, latency * 9 / 10);
     assert_eq!(overlapping, 2, "{arrivals:?}");
 }
 
@@ -1320,16 +1312,7 @@ async fn the_profiles_of_one_email_are_worked_a_few_at_a_time() {
         .map(|r| r.received_at)
         .collect();
     assert_eq!(patches.len(), 12);
-    let together = patches
-        .iter()
-        .map(|start| {
-            patches
-                .iter()
-                .filter(|t| **t >= *start && **t < *start + latency * 9 / 10)
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
+    let together = common::busiest_window(&patches, latency * 9 / 10);
     assert!(
         (2..=ccpa_gateway::api::service::EMAIL_PROFILE_CONCURRENCY).contains(&together),
         "{together} PATCHes in progress at once"

@@ -474,12 +474,17 @@ pub async fn record(
 
 /// The most requests that arrived within any one second.
 pub fn busiest_second(arrivals: &[std::time::Instant]) -> usize {
+    busiest_window(arrivals, Duration::from_secs(1))
+}
+
+/// The most requests that arrived within any `window` (starting at one of them).
+pub fn busiest_window(arrivals: &[std::time::Instant], window: Duration) -> usize {
     arrivals
         .iter()
         .map(|start| {
             arrivals
                 .iter()
-                .filter(|t| **t >= *start && **t < *start + Duration::from_secs(1))
+                .filter(|t| **t >= *start && **t < *start + window)
                 .count()
         })
         .max()
