@@ -211,6 +211,7 @@ impl CallRuntime {
         tokens: &dyn TokenSource,
         idempotency: Idempotency,
         deadline: Option<std::time::Instant>,
+        background: bool,
         mut attempt: F,
     ) -> Result<T, CallError>
     where
@@ -226,11 +227,12 @@ impl CallRuntime {
         loop {
             attempts += 1;
             let outcome = tokio::time::timeout_at(deadline, async {
-                let _admitted = self
-                    .throttle
-                    .admit()
-                    .await
-                    .map_err(|_| CallError::Throttled)?;
+                let admission = if background {
+                    self.throttle.admit_background().await
+                } else {
+                    self.throttle.admit().await
+                };
+                let _admitted = admission.map_err(|_| CallError::Throttled)?;
                 // The token this attempt sends (the request hook finds it cached), known here so
                 // that a 401013 invalidates that one and no other.
                 let token = tokens

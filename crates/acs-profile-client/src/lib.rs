@@ -73,6 +73,9 @@ pub struct ClientContext {
     api_key: SecretString,
     tokens: Arc<dyn TokenSource>,
     runtime: Arc<CallRuntime>,
+    /// Calls made through this client wait while any foreground call waits for the throttle:
+    /// see [`Client::in_background`].
+    background: bool,
 }
 
 impl fmt::Debug for ClientContext {
@@ -81,6 +84,7 @@ impl fmt::Debug for ClientContext {
             .field("api_key", &"[REDACTED]")
             .field("tokens", &self.tokens)
             .field("runtime", &self.runtime)
+            .field("background", &self.background)
             .finish()
     }
 }
@@ -202,8 +206,25 @@ impl Client {
                 api_key: config.api_key,
                 tokens: config.tokens,
                 runtime: Arc::new(CallRuntime::new(config.call)),
+                background: false,
             },
         ))
+    }
+
+    /// A clone whose calls are background work: they share this client's pool, throttle and
+    /// retry budget, but are admitted to ACS only while no foreground call (one made through a
+    /// client that is not `in_background`) is waiting for its turn. For work that can wait, such
+    /// as delivering a backlog, so that it never delays a call someone is waiting for by more
+    /// than one request.
+    pub fn in_background(&self) -> Self {
+        Self::new_with_client(
+            self.baseurl(),
+            self.client().clone(),
+            ClientContext {
+                background: true,
+                ..self.inner().clone()
+            },
+        )
     }
 
     /// Runs `attempt` under the client's call rules: the deadline (or the default budget),
@@ -221,7 +242,13 @@ impl Client {
         let context = self.inner();
         context
             .runtime
-            .run(context.tokens.as_ref(), idempotency, deadline, attempt)
+            .run(
+                context.tokens.as_ref(),
+                idempotency,
+                deadline,
+                context.background,
+                attempt,
+            )
             .await
     }
 
