@@ -243,17 +243,36 @@ impl Drop for Store {
                     .enable_all()
                     .build();
                 if let Ok(runtime) = runtime {
-                    runtime.block_on(async {
-                        let admin = postgres_admin().await;
-                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                            "DROP SCHEMA {schema} CASCADE"
-                        )))
-                        .execute(&admin)
-                        .await;
-                    });
+                    runtime.block_on(drop_schema(&schema));
                 }
             })
             .join();
+        }
+    }
+}
+
+/// Drops a test's schema. A gateway of the test may still hold a transaction in it: the test's
+/// runtime (often its only thread) is blocked in this drop, so that transaction can never end,
+/// and `DROP SCHEMA` would wait for its locks forever. So the drop waits a little for locks, and
+/// meanwhile ends the sessions that hold any in the schema.
+async fn drop_schema(schema: &str) {
+    let admin = postgres_admin().await;
+    for _ in 0..20 {
+        let _ = sqlx::query(
+            "SELECT pg_terminate_backend(l.pid)::text FROM pg_locks l \
+             JOIN pg_class c ON c.oid = l.relation \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND l.pid <> pg_backend_pid()",
+        )
+        .bind(schema)
+        .fetch_all(&admin)
+        .await;
+        let _ = sqlx::query("SET lock_timeout = '1s'").execute(&admin).await;
+        let dropped = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&admin)
+            .await;
+        if dropped.is_ok() {
+            return;
         }
     }
 }
