@@ -71,6 +71,7 @@ async fn a_100_000_item_stream_is_applied_once_each_in_bounded_memory() {
             source: RequestSource::GlobalPrivacyControl as i32,
             ..Default::default()
         }),
+        record_only: false,
     });
     let mut answers = gateway
         .client

@@ -526,7 +526,10 @@ async fn logs_carry_no_personal_data_or_secrets() {
             ..Default::default()
         },
     ]
-    .map(|item| BulkSetOptOutRequest { item: Some(item) });
+    .map(|item| BulkSetOptOutRequest {
+        item: Some(item),
+        record_only: false,
+    });
     let answers: Vec<_> = client
         .bulk_set_opt_out(futures::stream::iter(items))
         .await

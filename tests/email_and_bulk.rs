@@ -379,6 +379,7 @@ fn item(pkey: &str, request_id: &str) -> BulkSetOptOutRequest {
             source: RequestSource::GlobalPrivacyControl as i32,
             ..Default::default()
         }),
+        record_only: false,
     }
 }
 
@@ -886,4 +887,68 @@ async fn the_csv_command_exits_7_when_a_row_failed() {
     let child = record(&mut gw.client, "failing-1:1").await;
     assert_eq!(child.pkey, pkey);
     assert_eq!(child.state, DeliveryState::Failed as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_call_goes_before_a_record_only_backlog() {
+    // Five requests a second: the deliverer's sixteen attempts at a time would keep a call
+    // waiting for three seconds if it queued behind them, past its attempt's budget (800 ms).
+    let mut gw = gateway_with(EmulatorConfig::default(), |acs| ClientConfig {
+        call: CallSettings {
+            throttle: ThrottleSettings {
+                max_rps: std::num::NonZeroU32::new(5).unwrap(),
+                max_in_flight: 4,
+                max_queued: 1_000,
+            },
+            ..Default::default()
+        },
+        ..acs
+    })
+    .await;
+    let items: Vec<_> = (0..200)
+        .map(|i| BulkSetOptOutRequest {
+            record_only: true,
+            ..item(
+                &gw.emulator.insert_profile(NewProfile::default()),
+                &format!("backlog-{i}"),
+            )
+        })
+        .collect();
+    let answers = bulk(&mut gw.client, items).await;
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.error.is_none() && a.state == DeliveryState::Pending as i32)
+    );
+    // The deliverer is working the backlog.
+    while patches_per_profile(&gw.emulator).len() < 3 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    for n in 0..3 {
+        let pkey = gw.emulator.insert_profile(NewProfile::default());
+        let answer = gw
+            .client
+            .set_opt_out(SetOptOutRequest {
+                pkey: pkey.clone(),
+                ccpa_opt_out: Some(true),
+                request_id: format!("interactive-{n}"),
+                source: RequestSource::WebForm as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            answer.state,
+            DeliveryState::Applied as i32,
+            "applied in its own call: {answer:?}"
+        );
+        assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+    }
+    let delivered = patches_per_profile(&gw.emulator).len();
+    assert!(
+        delivered < 200,
+        "the backlog was still being worked ({delivered} profiles written)"
+    );
 }

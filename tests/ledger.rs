@@ -11,11 +11,13 @@ use ccpa_gateway::health::DELIVERY_SERVICE_NAME;
 use ccpa_gateway::ledger::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
-    CreateProfileRequest, DeliveryState, GetOptOutRequest, ListOptOutRecordsRequest, OptOutRecord,
+    BulkSetOptOutRequest, BulkSetOptOutResponse, CreateProfileRequest, DeliveryState,
+    GetOptOutRecordRequest, GetOptOutRequest, ListOptOutRecordsRequest, OptOutRecord,
     RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{Store, acs_config, opt_out_of, record, start_gateway_on};
+use common::{Store, acs_config, opt_out_of, record, start_gateway_on, until_settled};
+use futures::StreamExt;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -57,6 +59,8 @@ on_both_stores!(
     a_request_by_email_replayed_with_other_content_is_refused,
     a_request_by_email_whose_lookup_failed_is_tried_again_when_replayed,
     a_newer_request_waits_while_an_older_one_may_still_be_on_its_way_to_acs,
+    record_only_items_are_answered_once_recorded_and_delivered_later,
+    a_record_only_backlog_is_watched_by_the_overdue_clock,
 );
 
 /// Delivery tuned for tests: tries often, backs off little.
@@ -1144,4 +1148,160 @@ async fn requests_left_pending_by_an_earlier_run_are_protective_from_the_start(s
         // After a few of the deliverer's rounds (each refreshes what may be pending).
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// A BulkSetOptOut stream of `items`, every answer.
+async fn bulk(
+    client: &mut CcpaServiceClient<Channel>,
+    items: Vec<BulkSetOptOutRequest>,
+) -> Vec<BulkSetOptOutResponse> {
+    let answers: Vec<_> = client
+        .bulk_set_opt_out(futures::stream::iter(items))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    answers.into_iter().map(Result::unwrap).collect()
+}
+
+fn record_only(item: SetOptOutRequest) -> BulkSetOptOutRequest {
+    BulkSetOptOutRequest {
+        item: Some(item),
+        record_only: true,
+    }
+}
+
+async fn record_only_items_are_answered_once_recorded_and_delivered_later(store: Store) {
+    let mut gw = gateway(store).await;
+    let keys: Vec<String> = (0..40)
+        .map(|_| gw.emulator.insert_profile(NewProfile::default()))
+        .collect();
+    let items = || -> Vec<BulkSetOptOutRequest> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, pkey)| record_only(set(pkey, true, &format!("record-only-{i}"))))
+            .collect()
+    };
+    let by_email = record_only(SetOptOutRequest {
+        email: "ada@example.com".into(),
+        ..set("", true, "record-only-by-email")
+    });
+
+    // Adobe is down throughout the intake: a record-only item does not wait for it.
+    gw.emulator.set_faults(acs_down());
+    let mut stream = items();
+    stream.push(by_email);
+    let answers = bulk(&mut gw.client, stream).await;
+    assert_eq!(answers.len(), keys.len() + 1);
+    for answer in &answers {
+        let index = usize::try_from(answer.index).unwrap();
+        if index == keys.len() {
+            // Only by key: an email's profiles must be looked up first.
+            let error = answer.error.as_ref().unwrap();
+            assert_eq!(error.code, "INVALID_ARGUMENT", "{error:?}");
+            assert_eq!(error.fields, ["record_only"]);
+            continue;
+        }
+        assert!(answer.error.is_none(), "{answer:?}");
+        assert_eq!(answer.request_id, format!("record-only-{index}"));
+        assert_eq!(answer.state, DeliveryState::Pending as i32, "{answer:?}");
+        assert_eq!(answer.profiles.len(), 1);
+        assert_eq!(answer.profiles[0].pkey, keys[index]);
+        assert_eq!(answer.profiles[0].state, DeliveryState::Pending as i32);
+    }
+    let refused = gw
+        .client
+        .get_opt_out_record(GetOptOutRecordRequest {
+            request_id: "record-only-by-email".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::NotFound,
+        "the refused item recorded nothing"
+    );
+    let recorded = record(&mut gw.client, "record-only-0").await;
+    assert!(recorded.answered_at.is_some(), "answered when recorded");
+    // Pending and opted out: the protective read says so while Adobe cannot.
+    assert!(opt_out_of(&mut gw.client, &keys[0]).await.ccpa_opt_out);
+
+    // Adobe is back: the deliverer applies every one.
+    gw.emulator.set_faults(FaultSettings::default());
+    until_settled(&mut gw.client).await;
+    for (i, pkey) in keys.iter().enumerate() {
+        assert_eq!(gw.emulator.profile(pkey).unwrap()["ccpaOptOut"], true);
+        let applied = record(&mut gw.client, &format!("record-only-{i}")).await;
+        assert_eq!(applied.state, DeliveryState::Applied as i32, "{applied:?}");
+    }
+
+    // The same items again: each answered as recorded, nothing recorded or sent twice.
+    let requests = gw.emulator.request_count();
+    let again = bulk(&mut gw.client, items()).await;
+    assert_eq!(again.len(), keys.len());
+    for answer in again {
+        assert!(answer.error.is_none(), "{answer:?}");
+        assert_eq!(answer.state, DeliveryState::Applied as i32, "{answer:?}");
+    }
+    let listed = gw
+        .client
+        .list_opt_out_records(ListOptOutRecordsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(listed.len(), keys.len());
+    assert_eq!(
+        gw.emulator.request_count(),
+        requests,
+        "a replay calls nothing"
+    );
+}
+
+async fn a_record_only_backlog_is_watched_by_the_overdue_clock(store: Store) {
+    let mut gw = gateway(store).await;
+    let mut health = HealthClient::new(gw.channel.clone());
+    let delivery = || HealthCheckRequest {
+        service: DELIVERY_SERVICE_NAME.into(),
+    };
+    gw.emulator.set_faults(acs_down());
+    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    let answers = bulk(
+        &mut gw.client,
+        vec![record_only(SetOptOutRequest {
+            received_at: Some(ms_ago(10 * 86_400_000)),
+            ..set(&pkey, true, "backlog-overdue")
+        })],
+    )
+    .await;
+    assert_eq!(
+        answers[0].state,
+        DeliveryState::Pending as i32,
+        "{answers:?}"
+    );
+
+    let started = Instant::now();
+    while health.check(delivery()).await.unwrap().into_inner().status
+        != ServingStatus::NotServing as i32
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the clock never reported the backlog"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+        .args(["records", "--overdue", "--ledger", &gw.store.location])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(6));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("backlog-overdue"));
+
+    gw.emulator.set_faults(FaultSettings::default());
+    until_state(&mut gw.client, "backlog-overdue", DeliveryState::Applied).await;
 }

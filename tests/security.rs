@@ -370,6 +370,7 @@ async fn mutual_tls_records_the_certificate_identity_and_enforces_the_policy() {
     let status = portal
         .bulk_set_opt_out(futures::stream::iter([BulkSetOptOutRequest {
             item: Some(set(&pkey, true, "portal-3")),
+            record_only: false,
         }]))
         .await
         .unwrap_err();
@@ -488,7 +489,10 @@ async fn a_denied_bulk_item_is_that_items_error_and_the_stream_goes_on() {
         set(&second, false, "bulk-2"),
         set(&second, true, "bulk-3"),
     ]
-    .map(|item| BulkSetOptOutRequest { item: Some(item) });
+    .map(|item| BulkSetOptOutRequest {
+        item: Some(item),
+        record_only: false,
+    });
     let mut answers: Vec<_> = portal
         .bulk_set_opt_out(futures::stream::iter(items))
         .await

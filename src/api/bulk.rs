@@ -3,8 +3,8 @@
 //! At most [`BULK_CONCURRENCY`] items are in progress at once; the next item is read from the
 //! stream only when one finishes, so HTTP/2 flow control holds the rest back at the caller
 //! (back-pressure), however long the stream. Each item is answered once it is recorded in the
-//! ledger: an answered item is never lost, and an unanswered one can be resent with its request
-//! id. Items already taken when the stream breaks are still carried to their end (see
+//! ledger (and, unless it is `record_only`, once applied or its attempt ran out): an answered
+//! item is never lost, and an unanswered one can be resent with its request id. Items already taken when the stream breaks are still carried to their end (see
 //! `service::to_completion`). One item's failure is that item's answer; the stream goes on.
 
 use std::pin::Pin;
@@ -184,12 +184,20 @@ impl CcpaApi {
         if let Err(status) = authorize_set("BulkSetOptOut", caller, &request) {
             return failed(given_id, &status);
         }
-        let parsed = match SetRequest::parse(request, caller, metadata) {
+        let parsed = SetRequest::parse(request, caller, metadata).and_then(|parsed| {
+            if item.record_only {
+                parsed.record_only()
+            } else {
+                Ok(parsed)
+            }
+        });
+        let parsed = match parsed {
             Ok(parsed) => parsed,
             Err(status) => return failed(given_id, &status),
         };
         // No deadline of its own: the stream's own, if any, bounds everything; each item gets
-        // one attempt's budget, then answers PENDING.
+        // one attempt's budget, then answers PENDING (or, `record_only`, answers PENDING once
+        // recorded).
         match self.set_parsed(&parsed, None).await {
             Ok(answer) => BulkSetOptOutResponse {
                 index,

@@ -16,9 +16,9 @@ use super::service::{
 };
 use super::validation::{RESERVED_REQUEST_ID_SEPARATOR, Violations, request_id_conflict};
 use crate::access::Caller;
-use crate::ledger::delivery::Attempt;
 use crate::ledger::{
-    FailureCode, Kind, NewRequest, Outcome, Record, Recorded, Source, State, fingerprint, now_ms,
+    Apply, FailureCode, Kind, NewRequest, Outcome, Record, Recorded, Source, State, Submitted,
+    fingerprint, now_ms,
 };
 use crate::proto::ccpa_v1::{
     DeliveryState, GetOptOutRequest, GetOptOutResponse, ProfileDelivery, ProfileOptOut,
@@ -36,6 +36,8 @@ pub(super) struct SetRequest {
     source: Source,
     received_at: Option<i64>,
     caller: String,
+    /// Answer once recorded; the deliverer applies it later (BulkSetOptOut's `record_only`).
+    record_only: bool,
 }
 
 enum Target {
@@ -100,6 +102,27 @@ impl SetRequest {
             source,
             received_at,
             caller,
+            record_only: false,
+        })
+    }
+
+    /// The same request, answered as soon as it is durably recorded and applied later by the
+    /// deliverer. Only by key: a request by email needs its profiles looked up in ACS first,
+    /// which cannot wait.
+    pub(super) fn record_only(self) -> Result<Self, Status> {
+        if matches!(self.target, Target::Email { .. }) {
+            let mut violations = Violations::default();
+            violations.malformed(
+                "record_only",
+                "record_only takes items by pkey: an email's profiles must be looked up in ACS \
+                 first, which cannot wait"
+                    .to_owned(),
+            );
+            violations.into_result()?;
+        }
+        Ok(Self {
+            record_only: true,
+            ..self
         })
     }
 
@@ -129,6 +152,16 @@ impl SetRequest {
             fingerprint: None,
         }
     }
+}
+
+/// What submitting one profile's request came to, for the answer.
+enum Submission {
+    /// Recorded now; where it stands.
+    Delivered(Delivered),
+    /// Its id was recorded before, for the same request.
+    Replay(Record),
+    /// Its id was recorded before, for a different request.
+    Conflict,
 }
 
 /// Where one profile's record stands after the call's attempt.
@@ -319,9 +352,15 @@ impl CcpaApi {
             None,
             self.window_ms(),
         );
-        let delivered = match self.record_and_apply(new, deadline).await? {
-            Ok(delivered) => delivered,
-            Err(replayed) => return replayed,
+        let apply = if request.record_only {
+            Apply::Later
+        } else {
+            Apply::WithinCall(deadline)
+        };
+        let delivered = match self.submit(&new, apply, deadline).await? {
+            Submission::Delivered(delivered) => delivered,
+            Submission::Replay(record) => return self.answer_recorded(&record).await,
+            Submission::Conflict => return Err(request_id_conflict()),
         };
         if delivered.state == DeliveryState::Failed {
             return Err(replayed_failure(&delivered.record));
@@ -339,63 +378,26 @@ impl CcpaApi {
         })
     }
 
-    /// Records one profile's request and applies it within the deadline. `Err` of the outer
-    /// result is a failure of the call; `Err` of the inner one is the answer to a replayed (or
-    /// conflicting) request id.
-    #[allow(clippy::type_complexity)]
-    async fn record_and_apply(
+    /// Submits one profile's request to the ledger and, once ACS holds it, reads back what ACS
+    /// holds, for the answer.
+    async fn submit(
         &self,
-        new: NewRequest,
+        new: &NewRequest,
+        apply: Apply,
         deadline: Deadline,
-    ) -> Result<Result<Delivered, Result<SetOptOutResponse, Status>>, Status> {
-        let claim = self.delivery.new_claim();
-        let (recorded, claimed) = self
-            .ledger()
-            .record(&new, Some(&claim))
-            .await
-            .map_err(|e| ledger_status(SET, &e))?;
-        let record = match recorded {
-            Recorded::Conflict(_) => return Ok(Err(Err(request_id_conflict()))),
-            Recorded::Replay(record) => return Ok(Err(self.answer_recorded(&record).await)),
-            Recorded::New(record) => record,
-        };
-        if record.state != State::Pending || !claimed {
-            // Overtaken by a newer request, or another delivery of this profile is under way:
-            // the deliverer takes it from here.
-            self.ledger()
-                .mark_answered(&record.request_id)
-                .await
-                .map_err(|e| ledger_status(SET, &e))?;
-            let state = delivery_state(record.state);
-            return Ok(Ok(Delivered {
-                record,
-                state,
-                held: None,
-            }));
-        }
-
-        let attempt = self
+    ) -> Result<Submission, Status> {
+        let submitted = self
             .delivery
-            .apply(&record, &claim, self.attempt_deadline(deadline), true)
+            .submit(new, apply)
             .await
             .map_err(|e| ledger_status(SET, &e))?;
-        let state = match attempt {
-            Attempt::Applied => DeliveryState::Applied,
-            Attempt::Pending => DeliveryState::Pending,
-            Attempt::Superseded => DeliveryState::Superseded,
-            Attempt::Failed { .. } => {
-                let failed = self
-                    .ledger()
-                    .get(&record.request_id)
-                    .await
-                    .map_err(|e| ledger_status(SET, &e))?
-                    .unwrap_or(record);
-                return Ok(Ok(Delivered {
-                    record: failed,
-                    state: DeliveryState::Failed,
-                    held: None,
-                }));
-            }
+        let (record, state) = match submitted {
+            Submitted::Conflict => return Ok(Submission::Conflict),
+            Submitted::Replay(record) => return Ok(Submission::Replay(record)),
+            Submitted::Applied(record) => (record, DeliveryState::Applied),
+            Submitted::Pending(record) => (record, DeliveryState::Pending),
+            Submitted::Superseded(record) => (record, DeliveryState::Superseded),
+            Submitted::Failed(record) => (record, DeliveryState::Failed),
         };
         let mut held = None;
         if state == DeliveryState::Applied
@@ -421,7 +423,7 @@ impl CcpaApi {
                 ),
             }
         }
-        Ok(Ok(Delivered {
+        Ok(Submission::Delivered(Delivered {
             record,
             state,
             held,
@@ -541,7 +543,11 @@ impl CcpaApi {
         let applied: Vec<_> = stream::iter(parts)
             .map(|child| async move {
                 let pkey = child.pkey.clone().unwrap_or_default();
-                (pkey, self.record_and_apply(child, deadline).await)
+                (
+                    pkey,
+                    self.submit(&child, Apply::WithinCall(deadline), deadline)
+                        .await,
+                )
             })
             .buffered(EMAIL_PROFILE_CONCURRENCY)
             .collect()
@@ -551,8 +557,10 @@ impl CcpaApi {
         let mut unrecorded = None;
         for (pkey, result) in applied {
             match result {
-                Ok(Ok(delivered)) => profiles.push(delivered.profile(&pkey, false)),
-                Ok(Err(_)) => {
+                Ok(Submission::Delivered(delivered)) => {
+                    profiles.push(delivered.profile(&pkey, false));
+                }
+                Ok(Submission::Replay(_) | Submission::Conflict) => {
                     // The request is new and callers cannot choose ids with the separator, so
                     // no record of this id can exist: if one does, this profile has no record
                     // of its own, and the request must not read as done.

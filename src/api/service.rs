@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use acs_profile_client::{CallError, Client, types};
 use tonic::metadata::MetadataMap;
@@ -89,23 +89,12 @@ impl CcpaApi {
         OptOutState::from_profile(&profile)
     }
 
-    /// The deadline for applying a request within the call: early enough to record the outcome
-    /// and answer PENDING in time if ACS is slow, and never later than one attempt's budget (the
-    /// profile's lease is sized for that).
     /// The deadline of work the deliverer cannot finish for the call (a creation, a request by
     /// email): within half a lease, since such a request still pending after a whole lease is
     /// taken as abandoned by a stopped gateway and FAILED (`Ledger::fail_abandoned`).
     pub(super) fn within_lease(&self, deadline: Deadline) -> Deadline {
         let bound = Instant::now() + self.delivery.settings().lease / 2;
         Some(deadline.map_or(bound, |d| d.min(bound)))
-    }
-
-    pub(super) fn attempt_deadline(&self, deadline: Deadline) -> Instant {
-        let now = Instant::now();
-        let budget_end = now + self.delivery.settings().attempt_budget;
-        let end = deadline.map_or(budget_end, |d| d.min(budget_end));
-        let remaining = end.saturating_duration_since(now);
-        end - (remaining / 4).min(Duration::from_millis(250))
     }
 }
 

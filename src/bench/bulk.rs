@@ -3,6 +3,10 @@
 //! gateway's stream works on). It reports items per second both ways, the gateway's CPU per item,
 //! and its peak RSS after a tenth of the stream and at its end: bounded memory shows as the two
 //! being equal.
+//!
+//! `bulk_record_only` sends the same stream with every item `record_only`: each is answered
+//! once durably recorded, and the gateway's deliverer applies them meanwhile, in the background.
+//! Its `items_per_s` is the rate of intake; the direct figures are the same floor as `bulk`'s.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +24,11 @@ use crate::proto::ccpa_v1::{BulkSetOptOutRequest, DeliveryState, RequestSource, 
 const MAX_IN_FLIGHT: usize = 256;
 
 /// Runs the scenario with `items` opt-outs, each to its own profile.
-pub async fn run(items: usize, gateway_setup: GatewaySetup) -> Result<Value, String> {
+pub async fn run(
+    items: usize,
+    gateway_setup: GatewaySetup,
+    record_only: bool,
+) -> Result<Value, String> {
     let (emulator, emulator_url) = start_emulator(Duration::ZERO).await?;
     let direct = direct_client(&emulator_url, MAX_IN_FLIGHT)?;
     let profiles = Arc::new(create_profiles(&direct, items, "bulk").await?);
@@ -74,6 +82,7 @@ pub async fn run(items: usize, gateway_setup: GatewaySetup) -> Result<Value, Str
             source: RequestSource::Internal as i32,
             ..Default::default()
         }),
+        record_only,
     });
 
     let cpu_before = usage(gateway.pid())?.cpu;
@@ -111,9 +120,15 @@ pub async fn run(items: usize, gateway_setup: GatewaySetup) -> Result<Value, Str
 
     let per_s = |elapsed: Duration| super::round(items as f64 / elapsed.as_secs_f64(), 1);
     let mb = |bytes: u64| super::round(bytes as f64 / 1_048_576.0, 1);
+    let gateway_cpu_us_per_item = super::round(
+        (after.cpu - cpu_before).as_secs_f64() * 1e6 / items.max(1) as f64,
+        1,
+    );
     Ok(json!({
         "items": items,
+        "record_only": record_only,
         "concurrency": BULK_CONCURRENCY,
+        "items_per_s": per_s(gateway_elapsed),
         "direct": {
             "items_per_s": per_s(direct_elapsed),
             "errors": direct_errors,
@@ -125,16 +140,16 @@ pub async fn run(items: usize, gateway_setup: GatewaySetup) -> Result<Value, Str
             "failed": failed,
         },
         "throughput_ratio": super::round(direct_elapsed.as_secs_f64() / gateway_elapsed.as_secs_f64(), 3),
-        "gateway_cpu_us_per_item": super::round((after.cpu - cpu_before).as_secs_f64() * 1e6 / items.max(1) as f64, 1),
+        "gateway_cpu_us_per_item": gateway_cpu_us_per_item,
         "gateway_peak_rss_mb_after_a_tenth": rss_after_a_tenth.map(mb),
         "gateway_peak_rss_mb": mb(after.peak_rss),
     }))
 }
 
 /// Prints the scenario's figures.
-pub fn print_report(report: &Value) {
+pub fn print_report(name: &str, report: &Value) {
     println!(
-        "bulk: {} items, {} at once",
+        "{name}: {} items, {} at once",
         report["items"], report["concurrency"]
     );
     println!(

@@ -64,7 +64,8 @@ pub struct BenchArgs {
     /// --set-share 0` shows what the durable writes of its SetOptOuts cost.
     #[arg(long, value_parser = share)]
     set_share: Option<f64>,
-    /// Items in the `bulk` scenario's stream (default 100,000, 2,000 with --quick).
+    /// Items in the stream of the `bulk` and `bulk-record-only` scenarios (default 100,000,
+    /// 2,000 with --quick).
     #[arg(long)]
     items: Option<usize>,
     /// Worker threads of the gateway (the load generator and the emulator have one each).
@@ -116,6 +117,8 @@ enum ScenarioChoice {
     Ledger,
     Flood,
     Bulk,
+    /// The bulk stream with every item `record_only`: answered once recorded.
+    BulkRecordOnly,
 }
 
 /// One load shape.
@@ -190,7 +193,7 @@ pub async fn run(args: BenchArgs) -> u8 {
             ScenarioChoice::Fanout => s.name == "fanout",
             ScenarioChoice::Ledger => s.name == "ledger",
             ScenarioChoice::Flood => s.name == "flood",
-            ScenarioChoice::Bulk => false,
+            ScenarioChoice::Bulk | ScenarioChoice::BulkRecordOnly => false,
         })
         .collect();
     let log_filter = match args.gateway_log {
@@ -238,27 +241,36 @@ pub async fn run(args: BenchArgs) -> u8 {
             }
         }
     }
-    if matches!(args.scenario, ScenarioChoice::All | ScenarioChoice::Bulk) {
+    for (name, record_only) in [("bulk", false), ("bulk_record_only", true)] {
+        let wanted = match args.scenario {
+            ScenarioChoice::All => true,
+            ScenarioChoice::Bulk => !record_only,
+            ScenarioChoice::BulkRecordOnly => record_only,
+            _ => false,
+        };
+        if !wanted {
+            continue;
+        }
         let items = args
             .items
             .unwrap_or(if args.quick { 2_000 } else { 100_000 });
         if !args.json {
-            eprintln!("running bulk ({items} items in one stream) ...");
+            eprintln!("running {name} ({items} items in one stream) ...");
         }
         let gateway = GatewaySetup {
             log_filter,
             worker_threads: args.gateway_threads,
             ledger: args.ledger.clone(),
         };
-        match bulk::run(items, gateway).await {
+        match bulk::run(items, gateway, record_only).await {
             Ok(report) => {
                 if !args.json {
-                    bulk::print_report(&report);
+                    bulk::print_report(name, &report);
                 }
-                scenarios.insert("bulk".to_owned(), report);
+                scenarios.insert(name.to_owned(), report);
             }
             Err(e) => {
-                eprintln!("error: scenario bulk: {e}");
+                eprintln!("error: scenario {name}: {e}");
                 return exit_codes::FAILURE;
             }
         }

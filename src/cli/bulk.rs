@@ -12,6 +12,9 @@
 //! | `received_at` | when the consumer made the request, RFC 3339; empty for now            |
 //! | `request_id`  | optional; when empty, `bulk-<file digest>-<line>`, the same every run  |
 //!
+//! With `--record-only`, each row is answered PENDING once the gateway has durably recorded it,
+//! and its deliverer applies it to Adobe later (rows by `pkey` only).
+//!
 //! Running the same file twice records nothing twice: every row has the same request id each
 //! time, and the ledger answers a replayed id with its first outcome. If the stream breaks, the
 //! rows not yet answered are sent again, the same way.
@@ -54,6 +57,11 @@ pub struct BulkArgs {
     /// Times to resume after the stream breaks.
     #[arg(long, default_value = "5")]
     retries: u32,
+    /// Have each row answered as soon as the gateway has durably recorded it (PENDING), and
+    /// applied to Adobe later by its deliverer, instead of within its own call. For large files:
+    /// they are handed over at the speed of the ledger, not of Adobe. Rows must give `pkey`.
+    #[arg(long)]
+    record_only: bool,
     #[command(flatten)]
     connection: Connection,
 }
@@ -395,6 +403,7 @@ async fn stream_once(
     let (items, to_send) = mpsc::channel::<BulkSetOptOutRequest>(256);
     let sent_rows: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(Vec::new()));
     let file = args.file.clone();
+    let record_only = args.record_only;
     let digest = digest.to_owned();
     let lines = lines.clone();
     let reader_progress = progress.clone();
@@ -430,7 +439,10 @@ async fn stream_once(
                         sent.push(row);
                     }
                     if items
-                        .blocking_send(BulkSetOptOutRequest { item: Some(item) })
+                        .blocking_send(BulkSetOptOutRequest {
+                            item: Some(item),
+                            record_only,
+                        })
                         .is_err()
                     {
                         // The stream is gone; the caller resumes with what is left.

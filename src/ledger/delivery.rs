@@ -52,7 +52,7 @@ impl Default for DeliverySettings {
 
 /// What one attempt at applying a request did.
 #[derive(Debug)]
-pub enum Attempt {
+pub(super) enum Attempt {
     /// ACS holds it.
     Applied,
     /// A newer request superseded it while the attempt ran; it was not (or no longer) the one to
@@ -60,11 +60,8 @@ pub enum Attempt {
     Superseded,
     /// Not applied yet; the deliverer will try again.
     Pending,
-    /// It cannot be applied: the profile does not exist.
-    Failed {
-        /// The basis of the response.
-        reason: String,
-    },
+    /// It cannot be applied: the profile does not exist (the record holds the basis).
+    Failed,
 }
 
 /// The basis recorded when ACS has no such profile.
@@ -73,7 +70,11 @@ pub const PROFILE_NOT_FOUND: &str = "the profile does not exist in Adobe Campaig
 /// Delivers recorded requests to ACS.
 pub struct Delivery {
     ledger: Ledger,
+    /// For attempts made within a call, which someone is waiting for.
     acs: Client,
+    /// For the deliverer's attempts: the same client in the background, so that they go after
+    /// every call someone is waiting for, however long the backlog.
+    background: Client,
     health: Arc<GatewayHealth>,
     settings: DeliverySettings,
 }
@@ -88,6 +89,7 @@ impl Delivery {
     ) -> Self {
         Self {
             ledger,
+            background: acs.in_background(),
             acs,
             health,
             settings,
@@ -111,8 +113,9 @@ impl Delivery {
 
     /// Applies a pending request of a profile whose lease `claim` holds, within `deadline`,
     /// records the outcome and gives the lease back. `answered`: the caller is answered with
-    /// this outcome.
-    pub async fn apply(
+    /// this outcome (an attempt within a call); otherwise it is the deliverer's, made in the
+    /// background.
+    pub(super) async fn apply(
         &self,
         record: &Record,
         claim: &Claim,
@@ -124,8 +127,12 @@ impl Delivery {
                 "a profile's request without a key".into(),
             ));
         };
-        let result = self
-            .acs
+        let acs = if answered {
+            &self.acs
+        } else {
+            &self.background
+        };
+        let result = acs
             .set_ccpa_opt_out(pkey, record.opt_out, Some(deadline))
             .await;
         self.health.observe(CredentialSignal::of(&result)).await;
@@ -164,9 +171,7 @@ impl Delivery {
                         release,
                     )
                     .await?;
-                Ok(Attempt::Failed {
-                    reason: PROFILE_NOT_FOUND.to_owned(),
-                })
+                Ok(Attempt::Failed)
             }
             Err(error) => {
                 // Anything else may pass (ACS down, our credentials, a deadline): the request

@@ -78,13 +78,37 @@ impl Ledger {
         request: &NewRequest,
         claim: Option<&Claim>,
     ) -> Result<(Recorded, bool), LedgerError> {
+        self.record_as(request, claim, false).await
+    }
+
+    /// Records a request, as [`Ledger::record`] does, and that its caller is answered now, in
+    /// the same write: for a request answered as soon as it is recorded, which the deliverer
+    /// applies later.
+    pub async fn record_answered(&self, request: &NewRequest) -> Result<Recorded, LedgerError> {
+        Ok(self.record_as(request, None, true).await?.0)
+    }
+
+    async fn record_as(
+        &self,
+        request: &NewRequest,
+        claim: Option<&Claim>,
+        answered: bool,
+    ) -> Result<(Recorded, bool), LedgerError> {
         let request = request.clone();
         let claim = claim.cloned();
         let hint = self.pending.clone();
         let backend = self.backend;
         self.write(move |connection| {
             Box::pin(async move {
-                record_unit(connection, &request, claim.as_ref(), &hint, backend).await
+                record_unit(
+                    connection,
+                    &request,
+                    claim.as_ref(),
+                    answered,
+                    &hint,
+                    backend,
+                )
+                .await
             })
         })
         .await
@@ -115,6 +139,7 @@ pub(super) async fn record_unit(
     connection: &mut AnyConnection,
     request: &NewRequest,
     claim: Option<&Claim>,
+    answered: bool,
     hint: &PendingHint,
     backend: Backend,
 ) -> Result<(Recorded, bool), LedgerError> {
@@ -137,8 +162,8 @@ pub(super) async fn record_unit(
     let inserted = sqlx::query(
         "INSERT INTO opt_out_records (request_id, kind, pkey, opt_out, source, received_at, \
              received_at_given, recorded_at, caller, state, attempts, next_attempt_at, \
-             parent_request_id, fingerprint) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PENDING', 0, $10, $11, $12) \
+             parent_request_id, fingerprint, answered_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PENDING', 0, $10, $11, $12, $13) \
              ON CONFLICT (request_id) DO NOTHING",
     )
     .bind(&request.request_id)
@@ -153,6 +178,7 @@ pub(super) async fn record_unit(
     .bind(now + request.first_attempt_window_ms)
     .bind(&request.parent_request_id)
     .bind(&request.fingerprint)
+    .bind(answered.then_some(now))
     .execute(&mut *tx)
     .await?
     .rows_affected();

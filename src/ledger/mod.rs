@@ -9,7 +9,8 @@
 //!
 //! By job: `open` (connections, migrations), `intake` (recording a request), `leases` (who
 //! applies a profile's requests, and what came of each attempt), `queries` (reads), `retention`
-//! (pruning), `writer` (group commit), `delivery` (the deliverer), `clock` (business days).
+//! (pruning), `writer` (group commit), `submit` (a profile's request: recorded, then applied
+//! within the call or later), `delivery` (attempts, and the deliverer), `clock` (business days).
 //!
 //! Order: requests for one profile take effect in the order consumers made them
 //! (`received_at`, then arrival). A request overtaken by a newer one before it was applied is
@@ -24,6 +25,7 @@ mod open;
 mod queries;
 mod record;
 mod retention;
+mod submit;
 mod writer;
 
 use std::collections::HashSet;
@@ -40,6 +42,7 @@ pub use leases::{Claim, Outcome};
 pub use queries::{Cursor, ListFilter};
 pub use record::{FailureCode, Kind, Record, Source, State};
 pub use retention::MIN_RETENTION;
+pub use submit::{Apply, Submitted};
 use writer::Writer;
 
 /// Why the ledger could not do what was asked.
