@@ -294,19 +294,20 @@ impl Delivery {
     /// `ccpa.v1.OptOutDelivery` health entry.
     pub async fn check_clock(&self) -> Result<usize, LedgerError> {
         let cutoff = business_days_before(now_ms(), self.settings.overdue_after_business_days);
-        let overdue = self.ledger.pending_before(cutoff).await?;
-        if let Some(oldest) = overdue.first() {
+        // A count and the oldest only: a backlog of any size is watched in constant memory.
+        let overdue = self.ledger.overdue_summary(cutoff).await?;
+        if let Some((count, oldest)) = &overdue {
             let days = (now_ms() - oldest.received_at) as f64 / 86_400_000.0;
             tracing::warn!(
-                overdue = overdue.len(),
+                overdue = count,
                 threshold_business_days = self.settings.overdue_after_business_days,
                 oldest_request_id = oldest.request_id,
                 oldest_age_days = days,
                 "opt-out requests are still not held by Adobe Campaign (legal limit: 15 business days)"
             );
         }
-        self.health.set_delivery_overdue(!overdue.is_empty()).await;
-        Ok(overdue.len())
+        self.health.set_delivery_overdue(overdue.is_some()).await;
+        Ok(overdue.map_or(0, |(count, _)| usize::try_from(count).unwrap_or(usize::MAX)))
     }
 
     async fn prune(&self) {

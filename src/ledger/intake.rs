@@ -1,9 +1,12 @@
 //! Intake: recording a request, durably, before anything else is done with it.
 
+use std::sync::LazyLock;
+
+use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Executor};
 
 use super::leases::claim_lease;
-use super::queries::fetch_record;
+use super::queries::{COLUMNS, fetch_record};
 use super::{
     Backend, Claim, FailureCode, Kind, Ledger, LedgerError, PendingHint, Record, Source, State,
     now_ms,
@@ -55,6 +58,17 @@ pub fn fingerprint(request_id: &str, parts: &[&str]) -> String {
         .map(|byte| format!("{byte:02x}"))
         .collect()
 }
+
+/// Inserts a request unless its id is taken, and returns it as written (no row when taken).
+static INSERT_RETURNING: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO opt_out_records (request_id, kind, pkey, opt_out, source, received_at, \
+         received_at_given, recorded_at, caller, state, attempts, next_attempt_at, \
+         parent_request_id, fingerprint, answered_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PENDING', 0, $10, $11, $12, $13) \
+         ON CONFLICT (request_id) DO NOTHING RETURNING {COLUMNS}"
+    )
+});
 
 /// What recording a request did.
 #[derive(Debug)]
@@ -159,31 +173,25 @@ pub(super) async fn record_unit(
             .fetch_one(&mut *tx)
             .await?;
     }
-    let inserted = sqlx::query(
-        "INSERT INTO opt_out_records (request_id, kind, pkey, opt_out, source, received_at, \
-             received_at_given, recorded_at, caller, state, attempts, next_attempt_at, \
-             parent_request_id, fingerprint, answered_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PENDING', 0, $10, $11, $12, $13) \
-             ON CONFLICT (request_id) DO NOTHING",
-    )
-    .bind(&request.request_id)
-    .bind(request.kind.as_str())
-    .bind(&request.pkey)
-    .bind(i64::from(request.opt_out))
-    .bind(request.source.as_str())
-    .bind(request.received_at.unwrap_or(now))
-    .bind(i64::from(request.received_at.is_some()))
-    .bind(now)
-    .bind(&request.caller)
-    .bind(now + request.first_attempt_window_ms)
-    .bind(&request.parent_request_id)
-    .bind(&request.fingerprint)
-    .bind(answered.then_some(now))
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    // RETURNING: the new record comes back with the insert, one statement instead of two.
+    let inserted: Option<AnyRow> = sqlx::query(INSERT_RETURNING.as_str())
+        .bind(&request.request_id)
+        .bind(request.kind.as_str())
+        .bind(&request.pkey)
+        .bind(i64::from(request.opt_out))
+        .bind(request.source.as_str())
+        .bind(request.received_at.unwrap_or(now))
+        .bind(i64::from(request.received_at.is_some()))
+        .bind(now)
+        .bind(&request.caller)
+        .bind(now + request.first_attempt_window_ms)
+        .bind(&request.parent_request_id)
+        .bind(&request.fingerprint)
+        .bind(answered.then_some(now))
+        .fetch_optional(&mut *tx)
+        .await?;
 
-    if inserted == 0 {
+    let Some(inserted) = inserted else {
         let existing = fetch_record(&mut *tx, &request.request_id)
             .await?
             .ok_or_else(|| LedgerError::Corrupt("a conflicting id vanished".into()))?;
@@ -209,7 +217,8 @@ pub(super) async fn record_unit(
             return Ok((Recorded::New(reopened), false));
         }
         return Ok((Recorded::Replay(existing), false));
-    }
+    };
+    let mut record = Record::from_row(&inserted)?;
 
     if let Some(pkey) = &request.pkey {
         let received_at = request.received_at.unwrap_or(now);
@@ -230,6 +239,11 @@ pub(super) async fn record_unit(
         match newer {
             Some(newer) => {
                 supersede(&mut *tx, &request.request_id, &newer, now, true).await?;
+                record = fetch_record(&mut *tx, &request.request_id)
+                    .await?
+                    .ok_or_else(|| {
+                        LedgerError::Corrupt("a record vanished as it was written".into())
+                    })?;
             }
             None => {
                 sqlx::query(
@@ -245,9 +259,6 @@ pub(super) async fn record_unit(
             }
         }
     }
-    let record = fetch_record(&mut *tx, &request.request_id)
-        .await?
-        .ok_or_else(|| LedgerError::Corrupt("a record vanished as it was written".into()))?;
     let claimed = match (claim, &record.pkey) {
         (Some(claim), Some(pkey)) if record.state == State::Pending => {
             claim_lease(&mut *tx, pkey, claim, now).await?

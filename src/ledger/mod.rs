@@ -129,9 +129,10 @@ struct PendingProfiles {
 }
 
 impl PendingHint {
-    /// Beyond this many profiles with pending requests (an ACS outage), the hint stops naming
-    /// them, to keep memory bounded, and every read asks the database.
-    const MAX_KEYS: usize = 100_000;
+    /// Beyond this many profiles with pending requests (an ACS outage, a bulk backlog
+    /// recorded only), the hint stops naming them, to keep memory flat (10,000 keys are about
+    /// 1 MB), and every read asks the database.
+    const MAX_KEYS: usize = 10_000;
 
     fn new() -> Self {
         Self {

@@ -101,6 +101,35 @@ impl Ledger {
         rows.iter().map(Record::from_row).collect()
     }
 
+    /// How many pending requests were received before `received_before`, and the oldest of
+    /// them: what the overdue clock needs, without loading a backlog of any size.
+    pub async fn overdue_summary(
+        &self,
+        received_before: i64,
+    ) -> Result<Option<(i64, Record)>, LedgerError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM opt_out_records WHERE state = 'PENDING' AND received_at < $1",
+        )
+        .bind(received_before)
+        .fetch_one(&self.reader)
+        .await?;
+        if count == 0 {
+            return Ok(None);
+        }
+        let oldest = sqlx::query(AssertColumns::sql(
+            "WHERE state = 'PENDING' AND received_at < $1 ORDER BY received_at LIMIT 1",
+        ))
+        .bind(received_before)
+        .fetch_optional(&self.reader)
+        .await?;
+        // Resolved between the two reads: nothing overdue any more.
+        oldest
+            .as_ref()
+            .map(Record::from_row)
+            .transpose()
+            .map(|oldest| oldest.map(|oldest| (count, oldest)))
+    }
+
     /// A page of records, newest request first.
     pub async fn list(
         &self,
