@@ -11,13 +11,11 @@ use ccpa_gateway::health::DELIVERY_SERVICE_NAME;
 use ccpa_gateway::ledger::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
-    BulkSetOptOutRequest, BulkSetOptOutResponse, CreateProfileRequest, DeliveryState,
-    GetOptOutRecordRequest, GetOptOutRequest, ListOptOutRecordsRequest, OptOutRecord,
-    RequestSource, SetOptOutRequest,
+    BulkSetOptOutRequest, CreateProfileRequest, DeliveryState, GetOptOutRecordRequest,
+    GetOptOutRequest, ListOptOutRecordsRequest, OptOutRecord, RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{Store, acs_config, opt_out_of, record, start_gateway_on, until_settled};
-use futures::StreamExt;
+use common::{Store, acs_config, bulk, opt_out_of, record, start_gateway_on, until_settled};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -61,6 +59,7 @@ on_both_stores!(
     a_newer_request_waits_while_an_older_one_may_still_be_on_its_way_to_acs,
     record_only_items_are_answered_once_recorded_and_delivered_later,
     a_record_only_backlog_is_watched_by_the_overdue_clock,
+    a_record_only_item_is_due_for_the_deliverer_at_once,
 );
 
 /// Delivery tuned for tests: tries often, backs off little.
@@ -1150,21 +1149,6 @@ async fn requests_left_pending_by_an_earlier_run_are_protective_from_the_start(s
     }
 }
 
-/// A BulkSetOptOut stream of `items`, every answer.
-async fn bulk(
-    client: &mut CcpaServiceClient<Channel>,
-    items: Vec<BulkSetOptOutRequest>,
-) -> Vec<BulkSetOptOutResponse> {
-    let answers: Vec<_> = client
-        .bulk_set_opt_out(futures::stream::iter(items))
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
-    answers.into_iter().map(Result::unwrap).collect()
-}
-
 fn record_only(item: SetOptOutRequest) -> BulkSetOptOutRequest {
     BulkSetOptOutRequest {
         item: Some(item),
@@ -1304,4 +1288,30 @@ async fn a_record_only_backlog_is_watched_by_the_overdue_clock(store: Store) {
 
     gw.emulator.set_faults(FaultSettings::default());
     until_state(&mut gw.client, "backlog-overdue", DeliveryState::Applied).await;
+}
+
+async fn a_record_only_item_is_due_for_the_deliverer_at_once(store: Store) {
+    // A call has a minute to apply its own request before the deliverer may take it over; a
+    // record-only item has no call applying it, so it must not wait for that minute.
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let mut options = quick_delivery();
+    options.delivery.attempt_budget = Duration::from_secs(60);
+    options.delivery.lease = Duration::from_secs(120);
+    let (_, channel, _stop, _) =
+        start_gateway_on(acs_config(&emulator), store.open().await, options).await;
+    let mut client = CcpaServiceClient::new(channel);
+    let pkey = emulator.insert_profile(NewProfile::default());
+    let answers = bulk(
+        &mut client,
+        vec![record_only(set(&pkey, true, "record-only-due"))],
+    )
+    .await;
+    assert_eq!(
+        answers[0].state,
+        DeliveryState::Pending as i32,
+        "{answers:?}"
+    );
+    // Within until_state's 20 s, a third of the window a call would have had.
+    until_state(&mut client, "record-only-due", DeliveryState::Applied).await;
+    assert_eq!(emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
 }

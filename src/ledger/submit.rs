@@ -69,7 +69,13 @@ impl Delivery {
         let deadline = match apply {
             Apply::WithinCall(deadline) => deadline,
             Apply::Later => {
-                return Ok(match self.ledger().record_answered(request).await? {
+                // No call is applying it: it is due for the deliverer at once, not after the
+                // window a call would have had.
+                let request = NewRequest {
+                    first_attempt_window_ms: 0,
+                    ..request.clone()
+                };
+                return Ok(match self.ledger().record_answered(&request).await? {
                     Recorded::New(record) => Submitted::of(record),
                     Recorded::Replay(record) => Submitted::Replay(record),
                     Recorded::Conflict(_) => Submitted::Conflict,
