@@ -5,29 +5,35 @@ use std::process::Command;
 
 use serde_json::Value;
 
-#[test]
-fn a_short_benchmark_reports_every_figure() {
+/// Runs `ccpa-gateway` with `args` (a `bench ... --json` command), which must succeed, and
+/// returns its report.
+fn bench(args: &[&str]) -> Value {
     let output = Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
-        .args([
-            "bench",
-            "--scenario",
-            "fanout",
-            "--concurrency",
-            "8",
-            "--warmup",
-            "200ms",
-            "--duration",
-            "1s",
-            "--tls",
-            "--json",
-        ])
+        .args(args)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
         panic!("{e}: {}", String::from_utf8_lossy(&output.stdout));
-    });
+    })
+}
+
+#[test]
+fn a_short_benchmark_reports_every_figure() {
+    let report = bench(&[
+        "bench",
+        "--scenario",
+        "fanout",
+        "--concurrency",
+        "8",
+        "--warmup",
+        "200ms",
+        "--duration",
+        "1s",
+        "--tls",
+        "--json",
+    ]);
     let fanout = &report["scenarios"]["fanout"];
     for key in [
         "throughput_ratio",
@@ -76,15 +82,7 @@ fn a_short_benchmark_reports_every_figure() {
 
 #[test]
 fn the_bulk_scenario_reports_throughput_and_memory() {
-    let output = Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
-        .args(["bench", "--scenario", "bulk", "--items", "400", "--json"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}", String::from_utf8_lossy(&output.stdout));
-    });
+    let report = bench(&["bench", "--scenario", "bulk", "--items", "400", "--json"]);
     let bulk = &report["scenarios"]["bulk"];
     assert_eq!(bulk["items"], 400);
     assert_eq!(bulk["direct"]["errors"], 0, "{bulk}");
@@ -108,4 +106,39 @@ fn the_bulk_scenario_reports_throughput_and_memory() {
             "{side}: {bulk}"
         );
     }
+}
+
+#[test]
+fn the_record_only_bulk_scenario_reports_intake_and_memory() {
+    let report = bench(&[
+        "bench",
+        "--scenario",
+        "bulk-record-only",
+        "--items",
+        "400",
+        "--json",
+    ]);
+    assert!(
+        report["scenarios"]["bulk"].is_null(),
+        "only the scenario asked for"
+    );
+    let intake = &report["scenarios"]["bulk_record_only"];
+    assert_eq!(intake["items"], 400);
+    assert_eq!(intake["record_only"], true);
+    // Every item is answered once recorded: PENDING, none applied within the stream.
+    assert_eq!(intake["gateway"]["pending"], 400, "{intake}");
+    assert_eq!(intake["gateway"]["applied"], 0, "{intake}");
+    assert_eq!(intake["gateway"]["failed"], 0, "{intake}");
+    for key in [
+        "items_per_s",
+        "gateway_cpu_us_per_item",
+        "gateway_peak_rss_mb",
+        "throughput_ratio",
+    ] {
+        assert!(intake[key].as_f64().unwrap() > 0.0, "{key}: {intake}");
+    }
+    assert!(
+        intake["direct"]["items_per_s"].as_f64().unwrap() > 0.0,
+        "{intake}"
+    );
 }

@@ -54,8 +54,17 @@ async fn a_100_000_item_stream_is_applied_once_each_in_bounded_memory() {
     let mut gateway = GatewayProcess::start_with(
         &emulator,
         &store.location,
-        // The rate limit is the contract's, not under test here (see the throttle tests).
-        &["--acs-max-rps", "100000", "--acs-max-queued", "100000"],
+        // The rate limit is the contract's, not under test here (see the throttle tests). Nor
+        // is the connection's age: in the debug build, on a busy 2-core machine, the stream
+        // can outlast the default age and grace (10 minutes), which would cut it.
+        &[
+            "--acs-max-rps",
+            "100000",
+            "--acs-max-queued",
+            "100000",
+            "--max-connection-age",
+            "1h",
+        ],
         "warn,ccpa_gateway::cli=info",
     )
     .await;

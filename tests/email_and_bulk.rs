@@ -10,11 +10,11 @@ use acs_profile_client::{CallSettings, ClientConfig, ThrottleSettings};
 use ccpa_gateway::ledger::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
-    BulkSetOptOutRequest, BulkSetOptOutResponse, DeliveryState, GetOptOutRequest,
-    ListOptOutRecordsRequest, RequestSource, SetOptOutRequest,
+    BulkSetOptOutRequest, DeliveryState, GetOptOutRequest, ListOptOutRecordsRequest, RequestSource,
+    SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{Store, acs_config, opt_out_of, record, start_gateway_on, until_settled};
+use common::{Store, acs_config, bulk, opt_out_of, record, start_gateway_on, until_settled};
 use futures::StreamExt;
 use sha2::Digest;
 use tokio::sync::{mpsc, oneshot};
@@ -353,21 +353,6 @@ async fn a_failed_lookup_is_unavailable_and_recorded_with_its_basis() {
         failed.failure_reason.contains("ACS_UNAVAILABLE"),
         "{failed:?}"
     );
-}
-
-/// Every answer of a stream of `items`, each one a success at the gRPC level.
-async fn bulk(
-    client: &mut CcpaServiceClient<Channel>,
-    items: Vec<BulkSetOptOutRequest>,
-) -> Vec<BulkSetOptOutResponse> {
-    let answers: Vec<_> = client
-        .bulk_set_opt_out(futures::stream::iter(items))
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
-    answers.into_iter().map(Result::unwrap).collect()
 }
 
 fn item(pkey: &str, request_id: &str) -> BulkSetOptOutRequest {

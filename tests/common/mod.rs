@@ -434,6 +434,22 @@ impl GatewayProcess {
     }
 }
 
+/// Every answer of a BulkSetOptOut stream of `items`, each one a success at the gRPC level.
+pub async fn bulk(
+    client: &mut CcpaServiceClient<Channel>,
+    items: Vec<ccpa_gateway::proto::ccpa_v1::BulkSetOptOutRequest>,
+) -> Vec<ccpa_gateway::proto::ccpa_v1::BulkSetOptOutResponse> {
+    use futures::StreamExt;
+    let answers: Vec<_> = client
+        .bulk_set_opt_out(futures::stream::iter(items))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    answers.into_iter().map(Result::unwrap).collect()
+}
+
 /// Waits until no record is PENDING: the deliverer has finished whatever answered PENDING (an
 /// item whose attempt outlived its budget on a busy machine is PENDING, and delivered after).
 pub async fn until_settled(client: &mut CcpaServiceClient<Channel>) {
