@@ -69,7 +69,7 @@ impl CredentialSignal {
                 | Failure::Refused { .. }
                 | Failure::ServerError { .. } => Self::Accepted,
             },
-            Err(CallError::DeadlineExceeded | CallError::Throttled) => Self::Unknown,
+            Err(CallError::DeadlineExceeded { .. } | CallError::Throttled) => Self::Unknown,
         }
     }
 }

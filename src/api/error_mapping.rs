@@ -333,7 +333,7 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
                 let mapped = mapping(&failure);
                 (Some(failure), mapped)
             }
-            CallError::DeadlineExceeded => (
+            CallError::DeadlineExceeded { .. } => (
                 None,
                 Mapping {
                     code: Code::DeadlineExceeded,

@@ -176,8 +176,7 @@ impl Delivery {
             Err(error) => {
                 // Anything else may pass (ACS down, our credentials, a deadline): the request
                 // stays pending and is tried again; the clock reports it if it lasts.
-                let attempted = !matches!(error, CallError::Throttled)
-                    && !matches!(&error, CallError::Api(e) if Failure::classify(e) == Failure::NoToken);
+                let attempted = error.may_have_reached_acs();
                 let next_attempt_at = now_ms() + self.backoff_ms(record.attempts);
                 // A PATCH that was sent may still be on its way through ACS (a timeout, a reset,
                 // a 504 from its gateway): the lease is kept until it expires, so that no newer

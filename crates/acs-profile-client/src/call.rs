@@ -73,7 +73,12 @@ pub enum CallError {
     /// ACS answered an error, or could not be reached; this is the last attempt's error.
     Api(ApiError),
     /// The deadline passed before the call could finish.
-    DeadlineExceeded,
+    DeadlineExceeded {
+        /// Whether a request of the call had been sent by then: if so, it may still take
+        /// effect at ACS. If not, the call waited (for the throttle or a token) and nothing of
+        /// it reached ACS.
+        sent: bool,
+    },
     /// Too many calls are already waiting for the throttle toward ACS.
     Throttled,
 }
@@ -90,8 +95,22 @@ impl CallError {
                     None => name.to_owned(),
                 }
             }
-            Self::DeadlineExceeded => "DEADLINE_EXCEEDED".to_owned(),
+            Self::DeadlineExceeded { .. } => "DEADLINE_EXCEEDED".to_owned(),
             Self::Throttled => "ACS_CALL_QUEUE_FULL".to_owned(),
+        }
+    }
+}
+
+impl CallError {
+    /// Whether a request of this call may have reached ACS, and so may still take effect there
+    /// (a write may land after this answer). False only when none was sent: the call was
+    /// refused by the throttle, its deadline passed while it waited for its turn, or no token
+    /// could be had.
+    pub fn may_have_reached_acs(&self) -> bool {
+        match self {
+            Self::Throttled => false,
+            Self::DeadlineExceeded { sent } => *sent,
+            Self::Api(error) => Failure::classify(error) != Failure::NoToken,
         }
     }
 }
@@ -106,7 +125,7 @@ impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Api(error) => write!(f, "{:?}", Failure::classify(error)),
-            Self::DeadlineExceeded => f.write_str("the deadline passed"),
+            Self::DeadlineExceeded { .. } => f.write_str("the deadline passed"),
             Self::Throttled => f.write_str("too many calls are waiting for ACS"),
         }
     }
@@ -224,8 +243,11 @@ impl CallRuntime {
         self.budget.deposit();
         let mut attempts = 0;
         let mut refreshed_token = false;
+        // Whether any attempt has sent its request (set just before it does).
+        let mut sent = false;
         loop {
             attempts += 1;
+            let sending = &mut sent;
             let outcome = tokio::time::timeout_at(deadline, async {
                 let admission = if background {
                     self.throttle.admit_background().await
@@ -242,11 +264,12 @@ impl CallRuntime {
                 // Boxed: the request's state (a few KiB) then exists only while the request
                 // does, not in every call waiting for admission; with thousands queued, that is
                 // most of the gateway's memory.
+                *sending = true;
                 Ok::<_, CallError>((Box::pin(attempt()).await, token))
             })
             .await;
             let (result, token) = match outcome {
-                Err(_elapsed) => return Err(CallError::DeadlineExceeded),
+                Err(_elapsed) => return Err(CallError::DeadlineExceeded { sent }),
                 Ok(Err(throttled)) => return Err(throttled),
                 Ok(Ok(pair)) => pair,
             };
@@ -287,6 +310,67 @@ impl CallRuntime {
 mod tests {
     use super::*;
     use reqwest::StatusCode;
+
+    fn one_per_second() -> CallSettings {
+        CallSettings {
+            throttle: crate::ThrottleSettings {
+                max_rps: std::num::NonZeroU32::MIN,
+                max_in_flight: 1,
+                max_queued: 10,
+            },
+            ..CallSettings::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deadline_passed_in_the_queue_says_nothing_was_sent() {
+        let runtime = CallRuntime::new(one_per_second());
+        let tokens = crate::SharedToken::new(crate::AccessToken::new("token"));
+        let soon = || Some(std::time::Instant::now() + Duration::from_millis(100));
+        // The one slot of this second.
+        let first = runtime
+            .run(&tokens, Idempotency::Idempotent, soon(), false, || async {
+                Ok::<_, ApiError>(())
+            })
+            .await;
+        assert!(first.is_ok());
+        let mut attempted = false;
+        let waited = runtime
+            .run(&tokens, Idempotency::Idempotent, soon(), false, || {
+                attempted = true;
+                async { Ok::<_, ApiError>(()) }
+            })
+            .await
+            .unwrap_err();
+        assert!(!attempted);
+        assert!(matches!(
+            waited,
+            CallError::DeadlineExceeded { sent: false }
+        ));
+        assert!(!waited.may_have_reached_acs());
+    }
+
+    #[tokio::test]
+    async fn a_deadline_passed_during_a_request_says_it_may_have_reached_acs() {
+        let runtime = CallRuntime::new(one_per_second());
+        let tokens = crate::SharedToken::new(crate::AccessToken::new("token"));
+        let deadline = Some(std::time::Instant::now() + Duration::from_millis(100));
+        let slow = runtime
+            .run(
+                &tokens,
+                Idempotency::Idempotent,
+                deadline,
+                false,
+                || async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok::<_, ApiError>(())
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(slow, CallError::DeadlineExceeded { sent: true }));
+        assert!(slow.may_have_reached_acs());
+    }
 
     #[test]
     fn only_safe_retries_are_allowed() {
