@@ -44,6 +44,10 @@ async fn gateway_with(
     let store = Store::sqlite();
     let options = ServerOptions {
         delivery: DeliverySettings {
+            // A PATCH whose attempt ran out while it was in flight keeps its profile's lease
+            // until the lease lapses (it may still land): short, so that tests do not wait a
+            // minute for the deliverer to take such an item over.
+            lease: Duration::from_secs(4),
             poll_interval: Duration::from_millis(100),
             attempt_budget: Duration::from_millis(800),
             backoff_base: Duration::from_millis(100),
