@@ -24,3 +24,4 @@ pub mod ledger;
 pub mod proto;
 pub mod server;
 pub mod telemetry;
+pub mod upstream;

@@ -67,6 +67,7 @@ use acs_profile_client::{ApiError, CallError, Failure, retry_after};
 
 use crate::access::Permission;
 use crate::ledger::{FailureCode, LedgerError, Record};
+use crate::upstream::UpstreamError;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -75,53 +76,6 @@ pub const ERROR_DOMAIN: &str = "ccpa-gateway";
 
 /// The delay suggested to callers in `RetryInfo` when ACS gave none.
 pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
-
-/// A failure on the way to ACS or in what it answered.
-#[derive(Debug)]
-pub enum UpstreamError {
-    /// The call failed. Boxed: progenitor's error is large, and this travels by value.
-    Call(Box<CallError>),
-    /// ACS answered a read with an empty collection instead of the profile.
-    EmptyCollection,
-    /// ACS answered without a field the gateway must read (say, `ccpaOptOut`): answering a
-    /// default instead could tell a caller that it may sell data when ACS did not say so.
-    MissingField(&'static str),
-}
-
-impl UpstreamError {
-    /// Whether ACS said the profile does not exist (404, or a key it cannot read).
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, Self::EmptyCollection)
-            || matches!(
-                self,
-                Self::Call(call) if matches!(
-                    call.as_ref(),
-                    CallError::Api(e) if matches!(
-                        Failure::classify(e),
-                        Failure::NotFound | Failure::UnparsableKey
-                    )
-                )
-            )
-    }
-}
-
-impl UpstreamError {
-    /// What went wrong, for logs and records: a reason and an HTTP status, never a body, a URL
-    /// (it holds the key) or a header. (`Debug` would show all of those.)
-    pub fn reason(&self) -> String {
-        match self {
-            Self::Call(call) => call.reason(),
-            Self::EmptyCollection => "EMPTY_COLLECTION".to_owned(),
-            Self::MissingField(field) => format!("MISSING_FIELD {field}"),
-        }
-    }
-}
-
-impl From<CallError> for UpstreamError {
-    fn from(error: CallError) -> Self {
-        Self::Call(Box::new(error))
-    }
-}
 
 /// What the table above says for one failure: code, reason, message, log level.
 struct Mapping {
@@ -284,14 +238,7 @@ pub fn gateway_status(code: Code, reason: &str, message: &str) -> Status {
 /// The answer to a replayed request id whose request FAILED: the code the caller was given the
 /// first time, and the recorded basis.
 pub fn replayed_failure(record: &Record) -> Status {
-    let code = match record.failure_code {
-        Some(FailureCode::ProfileNotFound) => Code::NotFound,
-        Some(FailureCode::ProfileConflict) => Code::AlreadyExists,
-        Some(FailureCode::Internal) => Code::Internal,
-        Some(FailureCode::DeadlinePassed) => Code::DeadlineExceeded,
-        Some(FailureCode::TooManyProfiles) => Code::FailedPrecondition,
-        Some(FailureCode::Unavailable) | None => Code::Unavailable,
-    };
+    let code = record.failure_code.map_or(Code::Unavailable, replayed_code);
     let metadata = HashMap::from([("request_id".to_owned(), record.request_id.clone())]);
     let details = ErrorDetails::with_error_info("REQUEST_FAILED", ERROR_DOMAIN, metadata);
     let message = format!(
@@ -304,18 +251,18 @@ pub fn replayed_failure(record: &Record) -> Status {
     Status::with_error_details(code, message, details)
 }
 
-/// What the ledger records of a failed call's status, so that a replay answers the same (see
-/// [`replayed_failure`]). A status that asks the caller to come back later (UNAVAILABLE,
-/// RESOURCE_EXHAUSTED, and any other) is recorded as unavailable: such a request did nothing and
-/// may be tried again under its id.
-pub fn ledger_failure(code: Code) -> FailureCode {
-    match code {
-        Code::NotFound => FailureCode::ProfileNotFound,
-        Code::AlreadyExists => FailureCode::ProfileConflict,
-        Code::Internal => FailureCode::Internal,
-        Code::DeadlineExceeded => FailureCode::DeadlinePassed,
-        Code::FailedPrecondition => FailureCode::TooManyProfiles,
-        _ => FailureCode::Unavailable,
+/// The code a replay of a request FAILED with `failure` is answered with: the one its caller was
+/// first given. (The ledger records an upstream failure as [`FailureCode::of`] says; a status
+/// that asked the caller to come back later, RESOURCE_EXHAUSTED included, is recorded as
+/// unavailable: such a request did nothing and may be tried again under its id.)
+fn replayed_code(failure: FailureCode) -> Code {
+    match failure {
+        FailureCode::ProfileNotFound => Code::NotFound,
+        FailureCode::ProfileConflict => Code::AlreadyExists,
+        FailureCode::Internal => Code::Internal,
+        FailureCode::DeadlinePassed => Code::DeadlineExceeded,
+        FailureCode::TooManyProfiles => Code::FailedPrecondition,
+        FailureCode::Unavailable => Code::Unavailable,
     }
 }
 
@@ -400,4 +347,52 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
         details.set_retry_info(Some(delay));
     }
     Status::with_error_details(mapped.code, mapped.message, details)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(status: u16) -> UpstreamError {
+        let response = http::Response::builder()
+            .status(status)
+            .body(Vec::<u8>::new())
+            .expect("a status and an empty body make a response");
+        CallError::Api(acs_profile_client::Error::UnexpectedResponse(
+            reqwest::Response::from(response),
+        ))
+        .into()
+    }
+
+    /// The ledger records what an upstream failure means (`FailureCode::of`); a replay of the
+    /// request id is answered from that record. Both must tell the caller what it was told the
+    /// first time, through this table.
+    #[test]
+    fn a_replayed_failure_is_answered_with_the_code_of_the_first_answer() {
+        let mut errors: Vec<UpstreamError> = [200, 302, 400, 401, 403, 404, 409, 429, 500, 501]
+            .into_iter()
+            .chain([502, 503, 504])
+            .map(answered)
+            .collect();
+        errors.push(CallError::DeadlineExceeded { sent: true }.into());
+        errors.push(CallError::DeadlineExceeded { sent: false }.into());
+        errors.push(UpstreamError::EmptyCollection);
+        errors.push(UpstreamError::MissingField("ccpaOptOut"));
+        for error in &errors {
+            let first = upstream_status("test", error).code();
+            let replayed = replayed_code(FailureCode::of(error));
+            assert_eq!(replayed, first, "{}", error.reason());
+        }
+        // The one exception: a full queue toward ACS asked the caller to slow down; the request
+        // did nothing, and its replay says to retry.
+        let throttled = UpstreamError::from(CallError::Throttled);
+        assert_eq!(
+            upstream_status("test", &throttled).code(),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            replayed_code(FailureCode::of(&throttled)),
+            Code::Unavailable
+        );
+    }
 }

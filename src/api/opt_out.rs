@@ -8,22 +8,22 @@ use tonic::{Code, Status};
 
 use super::convert::delivery_state;
 use super::error_mapping::{
-    UpstreamError, gateway_status, ledger_failure, ledger_status, replayed_failure,
-    too_many_profiles, upstream_status,
+    gateway_status, ledger_status, replayed_failure, too_many_profiles, upstream_status,
 };
 use super::service::{
     CcpaApi, Deadline, EMAIL_PROFILE_CONCURRENCY, OptOutState, recorded_caller, upstream,
 };
-use super::validation::{RESERVED_REQUEST_ID_SEPARATOR, Violations, request_id_conflict};
+use super::validation::{Violations, request_id_conflict};
 use crate::access::Caller;
 use crate::ledger::{
-    Apply, FailureCode, Kind, NewRequest, Outcome, Record, Recorded, Source, State, Submitted,
-    fingerprint, now_ms,
+    Apply, ByEmailFailure, EmailRequest, Kind, NewRequest, Record, Source, State, Submitted,
+    SubmittedByEmail, now_ms,
 };
 use crate::proto::ccpa_v1::{
     DeliveryState, GetOptOutRequest, GetOptOutResponse, ProfileDelivery, ProfileOptOut,
     SetOptOutRequest, SetOptOutResponse,
 };
+use crate::upstream::UpstreamError;
 
 const GET: &str = "GetOptOut";
 const SET: &str = "SetOptOut";
@@ -335,10 +335,6 @@ impl CcpaApi {
         }
     }
 
-    fn window_ms(&self) -> i64 {
-        i64::try_from(self.delivery.settings().attempt_budget.as_millis()).unwrap_or(i64::MAX)
-    }
-
     async fn set_for_key(
         &self,
         request: &SetRequest,
@@ -350,7 +346,7 @@ impl CcpaApi {
             request.request_id.clone(),
             Some(pkey.to_owned()),
             None,
-            self.window_ms(),
+            self.delivery.first_attempt_window_ms(),
         );
         let apply = if request.record_only {
             Apply::Later
@@ -391,9 +387,15 @@ impl CcpaApi {
             .submit(new, apply)
             .await
             .map_err(|e| ledger_status(SET, &e))?;
+        Ok(self.read_back(submitted, deadline).await)
+    }
+
+    /// Where a submitted request stands, for the answer; once ACS holds it, with what ACS
+    /// holds read back.
+    async fn read_back(&self, submitted: Submitted, deadline: Deadline) -> Submission {
         let (record, state) = match submitted {
-            Submitted::Conflict => return Ok(Submission::Conflict),
-            Submitted::Replay(record) => return Ok(Submission::Replay(record)),
+            Submitted::Conflict => return Submission::Conflict,
+            Submitted::Replay(record) => return Submission::Replay(record),
             Submitted::Applied(record) => (record, DeliveryState::Applied),
             Submitted::Pending(record) => (record, DeliveryState::Pending),
             Submitted::Superseded(record) => (record, DeliveryState::Superseded),
@@ -423,15 +425,15 @@ impl CcpaApi {
                 ),
             }
         }
-        Ok(Submission::Delivered(Delivered {
+        Submission::Delivered(Delivered {
             record,
             state,
             held,
-        }))
+        })
     }
 
-    /// SetOptOut by email: the request is recorded first, then the profiles are looked up and
-    /// each gets a record of its own, linked to it, applied like a SetOptOut by key.
+    /// SetOptOut by email: the ledger records it, looks its profiles up and submits a request
+    /// for each (or creates one); this translates what came of it.
     async fn set_by_email(
         &self,
         request: &SetRequest,
@@ -439,161 +441,67 @@ impl CcpaApi {
         create_if_missing: bool,
         deadline: Deadline,
     ) -> Result<SetOptOutResponse, Status> {
-        let deadline = self.within_lease(deadline);
-        let mut parent =
-            request.new_request(Kind::SetByEmail, request.request_id.clone(), None, None, 0);
-        // The address is not kept, but a replay of this id with another address (or without
-        // `create_if_missing`) is a different request.
-        parent.fingerprint = Some(fingerprint(
-            &parent.request_id,
-            &[
-                &email.to_lowercase(),
-                if create_if_missing { "create" } else { "" },
-            ],
-        ));
-        let (recorded, _) = self
-            .ledger()
-            .record(&parent, None)
+        let email_request = EmailRequest {
+            request: request.new_request(
+                Kind::SetByEmail,
+                request.request_id.clone(),
+                None,
+                None,
+                0,
+            ),
+            email,
+            create_if_missing,
+            max_profiles: self.max_profiles_per_email,
+        };
+        let submitted = self
+            .delivery
+            .submit_by_email(email_request, deadline)
             .await
             .map_err(|e| ledger_status(SET, &e))?;
-        match recorded {
-            Recorded::Conflict(_) => return Err(request_id_conflict()),
-            Recorded::Replay(record) => return self.answer_recorded(&record).await,
-            Recorded::New(_) => {}
-        }
-
-        let found = match self
-            .noted(self.acs.profiles_by_email(email, deadline).await)
-            .await
-        {
-            Ok(found) => found,
-            Err(error) => {
-                // Without the address (which the ledger does not keep) the request cannot be
-                // completed later: it fails now, with its basis, and the caller retries.
-                let status = upstream_status(SET, &error);
-                let reason = match &error {
-                    UpstreamError::Call(call) => format!(
-                        "the profiles of this email could not be looked up ({}); the caller was \
-                         told and must retry",
-                        call.reason()
-                    ),
-                    other => {
-                        format!("the profiles of this email could not be looked up ({other:?})")
-                    }
-                };
-                self.fail_parent(&request.request_id, &reason, ledger_failure(status.code()))
-                    .await?;
-                return Err(status);
+        let profiles = match submitted {
+            SubmittedByEmail::Replay(record) => return self.answer_recorded(&record).await,
+            SubmittedByEmail::Conflict => return Err(request_id_conflict()),
+            SubmittedByEmail::Failed(failure) => {
+                return Err(by_email_status(failure, self.max_profiles_per_email));
             }
+            SubmittedByEmail::Created {
+                request_id: creation_id,
+                profile,
+            } => {
+                let state =
+                    OptOutState::from_profile(&profile).map_err(|e| upstream_status(SET, &e))?;
+                return Ok(SetOptOutResponse {
+                    pkey: String::new(),
+                    ccpa_opt_out: state.opt_out,
+                    ccpa_opt_out_last_modified: state.last_modified,
+                    request_id: request.request_id.clone(),
+                    state: DeliveryState::Applied as i32,
+                    profiles: vec![ProfileDelivery {
+                        pkey: profile.p_key.unwrap_or_default(),
+                        request_id: creation_id,
+                        state: DeliveryState::Applied as i32,
+                        ccpa_opt_out: state.opt_out,
+                        created: true,
+                    }],
+                });
+            }
+            SubmittedByEmail::Profiles(profiles) => profiles,
         };
-
-        if found.is_empty() {
-            if !create_if_missing {
-                self.fail_parent(
-                    &request.request_id,
-                    "no profile has this email address",
-                    FailureCode::ProfileNotFound,
-                )
-                .await?;
-                return Err(gateway_status(
-                    Code::NotFound,
-                    "EMAIL_NOT_FOUND",
-                    "no profile has this email address",
-                ));
-            }
-            return self.create_for_email(request, email, deadline).await;
-        }
-
-        if found.len() > self.max_profiles_per_email {
-            self.fail_parent(
-                &request.request_id,
-                "more profiles have this email address than --max-profiles-per-email allows; \
-                 nothing was changed",
-                FailureCode::TooManyProfiles,
-            )
-            .await?;
-            return Err(too_many_profiles(self.max_profiles_per_email));
-        }
-
-        let mut parts = Vec::with_capacity(found.len());
-        for (n, profile) in found.into_iter().enumerate() {
-            let Some(pkey) = profile.p_key else {
-                let status = upstream(SET)(UpstreamError::MissingField("PKey"));
-                self.fail_parent(
-                    &request.request_id,
-                    "ACS listed a profile of this email without its key; nothing was changed",
-                    ledger_failure(status.code()),
-                )
-                .await?;
-                return Err(status);
-            };
-            let child = request.new_request(
-                Kind::SetOptOut,
-                format!(
-                    "{}{RESERVED_REQUEST_ID_SEPARATOR}{}",
-                    request.request_id,
-                    n + 1
-                ),
-                Some(pkey),
-                Some(request.request_id.clone()),
-                self.window_ms(),
-            );
-            parts.push(child);
-        }
-        let applied: Vec<_> = stream::iter(parts)
-            .map(|child| async move {
-                let pkey = child.pkey.clone().unwrap_or_default();
-                (
-                    pkey,
-                    self.submit(&child, Apply::WithinCall(deadline), deadline)
-                        .await,
-                )
+        let profiles: Vec<ProfileDelivery> = stream::iter(profiles)
+            .map(|submitted| async move {
+                match self.read_back(submitted, deadline).await {
+                    Submission::Delivered(delivered) => {
+                        let pkey = delivered.record.pkey.clone().unwrap_or_default();
+                        Some(delivered.profile(&pkey, false))
+                    }
+                    // The ledger answers these as failures of the whole request.
+                    Submission::Replay(_) | Submission::Conflict => None,
+                }
             })
             .buffered(EMAIL_PROFILE_CONCURRENCY)
+            .filter_map(std::future::ready)
             .collect()
             .await;
-
-        let mut profiles = Vec::with_capacity(applied.len());
-        let mut unrecorded = None;
-        for (pkey, result) in applied {
-            match result {
-                Ok(Submission::Delivered(delivered)) => {
-                    profiles.push(delivered.profile(&pkey, false));
-                }
-                Ok(Submission::Replay(_) | Submission::Conflict) => {
-                    // The request is new and callers cannot choose ids with the separator, so
-                    // no record of this id can exist: if one does, this profile has no record
-                    // of its own, and the request must not read as done.
-                    tracing::error!(
-                        rpc = SET,
-                        "a record with the id of one of this request's profiles already existed"
-                    );
-                    unrecorded = Some(gateway_status(
-                        Code::Internal,
-                        "PROFILE_NOT_RECORDED",
-                        "one of this email's profiles could not be recorded",
-                    ));
-                }
-                Err(status) => unrecorded = Some(status),
-            }
-        }
-        // The request's own record says it reached its profiles (each record says where it
-        // stands), or that it did not: then the caller is told, and retries with a new id.
-        let outcome = match &unrecorded {
-            None => Outcome::Applied { pkey: None },
-            Some(status) => Outcome::Failed {
-                reason: "not every profile of this email could be recorded (those recorded are \
-                         delivered); the caller was told and must retry",
-                code: ledger_failure(status.code()),
-            },
-        };
-        self.ledger()
-            .settle(&request.request_id, outcome, true, None)
-            .await
-            .map_err(|e| ledger_status(SET, &e))?;
-        if let Some(status) = unrecorded {
-            return Err(status);
-        }
         Ok(SetOptOutResponse {
             pkey: String::new(),
             ccpa_opt_out: request.opt_out,
@@ -606,68 +514,6 @@ impl CcpaApi {
             ) as i32,
             profiles,
         })
-    }
-
-    /// No profile has the address and `create_if_missing` is set: one is created with the
-    /// opt-out, recorded as a creation linked to the request.
-    async fn create_for_email(
-        &self,
-        request: &SetRequest,
-        email: &str,
-        deadline: Deadline,
-    ) -> Result<SetOptOutResponse, Status> {
-        let child = request.new_request(
-            Kind::CreateProfile,
-            format!("{}{RESERVED_REQUEST_ID_SEPARATOR}1", request.request_id),
-            None,
-            Some(request.request_id.clone()),
-            0,
-        );
-        let input = types::ProfileInput {
-            email: Some(email.to_owned()),
-            ccpa_opt_out: Some(request.opt_out),
-            ..Default::default()
-        };
-        let profile = self.create_recorded(&child, &input, deadline).await;
-        let outcome = match &profile {
-            Ok(_) => Outcome::Applied { pkey: None },
-            Err(status) => Outcome::Failed {
-                reason: "the profile for this email could not be created",
-                code: ledger_failure(status.code()),
-            },
-        };
-        self.ledger()
-            .settle(&request.request_id, outcome, true, None)
-            .await
-            .map_err(|e| ledger_status(SET, &e))?;
-        let profile = profile?;
-        Ok(SetOptOutResponse {
-            pkey: String::new(),
-            ccpa_opt_out: profile.ccpa_opt_out,
-            ccpa_opt_out_last_modified: profile.ccpa_opt_out_last_modified,
-            request_id: request.request_id.clone(),
-            state: DeliveryState::Applied as i32,
-            profiles: vec![ProfileDelivery {
-                pkey: profile.pkey,
-                request_id: child.request_id,
-                state: DeliveryState::Applied as i32,
-                ccpa_opt_out: profile.ccpa_opt_out,
-                created: true,
-            }],
-        })
-    }
-
-    async fn fail_parent(
-        &self,
-        request_id: &str,
-        reason: &str,
-        code: FailureCode,
-    ) -> Result<(), Status> {
-        self.ledger()
-            .settle(request_id, Outcome::Failed { reason, code }, true, None)
-            .await
-            .map(|_| ())
-            .map_err(|e| ledger_status(SET, &e))
     }
 
     /// The answer for a request already recorded: its current state (and, for a request by
@@ -719,6 +565,27 @@ impl CcpaApi {
             state: combined_state(children.iter().map(|c| delivery_state(c.state))) as i32,
             profiles,
         })
+    }
+}
+
+/// What the caller of a request by email that FAILED is told.
+fn by_email_status(failure: ByEmailFailure, max_profiles: usize) -> Status {
+    match failure {
+        ByEmailFailure::Lookup(error) | ByEmailFailure::Create(error) => {
+            upstream_status(SET, &error)
+        }
+        ByEmailFailure::NoProfile => gateway_status(
+            Code::NotFound,
+            "EMAIL_NOT_FOUND",
+            "no profile has this email address",
+        ),
+        ByEmailFailure::TooManyProfiles => too_many_profiles(max_profiles),
+        ByEmailFailure::Unrecorded(error) => ledger_status(SET, &error),
+        ByEmailFailure::Duplicate => gateway_status(
+            Code::Internal,
+            "PROFILE_NOT_RECORDED",
+            "one of this email's profiles could not be recorded",
+        ),
     }
 }
 

@@ -6,15 +6,14 @@ use acs_profile_client::types;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
-use super::error_mapping::{
-    UpstreamError, gateway_status, ledger_failure, ledger_status, replayed_failure, upstream_status,
-};
+use super::error_mapping::{gateway_status, ledger_status, replayed_failure, upstream_status};
 use super::opt_out::request_id_or_new;
 use super::service::{CcpaApi, Deadline, OptOutState, recorded_caller};
 use super::validation::{Violations, request_id_conflict};
 use crate::access::Caller;
-use crate::ledger::{Kind, NewRequest, Outcome, Recorded, State, fingerprint, now_ms};
+use crate::ledger::{Created, Kind, NewRequest, State, fingerprint, now_ms};
 use crate::proto::ccpa_v1::{CreateProfileRequest, CreateProfileResponse, Profile};
+use crate::upstream::UpstreamError;
 
 const RPC: &str = "CreateProfile";
 
@@ -91,22 +90,22 @@ impl CcpaApi {
 
     /// Records a creation with an opt-out, then creates the profile; a replayed request id
     /// answers the profile created the first time, without creating another.
-    pub(super) async fn create_recorded(
+    async fn create_recorded(
         &self,
         new: &NewRequest,
         input: &types::ProfileInput,
         deadline: Deadline,
     ) -> Result<Profile, Status> {
-        let deadline = self.within_lease(deadline);
-        let (recorded, _) = self
-            .ledger()
-            .record(new, None)
+        let created = self
+            .delivery
+            .create(new, input, deadline)
             .await
             .map_err(|e| ledger_status(RPC, &e))?;
-        let record = match recorded {
-            Recorded::New(record) => record,
-            Recorded::Conflict(_) => return Err(request_id_conflict()),
-            Recorded::Replay(record) => {
+        let profile = match created {
+            Created::Created(profile) => profile,
+            Created::Failed(error) => return Err(upstream_status(RPC, &error)),
+            Created::Conflict => return Err(request_id_conflict()),
+            Created::Replay(record) => {
                 return match (record.state, record.pkey.as_deref()) {
                     (State::Failed, _) => Err(replayed_failure(&record)),
                     (_, Some(pkey)) => self
@@ -123,43 +122,7 @@ impl CcpaApi {
                 };
             }
         };
-
-        match self.create_in_acs(input, deadline).await {
-            Ok(profile) => {
-                self.ledger()
-                    .settle(
-                        &record.request_id,
-                        Outcome::Applied {
-                            pkey: Some(&profile.pkey),
-                        },
-                        true,
-                        None,
-                    )
-                    .await
-                    .map_err(|e| ledger_status(RPC, &e))?;
-                Ok(profile)
-            }
-            Err(status) => {
-                let reason = format!(
-                    "Adobe Campaign did not create the profile ({}); the caller was told and \
-                     must retry",
-                    ledger_failure(status.code()).as_str()
-                );
-                self.ledger()
-                    .settle(
-                        &record.request_id,
-                        Outcome::Failed {
-                            reason: &reason,
-                            code: ledger_failure(status.code()),
-                        },
-                        true,
-                        None,
-                    )
-                    .await
-                    .map_err(|e| ledger_status(RPC, &e))?;
-                Err(status)
-            }
-        }
+        proto_profile(profile).map_err(|e| upstream_status(RPC, &e))
     }
 
     async fn create_in_acs(

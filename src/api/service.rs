@@ -10,9 +10,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 
 use super::deadline::caller_deadline;
-use super::error_mapping::{
-    UpstreamError, caller_not_allowed, gateway_status, unauthenticated, upstream_status,
-};
+use super::error_mapping::{caller_not_allowed, gateway_status, unauthenticated, upstream_status};
 use super::timestamps::acs_timestamp_to_proto;
 use super::validation::Violations;
 use crate::access::{Caller, Permission};
@@ -25,6 +23,7 @@ use crate::proto::ccpa_v1::{
     ListOptOutRecordsResponse, SetOptOutRequest, SetOptOutResponse,
     ccpa_service_server::CcpaService,
 };
+use crate::upstream::UpstreamError;
 
 /// The metadata key naming the calling service where identities are self-declared.
 pub const CALLER_METADATA: &str = crate::access::identity::SELF_DECLARED_HEADER;
@@ -87,14 +86,6 @@ impl CcpaApi {
             .await?
             .ok_or(UpstreamError::EmptyCollection)?;
         OptOutState::from_profile(&profile)
-    }
-
-    /// The deadline of work the deliverer cannot finish for the call (a creation, a request by
-    /// email): within half a lease, since such a request still pending after a whole lease is
-    /// taken as abandoned by a stopped gateway and FAILED (`Ledger::fail_abandoned`).
-    pub(super) fn within_lease(&self, deadline: Deadline) -> Deadline {
-        let bound = Instant::now() + self.delivery.settings().lease / 2;
-        Some(deadline.map_or(bound, |d| d.min(bound)))
     }
 }
 

@@ -10,7 +10,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use super::error_mapping::ERROR_DOMAIN;
-use crate::ledger::Source;
+use crate::ledger::{RESERVED_REQUEST_ID_SEPARATOR, Source};
 use crate::proto::ccpa_v1::RequestSource;
 
 /// Real PKeys are 90 to 130 characters; four times that leaves room for longer ones ACS may
@@ -23,8 +23,6 @@ pub const MAX_NAME_CHARS: usize = 128;
 /// Room for a UUID, a ULID or a caller's own scheme, but not for a payload.
 pub const MAX_REQUEST_ID_CHARS: usize = 128;
 
-/// Joins a request by email's id to the number of each of its profiles' records.
-pub const RESERVED_REQUEST_ID_SEPARATOR: char = ':';
 /// A service name.
 pub const MAX_CALLER_CHARS: usize = 64;
 /// How far in the future `received_at` may be: clocks of callers drift a little.

@@ -106,6 +106,29 @@ impl Delivery {
         &self.settings
     }
 
+    /// The client for attempts made within a call.
+    pub(super) fn acs(&self) -> &Client {
+        &self.acs
+    }
+
+    /// What ACS's answers say about the gateway's credentials goes here.
+    pub(super) fn health(&self) -> &GatewayHealth {
+        &self.health
+    }
+
+    /// How long a call has to apply a request it recorded before the deliverer may take over.
+    pub fn first_attempt_window_ms(&self) -> i64 {
+        i64::try_from(self.settings.attempt_budget.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The deadline of work the deliverer cannot finish for a call (a creation, a request by
+    /// email): within half a lease, since such a request still pending after a whole lease is
+    /// taken as abandoned by a stopped gateway and FAILED (`Ledger::fail_abandoned`).
+    pub(super) fn within_lease(&self, deadline: Option<Instant>) -> Instant {
+        let bound = Instant::now() + self.settings.lease / 2;
+        deadline.map_or(bound, |d| d.min(bound))
+    }
+
     /// A claim on a profile for one attempt.
     pub fn new_claim(&self) -> Claim {
         Claim::new(i64::try_from(self.settings.lease.as_millis()).unwrap_or(i64::MAX))

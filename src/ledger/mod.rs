@@ -10,14 +10,18 @@
 //! By job: `open` (connections, migrations), `intake` (recording a request), `leases` (who
 //! applies a profile's requests, and what came of each attempt), `queries` (reads), `retention`
 //! (pruning), `writer` (group commit), `submit` (a profile's request: recorded, then applied
-//! within the call or later), `delivery` (attempts, and the deliverer), `clock` (business days).
+//! within the call or later), `by_email` (a request by email, fanned out to its profiles),
+//! `creation` (a profile created with an opt-out), `delivery` (attempts, and the deliverer),
+//! `clock` (business days).
 //!
 //! Order: requests for one profile take effect in the order consumers made them
 //! (`received_at`, then arrival). A request overtaken by a newer one before it was applied is
 //! SUPERSEDED and never applied; only the holder of a profile's lease (see [`Ledger::claim`])
 //! applies that profile's newest pending request.
 
+mod by_email;
 pub mod clock;
+mod creation;
 pub mod delivery;
 mod intake;
 mod leases;
@@ -37,6 +41,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 use sqlx::{AnyConnection, AnyPool};
 
+pub use by_email::{ByEmailFailure, EmailRequest, RESERVED_REQUEST_ID_SEPARATOR, SubmittedByEmail};
+pub use creation::Created;
 pub use intake::{NewRequest, Recorded, fingerprint};
 pub use leases::{Claim, Outcome};
 pub use queries::{Cursor, ListFilter};

@@ -4,7 +4,10 @@ use serde::Serialize;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use acs_profile_client::{CallError, Failure};
+
 use super::LedgerError;
+use crate::upstream::UpstreamError;
 
 /// The manner in which the consumer made a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -74,6 +77,34 @@ pub enum FailureCode {
 }
 
 impl FailureCode {
+    /// What an upstream failure means for the request it stopped. The caller is told the same
+    /// through `api::error_mapping`'s table; a test there checks the two agree row by row.
+    pub fn of(error: &UpstreamError) -> Self {
+        match error {
+            UpstreamError::EmptyCollection => Self::ProfileNotFound,
+            UpstreamError::MissingField(_) => Self::Internal,
+            UpstreamError::Call(call) => match call.as_ref() {
+                CallError::DeadlineExceeded { .. } => Self::DeadlinePassed,
+                // The gateway's own queue toward ACS was full: nothing was sent.
+                CallError::Throttled => Self::Unavailable,
+                CallError::Api(e) => match Failure::classify(e) {
+                    Failure::NotFound | Failure::UnparsableKey => Self::ProfileNotFound,
+                    Failure::Conflict => Self::ProfileConflict,
+                    Failure::Transient { .. }
+                    | Failure::Unreachable
+                    | Failure::Interrupted { .. }
+                    | Failure::MalformedResponse
+                    | Failure::NoToken => Self::Unavailable,
+                    Failure::TokenRejected
+                    | Failure::AccessDenied
+                    | Failure::Refused { .. }
+                    | Failure::ServerError { .. }
+                    | Failure::InvalidRequest => Self::Internal,
+                },
+            },
+        }
+    }
+
     /// Whether the failure was transient: the request did nothing, and may be tried again under
     /// its id.
     pub fn is_transient(self) -> bool {
