@@ -113,7 +113,7 @@ fn the_record_only_bulk_scenario_reports_intake_and_memory() {
     let report = bench(&[
         "bench",
         "--scenario",
-        "bulk-record-only",
+        "bulk_record_only",
         "--items",
         "400",
         "--json",

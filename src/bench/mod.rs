@@ -117,7 +117,9 @@ enum ScenarioChoice {
     Ledger,
     Flood,
     Bulk,
-    /// The bulk stream with every item `record_only`: answered once recorded.
+    /// The bulk stream with every item `record_only`: answered once recorded. Also spelled as
+    /// its key in the JSON report.
+    #[value(alias = "bulk_record_only")]
     BulkRecordOnly,
 }
 
