@@ -1,8 +1,10 @@
 //! What `grpc.health.v1` reports, and why.
 //!
-//! - `ccpa.v1.CcpaService` is SERVING while the gateway's credentials work. It turns NOT_SERVING
-//!   when no access token can be obtained or ACS refuses our credentials (401 after a token
-//!   refresh, or 403), and SERVING again once a call or a probe gets through. ACS being down or
+//! - `ccpa.v1.CcpaService` is SERVING while the gateway's credentials work at its address for
+//!   ACS. It turns NOT_SERVING when no access token can be obtained, ACS refuses our credentials
+//!   (401 after a token refresh, or 403), or the address answers 404 without ACS's own error
+//!   (`RST-360011`): a proxy, a wrong base path or tenant. It turns SERVING again once a call or
+//!   a probe gets through. ACS being down or
 //!   slow does not change it: every replica would be equally affected, so taking this one out of
 //!   rotation would not help.
 //! - `""` (the server as a whole) follows it.
@@ -14,7 +16,8 @@
 //!
 //! Use `ccpa.v1.CcpaService` (or `""`) as the readiness signal and `liveness` as the liveness
 //! signal. While NOT_SERVING, a probe (a read of a key that cannot exist; any answer from ACS
-//! other than 401/403 proves the credentials) runs every `probe_interval`, since a load balancer
+//! other than 401/403 or a bare 404 proves the credentials and the address) runs every
+//! `probe_interval`, since a load balancer
 //! that has stopped sending calls would otherwise never let the gateway see that things work
 //! again.
 
@@ -40,24 +43,34 @@ pub const DELIVERY_SERVICE_NAME: &str = "ccpa.v1.OptOutDelivery";
 /// `XTK-170036` once it has accepted our credentials.
 const PROBE_KEY: &str = "@ccpa-gateway-health-probe";
 
-/// What one call's outcome says about the gateway's credentials.
+/// What one call's outcome says about the gateway's way to ACS: its credentials, and its
+/// address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CredentialSignal {
-    /// ACS processed the request: the credentials work.
+pub enum UpstreamSignal {
+    /// ACS processed the request: the credentials work and the address leads to ACS.
     Accepted,
-    /// No token, or ACS refused the credentials.
-    Refused,
-    /// Says nothing about the credentials (ACS unreachable, a deadline, the throttle).
+    /// No token, ACS refused the credentials, or the address answered 404 without ACS's own
+    /// error (it does not lead to ACS). `reason` is the failure's name, for the log.
+    Refused {
+        /// The failure's name, such as `ACS_CREDENTIALS_REJECTED`.
+        reason: &'static str,
+    },
+    /// Says nothing about either (ACS unreachable, a deadline, the throttle).
     Unknown,
 }
 
-impl CredentialSignal {
+impl UpstreamSignal {
     /// Reads the signal from a call's outcome.
     pub fn of<T>(result: &Result<T, CallError>) -> Self {
         match result {
             Ok(_) => Self::Accepted,
             Err(CallError::Api(error)) => match Failure::classify(error) {
-                Failure::NoToken | Failure::TokenRejected | Failure::AccessDenied => Self::Refused,
+                failure @ (Failure::NoToken
+                | Failure::TokenRejected
+                | Failure::AccessDenied
+                | Failure::EndpointNotFound) => Self::Refused {
+                    reason: failure.name(),
+                },
                 Failure::Unreachable
                 | Failure::Interrupted { .. }
                 | Failure::Transient { .. }
@@ -75,15 +88,15 @@ impl CredentialSignal {
 }
 
 struct State {
-    credentials_ok: bool,
+    upstream_ok: bool,
     shutting_down: bool,
 }
 
-/// Tracks the credentials' state and reports it through `grpc.health.v1`.
+/// Tracks the state of the way to ACS and reports it through `grpc.health.v1`.
 pub struct GatewayHealth {
     reporter: HealthReporter,
-    /// Mirrors `state.credentials_ok`, so that the common case (no change) takes no lock.
-    credentials_ok: AtomicBool,
+    /// Mirrors `state.upstream_ok`, so that the common case (no change) takes no lock.
+    upstream_ok: AtomicBool,
     state: tokio::sync::Mutex<State>,
 }
 
@@ -102,35 +115,39 @@ impl GatewayHealth {
         }
         Arc::new(Self {
             reporter,
-            credentials_ok: AtomicBool::new(true),
+            upstream_ok: AtomicBool::new(true),
             state: tokio::sync::Mutex::new(State {
-                credentials_ok: true,
+                upstream_ok: true,
                 shutting_down: false,
             }),
         })
     }
 
     /// Takes a call's outcome into account.
-    pub async fn observe(&self, signal: CredentialSignal) {
-        let ok = match signal {
-            CredentialSignal::Accepted => true,
-            CredentialSignal::Refused => false,
-            CredentialSignal::Unknown => return,
+    pub async fn observe(&self, signal: UpstreamSignal) {
+        let (ok, reason) = match signal {
+            UpstreamSignal::Accepted => (true, ""),
+            UpstreamSignal::Refused { reason } => (false, reason),
+            UpstreamSignal::Unknown => return,
         };
-        if self.credentials_ok.load(Ordering::Acquire) == ok {
+        if self.upstream_ok.load(Ordering::Acquire) == ok {
             return;
         }
         let mut state = self.state.lock().await;
-        if state.credentials_ok == ok {
+        if state.upstream_ok == ok {
             return;
         }
-        state.credentials_ok = ok;
-        self.credentials_ok.store(ok, Ordering::Release);
+        state.upstream_ok = ok;
+        self.upstream_ok.store(ok, Ordering::Release);
         if ok {
-            tracing::info!("Adobe Campaign accepts the gateway's credentials again: SERVING");
+            tracing::info!(
+                "Adobe Campaign accepts the gateway's credentials at its address again: SERVING"
+            );
         } else {
             tracing::error!(
-                "Adobe Campaign refuses the gateway's credentials, or no token can be obtained: NOT_SERVING"
+                reason,
+                "Adobe Campaign refuses the gateway's credentials, no token can be obtained, or \
+                 the gateway's address for it is wrong: NOT_SERVING"
             );
         }
         if !state.shutting_down {
@@ -155,9 +172,9 @@ impl GatewayHealth {
             .await;
     }
 
-    /// Whether the credentials worked last time they were tried.
-    pub fn credentials_ok(&self) -> bool {
-        self.credentials_ok.load(Ordering::Acquire)
+    /// Whether the credentials and the address worked last time they were tried.
+    pub fn upstream_ok(&self) -> bool {
+        self.upstream_ok.load(Ordering::Acquire)
     }
 
     /// Shutdown has begun: NOT_SERVING for good (liveness stays SERVING until the process ends).
@@ -186,12 +203,12 @@ impl GatewayHealth {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(interval) => {}
             }
-            if self.credentials_ok() {
+            if self.upstream_ok() {
                 continue;
             }
             let deadline = Instant::now() + interval.min(Duration::from_secs(10));
             let outcome = acs.read_profile(PROBE_KEY, Some(deadline)).await;
-            let signal = CredentialSignal::of(&outcome);
+            let signal = UpstreamSignal::of(&outcome);
             tracing::debug!(signal = ?signal, "health probe");
             self.observe(signal).await;
         }

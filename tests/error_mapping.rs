@@ -114,6 +114,73 @@ async fn not_found_404_is_not_found() {
 }
 
 #[tokio::test]
+async fn a_proxy_404_page_is_unavailable_not_a_missing_profile() {
+    // Not retried: the same address will not lead elsewhere a moment later.
+    let (harness, pkey) = with_fault(Fault::html(404)).await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Unavailable,
+        "ACS_ENDPOINT_NOT_FOUND",
+        Some(404),
+    );
+    assert_attempts(&harness, 1);
+}
+
+#[tokio::test]
+async fn a_json_404_without_rst_360011_is_unavailable_not_a_missing_profile() {
+    let (harness, pkey) = with_fault(marked_json(404, "Resource not found")).await;
+    assert_mapped(
+        get(&harness, &pkey).await,
+        Code::Unavailable,
+        "ACS_ENDPOINT_NOT_FOUND",
+        Some(404),
+    );
+}
+
+/// An HTTP server that is not ACS and answers every request with an empty 404, as a host the
+/// gateway was wrongly pointed at would. (ACS itself answers a wrong path or tenant with a 500
+/// "Check your URI", which the emulator reproduces.)
+async fn not_acs() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 16 * 1024];
+                let mut read = 0;
+                // Up to the end of the headers; the requests made here carry no body.
+                while !request[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut request[read..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => read += n,
+                    }
+                }
+                let _ = socket
+                    .write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    format!("http://{address}")
+}
+
+#[tokio::test]
+async fn a_host_that_is_not_acs_is_unavailable_not_a_missing_profile() {
+    let (emulator, pkey) = emulator_with_profile().await;
+    let mut acs = acs_config(&emulator);
+    acs.base_url = not_acs().await;
+    assert_mapped(
+        get_through(acs, pkey).await,
+        Code::Unavailable,
+        "ACS_ENDPOINT_NOT_FOUND",
+        Some(404),
+    );
+}
+
+#[tokio::test]
 async fn unparsable_key_500_xtk_170036_is_not_found() {
     let harness = Harness::start().await;
     let elsewhere = Emulator::start(EmulatorConfig::default()).await.unwrap();

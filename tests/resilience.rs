@@ -12,9 +12,10 @@ use acs_profile_client::{
     CallSettings, ClientConfig, ImsConfig, ImsSecret, ImsTokenSource, ThrottleSettings,
 };
 use ccpa_gateway::api::deadline::MARGIN;
+use ccpa_gateway::ledger::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
-    CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,
+    CreateProfileRequest, DeliveryState, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::{CCPA_SERVICE_NAME, ServerOptions};
 use common::{acs_config, start_gateway};
@@ -647,6 +648,67 @@ async fn health_turns_not_serving_when_acs_refuses_the_api_key_and_recovers() {
         })
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_404_that_is_not_acs_keeps_the_opt_out_pending_and_the_gateway_out_of_rotation() {
+    let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
+    let options = ServerOptions {
+        delivery: DeliverySettings {
+            // An attempt that was answered keeps its profile's lease until it lapses (an
+            // earlier attempt of the call may still be in flight): short, so that the test does
+            // not wait a minute for the deliverer.
+            lease: Duration::from_secs(2),
+            poll_interval: Duration::from_millis(100),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(300),
+            ..Default::default()
+        },
+        ..quick_probes()
+    };
+    let (_, channel, _stop, _server) = start_gateway(acs_config(&emulator), options).await;
+    let mut client = CcpaServiceClient::new(channel.clone());
+    let mut health = HealthClient::new(channel);
+    let mut service = health
+        .watch(health_request(CCPA_SERVICE_NAME))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_status(&mut service).await, ServingStatus::Serving);
+
+    // A proxy in front of ACS answers the PATCH with its own 404 page: nothing is known about
+    // the profile, so the opt-in must not be failed for good.
+    emulator.inject(Fault::html(404));
+    let answer = client
+        .set_opt_out(SetOptOutRequest {
+            pkey: pkey.clone(),
+            ccpa_opt_out: Some(false),
+            source: RequestSource::WebForm as i32,
+            request_id: "behind-a-proxy-404".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.state, DeliveryState::Pending as i32, "{answer:?}");
+    let record = common::record(&mut client, "behind-a-proxy-404").await;
+    assert_ne!(record.state, DeliveryState::Failed as i32, "{record:?}");
+    assert_eq!(next_status(&mut service).await, ServingStatus::NotServing);
+
+    // The route leads to ACS again: the probe puts the gateway back in rotation, and the
+    // deliverer applies the request.
+    assert_eq!(next_status(&mut service).await, ServingStatus::Serving);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let record = common::record(&mut client, "behind-a-proxy-404").await;
+        if record.state == DeliveryState::Applied as i32 {
+            break;
+        }
+        assert_eq!(record.state, DeliveryState::Pending as i32, "{record:?}");
+        assert!(Instant::now() < deadline, "not delivered: {record:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
 }
 
 #[tokio::test]

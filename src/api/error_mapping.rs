@@ -3,7 +3,8 @@
 //!
 //! | upstream                                             | gRPC code          | `ErrorInfo.reason`         |
 //! |------------------------------------------------------|--------------------|----------------------------|
-//! | 404 (`RST-360011`), or an empty collection           | NOT_FOUND          | `PROFILE_NOT_FOUND`        |
+//! | 404 with `RST-360011`, or an empty collection        | NOT_FOUND          | `PROFILE_NOT_FOUND`        |
+//! | any other 404 (a proxy, a wrong base path or tenant) | UNAVAILABLE        | `ACS_ENDPOINT_NOT_FOUND`   |
 //! | 500 holding `XTK-170036` (ACS cannot parse the key)  | NOT_FOUND          | `PROFILE_NOT_FOUND`        |
 //! | 500 holding `RST-360012` or `PGS-220000` (conflict)  | ALREADY_EXISTS     | `PROFILE_CONFLICT`         |
 //! | 429, 502, 503, 504                                   | UNAVAILABLE        | `ACS_UNAVAILABLE`          |
@@ -42,6 +43,12 @@
 //! - `XTK-170036` is NOT_FOUND rather than INVALID_ARGUMENT: every key reaching ACS has passed
 //!   our syntax checks, so ACS failing to parse it means the key is not one of this tenant's
 //!   (another tenant's, or stale). From the caller's side, no profile has that key here.
+//! - Only ACS's own answer that a profile does not exist (a 404 whose body carries `RST-360011`)
+//!   may fail a request for good. Any other 404 comes from something in front of ACS, or from a
+//!   gateway pointed at the wrong base path or tenant: it says nothing about the profile. It is
+//!   UNAVAILABLE (the request stays PENDING and is delivered once the route is fixed), logged
+//!   at error level for operators, and `ccpa.v1.CcpaService` reports NOT_SERVING while it
+//!   lasts, as for refused credentials (`crate::health`).
 //! - 401 and 403 speak of the gateway's credentials, not the caller's, so they must not become
 //!   UNAUTHENTICATED or PERMISSION_DENIED (which tell the caller to fix *its* credentials). They
 //!   are INTERNAL and logged at error level for operators.
@@ -133,6 +140,13 @@ fn mapping(failure: &Failure) -> Mapping {
             failure.name(),
             "Adobe Campaign's answer could not be read; the call may or may not have taken effect",
             Transient,
+        ),
+        Failure::EndpointNotFound => (
+            Code::Unavailable,
+            failure.name(),
+            "the gateway's address for Adobe Campaign answered 404 without Adobe Campaign's own \
+             error: check its base URL and tenant; the request is kept and retried",
+            Operator,
         ),
         Failure::NoToken => (
             Code::Unavailable,

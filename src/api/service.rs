@@ -14,7 +14,7 @@ use super::error_mapping::{caller_not_allowed, gateway_status, unauthenticated, 
 use super::timestamps::acs_timestamp_to_proto;
 use super::validation::Violations;
 use crate::access::{Caller, Permission};
-use crate::health::{CredentialSignal, GatewayHealth};
+use crate::health::{GatewayHealth, UpstreamSignal};
 use crate::ledger::Ledger;
 use crate::ledger::delivery::Delivery;
 use crate::proto::ccpa_v1::{
@@ -71,7 +71,7 @@ impl CcpaApi {
 
     /// Passes a call's outcome by the health tracker on its way back.
     pub(super) async fn noted<T>(&self, result: Result<T, CallError>) -> Result<T, UpstreamError> {
-        self.health.observe(CredentialSignal::of(&result)).await;
+        self.health.observe(UpstreamSignal::of(&result)).await;
         result.map_err(UpstreamError::from)
     }
 

@@ -16,7 +16,7 @@ use super::creation::Created;
 use super::delivery::Delivery;
 use super::submit::{Apply, Submitted};
 use super::{FailureCode, Kind, LedgerError, NewRequest, Outcome, Record, Recorded, fingerprint};
-use crate::health::CredentialSignal;
+use crate::health::UpstreamSignal;
 use crate::upstream::UpstreamError;
 
 /// Joins a request by email's id to the number of each of its profiles' records. Callers' own
@@ -117,7 +117,7 @@ impl Delivery {
         let id = request.request_id.as_str();
 
         let found = self.acs().profiles_by_email(email, Some(deadline)).await;
-        self.health().observe(CredentialSignal::of(&found)).await;
+        self.health().observe(UpstreamSignal::of(&found)).await;
         let found = match found {
             Ok(found) => found,
             Err(error) => {

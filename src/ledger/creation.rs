@@ -9,7 +9,7 @@ use acs_profile_client::types;
 
 use super::delivery::Delivery;
 use super::{FailureCode, LedgerError, NewRequest, Outcome, Record, Recorded};
-use crate::health::CredentialSignal;
+use crate::health::UpstreamSignal;
 use crate::upstream::UpstreamError;
 
 /// What became of a recorded creation.
@@ -49,7 +49,7 @@ impl Delivery {
             Recorded::Conflict(_) => return Ok(Created::Conflict),
         }
         let result = self.acs().add_profile(input, Some(deadline)).await;
-        self.health().observe(CredentialSignal::of(&result)).await;
+        self.health().observe(UpstreamSignal::of(&result)).await;
         let created = result.map_err(UpstreamError::from).and_then(|profile| {
             // Without its key the creation cannot be recorded, and without its opt-out it cannot
             // be told to the caller: either way ACS broke its contract.

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::clock::business_days_before;
 use super::{Claim, FailureCode, Ledger, LedgerError, Outcome, Record, now_ms};
-use crate::health::{CredentialSignal, GatewayHealth};
+use crate::health::{GatewayHealth, UpstreamSignal};
 
 /// How the deliverer works.
 #[derive(Debug, Clone, Copy)]
@@ -158,7 +158,7 @@ impl Delivery {
         let result = acs
             .set_ccpa_opt_out(pkey, record.opt_out, Some(deadline))
             .await;
-        self.health.observe(CredentialSignal::of(&result)).await;
+        self.health.observe(UpstreamSignal::of(&result)).await;
         let release = Some((pkey, claim));
         match result {
             Ok(_) => {

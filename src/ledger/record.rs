@@ -94,6 +94,7 @@ impl FailureCode {
                     | Failure::Unreachable
                     | Failure::Interrupted { .. }
                     | Failure::MalformedResponse
+                    | Failure::EndpointNotFound
                     | Failure::NoToken => Self::Unavailable,
                     Failure::TokenRejected
                     | Failure::AccessDenied

@@ -29,8 +29,13 @@ pub enum Failure {
     /// ACS refused our API key (`403003`) or the token is not provisioned for the tenant
     /// (`403023`): 403.
     AccessDenied,
-    /// 404: the key is well formed but names no profile (`RST-360011`).
+    /// 404 carrying `RST-360011`: ACS itself says the key is well formed but names no profile.
     NotFound,
+    /// A 404 without `RST-360011`: not ACS's answer about a profile, but a route that leads
+    /// nowhere (a proxy's 404, a wrong base path, another tenant's URL). It says nothing about
+    /// the profile, so nothing may be concluded about it: the gateway's configuration or the
+    /// network in front of ACS is at fault.
+    EndpointNotFound,
     /// A 500 holding `XTK-170036`: ACS could not parse the key (malformed, or from another
     /// tenant or instance).
     UnparsableKey,
@@ -104,7 +109,8 @@ impl Failure {
         match status.as_u16() {
             401 => Self::TokenRejected,
             403 => Self::AccessDenied,
-            404 => Self::NotFound,
+            404 if mentions("RST-360011") => Self::NotFound,
+            404 => Self::EndpointNotFound,
             429 | 502 | 503 | 504 => Self::Transient { status },
             500 if mentions("XTK-170036") => Self::UnparsableKey,
             500 if mentions("RST-360012") || mentions("PGS-220000") => Self::Conflict,
@@ -120,6 +126,7 @@ impl Failure {
         match self {
             Self::NotFound | Self::UnparsableKey => "PROFILE_NOT_FOUND",
             Self::Conflict => "PROFILE_CONFLICT",
+            Self::EndpointNotFound => "ACS_ENDPOINT_NOT_FOUND",
             Self::Transient { .. } => "ACS_UNAVAILABLE",
             Self::Unreachable => "ACS_UNREACHABLE",
             Self::Interrupted { .. } => "ACS_INTERRUPTED",

@@ -243,6 +243,19 @@ async fn acs_errors_are_classified() {
     let error = read_once(&client, &pkey).await.unwrap_err();
     assert_eq!(Failure::classify(&error), Failure::NotFound);
 
+    // A 404 that is not ACS's own answer about a profile (a proxy's page, another host's JSON)
+    // says nothing about the profile.
+    emulator.inject(Fault::html(404));
+    let error = read_once(&client, &pkey).await.unwrap_err();
+    assert_eq!(Failure::classify(&error), Failure::EndpointNotFound);
+    emulator.inject(Fault::json(
+        404,
+        json!({"code": 404, "message": "Not Found"}),
+    ));
+    let error = read_once(&client, &pkey).await.unwrap_err();
+    assert_eq!(Failure::classify(&error), Failure::EndpointNotFound);
+    assert!(!Failure::classify(&error).is_transient());
+
     emulator.inject(Fault::json(
         500,
         json!({"code": 500, "message": "PGS-220000 PostgreSQL error: duplicate key"}),
