@@ -302,12 +302,19 @@ impl ServeSettings {
     }
 
     /// The ledger's location: the setting, else an in-memory ledger with `--emulator` (a demo
-    /// keeps nothing), else [`LedgerSettings::DEFAULT_FILE`].
-    pub fn ledger_location(&self) -> String {
+    /// keeps nothing). Anywhere else it must be named: a default file in the working directory
+    /// (often thrown away with a container) would lose the record of every opt-out unseen.
+    pub fn ledger_location(&self) -> Result<String, SettingError> {
         match (&self.ledger.ledger, self.emulator) {
-            (Some(location), _) => location.clone(),
-            (None, true) => "sqlite::memory:".to_owned(),
-            (None, false) => LedgerSettings::DEFAULT_FILE.to_owned(),
+            (Some(location), _) => Ok(location.clone()),
+            (None, true) => Ok("sqlite::memory:".to_owned()),
+            (None, false) => Err(SettingError {
+                setting: LEDGER,
+                problem: "is required (outside --emulator): the ledger is the record of every \
+                          opt-out; name its SQLite file on a persistent volume, or a \
+                          postgres:// URL"
+                    .into(),
+            }),
         }
     }
 
@@ -376,9 +383,9 @@ impl ServeSettings {
 /// Where opt-out requests are recorded, and for how long.
 #[derive(Args, Clone)]
 pub struct LedgerSettings {
-    /// The ledger: a SQLite file path (one gateway), or a `postgres://` URL (several gateways
-    /// sharing it). Default: ccpa-ledger.sqlite3 in the working directory; in memory with
-    /// --emulator.
+    /// The ledger: a SQLite file path (one gateway; created readable by its owner only), or a
+    /// `postgres://` URL (several gateways sharing it). Required, except with --emulator, where
+    /// it defaults to a ledger in memory.
     #[arg(long, env = "CCPA_LEDGER", hide_env_values = true)]
     pub ledger: Option<String>,
 
@@ -398,11 +405,6 @@ pub struct LedgerSettings {
     #[arg(long, env = "CCPA_DELIVERY_POLL_INTERVAL", default_value = "1s",
           value_parser = humantime::parse_duration)]
     pub delivery_poll_interval: Duration,
-}
-
-impl LedgerSettings {
-    /// The ledger file used when none is set.
-    pub const DEFAULT_FILE: &'static str = "ccpa-ledger.sqlite3";
 }
 
 pub use crate::ledger::MIN_RETENTION;
@@ -533,6 +535,8 @@ pub struct SettingError {
 }
 
 const BASE_URL: &str = "--acs-base-url (CCPA_ACS_BASE_URL)";
+/// The ledger's location, in `serve` and `records`.
+pub const LEDGER: &str = "--ledger (CCPA_LEDGER)";
 const TENANT: &str = "--acs-tenant (CCPA_ACS_TENANT)";
 const API_KEY: &str = "--acs-api-key (CCPA_ACS_API_KEY)";
 const ACCESS_TOKEN: &str = "--acs-access-token (CCPA_ACS_ACCESS_TOKEN)";

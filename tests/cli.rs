@@ -267,7 +267,7 @@ async fn exit_codes_tell_outcomes_apart() {
 
 /// A `ccpa-gateway serve` process, its address (read from its JSON log), and its log lines.
 struct ServeProcess {
-    _ledger_dir: tempfile::TempDir,
+    ledger_dir: tempfile::TempDir,
     child: Child,
     addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
@@ -323,7 +323,7 @@ impl ServeProcess {
             .expect("the gateway logs its address")
             .expect("the gateway starts");
         Self {
-            _ledger_dir: ledger_dir,
+            ledger_dir,
             child,
             addr,
             log,
@@ -571,7 +571,7 @@ async fn logs_carry_no_personal_data_or_secrets() {
     assert!(bulk_line.contains(r#""code":"Ok""#), "{bulk_line}");
     // Nor does the ledger keep an address, a name or a body (its files, WAL included).
     let mut files = 0;
-    for file in std::fs::read_dir(gateway._ledger_dir.path()).unwrap() {
+    for file in std::fs::read_dir(gateway.ledger_dir.path()).unwrap() {
         let path = file.unwrap().path();
         files += 1;
         let bytes = std::fs::read(&path).unwrap();
@@ -790,6 +790,128 @@ async fn missing_or_bad_settings_stop_start_up_naming_them() {
         Some(2),
         "--emulator excludes ACS settings"
     );
+}
+
+/// Runs the binary with `args` in `dir`, with no ledger named in the environment.
+async fn run_in(dir: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> Outcome {
+    let output = Command::new(BINARY)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("CCPA_LEDGER")
+        .envs(envs.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    Outcome {
+        code: output.status.code().expect("exited, not killed"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn serve_requires_a_ledger_outside_the_emulator_and_creates_none_by_itself() {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let env = acs_env(&emulator);
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = run_in(
+        dir.path(),
+        &["serve", "--listen", "127.0.0.1:0"],
+        &as_refs(&env),
+    )
+    .await;
+    assert_eq!(outcome.code, 2, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("--ledger (CCPA_LEDGER)") && outcome.stderr.contains("required"),
+        "{}",
+        outcome.stderr
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing is created in the working directory"
+    );
+}
+
+#[tokio::test]
+async fn records_opens_an_existing_ledger_only_with_ledger_before_or_after_its_subcommand() {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let pkey = emulator.insert_profile(acs_emulator::NewProfile::default());
+    let env = acs_env(&emulator);
+    let mut gateway = ServeProcess::start(&[], &as_refs(&env)).await;
+    let set = run(
+        gateway.addr,
+        &[
+            "set-opt-out",
+            &pkey,
+            "--opt-out",
+            "true",
+            "--source",
+            "web-form",
+        ],
+    )
+    .await;
+    assert_eq!(set.code, 0, "{}", set.stderr);
+
+    // The ledger and the files SQLite and the gateway keep beside it: the owner's only.
+    let ledger = gateway.ledger_dir.path().join("ledger.sqlite3");
+    let ledger = ledger.to_str().unwrap().to_owned();
+    for suffix in ["", "-wal", "-shm", ".lock"] {
+        use std::os::unix::fs::PermissionsExt;
+        let path = format!("{ledger}{suffix}");
+        let mode = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{path}: {mode:o}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let since = "2000-01-01T00:00:00Z";
+    for args in [
+        vec!["records", "--ledger", &ledger, "export", "--since", since],
+        vec!["records", "export", "--ledger", &ledger, "--since", since],
+        vec!["records", "export", "--since", since, "--ledger", &ledger],
+    ] {
+        let outcome = run_in(dir.path(), &args, &[]).await;
+        assert_eq!(outcome.code, 0, "{args:?}: {}", outcome.stderr);
+        assert_eq!(outcome.stdout.lines().count(), 1, "{args:?}");
+    }
+    let outcome = run_in(
+        dir.path(),
+        &["records", "--overdue"],
+        &[("CCPA_LEDGER", &ledger)],
+    )
+    .await;
+    assert_eq!(outcome.code, 0, "{}", outcome.stderr);
+
+    // A mistyped path, no path, or a file that holds no ledger: an error naming the setting,
+    // never an empty ledger with nothing overdue; and nothing is created.
+    let typo = dir.path().join("ledgr.sqlite3");
+    let typo = typo.to_str().unwrap();
+    let not_a_ledger = dir.path().join("notes.sqlite3");
+    std::fs::write(&not_a_ledger, b"").unwrap();
+    let not_a_ledger = not_a_ledger.to_str().unwrap();
+    for args in [
+        vec!["records", "--overdue", "--ledger", typo],
+        vec!["records", "export", "--since", since, "--ledger", typo],
+        vec!["records", "prune", "--ledger", typo],
+        vec!["records", "--overdue"],
+        vec!["records", "--overdue", "--ledger", not_a_ledger],
+    ] {
+        let outcome = run_in(dir.path(), &args, &[]).await;
+        assert_eq!(outcome.code, 2, "{args:?}: {}", outcome.stderr);
+        assert!(
+            outcome.stderr.contains("--ledger (CCPA_LEDGER)"),
+            "{args:?}: {}",
+            outcome.stderr
+        );
+        assert!(outcome.stdout.is_empty(), "{args:?}: {}", outcome.stdout);
+    }
+    assert!(!std::path::Path::new(typo).exists(), "no ledger is created");
+
+    gateway.sigterm();
+    assert_eq!(gateway.wait().await, 0);
 }
 
 /// Splits a command line as a POSIX shell would, for the quoting the printed commands use

@@ -8,16 +8,17 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use super::exit_codes;
-use crate::config::{LedgerSettings, retention};
+use crate::config::{LEDGER, retention};
 use crate::ledger::clock::business_days_before;
 use crate::ledger::{Ledger, Record, now_ms};
 
 /// Arguments of `records`.
 #[derive(Args)]
 pub struct RecordsArgs {
-    /// The ledger, as `serve --ledger`.
-    #[arg(long, env = "CCPA_LEDGER", default_value = LedgerSettings::DEFAULT_FILE, hide_env_values = true)]
-    ledger: String,
+    /// The ledger, as `serve --ledger`: an existing one (it is never created or migrated
+    /// here). Required; accepted before or after the subcommand.
+    #[arg(long, env = "CCPA_LEDGER", hide_env_values = true, global = true)]
+    ledger: Option<String>,
     /// Print the pending requests older than --overdue-after business days, as JSON lines; exit
     /// with 6 when there is one.
     #[arg(long)]
@@ -90,10 +91,14 @@ pub async fn run(args: RecordsArgs) -> u8 {
         eprintln!("error: give --overdue, or a subcommand (export, prune); see --help");
         return exit_codes::USAGE;
     }
-    let ledger = match Ledger::open(&args.ledger).await {
+    let Some(location) = &args.ledger else {
+        eprintln!("error: {LEDGER} is required: the ledger to read");
+        return exit_codes::USAGE;
+    };
+    let ledger = match Ledger::open_existing(location).await {
         Ok(ledger) => ledger,
         Err(e) => {
-            eprintln!("error: --ledger (CCPA_LEDGER): {e}");
+            eprintln!("error: {LEDGER}: {e}");
             return exit_codes::USAGE;
         }
     };

@@ -11,7 +11,7 @@ use secrecy::SecretString;
 use tokio::net::TcpListener;
 
 use super::exit_codes;
-use crate::config::{AcsSettings, ServeSettings};
+use crate::config::{AcsSettings, LEDGER, ServeSettings};
 use crate::ledger::Ledger;
 use crate::server;
 
@@ -172,10 +172,16 @@ pub async fn serve(settings: ServeSettings) -> u8 {
         }
     };
 
-    let ledger = match Ledger::open(&settings.ledger_location()).await {
-        Ok(ledger) => ledger,
+    let ledger = match settings.ledger_location() {
+        Ok(location) => match Ledger::open(&location).await {
+            Ok(ledger) => ledger,
+            Err(e) => {
+                eprintln!("error: {LEDGER}: {e}");
+                return exit_codes::USAGE;
+            }
+        },
         Err(e) => {
-            eprintln!("error: --ledger (CCPA_LEDGER): {e}");
+            eprintln!("error: {e}");
             return exit_codes::USAGE;
         }
     };

@@ -1,7 +1,7 @@
 //! Opening a ledger: its connections, each set up for durability, and its schema brought up to
 //! date.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sqlx::any::AnyPoolOptions;
@@ -84,10 +84,72 @@ pub(super) async fn migrate(pool: &AnyPool) -> Result<(), LedgerError> {
     Ok(())
 }
 
+/// Checks that the schema is this version's, without changing anything: a ledger that is not
+/// up to date (or is not a ledger at all) is refused.
+async fn verify(pool: &AnyPool) -> Result<(), LedgerError> {
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await
+            .map_err(|_| {
+                LedgerError::Location(
+                    "this database holds no ledger (no schema): check the location".into(),
+                )
+            })?;
+    let expected: Vec<i64> = MIGRATIONS.iter().map(|(version, ..)| *version).collect();
+    if applied != expected {
+        return Err(LedgerError::Location(format!(
+            "the ledger's schema is at versions {applied:?}, this gateway's at {expected:?}: \
+             start this version's `serve` on it first, which migrates it"
+        )));
+    }
+    Ok(())
+}
+
+/// Creates a SQLite ledger file readable and writable by its owner only, unless it exists.
+/// SQLite gives its WAL and shared-memory files the database file's permissions.
+fn create_private_file(path: &Path) -> Result<(), LedgerError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(LedgerError::Location(format!(
+            "the ledger file {} cannot be created: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// How a ledger is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opening {
+    /// For serving: created if missing (a SQLite file, readable by its owner only), and its
+    /// schema brought up to date.
+    CreateOrMigrate,
+    /// For reading it (`records`): it must exist with this version's schema; nothing is created
+    /// or changed, so that a wrong location is an error rather than an empty ledger.
+    Existing,
+}
+
 impl Ledger {
     /// Opens the ledger at `location` (a file path, `sqlite::memory:`, or a `postgres://` URL),
-    /// creating it if needed, and brings its schema up to date.
+    /// creating it if needed (a SQLite file readable by its owner only), and brings its schema
+    /// up to date.
     pub async fn open(location: &str) -> Result<Self, LedgerError> {
+        Self::open_as(location, Opening::CreateOrMigrate).await
+    }
+
+    /// Opens an existing ledger with this version's schema, creating and migrating nothing: for
+    /// tools that read it. A location where no ledger is, or one that is not up to date, is an
+    /// error.
+    pub async fn open_existing(location: &str) -> Result<Self, LedgerError> {
+        Self::open_as(location, Opening::Existing).await
+    }
+
+    async fn open_as(location: &str, opening: Opening) -> Result<Self, LedgerError> {
         sqlx::any::install_default_drivers();
         let (url, backend) =
             if location.starts_with("postgres://") || location.starts_with("postgresql://") {
@@ -101,28 +163,48 @@ impl Ledger {
                     "the ledger must be a file path or a postgres:// URL, not {location:?}"
                 )));
             } else {
-                (format!("sqlite://{location}?mode=rwc"), Backend::Sqlite)
+                let path = Path::new(location);
+                match opening {
+                    Opening::CreateOrMigrate => create_private_file(path)?,
+                    Opening::Existing if !path.is_file() => {
+                        return Err(LedgerError::Location(format!(
+                            "no ledger file at {location:?}: it is opened, never created, here"
+                        )));
+                    }
+                    Opening::Existing => {}
+                }
+                // The file exists now: SQLite must not create one (`rw`, not `rwc`).
+                (format!("sqlite://{location}?mode=rw"), Backend::Sqlite)
             };
+        if opening == Opening::Existing && location == "sqlite::memory:" {
+            return Err(LedgerError::Location(
+                "an in-memory ledger exists only inside the gateway that made it".into(),
+            ));
+        }
+        let prepare = |pool: AnyPool| async move {
+            match opening {
+                Opening::CreateOrMigrate => migrate(&pool).await?,
+                Opening::Existing => verify(&pool).await?,
+            }
+            Ok::<_, LedgerError>(pool)
+        };
         let pending = Arc::new(PendingHint::new());
         let (reader, writer, file) = match (backend, location) {
             // PostgreSQL handles concurrent writers itself: one pool for everything.
             (Backend::Postgres, _) => {
-                let pool = connect(&url, backend, 16).await?;
-                migrate(&pool).await?;
+                let pool = prepare(connect(&url, backend, 16).await?).await?;
                 (pool.clone(), Writer::pooled(pool), None)
             }
             // Each connection to an in-memory database sees a database of its own: one
             // connection for everything (and no disk to batch commits for).
             (Backend::Sqlite, "sqlite::memory:") => {
-                let pool = connect(&url, backend, 1).await?;
-                migrate(&pool).await?;
+                let pool = prepare(connect(&url, backend, 1).await?).await?;
                 (pool.clone(), Writer::pooled(pool), None)
             }
             // SQLite has one writer at a time: one connection, owned by the task that batches
             // every write into group commits, while readers use others beside it (WAL).
             (Backend::Sqlite, _) => {
-                let writer_pool = connect(&url, backend, 1).await?;
-                migrate(&writer_pool).await?;
+                let writer_pool = prepare(connect(&url, backend, 1).await?).await?;
                 let reader = connect(&url, backend, 4).await?;
                 let hint = pending.clone();
                 // A batch that did not commit may have changed the hint for writes that are
