@@ -709,6 +709,61 @@ fn results_by_line(file: &std::path::Path) -> std::collections::BTreeMap<u64, [S
 }
 
 #[tokio::test]
+async fn the_results_file_is_safe_in_a_spreadsheet_and_a_failure_to_write_it_fails_the_command() {
+    let gw = gateway(EmulatorConfig::default()).await;
+    let keys: Vec<String> = (0..2)
+        .map(|_| gw.emulator.insert_profile(NewProfile::default()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("formulas.csv");
+    // Request ids and a value a spreadsheet would run as formulas.
+    std::fs::write(
+        &file,
+        format!(
+            "pkey,email,opt_out,source,received_at,request_id\n\
+             {},,true,gpc,,=HYPERLINK(\"http://evil.example\")\n\
+             {},,true,gpc,,@SUM(1+1)\n\
+             {},,true,=cmd|calc!A0,,-2+3\n",
+            keys[0], keys[1], keys[1]
+        ),
+    )
+    .unwrap();
+    let output = bulk_csv(gw.addr, &file).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(7),
+        "one row is invalid: {stderr}"
+    );
+    let results = results_by_line(&file);
+    assert_eq!(results[&2][0], "'=HYPERLINK(\"http://evil.example\")");
+    assert_eq!(results[&3][0], "'@SUM(1+1)");
+    assert_eq!(results[&4][0], "'-2+3");
+    for [id, outcome, code, message] in results.values() {
+        for cell in [id, outcome, code, message] {
+            assert!(
+                !cell.starts_with(['=', '+', '-', '@', '\t', '\r']),
+                "{cell:?}"
+            );
+        }
+    }
+
+    // A results file that cannot be written (a full disk): the command fails, saying so.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+        .args(["bulk-set-opt-out", "--file"])
+        .arg(&file)
+        .args(["--results", "/dev/full"])
+        .args(["--addr", &format!("http://{}", gw.addr)])
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--results"), "{stderr}");
+}
+
+#[tokio::test]
 async fn the_csv_command_answers_a_bad_row_alone_at_its_own_line() {
     let mut gw = gateway(EmulatorConfig::default()).await;
     let keys: Vec<String> = (0..8)

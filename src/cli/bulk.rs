@@ -253,6 +253,9 @@ struct Progress {
     lines: Arc<Vec<u64>>,
     counts: HashMap<String, u64>,
     results: csv::Writer<std::fs::File>,
+    /// The first failure to write the results file: the command then fails, since its results
+    /// are the only account of which rows were recorded.
+    write_error: Option<String>,
 }
 
 impl Progress {
@@ -262,12 +265,23 @@ impl Progress {
         }
         *self.counts.entry(outcome.to_owned()).or_default() += 1;
         let line = self.lines[row].to_string();
-        if let Err(e) =
-            self.results
-                .write_record([line.as_str(), request_id, outcome, code, message])
+        let cells = [line.as_str(), request_id, outcome, code, message].map(spreadsheet_safe);
+        if let Err(e) = self.results.write_record(cells.iter().map(|c| c.as_ref()))
+            && self.write_error.is_none()
         {
-            eprintln!("error: writing the results file: {e}");
+            self.write_error = Some(e.to_string());
         }
+    }
+}
+
+/// A cell as a spreadsheet will show it, never run it: one that begins with `=`, `+`, `-`, `@`,
+/// a tab or a carriage return is prefixed with `'` (OWASP's rule against CSV injection), since
+/// people open results files in spreadsheets and a request id or a message comes from outside.
+fn spreadsheet_safe(cell: &str) -> std::borrow::Cow<'_, str> {
+    if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        std::borrow::Cow::Owned(format!("'{cell}"))
+    } else {
+        std::borrow::Cow::Borrowed(cell)
     }
 }
 
@@ -303,7 +317,13 @@ pub async fn run(args: BulkArgs) -> u8 {
             return exit_codes::USAGE;
         }
     };
-    let _ = results.write_record(["line", "request_id", "outcome", "code", "message"]);
+    if let Err(e) = results.write_record(["line", "request_id", "outcome", "code", "message"]) {
+        eprintln!(
+            "error: --results: cannot write {}: {e}",
+            results_path.display()
+        );
+        return exit_codes::USAGE;
+    }
     let caller = match MetadataValue::try_from(args.caller.as_str()) {
         Ok(caller) => caller,
         Err(_) => {
@@ -316,6 +336,7 @@ pub async fn run(args: BulkArgs) -> u8 {
         lines: lines.clone(),
         counts: HashMap::new(),
         results,
+        write_error: None,
     }));
     let bar = indicatif::ProgressBar::new(rows as u64);
     bar.set_style(
@@ -349,7 +370,11 @@ pub async fn run(args: BulkArgs) -> u8 {
         Ok(progress) => progress,
         Err(poisoned) => poisoned.into_inner(),
     };
-    let _ = progress.results.flush();
+    if let Err(e) = progress.results.flush()
+        && progress.write_error.is_none()
+    {
+        progress.write_error = Some(e.to_string());
+    }
     let unanswered = progress.answered.iter().filter(|a| !**a).count();
     let mut summary: Vec<_> = progress.counts.iter().collect();
     summary.sort();
@@ -373,7 +398,16 @@ pub async fn run(args: BulkArgs) -> u8 {
         .counts
         .keys()
         .any(|outcome| outcome == "ERROR" || outcome == "FAILED");
-    if !finished {
+    if let Some(problem) = &progress.write_error {
+        // The rows were sent (and recorded, or refused), but which is which is not on disk: a
+        // re-run of the same file replays them without recording anything twice.
+        eprintln!(
+            "error: --results: writing {} failed: {problem}; run the same file again for a \
+             complete results file (nothing is recorded twice)",
+            results_path.display()
+        );
+        exit_codes::FAILURE
+    } else if !finished {
         exit_codes::UNAVAILABLE
     } else if failed {
         exit_codes::SOME_ROWS_FAILED
