@@ -36,16 +36,19 @@ pub struct ServeSettings {
 
     /// Time between reporting NOT_SERVING and closing the listener on shutdown, so that load
     /// balancers stop sending calls first (e.g. "5s" behind Kubernetes).
-    #[arg(long, env = "CCPA_DRAIN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CCPA_DRAIN_DELAY", default_value = "0s",
+          value_parser = duration_within(Duration::ZERO, Duration::from_secs(600)))]
     pub drain_delay: Duration,
 
     /// Longest wait for calls in flight on shutdown.
-    #[arg(long, env = "CCPA_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CCPA_DRAIN_TIMEOUT", default_value = "30s",
+          value_parser = duration_within(Duration::ZERO, Duration::from_secs(3600)))]
     pub drain_timeout: Duration,
 
     /// How often ACS is probed while it refuses the gateway's credentials (health is
     /// NOT_SERVING until a probe or a call gets through).
-    #[arg(long, env = "CCPA_HEALTH_PROBE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CCPA_HEALTH_PROBE_INTERVAL", default_value = "10s",
+          value_parser = duration_within(Duration::from_millis(100), Duration::from_secs(3600)))]
     pub health_probe_interval: Duration,
 
     /// Where opt-out requests are recorded.
@@ -143,8 +146,9 @@ pub struct CallerSettings {
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
-/// A parser of durations from `min` to `max`, both included.
-fn duration_within(
+/// A parser of durations from `min` to `max`, both included: every duration setting has bounds,
+/// so that none is 0 where that makes no sense and none can overflow what is computed from it.
+pub(crate) fn duration_within(
     min: Duration,
     max: Duration,
 ) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
@@ -403,11 +407,14 @@ pub struct LedgerSettings {
 
     /// How often the deliverer looks for pending requests to deliver.
     #[arg(long, env = "CCPA_DELIVERY_POLL_INTERVAL", default_value = "1s",
-          value_parser = humantime::parse_duration)]
+          value_parser = duration_within(Duration::from_millis(10), Duration::from_secs(60)))]
     pub delivery_poll_interval: Duration,
 }
 
 pub use crate::ledger::MIN_RETENTION;
+
+/// The longest retention accepted.
+pub const MAX_RETENTION: Duration = Duration::from_secs(3653 * 24 * 3600);
 
 /// Parses a retention period, refusing less than [`MIN_RETENTION`].
 pub fn retention(text: &str) -> Result<Duration, String> {
@@ -415,6 +422,12 @@ pub fn retention(text: &str) -> Result<Duration, String> {
     if retention < MIN_RETENTION {
         return Err(
             "the regulations require records to be kept at least 24 months (731days)".into(),
+        );
+    }
+    if retention > MAX_RETENTION {
+        return Err(
+            "at most ten years (3653days): records hold personal data, kept no longer than needed"
+                .into(),
         );
     }
     Ok(retention)
@@ -445,11 +458,13 @@ pub struct AcsSettings {
 
     /// Bound on the ACS work of a call whose caller set no deadline (retries and pauses
     /// included), and on any single request to ACS.
-    #[arg(long, env = "CCPA_ACS_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CCPA_ACS_TIMEOUT", default_value = "10s",
+          value_parser = duration_within(Duration::from_millis(100), Duration::from_secs(300)))]
     pub acs_timeout: Duration,
 
     /// Bound on establishing a connection to ACS.
-    #[arg(long, env = "CCPA_ACS_CONNECT_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CCPA_ACS_CONNECT_TIMEOUT", default_value = "3s",
+          value_parser = duration_within(Duration::from_millis(100), Duration::from_secs(60)))]
     pub acs_connect_timeout: Duration,
 }
 
@@ -489,13 +504,15 @@ pub struct CallLimits {
     pub acs_max_rps: NonZeroU32,
 
     /// Requests to ACS in progress at once, at most.
-    #[arg(long, env = "CCPA_ACS_MAX_IN_FLIGHT", default_value = "64")]
-    pub acs_max_in_flight: usize,
+    #[arg(long, env = "CCPA_ACS_MAX_IN_FLIGHT", default_value = "64",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub acs_max_in_flight: u32,
 
     /// Calls waiting for their turn toward ACS, at most; past this a call fails at once with
     /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "CCPA_ACS_MAX_QUEUED", default_value = "10000")]
-    pub acs_max_queued: usize,
+    #[arg(long, env = "CCPA_ACS_MAX_QUEUED", default_value = "10000",
+          value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub acs_max_queued: u32,
 
     /// Attempts per call, the first included; only transient failures of calls that are safe to
     /// repeat are retried.
@@ -511,8 +528,8 @@ impl CallLimits {
             default_budget,
             throttle: ThrottleSettings {
                 max_rps: self.acs_max_rps,
-                max_in_flight: self.acs_max_in_flight.max(1),
-                max_queued: self.acs_max_queued,
+                max_in_flight: usize::try_from(self.acs_max_in_flight).unwrap_or(usize::MAX),
+                max_queued: usize::try_from(self.acs_max_queued).unwrap_or(usize::MAX),
             },
             ..CallSettings::default()
         }

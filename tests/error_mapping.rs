@@ -261,6 +261,22 @@ async fn too_many_requests_429_is_unavailable_with_acs_retry_delay() {
 }
 
 #[tokio::test]
+async fn a_retry_after_beyond_five_minutes_is_passed_on_as_five_minutes() {
+    for asked in ["999999999999", "Fri, 31 Dec 9999 23:59:59 GMT"] {
+        let fault = marked_json(503, "Come back much later").with_header("Retry-After", asked);
+        let (harness, pkey) = with_fault(fault).await;
+        let status = get(&harness, &pkey).await;
+        let retry = status.get_details_retry_info().expect("a RetryInfo detail");
+        assert_eq!(
+            retry.retry_delay,
+            Some(std::time::Duration::from_secs(300)),
+            "{asked}"
+        );
+        assert_mapped(status, Code::Unavailable, "ACS_UNAVAILABLE", Some(503));
+    }
+}
+
+#[tokio::test]
 async fn bad_gateway_502_with_html_is_unavailable() {
     let (harness, pkey) = with_fault(Fault::Respond {
         status: 502,

@@ -1102,6 +1102,30 @@ async fn unsafe_settings_stop_start_up_naming_the_fix() {
             vec!["--max-profiles-per-email", "0"],
             &["--max-profiles-per-email"],
         ),
+        // Every duration and limit has bounds: no 0 where it makes no sense, nothing that can
+        // overflow what is computed from it.
+        (vec!["--acs-timeout", "0s"], &["--acs-timeout"]),
+        (vec!["--acs-timeout", "1000000000days"], &["--acs-timeout"]),
+        (
+            vec!["--acs-connect-timeout", "0s"],
+            &["--acs-connect-timeout"],
+        ),
+        (
+            vec!["--health-probe-interval", "0s"],
+            &["--health-probe-interval"],
+        ),
+        (
+            vec!["--delivery-poll-interval", "0s"],
+            &["--delivery-poll-interval"],
+        ),
+        (vec!["--drain-timeout", "100years"], &["--drain-timeout"]),
+        (vec!["--drain-delay", "100years"], &["--drain-delay"]),
+        (vec!["--retention", "500years"], &["--retention"]),
+        (vec!["--acs-max-in-flight", "0"], &["--acs-max-in-flight"]),
+        (
+            vec!["--acs-max-queued", "99999999999999999999"],
+            &["--acs-max-queued"],
+        ),
     ];
     for (args, named) in cases {
         let (code, stderr) = refused(&args, dir).await;

@@ -37,7 +37,7 @@
 //! RetryInfo is when the caller's budget allows its next call.
 //!
 //! UNAVAILABLE and RESOURCE_EXHAUSTED also carry a `google.rpc.RetryInfo`: the delay ACS asked
-//! for in `Retry-After` when it did, else [`DEFAULT_RETRY_DELAY`].
+//! for in `Retry-After` when it did (at most [`MAX_RETRY_DELAY`]), else [`DEFAULT_RETRY_DELAY`].
 //!
 //! Why these choices:
 //! - `XTK-170036` is NOT_FOUND rather than INVALID_ARGUMENT: every key reaching ACS has passed
@@ -83,6 +83,10 @@ pub const ERROR_DOMAIN: &str = "ccpa-gateway";
 
 /// The delay suggested to callers in `RetryInfo` when ACS gave none.
 pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// The longest delay passed on to callers from a `Retry-After`: the header is ACS's (or a
+/// proxy's) to choose, and a caller told to wait a year would drop an opt-out it holds.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 
 /// What the table above says for one failure: code, reason, message, log level.
 struct Mapping {
@@ -357,7 +361,7 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
     if matches!(mapped.code, Code::Unavailable | Code::ResourceExhausted) {
         let delay = api_error
             .and_then(retry_after)
-            .unwrap_or(DEFAULT_RETRY_DELAY);
+            .map_or(DEFAULT_RETRY_DELAY, |asked| asked.min(MAX_RETRY_DELAY));
         details.set_retry_info(Some(delay));
     }
     Status::with_error_details(mapped.code, mapped.message, details)

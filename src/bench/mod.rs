@@ -44,10 +44,10 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Measured time of each phase (default 15 s, 3 s with --quick).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = crate::config::duration_within(Duration::from_millis(100), Duration::from_secs(3600)))]
     duration: Option<Duration>,
     /// Unmeasured warm-up before each phase (default 3 s, 0.5 s with --quick).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = crate::config::duration_within(Duration::ZERO, Duration::from_secs(3600)))]
     warmup: Option<Duration>,
     /// Log filter of the gateway: `info` (a line per call, as in production) or `warn` (to see
     /// what those lines cost).

@@ -25,7 +25,8 @@ pub struct Connection {
     addr: String,
 
     /// Deadline of the call, sent to the gateway as `grpc-timeout`.
-    #[arg(long, env = "CCPA_CALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CCPA_CALL_TIMEOUT", default_value = "30s",
+          value_parser = crate::config::duration_within(Duration::from_millis(100), Duration::from_secs(3600)))]
     timeout: Duration,
 
     /// For an https:// address: the CA the gateway's certificate must chain to (PEM). The

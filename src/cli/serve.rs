@@ -11,7 +11,7 @@ use secrecy::SecretString;
 use tokio::net::TcpListener;
 
 use super::exit_codes;
-use crate::config::{AcsSettings, LEDGER, ServeSettings};
+use crate::config::{AcsSettings, LEDGER, ServeSettings, duration_within};
 use crate::ledger::Ledger;
 use crate::server;
 
@@ -40,7 +40,7 @@ pub struct EmulatorArgs {
     #[arg(long, env = "CCPA_EMULATOR_IMS_CLIENT_SECRET", default_value = EmulatorConfig::DEFAULT_IMS_CLIENT_SECRET, hide_env_values = true)]
     ims_client_secret: String,
     /// Lifetime of the tokens its IMS endpoint issues.
-    #[arg(long, env = "CCPA_EMULATOR_TOKEN_LIFETIME", default_value = "86399s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CCPA_EMULATOR_TOKEN_LIFETIME", default_value = "86399s", value_parser = duration_within(Duration::from_secs(1), Duration::from_secs(7 * 24 * 3600)))]
     token_lifetime: Duration,
     /// Do not keep requests for inspection (they are only useful to tests): for benchmarks.
     #[arg(long, env = "CCPA_EMULATOR_NO_RECORD")]
@@ -53,16 +53,16 @@ pub struct EmulatorArgs {
 #[derive(Args)]
 struct FaultArgs {
     /// Added to every answer.
-    #[arg(long, env = "CCPA_EMULATOR_LATENCY", default_value = "0ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CCPA_EMULATOR_LATENCY", default_value = "0ms", value_parser = duration_within(Duration::ZERO, Duration::from_secs(60)))]
     latency: Duration,
     /// Random extra latency, between zero and this.
-    #[arg(long, env = "CCPA_EMULATOR_LATENCY_JITTER", default_value = "0ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CCPA_EMULATOR_LATENCY_JITTER", default_value = "0ms", value_parser = duration_within(Duration::ZERO, Duration::from_secs(60)))]
     latency_jitter: Duration,
     /// Share of requests answered 429 with Retry-After (0 to 1).
     #[arg(long, env = "CCPA_EMULATOR_FAIL_429", default_value = "0", value_parser = rate)]
     fail_429: f64,
     /// The Retry-After of those 429 answers.
-    #[arg(long, env = "CCPA_EMULATOR_RETRY_AFTER", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CCPA_EMULATOR_RETRY_AFTER", default_value = "1s", value_parser = duration_within(Duration::ZERO, Duration::from_secs(3600)))]
     retry_after: Duration,
     /// Share of requests answered 500.
     #[arg(long, env = "CCPA_EMULATOR_FAIL_500", default_value = "0", value_parser = rate)]
@@ -80,7 +80,7 @@ struct FaultArgs {
     #[arg(long, env = "CCPA_EMULATOR_FAIL_STALL", default_value = "0", value_parser = rate)]
     fail_stall: f64,
     /// How long a stalled body is held.
-    #[arg(long, env = "CCPA_EMULATOR_STALL_FOR", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CCPA_EMULATOR_STALL_FOR", default_value = "30s", value_parser = duration_within(Duration::ZERO, Duration::from_secs(3600)))]
     stall_for: Duration,
     /// Share of answers whose JSON is cut in half.
     #[arg(long, env = "CCPA_EMULATOR_FAIL_TRUNCATED", default_value = "0", value_parser = rate)]
