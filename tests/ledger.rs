@@ -782,11 +782,12 @@ async fn only_records_past_their_retention_are_pruned_and_never_pending_ones(sto
             .unwrap();
         assert!(matches!(recorded, Recorded::New(_)));
         if applied {
-            assert!(
+            assert_eq!(
                 ledger
                     .settle(id, Outcome::Applied { pkey: None }, true, None)
                     .await
-                    .unwrap()
+                    .unwrap(),
+                ccpa_gateway::ledger::Settled::Recorded
             );
         }
     }
@@ -1078,6 +1079,56 @@ async fn a_newer_request_waits_while_an_older_one_may_still_be_on_its_way_to_acs
     assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
 }
 
+on_both_stores!(a_patch_held_up_past_its_lease_cannot_land_after_a_newer_applied_request);
+
+/// A call's attempt may last longer than the profile's lease (the attempt budget and the
+/// caller's deadline allow 10 s here, the lease 2 s). A PATCH held up in ACS must then be
+/// abandoned before the lease can lapse: otherwise a newer request, sent once the lease has
+/// lapsed, is applied first and the held-up older one lands after it, leaving ACS with the older
+/// value while the ledger says the newer one is APPLIED.
+async fn a_patch_held_up_past_its_lease_cannot_land_after_a_newer_applied_request(store: Store) {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let pkey = emulator.insert_profile(NewProfile::default());
+    let mut options = quick_delivery();
+    options.delivery.lease = Duration::from_secs(2);
+    options.delivery.attempt_budget = Duration::from_secs(10);
+    // The deliverer does not try the older request again before the newer one arrives.
+    options.delivery.backoff_base = Duration::from_secs(30);
+    options.delivery.backoff_max = Duration::from_secs(30);
+    let (_, channel, _stop, _) =
+        start_gateway_on(acs_config(&emulator), store.open().await, options).await;
+    let mut client = CcpaServiceClient::new(channel);
+
+    // The older request's PATCH is held up in ACS for 4 s before ACS handles it.
+    emulator.inject(Fault::Delay(Duration::from_secs(4)));
+    let started = Instant::now();
+    let mut older = tonic::Request::new(SetOptOutRequest {
+        received_at: Some(ms_ago(1_000)),
+        ..set(&pkey, true, "held-up")
+    });
+    older.set_timeout(Duration::from_secs(10));
+    let mut older_client = client.clone();
+    let older = tokio::spawn(async move { older_client.set_opt_out(older).await });
+
+    // Once its lease has lapsed, a newer request is applied.
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    let mut newer = tonic::Request::new(set(&pkey, false, "newer"));
+    newer.set_timeout(Duration::from_secs(5));
+    client.set_opt_out(newer).await.unwrap();
+    until_state(&mut client, "newer", DeliveryState::Applied).await;
+
+    let older = older.await.unwrap().unwrap().into_inner();
+    assert_eq!(
+        older.state,
+        DeliveryState::Pending as i32,
+        "abandoned before its lease could lapse"
+    );
+    // Past the moment the held-up PATCH would have landed: ACS holds the newer request.
+    tokio::time::sleep(Duration::from_millis(4_500).saturating_sub(started.elapsed())).await;
+    until_state(&mut client, "held-up", DeliveryState::Superseded).await;
+    assert_eq!(emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
+}
+
 /// A SQLite ledger is for one gateway: a second one on the same file refuses to start, naming
 /// the way to run several.
 #[tokio::test]
@@ -1100,6 +1151,70 @@ async fn a_second_gateway_on_one_sqlite_ledger_refuses_to_start() {
     let message = refused.to_string();
     assert!(message.contains("already serves"), "{message}");
     assert!(message.contains("PostgreSQL"), "{message}");
+}
+
+on_both_stores!(an_attempt_whose_lease_was_taken_over_settles_nothing);
+
+/// The fencing token: an attempt settled after its lease lapsed and another claim took the
+/// profile records nothing, and cannot give the new holder's lease back.
+async fn an_attempt_whose_lease_was_taken_over_settles_nothing(store: Store) {
+    use ccpa_gateway::ledger::{Claim, Kind, NewRequest, Outcome, Settled, Source, State};
+    let ledger = store.open().await;
+    let pkey = "@fencing-profile";
+    let request = NewRequest {
+        request_id: "fenced".into(),
+        kind: Kind::SetOptOut,
+        pkey: Some(pkey.into()),
+        opt_out: true,
+        source: Source::WebForm,
+        received_at: None,
+        caller: "test".into(),
+        first_attempt_window_ms: 0,
+        parent_request_id: None,
+        fingerprint: None,
+    };
+    let first = Claim::new(100);
+    let (_, claimed) = ledger.record(&request, Some(&first)).await.unwrap();
+    assert!(claimed);
+    let first_generation = first.generation().unwrap();
+
+    // The first lease lapses; another claim takes the profile.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = Claim::new(60_000);
+    assert!(ledger.claim(pkey, &second).await.unwrap());
+    assert!(second.generation().unwrap() > first_generation);
+
+    let settled = ledger
+        .settle(
+            "fenced",
+            Outcome::Applied { pkey: None },
+            false,
+            Some((pkey, &first)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(settled, Settled::LeaseLost);
+    assert_eq!(
+        ledger.get("fenced").await.unwrap().unwrap().state,
+        State::Pending
+    );
+    // The second claim still holds the profile: a third cannot take it.
+    assert!(!ledger.claim(pkey, &Claim::new(60_000)).await.unwrap());
+
+    // Its holder settles, and gives the lease back: the next claim gets a higher generation.
+    let settled = ledger
+        .settle(
+            "fenced",
+            Outcome::Applied { pkey: None },
+            false,
+            Some((pkey, &second)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(settled, Settled::Recorded);
+    let third = Claim::new(60_000);
+    assert!(ledger.claim(pkey, &third).await.unwrap());
+    assert!(third.generation().unwrap() > second.generation().unwrap());
 }
 
 on_both_stores!(requests_left_pending_by_an_earlier_run_are_protective_from_the_start);

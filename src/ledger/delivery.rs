@@ -11,7 +11,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::clock::business_days_before;
-use super::{Claim, FailureCode, Ledger, LedgerError, Outcome, Record, now_ms};
+use super::{Claim, FailureCode, Ledger, LedgerError, Outcome, Record, Settled, now_ms};
 use crate::health::{GatewayHealth, UpstreamSignal};
 
 /// How the deliverer works.
@@ -62,6 +62,15 @@ pub(super) enum Attempt {
     Pending,
     /// It cannot be applied: the profile does not exist (the record holds the basis).
     Failed,
+}
+
+/// When an attempt made under `claim` must have ended: a quarter of the lease (at most 5 s)
+/// before the lease can lapse, so that a PATCH abandoned at its deadline has that long to land
+/// or die at ACS before any other claim may send a newer one.
+fn lease_fence(claim: &Claim, lease: Duration) -> Instant {
+    let margin = (lease / 4).min(Duration::from_secs(5));
+    let held_until = claim.held_until();
+    held_until.checked_sub(margin).unwrap_or(held_until)
 }
 
 /// The basis recorded when ACS has no such profile.
@@ -155,6 +164,27 @@ impl Delivery {
         } else {
             &self.background
         };
+        // The attempt ends (its request abandoned) a margin before the lease can lapse, so that
+        // no other claim can send a newer PATCH for the profile while this one may still be on
+        // its way; and nothing is sent once that point has passed.
+        let fence = lease_fence(claim, self.settings.lease);
+        let deadline = deadline.min(fence);
+        if claim.generation().is_none() || Instant::now() >= deadline {
+            let next_attempt_at = now_ms();
+            self.ledger
+                .settle(
+                    &record.request_id,
+                    Outcome::Retry {
+                        error: "not sent: the profile's lease was too close to lapsing",
+                        next_attempt_at,
+                        attempted: false,
+                    },
+                    answered,
+                    Some((pkey, claim)),
+                )
+                .await?;
+            return Ok(Attempt::Pending);
+        }
         let result = acs
             .set_ccpa_opt_out(pkey, record.opt_out, Some(deadline))
             .await;
@@ -171,10 +201,12 @@ impl Delivery {
                         release,
                     )
                     .await?;
-                Ok(if settled {
-                    Attempt::Applied
-                } else {
-                    Attempt::Superseded
+                Ok(match settled {
+                    Settled::Recorded => Attempt::Applied,
+                    Settled::NotPending => Attempt::Superseded,
+                    // Sent outside the lease (it cannot be, given the fence above; checked all
+                    // the same): the lease's holder applies the profile's newest request.
+                    Settled::LeaseLost => Attempt::Pending,
                 })
             }
             Err(CallError::Api(error))
@@ -183,7 +215,8 @@ impl Delivery {
                     Failure::NotFound | Failure::UnparsableKey
                 ) =>
             {
-                self.ledger
+                let settled = self
+                    .ledger
                     .settle(
                         &record.request_id,
                         Outcome::Failed {
@@ -194,7 +227,11 @@ impl Delivery {
                         release,
                     )
                     .await?;
-                Ok(Attempt::Failed)
+                Ok(match settled {
+                    Settled::Recorded => Attempt::Failed,
+                    Settled::NotPending => Attempt::Superseded,
+                    Settled::LeaseLost => Attempt::Pending,
+                })
             }
             Err(error) => {
                 // Anything else may pass (ACS down, our credentials, a deadline): the request

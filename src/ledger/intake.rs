@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Executor};
 
-use super::leases::claim_lease;
+use super::leases::{claim_lease, unit_now};
 use super::queries::{COLUMNS, fetch_record};
 use super::{
     Backend, Claim, FailureCode, Kind, Ledger, LedgerError, PendingHint, Record, Source, State,
@@ -157,7 +157,6 @@ pub(super) async fn record_unit(
     hint: &PendingHint,
     backend: Backend,
 ) -> Result<(Recorded, bool), LedgerError> {
-    let now = now_ms();
     // The writer holds the transaction (a savepoint of its batch on SQLite).
     let tx = connection;
     if let Some(pkey) = &request.pkey {
@@ -165,14 +164,24 @@ pub(super) async fn record_unit(
         // and a refresh of the hint either sees this write or runs before it noted.
         hint.note(pkey);
     }
-    if let (Backend::Postgres, Some(pkey)) = (backend, &request.pkey) {
-        // Requests for one profile are recorded one at a time, so that each sees the others.
-        // (SQLite has one writer at a time anyway.)
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))::text")
+    // `recorded_at`, and the expiry of a lease taken here, come from the unit's clock: on
+    // PostgreSQL the database's, read once the profile is locked, so that replicas with skewed
+    // clocks still agree on the order of a profile's requests.
+    let now = match (backend, &request.pkey) {
+        (Backend::Postgres, Some(pkey)) => {
+            // Requests for one profile are recorded one at a time, so that each sees the
+            // others. (SQLite has one writer at a time anyway.)
+            let locked = sqlx::query(
+                "SELECT pg_advisory_xact_lock(hashtext($1))::text, \
+                 (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT AS now_ms",
+            )
             .bind(pkey)
             .fetch_one(&mut *tx)
             .await?;
-    }
+            sqlx::Row::try_get::<i64, _>(&locked, "now_ms")?
+        }
+        _ => unit_now(&mut *tx, backend).await?,
+    };
     // RETURNING: the new record comes back with the insert, one statement instead of two.
     let inserted: Option<AnyRow> = sqlx::query(INSERT_RETURNING.as_str())
         .bind(&request.request_id)

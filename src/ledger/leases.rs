@@ -1,27 +1,57 @@
 //! Leases and delivery: who applies a profile's newest request, and what came of each attempt.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
 use sqlx::{AnyConnection, Executor};
 
 use super::queries::fetch_record;
-use super::{FailureCode, Kind, Ledger, LedgerError, Record, State, now_ms};
+use super::{Backend, FailureCode, Kind, Ledger, LedgerError, Record, State, now_ms};
 
-/// Who holds a profile's lease, and until when. A holder is unique to one attempt at applying,
+/// A claim on a profile's lease, for one attempt at applying. A holder is unique to one claim,
 /// so two tasks of one process never both think they hold it.
+///
+/// The lease's expiry is fixed where it is won, inside the write that takes it, from that
+/// write's clock (the database's, on PostgreSQL, so that replicas with skewed clocks agree); the
+/// generation it was won at is the fencing token that settling the attempt checks. This process
+/// counts its hold from when the claim was made, before the write: never later than the lease
+/// really ends.
 #[derive(Debug, Clone)]
 pub struct Claim {
     /// A name unique to this claim.
     pub holder: String,
-    /// When the lease lapses if not given back (ms): longer than any attempt can take.
-    pub expires_at: i64,
+    /// How long the lease lasts once won (ms).
+    lease_ms: i64,
+    /// When the claim was made, before the write that may win it.
+    asked_at: Instant,
+    /// The lease's generation once won (0 before): shared by the claim's clones, since the
+    /// write that wins it runs on one.
+    generation: Arc<AtomicI64>,
 }
 
 impl Claim {
-    /// A new claim lasting `lease_ms` from now.
+    /// A new claim on a lease lasting `lease_ms` once won.
     pub fn new(lease_ms: i64) -> Self {
         Self {
             holder: uuid::Uuid::new_v4().to_string(),
-            expires_at: now_ms() + lease_ms,
+            lease_ms: lease_ms.max(0),
+            asked_at: Instant::now(),
+            generation: Arc::new(AtomicI64::new(0)),
         }
+    }
+
+    /// The lease's generation, if it was won.
+    pub fn generation(&self) -> Option<i64> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        (generation > 0).then_some(generation)
+    }
+
+    /// Until when this process surely holds the lease, if it was won: counted from before the
+    /// write that won it, so never later than the lease's recorded expiry.
+    pub fn held_until(&self) -> Instant {
+        let lease = Duration::from_millis(u64::try_from(self.lease_ms).unwrap_or(0));
+        self.asked_at.checked_add(lease).unwrap_or(self.asked_at)
     }
 }
 
@@ -49,6 +79,18 @@ pub enum Outcome<'a> {
         /// Whether a request reached (or may have reached) ACS.
         attempted: bool,
     },
+}
+
+/// What [`Ledger::settle`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The outcome is recorded.
+    Recorded,
+    /// The record was no longer pending (a newer request superseded it meanwhile): nothing
+    /// changed.
+    NotPending,
+    /// The attempt's lease had been taken by another claim: nothing changed.
+    LeaseLost,
 }
 
 /// An [`Outcome`] that owns its text, to travel to the writer.
@@ -118,8 +160,12 @@ impl Ledger {
     /// one applying that profile's requests.
     pub async fn claim(&self, pkey: &str, claim: &Claim) -> Result<bool, LedgerError> {
         let (pkey, claim) = (pkey.to_owned(), claim.clone());
+        let backend = self.backend;
         self.write(move |connection| {
-            Box::pin(async move { claim_lease(&mut *connection, &pkey, &claim, now_ms()).await })
+            Box::pin(async move {
+                let now = unit_now(&mut *connection, backend).await?;
+                claim_lease(&mut *connection, &pkey, &claim, now).await
+            })
         })
         .await
     }
@@ -144,15 +190,18 @@ impl Ledger {
 
     /// Records the outcome of an attempt to apply a request, and (with `release`) gives the
     /// profile's lease back, in one transaction. `answered` also records that the caller is being
-    /// answered now. False when the record was no longer pending (a newer request superseded it
-    /// meanwhile).
+    /// answered now.
+    ///
+    /// With `release`, the lease is checked first (the fencing token): if another claim has
+    /// taken it since, the attempt ran outside its lease, and its outcome is not recorded (the
+    /// lease's holder applies the profile's newest request).
     pub async fn settle(
         &self,
         request_id: &str,
         outcome: Outcome<'_>,
         answered: bool,
         release: Option<(&str, &Claim)>,
-    ) -> Result<bool, LedgerError> {
+    ) -> Result<Settled, LedgerError> {
         let request_id = request_id.to_owned();
         let outcome = OwnedOutcome::from(outcome);
         let release = release.map(|(pkey, claim)| (pkey.to_owned(), claim.clone()));
@@ -201,6 +250,27 @@ impl Ledger {
     }
 }
 
+/// The clock of a unit of work: the database's on PostgreSQL, which every replica shares (its
+/// clock, not theirs, orders leases and records); this process's on SQLite, which one gateway
+/// serves.
+pub(super) async fn unit_now(
+    connection: &mut AnyConnection,
+    backend: Backend,
+) -> Result<i64, LedgerError> {
+    match backend {
+        Backend::Sqlite => Ok(now_ms()),
+        Backend::Postgres => Ok(sqlx::query_scalar(DATABASE_NOW_MS)
+            .fetch_one(&mut *connection)
+            .await?),
+    }
+}
+
+/// PostgreSQL's clock now (not at the transaction's start), in ms since the Unix epoch.
+pub(super) const DATABASE_NOW_MS: &str =
+    "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// Takes the lease on `pkey` for `claim` unless someone holds it at `now` (the unit's clock),
+/// until `now` plus the lease; on success, the claim learns the lease's new generation.
 pub(super) async fn claim_lease<'e, E>(
     executor: E,
     pkey: &str,
@@ -210,21 +280,30 @@ pub(super) async fn claim_lease<'e, E>(
 where
     E: Executor<'e, Database = sqlx::Any>,
 {
-    let claimed = sqlx::query(
-        "INSERT INTO profile_leases (pkey, holder, expires_at) VALUES ($1, $2, $3) \
-         ON CONFLICT (pkey) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
-         WHERE profile_leases.expires_at < $4",
+    let generation: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO profile_leases (pkey, holder, expires_at, generation) VALUES ($1, $2, $3, 1) \
+         ON CONFLICT (pkey) DO UPDATE SET holder = excluded.holder, \
+         expires_at = excluded.expires_at, generation = profile_leases.generation + 1 \
+         WHERE profile_leases.expires_at < $4 \
+         RETURNING generation",
     )
     .bind(pkey)
     .bind(&claim.holder)
-    .bind(claim.expires_at)
+    .bind(now.saturating_add(claim.lease_ms))
     .bind(now)
-    .execute(executor)
-    .await?
-    .rows_affected();
-    Ok(claimed == 1)
+    .fetch_optional(executor)
+    .await?;
+    match generation {
+        Some(generation) => {
+            claim.generation.store(generation, Ordering::SeqCst);
+            Ok(true)
+        }
+        None => Ok(false),
+    }
 }
 
+/// Gives the lease back, if `claim` still holds it: it lapses at once. The row stays, so that
+/// the next generation is higher than every earlier one.
 pub(super) async fn release_lease<'e, E>(
     executor: E,
     pkey: &str,
@@ -233,12 +312,34 @@ pub(super) async fn release_lease<'e, E>(
 where
     E: Executor<'e, Database = sqlx::Any>,
 {
-    sqlx::query("DELETE FROM profile_leases WHERE pkey = $1 AND holder = $2")
-        .bind(pkey)
-        .bind(&claim.holder)
-        .execute(executor)
-        .await?;
+    sqlx::query(
+        "UPDATE profile_leases SET expires_at = 0 \
+         WHERE pkey = $1 AND holder = $2 AND generation = $3",
+    )
+    .bind(pkey)
+    .bind(&claim.holder)
+    .bind(claim.generation.load(Ordering::SeqCst))
+    .execute(executor)
+    .await?;
     Ok(())
+}
+
+/// Whether `claim`'s lease on `pkey` is still the current one (the fencing check): nobody has
+/// taken the profile's lease since, even if it has lapsed.
+async fn lease_is_current(
+    connection: &mut AnyConnection,
+    pkey: &str,
+    claim: &Claim,
+) -> Result<bool, LedgerError> {
+    let current: Option<i64> = sqlx::query_scalar(
+        "SELECT 1 FROM profile_leases WHERE pkey = $1 AND holder = $2 AND generation = $3",
+    )
+    .bind(pkey)
+    .bind(&claim.holder)
+    .bind(claim.generation.load(Ordering::SeqCst))
+    .fetch_optional(&mut *connection)
+    .await?;
+    Ok(current.is_some())
 }
 
 /// [`Ledger::next_to_apply`]'s unit of work.
@@ -293,10 +394,15 @@ pub(super) async fn settle_unit(
     outcome: Outcome<'_>,
     answered: bool,
     release: Option<(&str, &Claim)>,
-) -> Result<bool, LedgerError> {
+) -> Result<Settled, LedgerError> {
     let now = now_ms();
     // The writer holds the transaction (a savepoint of its batch on SQLite).
     let tx = connection;
+    if let Some((pkey, claim)) = release
+        && !lease_is_current(&mut *tx, pkey, claim).await?
+    {
+        return Ok(Settled::LeaseLost);
+    }
     let query = match outcome {
             Outcome::Applied { pkey } => sqlx::query(
                 "UPDATE opt_out_records SET state = 'APPLIED', resolved_at = $1, \
@@ -340,7 +446,11 @@ pub(super) async fn settle_unit(
     if let Some((pkey, claim)) = release {
         release_lease(&mut *tx, pkey, claim).await?;
     }
-    Ok(updated == 1)
+    Ok(if updated == 1 {
+        Settled::Recorded
+    } else {
+        Settled::NotPending
+    })
 }
 
 /// [`Ledger::fail_abandoned`]'s unit of work.

@@ -44,7 +44,7 @@ use sqlx::{AnyConnection, AnyPool};
 pub use by_email::{ByEmailFailure, EmailRequest, RESERVED_REQUEST_ID_SEPARATOR, SubmittedByEmail};
 pub use creation::Created;
 pub use intake::{NewRequest, Recorded, fingerprint};
-pub use leases::{Claim, Outcome};
+pub use leases::{Claim, Outcome, Settled};
 pub use queries::{Cursor, ListFilter};
 pub use record::{FailureCode, Kind, Record, Source, State};
 pub use retention::MIN_RETENTION;

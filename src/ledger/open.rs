@@ -27,6 +27,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "request fingerprints",
         include_str!("../../migrations/0003_request_fingerprints.sql"),
     ),
+    (
+        4,
+        "lease generations",
+        include_str!("../../migrations/0004_lease_generations.sql"),
+    ),
 ];
 
 /// A pool of `max_connections` to `url`, each set up for durability.
