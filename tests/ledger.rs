@@ -1217,6 +1217,69 @@ async fn an_attempt_whose_lease_was_taken_over_settles_nothing(store: Store) {
     assert!(third.generation().unwrap() > second.generation().unwrap());
 }
 
+/// On PostgreSQL, recording a profile's request waits for that profile's advisory lock. A burst
+/// of calls for one profile, while another replica holds that lock in a slow transaction, must
+/// not take every pooled connection while they wait: reads of other profiles are answered
+/// meanwhile, each within a second, and the burst is recorded once the lock is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_for_one_profile_does_not_starve_calls_for_others_on_postgres() {
+    use sqlx::Connection;
+    let store = Store::postgres().await;
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let hot = emulator.insert_profile(NewProfile::default());
+    let others: Vec<String> = (0..20)
+        .map(|_| emulator.insert_profile(NewProfile::default()))
+        .collect();
+    let (addr, channel, _stop, _) =
+        start_gateway_on(acs_config(&emulator), store.open().await, quick_delivery()).await;
+    let client = CcpaServiceClient::new(channel);
+    // The other profiles' caller is another service, on a connection of its own.
+    let mut reader = CcpaServiceClient::new(common::connect(addr).await);
+
+    // Another replica, in a slow transaction, holds the hot profile's lock for 3 s.
+    let (locked, is_locked) = oneshot::channel();
+    let (location, profile) = (store.location.clone(), hot.clone());
+    let slow = tokio::spawn(async move {
+        let mut replica = sqlx::PgConnection::connect(&location).await.unwrap();
+        let mut transaction = replica.begin().await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))::text")
+            .bind(&profile)
+            .fetch_one(&mut *transaction)
+            .await
+            .unwrap();
+        locked.send(()).unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        transaction.commit().await.unwrap();
+    });
+    is_locked.await.unwrap();
+
+    let burst: Vec<_> = (0..200)
+        .map(|n| {
+            let mut client = client.clone();
+            let hot = hot.clone();
+            tokio::spawn(async move {
+                let mut request = tonic::Request::new(set(&hot, n % 2 == 0, &format!("burst-{n}")));
+                request.set_timeout(Duration::from_secs(60));
+                client.set_opt_out(request).await
+            })
+        })
+        .collect();
+    for pkey in &others {
+        let mut request = tonic::Request::new(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_secs(1));
+        let answer = reader.get_opt_out(request).await;
+        assert!(answer.is_ok(), "a read of another profile: {answer:?}");
+    }
+    slow.await.unwrap();
+    for call in burst {
+        let answer = call.await.unwrap();
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+}
+
 on_both_stores!(requests_left_pending_by_an_earlier_run_are_protective_from_the_start);
 
 /// A gateway starting on a ledger that holds pending requests gives the protective answer for

@@ -108,6 +108,12 @@ impl Ledger {
         claim: Option<&Claim>,
         answered: bool,
     ) -> Result<(Recorded, bool), LedgerError> {
+        // On PostgreSQL, this process's calls for a profile take turns here before one of them
+        // takes a pooled connection to wait for the profile's advisory lock.
+        let _turn = match (self.backend, &request.pkey) {
+            (Backend::Postgres, Some(pkey)) => Some(self.turns.take(pkey).await),
+            _ => None,
+        };
         let request = request.clone();
         let claim = claim.cloned();
         let hint = self.pending.clone();

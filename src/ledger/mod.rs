@@ -109,6 +109,38 @@ pub struct Ledger {
     /// The SQLite file, if that is what it is.
     file: Option<PathBuf>,
     pending: Arc<PendingHint>,
+    /// On PostgreSQL, where recording a profile's request waits for that profile's advisory
+    /// lock while holding a pooled connection: the turns of this process's calls, so that a
+    /// burst of calls for one profile waits here, in memory, on one connection at most.
+    turns: Arc<ProfileTurns>,
+}
+
+/// Striped turns: a request for a profile is recorded after the earlier ones of this process
+/// for profiles of the same stripe. Bounded memory whatever the number of profiles; two
+/// profiles share a stripe one time in [`ProfileTurns::STRIPES`], and then only wait for each
+/// other's short recording.
+struct ProfileTurns(Vec<tokio::sync::Mutex<()>>);
+
+impl ProfileTurns {
+    const STRIPES: usize = 64;
+
+    fn new() -> Self {
+        Self(
+            (0..Self::STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        )
+    }
+
+    async fn take(&self, pkey: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        // Fixed keys: a profile's stripe is the same for the life of the process.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        pkey.hash(&mut hasher);
+        let stripe = usize::try_from(hasher.finish() % Self::STRIPES as u64).unwrap_or(0);
+        // In range: `stripe` is a remainder of STRIPES, the vector's length.
+        self.0[stripe].lock().await
+    }
 }
 
 /// Which profiles may have a pending request, so that the protective read can skip its query

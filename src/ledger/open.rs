@@ -9,7 +9,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor, SqlSafeStr};
 
 use super::writer::Writer;
-use super::{Backend, Ledger, LedgerError, PendingHint};
+use super::{Backend, Ledger, LedgerError, PendingHint, ProfileTurns};
 
 pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -57,8 +57,15 @@ pub(super) async fn connect(
                         "PRAGMA busy_timeout = 10000",
                         "PRAGMA foreign_keys = ON",
                     ],
-                    // The server's default, made explicit: a commit returns once on disk.
-                    Backend::Postgres => &["SET synchronous_commit TO on"],
+                    // The server's default, made explicit: a commit returns once on disk. No
+                    // statement, and no wait for a lock (a hot profile's advisory lock), may
+                    // hold a pooled connection for long: past these it fails, the call is
+                    // answered UNAVAILABLE, and the connection serves others.
+                    Backend::Postgres => &[
+                        "SET synchronous_commit TO on",
+                        "SET statement_timeout TO '30s'",
+                        "SET lock_timeout TO '10s'",
+                    ],
                 };
                 for setting in settings {
                     connection.execute(*setting).await?;
@@ -228,6 +235,7 @@ impl Ledger {
             backend,
             file,
             pending,
+            turns: Arc::new(ProfileTurns::new()),
         })
     }
 }
