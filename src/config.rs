@@ -140,7 +140,7 @@ pub struct CallerSettings {
     /// A lookup by email that matches more profiles is refused (FAILED_PRECONDITION,
     /// TOO_MANY_PROFILES), and nothing is recorded for them.
     #[arg(long, env = "CCPA_MAX_PROFILES_PER_EMAIL", default_value = "100",
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::ledger::MAX_PROFILES_PER_EMAIL)))]
     pub max_profiles_per_email: u32,
 }
 

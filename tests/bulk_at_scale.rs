@@ -120,7 +120,9 @@ async fn a_100_000_item_stream_is_applied_once_each_in_bounded_memory() {
         assert_eq!(emulator.profile(pkey).unwrap()["ccpaOptOut"], true);
     }
     let ledger = Ledger::open(&store.location).await.unwrap();
-    let records = ledger.export(0, i64::MAX).await.unwrap();
+    let records: Vec<_> = futures::TryStreamExt::try_collect(ledger.export(0, i64::MAX))
+        .await
+        .unwrap();
     assert_eq!(records.len(), count, "each item recorded once");
     assert!(records.iter().all(|r| r.state == State::Applied));
 
@@ -142,4 +144,86 @@ async fn a_100_000_item_stream_is_applied_once_each_in_bounded_memory() {
         rss_at_tenth / MIB,
         rss_at_end / MIB
     );
+}
+
+/// Peak resident memory of a running process, from `/proc/<pid>/status` (`VmHWM`).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    kib * 1024
+}
+
+/// `records export` and `records --overdue` read a ledger of 200,000 records row by row: their
+/// peak memory, read while the last rows are still to be written, stays far below what holding
+/// the records would take (several hundred MiB here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_200_000_requests_are_exported_in_flat_memory() {
+    use tokio::io::AsyncBufReadExt;
+    const RECORDS: u64 = 200_000;
+    const PEAK_ALLOWED: u64 = 64 * MIB;
+    let store = Store::sqlite();
+    let ledger = Ledger::open(&store.location).await.unwrap();
+    drop(ledger);
+    {
+        use sqlx::Connection;
+        let mut connection =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=rw", store.location))
+                .await
+                .unwrap();
+        // Long pending (received in 1970): every one of them is overdue, too.
+        sqlx::query(
+            "INSERT INTO opt_out_records (request_id, kind, pkey, opt_out, source, received_at, \
+             received_at_given, recorded_at, caller, state, attempts, next_attempt_at) \
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $1) \
+             SELECT 'scale-' || i, 'SET_OPT_OUT', '@scale-profile-' || i, 1, 'WEB_FORM', \
+             1000000 + i, 1, 1000000 + i, 'scale-test', 'PENDING', 0, 9000000000000 FROM n",
+        )
+        .bind(i64::try_from(RECORDS).unwrap())
+        .execute(&mut connection)
+        .await
+        .unwrap();
+        connection.close().await.unwrap();
+    }
+
+    for (args, expected_code) in [
+        (vec!["export", "--since", "1970-01-01T00:00:00Z"], Some(0)),
+        (vec!["--overdue"], Some(6)),
+    ] {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+            .args(["records", "--ledger", &store.location])
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut read = 0u64;
+        let mut peak = 0;
+        while let Some(line) = lines.next_line().await.unwrap() {
+            read += 1;
+            if read == 1 {
+                let first: serde_json::Value = serde_json::from_str(&line).unwrap();
+                assert_eq!(first["requestId"], "scale-1", "{args:?}: oldest first");
+            }
+            if read == RECORDS * 9 / 10 {
+                // The command cannot have ended: a tenth of its rows are still to be read.
+                peak = peak_rss(pid);
+            }
+        }
+        let status = child.wait().await.unwrap();
+        assert_eq!(status.code(), expected_code, "{args:?}");
+        assert_eq!(read, RECORDS, "{args:?}");
+        println!("records {args:?}: peak RSS {} MiB", peak / MIB);
+        assert!(
+            peak < PEAK_ALLOWED,
+            "{args:?}: peak RSS {} MiB while exporting",
+            peak / MIB
+        );
+    }
 }

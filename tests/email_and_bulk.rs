@@ -650,14 +650,18 @@ async fn the_csv_command_records_a_file_once_however_often_it_runs() {
     let mut client = gw.client.clone();
     until_settled(&mut client).await;
     let ledger = gw.store.open().await;
-    let count = |records: Vec<ccpa_gateway::ledger::Record>| records.len();
-    let recorded = count(ledger.export(0, i64::MAX).await.unwrap());
+    let count = || async {
+        use futures::TryStreamExt;
+        let records: Vec<_> = ledger.export(0, i64::MAX).try_collect().await.unwrap();
+        records.len()
+    };
+    let recorded = count().await;
     let requests = gw.emulator.request_count();
 
     let second = run().await;
     assert_eq!(second.status.code(), Some(7));
     assert_eq!(
-        count(ledger.export(0, i64::MAX).await.unwrap()),
+        count().await,
         recorded,
         "the same file records nothing twice"
     );

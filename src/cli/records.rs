@@ -10,7 +10,9 @@ use serde_json::{Value, json};
 use super::exit_codes;
 use crate::config::{LEDGER, retention};
 use crate::ledger::clock::business_days_before;
-use crate::ledger::{Ledger, Record, now_ms};
+use crate::ledger::{Ledger, LedgerError, Record, now_ms};
+use futures::StreamExt;
+use futures::stream::BoxStream;
 
 /// Arguments of `records`.
 #[derive(Args)]
@@ -85,6 +87,33 @@ pub fn record_json(record: &Record) -> Value {
     })
 }
 
+/// Prints each record as a JSON line as it is read (constant memory whatever the count), and
+/// says how many there were.
+async fn print_all(
+    mut records: BoxStream<'_, Result<Record, LedgerError>>,
+) -> Result<u64, Problem> {
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut printed = 0u64;
+    while let Some(record) = records.next().await {
+        // A closed or full standard output ends the command: the records were not all written.
+        writeln!(out, "{}", record_json(&record?)).map_err(Problem::Output)?;
+        printed += 1;
+    }
+    out.flush().map_err(Problem::Output)?;
+    Ok(printed)
+}
+
+/// Why a `records` command failed.
+#[derive(Debug, thiserror::Error)]
+enum Problem {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("the records could not all be written to standard output: {0}")]
+    Output(std::io::Error),
+}
+
 /// `records`.
 pub async fn run(args: RecordsArgs) -> u8 {
     if !args.overdue && args.action.is_none() {
@@ -105,14 +134,10 @@ pub async fn run(args: RecordsArgs) -> u8 {
     let result = match args.action {
         Some(RecordsAction::Export { since, until }) => {
             let until = until.map_or_else(now_ms, |at| at.timestamp_millis());
-            ledger
-                .export(since.timestamp_millis(), until)
+            print_all(ledger.export(since.timestamp_millis(), until))
                 .await
-                .map(|records| {
-                    for record in &records {
-                        println!("{}", record_json(record));
-                    }
-                    eprintln!("{} records exported", records.len());
+                .map(|exported| {
+                    eprintln!("{exported} records exported");
                     exit_codes::OK
                 })
         }
@@ -121,6 +146,7 @@ pub async fn run(args: RecordsArgs) -> u8 {
             ledger
                 .prune(now_ms().saturating_sub(retention_ms))
                 .await
+                .map_err(Problem::from)
                 .map(|pruned| {
                     eprintln!("{pruned} records deleted");
                     exit_codes::OK
@@ -128,21 +154,19 @@ pub async fn run(args: RecordsArgs) -> u8 {
         }
         None => {
             let cutoff = business_days_before(now_ms(), args.overdue_after);
-            ledger.pending_before(cutoff).await.map(|records| {
-                for record in &records {
-                    println!("{}", record_json(record));
-                }
-                eprintln!(
-                    "{} pending requests older than {} business days",
-                    records.len(),
-                    args.overdue_after
-                );
-                if records.is_empty() {
-                    exit_codes::OK
-                } else {
-                    exit_codes::OVERDUE
-                }
-            })
+            print_all(ledger.pending_before(cutoff))
+                .await
+                .map(|overdue| {
+                    eprintln!(
+                        "{overdue} pending requests older than {} business days",
+                        args.overdue_after
+                    );
+                    if overdue == 0 {
+                        exit_codes::OK
+                    } else {
+                        exit_codes::OVERDUE
+                    }
+                })
         }
     };
     result.unwrap_or_else(|e| {

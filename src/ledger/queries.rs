@@ -1,9 +1,15 @@
 //! Reading the ledger: one record, a request's profiles, pending changes, pages and exports.
 
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use sqlx::Executor;
 use sqlx::any::AnyRow;
 
 use super::{Ledger, LedgerError, Record, State};
+
+/// The most profiles a request by email may reach (`--max-profiles-per-email` is at most this):
+/// what bounds a request's records, and the answer that lists them.
+pub const MAX_PROFILES_PER_EMAIL: u32 = 10_000;
 
 /// Filters of a listing; every one optional.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -64,10 +70,12 @@ impl Ledger {
         fetch_record(&mut *connection, request_id).await
     }
 
-    /// The records a request made by email fanned out to, in the order they were made.
+    /// The records a request made by email fanned out to, in the order they were made: at most
+    /// [`MAX_PROFILES_PER_EMAIL`], the most a request by email may reach.
     pub async fn children(&self, parent_request_id: &str) -> Result<Vec<Record>, LedgerError> {
+        const _: () = assert!(MAX_PROFILES_PER_EMAIL == 10_000, "the LIMIT below");
         let rows = sqlx::query(AssertColumns::sql(
-            "WHERE parent_request_id = $1 ORDER BY request_id",
+            "WHERE parent_request_id = $1 ORDER BY request_id LIMIT 10000",
         ))
         .bind(parent_request_id)
         .fetch_all(&self.reader)
@@ -90,15 +98,19 @@ impl Ledger {
         Ok(value.map(|v| v != 0))
     }
 
-    /// Pending requests made before `received_before`, oldest first.
-    pub async fn pending_before(&self, received_before: i64) -> Result<Vec<Record>, LedgerError> {
-        let rows = sqlx::query(AssertColumns::sql(
+    /// Pending requests made before `received_before`, oldest first, row by row: a backlog of
+    /// any size is read in constant memory.
+    pub fn pending_before(
+        &self,
+        received_before: i64,
+    ) -> BoxStream<'_, Result<Record, LedgerError>> {
+        sqlx::query(AssertColumns::sql(
             "WHERE state = 'PENDING' AND received_at < $1 ORDER BY received_at",
         ))
         .bind(received_before)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter().map(Record::from_row).collect()
+        .fetch(&self.reader)
+        .map(|row| Record::from_row(&row?))
+        .boxed()
     }
 
     /// How many pending requests were received before `received_before`, and the oldest of
@@ -158,15 +170,16 @@ impl Ledger {
         rows.iter().map(Record::from_row).collect()
     }
 
-    /// Every record of requests made in `[since, until)`, oldest first.
-    pub async fn export(&self, since: i64, until: i64) -> Result<Vec<Record>, LedgerError> {
-        let rows = sqlx::query(AssertColumns::sql(
+    /// Every record of requests made in `[since, until)`, oldest first, row by row: an export
+    /// of any size is read in constant memory.
+    pub fn export(&self, since: i64, until: i64) -> BoxStream<'_, Result<Record, LedgerError>> {
+        sqlx::query(AssertColumns::sql(
             "WHERE received_at >= $1 AND received_at < $2 ORDER BY received_at, request_id",
         ))
         .bind(since)
         .bind(until)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter().map(Record::from_row).collect()
+        .fetch(&self.reader)
+        .map(|row| Record::from_row(&row?))
+        .boxed()
     }
 }
