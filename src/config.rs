@@ -26,6 +26,11 @@ pub struct ServeSettings {
     #[arg(long, env = "CCPA_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Once listening, write the address the gRPC server bound (say, with `--listen
+    /// 127.0.0.1:0`) to this file, for whatever started the gateway to read.
+    #[arg(long, env = "CCPA_LISTEN_ADDR_FILE")]
+    pub listen_addr_file: Option<PathBuf>,
+
     /// Run an Adobe Campaign emulator in this process, seeded with demo profiles, and use it
     /// instead of Adobe. For trying the gateway out; nothing is kept.
     #[arg(long, conflicts_with_all = [

@@ -278,9 +278,12 @@ struct ServeProcess {
 impl ServeProcess {
     async fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
         let ledger_dir = tempfile::tempdir().unwrap();
+        let addr_file = ledger_dir.path().join("listen-addr");
         let mut command = Command::new(BINARY);
         command
             .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .arg("--listen-addr-file")
+            .arg(&addr_file)
             .env("CCPA_LEDGER", ledger_dir.path().join("ledger.sqlite3"))
             .args(args)
             .env("RUST_LOG", "debug")
@@ -294,18 +297,10 @@ impl ServeProcess {
         let mut child = command.spawn().unwrap();
 
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
         let log_lines = log.clone();
         let log_reader = tokio::spawn(async move {
-            let mut addr_tx = Some(addr_tx);
             while let Ok(Some(line)) = stderr.next_line().await {
-                if let Ok(event) = serde_json::from_str::<Value>(&line)
-                    && let Some(addr) = event["listen"].as_str()
-                    && let Some(tx) = addr_tx.take()
-                {
-                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
-                }
                 log_lines.lock().unwrap().push(line);
             }
         });
@@ -318,10 +313,9 @@ impl ServeProcess {
             }
         });
 
-        let addr = tokio::time::timeout(Duration::from_secs(20), addr_rx)
+        let addr = ccpa_gateway::cli::listen_addr::wait(&addr_file, Duration::from_secs(20))
             .await
-            .expect("the gateway logs its address")
-            .expect("the gateway starts");
+            .unwrap_or_else(|e| panic!("{e}: {}", log.lock().unwrap().join("\n")));
         Self {
             ledger_dir,
             child,
@@ -790,6 +784,15 @@ async fn missing_or_bad_settings_stop_start_up_naming_them() {
         Some(2),
         "--emulator excludes ACS settings"
     );
+
+    let output = Command::new(BINARY)
+        .args(["serve", "--emulator", "--listen", "127.0.0.1:0"])
+        .args(["--listen-addr-file", "/nonexistent-directory/addr"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--listen-addr-file"));
 }
 
 /// Runs the binary with `args` in `dir`, with no ledger named in the environment.

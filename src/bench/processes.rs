@@ -143,8 +143,12 @@ pub async fn start_gateway(
     if let Some(threads) = limits.worker_threads {
         command.env(crate::cli::WORKER_THREADS, threads.to_string());
     }
+    let addr_dir = tempfile::tempdir().map_err(|e| format!("cannot make a directory: {e}"))?;
+    let addr_file = addr_dir.path().join("listen-addr");
     let mut child = command
         .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+        .arg("--listen-addr-file")
+        .arg(&addr_file)
         .args(["--acs-max-rps", "1000000"])
         .args(["--acs-max-in-flight", &limits.max_in_flight.to_string()])
         .args(["--acs-max-queued", "1000000"])
@@ -167,20 +171,8 @@ pub async fn start_gateway(
     let pid = pid_of(&child)?;
     let stderr = child.stderr.take().ok_or("the gateway has no stderr")?;
     let mut lines = BufReader::new(stderr).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if let Some(addr) = event["listen"].as_str().and_then(|a| a.parse().ok()) {
-                return Ok(addr);
-            }
-        }
-        Err("the gateway exited before listening".to_owned())
-    })
-    .await
-    .map_err(|_| "the gateway did not start in 10 s".to_owned())??;
     // The gateway logs a line per call: read them (as a log collector would) and drop them.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let addr = crate::cli::listen_addr::wait(&addr_file, Duration::from_secs(10)).await?;
     Ok((Process { child, pid }, addr))
 }

@@ -2,6 +2,7 @@
 
 mod bulk;
 mod calls;
+pub mod listen_addr;
 pub mod records;
 mod serve;
 

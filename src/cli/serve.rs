@@ -197,6 +197,15 @@ pub async fn serve(settings: ServeSettings) -> u8 {
         }
     };
     let listen = listener.local_addr().unwrap_or(settings.listen);
+    if let Some(path) = &settings.listen_addr_file
+        && let Err(e) = super::listen_addr::write(path, listen)
+    {
+        eprintln!(
+            "error: --listen-addr-file (CCPA_LISTEN_ADDR_FILE): cannot write {}: {e}",
+            path.display()
+        );
+        return exit_codes::USAGE;
+    }
     let health_listener = match settings.callers.health_listen {
         None => None,
         Some(addr) => match TcpListener::bind(addr).await {

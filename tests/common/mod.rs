@@ -319,8 +319,12 @@ impl GatewayProcess {
     ) -> Self {
         use tokio::io::{AsyncBufReadExt, BufReader};
         let config = emulator.config();
+        let addr_dir = tempfile::tempdir().unwrap();
+        let addr_file = addr_dir.path().join("listen-addr");
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
             .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .arg("--listen-addr-file")
+            .arg(&addr_file)
             .args(["--ledger", ledger, "--acs-timeout", "1s"])
             .args(["--delivery-poll-interval", "100ms"])
             .args(extra)
@@ -336,22 +340,6 @@ impl GatewayProcess {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr: SocketAddr = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                let line = lines
-                    .next_line()
-                    .await
-                    .unwrap()
-                    .expect("the gateway starts");
-                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
-                    && let Some(addr) = event["listen"].as_str()
-                {
-                    return addr.parse().unwrap();
-                }
-            }
-        })
-        .await
-        .expect("the gateway logs its address");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let kept = logs.clone();
         tokio::spawn(async move {
@@ -359,6 +347,9 @@ impl GatewayProcess {
                 kept.lock().unwrap().push(line);
             }
         });
+        let addr = ccpa_gateway::cli::listen_addr::wait(&addr_file, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("{e}: {}", logs.lock().unwrap().join("\n")));
         let channel = match tls {
             None => connect(addr).await,
             Some(tls) => connect_tls(addr, tls)
