@@ -40,6 +40,7 @@
 
 mod auth;
 mod call;
+mod clock;
 mod failure;
 mod generated;
 mod hooks;
@@ -59,6 +60,7 @@ pub use auth::{
     TokenSource,
 };
 pub use call::{CallError, CallSettings, Idempotency, is_retryable, retry_after};
+pub use clock::{Clock, ManualClock, TokioClock};
 pub use failure::Failure;
 pub use generated::{ByteStream, Client, ClientInfo, Error, ResponseValue, types};
 pub use throttle::ThrottleSettings;

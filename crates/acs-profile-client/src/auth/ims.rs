@@ -27,6 +27,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::{AccessToken, TokenError, TokenErrorKind, TokenSource};
+use crate::clock::{Clock, TokioClock};
 
 /// Where the client secret comes from.
 #[derive(Clone)]
@@ -110,11 +111,11 @@ struct State {
 }
 
 impl State {
-    /// Records a failed token request: no other before the back-off passes, and a longer one
-    /// next time. Returns the back-off.
-    fn note_failure(&mut self) -> Duration {
+    /// Records a failed token request at `now`: no other before the back-off passes, and a
+    /// longer one next time. Returns the back-off.
+    fn note_failure(&mut self, now: Instant) -> Duration {
         let backoff = self.next_backoff.unwrap_or(FIRST_BACKOFF);
-        self.not_before = Some(Instant::now() + backoff);
+        self.not_before = Some(now + backoff);
         self.next_backoff = Some((backoff * 2).min(MAX_BACKOFF));
         backoff
     }
@@ -131,12 +132,13 @@ struct FlightEnd {
 
 impl Drop for FlightEnd {
     fn drop(&mut self) {
+        let now = self.inner.clock.now();
         let mut state = self.inner.state();
         state.flight = None;
         if !self.settled {
             // A request that never recorded an outcome failed: back off as after any failure,
             // so that a request that panics every time cannot make the source hammer IMS.
-            state.note_failure();
+            state.note_failure(now);
         }
     }
 }
@@ -151,6 +153,8 @@ struct Inner {
     endpoint: String,
     config: ImsConfig,
     state: Mutex<State>,
+    /// The time of the refresh and back-off rules.
+    clock: Arc<dyn Clock>,
 }
 
 impl fmt::Debug for ImsTokenSource {
@@ -178,6 +182,12 @@ enum Next {
 impl ImsTokenSource {
     /// A source for this integration. No request is made until a token is needed.
     pub fn new(config: ImsConfig) -> Result<Self, TokenError> {
+        Self::with_clock(config, Arc::new(TokioClock))
+    }
+
+    /// A source whose refresh and back-off rules read `clock` (a test's [`crate::ManualClock`],
+    /// say) instead of tokio's.
+    pub fn with_clock(config: ImsConfig, clock: Arc<dyn Clock>) -> Result<Self, TokenError> {
         let endpoint = format!("{}/ims/token/v3", config.url.trim_end_matches('/'));
         reqwest::Url::parse(&endpoint).map_err(|_| {
             TokenError::new(TokenErrorKind::Refused, "the IMS URL is not a valid URL")
@@ -194,6 +204,7 @@ impl ImsTokenSource {
                 endpoint,
                 config,
                 state: Mutex::new(State::default()),
+                clock,
             }),
         })
     }
@@ -201,7 +212,7 @@ impl ImsTokenSource {
     async fn token(&self) -> TokenResult {
         let mut last_error = None;
         for _ in 0..ATTEMPTS_PER_CALLER {
-            let flight = match self.inner.next(Instant::now()) {
+            let flight = match self.inner.next(self.inner.clock.now()) {
                 Next::Answer(token) => return Ok(token),
                 Next::Wait(flight) => flight,
             };
@@ -269,7 +280,9 @@ impl Inner {
                 settled: false,
             };
             if let Some(not_before) = not_before {
-                tokio::time::sleep_until(not_before).await;
+                // Measured on the source's clock, waited out on tokio's.
+                let wait = not_before.saturating_duration_since(inner.clock.now());
+                tokio::time::sleep(wait).await;
             }
             let result = request(inner).await;
             end.settled = true;
@@ -290,8 +303,9 @@ impl Inner {
 
     /// One token request, its outcome recorded in the state.
     async fn request(&self) -> TokenResult {
-        let started = Instant::now();
+        let started = self.clock.now();
         let result = self.exchange().await;
+        let now = self.clock.now();
         let mut state = self.state();
         match result {
             Ok(response) => {
@@ -312,7 +326,7 @@ impl Inner {
                 Ok(token)
             }
             Err(error) => {
-                let backoff = state.note_failure();
+                let backoff = state.note_failure(now);
                 tracing::warn!(
                     kind = ?error.kind(),
                     reason = error.reason(),
