@@ -153,7 +153,7 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// A parser of durations from `min` to `max`, both included: every duration setting has bounds,
 /// so that none is 0 where that makes no sense and none can overflow what is computed from it.
-pub(crate) fn duration_within(
+pub fn duration_within(
     min: Duration,
     max: Duration,
 ) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {

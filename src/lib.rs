@@ -10,13 +10,11 @@
 //! - [`ledger`]: the durable record of opt-out requests, and their delivery to ACS.
 //! - [`config`]: settings, from flags and environment variables.
 //! - [`cli`]: the `ccpa-gateway` command.
-//! - [`mod@bench`]: the load benchmark (`ccpa-gateway bench`).
 
 #![warn(missing_docs)]
 
 pub mod access;
 pub mod api;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod health;

@@ -4,7 +4,7 @@
 //! stream's length. The figures (items per second, peak RSS) are printed; run with
 //! `--nocapture` to see them. `CCPA_BULK_SCALE_ITEMS` changes the number of items.
 //!
-//! This checks correctness and the memory bound, not speed: `ccpa-gateway bench --scenario bulk`
+//! This checks correctness and the memory bound, not speed: `cargo run --release -p ccpa-bench -- --scenario bulk`
 //! measures throughput on a release build (see BENCHMARKS.md).
 
 mod common;

@@ -66,22 +66,24 @@ enum Command {
     BulkSetOptOut(bulk::BulkArgs),
     /// Read the opt-out ledger: overdue requests, exports for auditors, pruning.
     Records(records::RecordsArgs),
-    /// Measure the gateway against calling Adobe Campaign directly (emulated), and report.
-    Bench(crate::bench::BenchArgs),
 }
 
-/// Parses the command line, runs the command on a runtime suited to it, and says how it ended.
+/// Parses the process's command line, runs the command, and says how it ended.
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
+    run_from(std::env::args_os())
+}
+
+/// Parses `args` (the program's name first) as the command line, runs the command, and says
+/// how it ended.
+pub fn run_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
     telemetry::init(cli.log_format);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
-    if matches!(cli.command, Command::Bench(_)) && std::env::var_os(WORKER_THREADS).is_none() {
-        // The load generator shares the machine with the gateway and the emulator it starts;
-        // each gets one worker thread (see crate::bench), unless TOKIO_WORKER_THREADS says
-        // otherwise.
-        runtime.worker_threads(1);
-    }
     match runtime.build() {
         Ok(runtime) => ExitCode::from(runtime.block_on(cli.command.run())),
         Err(e) => {
@@ -104,7 +106,6 @@ impl Command {
             Command::CreateProfile(args) => calls::create_profile(args).await,
             Command::BulkSetOptOut(args) => bulk::run(args).await,
             Command::Records(args) => records::run(args).await,
-            Command::Bench(args) => crate::bench::run(args).await,
         }
     }
 }

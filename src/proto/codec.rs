@@ -2,8 +2,8 @@
 //!
 //! tonic's default codec gives every call an 8 KiB encode buffer and an 8 KiB decode buffer.
 //! This API's messages are a few hundred bytes, and the gateway is built to hold ten thousand
-//! calls in flight. The buffers start at 512 bytes here and grow if a message needs more; in the
-//! `flood` benchmark that lowered the gateway's peak RSS by about 9 MB (`BENCHMARKS.md`).
+//! calls in flight. The buffers start at 512 bytes here and grow if a message needs more; what
+//! that saved in the `flood` benchmark is in `BENCHMARKS.md`.
 
 use std::marker::PhantomData;
 

@@ -5,10 +5,10 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// Runs `ccpa-gateway` with `args` (a `bench ... --json` command), which must succeed, and
-/// returns its report.
+/// Runs `ccpa-bench` with `args` (ending in `--json`), which must succeed, and returns its
+/// report.
 fn bench(args: &[&str]) -> Value {
-    let output = Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+    let output = Command::new(env!("CARGO_BIN_EXE_ccpa-bench"))
         .args(args)
         .output()
         .unwrap();
@@ -22,7 +22,6 @@ fn bench(args: &[&str]) -> Value {
 #[test]
 fn a_short_benchmark_reports_every_figure() {
     let report = bench(&[
-        "bench",
         "--scenario",
         "fanout",
         "--concurrency",
@@ -82,7 +81,7 @@ fn a_short_benchmark_reports_every_figure() {
 
 #[test]
 fn the_bulk_scenario_reports_throughput_and_memory() {
-    let report = bench(&["bench", "--scenario", "bulk", "--items", "400", "--json"]);
+    let report = bench(&["--scenario", "bulk", "--items", "400", "--json"]);
     let bulk = &report["scenarios"]["bulk"];
     assert_eq!(bulk["items"], 400);
     assert_eq!(bulk["direct"]["errors"], 0, "{bulk}");
@@ -110,14 +109,7 @@ fn the_bulk_scenario_reports_throughput_and_memory() {
 
 #[test]
 fn the_record_only_bulk_scenario_reports_intake_and_memory() {
-    let report = bench(&[
-        "bench",
-        "--scenario",
-        "bulk_record_only",
-        "--items",
-        "400",
-        "--json",
-    ]);
+    let report = bench(&["--scenario", "bulk_record_only", "--items", "400", "--json"]);
     assert!(
         report["scenarios"]["bulk"].is_null(),
         "only the scenario asked for"

@@ -1,10 +1,14 @@
-//! `ccpa-gateway bench`: what the gateway costs on top of calling ACS directly.
+//! `ccpa-bench`: what the gateway costs on top of calling ACS directly.
 //!
 //! For each scenario, in one run and against one emulator (a separate process, with the
 //! scenario's latency), the same operations are made twice: directly with the client crate from
 //! this process (the floor for that work), then through a gateway (another process). The report
 //! gives both, their ratios, and the gateway's CPU time per call and peak RSS read from `/proc`.
 //! `BENCHMARKS.md` records the figures.
+//!
+//! The benchmark is a binary of its own, so that the production binary holds what production
+//! runs. The emulator and the gateway it measures are this binary run as `ccpa-bench gateway
+//! ...`, which is `ccpa-gateway ...`: the same library, allocator and build profile.
 
 mod bulk;
 mod load;
@@ -13,6 +17,7 @@ mod tls;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,19 +26,23 @@ use acs_profile_client::{
     AccessToken, CallError, CallSettings, Client, ClientConfig, SharedToken, ThrottleSettings,
     types,
 };
-use clap::{Args, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use serde_json::{Value, json};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use crate::cli::exit_codes;
-use crate::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
-use crate::proto::ccpa_v1::{GetOptOutRequest, RequestSource, SetOptOutRequest};
+use ccpa_gateway::cli::exit_codes;
+use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
+use ccpa_gateway::proto::ccpa_v1::{GetOptOutRequest, RequestSource, SetOptOutRequest};
 use load::{drive, round};
 use processes::{GatewayLimits, start_emulator, start_gateway, usage};
 
-/// Arguments of `bench`.
-#[derive(Args)]
-pub struct BenchArgs {
+/// `ccpa-bench`'s arguments.
+#[derive(Parser)]
+#[command(
+    name = "ccpa-bench",
+    about = "Measure the gateway against calling Adobe Campaign directly (emulated), and report"
+)]
+struct BenchArgs {
     /// Which scenario to run.
     #[arg(long, value_enum, default_value = "all")]
     scenario: ScenarioChoice,
@@ -44,10 +53,10 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Measured time of each phase (default 15 s, 3 s with --quick).
-    #[arg(long, value_parser = crate::config::duration_within(Duration::from_millis(100), Duration::from_secs(3600)))]
+    #[arg(long, value_parser = ccpa_gateway::config::duration_within(Duration::from_millis(100), Duration::from_secs(3600)))]
     duration: Option<Duration>,
     /// Unmeasured warm-up before each phase (default 3 s, 0.5 s with --quick).
-    #[arg(long, value_parser = crate::config::duration_within(Duration::ZERO, Duration::from_secs(3600)))]
+    #[arg(long, value_parser = ccpa_gateway::config::duration_within(Duration::ZERO, Duration::from_secs(3600)))]
     warmup: Option<Duration>,
     /// Log filter of the gateway: `info` (a line per call, as in production) or `warn` (to see
     /// what those lines cost).
@@ -177,8 +186,41 @@ const CALL_DEADLINE: Duration = Duration::from_secs(30);
 /// allow 100 to 200 at once; more wait for a free stream).
 const STREAMS_PER_CONNECTION: usize = 100;
 
+/// The allocator of the gateway binary: the gateway measured is this binary (`ccpa-bench
+/// gateway ...`), and must allocate as production does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The first argument that makes this binary run the gateway's command line instead.
+const GATEWAY: &str = "gateway";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os();
+    let program = args.next();
+    let rest: Vec<_> = args.collect();
+    if rest.first().is_some_and(|first| first == GATEWAY) {
+        return ccpa_gateway::cli::run_from(program.into_iter().chain(rest.into_iter().skip(1)));
+    }
+    let args = BenchArgs::parse();
+    ccpa_gateway::telemetry::init(ccpa_gateway::telemetry::LogFormat::Human);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if std::env::var_os(ccpa_gateway::cli::WORKER_THREADS).is_none() {
+        // The load generator shares the machine with the gateway and the emulator it starts;
+        // each gets one worker thread, unless TOKIO_WORKER_THREADS says otherwise.
+        runtime.worker_threads(1);
+    }
+    match runtime.build() {
+        Ok(runtime) => ExitCode::from(runtime.block_on(run(args))),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(exit_codes::FAILURE)
+        }
+    }
+}
+
 /// Runs the benchmark and prints the report.
-pub async fn run(args: BenchArgs) -> u8 {
+async fn run(args: BenchArgs) -> u8 {
     // Quick: under a minute in all, set-up (processes, 512 profiles per scenario) included.
     let (default_warmup, default_duration) = if args.quick {
         (Duration::from_millis(500), Duration::from_secs(3))

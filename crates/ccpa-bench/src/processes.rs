@@ -77,8 +77,10 @@ fn pid_of(child: &Child) -> Result<i32, String> {
 /// the load generator, the emulator and the gateway share the machine's cores.
 fn this_binary_command() -> Result<Command, String> {
     let mut command = Command::new(this_binary()?);
-    if std::env::var_os(crate::cli::WORKER_THREADS).is_none() {
-        command.env(crate::cli::WORKER_THREADS, "1");
+    // `ccpa-bench gateway ...` is `ccpa-gateway ...` (see `main`).
+    command.arg(crate::GATEWAY);
+    if std::env::var_os(ccpa_gateway::cli::WORKER_THREADS).is_none() {
+        command.env(ccpa_gateway::cli::WORKER_THREADS, "1");
     }
     Ok(command)
 }
@@ -141,7 +143,7 @@ pub async fn start_gateway(
     use acs_emulator::EmulatorConfig;
     let mut command = this_binary_command()?;
     if let Some(threads) = limits.worker_threads {
-        command.env(crate::cli::WORKER_THREADS, threads.to_string());
+        command.env(ccpa_gateway::cli::WORKER_THREADS, threads.to_string());
     }
     let addr_dir = tempfile::tempdir().map_err(|e| format!("cannot make a directory: {e}"))?;
     let addr_file = addr_dir.path().join("listen-addr");
@@ -173,6 +175,6 @@ pub async fn start_gateway(
     let mut lines = BufReader::new(stderr).lines();
     // The gateway logs a line per call: read them (as a log collector would) and drop them.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let addr = crate::cli::listen_addr::wait(&addr_file, Duration::from_secs(10)).await?;
+    let addr = ccpa_gateway::cli::listen_addr::wait(&addr_file, Duration::from_secs(10)).await?;
     Ok((Process { child, pid }, addr))
 }

@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::processes::{GatewayLimits, start_emulator, start_gateway, usage};
-use super::{CALL_DEADLINE, GatewaySetup, connect, create_profiles, direct_client, error_kind};
-use crate::api::bulk::BULK_CONCURRENCY;
-use crate::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
-use crate::proto::ccpa_v1::{BulkSetOptOutRequest, DeliveryState, RequestSource, SetOptOutRequest};
+use crate::processes::{GatewayLimits, start_emulator, start_gateway, usage};
+use crate::{CALL_DEADLINE, GatewaySetup, connect, create_profiles, direct_client, error_kind};
+use ccpa_gateway::api::bulk::BULK_CONCURRENCY;
+use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
+use ccpa_gateway::proto::ccpa_v1::{
+    BulkSetOptOutRequest, DeliveryState, RequestSource, SetOptOutRequest,
+};
 
 /// Requests to ACS in progress at once, for the gateway and the direct client alike.
 const MAX_IN_FLIGHT: usize = 256;
@@ -118,9 +120,9 @@ pub async fn run(
     }
     emulator.stop().await;
 
-    let per_s = |elapsed: Duration| super::round(items as f64 / elapsed.as_secs_f64(), 1);
-    let mb = |bytes: u64| super::round(bytes as f64 / 1_048_576.0, 1);
-    let gateway_cpu_us_per_item = super::round(
+    let per_s = |elapsed: Duration| crate::round(items as f64 / elapsed.as_secs_f64(), 1);
+    let mb = |bytes: u64| crate::round(bytes as f64 / 1_048_576.0, 1);
+    let gateway_cpu_us_per_item = crate::round(
         (after.cpu - cpu_before).as_secs_f64() * 1e6 / items.max(1) as f64,
         1,
     );
@@ -139,7 +141,7 @@ pub async fn run(
             "pending": pending,
             "failed": failed,
         },
-        "throughput_ratio": super::round(direct_elapsed.as_secs_f64() / gateway_elapsed.as_secs_f64(), 3),
+        "throughput_ratio": crate::round(direct_elapsed.as_secs_f64() / gateway_elapsed.as_secs_f64(), 3),
         "gateway_cpu_us_per_item": gateway_cpu_us_per_item,
         "gateway_peak_rss_mb_after_a_tenth": rss_after_a_tenth.map(mb),
         "gateway_peak_rss_mb": mb(after.peak_rss),
