@@ -15,7 +15,7 @@ pub fn write(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
     std::fs::rename(&partial, path)
 }
 
-/// Waits until `path` holds an address (written by [`write`]), for at most `timeout`.
+/// Waits until `path` holds an address (written by [`write()`]), for at most `timeout`.
 pub async fn wait(path: &Path, timeout: Duration) -> Result<SocketAddr, String> {
     let give_up = Instant::now() + timeout;
     loop {

@@ -398,59 +398,84 @@ pub(super) async fn settle_unit(
     let now = now_ms();
     // The writer holds the transaction (a savepoint of its batch on SQLite).
     let tx = connection;
-    if let Some((pkey, claim)) = release
-        && !lease_is_current(&mut *tx, pkey, claim).await?
-    {
-        return Ok(Settled::LeaseLost);
-    }
+    // The fence: with a lease to give back, the outcome is recorded only if that lease is still
+    // the profile's current one (its holder and generation), in the same statement. An empty
+    // key means no lease, no fence.
+    let (fence_pkey, fence_holder, fence_generation) = match release {
+        Some((pkey, claim)) => (
+            pkey,
+            claim.holder.as_str(),
+            claim.generation.load(Ordering::SeqCst),
+        ),
+        None => ("", "", 0),
+    };
     let query = match outcome {
-            Outcome::Applied { pkey } => sqlx::query(
-                "UPDATE opt_out_records SET state = 'APPLIED', resolved_at = $1, \
-                 attempts = attempts + 1, pkey = COALESCE(pkey, $2), \
-                 answered_at = CASE WHEN $3 = 1 THEN COALESCE(answered_at, $1) ELSE answered_at END \
-                 WHERE request_id = $4 AND state = 'PENDING'",
-            )
-            .bind(now)
-            .bind(pkey)
-            .bind(i64::from(answered))
-            .bind(request_id),
-            Outcome::Failed { reason, code } => sqlx::query(
-                "UPDATE opt_out_records SET state = 'FAILED', resolved_at = $1, \
-                 attempts = attempts + 1, failure_reason = $2, failure_code = $3, \
-                 answered_at = CASE WHEN $4 = 1 THEN COALESCE(answered_at, $1) ELSE answered_at END \
-                 WHERE request_id = $5 AND state = 'PENDING'",
-            )
-            .bind(now)
-            .bind(reason)
-            .bind(code.as_str())
-            .bind(i64::from(answered))
-            .bind(request_id),
-            Outcome::Retry {
-                error,
-                next_attempt_at,
-                attempted,
-            } => sqlx::query(
-                "UPDATE opt_out_records SET attempts = attempts + $1, last_error = $2, \
-                 next_attempt_at = $3, \
-                 answered_at = CASE WHEN $4 = 1 THEN COALESCE(answered_at, $5) ELSE answered_at END \
-                 WHERE request_id = $6 AND state = 'PENDING'",
-            )
-            .bind(i64::from(attempted))
-            .bind(error)
-            .bind(next_attempt_at)
-            .bind(i64::from(answered))
-            .bind(now)
-            .bind(request_id),
-        };
-    let updated = query.execute(&mut *tx).await?.rows_affected();
-    if let Some((pkey, claim)) = release {
-        release_lease(&mut *tx, pkey, claim).await?;
+        Outcome::Applied { pkey } => sqlx::query(
+            "UPDATE opt_out_records SET state = 'APPLIED', resolved_at = $1, \
+             attempts = attempts + 1, pkey = COALESCE(pkey, $2), \
+             answered_at = CASE WHEN $3 = 1 THEN COALESCE(answered_at, $1) ELSE answered_at END \
+             WHERE request_id = $4 AND state = 'PENDING' AND ($5 = '' OR EXISTS (SELECT 1 FROM \
+             profile_leases WHERE pkey = $5 AND holder = $6 AND generation = $7))",
+        )
+        .bind(now)
+        .bind(pkey)
+        .bind(i64::from(answered))
+        .bind(request_id),
+        Outcome::Failed { reason, code } => sqlx::query(
+            "UPDATE opt_out_records SET state = 'FAILED', resolved_at = $1, \
+             attempts = attempts + 1, failure_reason = $2, failure_code = $3, \
+             answered_at = CASE WHEN $4 = 1 THEN COALESCE(answered_at, $1) ELSE answered_at END \
+             WHERE request_id = $5 AND state = 'PENDING' AND ($6 = '' OR EXISTS (SELECT 1 FROM \
+             profile_leases WHERE pkey = $6 AND holder = $7 AND generation = $8))",
+        )
+        .bind(now)
+        .bind(reason)
+        .bind(code.as_str())
+        .bind(i64::from(answered))
+        .bind(request_id),
+        Outcome::Retry {
+            error,
+            next_attempt_at,
+            attempted,
+        } => sqlx::query(
+            "UPDATE opt_out_records SET attempts = attempts + $1, last_error = $2, \
+             next_attempt_at = $3, \
+             answered_at = CASE WHEN $4 = 1 THEN COALESCE(answered_at, $5) ELSE answered_at END \
+             WHERE request_id = $6 AND state = 'PENDING' AND ($7 = '' OR EXISTS (SELECT 1 FROM \
+             profile_leases WHERE pkey = $7 AND holder = $8 AND generation = $9))",
+        )
+        .bind(i64::from(attempted))
+        .bind(error)
+        .bind(next_attempt_at)
+        .bind(i64::from(answered))
+        .bind(now)
+        .bind(request_id),
+    };
+    let updated = query
+        .bind(fence_pkey)
+        .bind(fence_holder)
+        .bind(fence_generation)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if updated == 1 {
+        if let Some((pkey, claim)) = release {
+            release_lease(&mut *tx, pkey, claim).await?;
+        }
+        return Ok(Settled::Recorded);
     }
-    Ok(if updated == 1 {
-        Settled::Recorded
-    } else {
-        Settled::NotPending
-    })
+    // Nothing recorded: tell a lost lease (whose holder now applies the profile) from a record
+    // no longer pending. Only this rare path reads the lease.
+    match release {
+        Some((pkey, claim)) if !lease_is_current(&mut *tx, pkey, claim).await? => {
+            Ok(Settled::LeaseLost)
+        }
+        Some((pkey, claim)) => {
+            release_lease(&mut *tx, pkey, claim).await?;
+            Ok(Settled::NotPending)
+        }
+        None => Ok(Settled::NotPending),
+    }
 }
 
 /// [`Ledger::fail_abandoned`]'s unit of work.
