@@ -31,6 +31,14 @@ struct Outcome {
 }
 
 impl Outcome {
+    fn of(output: &std::process::Output) -> Self {
+        Self {
+            code: output.status.code().expect("exited, not killed"),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
     fn json(&self) -> Value {
         serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
             panic!(
@@ -51,11 +59,7 @@ async fn run(addr: SocketAddr, args: &[&str]) -> Outcome {
         .output()
         .await
         .unwrap();
-    Outcome {
-        code: output.status.code().expect("exited, not killed"),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    Outcome::of(&output)
 }
 
 #[tokio::test]
@@ -805,11 +809,7 @@ async fn run_in(dir: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> 
         .output()
         .await
         .unwrap();
-    Outcome {
-        code: output.status.code().expect("exited, not killed"),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    Outcome::of(&output)
 }
 
 #[tokio::test]
@@ -951,11 +951,7 @@ async fn run_as_printed(args: &[String]) -> Outcome {
         .output()
         .await
         .unwrap();
-    Outcome {
-        code: output.status.code().expect("exited, not killed"),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    Outcome::of(&output)
 }
 
 /// What a printed `grpcurl` command does, made over gRPC by the test: grpcurl is not something
