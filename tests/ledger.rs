@@ -806,6 +806,30 @@ async fn only_records_past_their_retention_are_pruned_and_never_pending_ones(sto
         ledger.get("old-pending").await.unwrap().is_some(),
         "pending is never pruned"
     );
+
+    // A lease given back long ago names a profile: its row goes with a prune, unless the
+    // profile still has a pending request. (A claim after that starts at generation 1 again.)
+    use ccpa_gateway::ledger::Claim;
+    // "@b" is the profile of "old-pending".
+    for pkey in ["@lease-given-back", "@b"] {
+        let claim = Claim::new(60_000);
+        assert!(ledger.claim(pkey, &claim).await.unwrap(), "{pkey}");
+        ledger.release(pkey, &claim).await.unwrap();
+    }
+    ledger.prune(now_ms() - retention).await.unwrap();
+    let again = Claim::new(60_000);
+    assert!(ledger.claim("@lease-given-back", &again).await.unwrap());
+    assert_eq!(
+        again.generation(),
+        Some(1),
+        "the lapsed lease's row was pruned"
+    );
+    let kept = Claim::new(60_000);
+    assert!(ledger.claim("@b", &kept).await.unwrap());
+    assert!(
+        kept.generation() > Some(1),
+        "the lease of a profile with a pending request is kept"
+    );
 }
 
 on_both_stores!(a_caller_that_goes_away_does_not_interrupt_its_request);
@@ -841,7 +865,7 @@ async fn a_caller_that_goes_away_does_not_interrupt_its_request(store: Store) {
 on_both_stores!(interrupted_requests_that_cannot_be_completed_later_fail_with_their_reason);
 
 async fn interrupted_requests_that_cannot_be_completed_later_fail_with_their_reason(store: Store) {
-    use ccpa_gateway::ledger::{Kind, NewRequest, Recorded, Source, State, now_ms};
+    use ccpa_gateway::ledger::{Kind, NewRequest, Recorded, Source, State};
     let ledger = store.open().await;
     let request = |id: &str, kind: Kind, pkey: Option<&str>, parent: Option<&str>| NewRequest {
         request_id: id.into(),
@@ -870,12 +894,12 @@ async fn interrupted_requests_that_cannot_be_completed_later_fail_with_their_rea
         assert!(matches!(recorded, Recorded::New(_)));
     }
     assert_eq!(
-        ledger.fail_abandoned(now_ms() - 60_000).await.unwrap(),
+        ledger.fail_abandoned(60_000).await.unwrap(),
         0,
         "requests still within a lease may be in progress"
     );
     tokio::time::sleep(Duration::from_millis(5)).await;
-    assert_eq!(ledger.fail_abandoned(now_ms()).await.unwrap(), 2);
+    assert_eq!(ledger.fail_abandoned(0).await.unwrap(), 2);
     for id in ["creation", "by-email"] {
         let record = ledger.get(id).await.unwrap().unwrap();
         assert_eq!(record.state, State::Failed, "{id}");

@@ -175,7 +175,8 @@ impl Delivery {
                 .settle(
                     &record.request_id,
                     Outcome::Retry {
-                        error: "not sent: the profile's lease was too close to lapsing",
+                        error: "not sent: no time was left before the attempt's deadline or \
+                                the end of the profile's lease",
                         next_attempt_at,
                         attempted: false,
                     },
@@ -330,7 +331,7 @@ impl Delivery {
 
     async fn deliver_due(&self) -> Result<(), LedgerError> {
         let lease_ms = i64::try_from(self.settings.lease.as_millis()).unwrap_or(i64::MAX);
-        let abandoned = self.ledger.fail_abandoned(now_ms() - lease_ms).await?;
+        let abandoned = self.ledger.fail_abandoned(lease_ms).await?;
         if abandoned > 0 {
             tracing::warn!(
                 abandoned,

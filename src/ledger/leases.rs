@@ -242,11 +242,20 @@ impl Ledger {
     /// - a by-email request interrupted before its profiles were all recorded (the address is
     ///   not kept). Its profiles that were recorded are delivered as usual.
     ///
-    /// `older_than`: only requests recorded before it (a lease's length ago: none of them can
-    /// still be in progress). Returns how many.
-    pub async fn fail_abandoned(&self, older_than: i64) -> Result<u64, LedgerError> {
-        self.write(move |connection| Box::pin(fail_abandoned_unit(connection, older_than)))
-            .await
+    /// Only requests recorded more than `lease_ms` ago (none of them can still be in progress),
+    /// on the clock their `recorded_at` was taken from. Returns how many.
+    pub async fn fail_abandoned(&self, lease_ms: i64) -> Result<u64, LedgerError> {
+        let backend = self.backend;
+        self.write(move |connection| {
+            Box::pin(async move {
+                // On the clock `recorded_at` was taken from (the database's, on PostgreSQL).
+                let older_than = unit_now(&mut *connection, backend)
+                    .await?
+                    .saturating_sub(lease_ms);
+                fail_abandoned_unit(connection, older_than).await
+            })
+        })
+        .await
     }
 }
 

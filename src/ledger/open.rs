@@ -39,6 +39,7 @@ pub(super) async fn connect(
     url: &str,
     backend: Backend,
     max_connections: u32,
+    purpose: Purpose,
 ) -> Result<AnyPool, LedgerError> {
     let pool = AnyPoolOptions::new()
         .max_connections(max_connections)
@@ -57,15 +58,20 @@ pub(super) async fn connect(
                         "PRAGMA busy_timeout = 10000",
                         "PRAGMA foreign_keys = ON",
                     ],
-                    // The server's default, made explicit: a commit returns once on disk. No
-                    // statement, and no wait for a lock (a hot profile's advisory lock), may
-                    // hold a pooled connection for long: past these it fails, the call is
-                    // answered UNAVAILABLE, and the connection serves others.
-                    Backend::Postgres => &[
-                        "SET synchronous_commit TO on",
-                        "SET statement_timeout TO '30s'",
-                        "SET lock_timeout TO '10s'",
-                    ],
+                    // The server's default, made explicit: a commit returns once on disk.
+                    // Serving calls, no statement and no wait for a lock (a hot profile's
+                    // advisory lock) may hold a pooled connection for long: past these it
+                    // fails, the call is answered UNAVAILABLE, and the connection serves others.
+                    // Migrations and `records` (an export streams for as long as it takes) run
+                    // without them; a prune lifts the statement bound for its own transaction.
+                    Backend::Postgres => match purpose {
+                        Purpose::Serving => &[
+                            "SET synchronous_commit TO on",
+                            "SET statement_timeout TO '30s'",
+                            "SET lock_timeout TO '10s'",
+                        ],
+                        Purpose::Maintenance => &["SET synchronous_commit TO on"],
+                    },
                 };
                 for setting in settings {
                     connection.execute(*setting).await?;
@@ -76,6 +82,14 @@ pub(super) async fn connect(
         .connect(url)
         .await?;
     Ok(pool)
+}
+
+/// What a pool's connections are for, on PostgreSQL: serving calls (bounded statements and
+/// lock waits), or migrating and reading the ledger as a tool (unbounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Purpose {
+    Serving,
+    Maintenance,
 }
 
 /// Brings the schema up to date.
@@ -200,24 +214,34 @@ impl Ledger {
             }
             Ok::<_, LedgerError>(pool)
         };
+        let serving = match opening {
+            Opening::CreateOrMigrate => Purpose::Serving,
+            Opening::Existing => Purpose::Maintenance,
+        };
         let pending = Arc::new(PendingHint::new());
         let (reader, writer, file) = match (backend, location) {
-            // PostgreSQL handles concurrent writers itself: one pool for everything.
+            // PostgreSQL handles concurrent writers itself: one pool for everything, once the
+            // schema is checked or migrated on a connection of its own (a migration may wait
+            // for another replica's).
             (Backend::Postgres, _) => {
-                let pool = prepare(connect(&url, backend, 16).await?).await?;
+                prepare(connect(&url, backend, 1, Purpose::Maintenance).await?)
+                    .await?
+                    .close()
+                    .await;
+                let pool = connect(&url, backend, 16, serving).await?;
                 (pool.clone(), Writer::pooled(pool), None)
             }
             // Each connection to an in-memory database sees a database of its own: one
             // connection for everything (and no disk to batch commits for).
             (Backend::Sqlite, "sqlite::memory:") => {
-                let pool = prepare(connect(&url, backend, 1).await?).await?;
+                let pool = prepare(connect(&url, backend, 1, serving).await?).await?;
                 (pool.clone(), Writer::pooled(pool), None)
             }
             // SQLite has one writer at a time: one connection, owned by the task that batches
             // every write into group commits, while readers use others beside it (WAL).
             (Backend::Sqlite, _) => {
-                let writer_pool = prepare(connect(&url, backend, 1).await?).await?;
-                let reader = connect(&url, backend, 4).await?;
+                let writer_pool = prepare(connect(&url, backend, 1, serving).await?).await?;
+                let reader = connect(&url, backend, 4, serving).await?;
                 let hint = pending.clone();
                 // A batch that did not commit may have changed the hint for writes that are
                 // not there: until the next refresh, every read asks the database.

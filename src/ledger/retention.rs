@@ -1,6 +1,10 @@
 //! Retention: records are kept at least 24 months after the response, then pruned.
 
-use super::{Ledger, LedgerError};
+use super::{Backend, Ledger, LedgerError, now_ms};
+
+/// How long a lapsed lease's row is kept (ms) before a prune may delete it: far longer than any
+/// attempt that could still settle under it.
+const LAPSED_LEASES_KEPT_MS: i64 = 3_600_000;
 
 /// 24 months: 731 days, the longest any 24 months can be (when they hold a 29 February), so that
 /// a record is never pruned a day early.
@@ -12,8 +16,15 @@ impl Ledger {
     pub async fn prune(&self, resolved_before: i64) -> Result<u64, LedgerError> {
         // Counted from the response, not the request: the regulations keep the record of how
         // the business responded for 24 months, and a request may have waited before it was.
+        let backend = self.backend;
         self.write(move |connection| {
             Box::pin(async move {
+                if backend == Backend::Postgres {
+                    // A prune of a large ledger may take longer than a call's statement may.
+                    sqlx::query("SELECT set_config('statement_timeout', '0', true)")
+                        .execute(&mut *connection)
+                        .await?;
+                }
                 let deleted = sqlx::query(
                     "DELETE FROM opt_out_records \
                      WHERE state <> 'PENDING' AND COALESCE(resolved_at, received_at) < $1",
@@ -22,6 +33,17 @@ impl Ledger {
                 .execute(&mut *connection)
                 .await?
                 .rows_affected();
+                // Leases given back (or lapsed) long ago, of profiles with nothing pending: a
+                // lease row names a profile, and must not outlive its records. (Generations may
+                // start again for such a profile: the fence also compares the holder, unique to
+                // each claim.)
+                sqlx::query(
+                    "DELETE FROM profile_leases WHERE expires_at < $1 AND pkey NOT IN \
+                     (SELECT pkey FROM opt_out_records WHERE state = 'PENDING' AND pkey IS NOT NULL)",
+                )
+                .bind(now_ms().saturating_sub(LAPSED_LEASES_KEPT_MS))
+                .execute(&mut *connection)
+                .await?;
                 Ok(deleted)
             })
         })
