@@ -64,15 +64,6 @@ pub(super) enum Attempt {
     Failed,
 }
 
-/// When an attempt made under `claim` must have ended: a quarter of the lease (at most 5 s)
-/// before the lease can lapse, so that a PATCH abandoned at its deadline has that long to land
-/// or die at ACS before any other claim may send a newer one.
-fn lease_fence(claim: &Claim, lease: Duration) -> Instant {
-    let margin = (lease / 4).min(Duration::from_secs(5));
-    let held_until = claim.held_until();
-    held_until.checked_sub(margin).unwrap_or(held_until)
-}
-
 /// The basis recorded when ACS has no such profile.
 pub const PROFILE_NOT_FOUND: &str = "the profile does not exist in Adobe Campaign";
 
@@ -167,8 +158,7 @@ impl Delivery {
         // The attempt ends (its request abandoned) a margin before the lease can lapse, so that
         // no other claim can send a newer PATCH for the profile while this one may still be on
         // its way; and nothing is sent once that point has passed.
-        let fence = lease_fence(claim, self.settings.lease);
-        let deadline = deadline.min(fence);
+        let deadline = deadline.min(claim.fence());
         if claim.generation().is_none() || Instant::now() >= deadline {
             let next_attempt_at = now_ms();
             self.ledger

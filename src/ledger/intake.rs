@@ -177,10 +177,11 @@ pub(super) async fn record_unit(
         (Backend::Postgres, Some(pkey)) => {
             // Requests for one profile are recorded one at a time, so that each sees the
             // others. (SQLite has one writer at a time anyway.)
-            let locked = sqlx::query(
-                "SELECT pg_advisory_xact_lock(hashtext($1))::text, \
-                 (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT AS now_ms",
-            )
+            let locked = sqlx::query(concat!(
+                "SELECT pg_advisory_xact_lock(hashtext($1))::text, ",
+                database_now_ms!(),
+                " AS now_ms"
+            ))
             .bind(pkey)
             .fetch_one(&mut *tx)
             .await?;

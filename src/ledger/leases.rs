@@ -50,8 +50,22 @@ impl Claim {
     /// Until when this process surely holds the lease, if it was won: counted from before the
     /// write that won it, so never later than the lease's recorded expiry.
     pub fn held_until(&self) -> Instant {
-        let lease = Duration::from_millis(u64::try_from(self.lease_ms).unwrap_or(0));
-        self.asked_at.checked_add(lease).unwrap_or(self.asked_at)
+        self.asked_at
+            .checked_add(self.lease())
+            .unwrap_or(self.asked_at)
+    }
+
+    /// When an attempt made under this claim must have ended: a quarter of the lease (at most
+    /// 5 s) before the lease can lapse, so that a PATCH abandoned at its deadline has that long
+    /// to land or die at ACS before any other claim may send a newer one.
+    pub fn fence(&self) -> Instant {
+        let margin = (self.lease() / 4).min(Duration::from_secs(5));
+        let held_until = self.held_until();
+        held_until.checked_sub(margin).unwrap_or(held_until)
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.lease_ms).unwrap_or(0))
     }
 }
 
@@ -192,9 +206,10 @@ impl Ledger {
     /// profile's lease back, in one transaction. `answered` also records that the caller is being
     /// answered now.
     ///
-    /// With `release`, the lease is checked first (the fencing token): if another claim has
-    /// taken it since, the attempt ran outside its lease, and its outcome is not recorded (the
-    /// lease's holder applies the profile's newest request).
+    /// With `release`, the outcome is recorded only while that lease is the profile's current
+    /// one (the fencing token, checked in the same statement): if another claim has taken it
+    /// since, the attempt ran outside its lease, nothing is recorded, and the lease's holder
+    /// applies the profile's newest request.
     pub async fn settle(
         &self,
         request_id: &str,
@@ -268,15 +283,11 @@ pub(super) async fn unit_now(
 ) -> Result<i64, LedgerError> {
     match backend {
         Backend::Sqlite => Ok(now_ms()),
-        Backend::Postgres => Ok(sqlx::query_scalar(DATABASE_NOW_MS)
+        Backend::Postgres => Ok(sqlx::query_scalar(concat!("SELECT ", database_now_ms!()))
             .fetch_one(&mut *connection)
             .await?),
     }
 }
-
-/// PostgreSQL's clock now (not at the transaction's start), in ms since the Unix epoch.
-pub(super) const DATABASE_NOW_MS: &str =
-    "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
 /// Takes the lease on `pkey` for `claim` unless someone holds it at `now` (the unit's clock),
 /// until `now` plus the lease; on success, the claim learns the lease's new generation.

@@ -19,6 +19,14 @@
 //! SUPERSEDED and never applied; only the holder of a profile's lease (see [`Ledger::claim`])
 //! applies that profile's newest pending request.
 
+/// PostgreSQL's clock now (not at the transaction's start), in ms since the Unix epoch: an SQL
+/// expression, spliced with `concat!` into the statements that read it.
+macro_rules! database_now_ms {
+    () => {
+        "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
+    };
+}
+
 mod by_email;
 pub mod clock;
 mod creation;
