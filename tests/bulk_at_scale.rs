@@ -16,7 +16,7 @@ use ccpa_gateway::ledger::{Ledger, State};
 use ccpa_gateway::proto::ccpa_v1::{
     BulkSetOptOutRequest, DeliveryState, RequestSource, SetOptOutRequest,
 };
-use common::{GatewayProcess, Store, until_settled};
+use common::{QUICK_DELIVERY_ARGS, Store, until_settled};
 use futures::StreamExt;
 
 const MIB: u64 = 1024 * 1024;
@@ -51,23 +51,22 @@ async fn a_100_000_item_stream_is_applied_once_each_in_bounded_memory() {
             .collect(),
     );
     let store = Store::postgres().await;
-    let mut gateway = GatewayProcess::start_with(
-        &emulator,
-        &store.location,
+    let mut gateway = common::gateway()
+        .ledger_at(&store.location)
+        .args(QUICK_DELIVERY_ARGS)
         // The rate limit is the contract's, not under test here (see the throttle tests). Nor
         // is the connection's age: in the debug build, on a busy 2-core machine, the stream
         // can outlast the default age and grace (10 minutes), which would cut it.
-        &[
+        .args(&[
             "--acs-max-rps",
             "100000",
             "--acs-max-queued",
             "100000",
             "--max-connection-age",
             "1h",
-        ],
-        "warn,ccpa_gateway::cli=info",
-    )
-    .await;
+        ])
+        .spawn(Some(&emulator))
+        .await;
     let rss_at_start = gateway.peak_rss();
 
     let started = Instant::now();

@@ -5,7 +5,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use acs_emulator::{Emulator, EmulatorConfig, Fault};
@@ -13,11 +12,11 @@ use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
     BulkSetOptOutRequest, CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
-use common::Harness;
+use common::gateway;
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -64,7 +63,7 @@ async fn run(addr: SocketAddr, args: &[&str]) -> Outcome {
 
 #[tokio::test]
 async fn get_set_and_create_print_json() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let pkey = harness.profile(false);
 
     let got = run(harness.addr, &["get-opt-out", &pkey]).await;
@@ -94,7 +93,10 @@ async fn get_set_and_create_print_json() {
         chrono::DateTime::parse_from_rfc3339(changed).is_ok(),
         "{changed}"
     );
-    assert_eq!(harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+    assert_eq!(
+        harness.emulator().profile(&pkey).unwrap()["ccpaOptOut"],
+        true
+    );
 
     let created = run(
         harness.addr,
@@ -119,14 +121,14 @@ async fn get_set_and_create_print_json() {
     assert_eq!(json["ccpaOptOut"], true);
     let new_key = json["pkey"].as_str().unwrap();
     assert_eq!(
-        harness.emulator.profile(new_key).unwrap()["lastName"],
+        harness.emulator().profile(new_key).unwrap()["lastName"],
         "Hopper"
     );
 }
 
 #[tokio::test]
 async fn get_and_set_by_email_answer_every_profile() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let first = harness.profile(false);
     let second = harness.profile(true);
 
@@ -166,7 +168,10 @@ async fn get_and_set_by_email_answer_every_profile() {
     assert_eq!(json["requestId"], "cli-email-1");
     assert_eq!(json["profiles"].as_array().unwrap().len(), 2, "{json}");
     for pkey in [&first, &second] {
-        assert_eq!(harness.emulator.profile(pkey).unwrap()["ccpaOptOut"], true);
+        assert_eq!(
+            harness.emulator().profile(pkey).unwrap()["ccpaOptOut"],
+            true
+        );
     }
 
     let unknown = run(
@@ -206,7 +211,7 @@ async fn get_and_set_by_email_answer_every_profile() {
 
 #[tokio::test]
 async fn create_profile_without_opt_out_leaves_acs_default() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let created = run(
         harness.addr,
         &["create-profile", "--email", "alan@example.com"],
@@ -214,15 +219,15 @@ async fn create_profile_without_opt_out_leaves_acs_default() {
     .await;
     assert_eq!(created.code, 0, "{}", created.stderr);
     assert_eq!(created.json()["ccpaOptOut"], false);
-    let post = harness.emulator.requests().pop().unwrap();
+    let post = harness.emulator().requests().pop().unwrap();
     assert_eq!(&post.body[..], br#"{"email":"alan@example.com"}"#);
 }
 
 #[tokio::test]
 async fn exit_codes_tell_outcomes_apart() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let pkey = harness.profile(false);
-    harness.emulator.remove_profile(&pkey);
+    harness.emulator().remove_profile(&pkey);
 
     let not_found = run(harness.addr, &["get-opt-out", &pkey]).await;
     assert_eq!(not_found.code, 3, "{}", not_found.stderr);
@@ -254,7 +259,7 @@ async fn exit_codes_tell_outcomes_apart() {
 
     // Every attempt fails: the gateway retries a read, up to its attempt limit.
     for _ in 0..4 {
-        harness.emulator.inject(Fault::html(503));
+        harness.emulator().inject(Fault::html(503));
     }
     let upstream_down = run(harness.addr, &["get-opt-out", "@abc"]).await;
     assert_eq!(upstream_down.code, 5, "{}", upstream_down.stderr);
@@ -267,97 +272,6 @@ async fn exit_codes_tell_outcomes_apart() {
     drop(listener);
     let gateway_down = run(closed, &["get-opt-out", "@abc"]).await;
     assert_eq!(gateway_down.code, 5, "{}", gateway_down.stderr);
-}
-
-/// A `ccpa-gateway serve` process, its address (read from its JSON log), and its log lines.
-struct ServeProcess {
-    ledger_dir: tempfile::TempDir,
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    log_reader: Option<tokio::task::JoinHandle<()>>,
-    stdout: Arc<Mutex<Vec<String>>>,
-}
-
-impl ServeProcess {
-    async fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
-        let ledger_dir = tempfile::tempdir().unwrap();
-        let addr_file = ledger_dir.path().join("listen-addr");
-        let mut command = Command::new(BINARY);
-        command
-            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
-            .arg("--listen-addr-file")
-            .arg(&addr_file)
-            .env("CCPA_LEDGER", ledger_dir.path().join("ledger.sqlite3"))
-            .args(args)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (name, value) in envs {
-            command.env(name, value);
-        }
-        let mut child = command.spawn().unwrap();
-
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let log_lines = log.clone();
-        let log_reader = tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                log_lines.lock().unwrap().push(line);
-            }
-        });
-        let stdout_lines = Arc::new(Mutex::new(Vec::new()));
-        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let lines = stdout_lines.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stdout.next_line().await {
-                lines.lock().unwrap().push(line);
-            }
-        });
-
-        let addr = ccpa_gateway::cli::listen_addr::wait(&addr_file, Duration::from_secs(20))
-            .await
-            .unwrap_or_else(|e| panic!("{e}: {}", log.lock().unwrap().join("\n")));
-        Self {
-            ledger_dir,
-            child,
-            addr,
-            log,
-            log_reader: Some(log_reader),
-            stdout: stdout_lines,
-        }
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = self.child.id().expect("still running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
-            signal,
-        )
-        .unwrap();
-    }
-
-    fn sigterm(&self) {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-    }
-
-    /// Waits for the process to exit and for its last log lines to be read.
-    async fn wait(&mut self) -> i32 {
-        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .expect("the gateway exits")
-            .unwrap();
-        if let Some(reader) = self.log_reader.take() {
-            reader.await.unwrap();
-        }
-        status.code().expect("exited, not killed")
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
 }
 
 fn acs_env(emulator: &Emulator) -> Vec<(&'static str, String)> {
@@ -381,8 +295,10 @@ async fn sigterm_reports_not_serving_drains_and_exits_zero() {
         ccpa_opt_out: true,
         ..Default::default()
     });
-    let env = acs_env(&emulator);
-    let mut gateway = ServeProcess::start(&[], &as_refs(&env)).await;
+    let mut gateway = common::gateway()
+        .log_filter("debug")
+        .spawn(Some(&emulator))
+        .await;
     let channel = common::connect(gateway.addr).await;
 
     let mut health = HealthClient::new(channel.clone());
@@ -441,8 +357,10 @@ async fn logs_carry_no_personal_data_or_secrets() {
     })
     .await
     .unwrap();
-    let env = acs_env(&emulator);
-    let mut gateway = ServeProcess::start(&[], &as_refs(&env)).await;
+    let mut gateway = common::gateway()
+        .log_filter("debug")
+        .spawn(Some(&emulator))
+        .await;
     let mut client = CcpaServiceClient::new(common::connect(gateway.addr).await);
 
     let created = client
@@ -569,7 +487,7 @@ async fn logs_carry_no_personal_data_or_secrets() {
     assert!(bulk_line.contains(r#""code":"Ok""#), "{bulk_line}");
     // Nor does the ledger keep an address, a name or a body (its files, WAL included).
     let mut files = 0;
-    for file in std::fs::read_dir(gateway.ledger_dir.path()).unwrap() {
+    for file in std::fs::read_dir(gateway.ledger_dir()).unwrap() {
         let path = file.unwrap().path();
         files += 1;
         let bytes = std::fs::read(&path).unwrap();
@@ -604,17 +522,15 @@ async fn with_oauth_logs_carry_no_secret_and_no_token() {
     .await
     .unwrap();
     let pkey = emulator.insert_profile(acs_emulator::NewProfile::default());
-    let env = [
-        ("CCPA_ACS_BASE_URL", emulator.url()),
-        ("CCPA_ACS_TENANT", emulator.config().tenant.clone()),
-        ("CCPA_IMS_URL", emulator.url()),
-        ("CCPA_IMS_CLIENT_ID", "client-id-canary-2b7e".to_owned()),
-        (
-            "CCPA_IMS_CLIENT_SECRET",
-            "client-secret-canary-51d2".to_owned(),
-        ),
-    ];
-    let mut gateway = ServeProcess::start(&[], &as_refs(&env)).await;
+    let mut gateway = common::gateway()
+        .env("CCPA_ACS_BASE_URL", &emulator.url())
+        .env("CCPA_ACS_TENANT", &emulator.config().tenant)
+        .env("CCPA_IMS_URL", &emulator.url())
+        .env("CCPA_IMS_CLIENT_ID", "client-id-canary-2b7e")
+        .env("CCPA_IMS_CLIENT_SECRET", "client-secret-canary-51d2")
+        .log_filter("debug")
+        .spawn(None)
+        .await;
     let mut client = CcpaServiceClient::new(common::connect(gateway.addr).await);
     client
         .get_opt_out(GetOptOutRequest {
@@ -840,8 +756,10 @@ async fn serve_requires_a_ledger_outside_the_emulator_and_creates_none_by_itself
 async fn records_opens_an_existing_ledger_only_with_ledger_before_or_after_its_subcommand() {
     let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
     let pkey = emulator.insert_profile(acs_emulator::NewProfile::default());
-    let env = acs_env(&emulator);
-    let mut gateway = ServeProcess::start(&[], &as_refs(&env)).await;
+    let mut gateway = common::gateway()
+        .log_filter("debug")
+        .spawn(Some(&emulator))
+        .await;
     let set = run(
         gateway.addr,
         &[
@@ -857,7 +775,7 @@ async fn records_opens_an_existing_ledger_only_with_ledger_before_or_after_its_s
     assert_eq!(set.code, 0, "{}", set.stderr);
 
     // The ledger and the files SQLite and the gateway keep beside it: the owner's only.
-    let ledger = gateway.ledger_dir.path().join("ledger.sqlite3");
+    let ledger = gateway.ledger_dir().join("ledger.sqlite3");
     let ledger = ledger.to_str().unwrap().to_owned();
     for suffix in ["", "-wal", "-shm", ".lock"] {
         use std::os::unix::fs::PermissionsExt;
@@ -1018,9 +936,13 @@ async fn call_as_grpcurl_would(gateway: SocketAddr, line: &str, args: &[String])
 
 #[tokio::test]
 async fn serve_with_the_embedded_emulator_prints_commands_that_work() {
-    let mut gateway = ServeProcess::start(&["--emulator"], &[]).await;
+    let mut gateway = common::gateway()
+        .args(&["--emulator"])
+        .log_filter("debug")
+        .spawn(None)
+        .await;
     let printed = loop {
-        let lines = gateway.stdout.lock().unwrap().clone();
+        let lines = gateway.stdout();
         if lines.iter().any(|l| l.starts_with("Stop with")) {
             break lines;
         }

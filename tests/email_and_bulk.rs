@@ -8,63 +8,34 @@ use std::time::Duration;
 use acs_emulator::{Emulator, EmulatorConfig, Fault, FaultSettings, NewProfile};
 use acs_profile_client::{CallSettings, ClientConfig, ThrottleSettings};
 use ccpa_gateway::ledger::delivery::DeliverySettings;
-use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
     BulkSetOptOutRequest, DeliveryState, GetOptOutRequest, ListOptOutRecordsRequest, RequestSource,
     SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{Store, acs_config, bulk, opt_out_of, record, start_gateway_on, until_settled};
+use common::{GatewayBuilder, Store, bulk, opt_out_of, record, until_settled};
 use futures::StreamExt;
 use sha2::Digest;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-struct Gateway {
-    emulator: Emulator,
-    client: CcpaServiceClient<Channel>,
-    addr: std::net::SocketAddr,
-    _stop: oneshot::Sender<()>,
-    store: Store,
-}
-
-async fn gateway(config: EmulatorConfig) -> Gateway {
-    gateway_with(config, |acs| acs).await
-}
-
-/// A gateway whose client settings `adjust` changes.
-async fn gateway_with(
-    config: EmulatorConfig,
-    adjust: impl FnOnce(ClientConfig) -> ClientConfig,
-) -> Gateway {
-    let emulator = Emulator::start(config).await.unwrap();
-    let store = Store::sqlite();
-    let options = ServerOptions {
-        delivery: DeliverySettings {
-            // A PATCH whose attempt ran out while it was in flight keeps its profile's lease
-            // until the lease lapses (it may still land): short, so that tests do not wait a
-            // minute for the deliverer to take such an item over.
-            lease: Duration::from_secs(4),
-            poll_interval: Duration::from_millis(100),
-            attempt_budget: Duration::from_millis(800),
-            backoff_base: Duration::from_millis(100),
-            backoff_max: Duration::from_millis(300),
+/// A gateway in front of a new emulator configured as `config`, on a SQLite ledger file, its
+/// deliverer quick to retry.
+fn quick(config: EmulatorConfig) -> GatewayBuilder {
+    common::gateway()
+        .emulator(config)
+        .store(Store::sqlite())
+        .options(ServerOptions {
+            delivery: DeliverySettings {
+                poll_interval: Duration::from_millis(100),
+                backoff_base: Duration::from_millis(100),
+                backoff_max: Duration::from_millis(300),
+                ..Default::default()
+            },
             ..Default::default()
-        },
-        ..Default::default()
-    };
-    let (addr, channel, stop, _) =
-        start_gateway_on(adjust(acs_config(&emulator)), store.open().await, options).await;
-    Gateway {
-        emulator,
-        client: CcpaServiceClient::new(channel),
-        addr,
-        _stop: stop,
-        store,
-    }
+        })
 }
 
 /// Profiles sharing one address, spelled three ways, spread over several pages, beside
@@ -137,15 +108,16 @@ fn spelled(
 
 #[tokio::test]
 async fn get_by_email_answers_every_matching_profile_and_protects() {
-    let mut gw = gateway(EmulatorConfig {
+    let gw = quick(EmulatorConfig {
         relative_next_links: true,
         ..Default::default()
     })
+    .start()
     .await;
     // Asked for as `ADA@example.COM`, then `ada@example.com` and `ADA@example.com`: ACS's byEmail
     // is taken to match case-sensitively, so the last spelling is the one it cannot find.
     let keys = spelled(
-        &gw.emulator,
+        gw.emulator(),
         &[
             "ADA@example.COM",
             "ada@example.com",
@@ -157,7 +129,7 @@ async fn get_by_email_answers_every_matching_profile_and_protects() {
     );
 
     let answer = gw
-        .client
+        .client()
         .get_opt_out(GetOptOutRequest {
             email: "ADA@example.COM".into(),
             ..Default::default()
@@ -178,7 +150,7 @@ async fn get_by_email_answers_every_matching_profile_and_protects() {
     let opted_out = keys[..3]
         .iter()
         .flatten()
-        .filter(|k| gw.emulator.profile(k).unwrap()["ccpaOptOut"] == true)
+        .filter(|k| gw.emulator().profile(k).unwrap()["ccpaOptOut"] == true)
         .count();
     assert_eq!(
         answer.profiles.iter().filter(|p| p.ccpa_opt_out).count(),
@@ -186,7 +158,7 @@ async fn get_by_email_answers_every_matching_profile_and_protects() {
     );
 
     let none = gw
-        .client
+        .client()
         .get_opt_out(GetOptOutRequest {
             email: "nobody@example.com".into(),
             ..Default::default()
@@ -198,11 +170,11 @@ async fn get_by_email_answers_every_matching_profile_and_protects() {
 
 #[tokio::test]
 async fn set_by_email_applies_to_every_profile_each_with_its_record() {
-    let mut gw = gateway(EmulatorConfig::default()).await;
+    let gw = quick(EmulatorConfig::default()).start().await;
     // Asked for as given, in lower case, and with the domain in lower case; `ADA@EXAMPLE.COM` is
     // the spelling a case-sensitive byEmail leaves out (the documented limitation).
     let keys = spelled(
-        &gw.emulator,
+        gw.emulator(),
         &[
             "Ada@EXAMPLE.com",
             "ada@example.com",
@@ -214,7 +186,7 @@ async fn set_by_email_applies_to_every_profile_each_with_its_record() {
     );
 
     let answer = gw
-        .client
+        .client()
         .set_opt_out(by_email("Ada@EXAMPLE.com", true, "email-1"))
         .await
         .unwrap()
@@ -227,47 +199,47 @@ async fn set_by_email_applies_to_every_profile_each_with_its_record() {
         assert!(profile.request_id.starts_with("email-1:"));
     }
     for key in keys[..3].iter().flatten() {
-        assert_eq!(gw.emulator.profile(key).unwrap()["ccpaOptOut"], true);
+        assert_eq!(gw.emulator().profile(key).unwrap()["ccpaOptOut"], true);
     }
     for key in &keys[3] {
-        assert_eq!(gw.emulator.profile(key).unwrap()["ccpaOptOut"], false);
+        assert_eq!(gw.emulator().profile(key).unwrap()["ccpaOptOut"], false);
     }
 
-    let parent = record(&mut gw.client, "email-1").await;
+    let parent = record(&mut gw.client(), "email-1").await;
     assert!(parent.by_email && parent.pkey.is_empty());
     assert_eq!(parent.state, DeliveryState::Applied as i32);
-    let child = record(&mut gw.client, &answer.profiles[0].request_id).await;
+    let child = record(&mut gw.client(), &answer.profiles[0].request_id).await;
     assert_eq!(child.parent_request_id, "email-1");
     assert_eq!(child.pkey, answer.profiles[0].pkey);
 
     // A replay answers the same and calls nothing.
-    let requests = gw.emulator.request_count();
+    let requests = gw.emulator().request_count();
     let again = gw
-        .client
+        .client()
         .set_opt_out(by_email("Ada@EXAMPLE.com", true, "email-1"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(again.profiles.len(), 30);
-    assert_eq!(gw.emulator.request_count(), requests);
+    assert_eq!(gw.emulator().request_count(), requests);
 }
 
 #[tokio::test]
 async fn an_unknown_address_is_not_found_unless_the_profile_may_be_created() {
-    let mut gw = gateway(EmulatorConfig::default()).await;
+    let gw = quick(EmulatorConfig::default()).start().await;
     let status = gw
-        .client
+        .client()
         .set_opt_out(by_email("new@example.com", true, "new-1"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let failed = record(&mut gw.client, "new-1").await;
+    let failed = record(&mut gw.client(), "new-1").await;
     assert_eq!(failed.state, DeliveryState::Failed as i32);
     assert_eq!(failed.failure_reason, "no profile has this email address");
-    assert_eq!(gw.emulator.profile_count(), 0);
+    assert_eq!(gw.emulator().profile_count(), 0);
 
     let created = gw
-        .client
+        .client()
         .set_opt_out(SetOptOutRequest {
             create_if_missing: true,
             ..by_email("new@example.com", true, "new-2")
@@ -278,11 +250,11 @@ async fn an_unknown_address_is_not_found_unless_the_profile_may_be_created() {
     assert_eq!(created.profiles.len(), 1);
     assert!(created.profiles[0].created);
     let pkey = &created.profiles[0].pkey;
-    let stored = gw.emulator.profile(pkey).unwrap();
+    let stored = gw.emulator().profile(pkey).unwrap();
     assert_eq!(stored["email"], "new@example.com");
     assert_eq!(stored["ccpaOptOut"], true);
     let read = gw
-        .client
+        .client()
         .get_opt_out(GetOptOutRequest {
             email: "NEW@example.com".into(),
             ..Default::default()
@@ -295,8 +267,8 @@ async fn an_unknown_address_is_not_found_unless_the_profile_may_be_created() {
 
 #[tokio::test]
 async fn email_requests_are_checked_before_anything_is_sent() {
-    let mut gw = gateway(EmulatorConfig::default()).await;
-    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    let gw = quick(EmulatorConfig::default()).start().await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
     for (request, field) in [
         (
             SetOptOutRequest {
@@ -323,7 +295,7 @@ async fn email_requests_are_checked_before_anything_is_sent() {
             "pkey",
         ),
     ] {
-        let status = gw.client.set_opt_out(request).await.unwrap_err();
+        let status = gw.client().set_opt_out(request).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
         let fields: Vec<String> = status
             .get_details_bad_request()
@@ -334,24 +306,24 @@ async fn email_requests_are_checked_before_anything_is_sent() {
             .collect();
         assert!(fields.contains(&field.to_owned()), "{field}: {fields:?}");
     }
-    assert_eq!(gw.emulator.request_count(), 0);
+    assert_eq!(gw.emulator().request_count(), 0);
 }
 
 #[tokio::test]
 async fn a_failed_lookup_is_unavailable_and_recorded_with_its_basis() {
-    let mut gw = gateway(EmulatorConfig::default()).await;
-    duplicates(&gw.emulator, 3, 0);
-    gw.emulator.set_faults(FaultSettings {
+    let gw = quick(EmulatorConfig::default()).start().await;
+    duplicates(gw.emulator(), 3, 0);
+    gw.emulator().set_faults(FaultSettings {
         unavailable: 1.0,
         ..Default::default()
     });
     let status = gw
-        .client
+        .client()
         .set_opt_out(by_email("ada@example.com", true, "lookup-1"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    let failed = record(&mut gw.client, "lookup-1").await;
+    let failed = record(&mut gw.client(), "lookup-1").await;
     assert_eq!(failed.state, DeliveryState::Failed as i32);
     assert!(
         failed.failure_reason.contains("ACS_UNAVAILABLE"),
@@ -374,7 +346,7 @@ fn item(pkey: &str, request_id: &str) -> BulkSetOptOutRequest {
 
 #[tokio::test]
 async fn a_bulk_stream_answers_each_item_and_one_bad_item_fails_alone() {
-    let mut gw = gateway(EmulatorConfig::default()).await;
+    let gw = quick(EmulatorConfig::default()).start().await;
     let mut items = Vec::new();
     let mut keys = Vec::new();
     let mut unknown = Vec::new();
@@ -384,18 +356,18 @@ async fn a_bulk_stream_answers_each_item_and_one_bad_item_fails_alone() {
             keys.push(None);
         } else if i % 50 == 23 {
             // Well formed, but ACS has no such profile (any more): it fails at ACS, alone.
-            let pkey = gw.emulator.insert_profile(NewProfile::default());
-            assert!(gw.emulator.remove_profile(&pkey));
+            let pkey = gw.emulator().insert_profile(NewProfile::default());
+            assert!(gw.emulator().remove_profile(&pkey));
             items.push(item(&pkey, &format!("bulk-gone-{i}")));
             keys.push(None);
             unknown.push(i);
         } else {
-            let pkey = gw.emulator.insert_profile(NewProfile::default());
+            let pkey = gw.emulator().insert_profile(NewProfile::default());
             items.push(item(&pkey, &format!("bulk-{i}")));
             keys.push(Some(pkey));
         }
     }
-    let answers = bulk(&mut gw.client, items).await;
+    let answers = bulk(&mut gw.client(), items).await;
     assert_eq!(answers.len(), 300);
     let mut seen = vec![false; 300];
     for answer in answers {
@@ -406,12 +378,8 @@ async fn a_bulk_stream_answers_each_item_and_one_bad_item_fails_alone() {
         );
         match &keys[index] {
             None if unknown.contains(&index) => {
-                // NOT_FOUND in the call, or, if ACS did not answer within the item's attempt
-                // (a busy machine), PENDING: the deliverer then records it FAILED (below).
-                match answer.error {
-                    Some(error) => assert_eq!(error.code, "NOT_FOUND", "{error:?}"),
-                    None => assert_eq!(answer.state, DeliveryState::Pending as i32),
-                }
+                let error = answer.error.as_ref().unwrap();
+                assert_eq!(error.code, "NOT_FOUND", "{error:?}");
                 assert_eq!(answer.request_id, format!("bulk-gone-{index}"));
             }
             None => {
@@ -433,12 +401,12 @@ async fn a_bulk_stream_answers_each_item_and_one_bad_item_fails_alone() {
             }
         }
     }
-    until_settled(&mut gw.client).await;
+    until_settled(&mut gw.client()).await;
     for pkey in keys.iter().flatten() {
-        assert_eq!(gw.emulator.profile(pkey).unwrap()["ccpaOptOut"], true);
+        assert_eq!(gw.emulator().profile(pkey).unwrap()["ccpaOptOut"], true);
     }
     let recorded = gw
-        .client
+        .client()
         .list_opt_out_records(ListOptOutRecordsRequest {
             page_size: 1000,
             ..Default::default()
@@ -459,19 +427,21 @@ async fn a_bulk_stream_answers_each_item_and_one_bad_item_fails_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_stream_keeps_to_the_acs_throttle() {
-    let mut gw = gateway_with(EmulatorConfig::default(), |acs| ClientConfig {
-        call: CallSettings {
-            throttle: ThrottleSettings {
-                max_rps: std::num::NonZeroU32::new(50).unwrap(),
-                max_in_flight: 4,
-                max_queued: 1_000,
+    let gw = quick(EmulatorConfig::default())
+        .adjust_acs(|acs| ClientConfig {
+            call: CallSettings {
+                throttle: ThrottleSettings {
+                    max_rps: std::num::NonZeroU32::new(50).unwrap(),
+                    max_in_flight: 4,
+                    max_queued: 1_000,
+                },
+                ..Default::default()
             },
-            ..Default::default()
-        },
-        ..acs
-    })
-    .await;
-    gw.emulator.set_faults(FaultSettings {
+            ..acs
+        })
+        .start()
+        .await;
+    gw.emulator().set_faults(FaultSettings {
         latency: Duration::from_millis(20),
         ..Default::default()
     });
@@ -480,20 +450,20 @@ async fn a_bulk_stream_keeps_to_the_acs_throttle() {
     let items: Vec<_> = (0..60)
         .map(|i| {
             item(
-                &gw.emulator.insert_profile(NewProfile::default()),
+                &gw.emulator().insert_profile(NewProfile::default()),
                 &format!("rate-{i}"),
             )
         })
         .collect();
-    let answers = bulk(&mut gw.client, items).await;
+    let answers = bulk(&mut gw.client(), items).await;
     assert_eq!(answers.len(), 60);
     assert!(answers.iter().all(|a| a.error.is_none()));
     // Items whose turn came after their attempt's budget answered PENDING; the deliverer
     // finishes them, under the same throttle.
-    until_settled(&mut gw.client).await;
+    until_settled(&mut gw.client()).await;
 
-    let requests = gw.emulator.requests();
-    let patched = patches_per_profile(&gw.emulator);
+    let requests = gw.emulator().requests();
+    let patched = patches_per_profile(gw.emulator());
     assert_eq!(patched.len(), 60, "every profile written");
     let arrivals: Vec<std::time::Instant> = requests.iter().map(|r| r.received_at).collect();
     let busiest_second = common::busiest_second(&arrivals);
@@ -502,17 +472,17 @@ async fn a_bulk_stream_keeps_to_the_acs_throttle() {
         "{busiest_second} requests in one second"
     );
     assert!(
-        gw.emulator.peak_active_requests() <= 4,
+        gw.emulator().peak_active_requests() <= 4,
         "{} at once",
-        gw.emulator.peak_active_requests()
+        gw.emulator().peak_active_requests()
     );
 }
 
 #[tokio::test]
 async fn a_cut_stream_loses_nothing_acknowledged_and_resumes_without_duplicates() {
-    let mut gw = gateway(EmulatorConfig::default()).await;
+    let gw = quick(EmulatorConfig::default()).start().await;
     let keys: Vec<String> = (0..400)
-        .map(|_| gw.emulator.insert_profile(NewProfile::default()))
+        .map(|_| gw.emulator().insert_profile(NewProfile::default()))
         .collect();
 
     // First stream: cut after 150 answers.
@@ -528,7 +498,7 @@ async fn a_cut_stream_loses_nothing_acknowledged_and_resumes_without_duplicates(
         })
     };
     let mut answers = gw
-        .client
+        .client()
         .bulk_set_opt_out(ReceiverStream::new(receiver))
         .await
         .unwrap()
@@ -542,12 +512,12 @@ async fn a_cut_stream_loses_nothing_acknowledged_and_resumes_without_duplicates(
     feeder.abort();
 
     for request_id in &acknowledged {
-        let recorded = record(&mut gw.client, request_id).await;
+        let recorded = record(&mut gw.client(), request_id).await;
         assert_ne!(recorded.state, DeliveryState::Failed as i32);
     }
     // Items the gateway took but never answered are recorded too, and delivered.
-    until_settled(&mut gw.client).await;
-    let before = patches_per_profile(&gw.emulator);
+    until_settled(&mut gw.client()).await;
+    let before = patches_per_profile(gw.emulator());
     let applied_before: Vec<usize> = (0..keys.len())
         .filter(|i| before.contains_key(&keys[*i]))
         .collect();
@@ -560,12 +530,12 @@ async fn a_cut_stream_loses_nothing_acknowledged_and_resumes_without_duplicates(
         .enumerate()
         .map(|(i, pkey)| item(pkey, &format!("cut-{i}")))
         .collect();
-    let answers = bulk(&mut gw.client, items).await;
+    let answers = bulk(&mut gw.client(), items).await;
     assert_eq!(answers.len(), 400);
     assert!(answers.iter().all(|a| a.error.is_none()));
-    until_settled(&mut gw.client).await;
+    until_settled(&mut gw.client()).await;
     let listed = gw
-        .client
+        .client()
         .list_opt_out_records(ListOptOutRecordsRequest {
             page_size: 1000,
             ..Default::default()
@@ -575,11 +545,11 @@ async fn a_cut_stream_loses_nothing_acknowledged_and_resumes_without_duplicates(
         .into_inner();
     assert_eq!(listed.records.len(), 400, "each request recorded once");
     for pkey in &keys {
-        assert_eq!(gw.emulator.profile(pkey).unwrap()["ccpaOptOut"], true);
+        assert_eq!(gw.emulator().profile(pkey).unwrap()["ccpaOptOut"], true);
     }
     // What was delivered before the cut is not delivered again: the replay called nothing
     // for those profiles.
-    let after = patches_per_profile(&gw.emulator);
+    let after = patches_per_profile(gw.emulator());
     for i in applied_before {
         assert_eq!(after[&keys[i]], before[&keys[i]], "cut-{i} was sent again");
     }
@@ -587,7 +557,7 @@ async fn a_cut_stream_loses_nothing_acknowledged_and_resumes_without_duplicates(
 
 #[tokio::test]
 async fn the_csv_command_records_a_file_once_however_often_it_runs() {
-    let gw = gateway(EmulatorConfig::default()).await;
+    let gw = quick(EmulatorConfig::default()).start().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("opt-outs.csv");
     let mut csv = String::from("pkey,email,opt_out,source,received_at,request_id\n");
@@ -605,13 +575,13 @@ async fn the_csv_command_records_a_file_once_however_often_it_runs() {
                 expected_ok += 1;
             }
             _ => {
-                let pkey = gw.emulator.insert_profile(NewProfile::default());
+                let pkey = gw.emulator().insert_profile(NewProfile::default());
                 csv.push_str(&format!("{pkey},,yes,GPC,,\n"));
                 expected_ok += 1;
             }
         }
     }
-    duplicates(&gw.emulator, 3, 0);
+    duplicates(gw.emulator(), 3, 0);
     std::fs::write(&file, csv).unwrap();
 
     let run = || async {
@@ -647,16 +617,16 @@ async fn the_csv_command_records_a_file_once_however_often_it_runs() {
         "rows refused by the gateway"
     );
 
-    let mut client = gw.client.clone();
+    let mut client = gw.client().clone();
     until_settled(&mut client).await;
-    let ledger = gw.store.open().await;
+    let ledger = gw.ledger.clone();
     let count = || async {
         use futures::TryStreamExt;
         let records: Vec<_> = ledger.export(0, i64::MAX).try_collect().await.unwrap();
         records.len()
     };
     let recorded = count().await;
-    let requests = gw.emulator.request_count();
+    let requests = gw.emulator().request_count();
 
     let second = run().await;
     assert_eq!(second.status.code(), Some(7));
@@ -666,7 +636,7 @@ async fn the_csv_command_records_a_file_once_however_often_it_runs() {
         "the same file records nothing twice"
     );
     let lookups = gw
-        .emulator
+        .emulator()
         .requests()
         .iter()
         .skip(requests)
@@ -714,9 +684,9 @@ fn results_by_line(file: &std::path::Path) -> std::collections::BTreeMap<u64, [S
 
 #[tokio::test]
 async fn the_results_file_is_safe_in_a_spreadsheet_and_a_failure_to_write_it_fails_the_command() {
-    let gw = gateway(EmulatorConfig::default()).await;
+    let gw = quick(EmulatorConfig::default()).start().await;
     let keys: Vec<String> = (0..2)
-        .map(|_| gw.emulator.insert_profile(NewProfile::default()))
+        .map(|_| gw.emulator().insert_profile(NewProfile::default()))
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("formulas.csv");
@@ -769,10 +739,10 @@ async fn the_results_file_is_safe_in_a_spreadsheet_and_a_failure_to_write_it_fai
 
 #[tokio::test]
 async fn the_csv_command_answers_a_bad_row_alone_at_its_own_line() {
-    let mut gw = gateway(EmulatorConfig::default()).await;
+    let gw = quick(EmulatorConfig::default()).start().await;
     let keys: Vec<String> = (0..8)
         .map(|i| {
-            gw.emulator.insert_profile(NewProfile {
+            gw.emulator().insert_profile(NewProfile {
                 // The last row opts back in: its profile starts opted out.
                 ccpa_opt_out: i == 7,
                 ..Default::default()
@@ -853,27 +823,27 @@ async fn the_csv_command_answers_a_bad_row_alone_at_its_own_line() {
     }
 
     // The valid rows were applied; the others changed nothing and recorded nothing.
-    until_settled(&mut gw.client).await;
+    until_settled(&mut gw.client()).await;
     for (key, opt_out) in [(&keys[0], true), (&keys[1], true), (&keys[7], false)] {
-        let read = opt_out_of(&mut gw.client, key).await;
+        let read = opt_out_of(&mut gw.client(), key).await;
         assert_eq!(read.ccpa_opt_out, opt_out, "{key}");
         assert!(!read.change_pending);
     }
     for key in &keys[2..7] {
         assert_eq!(
-            gw.emulator.profile(key).unwrap()["ccpaOptOut"],
+            gw.emulator().profile(key).unwrap()["ccpaOptOut"],
             false,
             "{key}"
         );
     }
-    let recorded = record(&mut gw.client, "csv-row,4").await;
+    let recorded = record(&mut gw.client(), "csv-row,4").await;
     assert_eq!(recorded.pkey, keys[1]);
     assert_eq!(recorded.source, RequestSource::WebForm as i32);
-    let recorded = record(&mut gw.client, &generated(13)).await;
+    let recorded = record(&mut gw.client(), &generated(13)).await;
     assert_eq!(recorded.source, RequestSource::Internal as i32);
     assert_eq!(recorded.received_at.unwrap().seconds, 1_767_323_045);
     let listed = gw
-        .client
+        .client()
         .list_opt_out_records(ListOptOutRecordsRequest {
             page_size: 100,
             ..Default::default()
@@ -887,7 +857,7 @@ async fn the_csv_command_answers_a_bad_row_alone_at_its_own_line() {
 
 #[tokio::test]
 async fn the_csv_command_exits_7_when_a_row_failed() {
-    let mut gw = gateway(EmulatorConfig::default()).await;
+    let gw = quick(EmulatorConfig::default()).start().await;
     let dir = tempfile::tempdir().unwrap();
 
     // Refused: no profile has the address (NOT_FOUND, answered with an error).
@@ -905,7 +875,7 @@ async fn the_csv_command_exits_7_when_a_row_failed() {
 
     // Failed: by email, the one profile's delivery fails for good (ACS no longer has it). The
     // answer carries no error, only its state, FAILED.
-    let pkey = gw.emulator.insert_profile(NewProfile {
+    let pkey = gw.emulator().insert_profile(NewProfile {
         email: "ada@example.com".into(),
         ..Default::default()
     });
@@ -916,8 +886,8 @@ async fn the_csv_command_exits_7_when_a_row_failed() {
     )
     .unwrap();
     // The lookup goes through; the PATCH after it is answered 404.
-    gw.emulator.inject(Fault::Delay(Duration::ZERO));
-    gw.emulator.inject(Fault::json(
+    gw.emulator().inject(Fault::Delay(Duration::ZERO));
+    gw.emulator().inject(Fault::json(
         404,
         serde_json::json!({"code": 404, "message": "RST-360011 An error has occurred"}),
     ));
@@ -932,7 +902,7 @@ async fn the_csv_command_exits_7_when_a_row_failed() {
         "a FAILED row fails: {stderr}"
     );
     assert!(stderr.contains("1 FAILED"), "{stderr}");
-    let child = record(&mut gw.client, "failing-1:1").await;
+    let child = record(&mut gw.client(), "failing-1:1").await;
     assert_eq!(child.pkey, pkey);
     assert_eq!(child.state, DeliveryState::Failed as i32);
 }
@@ -941,42 +911,44 @@ async fn the_csv_command_exits_7_when_a_row_failed() {
 async fn an_interactive_call_goes_before_a_record_only_backlog() {
     // Five requests a second: the deliverer's sixteen attempts at a time would keep a call
     // waiting for three seconds if it queued behind them, past its attempt's budget (800 ms).
-    let mut gw = gateway_with(EmulatorConfig::default(), |acs| ClientConfig {
-        call: CallSettings {
-            throttle: ThrottleSettings {
-                max_rps: std::num::NonZeroU32::new(5).unwrap(),
-                max_in_flight: 4,
-                max_queued: 1_000,
+    let gw = quick(EmulatorConfig::default())
+        .adjust_acs(|acs| ClientConfig {
+            call: CallSettings {
+                throttle: ThrottleSettings {
+                    max_rps: std::num::NonZeroU32::new(5).unwrap(),
+                    max_in_flight: 4,
+                    max_queued: 1_000,
+                },
+                ..Default::default()
             },
-            ..Default::default()
-        },
-        ..acs
-    })
-    .await;
+            ..acs
+        })
+        .start()
+        .await;
     let items: Vec<_> = (0..200)
         .map(|i| BulkSetOptOutRequest {
             record_only: true,
             ..item(
-                &gw.emulator.insert_profile(NewProfile::default()),
+                &gw.emulator().insert_profile(NewProfile::default()),
                 &format!("backlog-{i}"),
             )
         })
         .collect();
-    let answers = bulk(&mut gw.client, items).await;
+    let answers = bulk(&mut gw.client(), items).await;
     assert!(
         answers
             .iter()
             .all(|a| a.error.is_none() && a.state == DeliveryState::Pending as i32)
     );
     // The deliverer is working the backlog.
-    while patches_per_profile(&gw.emulator).len() < 3 {
+    while patches_per_profile(gw.emulator()).len() < 3 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     for n in 0..3 {
-        let pkey = gw.emulator.insert_profile(NewProfile::default());
+        let pkey = gw.emulator().insert_profile(NewProfile::default());
         let answer = gw
-            .client
+            .client()
             .set_opt_out(SetOptOutRequest {
                 pkey: pkey.clone(),
                 ccpa_opt_out: Some(true),
@@ -992,9 +964,9 @@ async fn an_interactive_call_goes_before_a_record_only_backlog() {
             DeliveryState::Applied as i32,
             "applied in its own call: {answer:?}"
         );
-        assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+        assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], true);
     }
-    let delivered = patches_per_profile(&gw.emulator).len();
+    let delivered = patches_per_profile(gw.emulator()).len();
     assert!(
         delivered < 200,
         "the backlog was still being worked ({delivered} profiles written)"

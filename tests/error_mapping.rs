@@ -14,8 +14,7 @@ use ccpa_gateway::proto::ccpa_v1::{
     CreateProfileRequest, DeliveryState, GetOptOutRecordRequest, GetOptOutRequest, RequestSource,
     SetOptOutRequest,
 };
-use ccpa_gateway::server::ServerOptions;
-use common::{Harness, acs_config, start_gateway};
+use common::{Gateway, acs_config, gateway};
 use futures::future::BoxFuture;
 use serde_json::json;
 use tonic::transport::Channel;
@@ -43,7 +42,7 @@ fn assert_mapped(status: Status, code: Code, reason: &str, http_status: Option<u
     );
 }
 
-async fn get(harness: &Harness, pkey: &str) -> Status {
+async fn get(harness: &Gateway, pkey: &str) -> Status {
     harness
         .client()
         .get_opt_out(GetOptOutRequest {
@@ -56,8 +55,9 @@ async fn get(harness: &Harness, pkey: &str) -> Status {
 
 /// Reads a profile through a gateway of its own, configured with `acs`.
 async fn get_through(acs: ClientConfig, pkey: String) -> Status {
-    let (_, channel, _stop, _server) = start_gateway(acs, ServerOptions::default()).await;
-    CcpaServiceClient::new(channel)
+    let gateway = gateway().calling(acs).start().await;
+    gateway
+        .client()
         .get_opt_out(GetOptOutRequest {
             pkey,
             ..Default::default()
@@ -78,19 +78,23 @@ const ATTEMPTS: usize = 4;
 
 /// A profile to read, and a fault for each of the next [`ATTEMPTS`] requests: a transient fault
 /// that went away on retry would not reach the mapping.
-async fn with_fault(fault: Fault) -> (Harness, String) {
-    let harness = Harness::start().await;
+async fn with_fault(fault: Fault) -> (Gateway, String) {
+    let harness = gateway().start().await;
     let pkey = harness.profile(true);
     for _ in 0..ATTEMPTS {
-        harness.emulator.inject(fault.clone());
+        harness.emulator().inject(fault.clone());
     }
     (harness, pkey)
 }
 
 /// Asserts how many requests reached the emulator: every attempt for a retried failure, one for
 /// a failure that is not retried.
-fn assert_attempts(harness: &Harness, expected: usize) {
-    assert_eq!(harness.emulator.request_count(), expected, "attempts made");
+fn assert_attempts(harness: &Gateway, expected: usize) {
+    assert_eq!(
+        harness.emulator().request_count(),
+        expected,
+        "attempts made"
+    );
 }
 
 fn marked_json(status: u16, message: &str) -> Fault {
@@ -102,9 +106,9 @@ fn marked_json(status: u16, message: &str) -> Fault {
 
 #[tokio::test]
 async fn not_found_404_is_not_found() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let pkey = harness.profile(true);
-    harness.emulator.remove_profile(&pkey);
+    harness.emulator().remove_profile(&pkey);
     assert_mapped(
         get(&harness, &pkey).await,
         Code::NotFound,
@@ -182,7 +186,7 @@ async fn a_host_that_is_not_acs_is_unavailable_not_a_missing_profile() {
 
 #[tokio::test]
 async fn unparsable_key_500_xtk_170036_is_not_found() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let elsewhere = Emulator::start(EmulatorConfig::default()).await.unwrap();
     let foreign_key = elsewhere.insert_profile(NewProfile::default());
     assert_mapped(
@@ -207,8 +211,8 @@ async fn empty_collection_is_not_found() {
 
 #[tokio::test]
 async fn duplicate_key_500_pgs_220000_is_already_exists() {
-    let harness = Harness::start().await;
-    harness.emulator.inject(marked_json(
+    let harness = gateway().start().await;
+    harness.emulator().inject(marked_json(
         500,
         "PGS-220000 PostgreSQL error: duplicate key",
     ));
@@ -225,9 +229,9 @@ async fn duplicate_key_500_pgs_220000_is_already_exists() {
 
 #[tokio::test]
 async fn inconsistent_operation_500_rst_360012_is_already_exists() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     harness
-        .emulator
+        .emulator()
         .inject(marked_json(500, "RST-360012 Inconsistent operation"));
     let status = harness
         .client()
@@ -405,10 +409,10 @@ async fn no_token_is_unavailable_and_nothing_is_sent() {
 
 #[tokio::test]
 async fn token_rejected_401_401013_is_internal_not_unauthenticated() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let pkey = harness.profile(true);
     harness
-        .emulator
+        .emulator()
         .revoke_access_token(EmulatorConfig::DEFAULT_ACCESS_TOKEN);
     assert_mapped(
         get(&harness, &pkey).await,
@@ -546,7 +550,7 @@ async fn token_that_cannot_be_a_header_is_internal() {
 
 #[tokio::test]
 async fn set_opt_out_answers_pending_not_an_error_when_acs_fails() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let pkey = harness.profile(false);
     let mut client: CcpaServiceClient<Channel> = harness.client();
     let request = || SetOptOutRequest {
@@ -558,23 +562,23 @@ async fn set_opt_out_answers_pending_not_an_error_when_acs_fails() {
 
     // The PATCH fails, every attempt: nothing changed in ACS, but the request is recorded.
     for _ in 0..ATTEMPTS {
-        harness.emulator.inject(Fault::html(503));
+        harness.emulator().inject(Fault::html(503));
     }
     let answer = client.set_opt_out(request()).await.unwrap().into_inner();
     assert_eq!(answer.state, DeliveryState::Pending as i32);
     assert!(answer.ccpa_opt_out, "the value asked for");
     assert_eq!(
-        harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"],
+        harness.emulator().profile(&pkey).unwrap()["ccpaOptOut"],
         false
     );
 
     // The PATCH succeeds, the read-back fails: APPLIED, answering the value set.
     let other = harness.profile(false);
     harness
-        .emulator
+        .emulator()
         .inject(Fault::Delay(std::time::Duration::ZERO));
     for _ in 0..ATTEMPTS {
-        harness.emulator.inject(Fault::html(502));
+        harness.emulator().inject(Fault::html(502));
     }
     let answer = client
         .set_opt_out(SetOptOutRequest {
@@ -588,16 +592,16 @@ async fn set_opt_out_answers_pending_not_an_error_when_acs_fails() {
     assert!(answer.ccpa_opt_out);
     assert_eq!(answer.ccpa_opt_out_last_modified, None);
     assert_eq!(
-        harness.emulator.profile(&other).unwrap()["ccpaOptOut"],
+        harness.emulator().profile(&other).unwrap()["ccpaOptOut"],
         true
     );
 }
 
 #[tokio::test]
 async fn set_opt_out_on_an_unknown_profile_is_not_found_and_recorded_failed() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let pkey = harness.profile(false);
-    harness.emulator.remove_profile(&pkey);
+    harness.emulator().remove_profile(&pkey);
     let mut client = harness.client();
     let status = client
         .set_opt_out(SetOptOutRequest {

@@ -4,10 +4,10 @@ mod common;
 
 use std::time::Duration;
 
-use acs_emulator::{EmulatorConfig, Fault};
+use acs_emulator::Fault;
 use ccpa_gateway::proto::ccpa_v1::GetOptOutRequest;
 use ccpa_gateway::server::{CCPA_SERVICE_NAME, ServerOptions, ShutdownOptions};
-use common::Harness;
+use common::gateway;
 use futures::StreamExt;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -27,7 +27,7 @@ fn health_request(service: &str) -> HealthCheckRequest {
 
 #[tokio::test]
 async fn health_reports_the_server_and_the_service_serving() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let mut health = HealthClient::new(harness.channel.clone());
     for service in ["", CCPA_SERVICE_NAME] {
         let status = health
@@ -45,7 +45,7 @@ async fn health_reports_the_server_and_the_service_serving() {
 
 #[tokio::test]
 async fn reflection_v1_lists_the_service_and_describes_it() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let mut reflection = ReflectionV1::new(harness.channel.clone());
     let request = |message| tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
@@ -87,7 +87,7 @@ async fn reflection_v1_lists_the_service_and_describes_it() {
 
 #[tokio::test]
 async fn reflection_v1alpha_lists_the_service() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let mut reflection = ReflectionV1Alpha::new(harness.channel.clone());
     let mut answers = reflection
         .server_reflection_info(futures::stream::iter([
@@ -109,17 +109,16 @@ async fn reflection_v1alpha_lists_the_service() {
 
 #[tokio::test]
 async fn shutdown_reports_not_serving_then_drains_calls_in_flight() {
-    let mut harness = Harness::start_with(
-        EmulatorConfig::default(),
-        ServerOptions {
+    let mut harness = gateway()
+        .options(ServerOptions {
             shutdown: ShutdownOptions {
                 drain_delay: Duration::from_millis(300),
                 drain_timeout: Duration::from_secs(10),
             },
             ..Default::default()
-        },
-    )
-    .await;
+        })
+        .start()
+        .await;
     let pkey = harness.profile(true);
     let mut health = HealthClient::new(harness.channel.clone());
     let mut server_watch = health.watch(health_request("")).await.unwrap().into_inner();
@@ -135,7 +134,7 @@ async fn shutdown_reports_not_serving_then_drains_calls_in_flight() {
 
     // A call that ACS answers slowly is in flight when shutdown begins.
     harness
-        .emulator
+        .emulator()
         .inject(Fault::Delay(Duration::from_millis(800)));
     let mut client = harness.client();
     let in_flight = tokio::spawn(async move {
@@ -147,7 +146,7 @@ async fn shutdown_reports_not_serving_then_drains_calls_in_flight() {
             .await
             .map(|r| r.into_inner())
     });
-    while harness.emulator.request_count() == 0 {
+    while harness.emulator().request_count() == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     harness.begin_shutdown();

@@ -4,9 +4,11 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use acs_emulator::{Emulator, EmulatorConfig, Fault, FaultSettings, NewProfile};
+use acs_profile_client::ManualClock;
 use ccpa_gateway::health::DELIVERY_SERVICE_NAME;
 use ccpa_gateway::ledger::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
@@ -15,7 +17,7 @@ use ccpa_gateway::proto::ccpa_v1::{
     GetOptOutRequest, ListOptOutRecordsRequest, OptOutRecord, RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{Store, acs_config, bulk, opt_out_of, record, start_gateway_on, until_settled};
+use common::{GatewayBuilder, Store, acs_config, bulk, opt_out_of, record, until_settled};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -78,26 +80,9 @@ fn quick_delivery() -> ServerOptions {
     }
 }
 
-struct Gateway {
-    emulator: Emulator,
-    client: CcpaServiceClient<Channel>,
-    channel: Channel,
-    _stop: oneshot::Sender<()>,
-    store: Store,
-}
-
-async fn gateway(store: Store) -> Gateway {
-    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
-    let ledger = store.open().await;
-    let (_, channel, stop, _) =
-        start_gateway_on(acs_config(&emulator), ledger, quick_delivery()).await;
-    Gateway {
-        emulator,
-        client: CcpaServiceClient::new(channel.clone()),
-        channel,
-        _stop: stop,
-        store,
-    }
+/// A gateway in front of a new emulator, on `store`, its deliverer quick to retry.
+fn quick(store: Store) -> GatewayBuilder {
+    common::gateway().store(store).options(quick_delivery())
 }
 
 fn set(pkey: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
@@ -147,22 +132,22 @@ fn acs_down() -> FaultSettings {
 }
 
 async fn a_replayed_request_id_answers_the_original_outcome_and_changes_nothing(store: Store) {
-    let mut gw = gateway(store).await;
-    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    let gw = quick(store).start().await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
 
     let first = gw
-        .client
+        .client()
         .set_opt_out(set(&pkey, true, "replay-1"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(first.request_id, "replay-1");
     assert_eq!(first.state, DeliveryState::Applied as i32);
-    let requests = gw.emulator.request_count();
-    let recorded = record(&mut gw.client, "replay-1").await;
+    let requests = gw.emulator().request_count();
+    let recorded = record(&mut gw.client(), "replay-1").await;
 
     let again = gw
-        .client
+        .client()
         .set_opt_out(set(&pkey, true, "replay-1"))
         .await
         .unwrap()
@@ -170,26 +155,26 @@ async fn a_replayed_request_id_answers_the_original_outcome_and_changes_nothing(
     assert_eq!(again.state, DeliveryState::Applied as i32);
     assert!(again.ccpa_opt_out);
     assert_eq!(
-        gw.emulator.request_count(),
+        gw.emulator().request_count(),
         requests,
         "a replay calls nothing"
     );
     assert_eq!(
-        record(&mut gw.client, "replay-1").await,
+        record(&mut gw.client(), "replay-1").await,
         recorded,
         "and changes nothing"
     );
 
     // A generated id is answered, and works for replays too.
     let generated = gw
-        .client
+        .client()
         .set_opt_out(set(&pkey, false, ""))
         .await
         .unwrap()
         .into_inner();
     assert!(!generated.request_id.is_empty());
     let replayed = gw
-        .client
+        .client()
         .set_opt_out(set(&pkey, false, &generated.request_id))
         .await
         .unwrap()
@@ -199,16 +184,16 @@ async fn a_replayed_request_id_answers_the_original_outcome_and_changes_nothing(
 }
 
 async fn a_request_id_reused_for_another_request_is_refused(store: Store) {
-    let mut gw = gateway(store).await;
-    let pkey = gw.emulator.insert_profile(NewProfile::default());
-    gw.client
+    let gw = quick(store).start().await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
+    gw.client()
         .set_opt_out(set(&pkey, true, "conflict-1"))
         .await
         .unwrap();
-    let requests = gw.emulator.request_count();
+    let requests = gw.emulator().request_count();
 
     let status = gw
-        .client
+        .client()
         .set_opt_out(set(&pkey, false, "conflict-1"))
         .await
         .unwrap_err();
@@ -216,32 +201,32 @@ async fn a_request_id_reused_for_another_request_is_refused(store: Store) {
     let violation = &status.get_details_bad_request().unwrap().field_violations[0];
     assert_eq!(violation.field, "request_id");
     assert_eq!(violation.reason, "REQUEST_ID_CONFLICT");
-    assert_eq!(gw.emulator.request_count(), requests, "nothing sent");
-    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
-    assert!(record(&mut gw.client, "conflict-1").await.ccpa_opt_out);
+    assert_eq!(gw.emulator().request_count(), requests, "nothing sent");
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], true);
+    assert!(record(&mut gw.client(), "conflict-1").await.ccpa_opt_out);
 }
 
 async fn acs_down_answers_pending_and_the_deliverer_applies_it_later(store: Store) {
-    let mut gw = gateway(store).await;
-    let pkey = gw.emulator.insert_profile(NewProfile::default());
-    gw.emulator.set_faults(acs_down());
+    let gw = quick(store).start().await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
+    gw.emulator().set_faults(acs_down());
 
     let started = Instant::now();
     let mut request = tonic::Request::new(set(&pkey, true, "down-1"));
     request.set_timeout(Duration::from_secs(2));
-    let answer = gw.client.set_opt_out(request).await.unwrap().into_inner();
+    let answer = gw.client().set_opt_out(request).await.unwrap().into_inner();
     assert_eq!(answer.state, DeliveryState::Pending as i32);
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "PENDING within the deadline"
     );
-    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], false);
 
     // While pending, and with ACS down, reads give the protective answer.
-    let read = opt_out_of(&mut gw.client, &pkey).await;
+    let read = opt_out_of(&mut gw.client(), &pkey).await;
     assert!(read.ccpa_opt_out && read.change_pending);
 
-    let pending = record(&mut gw.client, "down-1").await;
+    let pending = record(&mut gw.client(), "down-1").await;
     assert_eq!(pending.state, DeliveryState::Pending as i32);
     assert!(pending.answered_at.is_some());
     assert!(
@@ -249,13 +234,13 @@ async fn acs_down_answers_pending_and_the_deliverer_applies_it_later(store: Stor
         "{pending:?}"
     );
 
-    gw.emulator.set_faults(FaultSettings::default());
-    let applied = until_state(&mut gw.client, "down-1", DeliveryState::Applied).await;
+    gw.emulator().set_faults(FaultSettings::default());
+    let applied = until_state(&mut gw.client(), "down-1", DeliveryState::Applied).await;
     assert!(applied.resolved_at.is_some());
     assert!(applied.attempts >= 2, "{applied:?}");
-    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], true);
     let read = gw
-        .client
+        .client()
         .get_opt_out(GetOptOutRequest {
             pkey,
             ..Default::default()
@@ -267,17 +252,17 @@ async fn acs_down_answers_pending_and_the_deliverer_applies_it_later(store: Stor
 }
 
 async fn a_pending_opt_in_does_not_turn_the_answer_to_false(store: Store) {
-    let mut gw = gateway(store).await;
-    let pkey = gw.emulator.insert_profile(NewProfile {
+    let gw = quick(store).start().await;
+    let pkey = gw.emulator().insert_profile(NewProfile {
         ccpa_opt_out: true,
         ..Default::default()
     });
     // Every attempt of the PATCH fails; reads work.
     for _ in 0..8 {
-        gw.emulator.inject(Fault::html(503));
+        gw.emulator().inject(Fault::html(503));
     }
     let answer = gw
-        .client
+        .client()
         .set_opt_out(set(&pkey, false, "opt-in-1"))
         .await
         .unwrap()
@@ -285,14 +270,14 @@ async fn a_pending_opt_in_does_not_turn_the_answer_to_false(store: Store) {
     assert_eq!(answer.state, DeliveryState::Pending as i32);
     // Hold the profile's lease, as another replica delivering it would: the deliverer leaves the
     // opt-in pending until it is given back, so the reads below see it pending.
-    let ledger = gw.store.open().await;
-    let lease = ccpa_gateway::ledger::Claim::new(60_000);
+    let ledger = gw.ledger.clone();
+    let lease = ledger.new_claim(MINUTE);
     while !ledger.claim(&pkey, &lease).await.unwrap() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    gw.emulator.set_faults(acs_down());
+    gw.emulator().set_faults(acs_down());
     let read = gw
-        .client
+        .client()
         .get_opt_out(GetOptOutRequest {
             pkey: pkey.clone(),
             ..Default::default()
@@ -302,14 +287,14 @@ async fn a_pending_opt_in_does_not_turn_the_answer_to_false(store: Store) {
         read.is_err(),
         "without ACS there is no answer but the protective one"
     );
-    gw.emulator.set_faults(FaultSettings::default());
+    gw.emulator().set_faults(FaultSettings::default());
     // ACS holds true until the opt-in reaches it: the answer stays true, pending.
-    let read = opt_out_of(&mut gw.client, &pkey).await;
+    let read = opt_out_of(&mut gw.client(), &pkey).await;
     assert!(read.ccpa_opt_out && read.change_pending, "{read:?}");
     ledger.release(&pkey, &lease).await.unwrap();
-    until_state(&mut gw.client, "opt-in-1", DeliveryState::Applied).await;
+    until_state(&mut gw.client(), "opt-in-1", DeliveryState::Applied).await;
     let read = gw
-        .client
+        .client()
         .get_opt_out(GetOptOutRequest {
             pkey,
             ..Default::default()
@@ -321,30 +306,30 @@ async fn a_pending_opt_in_does_not_turn_the_answer_to_false(store: Store) {
 }
 
 async fn a_newer_request_supersedes_an_older_pending_one_and_a_late_older_one(store: Store) {
-    let mut gw = gateway(store).await;
-    let pkey = gw.emulator.insert_profile(NewProfile::default());
-    gw.emulator.set_faults(acs_down());
+    let gw = quick(store).start().await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
+    gw.emulator().set_faults(acs_down());
 
     let at = |ms: i64, value: bool, id: &str| SetOptOutRequest {
         received_at: Some(ms_ago(ms)),
         ..set(&pkey, value, id)
     };
     let older = gw
-        .client
+        .client()
         .set_opt_out(at(3_000, true, "order-older"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(older.state, DeliveryState::Pending as i32);
     let newer = gw
-        .client
+        .client()
         .set_opt_out(at(2_000, false, "order-newer"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(newer.state, DeliveryState::Pending as i32);
     let late = gw
-        .client
+        .client()
         .set_opt_out(at(5_000, true, "order-late"))
         .await
         .unwrap()
@@ -355,22 +340,22 @@ async fn a_newer_request_supersedes_an_older_pending_one_and_a_late_older_one(st
         "made before the newest"
     );
 
-    let superseded = record(&mut gw.client, "order-older").await;
+    let superseded = record(&mut gw.client(), "order-older").await;
     assert_eq!(superseded.state, DeliveryState::Superseded as i32);
     assert_eq!(superseded.superseded_by, "order-newer");
     assert_eq!(
-        record(&mut gw.client, "order-late").await.superseded_by,
+        record(&mut gw.client(), "order-late").await.superseded_by,
         "order-newer"
     );
 
-    let patches_before = gw.emulator.request_count();
-    gw.emulator.set_faults(FaultSettings::default());
-    until_state(&mut gw.client, "order-newer", DeliveryState::Applied).await;
-    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
+    let patches_before = gw.emulator().request_count();
+    gw.emulator().set_faults(FaultSettings::default());
+    until_state(&mut gw.client(), "order-newer", DeliveryState::Applied).await;
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], false);
     // The superseded requests were never applied after it.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
-    let patches: Vec<_> = gw.emulator.requests()[patches_before..]
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], false);
+    let patches: Vec<_> = gw.emulator().requests()[patches_before..]
         .iter()
         .filter(|r| r.method == "PATCH")
         .map(|r| String::from_utf8_lossy(&r.body).into_owned())
@@ -382,16 +367,16 @@ async fn a_newer_request_supersedes_an_older_pending_one_and_a_late_older_one(st
 }
 
 async fn an_unknown_profile_is_recorded_failed_with_the_reason(store: Store) {
-    let mut gw = gateway(store).await;
-    let pkey = gw.emulator.insert_profile(NewProfile::default());
-    gw.emulator.remove_profile(&pkey);
+    let gw = quick(store).start().await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
+    gw.emulator().remove_profile(&pkey);
     let status = gw
-        .client
+        .client()
         .set_opt_out(set(&pkey, true, "gone-1"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let failed = record(&mut gw.client, "gone-1").await;
+    let failed = record(&mut gw.client(), "gone-1").await;
     assert_eq!(failed.state, DeliveryState::Failed as i32);
     assert_eq!(
         failed.failure_reason,
@@ -400,9 +385,9 @@ async fn an_unknown_profile_is_recorded_failed_with_the_reason(store: Store) {
     assert!(failed.resolved_at.is_some() && failed.answered_at.is_some());
 
     // The replay answers the same, without calling ACS.
-    let requests = gw.emulator.request_count();
+    let requests = gw.emulator().request_count();
     let replayed = gw
-        .client
+        .client()
         .set_opt_out(set(&pkey, true, "gone-1"))
         .await
         .unwrap_err();
@@ -411,21 +396,21 @@ async fn an_unknown_profile_is_recorded_failed_with_the_reason(store: Store) {
         replayed.get_details_error_info().unwrap().reason,
         "REQUEST_FAILED"
     );
-    assert_eq!(gw.emulator.request_count(), requests);
+    assert_eq!(gw.emulator().request_count(), requests);
 }
 
 async fn records_are_listed_newest_first_in_pages(store: Store) {
-    let mut gw = gateway(store).await;
-    let pkey = gw.emulator.insert_profile(NewProfile::default());
-    let other = gw.emulator.insert_profile(NewProfile::default());
+    let gw = quick(store).start().await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
+    let other = gw.emulator().insert_profile(NewProfile::default());
     for i in 0..7 {
         let request = SetOptOutRequest {
             received_at: Some(ms_ago(10_000 - i * 1_000)),
             ..set(&pkey, i % 2 == 0, &format!("list-{i}"))
         };
-        gw.client.set_opt_out(request).await.unwrap();
+        gw.client().set_opt_out(request).await.unwrap();
     }
-    gw.client
+    gw.client()
         .set_opt_out(set(&other, true, "list-other"))
         .await
         .unwrap();
@@ -435,7 +420,7 @@ async fn records_are_listed_newest_first_in_pages(store: Store) {
     let mut pages = 0;
     loop {
         let page = gw
-            .client
+            .client()
             .list_opt_out_records(ListOptOutRecordsRequest {
                 pkey: pkey.clone(),
                 page_size: 3,
@@ -459,7 +444,7 @@ async fn records_are_listed_newest_first_in_pages(store: Store) {
 
     // Filters: by state; a token is refused with other filters.
     let applied = gw
-        .client
+        .client()
         .list_opt_out_records(ListOptOutRecordsRequest {
             state: DeliveryState::Applied as i32,
             ..Default::default()
@@ -469,7 +454,7 @@ async fn records_are_listed_newest_first_in_pages(store: Store) {
         .into_inner();
     assert_eq!(applied.records.len(), 8);
     let first = gw
-        .client
+        .client()
         .list_opt_out_records(ListOptOutRecordsRequest {
             pkey: pkey.clone(),
             page_size: 3,
@@ -479,7 +464,7 @@ async fn records_are_listed_newest_first_in_pages(store: Store) {
         .unwrap()
         .into_inner();
     let mismatched = gw
-        .client
+        .client()
         .list_opt_out_records(ListOptOutRecordsRequest {
             pkey: other,
             page_size: 3,
@@ -490,7 +475,7 @@ async fn records_are_listed_newest_first_in_pages(store: Store) {
         .unwrap_err();
     assert_eq!(mismatched.code(), Code::InvalidArgument);
     let window = gw
-        .client
+        .client()
         .list_opt_out_records(ListOptOutRecordsRequest {
             pkey,
             received_after: Some(ms_ago(8_500)),
@@ -522,10 +507,10 @@ fn assert_refused(result: Result<impl std::fmt::Debug, Status>, field: &str) {
 }
 
 async fn requests_without_a_source_or_from_the_future_are_refused(store: Store) {
-    let mut gw = gateway(store).await;
-    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    let gw = quick(store).start().await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
     assert_refused(
-        gw.client
+        gw.client()
             .set_opt_out(SetOptOutRequest {
                 source: RequestSource::Unspecified as i32,
                 ..set(&pkey, true, "")
@@ -534,7 +519,7 @@ async fn requests_without_a_source_or_from_the_future_are_refused(store: Store) 
         "source",
     );
     assert_refused(
-        gw.client
+        gw.client()
             .set_opt_out(SetOptOutRequest {
                 received_at: Some(ms_ago(-3_600_000)),
                 ..set(&pkey, true, "")
@@ -543,23 +528,23 @@ async fn requests_without_a_source_or_from_the_future_are_refused(store: Store) 
         "received_at",
     );
     assert_refused(
-        gw.client
+        gw.client()
             .set_opt_out(set(&pkey, true, &"x".repeat(129)))
             .await,
         "request_id",
     );
     assert_refused(
-        gw.client.set_opt_out(set(&pkey, true, "has space")).await,
+        gw.client().set_opt_out(set(&pkey, true, "has space")).await,
         "request_id",
     );
     let mut with_caller = tonic::Request::new(set(&pkey, true, ""));
     with_caller
         .metadata_mut()
         .insert("x-ccpa-caller", "a b".parse().unwrap());
-    assert_refused(gw.client.set_opt_out(with_caller).await, "x-ccpa-caller");
-    assert_eq!(gw.emulator.request_count(), 0, "nothing sent");
+    assert_refused(gw.client().set_opt_out(with_caller).await, "x-ccpa-caller");
+    assert_eq!(gw.emulator().request_count(), 0, "nothing sent");
     let listed = gw
-        .client
+        .client()
         .list_opt_out_records(ListOptOutRecordsRequest::default())
         .await
         .unwrap()
@@ -569,8 +554,8 @@ async fn requests_without_a_source_or_from_the_future_are_refused(store: Store) 
 
 async fn overdue_requests_are_reported(store: Store) {
     let location = store.location.clone();
-    let mut gw = gateway(store).await;
-    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    let gw = quick(store).start().await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
     let mut health = HealthClient::new(gw.channel.clone());
     let delivery = || HealthCheckRequest {
         service: DELIVERY_SERVICE_NAME.into(),
@@ -580,7 +565,7 @@ async fn overdue_requests_are_reported(store: Store) {
         ServingStatus::Serving as i32
     );
 
-    gw.emulator.set_faults(acs_down());
+    gw.emulator().set_faults(acs_down());
     let mut caller = tonic::Request::new(SetOptOutRequest {
         received_at: Some(ms_ago(10 * 86_400_000)),
         source: RequestSource::GlobalPrivacyControl as i32,
@@ -589,10 +574,10 @@ async fn overdue_requests_are_reported(store: Store) {
     caller
         .metadata_mut()
         .insert("x-ccpa-caller", "privacy-portal".parse().unwrap());
-    let answer = gw.client.set_opt_out(caller).await.unwrap().into_inner();
+    let answer = gw.client().set_opt_out(caller).await.unwrap().into_inner();
     assert_eq!(answer.state, DeliveryState::Pending as i32);
     assert_eq!(
-        record(&mut gw.client, "overdue-1").await.caller,
+        record(&mut gw.client(), "overdue-1").await.caller,
         "privacy-portal"
     );
 
@@ -674,8 +659,8 @@ async fn overdue_requests_are_reported(store: Store) {
     }
 
     // Delivered: no longer overdue.
-    gw.emulator.set_faults(FaultSettings::default());
-    until_state(&mut gw.client, "overdue-1", DeliveryState::Applied).await;
+    gw.emulator().set_faults(FaultSettings::default());
+    until_state(&mut gw.client(), "overdue-1", DeliveryState::Applied).await;
     let started = Instant::now();
     while health.check(delivery()).await.unwrap().into_inner().status
         != ServingStatus::Serving as i32
@@ -689,7 +674,7 @@ async fn overdue_requests_are_reported(store: Store) {
 }
 
 async fn a_creation_with_an_opt_out_is_recorded_and_replayed(store: Store) {
-    let mut gw = gateway(store).await;
+    let gw = quick(store).start().await;
     let creation = || CreateProfileRequest {
         email: "create-record@example.com".into(),
         ccpa_opt_out: Some(true),
@@ -698,31 +683,31 @@ async fn a_creation_with_an_opt_out_is_recorded_and_replayed(store: Store) {
         ..Default::default()
     };
     let created = gw
-        .client
+        .client()
         .create_profile(creation())
         .await
         .unwrap()
         .into_inner();
     assert_eq!(created.request_id, "create-1");
     let profile = created.profile.unwrap();
-    let recorded = record(&mut gw.client, "create-1").await;
+    let recorded = record(&mut gw.client(), "create-1").await;
     assert_eq!(recorded.state, DeliveryState::Applied as i32);
     assert_eq!(recorded.pkey, profile.pkey);
     assert!(recorded.profile_creation);
 
     // A replay answers the same profile and creates nothing.
     let replayed = gw
-        .client
+        .client()
         .create_profile(creation())
         .await
         .unwrap()
         .into_inner();
     assert_eq!(replayed.profile.unwrap().pkey, profile.pkey);
-    assert_eq!(gw.emulator.profile_count(), 1);
+    assert_eq!(gw.emulator().profile_count(), 1);
 
     // Without a source, a creation with an opt-out is refused.
     assert_refused(
-        gw.client
+        gw.client()
             .create_profile(CreateProfileRequest {
                 source: RequestSource::Unspecified as i32,
                 request_id: String::new(),
@@ -734,10 +719,10 @@ async fn a_creation_with_an_opt_out_is_recorded_and_replayed(store: Store) {
 
     // A creation ACS refuses is FAILED, with its basis; the caller gets the error.
     for _ in 0..4 {
-        gw.emulator.inject(Fault::html(503));
+        gw.emulator().inject(Fault::html(503));
     }
     let status = gw
-        .client
+        .client()
         .create_profile(CreateProfileRequest {
             request_id: "create-2".into(),
             ..creation()
@@ -745,7 +730,7 @@ async fn a_creation_with_an_opt_out_is_recorded_and_replayed(store: Store) {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    let failed = record(&mut gw.client, "create-2").await;
+    let failed = record(&mut gw.client(), "create-2").await;
     assert_eq!(failed.state, DeliveryState::Failed as i32);
     assert!(
         failed.failure_reason.contains("did not create"),
@@ -753,11 +738,58 @@ async fn a_creation_with_an_opt_out_is_recorded_and_replayed(store: Store) {
     );
 }
 
+on_both_stores!(a_pending_request_is_overdue_after_its_business_days_on_the_clock);
+
+/// The overdue clock counts business days on the ledger's clock: a request pending since a
+/// Monday is not overdue on the Friday, and is by the next Monday, the weekend not counted.
+async fn a_pending_request_is_overdue_after_its_business_days_on_the_clock(store: Store) {
+    // Monday 2026-11-30, 10:00 UTC.
+    let monday = UNIX_EPOCH + Duration::from_secs(1_796_032_800);
+    let clock = Arc::new(ManualClock::at(monday));
+    let gw = quick(store).clock(clock.clone()).start().await;
+    let mut health = HealthClient::new(gw.channel.clone());
+    let delivery = || HealthCheckRequest {
+        service: DELIVERY_SERVICE_NAME.into(),
+    };
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
+    gw.emulator().set_faults(acs_down());
+    let answer = gw
+        .client()
+        .set_opt_out(set(&pkey, true, "waits"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.state, DeliveryState::Pending as i32);
+
+    // Friday 09:00: four business days. The deliverer's clock looks every 200 ms.
+    clock.advance(4 * DAY - Duration::from_secs(3_600));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        health.check(delivery()).await.unwrap().into_inner().status,
+        ServingStatus::Serving as i32,
+        "not overdue within its business days"
+    );
+
+    // The next Monday, 11:00: five business days and an hour.
+    clock.advance(3 * DAY + Duration::from_secs(2 * 3_600));
+    let started = Instant::now();
+    while health.check(delivery()).await.unwrap().into_inner().status
+        != ServingStatus::NotServing as i32
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the clock never reported it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 on_both_stores!(only_records_past_their_retention_are_pruned_and_never_pending_ones);
 
 async fn only_records_past_their_retention_are_pruned_and_never_pending_ones(store: Store) {
-    use ccpa_gateway::ledger::{Kind, NewRequest, Outcome, Recorded, Source, now_ms};
-    let ledger = store.open().await;
+    use ccpa_gateway::ledger::{Kind, MIN_RETENTION, NewRequest, Outcome, Recorded, Source};
+    let clock = Arc::new(ManualClock::new());
+    let ledger = store.open().await.with_clock(clock.clone());
     let three_years = 3 * 365 * 86_400_000_i64;
     let request = |id: &str, pkey: &str, received_at: i64| NewRequest {
         request_id: id.into(),
@@ -771,10 +803,11 @@ async fn only_records_past_their_retention_are_pruned_and_never_pending_ones(sto
         parent_request_id: None,
         fingerprint: None,
     };
+    let now = ledger.now_ms();
     for (id, pkey, received_at, applied) in [
-        ("old-applied", "@a", now_ms() - three_years, true),
-        ("old-pending", "@b", now_ms() - three_years, false),
-        ("recent-applied", "@c", now_ms() - 86_400_000, true),
+        ("old-applied", "@a", now - three_years, true),
+        ("old-pending", "@b", now - three_years, false),
+        ("recent-applied", "@c", now - 86_400_000, true),
     ] {
         let (recorded, _) = ledger
             .record(&request(id, pkey, received_at), None)
@@ -791,15 +824,18 @@ async fn only_records_past_their_retention_are_pruned_and_never_pending_ones(sto
             );
         }
     }
-    let retention = 731 * 86_400_000_i64;
     assert_eq!(
-        ledger.prune(now_ms() - retention).await.unwrap(),
+        ledger.prune(MIN_RETENTION).await.unwrap(),
         0,
         "retention counts from the response: a request made long ago but answered now is kept"
     );
     assert!(ledger.get("old-applied").await.unwrap().is_some());
-    // Once the responses are older than the retention (a cutoff after them), they go.
-    assert_eq!(ledger.prune(now_ms() + 1_000).await.unwrap(), 2);
+    // A day short of the retention after the responses, they are kept; once it has passed, they
+    // go.
+    clock.advance(MIN_RETENTION - DAY);
+    assert_eq!(ledger.prune(MIN_RETENTION).await.unwrap(), 0);
+    clock.advance(DAY + Duration::from_secs(1));
+    assert_eq!(ledger.prune(MIN_RETENTION).await.unwrap(), 2);
     assert!(ledger.get("old-applied").await.unwrap().is_none());
     assert!(ledger.get("recent-applied").await.unwrap().is_none());
     assert!(
@@ -809,22 +845,21 @@ async fn only_records_past_their_retention_are_pruned_and_never_pending_ones(sto
 
     // A lease given back long ago names a profile: its row goes with a prune, unless the
     // profile still has a pending request. (A claim after that starts at generation 1 again.)
-    use ccpa_gateway::ledger::Claim;
     // "@b" is the profile of "old-pending".
     for pkey in ["@lease-given-back", "@b"] {
-        let claim = Claim::new(60_000);
+        let claim = ledger.new_claim(MINUTE);
         assert!(ledger.claim(pkey, &claim).await.unwrap(), "{pkey}");
         ledger.release(pkey, &claim).await.unwrap();
     }
-    ledger.prune(now_ms() - retention).await.unwrap();
-    let again = Claim::new(60_000);
+    ledger.prune(MIN_RETENTION).await.unwrap();
+    let again = ledger.new_claim(MINUTE);
     assert!(ledger.claim("@lease-given-back", &again).await.unwrap());
     assert_eq!(
         again.generation(),
         Some(1),
         "the lapsed lease's row was pruned"
     );
-    let kept = Claim::new(60_000);
+    let kept = ledger.new_claim(MINUTE);
     assert!(ledger.claim("@b", &kept).await.unwrap());
     assert!(
         kept.generation() > Some(1),
@@ -837,36 +872,36 @@ on_both_stores!(a_caller_that_goes_away_does_not_interrupt_its_request);
 /// tonic drops a handler when its caller cancels; the request's work must still end properly
 /// (applied, recorded, the profile's lease given back) rather than wait for the deliverer.
 async fn a_caller_that_goes_away_does_not_interrupt_its_request(store: Store) {
-    let mut gw = gateway(store).await;
-    let pkey = gw.emulator.insert_profile(NewProfile::default());
-    gw.emulator.set_faults(FaultSettings {
+    // The clock stands still: the lease cannot lapse, so no one but the call can apply it.
+    let gw = quick(store)
+        .clock(Arc::new(ManualClock::new()))
+        .start()
+        .await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
+    gw.emulator().set_faults(FaultSettings {
         latency: Duration::from_millis(300),
         ..Default::default()
     });
-    let started = Instant::now();
     let cancelled = tokio::time::timeout(
         Duration::from_millis(100),
-        gw.client.set_opt_out(set(&pkey, true, "went-away")),
+        gw.client().set_opt_out(set(&pkey, true, "went-away")),
     )
     .await;
     assert!(cancelled.is_err(), "the caller gave up first");
-    let applied = until_state(&mut gw.client, "went-away", DeliveryState::Applied).await;
+    let applied = until_state(&mut gw.client(), "went-away", DeliveryState::Applied).await;
     assert_eq!(
         applied.attempts, 1,
         "applied by the call itself: {applied:?}"
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "sooner than the lease would have expired"
-    );
-    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], true);
 }
 
 on_both_stores!(interrupted_requests_that_cannot_be_completed_later_fail_with_their_reason);
 
 async fn interrupted_requests_that_cannot_be_completed_later_fail_with_their_reason(store: Store) {
     use ccpa_gateway::ledger::{Kind, NewRequest, Recorded, Source, State};
-    let ledger = store.open().await;
+    let clock = Arc::new(ManualClock::new());
+    let ledger = store.open().await.with_clock(clock.clone());
     let request = |id: &str, kind: Kind, pkey: Option<&str>, parent: Option<&str>| NewRequest {
         request_id: id.into(),
         kind,
@@ -893,13 +928,14 @@ async fn interrupted_requests_that_cannot_be_completed_later_fail_with_their_rea
         let (recorded, _) = ledger.record(&new, None).await.unwrap();
         assert!(matches!(recorded, Recorded::New(_)));
     }
+    clock.advance(Duration::from_secs(59));
     assert_eq!(
         ledger.fail_abandoned(60_000).await.unwrap(),
         0,
         "requests still within a lease may be in progress"
     );
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    assert_eq!(ledger.fail_abandoned(0).await.unwrap(), 2);
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(ledger.fail_abandoned(60_000).await.unwrap(), 2);
     for id in ["creation", "by-email"] {
         let record = ledger.get(id).await.unwrap().unwrap();
         assert_eq!(record.state, State::Failed, "{id}");
@@ -938,6 +974,7 @@ async fn a_retention_under_24_months_is_refused() {
     }
 }
 
+const MINUTE: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(86_400);
 
 fn set_by_email(email: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
@@ -960,21 +997,21 @@ fn profile_with_email(email: &str) -> NewProfile {
 /// The ledger keeps no address, yet a request id replayed with another address (or another
 /// `create_if_missing`) is another request: refused, not answered as the first one.
 async fn a_request_by_email_replayed_with_other_content_is_refused(store: Store) {
-    let mut gw = gateway(store).await;
+    let gw = quick(store).start().await;
     let pkey = gw
-        .emulator
+        .emulator()
         .insert_profile(profile_with_email("grace@example.com"));
-    gw.emulator
+    gw.emulator()
         .insert_profile(profile_with_email("other@example.com"));
     let first = gw
-        .client
+        .client()
         .set_opt_out(set_by_email("grace@example.com", true, "mail-1"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(first.state, DeliveryState::Applied as i32);
-    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
-    let requests = gw.emulator.request_count();
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], true);
+    let requests = gw.emulator().request_count();
 
     for other in [
         set_by_email("other@example.com", true, "mail-1"),
@@ -983,34 +1020,34 @@ async fn a_request_by_email_replayed_with_other_content_is_refused(store: Store)
             ..set_by_email("grace@example.com", true, "mail-1")
         },
     ] {
-        let status = gw.client.set_opt_out(other).await.unwrap_err();
+        let status = gw.client().set_opt_out(other).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         let violation = &status.get_details_bad_request().unwrap().field_violations[0];
         assert_eq!(violation.reason, "REQUEST_ID_CONFLICT");
     }
     // The same address, spelt in another case, is the same request.
     let replayed = gw
-        .client
+        .client()
         .set_opt_out(set_by_email("Grace@Example.com", true, "mail-1"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(replayed.state, DeliveryState::Applied as i32);
     assert_eq!(replayed.profiles, first.profiles);
-    assert_eq!(gw.emulator.request_count(), requests, "nothing sent");
+    assert_eq!(gw.emulator().request_count(), requests, "nothing sent");
 }
 
 /// A lookup that could not be made did nothing under its request id: replaying the id (say,
 /// running a CSV file again) tries the request again. An address no profile has is an outcome:
 /// replaying it answers it again.
 async fn a_request_by_email_whose_lookup_failed_is_tried_again_when_replayed(store: Store) {
-    let mut gw = gateway(store).await;
+    let gw = quick(store).start().await;
     let pkey = gw
-        .emulator
+        .emulator()
         .insert_profile(profile_with_email("lin@example.com"));
 
     let unknown = gw
-        .client
+        .client()
         .set_opt_out(set_by_email("nobody@example.com", true, "nobody-1"))
         .await
         .unwrap_err();
@@ -1021,28 +1058,28 @@ async fn a_request_by_email_whose_lookup_failed_is_tried_again_when_replayed(sto
         "EMAIL_NOT_FOUND"
     );
     let replayed = gw
-        .client
+        .client()
         .set_opt_out(set_by_email("nobody@example.com", true, "nobody-1"))
         .await
         .unwrap_err();
     assert_eq!(replayed.code(), Code::NotFound);
     assert!(replayed.message().contains("used before"), "{replayed:?}");
 
-    gw.emulator.set_faults(acs_down());
+    gw.emulator().set_faults(acs_down());
     let mut request = tonic::Request::new(set_by_email("lin@example.com", true, "lin-1"));
     request.set_timeout(Duration::from_secs(2));
-    let status = gw.client.set_opt_out(request).await.unwrap_err();
+    let status = gw.client().set_opt_out(request).await.unwrap_err();
     assert!(
         matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
         "{status:?}"
     );
-    let failed = record(&mut gw.client, "lin-1").await;
+    let failed = record(&mut gw.client(), "lin-1").await;
     assert_eq!(failed.state, DeliveryState::Failed as i32);
-    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], false);
 
-    gw.emulator.set_faults(FaultSettings::default());
+    gw.emulator().set_faults(FaultSettings::default());
     let answer = gw
-        .client
+        .client()
         .set_opt_out(set_by_email("lin@example.com", true, "lin-1"))
         .await
         .unwrap()
@@ -1050,8 +1087,8 @@ async fn a_request_by_email_whose_lookup_failed_is_tried_again_when_replayed(sto
     assert_eq!(answer.state, DeliveryState::Applied as i32);
     assert_eq!(answer.profiles.len(), 1);
     assert_eq!(answer.profiles[0].request_id, "lin-1:1");
-    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
-    let reopened = record(&mut gw.client, "lin-1").await;
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], true);
+    let reopened = record(&mut gw.client(), "lin-1").await;
     assert_eq!(reopened.state, DeliveryState::Applied as i32);
     assert!(reopened.attempts >= 1, "{reopened:?}");
     assert!(
@@ -1060,23 +1097,24 @@ async fn a_request_by_email_whose_lookup_failed_is_tried_again_when_replayed(sto
     );
 
     // Once it reached its profiles, a replay answers that outcome and sends nothing.
-    let requests = gw.emulator.request_count();
+    let requests = gw.emulator().request_count();
     let again = gw
-        .client
+        .client()
         .set_opt_out(set_by_email("lin@example.com", true, "lin-1"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(again.state, DeliveryState::Applied as i32);
-    assert_eq!(gw.emulator.request_count(), requests);
+    assert_eq!(gw.emulator().request_count(), requests);
 }
 
 /// A PATCH that timed out may still be on its way through ACS. Until the profile's lease lapses,
 /// no newer request is sent, so that the older one cannot land after it.
 async fn a_newer_request_waits_while_an_older_one_may_still_be_on_its_way_to_acs(store: Store) {
-    let mut gw = gateway(store).await;
-    let pkey = gw.emulator.insert_profile(NewProfile::default());
-    gw.emulator.set_faults(FaultSettings {
+    let clock = Arc::new(ManualClock::new());
+    let gw = quick(store).clock(clock.clone()).start().await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
+    gw.emulator().set_faults(FaultSettings {
         latency: Duration::from_secs(2),
         ..Default::default()
     });
@@ -1085,22 +1123,44 @@ async fn a_newer_request_waits_while_an_older_one_may_still_be_on_its_way_to_acs
         ..set(&pkey, true, "in-flight-1")
     });
     older.set_timeout(Duration::from_millis(700));
-    let answer = gw.client.set_opt_out(older).await.unwrap().into_inner();
+    let answer = gw.client().set_opt_out(older).await.unwrap().into_inner();
     assert_eq!(answer.state, DeliveryState::Pending as i32);
 
-    gw.emulator.set_faults(FaultSettings::default());
+    gw.emulator().set_faults(FaultSettings::default());
     let mut newer = tonic::Request::new(set(&pkey, false, "after-1"));
     newer.set_timeout(Duration::from_secs(2));
-    let answer = gw.client.set_opt_out(newer).await.unwrap().into_inner();
+    let answer = gw.client().set_opt_out(newer).await.unwrap().into_inner();
     assert_eq!(
         answer.state,
         DeliveryState::Pending as i32,
         "not sent while the older PATCH may still land"
     );
+    // The older PATCH ends at ACS; the lease is still held on the clock, so the deliverer,
+    // polling all the while, sends nothing newer.
+    until_acs_is_idle(gw.emulator()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        record(&mut gw.client(), "after-1").await.state,
+        DeliveryState::Pending as i32
+    );
 
-    until_state(&mut gw.client, "after-1", DeliveryState::Applied).await;
-    until_state(&mut gw.client, "in-flight-1", DeliveryState::Superseded).await;
-    assert_eq!(gw.emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
+    // Once the lease has lapsed, the newer request is applied, and the older never.
+    clock.advance(quick_delivery().delivery.lease + Duration::from_secs(1));
+    until_state(&mut gw.client(), "after-1", DeliveryState::Applied).await;
+    until_state(&mut gw.client(), "in-flight-1", DeliveryState::Superseded).await;
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], false);
+}
+
+/// Waits until ACS handles no request: every PATCH sent has landed or died.
+async fn until_acs_is_idle(emulator: &Emulator) {
+    let started = Instant::now();
+    while emulator.active_requests() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "a request to ACS never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 on_both_stores!(a_patch_held_up_past_its_lease_cannot_land_after_a_newer_applied_request);
@@ -1111,46 +1171,46 @@ on_both_stores!(a_patch_held_up_past_its_lease_cannot_land_after_a_newer_applied
 /// lapsed, is applied first and the held-up older one lands after it, leaving ACS with the older
 /// value while the ledger says the newer one is APPLIED.
 async fn a_patch_held_up_past_its_lease_cannot_land_after_a_newer_applied_request(store: Store) {
-    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
-    let pkey = emulator.insert_profile(NewProfile::default());
     let mut options = quick_delivery();
     options.delivery.lease = Duration::from_secs(2);
     options.delivery.attempt_budget = Duration::from_secs(10);
     // The deliverer does not try the older request again before the newer one arrives.
     options.delivery.backoff_base = Duration::from_secs(30);
     options.delivery.backoff_max = Duration::from_secs(30);
-    let (_, channel, _stop, _) =
-        start_gateway_on(acs_config(&emulator), store.open().await, options).await;
-    let mut client = CcpaServiceClient::new(channel);
+    let clock = Arc::new(ManualClock::new());
+    let gw = common::gateway()
+        .store(store)
+        .options(options)
+        .clock(clock.clone())
+        .start()
+        .await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
 
     // The older request's PATCH is held up in ACS for 4 s before ACS handles it.
-    emulator.inject(Fault::Delay(Duration::from_secs(4)));
-    let started = Instant::now();
+    gw.emulator().inject(Fault::Delay(Duration::from_secs(4)));
     let mut older = tonic::Request::new(SetOptOutRequest {
         received_at: Some(ms_ago(1_000)),
         ..set(&pkey, true, "held-up")
     });
     older.set_timeout(Duration::from_secs(10));
-    let mut older_client = client.clone();
-    let older = tokio::spawn(async move { older_client.set_opt_out(older).await });
-
-    // Once its lease has lapsed, a newer request is applied.
-    tokio::time::sleep(Duration::from_millis(2_300)).await;
-    let mut newer = tonic::Request::new(set(&pkey, false, "newer"));
-    newer.set_timeout(Duration::from_secs(5));
-    client.set_opt_out(newer).await.unwrap();
-    until_state(&mut client, "newer", DeliveryState::Applied).await;
-
-    let older = older.await.unwrap().unwrap().into_inner();
+    let older = gw.client().set_opt_out(older).await.unwrap().into_inner();
     assert_eq!(
         older.state,
         DeliveryState::Pending as i32,
         "abandoned before its lease could lapse"
     );
-    // Past the moment the held-up PATCH would have landed: ACS holds the newer request.
-    tokio::time::sleep(Duration::from_millis(4_500).saturating_sub(started.elapsed())).await;
-    until_state(&mut client, "held-up", DeliveryState::Superseded).await;
-    assert_eq!(emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
+
+    // Once its lease has lapsed, a newer request is applied.
+    clock.advance(Duration::from_millis(2_300));
+    let mut newer = tonic::Request::new(set(&pkey, false, "newer"));
+    newer.set_timeout(Duration::from_secs(5));
+    gw.client().set_opt_out(newer).await.unwrap();
+    until_state(&mut gw.client(), "newer", DeliveryState::Applied).await;
+
+    // Once the held-up PATCH has ended at ACS: ACS holds the newer request.
+    until_acs_is_idle(gw.emulator()).await;
+    until_state(&mut gw.client(), "held-up", DeliveryState::Superseded).await;
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], false);
 }
 
 /// A SQLite ledger is for one gateway: a second one on the same file refuses to start, naming
@@ -1159,16 +1219,19 @@ async fn a_patch_held_up_past_its_lease_cannot_land_after_a_newer_applied_reques
 async fn a_second_gateway_on_one_sqlite_ledger_refuses_to_start() {
     let store = Store::sqlite();
     let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
-    let (_, _channel, _stop, _server) =
-        start_gateway_on(acs_config(&emulator), store.open().await, quick_delivery()).await;
-    let second = ccpa_gateway::server::serve(
-        acs_profile_client::Client::from_config(acs_config(&emulator)).unwrap(),
-        store.open().await,
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        std::future::pending(),
-        quick_delivery(),
-    );
-    let refused = tokio::time::timeout(Duration::from_secs(5), second)
+    let _first = common::gateway()
+        .calling(acs_config(&emulator))
+        .ledger_at(&store.location)
+        .options(quick_delivery())
+        .start()
+        .await;
+    let second = common::gateway()
+        .calling(acs_config(&emulator))
+        .ledger_at(&store.location)
+        .options(quick_delivery())
+        .start()
+        .await;
+    let refused = tokio::time::timeout(Duration::from_secs(5), second.stopped())
         .await
         .expect("the second gateway stops at once")
         .unwrap_err();
@@ -1182,8 +1245,9 @@ on_both_stores!(an_attempt_whose_lease_was_taken_over_settles_nothing);
 /// The fencing token: an attempt settled after its lease lapsed and another claim took the
 /// profile records nothing, and cannot give the new holder's lease back.
 async fn an_attempt_whose_lease_was_taken_over_settles_nothing(store: Store) {
-    use ccpa_gateway::ledger::{Claim, Kind, NewRequest, Outcome, Settled, Source, State};
-    let ledger = store.open().await;
+    use ccpa_gateway::ledger::{Kind, NewRequest, Outcome, Settled, Source, State};
+    let clock = Arc::new(ManualClock::new());
+    let ledger = store.open().await.with_clock(clock.clone());
     let pkey = "@fencing-profile";
     let request = NewRequest {
         request_id: "fenced".into(),
@@ -1197,14 +1261,17 @@ async fn an_attempt_whose_lease_was_taken_over_settles_nothing(store: Store) {
         parent_request_id: None,
         fingerprint: None,
     };
-    let first = Claim::new(100);
+    let first = ledger.new_claim(MINUTE);
     let (_, claimed) = ledger.record(&request, Some(&first)).await.unwrap();
     assert!(claimed);
     let first_generation = first.generation().unwrap();
 
+    // Within the lease, no one else takes the profile.
+    clock.advance(MINUTE - Duration::from_secs(1));
+    assert!(!ledger.claim(pkey, &ledger.new_claim(MINUTE)).await.unwrap());
     // The first lease lapses; another claim takes the profile.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let second = Claim::new(60_000);
+    clock.advance(Duration::from_secs(2));
+    let second = ledger.new_claim(MINUTE);
     assert!(ledger.claim(pkey, &second).await.unwrap());
     assert!(second.generation().unwrap() > first_generation);
 
@@ -1223,7 +1290,7 @@ async fn an_attempt_whose_lease_was_taken_over_settles_nothing(store: Store) {
         State::Pending
     );
     // The second claim still holds the profile: a third cannot take it.
-    assert!(!ledger.claim(pkey, &Claim::new(60_000)).await.unwrap());
+    assert!(!ledger.claim(pkey, &ledger.new_claim(MINUTE)).await.unwrap());
 
     // Its holder settles, and gives the lease back: the next claim gets a higher generation.
     let settled = ledger
@@ -1236,7 +1303,7 @@ async fn an_attempt_whose_lease_was_taken_over_settles_nothing(store: Store) {
         .await
         .unwrap();
     assert_eq!(settled, Settled::Recorded);
-    let third = Claim::new(60_000);
+    let third = ledger.new_claim(MINUTE);
     assert!(ledger.claim(pkey, &third).await.unwrap());
     assert!(third.generation().unwrap() > second.generation().unwrap());
 }
@@ -1254,9 +1321,14 @@ async fn a_burst_for_one_profile_does_not_starve_calls_for_others_on_postgres() 
     let others: Vec<String> = (0..20)
         .map(|_| emulator.insert_profile(NewProfile::default()))
         .collect();
-    let (addr, channel, _stop, _) =
-        start_gateway_on(acs_config(&emulator), store.open().await, quick_delivery()).await;
-    let client = CcpaServiceClient::new(channel);
+    let gateway = common::gateway()
+        .calling(acs_config(&emulator))
+        .ledger_at(&store.location)
+        .options(quick_delivery())
+        .start()
+        .await;
+    let addr = gateway.addr;
+    let client = gateway.client();
     // The other profiles' caller is another service, on a connection of its own.
     let mut reader = CcpaServiceClient::new(common::connect(addr).await);
 
@@ -1317,7 +1389,7 @@ async fn requests_left_pending_by_an_earlier_run_are_protective_from_the_start(s
         let earlier_run = store.open().await;
         // The earlier run holds the profile's lease (as a gateway that died mid-attempt would,
         // until it lapses): the request stays pending here while ACS works.
-        let lease = ccpa_gateway::ledger::Claim::new(60_000);
+        let lease = earlier_run.new_claim(MINUTE);
         let (recorded, claimed) = earlier_run
             .record(
                 &NewRequest {
@@ -1338,9 +1410,13 @@ async fn requests_left_pending_by_an_earlier_run_are_protective_from_the_start(s
             .unwrap();
         assert!(matches!(recorded, Recorded::New(_)) && claimed);
     }
-    let (_, channel, _stop, _server) =
-        start_gateway_on(acs_config(&emulator), store.open().await, quick_delivery()).await;
-    let mut client = CcpaServiceClient::new(channel);
+    let gateway = common::gateway()
+        .calling(acs_config(&emulator))
+        .ledger_at(&store.location)
+        .options(quick_delivery())
+        .start()
+        .await;
+    let mut client = gateway.client();
     for round in 0..2 {
         let read = opt_out_of(&mut client, &pkey).await;
         assert!(read.ccpa_opt_out && read.change_pending, "round {round}");
@@ -1359,9 +1435,9 @@ fn record_only(item: SetOptOutRequest) -> BulkSetOptOutRequest {
 }
 
 async fn record_only_items_are_answered_once_recorded_and_delivered_later(store: Store) {
-    let mut gw = gateway(store).await;
+    let gw = quick(store).start().await;
     let keys: Vec<String> = (0..40)
-        .map(|_| gw.emulator.insert_profile(NewProfile::default()))
+        .map(|_| gw.emulator().insert_profile(NewProfile::default()))
         .collect();
     let items = || -> Vec<BulkSetOptOutRequest> {
         keys.iter()
@@ -1375,10 +1451,10 @@ async fn record_only_items_are_answered_once_recorded_and_delivered_later(store:
     });
 
     // Adobe is down throughout the intake: a record-only item does not wait for it.
-    gw.emulator.set_faults(acs_down());
+    gw.emulator().set_faults(acs_down());
     let mut stream = items();
     stream.push(by_email);
-    let answers = bulk(&mut gw.client, stream).await;
+    let answers = bulk(&mut gw.client(), stream).await;
     assert_eq!(answers.len(), keys.len() + 1);
     for answer in &answers {
         let index = usize::try_from(answer.index).unwrap();
@@ -1397,7 +1473,7 @@ async fn record_only_items_are_answered_once_recorded_and_delivered_later(store:
         assert_eq!(answer.profiles[0].state, DeliveryState::Pending as i32);
     }
     let refused = gw
-        .client
+        .client()
         .get_opt_out_record(GetOptOutRecordRequest {
             request_id: "record-only-by-email".into(),
         })
@@ -1408,30 +1484,30 @@ async fn record_only_items_are_answered_once_recorded_and_delivered_later(store:
         Code::NotFound,
         "the refused item recorded nothing"
     );
-    let recorded = record(&mut gw.client, "record-only-0").await;
+    let recorded = record(&mut gw.client(), "record-only-0").await;
     assert!(recorded.answered_at.is_some(), "answered when recorded");
     // Pending and opted out: the protective read says so while Adobe cannot.
-    assert!(opt_out_of(&mut gw.client, &keys[0]).await.ccpa_opt_out);
+    assert!(opt_out_of(&mut gw.client(), &keys[0]).await.ccpa_opt_out);
 
     // Adobe is back: the deliverer applies every one.
-    gw.emulator.set_faults(FaultSettings::default());
-    until_settled(&mut gw.client).await;
+    gw.emulator().set_faults(FaultSettings::default());
+    until_settled(&mut gw.client()).await;
     for (i, pkey) in keys.iter().enumerate() {
-        assert_eq!(gw.emulator.profile(pkey).unwrap()["ccpaOptOut"], true);
-        let applied = record(&mut gw.client, &format!("record-only-{i}")).await;
+        assert_eq!(gw.emulator().profile(pkey).unwrap()["ccpaOptOut"], true);
+        let applied = record(&mut gw.client(), &format!("record-only-{i}")).await;
         assert_eq!(applied.state, DeliveryState::Applied as i32, "{applied:?}");
     }
 
     // The same items again: each answered as recorded, nothing recorded or sent twice.
-    let requests = gw.emulator.request_count();
-    let again = bulk(&mut gw.client, items()).await;
+    let requests = gw.emulator().request_count();
+    let again = bulk(&mut gw.client(), items()).await;
     assert_eq!(again.len(), keys.len());
     for answer in again {
         assert!(answer.error.is_none(), "{answer:?}");
         assert_eq!(answer.state, DeliveryState::Applied as i32, "{answer:?}");
     }
     let listed = gw
-        .client
+        .client()
         .list_opt_out_records(ListOptOutRecordsRequest {
             page_size: 1000,
             ..Default::default()
@@ -1442,22 +1518,22 @@ async fn record_only_items_are_answered_once_recorded_and_delivered_later(store:
         .records;
     assert_eq!(listed.len(), keys.len());
     assert_eq!(
-        gw.emulator.request_count(),
+        gw.emulator().request_count(),
         requests,
         "a replay calls nothing"
     );
 }
 
 async fn a_record_only_backlog_is_watched_by_the_overdue_clock(store: Store) {
-    let mut gw = gateway(store).await;
+    let gw = quick(store).start().await;
     let mut health = HealthClient::new(gw.channel.clone());
     let delivery = || HealthCheckRequest {
         service: DELIVERY_SERVICE_NAME.into(),
     };
-    gw.emulator.set_faults(acs_down());
-    let pkey = gw.emulator.insert_profile(NewProfile::default());
+    gw.emulator().set_faults(acs_down());
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
     let answers = bulk(
-        &mut gw.client,
+        &mut gw.client(),
         vec![record_only(SetOptOutRequest {
             received_at: Some(ms_ago(10 * 86_400_000)),
             ..set(&pkey, true, "backlog-overdue")
@@ -1481,15 +1557,15 @@ async fn a_record_only_backlog_is_watched_by_the_overdue_clock(store: Store) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
-        .args(["records", "--overdue", "--ledger", &gw.store.location])
+        .args(["records", "--overdue", "--ledger", &gw.store().location])
         .output()
         .await
         .unwrap();
     assert_eq!(output.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&output.stdout).contains("backlog-overdue"));
 
-    gw.emulator.set_faults(FaultSettings::default());
-    until_state(&mut gw.client, "backlog-overdue", DeliveryState::Applied).await;
+    gw.emulator().set_faults(FaultSettings::default());
+    until_state(&mut gw.client(), "backlog-overdue", DeliveryState::Applied).await;
 }
 
 async fn a_record_only_item_is_due_for_the_deliverer_at_once(store: Store) {
@@ -1499,9 +1575,13 @@ async fn a_record_only_item_is_due_for_the_deliverer_at_once(store: Store) {
     let mut options = quick_delivery();
     options.delivery.attempt_budget = Duration::from_secs(60);
     options.delivery.lease = Duration::from_secs(120);
-    let (_, channel, _stop, _) =
-        start_gateway_on(acs_config(&emulator), store.open().await, options).await;
-    let mut client = CcpaServiceClient::new(channel);
+    let gateway = common::gateway()
+        .calling(acs_config(&emulator))
+        .ledger_at(&store.location)
+        .options(options)
+        .start()
+        .await;
+    let mut client = gateway.client();
     let pkey = emulator.insert_profile(NewProfile::default());
     let answers = bulk(
         &mut client,

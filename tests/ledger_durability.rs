@@ -11,7 +11,7 @@ use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
     DeliveryState, ListOptOutRecordsRequest, OptOutRecord, RequestSource, SetOptOutRequest,
 };
-use common::{GatewayProcess, Store, record};
+use common::{QUICK_DELIVERY_ARGS, Store, record};
 use tonic::transport::Channel;
 
 fn now_ms() -> i64 {
@@ -55,7 +55,11 @@ async fn killed_gateways_lose_nothing(store: Store) {
         ..Default::default()
     });
     for round in 0..3 {
-        let mut gateway = GatewayProcess::start(&emulator, &store.location).await;
+        let mut gateway = common::gateway()
+            .ledger_at(&store.location)
+            .args(QUICK_DELIVERY_ARGS)
+            .spawn(Some(&emulator))
+            .await;
         for i in 0..10 {
             let pkey = emulator.insert_profile(NewProfile::default());
             let request_id = format!("kill-{round}-{i}");
@@ -84,12 +88,20 @@ async fn killed_gateways_lose_nothing(store: Store) {
         latency: Duration::from_millis(150),
         ..Default::default()
     });
-    let gateway = GatewayProcess::start(&emulator, &store.location).await;
+    let gateway = common::gateway()
+        .ledger_at(&store.location)
+        .args(QUICK_DELIVERY_ARGS)
+        .spawn(Some(&emulator))
+        .await;
     tokio::time::sleep(Duration::from_millis(1_300)).await;
     gateway.kill().await;
 
     // The last one finishes the work.
-    let mut gateway = GatewayProcess::start(&emulator, &store.location).await;
+    let mut gateway = common::gateway()
+        .ledger_at(&store.location)
+        .args(QUICK_DELIVERY_ARGS)
+        .spawn(Some(&emulator))
+        .await;
     let started = Instant::now();
     for (request_id, pkey) in &requests {
         loop {
@@ -121,13 +133,12 @@ async fn a_kill_among_concurrent_writes_loses_no_acknowledged_request(store: Sto
         latency: Duration::from_millis(50),
         ..Default::default()
     });
-    let gateway = GatewayProcess::start_with(
-        &emulator,
-        &store.location,
-        &["--acs-max-rps", "100000", "--acs-max-queued", "100000"],
-        "warn,ccpa_gateway::cli=info",
-    )
-    .await;
+    let gateway = common::gateway()
+        .ledger_at(&store.location)
+        .args(QUICK_DELIVERY_ARGS)
+        .args(&["--acs-max-rps", "100000", "--acs-max-queued", "100000"])
+        .spawn(Some(&emulator))
+        .await;
     let pkeys: Vec<String> = (0..CALLS)
         .map(|_| emulator.insert_profile(NewProfile::default()))
         .collect();
@@ -178,7 +189,11 @@ async fn a_kill_among_concurrent_writes_loses_no_acknowledged_request(store: Sto
         "the kill came after every call was answered: nothing was in flight"
     );
 
-    let mut gateway = GatewayProcess::start(&emulator, &store.location).await;
+    let mut gateway = common::gateway()
+        .ledger_at(&store.location)
+        .args(QUICK_DELIVERY_ARGS)
+        .spawn(Some(&emulator))
+        .await;
     for (request_id, state) in &acknowledged {
         let recorded = record(&mut gateway.client, request_id).await;
         if *state == DeliveryState::Applied as i32 {
@@ -237,8 +252,16 @@ async fn two_gateways_on_one_postgres_ledger_apply_each_profile_in_order() {
         reset: 0.1,
         ..Default::default()
     });
-    let a = GatewayProcess::start(&emulator, &store.location).await;
-    let b = GatewayProcess::start(&emulator, &store.location).await;
+    let a = common::gateway()
+        .ledger_at(&store.location)
+        .args(QUICK_DELIVERY_ARGS)
+        .spawn(Some(&emulator))
+        .await;
+    let b = common::gateway()
+        .ledger_at(&store.location)
+        .args(QUICK_DELIVERY_ARGS)
+        .spawn(Some(&emulator))
+        .await;
 
     // Every profile gets six changes, alternating true and false, made a second apart, sent in
     // a scrambled order, half to each gateway, all at once.

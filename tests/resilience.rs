@@ -19,11 +19,9 @@ use ccpa_gateway::proto::ccpa_v1::{
     CreateProfileRequest, DeliveryState, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::{CCPA_SERVICE_NAME, ServerOptions};
-use common::{acs_config, start_gateway};
+use common::acs_config;
 use futures::StreamExt;
-use tokio::sync::oneshot;
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -45,7 +43,7 @@ fn ims_source(emulator: &Emulator, clock: Arc<dyn Clock>) -> ImsTokenSource {
             client_id: EmulatorConfig::DEFAULT_IMS_CLIENT_ID.into(),
             client_secret: ImsSecret::Value(EmulatorConfig::DEFAULT_IMS_CLIENT_SECRET.into()),
             scopes: ImsConfig::DEFAULT_SCOPES.into(),
-            request_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
         },
         clock,
     )
@@ -67,13 +65,6 @@ fn throttled(max_rps: u32, max_in_flight: usize, max_queued: usize) -> CallSetti
         },
         ..Default::default()
     }
-}
-
-/// A gateway calling ACS as `acs` says, and a client of it. The gateway stops when the returned
-/// sender is dropped.
-async fn gateway(acs: ClientConfig) -> (CcpaServiceClient<Channel>, oneshot::Sender<()>) {
-    let (_, channel, stop, _server) = start_gateway(acs, ServerOptions::default()).await;
-    (CcpaServiceClient::new(channel), stop)
 }
 
 /// DEADLINE_EXCEEDED from the gateway, or tonic's own client-side expiry of the same deadline
@@ -116,12 +107,15 @@ async fn a_thousand_calls_at_token_expiry_make_one_token_request() {
     })
     .await;
     let clock = Arc::new(ManualClock::new());
-    let (client, _gateway) = gateway(ClientConfig {
-        call: unthrottled(),
-        tokens: Arc::new(ims_source(&emulator, clock.clone())),
-        ..acs_config(&emulator)
-    })
-    .await;
+    let gateway = common::gateway()
+        .calling(ClientConfig {
+            call: unthrottled(),
+            tokens: Arc::new(ims_source(&emulator, clock.clone())),
+            ..acs_config(&emulator)
+        })
+        .start()
+        .await;
+    let client = gateway.client();
 
     client
         .clone()
@@ -160,7 +154,11 @@ async fn a_thousand_calls_at_token_expiry_make_one_token_request() {
 #[tokio::test]
 async fn a_token_refused_as_expired_is_refreshed_once_and_the_call_retried_once() {
     let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
-    let (mut client, _gateway) = gateway(oauth_config(&emulator)).await;
+    let gateway = common::gateway()
+        .calling(oauth_config(&emulator))
+        .start()
+        .await;
+    let mut client = gateway.client();
     client
         .get_opt_out(GetOptOutRequest {
             pkey: pkey.clone(),
@@ -215,7 +213,11 @@ async fn a_token_refused_as_expired_is_refreshed_once_and_the_call_retried_once(
 #[tokio::test]
 async fn a_static_token_refused_as_expired_is_not_retried_in_a_loop() {
     let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
-    let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
+    let gateway = common::gateway()
+        .calling(acs_config(&emulator))
+        .start()
+        .await;
+    let mut client = gateway.client();
     emulator.expire_access_tokens();
     let status = client
         .get_opt_out(GetOptOutRequest {
@@ -237,7 +239,11 @@ async fn failed_token_requests_are_retried_with_back_off() {
     let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
     emulator.inject_ims(Fault::html(503));
     emulator.inject_ims(Fault::html(503));
-    let (mut client, _gateway) = gateway(oauth_config(&emulator)).await;
+    let gateway = common::gateway()
+        .calling(oauth_config(&emulator))
+        .start()
+        .await;
+    let mut client = gateway.client();
 
     let started = Instant::now();
     let answer = client
@@ -264,7 +270,11 @@ async fn failed_token_requests_are_retried_with_back_off() {
 async fn refused_client_credentials_never_cause_a_storm_of_token_requests() {
     let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
     emulator.set_ims_client_secret("rotated-elsewhere");
-    let (client, _gateway) = gateway(oauth_config(&emulator)).await;
+    let gateway = common::gateway()
+        .calling(oauth_config(&emulator))
+        .start()
+        .await;
+    let client = gateway.client();
 
     let calls = (0..50).map(|_| {
         let mut client = client.clone();
@@ -306,7 +316,11 @@ async fn refused_client_credentials_never_cause_a_storm_of_token_requests() {
 async fn retry_after_is_honoured_when_it_fits_the_deadline() {
     let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
     emulator.inject(Fault::too_many_requests(Duration::from_secs(1)));
-    let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
+    let gateway = common::gateway()
+        .calling(acs_config(&emulator))
+        .start()
+        .await;
+    let mut client = gateway.client();
 
     let answer = client
         .get_opt_out(with_deadline(
@@ -329,7 +343,11 @@ async fn retry_after_is_honoured_when_it_fits_the_deadline() {
 #[tokio::test]
 async fn a_creation_is_not_retried_once_it_may_have_reached_acs() {
     let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
-    let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
+    let gateway = common::gateway()
+        .calling(acs_config(&emulator))
+        .start()
+        .await;
+    let mut client = gateway.client();
     let creation = || CreateProfileRequest {
         email: "once@example.com".into(),
         ..Default::default()
@@ -369,7 +387,11 @@ async fn a_creation_is_not_retried_once_it_may_have_reached_acs() {
 #[tokio::test]
 async fn the_deadline_bounds_a_stalled_acs_and_leaves_nothing_running() {
     let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
-    let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
+    let gateway = common::gateway()
+        .calling(acs_config(&emulator))
+        .start()
+        .await;
+    let mut client = gateway.client();
 
     for (stall, label) in [
         (
@@ -427,14 +449,17 @@ async fn without_a_caller_deadline_the_upstream_budget_applies() {
         latency: Duration::from_secs(30),
         ..Default::default()
     });
-    let (mut client, _gateway) = gateway(ClientConfig {
-        call: CallSettings {
-            default_budget: Duration::from_millis(300),
-            ..Default::default()
-        },
-        ..acs_config(&emulator)
-    })
-    .await;
+    let gateway = common::gateway()
+        .calling(ClientConfig {
+            call: CallSettings {
+                default_budget: Duration::from_millis(300),
+                ..Default::default()
+            },
+            ..acs_config(&emulator)
+        })
+        .start()
+        .await;
+    let mut client = gateway.client();
     let started = Instant::now();
     let status = client
         .get_opt_out(GetOptOutRequest {
@@ -458,11 +483,14 @@ async fn the_throttle_holds_the_rate_and_the_concurrency() {
         latency: Duration::from_millis(50),
         ..Default::default()
     });
-    let (client, _gateway) = gateway(ClientConfig {
-        call: throttled(20, 3, 1_000),
-        ..acs_config(&emulator)
-    })
-    .await;
+    let gateway = common::gateway()
+        .calling(ClientConfig {
+            call: throttled(20, 3, 1_000),
+            ..acs_config(&emulator)
+        })
+        .start()
+        .await;
+    let client = gateway.client();
 
     // 30 SetOptOuts, one per profile: 60 requests to ACS (a write and a read-back each), 3 s at
     // 20 per second.
@@ -510,11 +538,14 @@ async fn past_the_queue_bound_calls_fail_at_once_with_resource_exhausted() {
         latency: Duration::from_millis(500),
         ..Default::default()
     });
-    let (client, _gateway) = gateway(ClientConfig {
-        call: throttled(1_000, 1, 3),
-        ..acs_config(&emulator)
-    })
-    .await;
+    let gateway = common::gateway()
+        .calling(ClientConfig {
+            call: throttled(1_000, 1, 3),
+            ..acs_config(&emulator)
+        })
+        .start()
+        .await;
+    let client = gateway.client();
 
     let calls = (0..10).map(|_| {
         let mut client = client.clone();
@@ -576,7 +607,12 @@ fn quick_probes() -> ServerOptions {
 #[tokio::test]
 async fn health_turns_not_serving_without_a_token_and_recovers() {
     let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
-    let (_, channel, _stop, _server) = start_gateway(oauth_config(&emulator), quick_probes()).await;
+    let gateway = common::gateway()
+        .calling(oauth_config(&emulator))
+        .options(quick_probes())
+        .start()
+        .await;
+    let channel = gateway.channel.clone();
     let mut client = CcpaServiceClient::new(channel.clone());
     let mut health = HealthClient::new(channel);
     let mut service = health
@@ -627,7 +663,12 @@ async fn health_turns_not_serving_without_a_token_and_recovers() {
 #[tokio::test]
 async fn health_turns_not_serving_when_acs_refuses_the_api_key_and_recovers() {
     let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
-    let (_, channel, _stop, _server) = start_gateway(acs_config(&emulator), quick_probes()).await;
+    let gateway = common::gateway()
+        .calling(acs_config(&emulator))
+        .options(quick_probes())
+        .start()
+        .await;
+    let channel = gateway.channel.clone();
     let mut client = CcpaServiceClient::new(channel.clone());
     let mut health = HealthClient::new(channel);
     let mut service = health
@@ -675,7 +716,12 @@ async fn a_404_that_is_not_acs_keeps_the_opt_out_pending_and_the_gateway_out_of_
         },
         ..quick_probes()
     };
-    let (_, channel, _stop, _server) = start_gateway(acs_config(&emulator), options).await;
+    let gateway = common::gateway()
+        .calling(acs_config(&emulator))
+        .options(options)
+        .start()
+        .await;
+    let channel = gateway.channel.clone();
     let mut client = CcpaServiceClient::new(channel.clone());
     let mut health = HealthClient::new(channel);
     let mut service = health
@@ -727,7 +773,12 @@ async fn transient_failures_leave_health_alone() {
         unavailable: 1.0,
         ..Default::default()
     });
-    let (_, channel, _stop, _server) = start_gateway(acs_config(&emulator), quick_probes()).await;
+    let gateway = common::gateway()
+        .calling(acs_config(&emulator))
+        .options(quick_probes())
+        .start()
+        .await;
+    let channel = gateway.channel.clone();
     let mut client = CcpaServiceClient::new(channel.clone());
     let status = client
         .get_opt_out(GetOptOutRequest {
@@ -753,18 +804,21 @@ async fn the_retry_budget_stops_a_retry_storm_when_acs_is_down() {
         unavailable: 1.0,
         ..Default::default()
     });
-    let (client, _gateway) = gateway(ClientConfig {
-        call: CallSettings {
-            max_attempts: 4,
-            backoff_base: Duration::from_millis(1),
-            backoff_max: Duration::from_millis(5),
-            retry_ratio: 0.2,
-            min_retries_per_second: 1,
-            ..unthrottled()
-        },
-        ..acs_config(&emulator)
-    })
-    .await;
+    let gateway = common::gateway()
+        .calling(ClientConfig {
+            call: CallSettings {
+                max_attempts: 4,
+                backoff_base: Duration::from_millis(1),
+                backoff_max: Duration::from_millis(5),
+                retry_ratio: 0.2,
+                min_retries_per_second: 1,
+                ..unthrottled()
+            },
+            ..acs_config(&emulator)
+        })
+        .start()
+        .await;
+    let client = gateway.client();
 
     let calls = (0..100).map(|_| {
         let mut client = client.clone();
@@ -793,7 +847,11 @@ async fn the_retry_budget_stops_a_retry_storm_when_acs_is_down() {
 #[tokio::test]
 async fn retry_after_as_an_http_date_is_honoured() {
     let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
-    let (mut client, _gateway) = gateway(acs_config(&emulator)).await;
+    let gateway = common::gateway()
+        .calling(acs_config(&emulator))
+        .start()
+        .await;
+    let mut client = gateway.client();
     // The date is taken once the gateway is up, so that starting it cannot eat into the wait.
     let in_two_seconds = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(2));
     emulator.inject(
@@ -821,7 +879,11 @@ async fn retry_after_as_an_http_date_is_honoured() {
 async fn a_slow_token_request_outlives_the_caller_that_started_it() {
     let (emulator, pkey) = emulator(EmulatorConfig::default()).await;
     emulator.inject_ims(Fault::Delay(Duration::from_millis(1_500)));
-    let (mut client, _gateway) = gateway(oauth_config(&emulator)).await;
+    let gateway = common::gateway()
+        .calling(oauth_config(&emulator))
+        .start()
+        .await;
+    let mut client = gateway.client();
 
     let status = client
         .get_opt_out(with_deadline(
@@ -855,48 +917,61 @@ async fn a_slow_token_request_outlives_the_caller_that_started_it() {
 #[tokio::test]
 async fn a_token_is_refreshed_in_the_background_before_it_expires() {
     let (emulator, pkey) = emulator(EmulatorConfig {
-        token_lifetime: Duration::from_secs(2),
+        token_lifetime: TOKEN_LIFETIME,
         ..Default::default()
     })
     .await;
-    let (mut client, _gateway) = gateway(oauth_config(&emulator)).await;
-    client
-        .get_opt_out(GetOptOutRequest {
-            pkey: pkey.clone(),
-            ..Default::default()
+    let clock = Arc::new(ManualClock::new());
+    let gateway = common::gateway()
+        .calling(ClientConfig {
+            tokens: Arc::new(ims_source(&emulator, clock.clone())),
+            ..acs_config(&emulator)
         })
-        .await
-        .unwrap();
-    // The next token request takes 300 ms: a caller that waited for it would show it.
-    emulator.inject_ims(Fault::Delay(Duration::from_millis(300)));
-
-    // Past 80% of the lifetime, before expiry: answered at once with the current token while one
-    // request fetches the next.
-    tokio::time::sleep(Duration::from_millis(1_650)).await;
-    for _ in 0..20 {
-        let started = Instant::now();
-        client
-            .get_opt_out(GetOptOutRequest {
+        .start()
+        .await;
+    let mut client = gateway.client();
+    let read = |deadline: Duration| {
+        with_deadline(
+            GetOptOutRequest {
                 pkey: pkey.clone(),
                 ..Default::default()
-            })
+            },
+            deadline,
+        )
+    };
+    client
+        .get_opt_out(read(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(emulator.ims_request_count(), 1);
+    // The next token request is held up in IMS for 4 s: a caller that waited for it would miss
+    // its 1 s deadline.
+    emulator.inject_ims(Fault::Delay(Duration::from_secs(4)));
+
+    // Past 80% of the lifetime, before expiry: answered with the current token while one
+    // request fetches the next.
+    clock.advance(TOKEN_LIFETIME.mul_f64(0.85));
+    for _ in 0..20 {
+        client
+            .get_opt_out(read(Duration::from_secs(1)))
             .await
             .unwrap();
-        // Not waiting for the 300 ms token request; the margin is for this busy machine.
-        assert!(
-            started.elapsed() < Duration::from_millis(250),
-            "{:?}",
-            started.elapsed()
-        );
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(emulator.ims_request_count(), 2);
-    // Past the first token's expiry, the refreshed one serves.
+    let started = Instant::now();
+    while emulator.ims_request_count() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(10), "no refresh");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        emulator.ims_request_count(),
+        2,
+        "one refresh, in the background"
+    );
+
+    // Past the first token's expiry, the refreshed one serves (once its request has ended).
+    clock.advance(TOKEN_LIFETIME.mul_f64(0.2));
     client
-        .get_opt_out(GetOptOutRequest {
-            pkey,
-            ..Default::default()
-        })
+        .get_opt_out(read(Duration::from_secs(10)))
         .await
         .unwrap();
     assert_eq!(emulator.ims_request_count(), 2);
@@ -912,7 +987,8 @@ async fn a_creation_is_retried_when_acs_could_not_be_reached() {
     let addr = gone.addr();
     drop(gone);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let (mut client, _gateway) = gateway(config).await;
+    let gateway = common::gateway().calling(config).start().await;
+    let mut client = gateway.client();
 
     let creation = tokio::spawn(async move {
         client
@@ -947,11 +1023,14 @@ async fn a_call_queued_behind_the_throttle_ends_at_its_deadline() {
         latency: Duration::from_secs(2),
         ..Default::default()
     });
-    let (client, _gateway) = gateway(ClientConfig {
-        call: throttled(1_000, 1, 10),
-        ..acs_config(&emulator)
-    })
-    .await;
+    let gateway = common::gateway()
+        .calling(ClientConfig {
+            call: throttled(1_000, 1, 10),
+            ..acs_config(&emulator)
+        })
+        .start()
+        .await;
+    let client = gateway.client();
 
     // The first call holds the one slot toward ACS for two seconds.
     let mut first = client.clone();

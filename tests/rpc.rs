@@ -6,13 +6,12 @@ use acs_emulator::{EmulatorConfig, Fault};
 use ccpa_gateway::proto::ccpa_v1::{
     CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
-use ccpa_gateway::server::ServerOptions;
-use common::{Harness, opt_out_of};
+use common::{gateway, opt_out_of};
 use serde_json::Value;
 
 #[tokio::test]
 async fn get_opt_out_answers_what_acs_holds() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let opted_out = harness.profile(true);
     let opted_in = harness.profile(false);
     let mut client = harness.client();
@@ -23,7 +22,7 @@ async fn get_opt_out_answers_what_acs_holds() {
     let changed_at = answer
         .ccpa_opt_out_last_modified
         .expect("set when opted out");
-    let stored = harness.emulator.profile(&opted_out).unwrap();
+    let stored = harness.emulator().profile(&opted_out).unwrap();
     assert_eq!(
         Some(changed_at.seconds),
         acs_seconds(&stored["ccpaOptOutLastModified"])
@@ -44,14 +43,13 @@ fn acs_seconds(value: &Value) -> Option<i64> {
 
 #[tokio::test]
 async fn get_opt_out_reads_profiles_wrapped_in_a_collection() {
-    let harness = Harness::start_with(
-        EmulatorConfig {
+    let harness = gateway()
+        .emulator(EmulatorConfig {
             wrap_reads_in_collection: true,
             ..Default::default()
-        },
-        ServerOptions::default(),
-    )
-    .await;
+        })
+        .start()
+        .await;
     let pkey = harness.profile(true);
     let answer = harness
         .client()
@@ -67,7 +65,7 @@ async fn get_opt_out_reads_profiles_wrapped_in_a_collection() {
 
 #[tokio::test]
 async fn set_opt_out_changes_acs_and_reports_the_state_read_back() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let pkey = harness.profile(false);
     let mut client = harness.client();
 
@@ -84,10 +82,13 @@ async fn set_opt_out_changes_acs_and_reports_the_state_read_back() {
     assert_eq!(answer.pkey, pkey);
     assert!(answer.ccpa_opt_out);
     assert!(answer.ccpa_opt_out_last_modified.is_some());
-    assert_eq!(harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+    assert_eq!(
+        harness.emulator().profile(&pkey).unwrap()["ccpaOptOut"],
+        true
+    );
 
     // A PATCH of the flag alone, then a read: ACS's PATCH answer carries no profile.
-    let requests = harness.emulator.requests();
+    let requests = harness.emulator().requests();
     let methods: Vec<&str> = requests.iter().map(|r| r.method.as_str()).collect();
     assert_eq!(methods, ["PATCH", "GET"]);
     assert_eq!(&requests[0].body[..], br#"{"ccpaOptOut":true}"#);
@@ -104,20 +105,20 @@ async fn set_opt_out_changes_acs_and_reports_the_state_read_back() {
         .into_inner();
     assert!(!answer.ccpa_opt_out);
     assert_eq!(
-        harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"],
+        harness.emulator().profile(&pkey).unwrap()["ccpaOptOut"],
         false
     );
 }
 
 #[tokio::test]
 async fn set_opt_out_answers_what_acs_holds_even_if_another_writer_won() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let pkey = harness.profile(false);
     // The PATCH goes through; the read-back sees a profile someone else opted back in.
     harness
-        .emulator
+        .emulator()
         .inject(Fault::Delay(std::time::Duration::ZERO));
-    harness.emulator.inject(Fault::json(
+    harness.emulator().inject(Fault::json(
         200,
         serde_json::json!({"PKey": pkey, "ccpaOptOut": false, "ccpaOptOutLastModified": ""}),
     ));
@@ -140,9 +141,9 @@ async fn set_opt_out_answers_what_acs_holds_even_if_another_writer_won() {
 
 #[tokio::test]
 async fn set_opt_out_again_is_harmless() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let pkey = harness.profile(true);
-    let before = harness.emulator.profile(&pkey).unwrap()["ccpaOptOutLastModified"].clone();
+    let before = harness.emulator().profile(&pkey).unwrap()["ccpaOptOutLastModified"].clone();
     let answer = harness
         .client()
         .set_opt_out(SetOptOutRequest {
@@ -156,7 +157,7 @@ async fn set_opt_out_again_is_harmless() {
         .into_inner();
     assert!(answer.ccpa_opt_out);
     assert_eq!(
-        harness.emulator.profile(&pkey).unwrap()["ccpaOptOutLastModified"],
+        harness.emulator().profile(&pkey).unwrap()["ccpaOptOutLastModified"],
         before,
         "setting the same value is not a change"
     );
@@ -164,7 +165,7 @@ async fn set_opt_out_again_is_harmless() {
 
 #[tokio::test]
 async fn create_profile_creates_it_in_acs() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let mut client = harness.client();
 
     let created = client
@@ -188,7 +189,7 @@ async fn create_profile_creates_it_in_acs() {
     assert!(created.ccpa_opt_out);
     assert!(created.ccpa_opt_out_last_modified.is_some());
 
-    let stored = harness.emulator.profile(&created.pkey).unwrap();
+    let stored = harness.emulator().profile(&created.pkey).unwrap();
     assert_eq!(stored["email"], "grace@example.com");
     assert_eq!(stored["ccpaOptOut"], true);
 
@@ -199,7 +200,7 @@ async fn create_profile_creates_it_in_acs() {
 
 #[tokio::test]
 async fn create_profile_sends_only_the_fields_given() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let created = harness
         .client()
         .create_profile(CreateProfileRequest {
@@ -214,7 +215,7 @@ async fn create_profile_sends_only_the_fields_given() {
     assert!(!created.ccpa_opt_out, "ACS's default");
     assert_eq!(created.ccpa_opt_out_last_modified, None);
 
-    let post = harness.emulator.requests().pop().unwrap();
+    let post = harness.emulator().requests().pop().unwrap();
     assert_eq!(post.method, "POST");
     let sent: Value = serde_json::from_slice(&post.body).unwrap();
     assert_eq!(sent, serde_json::json!({"email": "alan@example.com"}));

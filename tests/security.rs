@@ -12,18 +12,16 @@ use std::time::{Duration, Instant};
 use acs_emulator::{Emulator, EmulatorConfig, NewProfile};
 use ccpa_gateway::access::tls::{ServerTls, TlsFiles};
 use ccpa_gateway::access::{AccessControl, IdentityMode, PolicySource};
-use ccpa_gateway::ledger::Ledger;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
     BulkSetOptOutRequest, CreateProfileRequest, DeliveryState, GetOptOutRecordRequest,
     GetOptOutRequest, ListOptOutRecordsRequest, RequestSource, SetOptOutRequest,
 };
-use ccpa_gateway::server::{Boundary, Listeners, ServerOptions};
+use ccpa_gateway::server::{Boundary, ServerOptions};
 use common::pki::{Ca, Name, Pem, client_tls, write_atomically};
-use common::{GatewayProcess, acs_config, connect, connect_tls, spawn_gateway};
+use common::{Gateway, GatewayProcess, QUICK_DELIVERY_ARGS, connect, connect_tls};
 use futures::StreamExt;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tonic_health::pb::HealthCheckRequest;
@@ -38,10 +36,14 @@ const AUDITOR: &str = "auditor.corp.example";
 const BINARY: &str = env!("CARGO_BIN_EXE_ccpa-gateway");
 
 /// A gateway in the test's process, in front of a fresh emulator, behind `boundary`.
-struct Secured {
-    emulator: Emulator,
-    addr: SocketAddr,
-    _stop: oneshot::Sender<()>,
+struct Secured(Gateway);
+
+impl std::ops::Deref for Secured {
+    type Target = Gateway;
+
+    fn deref(&self) -> &Gateway {
+        &self.0
+    }
 }
 
 impl Secured {
@@ -54,38 +56,25 @@ impl Secured {
         options: ServerOptions,
         health: Option<TcpListener>,
     ) -> Self {
-        let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let ledger = Ledger::open("sqlite::memory:").await.unwrap();
         let options = ServerOptions {
             boundary,
             ..options
         };
-        let listeners = Listeners {
-            grpc: listener,
-            health,
+        let builder = common::gateway().options(options);
+        let builder = match health {
+            Some(listener) => builder.health_listener(listener),
+            None => builder,
         };
-        let (stop, _server) = spawn_gateway(acs_config(&emulator), ledger, listeners, options);
-        Self {
-            emulator,
-            addr,
-            _stop: stop,
-        }
+        Self(builder.start().await)
     }
 
     fn profile(&self) -> String {
-        self.emulator.insert_profile(NewProfile {
-            email: "ada@example.com".into(),
-            first_name: "Ada".into(),
-            last_name: "Lovelace".into(),
-            ccpa_opt_out: false,
-        })
+        self.0.profile(false)
     }
 
     /// How many requests that change a profile the emulator has seen.
     fn writes(&self) -> usize {
-        self.emulator
+        self.emulator()
             .requests()
             .iter()
             .filter(|r| r.method == "PATCH" || r.method == "POST")
@@ -295,14 +284,14 @@ async fn mutual_tls_records_the_certificate_identity_and_enforces_the_policy() {
     assert_eq!(writes, 1);
 
     // Not allowed to opt back in: refused before the ledger or Adobe.
-    let seen_by_adobe = gateway.emulator.requests().len();
+    let seen_by_adobe = gateway.emulator().requests().len();
     let denied = portal
         .set_opt_out(set(&pkey, false, "portal-2"))
         .await
         .unwrap_err();
     assert_denied(&denied, "opt-in");
     assert_eq!(
-        gateway.emulator.requests().len(),
+        gateway.emulator().requests().len(),
         seen_by_adobe,
         "nothing, not even a read, was sent to Adobe"
     );
@@ -512,7 +501,7 @@ async fn a_denied_bulk_item_is_that_items_error_and_the_stream_goes_on() {
     }
     assert_eq!(
         gateway
-            .emulator
+            .emulator()
             .requests()
             .iter()
             .filter(|r| r.method == "PATCH")
@@ -681,7 +670,7 @@ async fn an_email_with_too_many_profiles_is_refused_and_nothing_is_recorded_for_
     };
     let gateway = Secured::start_with(Boundary::default(), options, None).await;
     for n in 0..3 {
-        gateway.emulator.insert_profile(NewProfile {
+        gateway.emulator().insert_profile(NewProfile {
             email: "many@example.com".into(),
             first_name: format!("Many{n}"),
             last_name: "Profiles".into(),
@@ -689,7 +678,7 @@ async fn an_email_with_too_many_profiles_is_refused_and_nothing_is_recorded_for_
         });
     }
     for _ in 0..2 {
-        gateway.emulator.insert_profile(NewProfile {
+        gateway.emulator().insert_profile(NewProfile {
             email: "two@example.com".into(),
             first_name: "Two".into(),
             last_name: "Profiles".into(),
@@ -736,7 +725,7 @@ async fn an_email_with_too_many_profiles_is_refused_and_nothing_is_recorded_for_
     assert_eq!(records[0].state, DeliveryState::Failed as i32);
     assert_eq!(gateway.writes(), 0);
     // Replayed, the request answers what it answered the first time, and is not tried again.
-    let lookups_before = gateway.emulator.requests().len();
+    let lookups_before = gateway.emulator().requests().len();
     let replayed = client
         .set_opt_out(SetOptOutRequest {
             email: "many@example.com".into(),
@@ -753,7 +742,7 @@ async fn an_email_with_too_many_profiles_is_refused_and_nothing_is_recorded_for_
         "REQUEST_FAILED"
     );
     assert_eq!(
-        gateway.emulator.requests().len(),
+        gateway.emulator().requests().len(),
         lookups_before,
         "a replay does not look the address up again"
     );
@@ -830,10 +819,10 @@ async fn certificates_and_policy_rotate_without_a_restart() {
     let ledger = certs.dir.path().join("ledger.sqlite3");
     let path = |p: &Path| p.display().to_string();
     let client_ca = certs.files.client_ca.clone().unwrap();
-    let mut gateway = GatewayProcess::start_tls(
-        &emulator,
-        &path(&ledger),
-        &[
+    let mut gateway = common::gateway()
+        .ledger_at(&path(&ledger))
+        .args(QUICK_DELIVERY_ARGS)
+        .args(&[
             "--tls-cert",
             &path(&certs.files.cert),
             "--tls-key",
@@ -842,11 +831,11 @@ async fn certificates_and_policy_rotate_without_a_restart() {
             &path(&client_ca),
             "--authz-policy",
             &path(&policy),
-        ],
-        "info",
-        client_tls(&certs.ca.pem(), Some(&certs.portal)),
-    )
-    .await;
+        ])
+        .log_filter("info")
+        .tls(client_tls(&certs.ca.pem(), Some(&certs.portal)))
+        .spawn(Some(&emulator))
+        .await;
     let policy_reloads = ["reloaded after a change on disk", "--authz-policy"];
     let policy_refusals = ["do not load", "--authz-policy"];
     let tls_reloads = ["reloaded after a change on disk", "--tls-cert"];
@@ -1258,7 +1247,7 @@ async fn oversized_requests_are_refused_before_anything_is_touched() {
         .into_inner()
         .records;
     assert!(records.is_empty(), "{records:?}");
-    assert!(gateway.emulator.requests().is_empty());
+    assert!(gateway.emulator().requests().is_empty());
 }
 
 #[tokio::test]
@@ -1280,7 +1269,7 @@ async fn one_connection_has_at_most_max_concurrent_streams_calls_in_progress() {
         .get_opt_out(get(&pkey))
         .await
         .unwrap();
-    gateway.emulator.set_faults(acs_emulator::FaultSettings {
+    gateway.emulator().set_faults(acs_emulator::FaultSettings {
         latency,
         ..Default::default()
     });
@@ -1295,7 +1284,7 @@ async fn one_connection_has_at_most_max_concurrent_streams_calls_in_progress() {
     // Each call holds its stream for at least the emulator's latency, so calls that overlapped
     // at the emulator arrived within that latency of each other.
     let arrivals: Vec<Instant> = gateway
-        .emulator
+        .emulator()
         .requests()
         .iter()
         .skip(1)
@@ -1311,14 +1300,14 @@ async fn the_profiles_of_one_email_are_worked_a_few_at_a_time() {
     let latency = Duration::from_millis(300);
     let gateway = Secured::start(Boundary::default()).await;
     for n in 0..12 {
-        gateway.emulator.insert_profile(NewProfile {
+        gateway.emulator().insert_profile(NewProfile {
             email: "family@example.com".into(),
             first_name: format!("Member{n}"),
             last_name: "Family".into(),
             ccpa_opt_out: false,
         });
     }
-    gateway.emulator.set_faults(acs_emulator::FaultSettings {
+    gateway.emulator().set_faults(acs_emulator::FaultSettings {
         latency,
         ..Default::default()
     });
@@ -1333,7 +1322,7 @@ async fn the_profiles_of_one_email_are_worked_a_few_at_a_time() {
     // Each PATCH is answered after the emulator's latency: PATCHes that arrived within it of
     // each other were in progress together.
     let patches: Vec<Instant> = gateway
-        .emulator
+        .emulator()
         .requests()
         .iter()
         .filter(|r| r.method == "PATCH")
@@ -1360,7 +1349,7 @@ async fn a_connection_past_its_age_and_grace_is_closed() {
     let gateway = Secured::start_with(Boundary::default(), options, None).await;
     let pkey = gateway.profile();
     // A call far longer than the connection's age and grace together.
-    gateway.emulator.set_faults(acs_emulator::FaultSettings {
+    gateway.emulator().set_faults(acs_emulator::FaultSettings {
         latency: Duration::from_secs(20),
         ..Default::default()
     });

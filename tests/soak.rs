@@ -10,12 +10,11 @@ use std::time::{Duration, Instant};
 use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
 use acs_profile_client::{CallSettings, ClientConfig, ThrottleSettings};
 use ccpa_gateway::ledger::delivery::DeliverySettings;
-use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
     DeliveryState, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{acs_config, start_gateway};
+use common::{acs_config, gateway};
 use futures::StreamExt;
 use tonic::Code;
 
@@ -119,8 +118,8 @@ async fn two_thousand_calls_through_ten_percent_transient_faults() {
         },
         ..Default::default()
     };
-    let (_, channel, _stop, _server) = start_gateway(acs, options).await;
-    let client = CcpaServiceClient::new(channel);
+    let gateway = gateway().calling(acs).options(options).start().await;
+    let client = gateway.client();
 
     let outcomes: Vec<(Call, Outcome, Duration)> = futures::stream::iter(calls)
         .map(|call| {

@@ -5,7 +5,7 @@ mod common;
 use ccpa_gateway::proto::ccpa_v1::{
     CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
-use common::Harness;
+use common::gateway;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
@@ -54,7 +54,7 @@ fn bad_pkeys() -> Vec<(String, &'static str)> {
 
 #[tokio::test]
 async fn get_opt_out_refuses_malformed_keys_before_calling_acs() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let mut client = harness.client();
     for (pkey, reason) in bad_pkeys() {
         assert_refused(
@@ -67,12 +67,12 @@ async fn get_opt_out_refuses_malformed_keys_before_calling_acs() {
             &[("pkey", reason)],
         );
     }
-    assert_eq!(harness.emulator.request_count(), 0);
+    assert_eq!(harness.emulator().request_count(), 0);
 }
 
 #[tokio::test]
 async fn set_opt_out_refuses_malformed_keys_before_calling_acs() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let mut client = harness.client();
     for (pkey, reason) in bad_pkeys() {
         assert_refused(
@@ -87,12 +87,12 @@ async fn set_opt_out_refuses_malformed_keys_before_calling_acs() {
             &[("pkey", reason)],
         );
     }
-    assert_eq!(harness.emulator.request_count(), 0);
+    assert_eq!(harness.emulator().request_count(), 0);
 }
 
 #[tokio::test]
 async fn set_opt_out_without_a_value_is_refused_never_read_as_false() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let pkey = harness.profile(true);
     assert_refused(
         harness
@@ -106,13 +106,16 @@ async fn set_opt_out_without_a_value_is_refused_never_read_as_false() {
             .await,
         &[("ccpa_opt_out", REQUIRED)],
     );
-    assert_eq!(harness.emulator.request_count(), 0);
-    assert_eq!(harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+    assert_eq!(harness.emulator().request_count(), 0);
+    assert_eq!(
+        harness.emulator().profile(&pkey).unwrap()["ccpaOptOut"],
+        true
+    );
 }
 
 #[tokio::test]
 async fn every_bad_field_is_named_at_once() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     assert_refused(
         harness
             .client()
@@ -125,7 +128,7 @@ async fn every_bad_field_is_named_at_once() {
             .await,
         &[("pkey", MALFORMED), ("ccpa_opt_out", REQUIRED)],
     );
-    assert_eq!(harness.emulator.request_count(), 0);
+    assert_eq!(harness.emulator().request_count(), 0);
 }
 
 fn creation(email: &str) -> CreateProfileRequest {
@@ -137,7 +140,7 @@ fn creation(email: &str) -> CreateProfileRequest {
 
 #[tokio::test]
 async fn create_profile_refuses_bad_input_before_calling_acs() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let mut client = harness.client();
     let long_local_part = format!("{}@example.com", "a".repeat(250));
     let cases: Vec<(CreateProfileRequest, Vec<(&str, &str)>)> = vec![
@@ -183,8 +186,8 @@ async fn create_profile_refuses_bad_input_before_calling_acs() {
     for (request, fields) in cases {
         assert_refused(client.create_profile(request).await, &fields);
     }
-    assert_eq!(harness.emulator.request_count(), 0);
-    assert_eq!(harness.emulator.profile_count(), 0);
+    assert_eq!(harness.emulator().request_count(), 0);
+    assert_eq!(harness.emulator().profile_count(), 0);
 }
 
 /// A 254-byte address: local parts stop at 64 bytes and domain labels at 63, so the length is in
@@ -203,7 +206,7 @@ fn longest_valid_email() -> String {
 
 #[tokio::test]
 async fn limits_are_inclusive() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let mut client = harness.client();
     let created = client
         .create_profile(CreateProfileRequest {
@@ -228,7 +231,7 @@ async fn limits_are_inclusive() {
 
 #[tokio::test]
 async fn refusals_never_quote_the_input() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let status = harness
         .client()
         .create_profile(creation("canary-person at example.com"))
@@ -243,7 +246,7 @@ async fn refusals_never_quote_the_input() {
 
 #[tokio::test]
 async fn get_opt_out_takes_exactly_one_of_pkey_and_email() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let pkey = harness.profile(true);
     let mut client = harness.client();
     assert_refused(
@@ -268,14 +271,14 @@ async fn get_opt_out_takes_exactly_one_of_pkey_and_email() {
             .await,
         &[("email", MALFORMED)],
     );
-    assert_eq!(harness.emulator.request_count(), 0);
+    assert_eq!(harness.emulator().request_count(), 0);
 }
 
 /// `:` joins a request by email's id to its profiles' records (`<id>:1`, ...): a caller's id of
 /// that form could collide with one of them.
 #[tokio::test]
 async fn request_ids_with_the_reserved_separator_are_refused() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let pkey = harness.profile(false);
     let mut client = harness.client();
     assert_refused(
@@ -301,9 +304,9 @@ async fn request_ids_with_the_reserved_separator_are_refused() {
             .await,
         &[("request_id", MALFORMED)],
     );
-    assert_eq!(harness.emulator.request_count(), 0);
+    assert_eq!(harness.emulator().request_count(), 0);
     assert_eq!(
-        harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"],
+        harness.emulator().profile(&pkey).unwrap()["ccpaOptOut"],
         false
     );
 }
@@ -312,7 +315,7 @@ async fn request_ids_with_the_reserved_separator_are_refused() {
 /// consumer's explicit choice, made another way.
 #[tokio::test]
 async fn a_global_privacy_control_signal_cannot_opt_in() {
-    let harness = Harness::start().await;
+    let harness = gateway().start().await;
     let pkey = harness.profile(true);
     let mut client = harness.client();
     assert_refused(
@@ -336,8 +339,11 @@ async fn a_global_privacy_control_signal_cannot_opt_in() {
             .await,
         &[("source", MALFORMED)],
     );
-    assert_eq!(harness.emulator.request_count(), 0);
-    assert_eq!(harness.emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+    assert_eq!(harness.emulator().request_count(), 0);
+    assert_eq!(
+        harness.emulator().profile(&pkey).unwrap()["ccpaOptOut"],
+        true
+    );
 
     // The same signal opting out is taken.
     let answer = client

@@ -184,7 +184,8 @@ impl CcpaApi {
         if let Err(status) = authorize_set("BulkSetOptOut", caller, &request) {
             return failed(given_id, &status);
         }
-        let parsed = SetRequest::parse(request, caller, metadata).and_then(|parsed| {
+        let now_ms = self.delivery.ledger().now_ms();
+        let parsed = SetRequest::parse(request, caller, metadata, now_ms).and_then(|parsed| {
             if item.record_only {
                 parsed.record_only()
             } else {

@@ -17,7 +17,7 @@ use super::validation::{Violations, request_id_conflict};
 use crate::access::Caller;
 use crate::ledger::{
     Apply, ByEmailFailure, EmailRequest, Kind, NewRequest, Record, Source, State, Submitted,
-    SubmittedByEmail, now_ms,
+    SubmittedByEmail,
 };
 use crate::proto::ccpa_v1::{
     DeliveryState, GetOptOutRequest, GetOptOutResponse, ProfileDelivery, ProfileOptOut,
@@ -67,6 +67,7 @@ impl SetRequest {
         request: SetOptOutRequest,
         caller: &Caller,
         metadata: &MetadataMap,
+        now_ms: i64,
     ) -> Result<Self, Status> {
         let mut violations = Violations::default();
         check_target(&mut violations, &request.pkey, &request.email);
@@ -81,7 +82,7 @@ impl SetRequest {
         let source = violations.source("source", request.source);
         violations.source_fits("source", source, request.ccpa_opt_out);
         let received_at =
-            violations.received_at("received_at", request.received_at.as_ref(), now_ms());
+            violations.received_at("received_at", request.received_at.as_ref(), now_ms);
         let caller = recorded_caller(caller, metadata, &mut violations);
         violations.into_result()?;
         let Some(source) = source else {
@@ -313,7 +314,8 @@ impl CcpaApi {
         metadata: &MetadataMap,
         deadline: Deadline,
     ) -> Result<SetOptOutResponse, Status> {
-        let request = SetRequest::parse(request, caller, metadata)?;
+        let now_ms = self.delivery.ledger().now_ms();
+        let request = SetRequest::parse(request, caller, metadata, now_ms)?;
         self.set_parsed(&request, deadline).await
     }
 

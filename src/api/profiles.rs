@@ -11,7 +11,7 @@ use super::opt_out::request_id_or_new;
 use super::service::{CcpaApi, Deadline, OptOutState, recorded_caller};
 use super::validation::{Violations, request_id_conflict};
 use crate::access::Caller;
-use crate::ledger::{Created, Kind, NewRequest, State, fingerprint, now_ms};
+use crate::ledger::{Created, Kind, NewRequest, State, fingerprint};
 use crate::proto::ccpa_v1::{CreateProfileRequest, CreateProfileResponse, Profile};
 use crate::upstream::UpstreamError;
 
@@ -25,6 +25,7 @@ impl CcpaApi {
         metadata: &MetadataMap,
         deadline: Deadline,
     ) -> Result<CreateProfileResponse, Status> {
+        let now_ms = self.delivery.ledger().now_ms();
         let mut violations = Violations::default();
         violations.email("email", &request.email);
         violations.name("first_name", &request.first_name);
@@ -34,7 +35,7 @@ impl CcpaApi {
             let source = violations.source("source", request.source);
             violations.source_fits("source", source, Some(opt_out));
             let received_at =
-                violations.received_at("received_at", request.received_at.as_ref(), now_ms());
+                violations.received_at("received_at", request.received_at.as_ref(), now_ms);
             (opt_out, source, received_at)
         });
         let caller = recorded_caller(caller, metadata, &mut violations);

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::exit_codes;
 use crate::config::{LEDGER, retention};
 use crate::ledger::clock::business_days_before;
-use crate::ledger::{Ledger, LedgerError, Record, now_ms};
+use crate::ledger::{Ledger, LedgerError, Record};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
@@ -133,7 +133,7 @@ pub async fn run(args: RecordsArgs) -> u8 {
     };
     let result = match args.action {
         Some(RecordsAction::Export { since, until }) => {
-            let until = until.map_or_else(now_ms, |at| at.timestamp_millis());
+            let until = until.map_or_else(|| ledger.now_ms(), |at| at.timestamp_millis());
             print_all(ledger.export(since.timestamp_millis(), until))
                 .await
                 .map(|exported| {
@@ -141,19 +141,16 @@ pub async fn run(args: RecordsArgs) -> u8 {
                     exit_codes::OK
                 })
         }
-        Some(RecordsAction::Prune { retention }) => {
-            let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-            ledger
-                .prune(now_ms().saturating_sub(retention_ms))
-                .await
-                .map_err(Problem::from)
-                .map(|pruned| {
-                    eprintln!("{pruned} records deleted");
-                    exit_codes::OK
-                })
-        }
+        Some(RecordsAction::Prune { retention }) => ledger
+            .prune(retention)
+            .await
+            .map_err(Problem::from)
+            .map(|pruned| {
+                eprintln!("{pruned} records deleted");
+                exit_codes::OK
+            }),
         None => {
-            let cutoff = business_days_before(now_ms(), args.overdue_after);
+            let cutoff = business_days_before(ledger.now_ms(), args.overdue_after);
             print_all(ledger.pending_before(cutoff))
                 .await
                 .map(|overdue| {

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::clock::business_days_before;
-use super::{Claim, FailureCode, Ledger, LedgerError, Outcome, Record, Settled, now_ms};
+use super::{Claim, FailureCode, Ledger, LedgerError, Outcome, Record, Settled};
 use crate::health::{GatewayHealth, UpstreamSignal};
 
 /// How the deliverer works.
@@ -131,7 +131,7 @@ impl Delivery {
 
     /// A claim on a profile for one attempt.
     pub fn new_claim(&self) -> Claim {
-        Claim::new(i64::try_from(self.settings.lease.as_millis()).unwrap_or(i64::MAX))
+        self.ledger.new_claim(self.settings.lease)
     }
 
     /// Applies a pending request of a profile whose lease `claim` holds, within `deadline`,
@@ -158,9 +158,10 @@ impl Delivery {
         // The attempt ends (its request abandoned) a margin before the lease can lapse, so that
         // no other claim can send a newer PATCH for the profile while this one may still be on
         // its way; and nothing is sent once that point has passed.
-        let deadline = deadline.min(claim.fence());
-        if claim.generation().is_none() || Instant::now() >= deadline {
-            let next_attempt_at = now_ms();
+        let now = Instant::now();
+        let deadline = deadline.min(now + claim.time_to_fence());
+        if claim.generation().is_none() || now >= deadline {
+            let next_attempt_at = self.ledger.now_ms();
             self.ledger
                 .settle(
                     &record.request_id,
@@ -228,7 +229,10 @@ impl Delivery {
                 // Anything else may pass (ACS down, our credentials, a deadline): the request
                 // stays pending and is tried again; the clock reports it if it lasts.
                 let attempted = error.may_have_reached_acs();
-                let next_attempt_at = now_ms() + self.backoff_ms(record.attempts);
+                let next_attempt_at = self
+                    .ledger
+                    .now_ms()
+                    .saturating_add(self.backoff_ms(record.attempts));
                 // A PATCH that was sent may still be on its way through ACS (a timeout, a reset,
                 // a 504 from its gateway): the lease is kept until it expires, so that no newer
                 // request for the profile is sent before this one has surely landed or died,
@@ -278,7 +282,7 @@ impl Delivery {
             }
         };
         match next {
-            Some(record) if record.next_attempt_at <= now_ms() => {
+            Some(record) if record.next_attempt_at <= self.ledger.now_ms() => {
                 let deadline = Instant::now() + self.settings.attempt_budget;
                 let attempt = self.apply(&record, &claim, deadline, false).await?;
                 tracing::info!(
@@ -329,7 +333,7 @@ impl Delivery {
             );
         }
         self.ledger.refresh_pending_hint().await?;
-        let due = self.ledger.due_profiles(now_ms(), 256).await?;
+        let due = self.ledger.due_profiles(self.ledger.now_ms(), 256).await?;
         futures::stream::iter(due)
             .for_each_concurrent(16, |pkey| async move {
                 if let Err(e) = self.deliver_profile(&pkey).await {
@@ -343,11 +347,12 @@ impl Delivery {
     /// Reports pending requests older than the threshold: a warning, and the
     /// `ccpa.v1.OptOutDelivery` health entry.
     pub async fn check_clock(&self) -> Result<usize, LedgerError> {
-        let cutoff = business_days_before(now_ms(), self.settings.overdue_after_business_days);
+        let now = self.ledger.now_ms();
+        let cutoff = business_days_before(now, self.settings.overdue_after_business_days);
         // A count and the oldest only: a backlog of any size is watched in constant memory.
         let overdue = self.ledger.overdue_summary(cutoff).await?;
         if let Some((count, oldest)) = &overdue {
-            let days = (now_ms() - oldest.received_at) as f64 / 86_400_000.0;
+            let days = now.saturating_sub(oldest.received_at) as f64 / 86_400_000.0;
             tracing::warn!(
                 overdue = count,
                 threshold_business_days = self.settings.overdue_after_business_days,
@@ -361,12 +366,7 @@ impl Delivery {
     }
 
     async fn prune(&self) {
-        let retention_ms = i64::try_from(self.settings.retention.as_millis()).unwrap_or(i64::MAX);
-        match self
-            .ledger
-            .prune(now_ms().saturating_sub(retention_ms))
-            .await
-        {
+        match self.ledger.prune(self.settings.retention).await {
             Ok(0) => {}
             Ok(pruned) => tracing::info!(pruned, "records past their retention deleted"),
             Err(e) => tracing::error!(error = %e, "pruning the ledger failed"),

@@ -5,11 +5,11 @@ use std::sync::LazyLock;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Executor};
 
-use super::leases::{claim_lease, unit_now};
+use super::leases::claim_lease;
 use super::queries::{COLUMNS, fetch_record};
 use super::{
     Backend, Claim, FailureCode, Kind, Ledger, LedgerError, PendingHint, Record, Source, State,
-    now_ms,
+    UnitClock,
 };
 
 /// A request to record.
@@ -117,7 +117,7 @@ impl Ledger {
         let request = request.clone();
         let claim = claim.cloned();
         let hint = self.pending.clone();
-        let backend = self.backend;
+        let unit_clock = self.unit_clock();
         self.write(move |connection| {
             Box::pin(async move {
                 record_unit(
@@ -126,7 +126,7 @@ impl Ledger {
                     claim.as_ref(),
                     answered,
                     &hint,
-                    backend,
+                    &unit_clock,
                 )
                 .await
             })
@@ -137,13 +137,14 @@ impl Ledger {
     /// Records that the caller is being answered now, if it was not before.
     pub async fn mark_answered(&self, request_id: &str) -> Result<(), LedgerError> {
         let request_id = request_id.to_owned();
+        let now = self.now_ms();
         self.write(move |connection| {
             Box::pin(async move {
                 sqlx::query(
                     "UPDATE opt_out_records SET answered_at = COALESCE(answered_at, $1) \
                      WHERE request_id = $2",
                 )
-                .bind(now_ms())
+                .bind(now)
                 .bind(&request_id)
                 .execute(&mut *connection)
                 .await?;
@@ -161,7 +162,7 @@ pub(super) async fn record_unit(
     claim: Option<&Claim>,
     answered: bool,
     hint: &PendingHint,
-    backend: Backend,
+    unit_clock: &UnitClock,
 ) -> Result<(Recorded, bool), LedgerError> {
     // The writer holds the transaction (a savepoint of its batch on SQLite).
     let tx = connection;
@@ -173,21 +174,22 @@ pub(super) async fn record_unit(
     // `recorded_at`, and the expiry of a lease taken here, come from the unit's clock: on
     // PostgreSQL the database's, read once the profile is locked, so that replicas with skewed
     // clocks still agree on the order of a profile's requests.
-    let now = match (backend, &request.pkey) {
+    let now = match (unit_clock.backend, &request.pkey) {
         (Backend::Postgres, Some(pkey)) => {
             // Requests for one profile are recorded one at a time, so that each sees the
             // others. (SQLite has one writer at a time anyway.)
             let locked = sqlx::query(concat!(
                 "SELECT pg_advisory_xact_lock(hashtext($1))::text, ",
                 database_now_ms!(),
-                " AS now_ms"
+                " + $2 AS now_ms"
             ))
             .bind(pkey)
+            .bind(unit_clock.clock.wall_offset_ms())
             .fetch_one(&mut *tx)
             .await?;
             sqlx::Row::try_get::<i64, _>(&locked, "now_ms")?
         }
-        _ => unit_now(&mut *tx, backend).await?,
+        _ => unit_clock.now(&mut *tx).await?,
     };
     // RETURNING: the new record comes back with the insert, one statement instead of two.
     let inserted: Option<AnyRow> = sqlx::query(INSERT_RETURNING.as_str())

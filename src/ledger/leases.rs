@@ -2,28 +2,32 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use acs_profile_client::Clock;
 use sqlx::{AnyConnection, Executor};
+use tokio::time::Instant;
 
 use super::queries::fetch_record;
-use super::{Backend, FailureCode, Kind, Ledger, LedgerError, Record, State, now_ms};
+use super::{FailureCode, Kind, Ledger, LedgerError, Record, State};
 
 /// A claim on a profile's lease, for one attempt at applying. A holder is unique to one claim,
-/// so two tasks of one process never both think they hold it.
+/// so two tasks of one process never both think they hold it. Made by [`Ledger::new_claim`].
 ///
 /// The lease's expiry is fixed where it is won, inside the write that takes it, from that
 /// write's clock (the database's, on PostgreSQL, so that replicas with skewed clocks agree); the
 /// generation it was won at is the fencing token that settling the attempt checks. This process
-/// counts its hold from when the claim was made, before the write: never later than the lease
-/// really ends.
+/// counts its hold on the ledger's clock from when the claim was made, before the write: never
+/// later than the lease really ends.
 #[derive(Debug, Clone)]
 pub struct Claim {
     /// A name unique to this claim.
     pub holder: String,
     /// How long the lease lasts once won (ms).
     lease_ms: i64,
-    /// When the claim was made, before the write that may win it.
+    /// The ledger's clock.
+    clock: Arc<dyn Clock>,
+    /// When the claim was made, before the write that may win it, on `clock`.
     asked_at: Instant,
     /// The lease's generation once won (0 before): shared by the claim's clones, since the
     /// write that wins it runs on one.
@@ -31,37 +35,25 @@ pub struct Claim {
 }
 
 impl Claim {
-    /// A new claim on a lease lasting `lease_ms` once won.
-    pub fn new(lease_ms: i64) -> Self {
-        Self {
-            holder: uuid::Uuid::new_v4().to_string(),
-            lease_ms: lease_ms.max(0),
-            asked_at: Instant::now(),
-            generation: Arc::new(AtomicI64::new(0)),
-        }
-    }
-
     /// The lease's generation, if it was won.
     pub fn generation(&self) -> Option<i64> {
         let generation = self.generation.load(Ordering::SeqCst);
         (generation > 0).then_some(generation)
     }
 
-    /// Until when this process surely holds the lease, if it was won: counted from before the
-    /// write that won it, so never later than the lease's recorded expiry.
-    pub fn held_until(&self) -> Instant {
-        self.asked_at
-            .checked_add(self.lease())
-            .unwrap_or(self.asked_at)
+    /// How much longer this process surely holds the lease, if it was won: counted from before
+    /// the write that won it, so never past the lease's recorded expiry.
+    pub fn held_for(&self) -> Duration {
+        let passed = self.clock.now().saturating_duration_since(self.asked_at);
+        self.lease().saturating_sub(passed)
     }
 
-    /// When an attempt made under this claim must have ended: a quarter of the lease (at most
-    /// 5 s) before the lease can lapse, so that a PATCH abandoned at its deadline has that long
-    /// to land or die at ACS before any other claim may send a newer one.
-    pub fn fence(&self) -> Instant {
+    /// How much longer an attempt made under this claim may run: until a quarter of the lease
+    /// (at most 5 s) before the lease can lapse, so that a PATCH abandoned then has that long to
+    /// land or die at ACS before any other claim may send a newer one.
+    pub fn time_to_fence(&self) -> Duration {
         let margin = (self.lease() / 4).min(Duration::from_secs(5));
-        let held_until = self.held_until();
-        held_until.checked_sub(margin).unwrap_or(held_until)
+        self.held_for().saturating_sub(margin)
     }
 
     fn lease(&self) -> Duration {
@@ -170,14 +162,25 @@ impl OwnedOutcome {
 }
 
 impl Ledger {
+    /// A new claim on a lease lasting `lease` once won, counted on the ledger's clock.
+    pub fn new_claim(&self, lease: Duration) -> Claim {
+        Claim {
+            holder: uuid::Uuid::new_v4().to_string(),
+            lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
+            clock: self.clock.clone(),
+            asked_at: self.clock.now(),
+            generation: Arc::new(AtomicI64::new(0)),
+        }
+    }
+
     /// Takes the lease on a profile, unless someone else holds it. Whoever holds it is the only
     /// one applying that profile's requests.
     pub async fn claim(&self, pkey: &str, claim: &Claim) -> Result<bool, LedgerError> {
         let (pkey, claim) = (pkey.to_owned(), claim.clone());
-        let backend = self.backend;
+        let unit_clock = self.unit_clock();
         self.write(move |connection| {
             Box::pin(async move {
-                let now = unit_now(&mut *connection, backend).await?;
+                let now = unit_clock.now(&mut *connection).await?;
                 claim_lease(&mut *connection, &pkey, &claim, now).await
             })
         })
@@ -198,7 +201,8 @@ impl Ledger {
     /// holding the profile's lease.
     pub async fn next_to_apply(&self, pkey: &str) -> Result<Option<Record>, LedgerError> {
         let pkey = pkey.to_owned();
-        self.write(move |connection| Box::pin(next_to_apply_unit(connection, pkey)))
+        let now = self.now_ms();
+        self.write(move |connection| Box::pin(next_to_apply_unit(connection, pkey, now)))
             .await
     }
 
@@ -220,11 +224,13 @@ impl Ledger {
         let request_id = request_id.to_owned();
         let outcome = OwnedOutcome::from(outcome);
         let release = release.map(|(pkey, claim)| (pkey.to_owned(), claim.clone()));
+        let now = self.now_ms();
         self.write(move |connection| {
             Box::pin(async move {
                 let release = release.as_ref().map(|(pkey, claim)| (pkey.as_str(), claim));
                 settle_unit(
                     connection,
+                    now,
                     &request_id,
                     outcome.borrowed(),
                     answered,
@@ -260,32 +266,19 @@ impl Ledger {
     /// Only requests recorded more than `lease_ms` ago (none of them can still be in progress),
     /// on the clock their `recorded_at` was taken from. Returns how many.
     pub async fn fail_abandoned(&self, lease_ms: i64) -> Result<u64, LedgerError> {
-        let backend = self.backend;
+        let unit_clock = self.unit_clock();
+        let now = self.now_ms();
         self.write(move |connection| {
             Box::pin(async move {
                 // On the clock `recorded_at` was taken from (the database's, on PostgreSQL).
-                let older_than = unit_now(&mut *connection, backend)
+                let older_than = unit_clock
+                    .now(&mut *connection)
                     .await?
                     .saturating_sub(lease_ms);
-                fail_abandoned_unit(connection, older_than).await
+                fail_abandoned_unit(connection, older_than, now).await
             })
         })
         .await
-    }
-}
-
-/// The clock of a unit of work: the database's on PostgreSQL, which every replica shares (its
-/// clock, not theirs, orders leases and records); this process's on SQLite, which one gateway
-/// serves.
-pub(super) async fn unit_now(
-    connection: &mut AnyConnection,
-    backend: Backend,
-) -> Result<i64, LedgerError> {
-    match backend {
-        Backend::Sqlite => Ok(now_ms()),
-        Backend::Postgres => Ok(sqlx::query_scalar(concat!("SELECT ", database_now_ms!()))
-            .fetch_one(&mut *connection)
-            .await?),
     }
 }
 
@@ -366,9 +359,9 @@ async fn lease_is_current(
 pub(super) async fn next_to_apply_unit(
     connection: &mut AnyConnection,
     pkey: String,
+    now: i64,
 ) -> Result<Option<Record>, LedgerError> {
     let pkey = pkey.as_str();
-    let now = now_ms();
     // The writer holds the transaction (a savepoint of its batch on SQLite).
     let tx = connection;
     // A write first: on PostgreSQL it locks the profile's lease row until the transaction ends
@@ -410,12 +403,12 @@ pub(super) async fn next_to_apply_unit(
 /// [`Ledger::settle`]'s unit of work.
 pub(super) async fn settle_unit(
     connection: &mut AnyConnection,
+    now: i64,
     request_id: &str,
     outcome: Outcome<'_>,
     answered: bool,
     release: Option<(&str, &Claim)>,
 ) -> Result<Settled, LedgerError> {
-    let now = now_ms();
     // The writer holds the transaction (a savepoint of its batch on SQLite).
     let tx = connection;
     // The fence: with a lease to give back, the outcome is recorded only if that lease is still
@@ -502,6 +495,7 @@ pub(super) async fn settle_unit(
 pub(super) async fn fail_abandoned_unit(
     connection: &mut AnyConnection,
     older_than: i64,
+    now: i64,
 ) -> Result<u64, LedgerError> {
     let mut failed = 0;
     for (kind, reason) in [
@@ -521,7 +515,7 @@ pub(super) async fn fail_abandoned_unit(
                  failure_reason = $2, failure_code = $3 \
                  WHERE kind = $4 AND state = 'PENDING' AND recorded_at < $5",
         )
-        .bind(now_ms())
+        .bind(now)
         .bind(reason)
         .bind(FailureCode::Unavailable.as_str())
         .bind(kind.as_str())

@@ -44,8 +44,8 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use acs_profile_client::Clock;
 use futures::future::BoxFuture;
 use sqlx::{AnyConnection, AnyPool};
 
@@ -97,14 +97,6 @@ pub enum Backend {
     Postgres,
 }
 
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 /// The ledger.
 #[derive(Clone)]
 pub struct Ledger {
@@ -121,6 +113,9 @@ pub struct Ledger {
     /// lock while holding a pooled connection: the turns of this process's calls, so that a
     /// burst of calls for one profile waits here, in memory, on one connection at most.
     turns: Arc<ProfileTurns>,
+    /// Where every rule of the ledger and its deliverer reads the time (leases, back-off, the
+    /// overdue clock, retention): the system's, unless a test sets it.
+    clock: Arc<dyn Clock>,
 }
 
 /// Striped turns: a request for a profile is recorded after the earlier ones of this process
@@ -229,6 +224,32 @@ impl PendingHint {
     }
 }
 
+/// The clock a unit of work orders its records and leases by: the database's on PostgreSQL,
+/// which every replica shares (its clock, not theirs, orders leases and records), shifted as the
+/// ledger's clock is (`Clock::wall_offset_ms`); the ledger's on SQLite, which one gateway serves.
+#[derive(Debug, Clone)]
+struct UnitClock {
+    backend: Backend,
+    clock: Arc<dyn Clock>,
+}
+
+impl UnitClock {
+    /// Now, in ms since the Unix epoch, read within the unit.
+    async fn now(&self, connection: &mut AnyConnection) -> Result<i64, LedgerError> {
+        match self.backend {
+            Backend::Sqlite => Ok(self.clock.unix_ms()),
+            Backend::Postgres => {
+                Ok(
+                    sqlx::query_scalar(concat!("SELECT ", database_now_ms!(), " + $1"))
+                        .bind(self.clock.wall_offset_ms())
+                        .fetch_one(&mut *connection)
+                        .await?,
+                )
+            }
+        }
+    }
+}
+
 /// A SQLite ledger held by one serving gateway; released when dropped (or when the process
 /// dies: the operating system drops the lock).
 #[derive(Debug)]
@@ -254,6 +275,33 @@ impl Ledger {
             + 'static,
     {
         self.writer.write(Box::new(unit)).await
+    }
+
+    /// The same ledger, reading the time from `clock` (a test's `ManualClock`): its records,
+    /// leases, back-off, overdue clock and retention, and those of the gateway serving it. On
+    /// PostgreSQL, the database's clock is shifted by as much as `clock` stands from the
+    /// system's.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Where the ledger reads the time.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Now on the ledger's clock, in ms since the Unix epoch.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.unix_ms()
+    }
+
+    /// The clock of the ledger's units of work (see [`UnitClock`]).
+    fn unit_clock(&self) -> UnitClock {
+        UnitClock {
+            backend: self.backend,
+            clock: self.clock.clone(),
+        }
     }
 
     /// Which database is behind it.

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use acs_profile_client::TokioClock;
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor, SqlSafeStr};
@@ -260,6 +261,7 @@ impl Ledger {
             file,
             pending,
             turns: Arc::new(ProfileTurns::new()),
+            clock: Arc::new(TokioClock),
         })
     }
 }

@@ -1,6 +1,6 @@
 //! Retention: records are kept at least 24 months after the response, then pruned.
 
-use super::{Backend, Ledger, LedgerError, now_ms};
+use super::{Backend, Ledger, LedgerError};
 
 /// How long a lapsed lease's row is kept (ms) before a prune may delete it: far longer than any
 /// attempt that could still settle under it.
@@ -11,12 +11,16 @@ const LAPSED_LEASES_KEPT_MS: i64 = 3_600_000;
 pub const MIN_RETENTION: std::time::Duration = std::time::Duration::from_secs(731 * 24 * 3600);
 
 impl Ledger {
-    /// Deletes the records of requests resolved before `resolved_before`, except pending ones.
-    /// Returns how many.
-    pub async fn prune(&self, resolved_before: i64) -> Result<u64, LedgerError> {
+    /// Deletes the records of requests answered longer than `retention` ago on the ledger's
+    /// clock, except pending ones. Returns how many.
+    pub async fn prune(&self, retention: std::time::Duration) -> Result<u64, LedgerError> {
+        let now = self.now_ms();
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let resolved_before = now.saturating_sub(retention_ms);
         // Counted from the response, not the request: the regulations keep the record of how
         // the business responded for 24 months, and a request may have waited before it was.
         let backend = self.backend;
+        let lapsed_before = now.saturating_sub(LAPSED_LEASES_KEPT_MS);
         self.write(move |connection| {
             Box::pin(async move {
                 if backend == Backend::Postgres {
@@ -41,7 +45,7 @@ impl Ledger {
                     "DELETE FROM profile_leases WHERE expires_at < $1 AND pkey NOT IN \
                      (SELECT pkey FROM opt_out_records WHERE state = 'PENDING' AND pkey IS NOT NULL)",
                 )
-                .bind(now_ms().saturating_sub(LAPSED_LEASES_KEPT_MS))
+                .bind(lapsed_before)
                 .execute(&mut *connection)
                 .await?;
                 Ok(deleted)

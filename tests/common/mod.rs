@@ -1,31 +1,23 @@
-//! A gateway on a real socket in front of a real emulator, for the integration tests.
+//! What the integration tests share: starting a gateway on a real socket in front of a real
+//! emulator (`gateway`), its ledger's stores, and helpers for calls.
 
 #![allow(dead_code)] // Each test binary uses its own part of this harness.
 
+pub mod gateway;
 pub mod pki;
 
+#[allow(unused_imports)] // Each test binary uses its own part.
+pub use gateway::{Gateway, GatewayBuilder, GatewayProcess, QUICK_DELIVERY_ARGS, gateway};
+
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use acs_emulator::{Emulator, EmulatorConfig, NewProfile};
-use acs_profile_client::{AccessToken, Client, ClientConfig, SharedToken};
+use acs_emulator::Emulator;
+use acs_profile_client::{AccessToken, ClientConfig, SharedToken};
 use ccpa_gateway::ledger::Ledger;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
-use ccpa_gateway::server::{self, ServeError, ServerOptions};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::{Channel, ClientTlsConfig};
-
-/// A running gateway and the emulator behind it.
-pub struct Harness {
-    pub emulator: Emulator,
-    pub addr: SocketAddr,
-    pub channel: Channel,
-    stop: Option<oneshot::Sender<()>>,
-    server: JoinHandle<Result<(), ServeError>>,
-}
 
 /// A client configuration for the emulator's tenant and credentials.
 pub fn acs_config(emulator: &Emulator) -> ClientConfig {
@@ -38,57 +30,6 @@ pub fn acs_config(emulator: &Emulator) -> ClientConfig {
             config.access_token.as_str(),
         ))),
     )
-}
-
-/// A running gateway: its address, a channel to it, what stops it, and its task.
-pub type Running = (
-    SocketAddr,
-    Channel,
-    oneshot::Sender<()>,
-    JoinHandle<Result<(), ServeError>>,
-);
-
-/// Starts a gateway on 127.0.0.1:0 that calls ACS through `acs`, with an in-memory ledger.
-pub async fn start_gateway(acs: ClientConfig, options: ServerOptions) -> Running {
-    let ledger = Ledger::open("sqlite::memory:")
-        .await
-        .expect("an in-memory ledger");
-    start_gateway_on(acs, ledger, options).await
-}
-
-/// Starts a gateway on 127.0.0.1:0 that calls ACS through `acs` and records in `ledger`.
-pub async fn start_gateway_on(
-    acs: ClientConfig,
-    ledger: Ledger,
-    options: ServerOptions,
-) -> Running {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, server) = spawn_gateway(acs, ledger, listener.into(), options);
-    let channel = connect(addr).await;
-    (addr, channel, stop, server)
-}
-
-/// Starts a gateway on `listeners`, already bound, without connecting to it (TLS, say): what
-/// stops it, and its task.
-pub fn spawn_gateway(
-    acs: ClientConfig,
-    ledger: Ledger,
-    listeners: server::Listeners,
-    options: ServerOptions,
-) -> (oneshot::Sender<()>, JoinHandle<Result<(), ServeError>>) {
-    let client = Client::from_config(acs).expect("valid ACS settings");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve(
-        client,
-        ledger,
-        listeners,
-        async {
-            let _ = stopped.await;
-        },
-        options,
-    ));
-    (stop, server)
 }
 
 /// A channel to a gateway serving TLS; `Err` when the handshake is refused.
@@ -113,56 +54,6 @@ pub async fn connect(addr: SocketAddr) -> Channel {
         .connect()
         .await
         .expect("the gateway accepts connections")
-}
-
-impl Harness {
-    /// A gateway in front of a fresh emulator with default settings.
-    pub async fn start() -> Self {
-        Self::start_with(EmulatorConfig::default(), ServerOptions::default()).await
-    }
-
-    /// A gateway in front of a fresh emulator configured as given.
-    pub async fn start_with(config: EmulatorConfig, options: ServerOptions) -> Self {
-        let emulator = Emulator::start(config).await.unwrap();
-        let (addr, channel, stop, server) = start_gateway(acs_config(&emulator), options).await;
-        Self {
-            emulator,
-            addr,
-            channel,
-            stop: Some(stop),
-            server,
-        }
-    }
-
-    /// A client of the CCPA service.
-    pub fn client(&self) -> CcpaServiceClient<Channel> {
-        CcpaServiceClient::new(self.channel.clone())
-    }
-
-    /// Stores a profile in the emulator and returns its key.
-    pub fn profile(&self, ccpa_opt_out: bool) -> String {
-        self.emulator.insert_profile(NewProfile {
-            email: "ada@example.com".into(),
-            first_name: "Ada".into(),
-            last_name: "Lovelace".into(),
-            ccpa_opt_out,
-        })
-    }
-
-    /// Starts the gateway's shutdown without waiting for it.
-    pub fn begin_shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-
-    /// Shuts the gateway down and waits for `serve` to return.
-    pub async fn shutdown(mut self) -> Result<(), ServeError> {
-        self.begin_shutdown();
-        (&mut self.server)
-            .await
-            .expect("the server task does not panic")
-    }
 }
 
 /// The PostgreSQL the tests use; CI machines run one on 127.0.0.1:5432 with trust auth.
@@ -274,154 +165,6 @@ async fn drop_schema(schema: &str) {
         if dropped.is_ok() {
             return;
         }
-    }
-}
-
-/// A `ccpa-gateway serve` process on a ledger, in front of the test's emulator: what a
-/// deployment runs, with its own memory and its own death.
-pub struct GatewayProcess {
-    child: tokio::process::Child,
-    pub client: CcpaServiceClient<Channel>,
-    /// Its gRPC address.
-    pub addr: SocketAddr,
-    /// Every line it has written to stderr so far.
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl GatewayProcess {
-    /// Starts one with the test settings (a 1 s ACS timeout, delivery polled every 100 ms).
-    pub async fn start(emulator: &Emulator, ledger: &str) -> Self {
-        Self::start_with(emulator, ledger, &[], "warn,ccpa_gateway::cli=info").await
-    }
-
-    /// Starts one with `extra` arguments to `serve` and the log filter `log`.
-    pub async fn start_with(emulator: &Emulator, ledger: &str, extra: &[&str], log: &str) -> Self {
-        Self::start_connected(emulator, ledger, extra, log, None).await
-    }
-
-    /// Starts one serving TLS (given in `extra`), connected with `tls`.
-    pub async fn start_tls(
-        emulator: &Emulator,
-        ledger: &str,
-        extra: &[&str],
-        log: &str,
-        tls: ClientTlsConfig,
-    ) -> Self {
-        Self::start_connected(emulator, ledger, extra, log, Some(tls)).await
-    }
-
-    async fn start_connected(
-        emulator: &Emulator,
-        ledger: &str,
-        extra: &[&str],
-        log: &str,
-        tls: Option<ClientTlsConfig>,
-    ) -> Self {
-        use tokio::io::{AsyncBufReadExt, BufReader};
-        let config = emulator.config();
-        let addr_dir = tempfile::tempdir().unwrap();
-        let addr_file = addr_dir.path().join("listen-addr");
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
-            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
-            .arg("--listen-addr-file")
-            .arg(&addr_file)
-            .args(["--ledger", ledger, "--acs-timeout", "1s"])
-            .args(["--delivery-poll-interval", "100ms"])
-            .args(extra)
-            .env("CCPA_ACS_BASE_URL", emulator.url())
-            .env("CCPA_ACS_TENANT", &config.tenant)
-            .env("CCPA_ACS_API_KEY", &config.api_key)
-            .env("CCPA_ACS_ACCESS_TOKEN", &config.access_token)
-            .env("RUST_LOG", log)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let kept = logs.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                kept.lock().unwrap().push(line);
-            }
-        });
-        let addr = ccpa_gateway::cli::listen_addr::wait(&addr_file, Duration::from_secs(20))
-            .await
-            .unwrap_or_else(|e| panic!("{e}: {}", logs.lock().unwrap().join("\n")));
-        let channel = match tls {
-            None => connect(addr).await,
-            Some(tls) => connect_tls(addr, tls)
-                .await
-                .expect("the gateway accepts TLS connections"),
-        };
-        Self {
-            child,
-            client: CcpaServiceClient::new(channel),
-            addr,
-            logs,
-        }
-    }
-
-    /// Waits for a log line holding every one of `needles`, and returns it. The wait ends when
-    /// the line is written; the bound is only there so that a broken gateway fails the test.
-    pub async fn log_line(&self, needles: &[&str]) -> String {
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let found = self
-                .logs
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|line| needles.iter().all(|n| line.contains(n)))
-                .cloned();
-            if let Some(line) = found {
-                return line;
-            }
-            assert!(
-                tokio::time::Instant::now() < give_up,
-                "no log line holds {needles:?}: {:?}",
-                self.logs.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// How many log lines hold every one of `needles` so far.
-    pub fn log_count(&self, needles: &[&str]) -> usize {
-        self.logs
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|line| needles.iter().all(|n| line.contains(n)))
-            .count()
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id().unwrap()
-    }
-
-    /// Its peak resident set size so far (VmHWM), in bytes.
-    pub fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("/proc/<pid>/status has VmHWM");
-        kib * 1024
-    }
-
-    /// Kills it at once: no shutdown, no flush beyond what each commit already made durable.
-    pub async fn kill(mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(self.pid()).unwrap()),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        self.child.wait().await.unwrap();
     }
 }
 
