@@ -912,6 +912,14 @@ async fn an_interactive_call_goes_before_a_record_only_backlog() {
     // Five requests a second: the deliverer's sixteen attempts at a time would keep a call
     // waiting for three seconds if it queued behind them, past its attempt's budget (800 ms).
     let gw = quick(EmulatorConfig::default())
+        .options(ServerOptions {
+            delivery: DeliverySettings {
+                poll_interval: Duration::from_millis(100),
+                attempt_budget: Duration::from_millis(800),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
         .adjust_acs(|acs| ClientConfig {
             call: CallSettings {
                 throttle: ThrottleSettings {

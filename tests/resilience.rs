@@ -897,9 +897,9 @@ async fn a_slow_token_request_outlives_the_caller_that_started_it() {
         .unwrap_err();
     assert!(past_deadline(&status), "{status:?}");
 
-    // The token request went on without its caller; the next caller gets its token.
+    // The token request went on without its caller (its 1.5 s in IMS have passed); the next
+    // caller gets its token, and no other is asked for.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
-    let started = Instant::now();
     client
         .get_opt_out(with_deadline(
             GetOptOutRequest {
@@ -910,7 +910,6 @@ async fn a_slow_token_request_outlives_the_caller_that_started_it() {
         ))
         .await
         .unwrap();
-    assert!(started.elapsed() < Duration::from_millis(200));
     assert_eq!(emulator.ims_request_count(), 1);
 }
 

@@ -173,6 +173,10 @@ impl GatewayBuilder {
     /// Starts it in the test's process, in front of a new emulator (unless it was told what to
     /// call), listening on 127.0.0.1:0.
     pub async fn start(self) -> Gateway {
+        assert!(
+            self.args.is_empty() && self.envs.is_empty() && self.tls.is_none(),
+            "arguments, environment and TLS to connect with are for a process (spawn)"
+        );
         let (emulator, acs) = match self.acs {
             Acs::OwnEmulator(adjust) => {
                 let emulator = Emulator::start(self.emulator).await.unwrap();
@@ -257,6 +261,10 @@ impl GatewayBuilder {
         for (name, value) in &self.envs {
             command.env(name, value);
         }
+        assert!(
+            self.clock.is_none() && self.health.is_none(),
+            "a process reads the system's clock and has no health listener of the test's"
+        );
         let mut child = command.spawn().unwrap();
         let logs = Arc::new(Mutex::new(Vec::new()));
         let log_reader = tokio::spawn(collect_lines(child.stderr.take().unwrap(), logs.clone()));
@@ -280,6 +288,7 @@ impl GatewayBuilder {
             log_reader: Some(log_reader),
             stdout,
             dir,
+            _store: self.store,
         }
     }
 }
@@ -371,6 +380,8 @@ pub struct GatewayProcess {
     stdout: Arc<Mutex<Vec<String>>>,
     /// Its address file, and its ledger unless it was given one.
     dir: tempfile::TempDir,
+    /// Where its ledger is, if it was given one to keep: dropped after the process.
+    _store: Option<super::Store>,
 }
 
 impl GatewayProcess {
