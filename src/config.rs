@@ -17,6 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::access::tls::{ServerTls, TlsFiles};
 use crate::access::{AccessControl, IdentityMode, PolicySource};
 use crate::ledger::delivery::DeliverySettings;
+use crate::ledger::reconcile::ReconcileSettings;
 use crate::server::{Boundary, ConnectionLimits, ServerOptions, ShutdownOptions};
 
 /// Settings of `ccpa-gateway serve`.
@@ -303,6 +304,10 @@ impl ServeSettings {
                 retention: self.ledger.retention,
                 ..DeliverySettings::default()
             },
+            reconcile: ReconcileSettings {
+                interval: self.ledger.reconcile_interval,
+                max_rps: f64::from(self.calls.acs_max_rps.get()) * self.ledger.reconcile_share,
+            },
             boundary: self.callers.boundary(self.listen, self.emulator)?,
             connections: self.callers.connection_limits(),
             max_profiles_per_email: usize::try_from(self.callers.max_profiles_per_email)
@@ -414,6 +419,34 @@ pub struct LedgerSettings {
     #[arg(long, env = "CCPA_DELIVERY_POLL_INTERVAL", default_value = "1s",
           value_parser = duration_within(Duration::from_millis(10), Duration::from_secs(60)))]
     pub delivery_poll_interval: Duration,
+
+    /// Every profile whose latest resolved request was applied is re-read from ACS once per
+    /// interval (spread evenly over it), and what another system changed there is put back.
+    /// `0s` turns it off.
+    #[arg(long, env = "CCPA_RECONCILE_INTERVAL", default_value = "24h", value_parser = reconcile_interval)]
+    pub reconcile_interval: Duration,
+
+    /// The share of --acs-max-rps the reconciler may use, after interactive calls and pending
+    /// deliveries: more than 0, at most 1.
+    #[arg(long, env = "CCPA_RECONCILE_SHARE", default_value = "0.1", value_parser = share)]
+    pub reconcile_share: f64,
+}
+
+/// Parses `--reconcile-interval`: 0 (off), or from a minute to a year.
+fn reconcile_interval(text: &str) -> Result<Duration, String> {
+    if humantime::parse_duration(text).map_err(|e| e.to_string())? == Duration::ZERO {
+        return Ok(Duration::ZERO);
+    }
+    duration_within(Duration::from_secs(60), 366 * DAY)(text)
+        .map_err(|e| format!("0s (off), or {e}"))
+}
+
+/// Parses a share: a number more than 0 and at most 1.
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(share) if share > 0.0 && share <= 1.0 => Ok(share),
+        _ => Err("must be a number more than 0 and at most 1, such as 0.1".into()),
+    }
 }
 
 pub use crate::ledger::MIN_RETENTION;

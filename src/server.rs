@@ -33,6 +33,7 @@ use crate::api::CcpaApi;
 use crate::health::GatewayHealth;
 use crate::ledger::Ledger;
 use crate::ledger::delivery::{Delivery, DeliverySettings};
+use crate::ledger::reconcile::{ReconcileSettings, Reconciler};
 use crate::proto::ccpa_v1::ccpa_service_server::CcpaServiceServer;
 
 /// The name health checks use for the CCPA service: `ccpa.v1.CcpaService`.
@@ -56,6 +57,8 @@ pub struct ServerOptions {
     pub shutdown: ShutdownOptions,
     /// How recorded requests are delivered.
     pub delivery: DeliverySettings,
+    /// How applied profiles are re-read, and drift put back.
+    pub reconcile: ReconcileSettings,
     /// TLS, caller identity and policy.
     pub boundary: Boundary,
     /// Limits on each connection.
@@ -70,6 +73,7 @@ impl Default for ServerOptions {
             health_probe_interval: Duration::from_secs(10),
             shutdown: ShutdownOptions::default(),
             delivery: DeliverySettings::default(),
+            reconcile: ReconcileSettings::default(),
             boundary: Boundary::default(),
             connections: ConnectionLimits::default(),
             max_profiles_per_email: 100,
@@ -209,6 +213,8 @@ pub async fn serve(
     let stop_delivering = CancellationToken::new();
     let _stop_delivering_on_return = stop_delivering.clone().drop_guard();
     let deliverer = tokio::spawn(delivery.clone().run(stop_delivering.clone()));
+    let reconciler = Reconciler::new(delivery.clone(), &acs, options.reconcile);
+    let reconciling = tokio::spawn(reconciler.run(stop_delivering.clone()));
     let api = CcpaApi::new(
         acs,
         health.clone(),
@@ -303,7 +309,9 @@ pub async fn serve(
     let drained = async {
         let served = (&mut server).await;
         // The deliverer finishes the batch it is on; what it leaves stays pending in the ledger.
+        // The reconciler finishes the profile it is on.
         let _ = deliverer.await;
+        let _ = reconciling.await;
         served
     };
     match tokio::time::timeout(options.drain_timeout, drained).await {

@@ -97,7 +97,12 @@ fn set(pkey: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
 
 fn ms_ago(ms: i64) -> prost_types::Timestamp {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let at = i64::try_from(now.as_millis()).unwrap() - ms;
+    ms_before(i64::try_from(now.as_millis()).unwrap(), ms)
+}
+
+/// `ms` before `now_ms` (a ledger's clock, say).
+fn ms_before(now_ms: i64, ms: i64) -> prost_types::Timestamp {
+    let at = now_ms - ms;
     prost_types::Timestamp {
         seconds: at / 1000,
         nanos: i32::try_from((at % 1000) * 1_000_000).unwrap(),
@@ -738,6 +743,51 @@ async fn a_creation_with_an_opt_out_is_recorded_and_replayed(store: Store) {
     );
 }
 
+on_both_stores!(a_failed_attempt_is_tried_again_only_after_its_back_off);
+
+/// Back-off on the ledger's clock: a request whose attempt failed is not tried again before its
+/// back-off (from 5 to 10 s here, with jitter) has passed, and is once it has.
+async fn a_failed_attempt_is_tried_again_only_after_its_back_off(store: Store) {
+    let mut options = quick_delivery();
+    options.delivery.backoff_base = Duration::from_secs(10);
+    options.delivery.backoff_max = Duration::from_secs(10);
+    let clock = Arc::new(ManualClock::new());
+    let gw = common::gateway()
+        .store(store)
+        .options(options)
+        .clock(clock.clone())
+        .start()
+        .await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
+    gw.emulator().set_faults(acs_down());
+    let answer = gw
+        .client()
+        .set_opt_out(set(&pkey, true, "backs-off"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.state, DeliveryState::Pending as i32);
+    gw.emulator().set_faults(FaultSettings::default());
+
+    // Past the lease (3 s) and the first-attempt window, short of the back-off.
+    let requests = gw.emulator().request_count();
+    clock.advance(Duration::from_secs(4));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        gw.emulator().request_count(),
+        requests,
+        "not tried again yet"
+    );
+    assert_eq!(
+        record(&mut gw.client(), "backs-off").await.state,
+        DeliveryState::Pending as i32
+    );
+
+    clock.advance(Duration::from_secs(7));
+    until_state(&mut gw.client(), "backs-off", DeliveryState::Applied).await;
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], true);
+}
+
 on_both_stores!(a_pending_request_is_overdue_after_its_business_days_on_the_clock);
 
 /// The overdue clock counts business days on the ledger's clock: a request pending since a
@@ -802,6 +852,7 @@ async fn only_records_past_their_retention_are_pruned_and_never_pending_ones(sto
         first_attempt_window_ms: 0,
         parent_request_id: None,
         fingerprint: None,
+        restores_request_id: None,
     };
     let now = ledger.now_ms();
     for (id, pkey, received_at, applied) in [
@@ -913,6 +964,7 @@ async fn interrupted_requests_that_cannot_be_completed_later_fail_with_their_rea
         first_attempt_window_ms: 0,
         parent_request_id: parent.map(Into::into),
         fingerprint: None,
+        restores_request_id: None,
     };
     for new in [
         request("creation", Kind::CreateProfile, None, None),
@@ -1118,8 +1170,9 @@ async fn a_newer_request_waits_while_an_older_one_may_still_be_on_its_way_to_acs
         latency: Duration::from_secs(2),
         ..Default::default()
     });
+    // On the gateway's clock: it stands still, and the newer request is made at its now.
     let mut older = tonic::Request::new(SetOptOutRequest {
-        received_at: Some(ms_ago(1_000)),
+        received_at: Some(ms_before(gw.ledger.now_ms(), 1_000)),
         ..set(&pkey, true, "in-flight-1")
     });
     older.set_timeout(Duration::from_millis(700));
@@ -1135,17 +1188,20 @@ async fn a_newer_request_waits_while_an_older_one_may_still_be_on_its_way_to_acs
         DeliveryState::Pending as i32,
         "not sent while the older PATCH may still land"
     );
-    // The older PATCH ends at ACS; the lease is still held on the clock, so the deliverer,
-    // polling all the while, sends nothing newer.
+    // The older PATCH ends at ACS. Past both requests' back-off and first-attempt window, but
+    // within the lease (3 s), the deliverer, polling all the while, sends nothing newer.
     until_acs_is_idle(gw.emulator()).await;
+    let patches = gw.emulator().request_count();
+    clock.advance(Duration::from_secs(1));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         record(&mut gw.client(), "after-1").await.state,
         DeliveryState::Pending as i32
     );
+    assert_eq!(gw.emulator().request_count(), patches, "nothing sent");
 
     // Once the lease has lapsed, the newer request is applied, and the older never.
-    clock.advance(quick_delivery().delivery.lease + Duration::from_secs(1));
+    clock.advance(quick_delivery().delivery.lease);
     until_state(&mut gw.client(), "after-1", DeliveryState::Applied).await;
     until_state(&mut gw.client(), "in-flight-1", DeliveryState::Superseded).await;
     assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], false);
@@ -1189,7 +1245,7 @@ async fn a_patch_held_up_past_its_lease_cannot_land_after_a_newer_applied_reques
     // The older request's PATCH is held up in ACS for 4 s before ACS handles it.
     gw.emulator().inject(Fault::Delay(Duration::from_secs(4)));
     let mut older = tonic::Request::new(SetOptOutRequest {
-        received_at: Some(ms_ago(1_000)),
+        received_at: Some(ms_before(gw.ledger.now_ms(), 1_000)),
         ..set(&pkey, true, "held-up")
     });
     older.set_timeout(Duration::from_secs(10));
@@ -1260,6 +1316,7 @@ async fn an_attempt_whose_lease_was_taken_over_settles_nothing(store: Store) {
         first_attempt_window_ms: 0,
         parent_request_id: None,
         fingerprint: None,
+        restores_request_id: None,
     };
     let first = ledger.new_claim(MINUTE);
     let (_, claimed) = ledger.record(&request, Some(&first)).await.unwrap();
@@ -1403,6 +1460,7 @@ async fn requests_left_pending_by_an_earlier_run_are_protective_from_the_start(s
                     first_attempt_window_ms: 0,
                     parent_request_id: None,
                     fingerprint: None,
+                    restores_request_id: None,
                 },
                 Some(&lease),
             )

@@ -2,7 +2,7 @@
 
 use super::timestamps::ms_to_proto;
 use crate::ledger::{Kind, Record, Source, State};
-use crate::proto::ccpa_v1::{DeliveryState, OptOutRecord, RequestSource};
+use crate::proto::ccpa_v1::{DeliveryState, LatestRequest, OptOutRecord, RequestSource};
 
 /// The wire form of a state.
 pub fn delivery_state(state: State) -> DeliveryState {
@@ -59,5 +59,21 @@ pub fn opt_out_record(record: &Record) -> OptOutRecord {
         profile_creation: record.kind == Kind::CreateProfile,
         parent_request_id: record.parent_request_id.clone().unwrap_or_default(),
         by_email: record.kind == Kind::SetByEmail,
+        restores_request_id: record.restores_request_id.clone().unwrap_or_default(),
+    }
+}
+
+/// The wire form of a profile's latest request.
+pub fn latest_request(record: &Record) -> LatestRequest {
+    LatestRequest {
+        request_id: record.request_id.clone(),
+        source: request_source(record.source) as i32,
+        received_at: Some(ms_to_proto(record.received_at)),
+        state: delivery_state(record.state) as i32,
+        honored_at: match record.state {
+            State::Applied => record.resolved_at.map(ms_to_proto),
+            _ => None,
+        },
+        ccpa_opt_out: record.opt_out,
     }
 }

@@ -6,7 +6,7 @@ use futures::{StreamExt, stream};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
-use super::convert::delivery_state;
+use super::convert::{self, delivery_state};
 use super::error_mapping::{
     gateway_status, ledger_status, replayed_failure, too_many_profiles, upstream_status,
 };
@@ -59,6 +59,14 @@ fn check_target(violations: &mut Violations, pkey: &str, email: &str) {
         ),
         (false, false) => violations.malformed("email", "give pkey or email, not both".to_owned()),
     }
+}
+
+/// What the ledger holds for one profile being read.
+struct Recorded {
+    /// Its newest request not overtaken, restores included: what ACS holds, or is about to.
+    latest: Option<Record>,
+    /// The consumer's latest request: `latest`, or the request it restores.
+    consumers: Option<Record>,
 }
 
 impl SetRequest {
@@ -151,6 +159,7 @@ impl SetRequest {
             first_attempt_window_ms: window_ms,
             parent_request_id: parent,
             fingerprint: None,
+            restores_request_id: None,
         }
     }
 }
@@ -242,6 +251,7 @@ impl CcpaApi {
                 .into_iter()
                 .collect::<Result<_, _>>()?
         };
+        let by_key = request.email.is_empty();
         Ok(GetOptOutResponse {
             pkey: request.pkey,
             ccpa_opt_out: profiles.iter().any(|p| p.ccpa_opt_out),
@@ -251,6 +261,11 @@ impl CcpaApi {
                 _ => None,
             },
             change_pending: profiles.iter().any(|p| p.change_pending),
+            drift_detected: profiles.iter().any(|p| p.drift_detected),
+            latest_request: match profiles.as_slice() {
+                [only] if by_key => only.latest_request.clone(),
+                _ => None,
+            },
             profiles,
         })
     }
@@ -261,25 +276,9 @@ impl CcpaApi {
         pkey: &str,
         deadline: Deadline,
     ) -> Result<ProfileOptOut, Status> {
-        let pending = self
-            .ledger()
-            .pending_change(pkey)
-            .await
-            .map_err(|e| ledger_status(GET, &e))?;
+        let recorded = self.recorded(pkey).await?;
         let held = self.read_opt_out(pkey, deadline).await;
-        let (ccpa_opt_out, last_modified) = match (held, pending) {
-            (Ok(state), Some(true)) => (true, state.last_modified),
-            (Ok(state), _) => (state.opt_out, state.last_modified),
-            // ACS cannot say, but the ledger can: this consumer asked not to be sold.
-            (Err(error), Some(true)) if !error.is_not_found() => (true, None),
-            (Err(error), _) => return Err(upstream(GET)(error)),
-        };
-        Ok(ProfileOptOut {
-            pkey: pkey.to_owned(),
-            ccpa_opt_out,
-            ccpa_opt_out_last_modified: last_modified,
-            change_pending: pending.is_some(),
-        })
+        self.protective(pkey, held, recorded).await
     }
 
     /// The opt-out of a profile found by email (ACS has answered it already).
@@ -292,17 +291,68 @@ impl CcpaApi {
             .clone()
             .ok_or(UpstreamError::MissingField("PKey"))
             .map_err(upstream(GET))?;
-        let state = OptOutState::from_profile(profile).map_err(upstream(GET))?;
-        let pending = self
-            .ledger()
-            .pending_change(&pkey)
-            .await
-            .map_err(|e| ledger_status(GET, &e))?;
+        let held = OptOutState::from_profile(profile);
+        let recorded = self.recorded(&pkey).await?;
+        self.protective(&pkey, held, recorded).await
+    }
+
+    /// What the ledger holds for a profile: its newest request not overtaken (restores
+    /// included), and the consumer's latest request (the one a restore restores).
+    async fn recorded(&self, pkey: &str) -> Result<Recorded, Status> {
+        let ledger_error = |e| ledger_status(GET, &e);
+        let latest = self.ledger().latest(pkey).await.map_err(ledger_error)?;
+        let consumers = match latest
+            .as_ref()
+            .and_then(|latest| latest.restores_request_id.as_deref())
+        {
+            Some(restored) => self.ledger().get(restored).await.map_err(ledger_error)?,
+            None => latest.clone(),
+        };
+        Ok(Recorded { latest, consumers })
+    }
+
+    /// A profile's answer: what ACS holds (`held`), made protective by the ledger. A pending
+    /// opt-out reads as opted out, even while ACS cannot answer; an applied opt-out that ACS no
+    /// longer holds is drift: it reads as opted out, and its restore starts at once.
+    async fn protective(
+        &self,
+        pkey: &str,
+        held: Result<OptOutState, UpstreamError>,
+        recorded: Recorded,
+    ) -> Result<ProfileOptOut, Status> {
+        let Recorded { latest, consumers } = recorded;
+        let pending = latest
+            .as_ref()
+            .filter(|latest| latest.state == State::Pending)
+            .map(|latest| latest.opt_out);
+        let applied_opt_out = latest
+            .as_ref()
+            .filter(|latest| latest.state == State::Applied && latest.opt_out);
+        let mut drift_detected = false;
+        let (ccpa_opt_out, last_modified) = match (held, pending) {
+            (Ok(state), Some(true)) => (true, state.last_modified),
+            (Ok(state), _) if !state.opt_out && applied_opt_out.is_some() => {
+                drift_detected = true;
+                if let Some(seen) = applied_opt_out {
+                    // The answer does not wait on the restore's fate: the reconciler retries.
+                    if let Err(e) = self.delivery.restore_drift(seen).await {
+                        tracing::error!(error = %e, "the restore of a reverted opt-out could not be recorded");
+                    }
+                }
+                (true, state.last_modified)
+            }
+            (Ok(state), _) => (state.opt_out, state.last_modified),
+            // ACS cannot say, but the ledger can: this consumer asked not to be sold.
+            (Err(error), Some(true)) if !error.is_not_found() => (true, None),
+            (Err(error), _) => return Err(upstream(GET)(error)),
+        };
         Ok(ProfileOptOut {
-            pkey,
-            ccpa_opt_out: state.opt_out || pending == Some(true),
-            ccpa_opt_out_last_modified: state.last_modified,
+            pkey: pkey.to_owned(),
+            ccpa_opt_out,
+            ccpa_opt_out_last_modified: last_modified,
             change_pending: pending.is_some(),
+            drift_detected,
+            latest_request: consumers.as_ref().map(convert::latest_request),
         })
     }
 

@@ -80,6 +80,7 @@ impl CcpaApi {
             first_attempt_window_ms: 0,
             parent_request_id: None,
             fingerprint: Some(content),
+            restores_request_id: None,
         };
         let request_id = new.request_id.clone();
         let profile = self.create_recorded(&new, &input, deadline).await?;

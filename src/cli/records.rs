@@ -10,6 +10,8 @@ use serde_json::{Value, json};
 use super::exit_codes;
 use crate::config::{LEDGER, retention};
 use crate::ledger::clock::business_days_before;
+use crate::ledger::reconcile::Direction;
+use crate::ledger::report::{Figures, YearlyReport};
 use crate::ledger::{Ledger, LedgerError, Record};
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -43,6 +45,23 @@ enum RecordsAction {
         /// The instant after the last (RFC 3339); now when left out.
         #[arg(long, value_parser = instant)]
         until: Option<DateTime<Utc>>,
+    },
+    /// Write the drift the reconciler (or a read) found since --since, as JSON lines, oldest
+    /// first: which way a profile had been changed behind the gateway's back, and the restore.
+    Drift {
+        /// The first instant (RFC 3339); the beginning of the ledger when left out.
+        #[arg(long, value_parser = instant)]
+        since: Option<DateTime<Utc>>,
+    },
+    /// The yearly figures of 11 CCR 7102(a): opt-out requests received, complied with in whole
+    /// or in part, denied, and the median and mean days to respond.
+    Report {
+        /// The calendar year (UTC).
+        #[arg(long, value_parser = clap::value_parser!(i32).range(2000..=9999))]
+        year: i32,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete the records of requests answered longer ago than --retention (pending ones are kept).
     Prune {
@@ -84,13 +103,20 @@ pub fn record_json(record: &Record) -> Value {
         "failureReason": record.failure_reason,
         "supersededBy": record.superseded_by,
         "parentRequestId": record.parent_request_id,
+        "restoresRequestId": record.restores_request_id,
     })
 }
 
 /// Prints each record as a JSON line as it is read (constant memory whatever the count), and
 /// says how many there were.
-async fn print_all(
+async fn print_all(records: BoxStream<'_, Result<Record, LedgerError>>) -> Result<u64, Problem> {
+    print_lines(records, record_json).await
+}
+
+/// Prints each record as the JSON line `line` makes of it, as it is read.
+async fn print_lines(
     mut records: BoxStream<'_, Result<Record, LedgerError>>,
+    line: fn(&Record) -> Value,
 ) -> Result<u64, Problem> {
     use std::io::Write;
     let stdout = std::io::stdout();
@@ -98,11 +124,88 @@ async fn print_all(
     let mut printed = 0u64;
     while let Some(record) = records.next().await {
         // A closed or full standard output ends the command: the records were not all written.
-        writeln!(out, "{}", record_json(&record?)).map_err(Problem::Output)?;
+        writeln!(out, "{}", line(&record?)).map_err(Problem::Output)?;
         printed += 1;
     }
     out.flush().map_err(Problem::Output)?;
     Ok(printed)
+}
+
+/// A drift, from the restore that put it right.
+fn drift_json(restore: &Record) -> Value {
+    json!({
+        "detectedAt": rfc3339(restore.recorded_at),
+        "direction": Direction::of_restore(restore.opt_out).as_str(),
+        "pkey": restore.pkey,
+        "restoresRequestId": restore.restores_request_id,
+        "requestId": restore.request_id,
+        "state": restore.state.as_str(),
+    })
+}
+
+/// The figures of one kind of request, as JSON; `with_days` adds the days to respond and the
+/// sources (what the regulation asks for opt-outs).
+fn figures_json(figures: &Figures, with_days: bool) -> Value {
+    let mut value = json!({
+        "received": figures.received,
+        "complied": figures.complied,
+        "denied": figures.denied,
+        "pending": figures.pending,
+    });
+    if with_days {
+        value["median_days_to_respond"] = json!(figures.median_days_to_respond());
+        value["mean_days_to_respond"] = json!(figures.mean_days_to_respond());
+        value["by_source"] = json!(figures.by_source);
+    }
+    value
+}
+
+/// Prints the yearly report: one JSON object, or a table a privacy officer can paste.
+fn print_report(report: &YearlyReport, as_json: bool) -> Result<(), Problem> {
+    use std::io::Write;
+    let text = if as_json {
+        json!({
+            "year": report.year,
+            "opt_out": figures_json(&report.opt_out, true),
+            "opt_in": figures_json(&report.opt_in, false),
+        })
+        .to_string()
+    } else {
+        let row = |name: &str, f: &Figures| {
+            format!(
+                "{name:<10} {:>10} {:>10} {:>10} {:>10}",
+                f.received, f.complied, f.denied, f.pending
+            )
+        };
+        let sources = report
+            .opt_out
+            .by_source
+            .iter()
+            .map(|(source, count)| format!("{source} {count}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "Requests to opt out of sale or sharing, {} (11 CCR 7102(a))\n\
+             {:<10} {:>10} {:>10} {:>10} {:>10}\n{}\n{}\n\
+             Days to respond to opt-outs: median {:.2}, mean {:.2}\n\
+             Opt-outs by source: {}",
+            report.year,
+            "",
+            "received",
+            "complied",
+            "denied",
+            "pending",
+            row("opt-out", &report.opt_out),
+            row("opt-in", &report.opt_in),
+            report.opt_out.median_days_to_respond(),
+            report.opt_out.mean_days_to_respond(),
+            if sources.is_empty() { "none" } else { &sources },
+        )
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .map_err(Problem::Output)
 }
 
 /// Why a `records` command failed.
@@ -117,7 +220,9 @@ enum Problem {
 /// `records`.
 pub async fn run(args: RecordsArgs) -> u8 {
     if !args.overdue && args.action.is_none() {
-        eprintln!("error: give --overdue, or a subcommand (export, prune); see --help");
+        eprintln!(
+            "error: give --overdue, or a subcommand (export, drift, report, prune); see --help"
+        );
         return exit_codes::USAGE;
     }
     let Some(location) = &args.ledger else {
@@ -141,6 +246,21 @@ pub async fn run(args: RecordsArgs) -> u8 {
                     exit_codes::OK
                 })
         }
+        Some(RecordsAction::Drift { since }) => {
+            let since = since.map_or(0, |at| at.timestamp_millis());
+            print_lines(ledger.drift(since), drift_json)
+                .await
+                .map(|found| {
+                    eprintln!("{found} drifts found");
+                    exit_codes::OK
+                })
+        }
+        Some(RecordsAction::Report { year, json }) => ledger
+            .yearly_report(year)
+            .await
+            .map_err(Problem::from)
+            .and_then(|report| print_report(&report, json))
+            .map(|()| exit_codes::OK),
         Some(RecordsAction::Prune { retention }) => ledger
             .prune(retention)
             .await

@@ -332,7 +332,6 @@ impl Delivery {
                 "requests interrupted by a stop, which cannot be completed later, are FAILED"
             );
         }
-        self.ledger.refresh_pending_hint().await?;
         let due = self.ledger.due_profiles(self.ledger.now_ms(), 256).await?;
         futures::stream::iter(due)
             .for_each_concurrent(16, |pkey| async move {

@@ -8,8 +8,7 @@ use sqlx::{AnyConnection, Executor};
 use super::leases::claim_lease;
 use super::queries::{COLUMNS, fetch_record};
 use super::{
-    Backend, Claim, FailureCode, Kind, Ledger, LedgerError, PendingHint, Record, Source, State,
-    UnitClock,
+    Backend, Claim, FailureCode, Kind, Ledger, LedgerError, Record, Source, State, UnitClock,
 };
 
 /// A request to record.
@@ -36,6 +35,8 @@ pub struct NewRequest {
     /// A digest of what the request holds but the ledger does not keep (an email address, a
     /// name), so that its id replayed with other content is told apart: see [`fingerprint`].
     pub fingerprint: Option<String>,
+    /// For a restore by the reconciler: the consumer's request whose value it puts back.
+    pub restores_request_id: Option<String>,
 }
 
 /// A digest of content the ledger must not keep, to tell a replay from a conflicting reuse of
@@ -64,8 +65,8 @@ static INSERT_RETURNING: LazyLock<String> = LazyLock::new(|| {
     format!(
         "INSERT INTO opt_out_records (request_id, kind, pkey, opt_out, source, received_at, \
          received_at_given, recorded_at, caller, state, attempts, next_attempt_at, \
-         parent_request_id, fingerprint, answered_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PENDING', 0, $10, $11, $12, $13) \
+         parent_request_id, fingerprint, answered_at, restores_request_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PENDING', 0, $10, $11, $12, $13, $14) \
          ON CONFLICT (request_id) DO NOTHING RETURNING {COLUMNS}"
     )
 });
@@ -116,19 +117,10 @@ impl Ledger {
         };
         let request = request.clone();
         let claim = claim.cloned();
-        let hint = self.pending.clone();
         let unit_clock = self.unit_clock();
         self.write(move |connection| {
             Box::pin(async move {
-                record_unit(
-                    connection,
-                    &request,
-                    claim.as_ref(),
-                    answered,
-                    &hint,
-                    &unit_clock,
-                )
-                .await
+                record_unit(connection, &request, claim.as_ref(), answered, &unit_clock).await
             })
         })
         .await
@@ -161,16 +153,10 @@ pub(super) async fn record_unit(
     request: &NewRequest,
     claim: Option<&Claim>,
     answered: bool,
-    hint: &PendingHint,
     unit_clock: &UnitClock,
 ) -> Result<(Recorded, bool), LedgerError> {
     // The writer holds the transaction (a savepoint of its batch on SQLite).
     let tx = connection;
-    if let Some(pkey) = &request.pkey {
-        // Inside the write, before it commits: no read after the commit can skip this profile,
-        // and a refresh of the hint either sees this write or runs before it noted.
-        hint.note(pkey);
-    }
     // `recorded_at`, and the expiry of a lease taken here, come from the unit's clock: on
     // PostgreSQL the database's, read once the profile is locked, so that replicas with skewed
     // clocks still agree on the order of a profile's requests.
@@ -181,13 +167,16 @@ pub(super) async fn record_unit(
             let locked = sqlx::query(concat!(
                 "SELECT pg_advisory_xact_lock(hashtext($1))::text, ",
                 database_now_ms!(),
-                " + $2 AS now_ms"
+                " AS now_ms"
             ))
             .bind(pkey)
-            .bind(unit_clock.clock.wall_offset_ms())
             .fetch_one(&mut *tx)
             .await?;
-            sqlx::Row::try_get::<i64, _>(&locked, "now_ms")?
+            if unit_clock.database_keeps_time() {
+                sqlx::Row::try_get::<i64, _>(&locked, "now_ms")?
+            } else {
+                unit_clock.clock.unix_ms()
+            }
         }
         _ => unit_clock.now(&mut *tx).await?,
     };
@@ -206,6 +195,7 @@ pub(super) async fn record_unit(
         .bind(&request.parent_request_id)
         .bind(&request.fingerprint)
         .bind(answered.then_some(now))
+        .bind(&request.restores_request_id)
         .fetch_optional(&mut *tx)
         .await?;
 

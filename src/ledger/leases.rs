@@ -472,6 +472,19 @@ pub(super) async fn settle_unit(
         .await?
         .rows_affected();
     if updated == 1 {
+        if matches!(outcome, Outcome::Applied { .. }) {
+            // ACS holds the profile's newest request now: the reconciler re-reads it an
+            // interval from here.
+            sqlx::query(
+                "INSERT INTO reconcile_schedule (pkey, checked_at) \
+                 SELECT pkey, $1 FROM opt_out_records WHERE request_id = $2 AND pkey IS NOT NULL \
+                 ON CONFLICT (pkey) DO UPDATE SET checked_at = excluded.checked_at",
+            )
+            .bind(now)
+            .bind(request_id)
+            .execute(&mut *tx)
+            .await?;
+        }
         if let Some((pkey, claim)) = release {
             release_lease(&mut *tx, pkey, claim).await?;
         }

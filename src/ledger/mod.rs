@@ -12,6 +12,7 @@
 //! (pruning), `writer` (group commit), `submit` (a profile's request: recorded, then applied
 //! within the call or later), `by_email` (a request by email, fanned out to its profiles),
 //! `creation` (a profile created with an opt-out), `delivery` (attempts, and the deliverer),
+//! `reconcile` (what other systems changed in ACS, put back), `report` (the yearly figures),
 //! `clock` (business days).
 //!
 //! Order: requests for one profile take effect in the order consumers made them
@@ -35,15 +36,15 @@ mod intake;
 mod leases;
 mod open;
 mod queries;
+pub mod reconcile;
 mod record;
+pub mod report;
 mod retention;
 mod submit;
 mod writer;
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use acs_profile_client::Clock;
 use futures::future::BoxFuture;
@@ -108,7 +109,6 @@ pub struct Ledger {
     backend: Backend,
     /// The SQLite file, if that is what it is.
     file: Option<PathBuf>,
-    pending: Arc<PendingHint>,
     /// On PostgreSQL, where recording a profile's request waits for that profile's advisory
     /// lock while holding a pooled connection: the turns of this process's calls, so that a
     /// burst of calls for one profile waits here, in memory, on one connection at most.
@@ -146,87 +146,10 @@ impl ProfileTurns {
     }
 }
 
-/// Which profiles may have a pending request, so that the protective read can skip its query
-/// for the others: most profiles, most of the time. On SQLite the query is most of a
-/// GetOptOut's cost (sqlx hands each statement to a thread of its own, and on a busy machine
-/// every hand-off waits for the scheduler). Only trusted where this process is the ledger's only
-/// writer ([`Ledger::hold_exclusively`], SQLite); elsewhere every read asks the database.
-///
-/// A write adds its profile inside its transaction, holding SQLite's one writer connection, so
-/// before it commits. [`Ledger::refresh_pending_hint`] replaces the set with the profiles the
-/// database has pending, also holding that connection: no write is half done meanwhile, so none
-/// can be missed.
-struct PendingHint {
-    trusted: AtomicBool,
-    profiles: std::sync::Mutex<PendingProfiles>,
-}
-
-#[derive(Default)]
-struct PendingProfiles {
-    keys: HashSet<String>,
-    /// Every profile may have one: before the first refresh, or when more than
-    /// [`PendingHint::MAX_KEYS`] did.
-    overflowed: bool,
-}
-
-impl PendingHint {
-    /// Beyond this many profiles with pending requests (an ACS outage, a bulk backlog
-    /// recorded only), the hint stops naming them, to keep memory flat (10,000 keys are about
-    /// 1 MB), and every read asks the database.
-    const MAX_KEYS: usize = 10_000;
-
-    fn new() -> Self {
-        Self {
-            trusted: AtomicBool::new(false),
-            // Unknown until the first refresh: requests left pending by an earlier run count.
-            profiles: std::sync::Mutex::new(PendingProfiles {
-                keys: HashSet::new(),
-                overflowed: true,
-            }),
-        }
-    }
-
-    fn profiles(&self) -> std::sync::MutexGuard<'_, PendingProfiles> {
-        // A panic while the lock was held leaves a set that is at worst too large: still safe.
-        self.profiles
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Inside a write that may record a pending request for `pkey`, before it commits.
-    fn note(&self, pkey: &str) {
-        let mut profiles = self.profiles();
-        if profiles.overflowed {
-            return;
-        }
-        if profiles.keys.len() >= Self::MAX_KEYS {
-            profiles.overflowed = true;
-            profiles.keys = HashSet::new();
-        } else if !profiles.keys.contains(pkey) {
-            profiles.keys.insert(pkey.to_owned());
-        }
-    }
-
-    /// Forgets which profiles have pending requests: every one may, until the next refresh.
-    fn distrust(&self) {
-        let mut profiles = self.profiles();
-        profiles.overflowed = true;
-        profiles.keys = HashSet::new();
-    }
-
-    /// False only when the profile cannot have a pending request.
-    fn maybe_pending(&self, pkey: &str) -> bool {
-        if !self.trusted.load(Ordering::SeqCst) {
-            return true;
-        }
-        let profiles = self.profiles();
-        profiles.overflowed || profiles.keys.contains(pkey)
-    }
-}
-
 /// The clock a unit of work orders its records and leases by: the database's on PostgreSQL,
-/// which every replica shares (its clock, not theirs, orders leases and records), shifted as the
-/// ledger's clock is (`Clock::wall_offset_ms`); the ledger's on SQLite, which one gateway serves.
+/// which every replica shares (its clock, not theirs, orders leases and records); the ledger's on
+/// SQLite, which one gateway serves, and wherever the ledger was given a clock of its own (a
+/// test's, `Clock::is_system_time`).
 #[derive(Debug, Clone)]
 struct UnitClock {
     backend: Backend,
@@ -234,19 +157,19 @@ struct UnitClock {
 }
 
 impl UnitClock {
+    /// Whether the database's clock is the one.
+    fn database_keeps_time(&self) -> bool {
+        self.backend == Backend::Postgres && self.clock.is_system_time()
+    }
+
     /// Now, in ms since the Unix epoch, read within the unit.
     async fn now(&self, connection: &mut AnyConnection) -> Result<i64, LedgerError> {
-        match self.backend {
-            Backend::Sqlite => Ok(self.clock.unix_ms()),
-            Backend::Postgres => {
-                Ok(
-                    sqlx::query_scalar(concat!("SELECT ", database_now_ms!(), " + $1"))
-                        .bind(self.clock.wall_offset_ms())
-                        .fetch_one(&mut *connection)
-                        .await?,
-                )
-            }
+        if !self.database_keeps_time() {
+            return Ok(self.clock.unix_ms());
         }
+        Ok(sqlx::query_scalar(concat!("SELECT ", database_now_ms!()))
+            .fetch_one(&mut *connection)
+            .await?)
     }
 }
 
@@ -278,9 +201,8 @@ impl Ledger {
     }
 
     /// The same ledger, reading the time from `clock` (a test's `ManualClock`): its records,
-    /// leases, back-off, overdue clock and retention, and those of the gateway serving it. On
-    /// PostgreSQL, the database's clock is shifted by as much as `clock` stands from the
-    /// system's.
+    /// leases, back-off, overdue clock and retention, and those of the gateway serving it. Such a
+    /// clock orders records and leases on PostgreSQL too, in place of the database's.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
@@ -310,9 +232,8 @@ impl Ledger {
     }
 
     /// For a serving gateway: on a SQLite file, makes sure no other gateway serves it (a lock
-    /// on `<file>.lock`, held while the returned value lives) and, being then its only writer,
-    /// lets the protective read trust the in-process hint of whether anything is pending. On
-    /// PostgreSQL, which several gateways share, nothing is held and every read asks.
+    /// on `<file>.lock`, held while the returned value lives). On PostgreSQL, which several
+    /// gateways share, nothing is held.
     pub fn hold_exclusively(&self) -> Result<ExclusiveHold, LedgerError> {
         let Some(file) = &self.file else {
             return Ok(ExclusiveHold { _lock: None });
@@ -332,38 +253,6 @@ impl Ledger {
             }
             Err(std::fs::TryLockError::Error(error)) => return Err(LedgerError::Lock(error)),
         }
-        self.pending.trusted.store(true, Ordering::SeqCst);
         Ok(ExclusiveHold { _lock: Some(lock) })
-    }
-
-    /// Brings the hint of which profiles may have a pending request down to those that do (see
-    /// `PendingHint`). The deliverer calls it on each round.
-    pub async fn refresh_pending_hint(&self) -> Result<(), LedgerError> {
-        if !self.pending.trusted.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        // As a write: every write before it that noted a profile is in the database it reads
-        // (committed, or earlier in its batch), and every one after it notes its profile anew.
-        let hint = self.pending.clone();
-        self.write(move |connection| {
-            Box::pin(async move {
-                let pending: Vec<String> = sqlx::query_scalar(
-                    "SELECT DISTINCT pkey FROM opt_out_records \
-                     WHERE state = 'PENDING' AND pkey IS NOT NULL LIMIT $1",
-                )
-                .bind(i64::try_from(PendingHint::MAX_KEYS).unwrap_or(i64::MAX) + 1)
-                .fetch_all(&mut *connection)
-                .await?;
-                let mut profiles = hint.profiles();
-                profiles.overflowed = pending.len() > PendingHint::MAX_KEYS;
-                profiles.keys = if profiles.overflowed {
-                    HashSet::new()
-                } else {
-                    pending.into_iter().collect()
-                };
-                Ok(())
-            })
-        })
-        .await
     }
 }

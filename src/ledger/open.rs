@@ -10,7 +10,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor, SqlSafeStr};
 
 use super::writer::Writer;
-use super::{Backend, Ledger, LedgerError, PendingHint, ProfileTurns};
+use super::{Backend, Ledger, LedgerError, ProfileTurns};
 
 pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -32,6 +32,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "lease generations",
         include_str!("../../migrations/0004_lease_generations.sql"),
+    ),
+    (
+        5,
+        "drift reconciliation",
+        include_str!("../../migrations/0005_drift_reconciliation.sql"),
     ),
 ];
 
@@ -219,7 +224,6 @@ impl Ledger {
             Opening::CreateOrMigrate => Purpose::Serving,
             Opening::Existing => Purpose::Maintenance,
         };
-        let pending = Arc::new(PendingHint::new());
         let (reader, writer, file) = match (backend, location) {
             // PostgreSQL handles concurrent writers itself: one pool for everything, once the
             // schema is checked or migrated on a connection of its own (a migration may wait
@@ -243,13 +247,9 @@ impl Ledger {
             (Backend::Sqlite, _) => {
                 let writer_pool = prepare(connect(&url, backend, 1, serving).await?).await?;
                 let reader = connect(&url, backend, 4, serving).await?;
-                let hint = pending.clone();
-                // A batch that did not commit may have changed the hint for writes that are
-                // not there: until the next refresh, every read asks the database.
-                let on_failure = Box::new(move || hint.distrust());
                 (
                     reader,
-                    Writer::batched(writer_pool, on_failure),
+                    Writer::batched(writer_pool),
                     Some(PathBuf::from(location)),
                 )
             }
@@ -259,7 +259,6 @@ impl Ledger {
             writer,
             backend,
             file,
-            pending,
             turns: Arc::new(ProfileTurns::new()),
             clock: Arc::new(TokioClock),
         })

@@ -36,13 +36,14 @@ pub struct Cursor {
 /// Every column of `opt_out_records`, in the order [`Record::from_row`] reads them.
 pub(super) const COLUMNS: &str = "request_id, kind, pkey, opt_out, source, received_at, received_at_given, \
      recorded_at, caller, state, answered_at, resolved_at, attempts, next_attempt_at, last_error, \
-     failure_reason, failure_code, superseded_by, parent_request_id, fingerprint";
+     failure_reason, failure_code, superseded_by, parent_request_id, fingerprint, \
+     restores_request_id";
 
 /// `SELECT <every column> FROM opt_out_records <rest>`, for the static `rest` of a query.
 pub(super) struct AssertColumns;
 
 impl AssertColumns {
-    fn sql(rest: &'static str) -> sqlx::AssertSqlSafe<String> {
+    pub(super) fn sql(rest: &'static str) -> sqlx::AssertSqlSafe<String> {
         // Both parts are constants of this module: nothing from a request reaches the text of
         // the query.
         sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM opt_out_records {rest}"))
@@ -81,21 +82,6 @@ impl Ledger {
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(Record::from_row).collect()
-    }
-
-    /// The value of the newest pending request for a profile, if any.
-    pub async fn pending_change(&self, pkey: &str) -> Result<Option<bool>, LedgerError> {
-        if !self.pending.maybe_pending(pkey) {
-            return Ok(None);
-        }
-        let value: Option<i64> = sqlx::query_scalar(
-            "SELECT opt_out FROM opt_out_records WHERE pkey = $1 AND state = 'PENDING' \
-             ORDER BY received_at DESC, recorded_at DESC LIMIT 1",
-        )
-        .bind(pkey)
-        .fetch_optional(&self.reader)
-        .await?;
-        Ok(value.map(|v| v != 0))
     }
 
     /// Pending requests made before `received_before`, oldest first, row by row: a backlog of

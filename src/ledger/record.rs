@@ -214,6 +214,8 @@ pub struct Record {
     pub superseded_by: Option<String>,
     /// The request made by email this one is a part of.
     pub parent_request_id: Option<String>,
+    /// For a restore by the reconciler: the consumer's request whose value it puts back in ACS.
+    pub restores_request_id: Option<String>,
     /// See [`super::NewRequest::fingerprint`]: for telling replays apart, not for auditors.
     #[serde(skip)]
     pub fingerprint: Option<String>,
@@ -256,6 +258,7 @@ impl Record {
             }),
             superseded_by: optional_text("superseded_by")?,
             parent_request_id: optional_text("parent_request_id")?,
+            restores_request_id: optional_text("restores_request_id")?,
             fingerprint: optional_text("fingerprint")?,
         })
     }

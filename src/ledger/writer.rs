@@ -63,10 +63,6 @@ impl<T: Send> Answer for Pending<T> {
     }
 }
 
-/// Called when a batch could not be committed: whatever its units did outside the database
-/// (the pending-profiles hint) must not be trusted.
-pub(super) type OnFailure = Box<dyn Fn() + Send + Sync>;
-
 /// How writes reach the database.
 #[derive(Clone)]
 pub(super) struct Writer(Way);
@@ -82,9 +78,9 @@ enum Way {
 impl Writer {
     /// A writer batching units on the one connection of `pool` (SQLite). The task ends when
     /// every `Writer` is dropped.
-    pub(super) fn batched(pool: AnyPool, on_failure: OnFailure) -> Self {
+    pub(super) fn batched(pool: AnyPool) -> Self {
         let (sender, receiver) = mpsc::channel(QUEUE);
-        tokio::spawn(run(pool, receiver, on_failure));
+        tokio::spawn(run(pool, receiver));
         Self(Way::Batched(sender))
     }
 
@@ -131,7 +127,7 @@ impl Writer {
 }
 
 /// The writer task: batch, run, commit, answer; until every sender is gone.
-async fn run(pool: AnyPool, mut queue: mpsc::Receiver<Job>, on_failure: OnFailure) {
+async fn run(pool: AnyPool, mut queue: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let units = batch.len();
@@ -151,9 +147,6 @@ async fn run(pool: AnyPool, mut queue: mpsc::Receiver<Job>, on_failure: OnFailur
         };
         // Units never run (no connection) answer through their dropped senders.
         batch.clear();
-        if committed.is_err() {
-            on_failure();
-        }
         tracing::trace!(units, committed = committed.is_ok(), "ledger batch");
         for answer in answers {
             answer.answer(committed.as_ref().copied().map_err(String::as_str));
@@ -215,8 +208,6 @@ async fn run_units(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
 
     async fn file_pool(dir: &tempfile::TempDir) -> AnyPool {
         sqlx::any::install_default_drivers();
@@ -259,12 +250,7 @@ mod tests {
     async fn a_failing_unit_undoes_only_its_own_work_in_a_shared_commit() {
         let dir = tempfile::tempdir().unwrap();
         let pool = file_pool(&dir).await;
-        let failed = Arc::new(AtomicBool::new(false));
-        let flag = failed.clone();
-        let writer = Writer::batched(
-            pool.clone(),
-            Box::new(move || flag.store(true, Ordering::SeqCst)),
-        );
+        let writer = Writer::batched(pool.clone());
         // Queued together, so that they share batches.
         let (a, b, c) = tokio::join!(
             writer.write(insert("a", false)),
@@ -277,11 +263,7 @@ mod tests {
             .fetch_all(&pool)
             .await
             .unwrap();
-        assert_eq!(ids, ["a", "c"]);
-        assert!(
-            !failed.load(Ordering::SeqCst),
-            "a failing unit is not a failed batch"
-        );
+        assert_eq!(ids, ["a", "c"], "a failing unit is not a failed batch");
         // The connection is still in a clean state: a later write commits.
         writer.write(insert("d", false)).await.unwrap();
     }
@@ -290,7 +272,7 @@ mod tests {
     async fn a_panicking_unit_fails_alone() {
         let dir = tempfile::tempdir().unwrap();
         let pool = file_pool(&dir).await;
-        let writer = Writer::batched(pool.clone(), Box::new(|| {}));
+        let writer = Writer::batched(pool.clone());
         let panics: Unit<()> = Box::new(|_| Box::pin(async { panic!("a bug in a unit") }));
         assert!(writer.write(panics).await.is_err());
         writer.write(insert("after", false)).await.unwrap();

@@ -394,6 +394,27 @@ impl Emulator {
             .is_some_and(|id| lock(&self.shared.profiles).remove(&id).is_some())
     }
 
+    /// Sets a profile's opt-out without going through the API, as another system writing to
+    /// Campaign would (a list import, a workflow, a CRM sync, someone in the UI): the gateway is
+    /// not told, and the change is not among [`Emulator::requests`]. Returns whether the profile
+    /// exists.
+    pub fn change_behind_the_gateway(&self, pkey: &str, ccpa_opt_out: bool) -> bool {
+        let changes = match Changes::parse(&serde_json::json!({ "ccpaOptOut": ccpa_opt_out })) {
+            Ok(changes) => changes,
+            Err(e) => unreachable!("a body holding only ccpaOptOut is always valid: {e:?}"),
+        };
+        let Some(id) = self.shared.codec.decode(pkey) else {
+            return false;
+        };
+        match lock(&self.shared.profiles).get_mut(&id) {
+            Some(profile) => {
+                profile.apply(changes, chrono::Utc::now());
+                true
+            }
+            None => false,
+        }
+    }
+
     /// A profile as the API would answer it, or `None` when the key names no profile here.
     pub fn profile(&self, pkey: &str) -> Option<serde_json::Value> {
         let id = self.shared.codec.decode(pkey)?;

@@ -18,11 +18,11 @@ pub trait Clock: Send + Sync + fmt::Debug {
         SystemTime::now()
     }
 
-    /// How far [`Clock::wall`] stands ahead of the system's clock, in ms (negative: behind).
-    /// Stores that keep time themselves (PostgreSQL's clock) are shifted by it, so that a test
-    /// moving this clock moves theirs too. Zero for a clock that reads the system's.
-    fn wall_offset_ms(&self) -> i64 {
-        0
+    /// Whether [`Clock::wall`] is the system's time of day. Where it is, a store may keep time
+    /// itself (PostgreSQL's clock, shared by every replica); where it is not (a test's clock),
+    /// this clock's time is used instead, so that a test moving it moves everything.
+    fn is_system_time(&self) -> bool {
+        true
     }
 
     /// [`Clock::wall`] in ms since the Unix epoch (0 before it, `i64::MAX` past the end of
@@ -101,8 +101,8 @@ impl Clock for ManualClock {
             .unwrap_or(self.wall_start)
     }
 
-    fn wall_offset_ms(&self) -> i64 {
-        self.unix_ms().saturating_sub(unix_ms(SystemTime::now()))
+    fn is_system_time(&self) -> bool {
+        false
     }
 }
 
@@ -119,12 +119,12 @@ mod tests {
         clock.advance(Duration::from_millis(1_500));
         assert_eq!(clock.now() - instant, Duration::from_millis(1_500));
         assert_eq!(clock.unix_ms(), 1_001_500);
-        assert!(clock.wall_offset_ms() < 0, "far behind the system's clock");
+        assert!(!clock.is_system_time());
     }
 
     #[test]
-    fn the_system_clock_is_not_shifted() {
-        assert_eq!(TokioClock.wall_offset_ms(), 0);
+    fn the_system_clock_is_the_systems() {
+        assert!(TokioClock.is_system_time());
         let (before, at) = (unix_ms(SystemTime::now()), TokioClock.unix_ms());
         assert!(at >= before);
     }

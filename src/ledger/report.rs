@@ -1,0 +1,219 @@
+//! The yearly figures of 11 CCR 7102(a): how many opt-out requests a year brought, how many were
+//! complied with (in whole or in part) or denied, and how long responding took.
+//!
+//! A consumer's request counts once: a request made by email counts as one, whatever the number
+//! of profiles it reached, and the reconciler's restores are not consumer requests. Complied: the
+//! request was APPLIED, or SUPERSEDED by a later request of the consumer's (which was then the one
+//! to apply); for a request by email, when any of its profiles was. Denied: FAILED (the record
+//! holds the basis); for a request by email, when it failed or none of its profiles could be
+//! applied. Days to respond run from `received_at` to `resolved_at` (for a request by email, to
+//! its last profile's).
+
+use std::collections::BTreeMap;
+
+use chrono::{TimeZone, Utc};
+use futures::StreamExt;
+use sqlx::Row;
+
+use super::{Kind, Ledger, LedgerError, Source, State};
+
+/// Each request of a year counted once, with what its profiles came to when it was made by
+/// email. Restores and the parts of requests by email are left out.
+const CONSUMER_REQUESTS: &str = "SELECT r.kind, r.opt_out, r.source, r.received_at, r.state, \
+     r.resolved_at, \
+     (SELECT COUNT(*) FROM opt_out_records c WHERE c.parent_request_id = r.request_id) AS parts, \
+     (SELECT COUNT(*) FROM opt_out_records c WHERE c.parent_request_id = r.request_id \
+        AND c.state IN ('APPLIED', 'SUPERSEDED')) AS parts_complied, \
+     (SELECT COUNT(*) FROM opt_out_records c WHERE c.parent_request_id = r.request_id \
+        AND c.state = 'PENDING') AS parts_pending, \
+     (SELECT MAX(c.resolved_at) FROM opt_out_records c WHERE c.parent_request_id = r.request_id) \
+        AS parts_resolved_at \
+     FROM opt_out_records r \
+     WHERE r.received_at >= $1 AND r.received_at < $2 AND r.parent_request_id IS NULL \
+       AND r.restores_request_id IS NULL \
+     ORDER BY r.received_at";
+
+/// What became of a request, for the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Response {
+    Complied,
+    Denied,
+    Pending,
+}
+
+/// The figures of one kind of request (opt-out or opt-in) in a year.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Figures {
+    /// Requests received.
+    pub received: u64,
+    /// Complied with, in whole or in part.
+    pub complied: u64,
+    /// Denied.
+    pub denied: u64,
+    /// Not yet responded to.
+    pub pending: u64,
+    /// Requests received, by the manner the consumer made them.
+    pub by_source: BTreeMap<&'static str, u64>,
+    /// How many requests took each number of seconds to respond to (complied or denied).
+    seconds_to_respond: BTreeMap<i64, u64>,
+}
+
+impl Figures {
+    fn count(&mut self, source: Source, response: Response, seconds_to_respond: Option<i64>) {
+        self.received += 1;
+        *self.by_source.entry(source.as_str()).or_default() += 1;
+        match response {
+            Response::Complied => self.complied += 1,
+            Response::Denied => self.denied += 1,
+            Response::Pending => self.pending += 1,
+        }
+        if let Some(seconds) = seconds_to_respond {
+            *self.seconds_to_respond.entry(seconds.max(0)).or_default() += 1;
+        }
+    }
+
+    /// The median number of days it took to respond; 0 when nothing was responded to.
+    pub fn median_days_to_respond(&self) -> f64 {
+        let responded: u64 = self.seconds_to_respond.values().sum();
+        if responded == 0 {
+            return 0.0;
+        }
+        // The values at positions (n-1)/2 and n/2 (0-based): the same one when n is odd.
+        let nth = |n: u64| {
+            let mut seen = 0;
+            for (seconds, count) in &self.seconds_to_respond {
+                seen += count;
+                if seen > n {
+                    return *seconds;
+                }
+            }
+            0
+        };
+        let (low, high) = (nth((responded - 1) / 2), nth(responded / 2));
+        days((low as f64 + high as f64) / 2.0)
+    }
+
+    /// The mean number of days it took to respond; 0 when nothing was responded to.
+    pub fn mean_days_to_respond(&self) -> f64 {
+        let (mut total, mut responded) = (0.0, 0u64);
+        for (seconds, count) in &self.seconds_to_respond {
+            total += *seconds as f64 * *count as f64;
+            responded += count;
+        }
+        if responded == 0 {
+            return 0.0;
+        }
+        days(total / responded as f64)
+    }
+}
+
+/// Seconds as days, to the hundredth.
+fn days(seconds: f64) -> f64 {
+    (seconds / 86_400.0 * 100.0).round() / 100.0
+}
+
+/// A year's figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct YearlyReport {
+    /// The calendar year (UTC).
+    pub year: i32,
+    /// Requests to opt out of sale and sharing.
+    pub opt_out: Figures,
+    /// Requests to opt back in.
+    pub opt_in: Figures,
+}
+
+impl Ledger {
+    /// The figures of requests received in `year` (UTC), read row by row: memory stays flat
+    /// however many there were (the durations are kept as counts per second).
+    pub async fn yearly_report(&self, year: i32) -> Result<YearlyReport, LedgerError> {
+        let start = |year: i32| {
+            Utc.with_ymd_and_hms(year, 1, 1, 0, 0, 0)
+                .single()
+                .map(|at| at.timestamp_millis())
+                .ok_or_else(|| {
+                    LedgerError::Location(format!("{year} is not a year a report covers"))
+                })
+        };
+        let (from, until) = (start(year)?, start(year.saturating_add(1))?);
+        let mut report = YearlyReport {
+            year,
+            ..YearlyReport::default()
+        };
+        let mut rows = sqlx::query(CONSUMER_REQUESTS)
+            .bind(from)
+            .bind(until)
+            .fetch(&self.reader);
+        while let Some(row) = rows.next().await {
+            let row = row?;
+            let kind = Kind::parse(&row.try_get::<String, _>("kind")?)?;
+            let opt_out = row.try_get::<i64, _>("opt_out")? != 0;
+            let source = Source::parse(&row.try_get::<String, _>("source")?)?;
+            let received_at: i64 = row.try_get("received_at")?;
+            let state = State::parse(&row.try_get::<String, _>("state")?)?;
+            let resolved_at: Option<i64> = row.try_get("resolved_at")?;
+            let (response, responded_at) = if kind == Kind::SetByEmail && state == State::Applied {
+                // A request by email that reached its profiles: what they came to.
+                let parts: i64 = row.try_get("parts")?;
+                let complied: i64 = row.try_get("parts_complied")?;
+                let pending: i64 = row.try_get("parts_pending")?;
+                let last: Option<i64> = row.try_get("parts_resolved_at")?;
+                if pending > 0 {
+                    (Response::Pending, None)
+                } else if complied > 0 {
+                    (Response::Complied, last)
+                } else if parts > 0 {
+                    (Response::Denied, last)
+                } else {
+                    (Response::Complied, resolved_at)
+                }
+            } else {
+                match state {
+                    State::Applied | State::Superseded => (Response::Complied, resolved_at),
+                    State::Failed => (Response::Denied, resolved_at),
+                    State::Pending => (Response::Pending, None),
+                }
+            };
+            let seconds = responded_at.map(|at| at.saturating_sub(received_at) / 1000);
+            let figures = if opt_out {
+                &mut report.opt_out
+            } else {
+                &mut report.opt_in
+            };
+            figures.count(source, response, seconds);
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figures(seconds: &[i64]) -> Figures {
+        let mut figures = Figures::default();
+        for s in seconds {
+            figures.count(Source::WebForm, Response::Complied, Some(*s));
+        }
+        figures
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        let day = 86_400;
+        assert_eq!(
+            figures(&[day, 3 * day, 2 * day, 10 * day]).median_days_to_respond(),
+            2.5
+        );
+        assert_eq!(
+            figures(&[day, 3 * day, 2 * day]).median_days_to_respond(),
+            2.0
+        );
+        assert_eq!(
+            figures(&[day, 3 * day, 2 * day, 10 * day]).mean_days_to_respond(),
+            4.0
+        );
+        assert_eq!(figures(&[]).median_days_to_respond(), 0.0);
+        assert_eq!(figures(&[]).mean_days_to_respond(), 0.0);
+    }
+}
