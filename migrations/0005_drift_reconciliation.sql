@@ -2,6 +2,7 @@
 -- gateway applied a consumer's request (source 'INTERNAL', caller 'reconciler') names the
 -- request it restores.
 ALTER TABLE opt_out_records ADD COLUMN restores_request_id TEXT;
+CREATE INDEX opt_out_records_by_restored ON opt_out_records (restores_request_id);
 -- Each profile whose latest resolved request was applied, and when ACS was last known to hold
 -- it (when it was applied, or when the reconciler last re-read it): the reconciler re-reads the
 -- longest unseen first. No personal data but the key, as in every other table.

@@ -134,13 +134,37 @@ async fn until_acs_holds(emulator: &Emulator, pkey: &str, opt_out: bool) {
     }
 }
 
+/// How many GETs the emulator has answered.
+fn gets(emulator: &Emulator) -> usize {
+    emulator
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET")
+        .count()
+}
+
+/// Waits until the emulator has answered a GET more than `before`: the reconciler re-read.
+async fn until_reread(emulator: &Emulator, before: usize) {
+    let started = Instant::now();
+    while gets(emulator) <= before {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the reconciler never re-read"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// `records` run against a ledger; its exit code and standard output.
 async fn records(args: &[&str]) -> (i32, String) {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
         .arg("records")
         .args(args)
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output)
         .await
+        .expect("records ends")
         .unwrap();
     (
         output.status.code().unwrap(),
@@ -209,8 +233,9 @@ async fn the_reconciler_restores_a_reverted_opt_out_within_its_interval(store: S
     assert_eq!((code, out.as_str()), (0, ""));
 
     // ACS holds it again: the next re-read finds nothing to restore.
+    let reads = gets(gw.emulator());
     clock.advance(HOUR + Duration::from_secs(60));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_reread(gw.emulator(), reads).await;
     assert_eq!(restores_of(&mut gw.client(), &pkey).await.len(), 1);
 }
 
@@ -312,10 +337,20 @@ async fn a_consumers_own_opt_in_is_not_drift(store: Store) {
     assert!(!latest.ccpa_opt_out);
 
     // Re-read past its interval: ACS holds the opt-in, which is the latest request.
+    let reads = gets(gw.emulator());
     clock.advance(HOUR + Duration::from_secs(60));
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    until_reread(gw.emulator(), reads).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(restores_of(&mut gw.client(), &pkey).await.is_empty());
-    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], false);
+
+    // Opted out in ACS through another channel: never written back to "may sell".
+    assert!(gw.emulator().change_behind_the_gateway(&pkey, true));
+    let reads = gets(gw.emulator());
+    clock.advance(HOUR + Duration::from_secs(60));
+    until_reread(gw.emulator(), reads).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(restores_of(&mut gw.client(), &pkey).await.is_empty());
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], true);
 }
 
 async fn answers_carry_the_latest_request_on_each_path(store: Store) {
@@ -335,7 +370,7 @@ async fn answers_carry_the_latest_request_on_each_path(store: Store) {
         source: RequestSource::WebForm as i32,
         ..set(&pkey, true, "signal")
     });
-    request.set_timeout(Duration::from_secs(2));
+    request.set_timeout(Duration::from_secs(4));
     gw.client().set_opt_out(request).await.unwrap();
     gw.emulator().set_faults(FaultSettings::default());
     let read = opt_out_of(&mut gw.client(), &pkey).await;
@@ -595,7 +630,8 @@ async fn the_yearly_report_counts_each_consumer_request_once(store: Store) {
                 // Days to respond: 1 (r2), 1 (r7), 2 (r1), 5 (p), 6 (r6).
                 "median_days_to_respond": 2.0, "mean_days_to_respond": 3.0,
                 "by_source": {
-                    "EMAIL": 1, "GLOBAL_PRIVACY_CONTROL": 2, "PHONE": 2, "WEB_FORM": 1
+                    "EMAIL": 1, "GLOBAL_PRIVACY_CONTROL": 2, "PHONE": 2, "WEB_FORM": 1,
+                    "POSTAL_MAIL": 0, "IN_PERSON": 0, "AUTHORIZED_AGENT": 0, "INTERNAL": 0
                 }
             },
             "opt_in": {"received": 1, "complied": 1, "denied": 0, "pending": 0}

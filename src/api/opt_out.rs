@@ -211,10 +211,11 @@ fn combined_state(states: impl IntoIterator<Item = DeliveryState>) -> DeliverySt
 }
 
 impl CcpaApi {
-    /// GetOptOut: what ACS holds, made more protective by what is recorded and not yet
-    /// delivered. A pending opt-out reads as opted out, even while ACS is unreachable; a pending
-    /// opt-in changes nothing until ACS holds it. By email: every profile, and opted out if any
-    /// is.
+    /// GetOptOut: what ACS holds, made more protective by the ledger. A pending opt-out reads
+    /// as opted out, even while ACS is unreachable; a pending opt-in changes nothing until ACS
+    /// holds it; an applied opt-out that ACS no longer holds (drift) reads as opted out, and its
+    /// restore starts. Each profile's answer carries the consumer's latest request. By email:
+    /// every profile, and opted out if any is.
     pub(super) async fn get(
         &self,
         request: GetOptOutRequest,
@@ -342,8 +343,15 @@ impl CcpaApi {
                 (true, state.last_modified)
             }
             (Ok(state), _) => (state.opt_out, state.last_modified),
-            // ACS cannot say, but the ledger can: this consumer asked not to be sold.
-            (Err(error), Some(true)) if !error.is_not_found() => (true, None),
+            // ACS cannot say, but the ledger can: this consumer asked not to be sold (a pending
+            // opt-out, or an applied one that is the profile's latest request).
+            (Err(error), pending)
+                if !error.is_not_found()
+                    && (pending == Some(true)
+                        || (pending.is_none() && applied_opt_out.is_some())) =>
+            {
+                (true, None)
+            }
             (Err(error), _) => return Err(upstream(GET)(error)),
         };
         Ok(ProfileOptOut {

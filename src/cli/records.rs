@@ -181,6 +181,7 @@ fn print_report(report: &YearlyReport, as_json: bool) -> Result<(), Problem> {
             .opt_out
             .by_source
             .iter()
+            .filter(|(_, count)| **count > 0)
             .map(|(source, count)| format!("{source} {count}"))
             .collect::<Vec<_>>()
             .join(", ");

@@ -12,6 +12,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use acs_profile_client::{CallError, Client, Failure};
@@ -27,6 +28,12 @@ use super::{RESERVED_REQUEST_ID_SEPARATOR, submit::Apply};
 
 /// The caller recorded on the reconciler's restores (and on those a read starts).
 pub const RECONCILER: &str = "reconciler";
+
+/// The longest pause between two re-reads the share can ask for.
+const MAX_PERIOD: Duration = Duration::from_secs(3600);
+
+/// How long after a failed re-read a profile is re-read again (at most an interval).
+const RETRY_UNREADABLE: Duration = Duration::from_secs(300);
 
 /// Who found a drift, in the log: the reconciler.
 const FOUND_BY_RECONCILER: &str = "reconciler";
@@ -217,6 +224,10 @@ impl Delivery {
                 ));
             }
         };
+        if record.state == State::Superseded {
+            // A newer request of the consumer's overtook it: nothing to put back.
+            return Ok(record);
+        }
         let direction = Direction::of_restore(record.opt_out);
         let restores_request_id = record.restores_request_id.as_deref().unwrap_or_default();
         match direction {
@@ -287,24 +298,28 @@ pub struct Reconciler {
     acs: Client,
     settings: ReconcileSettings,
     rate: DefaultDirectRateLimiter,
+    /// Whether it warned that its share cannot cover every profile in one interval.
+    short: AtomicBool,
 }
 
 impl Reconciler {
     /// A reconciler for `delivery`'s ledger, reading ACS through `acs` (in the background).
     pub fn new(delivery: Arc<Delivery>, acs: &Client, settings: ReconcileSettings) -> Self {
         // One re-read per period: a share of a few requests per second is a fraction of one.
+        // Within a microsecond and an hour: a share too small or too large for a period is
+        // the nearest bound, never a faster rate than asked.
         let period = Duration::try_from_secs_f64(1.0 / settings.max_rps)
-            .ok()
-            .filter(|period| !period.is_zero())
-            .unwrap_or(Duration::from_secs(1));
+            .unwrap_or(MAX_PERIOD)
+            .clamp(Duration::from_micros(1), MAX_PERIOD);
         let quota = Quota::with_period(period)
-            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .unwrap_or_else(|| Quota::per_hour(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::MIN);
         Self {
             delivery,
             acs: acs.in_background(),
             settings,
             rate: RateLimiter::direct(quota),
+            short: AtomicBool::new(false),
         }
     }
 
@@ -349,6 +364,17 @@ impl Reconciler {
     async fn round(&self, mut next_at: i64) -> Result<Option<i64>, LedgerError> {
         let ledger = self.ledger();
         let mut reread = false;
+        // Counted once a round, not once a re-read: a count of every watched profile.
+        let watched = ledger.reconciled_profiles().await?.max(1);
+        let coverable = self.settings.max_rps * self.settings.interval.as_secs_f64();
+        if watched as f64 > coverable && !self.short.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                watched,
+                max_rps = self.settings.max_rps,
+                "more profiles are watched than the reconciler's share re-reads in one interval: \
+                 each is re-read less often (raise --reconcile-share or --reconcile-interval)"
+            );
+        }
         loop {
             let now = ledger.now_ms();
             // Pending deliveries first.
@@ -364,7 +390,6 @@ impl Reconciler {
             self.rate.until_ready().await;
             self.reconcile(&pkey).await?;
             reread = true;
-            let watched = ledger.reconciled_profiles().await?.max(1);
             next_at = now.saturating_add(self.interval_ms() / watched);
         }
         Ok(reread.then_some(next_at))
@@ -414,16 +439,30 @@ impl Reconciler {
                 ledger.mark_checked(pkey, now).await?;
                 Ok(Reconciled::Held)
             }
-            Ok(Some(_)) => {
+            Ok(Some(_)) if latest.opt_out => {
                 self.delivery.restore(&latest, FOUND_BY_RECONCILER).await?;
                 ledger.mark_checked(pkey, now).await?;
                 Ok(Reconciled::Restored)
+            }
+            Ok(Some(_)) => {
+                // ACS holds an opt-out the latest applied request (an opt-in) does not: set by
+                // another channel, perhaps the consumer's own. Writing "may sell" over it is
+                // never the gateway's to do; it is reported, and reads answer it as held.
+                tracing::warn!(
+                    direction = Direction::RevertedOptIn.as_str(),
+                    request_id = latest.request_id,
+                    "Adobe Campaign holds an opt-out over an applied opt-in; left as it is (an \
+                     opt-out is never undone by the gateway)"
+                );
+                ledger.mark_checked(pkey, now).await?;
+                Ok(Reconciled::Held)
             }
             Ok(None) => {
                 tracing::warn!(
                     "Adobe Campaign answered a profile without its opt-out; the reconciler tries \
                      it again later"
                 );
+                self.retry_later(pkey, now).await?;
                 Ok(Reconciled::Unreadable)
             }
             Err(CallError::Api(error))
@@ -443,8 +482,22 @@ impl Reconciler {
                     "the reconciler could not read a profile from Adobe Campaign; it is tried \
                      again later"
                 );
+                self.retry_later(pkey, now).await?;
                 Ok(Reconciled::Unreadable)
             }
         }
+    }
+
+    /// A profile that could not be re-read is due again [`RETRY_UNREADABLE`] from now (or an
+    /// interval, if shorter), behind every profile due before it: one that ACS cannot answer
+    /// does not hold up the others, nor is it asked for over and over.
+    async fn retry_later(&self, pkey: &str, now: i64) -> Result<(), LedgerError> {
+        let interval = self.interval_ms();
+        let retry = i64::try_from(RETRY_UNREADABLE.as_millis())
+            .unwrap_or(i64::MAX)
+            .min(interval);
+        self.ledger()
+            .mark_checked(pkey, now.saturating_sub(interval).saturating_add(retry))
+            .await
     }
 }

@@ -122,6 +122,9 @@ impl Serialize for FailureCode {
 macro_rules! stored_names {
     ($type:ty { $($variant:ident => $name:literal),+ $(,)? }) => {
         impl $type {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
             /// The name it is stored under.
             pub fn as_str(self) -> &'static str {
                 match self { $(Self::$variant => $name),+ }

@@ -5,8 +5,8 @@
 //! of profiles it reached, and the reconciler's restores are not consumer requests. Complied: the
 //! request was APPLIED, or SUPERSEDED by a later request of the consumer's (which was then the one
 //! to apply); for a request by email, when any of its profiles was. Denied: FAILED (the record
-//! holds the basis); for a request by email, when it failed or none of its profiles could be
-//! applied. Days to respond run from `received_at` to `resolved_at` (for a request by email, to
+//! holds the basis); for a request by email, when none of the profiles it reached could be
+//! applied, or it failed before reaching any. Days to respond run from `received_at` to `resolved_at` (for a request by email, to
 //! its last profile's).
 
 use std::collections::BTreeMap;
@@ -140,6 +140,12 @@ impl Ledger {
             year,
             ..YearlyReport::default()
         };
+        // Every manner is listed, those no request came by with 0.
+        for figures in [&mut report.opt_out, &mut report.opt_in] {
+            for source in Source::ALL {
+                figures.by_source.insert(source.as_str(), 0);
+            }
+        }
         let mut rows = sqlx::query(CONSUMER_REQUESTS)
             .bind(from)
             .bind(until)
@@ -152,9 +158,10 @@ impl Ledger {
             let received_at: i64 = row.try_get("received_at")?;
             let state = State::parse(&row.try_get::<String, _>("state")?)?;
             let resolved_at: Option<i64> = row.try_get("resolved_at")?;
-            let (response, responded_at) = if kind == Kind::SetByEmail && state == State::Applied {
-                // A request by email that reached its profiles: what they came to.
-                let parts: i64 = row.try_get("parts")?;
+            let parts: i64 = row.try_get("parts")?;
+            let (response, responded_at) = if kind == Kind::SetByEmail && parts > 0 {
+                // A request by email that reached profiles: what they came to (even when it
+                // failed before reaching them all, those it reached were delivered).
                 let complied: i64 = row.try_get("parts_complied")?;
                 let pending: i64 = row.try_get("parts_pending")?;
                 let last: Option<i64> = row.try_get("parts_resolved_at")?;
@@ -162,10 +169,8 @@ impl Ledger {
                     (Response::Pending, None)
                 } else if complied > 0 {
                     (Response::Complied, last)
-                } else if parts > 0 {
-                    (Response::Denied, last)
                 } else {
-                    (Response::Complied, resolved_at)
+                    (Response::Denied, last)
                 }
             } else {
                 match state {

@@ -12,7 +12,8 @@ pub const MIN_RETENTION: std::time::Duration = std::time::Duration::from_secs(73
 
 impl Ledger {
     /// Deletes the records of requests answered longer than `retention` ago on the ledger's
-    /// clock, except pending ones. Returns how many.
+    /// clock, except pending ones and each profile's latest request (with the consumer's
+    /// request it restores, if it is a restore). Returns how many.
     pub async fn prune(&self, retention: std::time::Duration) -> Result<u64, LedgerError> {
         let now = self.now_ms();
         let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
@@ -29,9 +30,21 @@ impl Ledger {
                         .execute(&mut *connection)
                         .await?;
                 }
+                // A profile's latest request not overtaken (and the consumer's request a kept
+                // restore names) is kept however old: it is what the profile's opt-out stands
+                // on, what reads and the reconciler check ACS against, and what a consumer page
+                // shows as honoured. The record of a standing opt-out outlives the retention.
                 let deleted = sqlx::query(
                     "DELETE FROM opt_out_records \
-                     WHERE state <> 'PENDING' AND COALESCE(resolved_at, received_at) < $1",
+                     WHERE state <> 'PENDING' AND COALESCE(resolved_at, received_at) < $1 \
+                     AND (pkey IS NULL OR state = 'SUPERSEDED' OR EXISTS (SELECT 1 FROM \
+                       opt_out_records newer WHERE newer.pkey = opt_out_records.pkey \
+                       AND newer.state <> 'SUPERSEDED' \
+                       AND (newer.received_at > opt_out_records.received_at \
+                         OR (newer.received_at = opt_out_records.received_at \
+                           AND newer.recorded_at > opt_out_records.recorded_at)))) \
+                     AND NOT EXISTS (SELECT 1 FROM opt_out_records restore \
+                       WHERE restore.restores_request_id = opt_out_records.request_id)",
                 )
                 .bind(resolved_before)
                 .execute(&mut *connection)
@@ -46,6 +59,13 @@ impl Ledger {
                      (SELECT pkey FROM opt_out_records WHERE state = 'PENDING' AND pkey IS NOT NULL)",
                 )
                 .bind(lapsed_before)
+                .execute(&mut *connection)
+                .await?;
+                // Profiles no longer watched for drift: none of their records is left.
+                sqlx::query(
+                    "DELETE FROM reconcile_schedule WHERE NOT EXISTS (SELECT 1 FROM \
+                     opt_out_records r WHERE r.pkey = reconcile_schedule.pkey)",
+                )
                 .execute(&mut *connection)
                 .await?;
                 Ok(deleted)
