@@ -697,6 +697,40 @@ mod tests {
     }
 
     #[test]
+    fn the_reconciler_takes_its_share_of_the_acs_budget() {
+        let options = parse(&["--emulator"]).server_options().unwrap();
+        assert_eq!(options.reconcile.interval, Duration::from_secs(24 * 3600));
+        assert!(
+            (options.reconcile.max_rps - 10.0).abs() < 1e-9,
+            "10% of 100"
+        );
+        let options = parse(&[
+            "--emulator",
+            "--acs-max-rps",
+            "40",
+            "--reconcile-share",
+            "0.25",
+            "--reconcile-interval",
+            "0s",
+        ])
+        .server_options()
+        .unwrap();
+        assert!((options.reconcile.max_rps - 10.0).abs() < 1e-9, "25% of 40");
+        assert!(options.reconcile.interval.is_zero(), "off");
+        for (flag, value) in [
+            ("--reconcile-share", "0"),
+            ("--reconcile-share", "1.5"),
+            ("--reconcile-share", "NaN"),
+            ("--reconcile-interval", "30s"),
+            ("--reconcile-interval", "400days"),
+        ] {
+            let refused = Harness::try_parse_from(["serve", "--emulator", flag, value]);
+            let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(message.contains(flag), "{flag} {value}: {message}");
+        }
+    }
+
+    #[test]
     fn a_static_token_or_oauth_makes_a_client() {
         let with_token = parse(&[
             "--acs-tenant",
