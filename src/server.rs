@@ -194,7 +194,8 @@ pub async fn serve(
         health: health_listener,
     } = listeners.into();
     // Held until the server returns: one gateway per SQLite ledger.
-    let _exclusive = ledger.hold_exclusively()?;
+    let exclusive = ledger.hold_exclusively()?;
+    ledger.learn_known_profiles(&exclusive).await?;
     let reporter = HealthReporter::new();
     let health = GatewayHealth::new(reporter.clone()).await;
     let stop_probing = CancellationToken::new();

@@ -14,8 +14,8 @@ use ccpa_gateway::ledger::delivery::DeliverySettings;
 use ccpa_gateway::ledger::reconcile::ReconcileSettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
-    DeliveryState, GetOptOutRequest, GetOptOutResponse, ListOptOutRecordsRequest, OptOutRecord,
-    RequestSource, SetOptOutRequest,
+    CreateProfileRequest, DeliveryState, GetOptOutRequest, GetOptOutResponse,
+    ListOptOutRecordsRequest, OptOutRecord, RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
 use common::{Gateway, GatewayBuilder, Store, acs_config, busiest_window, opt_out_of, record};
@@ -394,6 +394,30 @@ async fn answers_carry_the_latest_request_on_each_path(store: Store) {
     let honored_at = latest.honored_at.unwrap();
     let applied_record = record(&mut gw.client(), "gpc").await;
     assert_eq!(Some(honored_at), applied_record.resolved_at);
+
+    // A profile created with an opt-out: its creation is its latest request (its key known only
+    // once ACS made it).
+    let created = gw
+        .client()
+        .create_profile(CreateProfileRequest {
+            email: "grace@example.com".into(),
+            first_name: "Grace".into(),
+            last_name: "Hopper".into(),
+            ccpa_opt_out: Some(true),
+            source: RequestSource::WebForm as i32,
+            request_id: "signed-up".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    let read = opt_out_of(&mut gw.client(), &created.pkey).await;
+    assert!(read.ccpa_opt_out);
+    let latest = read.latest_request.unwrap();
+    assert_eq!(latest.request_id, "signed-up");
+    assert_eq!(latest.state, DeliveryState::Applied as i32);
 }
 
 /// The reconciler's re-reads are paced by its share of the ACS budget, whatever the backlog.

@@ -118,8 +118,14 @@ impl Ledger {
         let request = request.clone();
         let claim = claim.cloned();
         let unit_clock = self.unit_clock();
+        let known = self.known.clone();
         self.write(move |connection| {
             Box::pin(async move {
+                if let Some(pkey) = &request.pkey {
+                    // Inside the write, before it commits: no read after the commit can skip
+                    // this profile.
+                    known.note(pkey);
+                }
                 record_unit(connection, &request, claim.as_ref(), answered, &unit_clock).await
             })
         })

@@ -113,6 +113,8 @@ pub struct Ledger {
     /// lock while holding a pooled connection: the turns of this process's calls, so that a
     /// burst of calls for one profile waits here, in memory, on one connection at most.
     turns: Arc<ProfileTurns>,
+    /// Which profiles have records, once trusted (see [`KnownProfiles`]).
+    known: Arc<KnownProfiles>,
     /// Where every rule of the ledger and its deliverer reads the time (leases, back-off, the
     /// overdue clock, retention): the system's, unless a test sets it.
     clock: Arc<dyn Clock>,
@@ -143,6 +145,46 @@ impl ProfileTurns {
         let stripe = usize::try_from(hasher.finish() % Self::STRIPES as u64).unwrap_or(0);
         // In range: `stripe` is a remainder of STRIPES, the vector's length.
         self.0[stripe].lock().await
+    }
+}
+
+/// Which profiles the ledger has any record of, so that a read of a profile it has none of (most
+/// profiles read, most of the time) skips its query: on SQLite that query is most of a
+/// GetOptOut's cost (sqlx hands each statement to a thread of its own, and on a busy machine
+/// every hand-off waits for the scheduler).
+///
+/// A Bloom filter: it has no false negatives, so a profile it does not know has no record; a few
+/// it wrongly knows are asked for anyway. Trusted only where this process is the ledger's only
+/// writer ([`Ledger::hold_exclusively`], SQLite), and only once filled: the filling runs as a
+/// write, holding the writer, so it sees every committed key; every later write notes its key
+/// inside its transaction, before it commits. Keys are never removed (a pruned profile is only
+/// asked for again). Elsewhere every read asks the database.
+struct KnownProfiles {
+    filter: std::sync::OnceLock<fastbloom::AtomicBloomFilter>,
+}
+
+impl KnownProfiles {
+    /// The false-positive rate the filter is sized for.
+    const FALSE_POSITIVES: f64 = 0.01;
+    /// Sized for at least this many profiles (about 1.2 MB), and twice those recorded at start.
+    const MIN_CAPACITY: usize = 1_000_000;
+
+    fn new() -> Self {
+        Self {
+            filter: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Inside a write that records `pkey`, before it commits.
+    fn note(&self, pkey: &str) {
+        if let Some(filter) = self.filter.get() {
+            filter.insert(pkey);
+        }
+    }
+
+    /// False only when the ledger surely has no record of `pkey`.
+    fn maybe_known(&self, pkey: &str) -> bool {
+        self.filter.get().is_none_or(|filter| filter.contains(pkey))
     }
 }
 
@@ -254,5 +296,45 @@ impl Ledger {
             Err(std::fs::TryLockError::Error(error)) => return Err(LedgerError::Lock(error)),
         }
         Ok(ExclusiveHold { _lock: Some(lock) })
+    }
+
+    /// For a gateway holding a SQLite ledger exclusively: learns which profiles have records,
+    /// so that reads of the others skip the ledger (a Bloom filter). Elsewhere, nothing.
+    pub async fn learn_known_profiles(&self, hold: &ExclusiveHold) -> Result<(), LedgerError> {
+        if hold._lock.is_none() {
+            return Ok(());
+        }
+        let known = self.known.clone();
+        // As a write: no other write is half done meanwhile, and each one after it notes its
+        // key in the filter.
+        self.write(move |connection| {
+            Box::pin(async move {
+                use futures::StreamExt;
+                let recorded: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(DISTINCT pkey) FROM opt_out_records WHERE pkey IS NOT NULL",
+                )
+                .fetch_one(&mut *connection)
+                .await?;
+                let capacity = usize::try_from(recorded)
+                    .unwrap_or(usize::MAX)
+                    .saturating_mul(2)
+                    .max(KnownProfiles::MIN_CAPACITY);
+                let filter =
+                    fastbloom::AtomicBloomFilter::with_false_pos(KnownProfiles::FALSE_POSITIVES)
+                        .expected_items(capacity);
+                let mut keys = sqlx::query_scalar::<_, String>(
+                    "SELECT DISTINCT pkey FROM opt_out_records WHERE pkey IS NOT NULL",
+                )
+                .fetch(&mut *connection);
+                while let Some(pkey) = keys.next().await {
+                    filter.insert(pkey?.as_str());
+                }
+                // Set once: a second call keeps the first filter, which every write since has
+                // kept up to date.
+                let _ = known.filter.set(filter);
+                Ok(())
+            })
+        })
+        .await
     }
 }

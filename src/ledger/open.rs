@@ -10,7 +10,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor, SqlSafeStr};
 
 use super::writer::Writer;
-use super::{Backend, Ledger, LedgerError, ProfileTurns};
+use super::{Backend, KnownProfiles, Ledger, LedgerError, ProfileTurns};
 
 pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -260,6 +260,7 @@ impl Ledger {
             backend,
             file,
             turns: Arc::new(ProfileTurns::new()),
+            known: Arc::new(KnownProfiles::new()),
             clock: Arc::new(TokioClock),
         })
     }

@@ -91,6 +91,9 @@ impl Ledger {
     /// A profile's newest request that was not overtaken (pending, applied or failed), restores
     /// included: what ACS holds, or is about to.
     pub async fn latest(&self, pkey: &str) -> Result<Option<Record>, LedgerError> {
+        if !self.known.maybe_known(pkey) {
+            return Ok(None);
+        }
         let row = sqlx::query(AssertColumns::sql(
             "WHERE pkey = $1 AND state <> 'SUPERSEDED' \
              ORDER BY received_at DESC, recorded_at DESC LIMIT 1",
