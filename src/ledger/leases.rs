@@ -225,15 +225,17 @@ impl Ledger {
         let outcome = OwnedOutcome::from(outcome);
         let release = release.map(|(pkey, claim)| (pkey.to_owned(), claim.clone()));
         let now = self.now_ms();
-        if let OwnedOutcome::Applied {
-            pkey: Some(created),
-        } = &outcome
-        {
-            // A creation's record gains its key in this write: noted before it is queued.
-            self.known.note(created);
-        }
+        let known = self.known.clone();
         self.write(move |connection| {
             Box::pin(async move {
+                if let OwnedOutcome::Applied {
+                    pkey: Some(created),
+                } = &outcome
+                {
+                    // A creation's record gains its key in this write: noted inside it, before
+                    // it commits.
+                    known.note(created);
+                }
                 let release = release.as_ref().map(|(pkey, claim)| (pkey.as_str(), claim));
                 settle_unit(
                     connection,

@@ -160,7 +160,9 @@ impl ProfileTurns {
 /// inside its transaction, before it commits. Keys are never removed (a pruned profile is only
 /// asked for again). Elsewhere every read asks the database.
 struct KnownProfiles {
-    filter: std::sync::OnceLock<fastbloom::AtomicBloomFilter>,
+    /// The filter, while trusted: from the end of [`Ledger::learn_known_profiles`] until the
+    /// exclusive hold it was learnt under is dropped.
+    filter: std::sync::RwLock<Option<fastbloom::AtomicBloomFilter>>,
 }
 
 impl KnownProfiles {
@@ -168,23 +170,42 @@ impl KnownProfiles {
     const FALSE_POSITIVES: f64 = 0.01;
     /// Sized for at least this many profiles (about 1.2 MB), and twice those recorded at start.
     const MIN_CAPACITY: usize = 1_000_000;
+    /// And for at most this many (about 80 MB): past it, more profiles are asked for anyway;
+    /// none is ever skipped wrongly.
+    const MAX_CAPACITY: usize = 1 << 26;
 
     fn new() -> Self {
         Self {
-            filter: std::sync::OnceLock::new(),
+            filter: std::sync::RwLock::new(None),
         }
+    }
+
+    fn filter(&self) -> std::sync::RwLockReadGuard<'_, Option<fastbloom::AtomicBloomFilter>> {
+        // A panic while the lock was held leaves a filter that at worst knows too much.
+        self.filter
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set(&self, filter: Option<fastbloom::AtomicBloomFilter>) {
+        *self
+            .filter
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = filter;
     }
 
     /// Inside a write that records `pkey`, before it commits.
     fn note(&self, pkey: &str) {
-        if let Some(filter) = self.filter.get() {
+        if let Some(filter) = self.filter().as_ref() {
             filter.insert(pkey);
         }
     }
 
     /// False only when the ledger surely has no record of `pkey`.
     fn maybe_known(&self, pkey: &str) -> bool {
-        self.filter.get().is_none_or(|filter| filter.contains(pkey))
+        self.filter()
+            .as_ref()
+            .is_none_or(|filter| filter.contains(pkey))
     }
 }
 
@@ -217,9 +238,24 @@ impl UnitClock {
 
 /// A SQLite ledger held by one serving gateway; released when dropped (or when the process
 /// dies: the operating system drops the lock).
-#[derive(Debug)]
 pub struct ExclusiveHold {
     _lock: Option<std::fs::File>,
+    /// Forgotten when the hold ends: another gateway may write the file then.
+    known: Arc<KnownProfiles>,
+}
+
+impl std::fmt::Debug for ExclusiveHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExclusiveHold")
+            .field("held", &self._lock.is_some())
+            .finish()
+    }
+}
+
+impl Drop for ExclusiveHold {
+    fn drop(&mut self) {
+        self.known.set(None);
+    }
 }
 
 impl std::fmt::Debug for Ledger {
@@ -278,9 +314,13 @@ impl Ledger {
     /// gateways share, nothing is held.
     pub fn hold_exclusively(&self) -> Result<ExclusiveHold, LedgerError> {
         let Some(file) = &self.file else {
-            return Ok(ExclusiveHold { _lock: None });
+            return Ok(ExclusiveHold {
+                _lock: None,
+                known: self.known.clone(),
+            });
         };
-        let mut lock_path = file.clone().into_os_string();
+        // The file itself, whatever name it was given (a symbolic link, say): one lock per file.
+        let mut lock_path = std::fs::canonicalize(file)?.into_os_string();
         lock_path.push(".lock");
         let mut options = std::fs::OpenOptions::new();
         options.create(true).truncate(false).write(true);
@@ -295,13 +335,16 @@ impl Ledger {
             }
             Err(std::fs::TryLockError::Error(error)) => return Err(LedgerError::Lock(error)),
         }
-        Ok(ExclusiveHold { _lock: Some(lock) })
+        Ok(ExclusiveHold {
+            _lock: Some(lock),
+            known: self.known.clone(),
+        })
     }
 
     /// For a gateway holding a SQLite ledger exclusively: learns which profiles have records,
     /// so that reads of the others skip the ledger (a Bloom filter). Elsewhere, nothing.
     pub async fn learn_known_profiles(&self, hold: &ExclusiveHold) -> Result<(), LedgerError> {
-        if hold._lock.is_none() {
+        if hold._lock.is_none() || !Arc::ptr_eq(&hold.known, &self.known) {
             return Ok(());
         }
         let known = self.known.clone();
@@ -318,7 +361,7 @@ impl Ledger {
                 let capacity = usize::try_from(recorded)
                     .unwrap_or(usize::MAX)
                     .saturating_mul(2)
-                    .max(KnownProfiles::MIN_CAPACITY);
+                    .clamp(KnownProfiles::MIN_CAPACITY, KnownProfiles::MAX_CAPACITY);
                 let filter =
                     fastbloom::AtomicBloomFilter::with_false_pos(KnownProfiles::FALSE_POSITIVES)
                         .expected_items(capacity);
@@ -329,9 +372,7 @@ impl Ledger {
                 while let Some(pkey) = keys.next().await {
                     filter.insert(pkey?.as_str());
                 }
-                // Set once: a second call keeps the first filter, which every write since has
-                // kept up to date.
-                let _ = known.filter.set(filter);
+                known.set(Some(filter));
                 Ok(())
             })
         })
