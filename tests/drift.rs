@@ -3,6 +3,7 @@
 //! the profile's latest request, and `records report` gives the yearly figures of 11 CCR
 //! 7102(a). On SQLite and PostgreSQL, over real sockets.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -20,25 +21,6 @@ use ccpa_gateway::proto::ccpa_v1::{
 use ccpa_gateway::server::ServerOptions;
 use common::{Gateway, GatewayBuilder, Store, acs_config, busiest_window, opt_out_of, record};
 use tonic::transport::Channel;
-
-/// Runs a test body once on SQLite and once on PostgreSQL.
-macro_rules! on_both_stores {
-    ($($name:ident),+ $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test]
-                async fn sqlite() {
-                    super::$name(super::Store::sqlite()).await;
-                }
-
-                #[tokio::test]
-                async fn postgres() {
-                    super::$name(super::Store::postgres().await).await;
-                }
-            }
-        )+
-    };
-}
 
 on_both_stores!(
     the_reconciler_restores_a_reverted_opt_out_within_its_interval,

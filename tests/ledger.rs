@@ -2,6 +2,7 @@
 //! conflicting replays, PENDING then delivered, superseding, the protective read, permanent
 //! failures, listing, the overdue clock.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -25,25 +26,6 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_types::StatusExt;
-
-/// Runs a test body once on SQLite and once on PostgreSQL.
-macro_rules! on_both_stores {
-    ($($name:ident),+ $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test]
-                async fn sqlite() {
-                    super::$name(super::Store::sqlite()).await;
-                }
-
-                #[tokio::test]
-                async fn postgres() {
-                    super::$name(super::Store::postgres().await).await;
-                }
-            }
-        )+
-    };
-}
 
 on_both_stores!(
     a_replayed_request_id_answers_the_original_outcome_and_changes_nothing,

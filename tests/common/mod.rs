@@ -3,6 +3,27 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of this harness.
 
+/// Runs a test body (an `async fn(Store)` of the test file, which imports `Store`) once on SQLite
+/// and once on PostgreSQL.
+#[allow(unused_macros)] // Only the files that test both stores use it.
+macro_rules! on_both_stores {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$name(super::Store::sqlite()).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    super::$name(super::Store::postgres().await).await;
+                }
+            }
+        )+
+    };
+}
+
 pub mod gateway;
 pub mod pki;
 
