@@ -79,6 +79,68 @@ pub struct ServeSettings {
         next_help_heading = "Callers: TLS, identity, policy and limits"
     )]
     pub callers: CallerSettings,
+
+    /// Metrics and traces.
+    #[command(flatten, next_help_heading = "Metrics and traces")]
+    pub observability: ObservabilitySettings,
+}
+
+/// What the gateway exports about itself. See the README's "Metrics and traces" section.
+#[derive(Args, Clone)]
+pub struct ObservabilitySettings {
+    /// Serve Prometheus metrics at GET /metrics on this address (its own port, plaintext;
+    /// every other path answers 404). Off by default; `--emulator` turns it on, on a free
+    /// loopback port, unless set, and prints its URL.
+    #[arg(long, env = "CCPA_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Export spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317), with
+    /// service.name ccpa-gateway. Also read from OTEL_EXPORTER_OTLP_ENDPOINT.
+    #[arg(long, env = "CCPA_OTLP_ENDPOINT", value_parser = otlp_endpoint)]
+    pub otlp_endpoint: Option<url::Url>,
+
+    /// Take W3C trace context (traceparent, tracestate) from calls, send it on to Adobe, and put
+    /// trace_id and span_id in JSON logs. `false` turns tracing off (and --otlp-endpoint with
+    /// it).
+    #[arg(long, env = "CCPA_TRACE_CONTEXT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub trace_context: bool,
+}
+
+/// The OpenTelemetry SDKs' own variable for the collector, honoured when --otlp-endpoint is not
+/// given.
+pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+impl ObservabilitySettings {
+    /// Where spans go, and whether trace context is taken and given at all.
+    pub fn traces(&self) -> Result<crate::telemetry::TraceSettings, String> {
+        let otlp_endpoint = match &self.otlp_endpoint {
+            Some(url) => Some(url.clone()),
+            None => match std::env::var(OTEL_EXPORTER_OTLP_ENDPOINT) {
+                Ok(text) if !text.trim().is_empty() => Some(
+                    otlp_endpoint(&text)
+                        .map_err(|e| format!("{OTEL_EXPORTER_OTLP_ENDPOINT}: {e}"))?,
+                ),
+                _ => None,
+            },
+        };
+        Ok(crate::telemetry::TraceSettings {
+            trace_context: self.trace_context,
+            otlp_endpoint: otlp_endpoint.filter(|_| self.trace_context),
+        })
+    }
+}
+
+/// An OTLP/gRPC endpoint: an absolute http(s) URL with a host. Its text is configuration, not
+/// personal, but credentials in it would be logged by nothing and refused here.
+fn otlp_endpoint(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text.trim()).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err("an http:// or https:// URL with a host is expected".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials do not belong in the URL".into());
+    }
+    Ok(url)
 }
 
 /// Who may connect and call the gateway, and the limits that keep one caller from starving

@@ -92,6 +92,13 @@ struct State {
     shutting_down: bool,
 }
 
+/// Sets a health entry, and its `ccpa_health_serving` gauge.
+async fn report(reporter: &HealthReporter, service: &'static str, status: ServingStatus) {
+    let serving = f64::from(u8::from(status == ServingStatus::Serving));
+    metrics::gauge!(crate::telemetry::metrics::HEALTH_SERVING, "service" => service).set(serving);
+    reporter.set_service_status(service, status).await;
+}
+
 /// Tracks the state of the way to ACS and reports it through `grpc.health.v1`.
 pub struct GatewayHealth {
     reporter: HealthReporter,
@@ -109,9 +116,7 @@ impl GatewayHealth {
             LIVENESS_SERVICE_NAME,
             DELIVERY_SERVICE_NAME,
         ] {
-            reporter
-                .set_service_status(name, ServingStatus::Serving)
-                .await;
+            report(&reporter, name, ServingStatus::Serving).await;
         }
         Arc::new(Self {
             reporter,
@@ -167,9 +172,7 @@ impl GatewayHealth {
         } else {
             ServingStatus::Serving
         };
-        self.reporter
-            .set_service_status(DELIVERY_SERVICE_NAME, status)
-            .await;
+        report(&self.reporter, DELIVERY_SERVICE_NAME, status).await;
     }
 
     /// Whether the credentials and the address worked last time they were tried.
@@ -185,10 +188,8 @@ impl GatewayHealth {
     }
 
     async fn set_ready(&self, status: ServingStatus) {
-        self.reporter
-            .set_service_status(CCPA_SERVICE_NAME, status)
-            .await;
-        self.reporter.set_service_status("", status).await;
+        report(&self.reporter, CCPA_SERVICE_NAME, status).await;
+        report(&self.reporter, "", status).await;
     }
 
     /// While the credentials are refused, probes ACS every `interval` until `stop`.

@@ -35,6 +35,9 @@ use crate::ledger::Ledger;
 use crate::ledger::delivery::{Delivery, DeliverySettings};
 use crate::ledger::reconcile::{ReconcileSettings, Reconciler};
 use crate::proto::ccpa_v1::ccpa_service_server::CcpaServiceServer;
+use crate::telemetry;
+use crate::telemetry::metrics::{Exporter, Refresh};
+use crate::telemetry::rpc::RpcLayer;
 
 /// The name health checks use for the CCPA service: `ccpa.v1.CcpaService`.
 pub const CCPA_SERVICE_NAME: &str = <CcpaServiceServer<CcpaApi> as NamedService>::NAME;
@@ -129,17 +132,24 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// Where the server listens: the gRPC listener, and optionally one for health alone.
+/// Where the server listens: the gRPC listener, and optionally one for health alone and one
+/// for metrics.
 pub struct Listeners {
     /// Every service, behind the gate (TLS when configured).
     pub grpc: TcpListener,
     /// `grpc.health.v1.Health` alone, in plaintext, for probes (`--health-listen`).
     pub health: Option<TcpListener>,
+    /// `GET /metrics` (`--metrics-listen`), with the installed exporter.
+    pub metrics: Option<(TcpListener, Exporter)>,
 }
 
 impl From<TcpListener> for Listeners {
     fn from(grpc: TcpListener) -> Self {
-        Self { grpc, health: None }
+        Self {
+            grpc,
+            health: None,
+            metrics: None,
+        }
     }
 }
 
@@ -192,6 +202,7 @@ pub async fn serve(
     let Listeners {
         grpc: listener,
         health: health_listener,
+        metrics: metrics_listener,
     } = listeners.into();
     // Held until the server returns: one gateway per SQLite ledger.
     let exclusive = ledger.hold_exclusively()?;
@@ -214,6 +225,21 @@ pub async fn serve(
     let stop_delivering = CancellationToken::new();
     let _stop_delivering_on_return = stop_delivering.clone().drop_guard();
     let deliverer = tokio::spawn(delivery.clone().run(stop_delivering.clone()));
+    let stop_metrics = CancellationToken::new();
+    let _stop_metrics_on_return = stop_metrics.clone().drop_guard();
+    if let Some((listener, exporter)) = metrics_listener {
+        let observed = delivery.clone();
+        let refresh: Refresh = Arc::new(move || {
+            let observed = observed.clone();
+            Box::pin(async move { observed.observe_pending().await })
+        });
+        let stop = stop_metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = telemetry::metrics::serve(listener, exporter, refresh, stop).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+    }
     let reconciler = Reconciler::new(delivery.clone(), &acs, options.reconcile);
     let reconciling = tokio::spawn(reconciler.run(stop_delivering.clone()));
     let api = CcpaApi::new(
@@ -262,6 +288,7 @@ pub async fn serve(
         // Probes only: any other service there is UNIMPLEMENTED (tonic's answer for a service
         // it does not route).
         let probes = with_limits(Server::builder(), &limits)
+            .layer(RpcLayer)
             .add_service(health_service.clone())
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -275,6 +302,8 @@ pub async fn serve(
     }
     let incoming = crate::access::tls::incoming(listener, tls, stop_accepting.clone());
     let server = with_limits(Server::builder(), &limits)
+        // Outside the gate, so that calls it refuses are counted and traced too.
+        .layer(RpcLayer)
         .layer(gate)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -997,6 +997,15 @@ async fn serve_with_the_embedded_emulator_prints_commands_that_work() {
                 call_as_grpcurl_would(gateway.addr, line, &words[1..]).await;
                 ran.push(words.last().unwrap().clone());
             }
+            ["curl", "-s", url] => {
+                // After the calls above: the metrics count them.
+                let metrics = reqwest::get(url).await.unwrap().text().await.unwrap();
+                assert!(
+                    metrics.contains("grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"ccpa.v1.CcpaService\",grpc_method=\"GetOptOut\",grpc_code=\"OK\"}"),
+                    "{metrics}"
+                );
+                ran.push("metrics".to_owned());
+            }
             _ => panic!("a printed command the test does not know: {line}"),
         }
     }
@@ -1007,7 +1016,8 @@ async fn serve_with_the_embedded_emulator_prints_commands_that_work() {
             "set-opt-out",
             "create-profile",
             "ccpa.v1.CcpaService/GetOptOut",
-            "grpc.health.v1.Health/Check"
+            "grpc.health.v1.Health/Check",
+            "metrics"
         ],
         "{printed:#?}"
     );

@@ -75,6 +75,17 @@ fn code_name(code: Code) -> String {
         .collect()
 }
 
+/// An item's outcome as labelled: `OK`, or its error's code as go-grpc-prometheus spells codes.
+fn item_outcome(answer: &BulkSetOptOutResponse) -> &'static str {
+    let Some(error) = &answer.error else {
+        return "OK";
+    };
+    (0..=16)
+        .map(Code::from_i32)
+        .find(|code| code_name(*code) == error.code)
+        .map_or("Unknown", crate::telemetry::rpc::code_label)
+}
+
 /// An item's failure, as the stream answers it: code, message, reason, fields at fault.
 fn item_error(status: &Status) -> ItemError {
     ItemError {
@@ -138,6 +149,11 @@ impl CcpaApi {
                             ..Default::default()
                         },
                     };
+                    metrics::counter!(
+                        crate::telemetry::metrics::BULK_ITEMS_TOTAL,
+                        "outcome" => item_outcome(&answer),
+                    )
+                    .increment(1);
                     log.items.fetch_add(1, Ordering::Relaxed);
                     if answer.error.is_some() {
                         log.failed.fetch_add(1, Ordering::Relaxed);

@@ -207,6 +207,8 @@ pub(super) fn upstream(rpc: &'static str) -> impl Fn(UpstreamError) -> Status {
 pub(super) async fn to_completion<T: Send + 'static>(
     work: impl Future<Output = Result<T, Status>> + Send + 'static,
 ) -> Result<T, Status> {
+    // The work stays in the call's span (and trace) in the task it runs in.
+    let work = tracing::Instrument::in_current_span(work);
     tokio::spawn(work).await.unwrap_or_else(|_| {
         Err(gateway_status(
             Code::Internal,

@@ -81,11 +81,31 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let cli = Cli::parse_from(args);
-    telemetry::init(cli.log_format);
+    let traces = match &cli.command {
+        Command::Serve(settings) => match settings.observability.traces() {
+            Ok(traces) => traces,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(exit_codes::USAGE);
+            }
+        },
+        // Commands that call the gateway once trace nothing.
+        _ => telemetry::TraceSettings::default(),
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     match runtime.build() {
-        Ok(runtime) => ExitCode::from(runtime.block_on(cli.command.run())),
+        Ok(runtime) => ExitCode::from(runtime.block_on(async {
+            // Inside the runtime: the OTLP exporter runs on it.
+            let _telemetry = match telemetry::init(cli.log_format, &traces) {
+                Ok(guard) => guard,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return exit_codes::USAGE;
+                }
+            };
+            cli.command.run().await
+        })),
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             ExitCode::from(exit_codes::FAILURE)

@@ -14,6 +14,7 @@ use super::exit_codes;
 use crate::config::{AcsSettings, LEDGER, ServeSettings, duration_within};
 use crate::ledger::Ledger;
 use crate::server;
+use crate::telemetry::metrics::Exporter;
 
 /// Arguments of `emulator`.
 #[derive(Args)]
@@ -222,6 +223,28 @@ pub async fn serve(settings: ServeSettings) -> u8 {
             }
         },
     };
+    let metrics_addr = settings.observability.metrics_listen.or_else(|| {
+        settings
+            .emulator
+            .then_some(SocketAddr::from(([127, 0, 0, 1], 0)))
+    });
+    let metrics = match metrics_addr {
+        None => None,
+        Some(addr) => match bind_metrics(addr).await {
+            Ok(bound) => Some(bound),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit_codes::USAGE;
+            }
+        },
+    };
+    let metrics_url = metrics
+        .as_ref()
+        .and_then(|(listener, _)| listener.local_addr().ok())
+        .map(|addr| format!("http://{addr}/metrics"));
+    if let Some(url) = &metrics_url {
+        tracing::info!(url, "metrics listening (Prometheus, plaintext)");
+    }
     tracing::info!(
         %listen,
         tls = options.boundary.tls.is_some(),
@@ -229,12 +252,13 @@ pub async fn serve(settings: ServeSettings) -> u8 {
         "gRPC server listening (health and reflection on)"
     );
     if let Some((emulator, profiles)) = &emulator {
-        print_try_it(emulator, profiles, listen);
+        print_try_it(emulator, profiles, listen, metrics_url.as_deref());
     }
 
     let listeners = server::Listeners {
         grpc: listener,
         health: health_listener,
+        metrics,
     };
     let result = server::serve(client, ledger, listeners, shutdown_signal(), options).await;
     drop(emulator);
@@ -281,7 +305,21 @@ async fn start_embedded_emulator(
     Ok((client, Some((emulator, profiles))))
 }
 
-fn print_try_it(emulator: &Emulator, profiles: &[(String, bool)], listen: SocketAddr) {
+/// Binds the metrics listener and installs the recorder.
+async fn bind_metrics(addr: SocketAddr) -> Result<(TcpListener, Exporter), String> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        format!("--metrics-listen (CCPA_METRICS_LISTEN): cannot listen on {addr}: {e}")
+    })?;
+    let exporter = Exporter::install().map_err(|e| e.to_string())?;
+    Ok((listener, exporter))
+}
+
+fn print_try_it(
+    emulator: &Emulator,
+    profiles: &[(String, bool)],
+    listen: SocketAddr,
+    metrics_url: Option<&str>,
+) {
     let addr = if listen.port() == 50051 && listen.ip().is_loopback() {
         String::new()
     } else {
@@ -309,6 +347,9 @@ fn print_try_it(emulator: &Emulator, profiles: &[(String, bool)], listen: Socket
             "  grpcurl -plaintext -d '{{\"pkey\":\"{pkey}\"}}' {listen} ccpa.v1.CcpaService/GetOptOut"
         );
         println!("  grpcurl -plaintext {listen} grpc.health.v1.Health/Check");
+        if let Some(url) = metrics_url {
+            println!("  curl -s {url}");
+        }
     }
     println!("Stop with Ctrl-C.");
 }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::clock::business_days_before;
 use super::{Claim, FailureCode, Ledger, LedgerError, Outcome, Record, Settled};
 use crate::health::{GatewayHealth, UpstreamSignal};
+use crate::telemetry::metrics as names;
 
 /// How the deliverer works.
 #[derive(Debug, Clone, Copy)]
@@ -193,6 +194,11 @@ impl Delivery {
                         release,
                     )
                     .await?;
+                if settled == Settled::Recorded {
+                    let waited_ms = self.ledger.now_ms().saturating_sub(record.received_at);
+                    metrics::histogram!(names::TIME_TO_HONOR_SECONDS)
+                        .record(waited_ms.max(0) as f64 / 1000.0);
+                }
                 Ok(match settled {
                     Settled::Recorded => Attempt::Applied,
                     Settled::NotPending => Attempt::Superseded,
@@ -362,6 +368,25 @@ impl Delivery {
         }
         self.health.set_delivery_overdue(overdue.is_some()).await;
         Ok(overdue.map_or(0, |(count, _)| usize::try_from(count).unwrap_or(usize::MAX)))
+    }
+
+    /// Sets the pending, oldest-age and overdue gauges from the ledger (before each scrape).
+    pub async fn observe_pending(&self) {
+        let now = self.ledger.now_ms();
+        let cutoff = business_days_before(now, self.settings.overdue_after_business_days);
+        match self.ledger.pending_summary(cutoff).await {
+            Ok(summary) => {
+                let age_ms = summary
+                    .oldest_received_at
+                    .map_or(0, |oldest| now.saturating_sub(oldest).max(0));
+                metrics::gauge!(names::LEDGER_PENDING).set(summary.pending as f64);
+                metrics::gauge!(names::LEDGER_OLDEST_PENDING_AGE_SECONDS)
+                    .set(age_ms as f64 / 1000.0);
+                metrics::gauge!(names::LEDGER_OVERDUE).set(summary.overdue as f64);
+            }
+            // The gauges keep their last values; the scrape still answers.
+            Err(e) => tracing::error!(error = %e, "the pending gauges could not read the ledger"),
+        }
     }
 
     async fn prune(&self) {

@@ -260,7 +260,7 @@ pub(super) async fn record_unit(
                     })?;
             }
             None => {
-                sqlx::query(
+                let superseded = sqlx::query(
                     "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = $1, \
                          resolved_at = $2 \
                          WHERE pkey = $3 AND state = 'PENDING' AND request_id <> $1",
@@ -269,7 +269,10 @@ pub(super) async fn record_unit(
                 .bind(now)
                 .bind(pkey)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
+                // Counted before the commit, as in `next_to_apply_unit`.
+                super::leases::count_resolved(Some(State::Superseded), superseded);
             }
         }
     }
@@ -302,6 +305,8 @@ where
     .bind(request_id)
     .execute(executor)
     .await?;
+    // Counted before the commit, as in `next_to_apply_unit`.
+    super::leases::count_resolved(Some(State::Superseded), 1);
     Ok(())
 }
 

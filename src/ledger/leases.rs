@@ -222,33 +222,43 @@ impl Ledger {
         release: Option<(&str, &Claim)>,
     ) -> Result<Settled, LedgerError> {
         let request_id = request_id.to_owned();
+        let resolved_state = match outcome {
+            Outcome::Applied { .. } => Some(State::Applied),
+            Outcome::Failed { .. } => Some(State::Failed),
+            Outcome::Retry { .. } => None,
+        };
         let outcome = OwnedOutcome::from(outcome);
         let release = release.map(|(pkey, claim)| (pkey.to_owned(), claim.clone()));
         let now = self.now_ms();
         let known = self.known.clone();
-        self.write(move |connection| {
-            Box::pin(async move {
-                if let OwnedOutcome::Applied {
-                    pkey: Some(created),
-                } = &outcome
-                {
-                    // A creation's record gains its key in this write: noted inside it, before
-                    // it commits.
-                    known.note(created);
-                }
-                let release = release.as_ref().map(|(pkey, claim)| (pkey.as_str(), claim));
-                settle_unit(
-                    connection,
-                    now,
-                    &request_id,
-                    outcome.borrowed(),
-                    answered,
-                    release,
-                )
-                .await
+        let settled = self
+            .write(move |connection| {
+                Box::pin(async move {
+                    if let OwnedOutcome::Applied {
+                        pkey: Some(created),
+                    } = &outcome
+                    {
+                        // A creation's record gains its key in this write: noted inside it, before
+                        // it commits.
+                        known.note(created);
+                    }
+                    let release = release.as_ref().map(|(pkey, claim)| (pkey.as_str(), claim));
+                    settle_unit(
+                        connection,
+                        now,
+                        &request_id,
+                        outcome.borrowed(),
+                        answered,
+                        release,
+                    )
+                    .await
+                })
             })
-        })
-        .await
+            .await?;
+        if settled == Settled::Recorded {
+            count_resolved(resolved_state, 1);
+        }
+        Ok(settled)
     }
 
     /// Profiles with a pending request due for delivery, the oldest request first.
@@ -277,17 +287,20 @@ impl Ledger {
     pub async fn fail_abandoned(&self, lease_ms: i64) -> Result<u64, LedgerError> {
         let unit_clock = self.unit_clock();
         let now = self.now_ms();
-        self.write(move |connection| {
-            Box::pin(async move {
-                // On the clock `recorded_at` was taken from (the database's, on PostgreSQL).
-                let older_than = unit_clock
-                    .now(&mut *connection)
-                    .await?
-                    .saturating_sub(lease_ms);
-                fail_abandoned_unit(connection, older_than, now).await
+        let failed = self
+            .write(move |connection| {
+                Box::pin(async move {
+                    // On the clock `recorded_at` was taken from (the database's, on PostgreSQL).
+                    let older_than = unit_clock
+                        .now(&mut *connection)
+                        .await?
+                        .saturating_sub(lease_ms);
+                    fail_abandoned_unit(connection, older_than, now).await
+                })
             })
-        })
-        .await
+            .await?;
+        count_resolved(Some(State::Failed), failed);
+        Ok(failed)
     }
 }
 
@@ -392,7 +405,7 @@ pub(super) async fn next_to_apply_unit(
     };
     let newest_id: String = sqlx::Row::try_get(&newest, "request_id")?;
     let newest_state = State::parse(&sqlx::Row::try_get::<String, _>(&newest, "state")?)?;
-    sqlx::query(
+    let superseded = sqlx::query(
         "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = $1, resolved_at = $2 \
              WHERE pkey = $3 AND state = 'PENDING' AND request_id <> $1",
     )
@@ -400,13 +413,31 @@ pub(super) async fn next_to_apply_unit(
     .bind(now)
     .bind(pkey)
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected();
+    // Counted before the commit: a batch that then fails to commit over-counts, which its
+    // callers' errors (and ccpa_ledger_write_errors_total) make plain.
+    count_resolved(Some(State::Superseded), superseded);
     let next = if newest_state == State::Pending {
         fetch_record(&mut *tx, &newest_id).await?
     } else {
         None
     };
     Ok(next)
+}
+
+/// Counts `count` requests resolved into `state` (`ccpa_ledger_requests_total`), once their
+/// write has committed.
+pub(super) fn count_resolved(state: Option<State>, count: u64) {
+    if let Some(state) = state
+        && count > 0
+    {
+        metrics::counter!(
+            crate::telemetry::metrics::LEDGER_REQUESTS_TOTAL,
+            "state" => state.as_str(),
+        )
+        .increment(count);
+    }
 }
 
 /// [`Ledger::settle`]'s unit of work.

@@ -54,7 +54,7 @@ pub use by_email::{ByEmailFailure, EmailRequest, RESERVED_REQUEST_ID_SEPARATOR, 
 pub use creation::Created;
 pub use intake::{NewRequest, Recorded, fingerprint};
 pub use leases::{Claim, Outcome, Settled};
-pub use queries::{Cursor, ListFilter, MAX_PROFILES_PER_EMAIL};
+pub use queries::{Cursor, ListFilter, MAX_PROFILES_PER_EMAIL, PendingSummary};
 pub use record::{FailureCode, Kind, Record, Source, State};
 pub use retention::MIN_RETENTION;
 pub use submit::{Apply, Submitted};

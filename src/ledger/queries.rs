@@ -7,6 +7,17 @@ use sqlx::any::AnyRow;
 
 use super::{Ledger, LedgerError, Record, State};
 
+/// What is pending in the ledger, in figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingSummary {
+    /// Requests pending.
+    pub pending: i64,
+    /// When the oldest of them was received (Unix milliseconds).
+    pub oldest_received_at: Option<i64>,
+    /// Those received before the overdue threshold.
+    pub overdue: i64,
+}
+
 /// The most profiles a request by email may reach (`--max-profiles-per-email` is at most this):
 /// what bounds a request's records, and the answer that lists them.
 pub const MAX_PROFILES_PER_EMAIL: u32 = 10_000;
@@ -97,6 +108,27 @@ impl Ledger {
         .fetch(&self.reader)
         .map(|row| Record::from_row(&row?))
         .boxed()
+    }
+
+    /// Pending requests: how many, when the oldest was received, and how many were received
+    /// before `overdue_before`. One statement, counted on the index of pending requests.
+    pub async fn pending_summary(
+        &self,
+        overdue_before: i64,
+    ) -> Result<PendingSummary, LedgerError> {
+        let (pending, oldest, overdue): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT COUNT(*), MIN(received_at), \
+                    SUM(CASE WHEN received_at < $1 THEN 1 ELSE 0 END) \
+             FROM opt_out_records WHERE state = 'PENDING'",
+        )
+        .bind(overdue_before)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(PendingSummary {
+            pending,
+            oldest_received_at: oldest,
+            overdue: overdue.unwrap_or(0),
+        })
     }
 
     /// How many pending requests were received before `received_before`, and the oldest of

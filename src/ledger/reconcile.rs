@@ -232,6 +232,11 @@ impl Delivery {
             return Ok(record);
         }
         let direction = Direction::of_restore(record.opt_out);
+        metrics::counter!(
+            crate::telemetry::metrics::DRIFT_TOTAL,
+            "direction" => direction.as_str(),
+        )
+        .increment(1);
         let restores_request_id = record.restores_request_id.as_deref().unwrap_or_default();
         match direction {
             Direction::RevertedOptOut => tracing::error!(
@@ -451,6 +456,11 @@ impl Reconciler {
                 // ACS holds an opt-out the latest applied request (an opt-in) does not: set by
                 // another channel, perhaps the consumer's own. Writing "may sell" over it is
                 // never the gateway's to do; it is reported, and reads answer it as held.
+                metrics::counter!(
+                    crate::telemetry::metrics::DRIFT_TOTAL,
+                    "direction" => Direction::RevertedOptIn.as_str(),
+                )
+                .increment(1);
                 tracing::warn!(
                     direction = Direction::RevertedOptIn.as_str(),
                     request_id = latest.request_id,

@@ -93,10 +93,16 @@ impl Writer {
     pub(super) async fn write<T: Send + 'static>(&self, unit: Unit<T>) -> Result<T, LedgerError> {
         match &self.0 {
             Way::Pooled(pool) => {
-                let mut transaction = pool.begin().await?;
-                let value = unit(&mut transaction).await?;
-                transaction.commit().await?;
-                Ok(value)
+                let started = std::time::Instant::now();
+                let written = async {
+                    let mut transaction = pool.begin().await?;
+                    let value = unit(&mut transaction).await?;
+                    transaction.commit().await?;
+                    Ok(value)
+                }
+                .await;
+                observe_commit(started, 1, written.is_ok());
+                written
             }
             Way::Batched(queue) => {
                 let (to, from) = oneshot::channel();
@@ -126,12 +132,24 @@ impl Writer {
     }
 }
 
+/// Times a commit of `units` units of work; a failed one counts each unit as a write error.
+fn observe_commit(started: std::time::Instant, units: usize, committed: bool) {
+    use crate::telemetry::metrics as names;
+    if committed {
+        metrics::histogram!(names::LEDGER_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(names::LEDGER_COMMIT_BATCH_SIZE).record(units as f64);
+    } else {
+        metrics::counter!(names::LEDGER_WRITE_ERRORS_TOTAL).increment(units as u64);
+    }
+}
+
 /// The writer task: batch, run, commit, answer; until every sender is gone.
 async fn run(pool: AnyPool, mut queue: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let units = batch.len();
         let mut answers: Vec<Box<dyn Answer>> = Vec::with_capacity(units);
+        let started = std::time::Instant::now();
         let committed = match pool.acquire().await {
             Err(e) => Err(format!(
                 "the ledger's writer connection is unavailable: {e}"
@@ -147,6 +165,7 @@ async fn run(pool: AnyPool, mut queue: mpsc::Receiver<Job>) {
         };
         // Units never run (no connection) answer through their dropped senders.
         batch.clear();
+        observe_commit(started, units, committed.is_ok());
         tracing::trace!(units, committed = committed.is_ok(), "ledger batch");
         for answer in answers {
             answer.answer(committed.as_ref().copied().map_err(String::as_str));

@@ -204,6 +204,7 @@ impl GatewayBuilder {
             Listeners {
                 grpc: listener,
                 health: self.health,
+                metrics: None,
             },
             async {
                 let _ = stopped.await;
@@ -417,6 +418,13 @@ impl GatewayProcess {
             .iter()
             .filter(|line| needles.iter().all(|n| line.contains(n)))
             .count()
+    }
+
+    /// The URL of its metrics (`--metrics-listen`), from the line that announces it.
+    pub async fn metrics_url(&self) -> String {
+        let line = self.log_line(&["metrics listening"]).await;
+        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+        line["url"].as_str().unwrap().to_owned()
     }
 
     /// Its stderr so far.

@@ -81,9 +81,26 @@ fn invalid(error: &str, description: &str) -> Response {
 
 pub(crate) async fn issue_token(
     State(shared): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
     Form(request): Form<TokenRequest>,
 ) -> Response {
     shared.ims_request_count.fetch_add(1, Ordering::SeqCst);
+    if shared.config.record_requests {
+        // The headers only: the body holds the client secret.
+        let headers = headers
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let mut recorded = lock(&shared.ims_request_headers);
+        if recorded.len() < crate::MAX_RECORDED_REQUESTS {
+            recorded.push(headers);
+        }
+    }
     let fault = lock(&shared.ims_faults).pop_front();
     if let Some(early) = apply_before_handling(fault).await {
         return early;

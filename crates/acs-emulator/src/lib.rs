@@ -165,7 +165,7 @@ impl RecordedRequest {
 }
 
 /// Only the newest requests are kept, so that a long run does not grow without bound.
-const MAX_RECORDED_REQUESTS: usize = 10_000;
+pub(crate) const MAX_RECORDED_REQUESTS: usize = 10_000;
 
 /// The state every request handler shares.
 pub(crate) struct Shared {
@@ -178,6 +178,7 @@ pub(crate) struct Shared {
     access_tokens: Mutex<TokenStore>,
     ims: Mutex<ImsSettings>,
     ims_request_count: AtomicUsize,
+    ims_request_headers: Mutex<Vec<Vec<(String, String)>>>,
     ims_faults: Mutex<VecDeque<Fault>>,
     requests: Mutex<VecDeque<RecordedRequest>>,
     request_count: AtomicUsize,
@@ -244,6 +245,7 @@ impl Emulator {
                 token_lifetime: config.token_lifetime,
             }),
             ims_request_count: AtomicUsize::new(0),
+            ims_request_headers: Mutex::new(Vec::new()),
             ims_faults: Mutex::new(VecDeque::new()),
             active_requests: AtomicUsize::new(0),
             peak_active_requests: AtomicUsize::new(0),
@@ -340,6 +342,12 @@ impl Emulator {
     /// How many token requests its IMS endpoint has received.
     pub fn ims_request_count(&self) -> usize {
         self.shared.ims_request_count.load(Ordering::SeqCst)
+    }
+
+    /// The headers of each token request its IMS endpoint received (names in lower case), in
+    /// order; never their bodies, which hold the client secret.
+    pub fn ims_request_headers(&self) -> Vec<Vec<(String, String)>> {
+        lock(&self.shared.ims_request_headers).clone()
     }
 
     /// Queues a fault for the next token request.

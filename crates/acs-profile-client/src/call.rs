@@ -231,6 +231,28 @@ impl CallRuntime {
         idempotency: Idempotency,
         deadline: Option<std::time::Instant>,
         background: bool,
+        attempt: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        crate::observe::within_call(self.run_attempts(
+            tokens,
+            idempotency,
+            deadline,
+            background,
+            attempt,
+        ))
+        .await
+    }
+
+    async fn run_attempts<T, F, Fut>(
+        &self,
+        tokens: &dyn TokenSource,
+        idempotency: Idempotency,
+        deadline: Option<std::time::Instant>,
+        background: bool,
         mut attempt: F,
     ) -> Result<T, CallError>
     where
@@ -282,6 +304,7 @@ impl CallRuntime {
                 // ACS says the token is invalid or expired: one refresh, one more try, at once.
                 refreshed_token = true;
                 tokens.invalidate(&token);
+                crate::observe::count_retry();
                 continue;
             }
             let failure = Failure::classify(&error);
@@ -301,6 +324,7 @@ impl CallRuntime {
                 return Err(error.into());
             }
             tracing::debug!(failure = ?failure, delay_ms = delay.as_millis() as u64, attempts, "retrying");
+            crate::observe::count_retry();
             tokio::time::sleep(delay).await;
         }
     }

@@ -5,8 +5,10 @@ use bytes::{Bytes, BytesMut};
 use progenitor_client::{ClientHooks, ClientInfo, Error, OperationInfo};
 use reqwest::header::{self, HeaderName, HeaderValue};
 use secrecy::ExposeSecret;
+use tracing::Instrument;
 
 use crate::generated::Client;
+use crate::observe::{self, Operation, RequestMeter};
 use crate::{ClientContext, types};
 
 /// The content type ACS documents for every request.
@@ -63,8 +65,19 @@ impl ClientHooks<ClientContext> for Client {
         request: reqwest::Request,
         info: &OperationInfo,
     ) -> reqwest::Result<reqwest::Response> {
-        let response = self.client().execute(request).await?;
+        let mut request = request;
+        let operation = Operation::of(info.operation_id);
+        let span = observe::request_span(operation, &mut request);
+        let meter = RequestMeter::start(operation, span.clone());
+        let response = match self.client().execute(request).instrument(span).await {
+            Ok(response) => response,
+            Err(error) => {
+                meter.failed(&error);
+                return Err(error);
+            }
+        };
         let status = response.status();
+        meter.answered(status);
         tracing::debug!(
             operation = info.operation_id,
             status = status.as_u16(),

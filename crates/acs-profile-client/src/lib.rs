@@ -44,6 +44,7 @@ mod clock;
 mod failure;
 mod generated;
 mod hooks;
+pub mod observe;
 mod pages;
 mod throttle;
 

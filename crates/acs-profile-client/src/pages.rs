@@ -34,6 +34,9 @@ pub(crate) fn resolve_next(base_url: &str, page: &Url, href: &str) -> Result<Url
     Ok(next)
 }
 
+/// The operation id of a page reached through a `next` link (not an operation of the spec).
+pub(crate) const NEXT_PAGE_OPERATION: &str = "list_profiles_next_page";
+
 impl Client {
     /// One GET of `url`, expected to answer a profile collection, made exactly as the generated
     /// operations make theirs (the same hooks, the same reading of the status), so that a page
@@ -48,7 +51,7 @@ impl Client {
             .header(ACCEPT, HeaderValue::from_static("application/json"))
             .build()?;
         let info = OperationInfo {
-            operation_id: "list_profiles_next_page",
+            operation_id: NEXT_PAGE_OPERATION,
         };
         self.pre(&mut request, &info).await?;
         let result = self.exec(request, &info).await;

@@ -166,7 +166,7 @@ impl Drop for Foreground<'_> {
 }
 
 /// A place in the queue, given back when dropped (admitted or abandoned).
-struct Queued<'a>(&'a AtomicUsize);
+struct Queued<'a>(&'a AtomicUsize, crate::observe::ThrottleWait);
 
 impl<'a> Queued<'a> {
     fn join(waiting: &'a AtomicUsize, max_queued: usize) -> Result<Self, QueueFull> {
@@ -181,7 +181,7 @@ impl<'a> Queued<'a> {
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Ok(Self(waiting)),
+                Ok(_) => return Ok(Self(waiting, crate::observe::ThrottleWait::begin())),
                 Err(actual) => current = actual,
             }
         }

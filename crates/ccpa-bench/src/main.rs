@@ -89,6 +89,12 @@ struct BenchArgs {
     /// `gateway_tls` beside the plaintext figures.
     #[arg(long, conflicts_with = "target_addr")]
     tls: bool,
+    /// Also measure each scenario through a gateway with metrics and tracing off
+    /// (`--trace-context false`, no `--metrics-listen`), reported as `gateway_observability_off`
+    /// beside the main figures, which are taken with both on (as deployed: Prometheus metrics
+    /// served, W3C trace context taken and sent on, OTLP export off).
+    #[arg(long, conflicts_with = "target_addr")]
+    compare_observability: bool,
     #[command(flatten)]
     target: Target,
 }
@@ -202,7 +208,10 @@ fn main() -> ExitCode {
         return ccpa_gateway::cli::run_from(program.into_iter().chain(rest.into_iter().skip(1)));
     }
     let args = BenchArgs::parse();
-    ccpa_gateway::telemetry::init(ccpa_gateway::telemetry::LogFormat::Human);
+    let _telemetry = ccpa_gateway::telemetry::init(
+        ccpa_gateway::telemetry::LogFormat::Human,
+        &ccpa_gateway::telemetry::TraceSettings::default(),
+    );
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if std::env::var_os(ccpa_gateway::cli::WORKER_THREADS).is_none() {
@@ -271,7 +280,15 @@ async fn run(args: BenchArgs) -> u8 {
             worker_threads: args.gateway_threads,
             ledger: args.ledger.clone(),
         };
-        let run = run_scenario(scenario, warmup, duration, gateway, &args.target, args.tls);
+        let run = run_scenario(
+            scenario,
+            warmup,
+            duration,
+            gateway,
+            &args.target,
+            args.tls,
+            args.compare_observability,
+        );
         match run.await {
             Ok(report) => {
                 if !args.json {
@@ -406,6 +423,7 @@ async fn run_scenario(
     gateway_setup: GatewaySetup,
     target: &Target,
     with_tls: bool,
+    compare_observability: bool,
 ) -> Result<Value, String> {
     let (emulator, emulator_url, emulator_pid) = match &target.target_emulator_url {
         Some(url) => (None, url.clone(), target.target_emulator_pid),
@@ -446,11 +464,37 @@ async fn run_scenario(
         emulator_pid,
         profiles: &profiles,
     };
-    let (gateway_result, gateway_cpu, gateway_peak_rss) = phase.run(None).await?;
+    let (gateway_result, gateway_cpu, gateway_peak_rss) =
+        phase.run(None, Observability::On).await?;
     let through_tls = match &tls {
-        Some(tls) => Some(phase.run(Some(tls)).await?),
+        Some(tls) => Some(phase.run(Some(tls), Observability::On).await?),
         None => None,
     };
+    let observability_off = if compare_observability {
+        Some(phase.run(None, Observability::Off).await?)
+    } else {
+        None
+    };
+    // The gateway's CPU per call against the load generator's per direct call, in this run:
+    // what the issue on metrics bounds (2.5 for GetOptOut).
+    let direct_load_us =
+        direct_cpu.load_generator.as_secs_f64() * 1e6 / direct_result.calls().max(1) as f64;
+    let against_direct = |gateway_us: Option<f64>| {
+        gateway_us.map(|us| round(us / direct_load_us.max(f64::MIN_POSITIVE), 3))
+    };
+    let gateway_observability_off = observability_off.map(|(result, cpu, peak_rss)| {
+        let cpu_us_per_call = cpu
+            .gateway
+            .map(|cpu| cpu.as_secs_f64() * 1e6 / result.calls().max(1) as f64);
+        json!({
+            "gateway": result.to_json(),
+            "throughput_ratio": round(result.throughput() / direct_result.throughput().max(f64::MIN_POSITIVE), 3),
+            "added_p99_ms": round(result.quantile_ms(0.99) - direct_result.quantile_ms(0.99), 3),
+            "gateway_cpu_us_per_call": cpu_us_per_call.map(|us| round(us, 1)),
+            "gateway_cpu_per_direct_load_generator_cpu": against_direct(cpu_us_per_call),
+            "gateway_peak_rss_mb": peak_rss.map(|bytes| round(bytes as f64 / 1_048_576.0, 1)),
+        })
+    });
     if let Some(emulator) = emulator {
         emulator.stop().await;
     }
@@ -484,7 +528,9 @@ async fn run_scenario(
         "added_p99_ms": round(gateway_result.quantile_ms(0.99) - direct_result.quantile_ms(0.99), 3),
         "gateway_cpu_s_per_1000_calls": gateway_cpu_us_per_call.map(|us| round(us / 1000.0, 4)),
         "gateway_cpu_us_per_call": gateway_cpu_us_per_call.map(|us| round(us, 1)),
+        "gateway_cpu_per_direct_load_generator_cpu": against_direct(gateway_cpu_us_per_call),
         "gateway_peak_rss_mb": gateway_peak_rss.map(|bytes| round(bytes as f64 / 1_048_576.0, 1)),
+        "gateway_observability_off": gateway_observability_off,
         "cpu_us_per_call": {
             "direct": direct_cpu.per_call_json(direct_result.calls()),
             "gateway": gateway_cpu.per_call_json(gateway_result.calls()),
@@ -506,10 +552,29 @@ struct GatewayPhase<'a> {
     profiles: &'a Arc<Vec<String>>,
 }
 
+/// Whether a started gateway serves metrics and takes and gives trace context.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Observability {
+    /// `--metrics-listen` on a loopback port, trace context on (the default), OTLP off.
+    On,
+    /// `--trace-context false`, no metrics.
+    Off,
+}
+
+impl Observability {
+    fn serve_args(self) -> Vec<String> {
+        match self {
+            Self::On => vec!["--metrics-listen".into(), "127.0.0.1:0".into()],
+            Self::Off => vec!["--trace-context".into(), "false".into()],
+        }
+    }
+}
+
 impl GatewayPhase<'_> {
     async fn run(
         &self,
         tls: Option<&tls::BenchTls>,
+        observability: Observability,
     ) -> Result<(load::LoadResult, PhaseCpu, Option<u64>), String> {
         let scenario = self.scenario;
         let mut temporary_ledger = None;
@@ -523,15 +588,21 @@ impl GatewayPhase<'_> {
                 };
                 let ledger = self.setup.ledger.clone().unwrap_or_else(|| {
                     let file = std::env::temp_dir().join(format!(
-                        "ccpa-bench-{}-{}{}.sqlite3",
+                        "ccpa-bench-{}-{}{}{}.sqlite3",
                         std::process::id(),
                         scenario.name,
-                        if tls.is_some() { "-tls" } else { "" }
+                        if tls.is_some() { "-tls" } else { "" },
+                        if observability == Observability::Off {
+                            "-plain"
+                        } else {
+                            ""
+                        }
                     ));
                     temporary_ledger = Some(file.clone());
                     file.display().to_string()
                 });
-                let extra = tls.map(tls::BenchTls::serve_args).unwrap_or_default();
+                let mut extra = tls.map(tls::BenchTls::serve_args).unwrap_or_default();
+                extra.extend(observability.serve_args());
                 let (process, addr) =
                     start_gateway(self.emulator_url, &ledger, limits, &extra).await?;
                 let pid = process.pid();
@@ -771,6 +842,21 @@ fn print_report(scenario: Scenario, report: &Value) {
             tls["added_p99_ms"],
             tls["gateway_cpu_us_per_call"],
             tls["gateway_peak_rss_mb"],
+        );
+    }
+    println!(
+        "  gateway CPU per call / load generator CPU per direct call: {}",
+        report["gateway_cpu_per_direct_load_generator_cpu"]
+    );
+    let off = &report["gateway_observability_off"];
+    if !off.is_null() {
+        line("no o11y", &off["gateway"]);
+        println!(
+            "  metrics and tracing off: throughput ratio {}   added p99 {} ms   gateway CPU {} us/call ({} of the load generator's per direct call)",
+            off["throughput_ratio"],
+            off["added_p99_ms"],
+            off["gateway_cpu_us_per_call"],
+            off["gateway_cpu_per_direct_load_generator_cpu"],
         );
     }
 }

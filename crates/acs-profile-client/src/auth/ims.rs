@@ -25,6 +25,7 @@ use futures::future::{BoxFuture, Shared};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::{AccessToken, TokenError, TokenErrorKind, TokenSource};
 use crate::clock::{Clock, TokioClock};
@@ -274,21 +275,26 @@ impl Inner {
         Fut: std::future::Future<Output = TokenResult> + Send + 'static,
     {
         let inner = self.clone();
-        let task = tokio::spawn(async move {
-            let mut end = FlightEnd {
-                inner: inner.clone(),
-                settled: false,
-            };
-            if let Some(not_before) = not_before {
-                // Measured on the source's clock, waited out on tokio's.
-                let wait = not_before.saturating_duration_since(inner.clock.now());
-                tokio::time::sleep(wait).await;
+        // The request belongs to the call that needed the token first: its span is the parent.
+        let parent = tracing::Span::current();
+        let task = tokio::spawn(
+            async move {
+                let mut end = FlightEnd {
+                    inner: inner.clone(),
+                    settled: false,
+                };
+                if let Some(not_before) = not_before {
+                    // Measured on the source's clock, waited out on tokio's.
+                    let wait = not_before.saturating_duration_since(inner.clock.now());
+                    tokio::time::sleep(wait).await;
+                }
+                let result = request(inner).await;
+                end.settled = true;
+                drop(end);
+                result
             }
-            let result = request(inner).await;
-            end.settled = true;
-            drop(end);
-            result
-        });
+            .instrument(parent),
+        );
         async move {
             task.await.unwrap_or_else(|_| {
                 Err(TokenError::new(
@@ -319,6 +325,7 @@ impl Inner {
                 });
                 state.not_before = None;
                 state.next_backoff = None;
+                crate::observe::count_token_request("ok");
                 tracing::info!(
                     lifetime_s = lifetime.as_secs(),
                     "obtained an IMS access token"
@@ -326,6 +333,10 @@ impl Inner {
                 Ok(token)
             }
             Err(error) => {
+                crate::observe::count_token_request(match error.kind() {
+                    TokenErrorKind::Refused => "refused",
+                    _ => "unavailable",
+                });
                 let backoff = state.note_failure(now);
                 tracing::warn!(
                     kind = ?error.kind(),
@@ -357,11 +368,24 @@ impl Inner {
             ("client_secret", secret.expose_secret()),
             ("scope", self.config.scopes.as_str()),
         ];
+        // A client span of its own, its context sent onward; the URL is configuration, not
+        // personal, but the template is what the conventions name.
+        let span = tracing::info_span!(
+            "IMS token request",
+            otel.name = "POST",
+            otel.kind = "client",
+            http.request.method = "POST",
+            http.response.status_code = tracing::field::Empty,
+        );
+        let mut headers = http::HeaderMap::new();
+        crate::observe::inject_trace_context(&span, &mut headers);
         let response = self
             .http
             .post(&self.endpoint)
+            .headers(headers)
             .form(&form)
             .send()
+            .instrument(span.clone())
             .await
             .map_err(|e| {
                 let what = if e.is_timeout() {
@@ -377,6 +401,7 @@ impl Inner {
                 )
             })?;
         let status = response.status();
+        span.record("http.response.status_code", status.as_u16());
         if !status.is_success() {
             // 400 and 401 mean IMS refused the client id, secret or scopes; anything else is IMS
             // (or a proxy) failing.
