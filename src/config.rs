@@ -94,8 +94,9 @@ pub struct ObservabilitySettings {
     #[arg(long, env = "CCPA_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// Export spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317), with
-    /// service.name ccpa-gateway. Also read from OTEL_EXPORTER_OTLP_ENDPOINT.
+    /// Export spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317, or
+    /// https:// with the system's roots), with service.name ccpa-gateway. Else read from
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then OTEL_EXPORTER_OTLP_ENDPOINT.
     #[arg(long, env = "CCPA_OTLP_ENDPOINT", value_parser = otlp_endpoint)]
     pub otlp_endpoint: Option<url::Url>,
 
@@ -111,24 +112,50 @@ pub struct ObservabilitySettings {
 pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 
 impl ObservabilitySettings {
-    /// Where spans go, and whether trace context is taken and given at all.
+    /// Where spans go, and whether trace context is taken and given at all. The endpoint is
+    /// `--otlp-endpoint`, else the OpenTelemetry SDKs' own variables (the traces one first, as
+    /// their specification orders them).
     pub fn traces(&self) -> Result<crate::telemetry::TraceSettings, String> {
         let otlp_endpoint = match &self.otlp_endpoint {
-            Some(url) => Some(url.clone()),
-            None => match std::env::var(OTEL_EXPORTER_OTLP_ENDPOINT) {
-                Ok(text) if !text.trim().is_empty() => Some(
-                    otlp_endpoint(&text)
-                        .map_err(|e| format!("{OTEL_EXPORTER_OTLP_ENDPOINT}: {e}"))?,
-                ),
-                _ => None,
-            },
+            Some(url) => Some((url.clone(), OTLP_ENDPOINT)),
+            None => {
+                let mut found = None;
+                for variable in [
+                    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+                    OTEL_EXPORTER_OTLP_ENDPOINT,
+                ] {
+                    match std::env::var(variable) {
+                        Ok(text) if !text.trim().is_empty() => {
+                            let url =
+                                otlp_endpoint(&text).map_err(|e| format!("{variable}: {e}"))?;
+                            found = Some((url, variable));
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                found
+            }
         };
+        if let Some((_, setting)) = &otlp_endpoint
+            && !self.trace_context
+        {
+            return Err(format!(
+                "{setting} exports spans, and --trace-context (CCPA_TRACE_CONTEXT) false turns \
+                 them off: set one or the other"
+            ));
+        }
         Ok(crate::telemetry::TraceSettings {
             trace_context: self.trace_context,
-            otlp_endpoint: otlp_endpoint.filter(|_| self.trace_context),
+            otlp_endpoint,
         })
     }
 }
+
+const OTLP_ENDPOINT: &str = "--otlp-endpoint (CCPA_OTLP_ENDPOINT)";
+
+/// The OpenTelemetry SDKs' variable for the traces collector alone.
+pub const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 
 /// An OTLP/gRPC endpoint: an absolute http(s) URL with a host. Its text is configuration, not
 /// personal, but credentials in it would be logged by nothing and refused here.

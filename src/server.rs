@@ -282,13 +282,15 @@ pub async fn serve(
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
 
+    // Made here, after the CLI installed the metrics recorder.
+    let rpc = RpcLayer::new();
     let stop_accepting = CancellationToken::new();
     let _stop_accepting_on_return = stop_accepting.clone().drop_guard();
     if let Some(listener) = health_listener {
         // Probes only: any other service there is UNIMPLEMENTED (tonic's answer for a service
         // it does not route).
         let probes = with_limits(Server::builder(), &limits)
-            .layer(RpcLayer)
+            .layer(rpc.clone())
             .add_service(health_service.clone())
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -303,7 +305,7 @@ pub async fn serve(
     let incoming = crate::access::tls::incoming(listener, tls, stop_accepting.clone());
     let server = with_limits(Server::builder(), &limits)
         // Outside the gate, so that calls it refuses are counted and traced too.
-        .layer(RpcLayer)
+        .layer(rpc)
         .layer(gate)
         .add_service(health_service)
         .add_service(reflection_v1)

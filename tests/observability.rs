@@ -344,9 +344,19 @@ async fn ledger_gauges_show_pending_and_overdue_requests_and_time_to_honor_is_me
         0.0
     );
 
-    // ACS recovers: both are delivered, each measured from its received_at.
+    // ACS recovers: both are delivered, each measured from its received_at; a creation with
+    // an opt-out is honoured as it is made.
     emulator.set_faults(FaultSettings::default());
     until_settled(&mut client).await;
+    client
+        .create_profile(CreateProfileRequest {
+            email: "someone@example.com".into(),
+            ccpa_opt_out: Some(true),
+            source: RequestSource::WebForm as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let scrape = Scrape::of(&url).await;
     assert_eq!(scrape.value("ccpa_ledger_pending_requests", &[]), 0.0);
     assert_eq!(scrape.value("ccpa_ledger_overdue_requests", &[]), 0.0);
@@ -356,18 +366,18 @@ async fn ledger_gauges_show_pending_and_overdue_requests_and_time_to_honor_is_me
     );
     assert_eq!(
         scrape.value("ccpa_ledger_requests_total", &[("state", "APPLIED")]),
-        2.0
+        3.0
     );
     let bucket =
         |le: &str| scrape.value("ccpa_opt_out_time_to_honor_seconds_bucket", &[("le", le)]);
     assert_eq!(
         scrape.value("ccpa_opt_out_time_to_honor_seconds_count", &[]),
-        2.0
+        3.0
     );
-    // The fresh one within a minute; the old one past fifteen days, in +Inf only.
-    assert_eq!(bucket("60"), 1.0);
-    assert_eq!(bucket("1296000"), 1.0);
-    assert_eq!(bucket("+Inf"), 2.0);
+    // The fresh ones within a minute; the old one past fifteen days, in +Inf only.
+    assert_eq!(bucket("60"), 2.0);
+    assert_eq!(bucket("1296000"), 2.0);
+    assert_eq!(bucket("+Inf"), 3.0);
     assert!(scrape.value("ccpa_opt_out_time_to_honor_seconds_sum", &[]) >= 30.0 * 86_400.0);
 }
 
@@ -466,6 +476,7 @@ fn hex(bytes: &[u8]) -> String {
 async fn trace_context_goes_from_the_caller_through_the_gateway_to_acs_and_the_collector_without_personal_data()
  {
     const CANARY_EMAIL: &str = "canary.7f3a9c@example.com";
+    const CANARY_REQUEST_ID: &str = "request-canary-5e1d";
     let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
     let collector = Collector::default();
     let collector_addr = collector.clone().start().await;
@@ -504,7 +515,10 @@ async fn trace_context_goes_from_the_caller_through_the_gateway_to_acs_and_the_c
     let pkey = created.profile.unwrap().pkey;
     assert!(!pkey.is_empty());
     client
-        .set_opt_out(with_traceparent(set(&pkey, true)))
+        .set_opt_out(with_traceparent(SetOptOutRequest {
+            request_id: CANARY_REQUEST_ID.into(),
+            ..set(&pkey, true)
+        }))
         .await
         .unwrap();
     client
@@ -524,13 +538,39 @@ async fn trace_context_goes_from_the_caller_through_the_gateway_to_acs_and_the_c
         .await
         .unwrap();
 
+    // Another system opts the consumer back in; the next read meets the drift and restores the
+    // opt-out (logged at error level with the request ids: in logs, never in spans).
+    assert!(emulator.change_behind_the_gateway(&pkey, false));
+    let read = client
+        .get_opt_out(with_traceparent(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(read.ccpa_opt_out);
+    let restore_line: serde_json::Value =
+        serde_json::from_str(&gw.log_line(&["reverted", "restores_request_id"]).await).unwrap();
+    let restore_ids = [
+        restore_line["request_id"].as_str().unwrap().to_owned(),
+        restore_line["restores_request_id"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    ];
+    until_settled(&mut client).await;
+
     // The emulator saw the caller's trace, each request from a span of the gateway's own.
     let requests = emulator.requests();
     let patch = requests
         .iter()
-        .rev()
-        .find(|r| r.method == "PATCH")
-        .expect("the opt-out reached ACS");
+        .find(|r| {
+            r.method == "PATCH"
+                && r.header("traceparent")
+                    .is_some_and(|t| t.starts_with(&format!("00-{TRACE_ID}-")))
+        })
+        .expect("the caller's opt-out reached ACS in the caller's trace");
     let traceparent = patch
         .header("traceparent")
         .expect("traceparent sent to ACS");
@@ -621,14 +661,38 @@ async fn trace_context_goes_from_the_caller_through_the_gateway_to_acs_and_the_c
         "{rpc_line}"
     );
 
-    // No canary anywhere: not in metrics, span names, attributes or events, nor in logs.
-    let metrics = Scrape::of(&url).await.text;
+    // The drift is counted; the honoured opt-outs are those by key and by address (the
+    // creation chose to allow sale, and a restore is drift, not a consumer's wait).
+    let scrape = Scrape::of(&url).await;
+    assert_eq!(
+        scrape.value(
+            "ccpa_opt_out_drift_total",
+            &[("direction", "REVERTED_OPT_OUT")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        scrape.value("ccpa_opt_out_time_to_honor_seconds_count", &[]),
+        2.0
+    );
+
+    // No canary anywhere: not in metrics, span names, attributes or events, nor in logs (but
+    // the request id, which logs may carry).
+    let metrics = scrape.text;
     let exported = format!("{exports:?}");
     let logs = gw.log();
     let local_part = CANARY_EMAIL.split('@').next().unwrap();
     for (what, text) in [("metrics", &metrics), ("spans", &exported), ("logs", &logs)] {
         for canary in [CANARY_EMAIL, local_part, &pkey, "Canary", "Sentinel"] {
             assert!(!text.contains(canary), "{what} hold {canary:?}");
+        }
+    }
+    for (what, text) in [("metrics", &metrics), ("spans", &exported)] {
+        for request_id in [CANARY_REQUEST_ID, &restore_ids[0], &restore_ids[1]] {
+            assert!(
+                !text.contains(request_id),
+                "{what} hold the request id {request_id}"
+            );
         }
     }
 }
@@ -713,4 +777,57 @@ async fn token_requests_to_ims_carry_trace_context_and_are_counted() {
         scrape.value("ccpa_ims_token_requests_total", &[("outcome", "ok")]),
         token_requests.len() as f64
     );
+}
+
+/// `ccpa-gateway serve --emulator` with `args` and `envs`, expected to stop at start-up: its
+/// exit code and standard error.
+fn refused_start(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+        .args(["serve", "--emulator", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .envs(envs.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_observability_settings_stop_start_up_naming_the_setting() {
+    let (code, stderr) = refused_start(&["--otlp-endpoint", "ftp://collector:4317"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--otlp-endpoint"), "{stderr}");
+
+    let (code, stderr) = refused_start(
+        &[
+            "--otlp-endpoint",
+            "http://collector:4317",
+            "--trace-context",
+            "false",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--otlp-endpoint") && stderr.contains("--trace-context"),
+        "{stderr}"
+    );
+
+    for variable in [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ] {
+        let (code, stderr) = refused_start(&[], &[(variable, "not a url")]);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains(variable), "{stderr}");
+    }
+
+    let (code, stderr) = refused_start(&["--metrics-listen", "nowhere"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--metrics-listen"), "{stderr}");
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use acs_profile_client::types;
 
 use super::delivery::Delivery;
-use super::{FailureCode, LedgerError, NewRequest, Outcome, Record, Recorded};
+use super::{FailureCode, LedgerError, NewRequest, Outcome, Record, Recorded, Settled};
 use crate::health::UpstreamSignal;
 use crate::upstream::UpstreamError;
 
@@ -43,11 +43,11 @@ impl Delivery {
     ) -> Result<Created, LedgerError> {
         let deadline = self.within_lease(deadline);
         let (recorded, _) = self.ledger().record(request, None).await?;
-        match recorded {
-            Recorded::New(_) => {}
+        let record = match recorded {
+            Recorded::New(record) => record,
             Recorded::Replay(record) => return Ok(Created::Replay(record)),
             Recorded::Conflict(_) => return Ok(Created::Conflict),
-        }
+        };
         let result = self.acs().add_profile(input, Some(deadline)).await;
         self.health().observe(UpstreamSignal::of(&result)).await;
         let created = result.map_err(UpstreamError::from).and_then(|profile| {
@@ -64,9 +64,13 @@ impl Delivery {
         match created {
             Ok(profile) => {
                 let pkey = profile.p_key.as_deref();
-                self.ledger()
+                let settled = self
+                    .ledger()
                     .settle(&request.request_id, Outcome::Applied { pkey }, true, None)
                     .await?;
+                if settled == Settled::Recorded {
+                    self.honored(&record);
+                }
                 Ok(Created::Created(profile))
             }
             Err(error) => {

@@ -195,9 +195,7 @@ impl Delivery {
                     )
                     .await?;
                 if settled == Settled::Recorded {
-                    let waited_ms = self.ledger.now_ms().saturating_sub(record.received_at);
-                    metrics::histogram!(names::TIME_TO_HONOR_SECONDS)
-                        .record(waited_ms.max(0) as f64 / 1000.0);
+                    self.honored(record);
                 }
                 Ok(match settled {
                     Settled::Recorded => Attempt::Applied,
@@ -368,6 +366,18 @@ impl Delivery {
         }
         self.health.set_delivery_overdue(overdue.is_some()).await;
         Ok(overdue.map_or(0, |(count, _)| usize::try_from(count).unwrap_or(usize::MAX)))
+    }
+
+    /// ACS holds `record` now: `ccpa_opt_out_time_to_honor_seconds` measures how long the
+    /// consumer waited, from `received_at`. Opt-outs only (the law's clock runs for them), and
+    /// not restores after drift, whose `received_at` is the consumer's original request (drift
+    /// is counted by `ccpa_opt_out_drift_total`).
+    pub(super) fn honored(&self, record: &Record) {
+        if !record.opt_out || record.restores_request_id.is_some() {
+            return;
+        }
+        let waited_ms = self.ledger.now_ms().saturating_sub(record.received_at);
+        metrics::histogram!(names::TIME_TO_HONOR_SECONDS).record(waited_ms.max(0) as f64 / 1000.0);
     }
 
     /// Sets the pending, oldest-age and overdue gauges from the ledger (before each scrape).

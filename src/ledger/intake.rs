@@ -1,11 +1,12 @@
 //! Intake: recording a request, durably, before anything else is done with it.
 
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Executor};
 
-use super::leases::claim_lease;
+use super::leases::{claim_lease, count_resolved};
 use super::queries::{COLUMNS, fetch_record};
 use super::{
     Backend, Claim, FailureCode, Kind, Ledger, LedgerError, Record, Source, State, UnitClock,
@@ -119,17 +120,30 @@ impl Ledger {
         let claim = claim.cloned();
         let unit_clock = self.unit_clock();
         let known = self.known.clone();
-        self.write(move |connection| {
-            Box::pin(async move {
-                if let Some(pkey) = &request.pkey {
-                    // Inside the write, before it commits: no read after the commit can skip
-                    // this profile.
-                    known.note(pkey);
-                }
-                record_unit(connection, &request, claim.as_ref(), answered, &unit_clock).await
+        let superseded = Arc::new(AtomicU64::new(0));
+        let counted = superseded.clone();
+        let recorded = self
+            .write(move |connection| {
+                Box::pin(async move {
+                    if let Some(pkey) = &request.pkey {
+                        // Inside the write, before it commits: no read after the commit can
+                        // skip this profile.
+                        known.note(pkey);
+                    }
+                    record_unit(
+                        connection,
+                        &request,
+                        claim.as_ref(),
+                        answered,
+                        &unit_clock,
+                        &counted,
+                    )
+                    .await
+                })
             })
-        })
-        .await
+            .await?;
+        count_resolved(Some(State::Superseded), superseded.load(Ordering::Relaxed));
+        Ok(recorded)
     }
 
     /// Records that the caller is being answered now, if it was not before.
@@ -160,6 +174,7 @@ pub(super) async fn record_unit(
     claim: Option<&Claim>,
     answered: bool,
     unit_clock: &UnitClock,
+    superseded: &AtomicU64,
 ) -> Result<(Recorded, bool), LedgerError> {
     // The writer holds the transaction (a savepoint of its batch on SQLite).
     let tx = connection;
@@ -253,6 +268,7 @@ pub(super) async fn record_unit(
         match newer {
             Some(newer) => {
                 supersede(&mut *tx, &request.request_id, &newer, now, true).await?;
+                superseded.fetch_add(1, Ordering::Relaxed);
                 record = fetch_record(&mut *tx, &request.request_id)
                     .await?
                     .ok_or_else(|| {
@@ -260,7 +276,7 @@ pub(super) async fn record_unit(
                     })?;
             }
             None => {
-                let superseded = sqlx::query(
+                let overtaken = sqlx::query(
                     "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = $1, \
                          resolved_at = $2 \
                          WHERE pkey = $3 AND state = 'PENDING' AND request_id <> $1",
@@ -271,8 +287,7 @@ pub(super) async fn record_unit(
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-                // Counted before the commit, as in `next_to_apply_unit`.
-                super::leases::count_resolved(Some(State::Superseded), superseded);
+                superseded.fetch_add(overtaken, Ordering::Relaxed);
             }
         }
     }
@@ -305,8 +320,6 @@ where
     .bind(request_id)
     .execute(executor)
     .await?;
-    // Counted before the commit, as in `next_to_apply_unit`.
-    super::leases::count_resolved(Some(State::Superseded), 1);
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Leases and delivery: who applies a profile's newest request, and what came of each attempt.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use acs_profile_client::Clock;
@@ -202,8 +202,15 @@ impl Ledger {
     pub async fn next_to_apply(&self, pkey: &str) -> Result<Option<Record>, LedgerError> {
         let pkey = pkey.to_owned();
         let now = self.now_ms();
-        self.write(move |connection| Box::pin(next_to_apply_unit(connection, pkey, now)))
-            .await
+        let superseded = Arc::new(AtomicU64::new(0));
+        let counted = superseded.clone();
+        let next = self
+            .write(move |connection| {
+                Box::pin(async move { next_to_apply_unit(connection, pkey, now, &counted).await })
+            })
+            .await?;
+        count_resolved(Some(State::Superseded), superseded.load(Ordering::Relaxed));
+        Ok(next)
     }
 
     /// Records the outcome of an attempt to apply a request, and (with `release`) gives the
@@ -382,6 +389,7 @@ pub(super) async fn next_to_apply_unit(
     connection: &mut AnyConnection,
     pkey: String,
     now: i64,
+    superseded: &AtomicU64,
 ) -> Result<Option<Record>, LedgerError> {
     let pkey = pkey.as_str();
     // The writer holds the transaction (a savepoint of its batch on SQLite).
@@ -405,7 +413,7 @@ pub(super) async fn next_to_apply_unit(
     };
     let newest_id: String = sqlx::Row::try_get(&newest, "request_id")?;
     let newest_state = State::parse(&sqlx::Row::try_get::<String, _>(&newest, "state")?)?;
-    let superseded = sqlx::query(
+    let overtaken = sqlx::query(
         "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = $1, resolved_at = $2 \
              WHERE pkey = $3 AND state = 'PENDING' AND request_id <> $1",
     )
@@ -415,9 +423,8 @@ pub(super) async fn next_to_apply_unit(
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    // Counted before the commit: a batch that then fails to commit over-counts, which its
-    // callers' errors (and ccpa_ledger_write_errors_total) make plain.
-    count_resolved(Some(State::Superseded), superseded);
+    // Counted by the caller once the write has committed.
+    superseded.fetch_add(overtaken, Ordering::Relaxed);
     let next = if newest_state == State::Pending {
         fetch_record(&mut *tx, &newest_id).await?
     } else {

@@ -15,7 +15,7 @@ pub mod rpc;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
-use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::filter::{EnvFilter, FilterExt as _, Targets, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
@@ -30,8 +30,8 @@ pub const SERVICE_NAME: &str = "ccpa-gateway";
 pub struct TraceSettings {
     /// Take W3C trace context from calls, send it on to ACS and IMS, and put trace ids in logs.
     pub trace_context: bool,
-    /// Export spans over OTLP/gRPC to this collector.
-    pub otlp_endpoint: Option<url::Url>,
+    /// Export spans over OTLP/gRPC to this collector, named by the setting it came from.
+    pub otlp_endpoint: Option<(url::Url, &'static str)>,
 }
 
 /// Keeps the tracing pipeline alive; dropping it flushes the spans not yet exported.
@@ -53,9 +53,14 @@ impl Drop for TelemetryGuard {
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    /// The OTLP exporter could not be built.
-    #[error("--otlp-endpoint (CCPA_OTLP_ENDPOINT): {0}")]
-    Otlp(String),
+    /// The OTLP exporter could not be built; the setting it came from is named.
+    #[error("{setting}: {reason}")]
+    Otlp {
+        /// The flag or variable the endpoint came from.
+        setting: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// Installs the global subscriber: logs filtered by `RUST_LOG` (default `info`), and, with
@@ -73,10 +78,12 @@ pub fn init(format: LogFormat, traces: &TraceSettings) -> Result<TelemetryGuard,
     let tracer = provider.tracer(SERVICE_NAME);
     // The gateway's spans and the ACS client's only, whatever RUST_LOG says: a span the log
     // filter hides must still carry the trace onward. Other crates' spans are not the
-    // gateway's to export.
+    // gateway's to export. Spans only, never log events: an event would travel as a span event
+    // with all its fields, and logs are the place for those (they carry the trace's ids).
     let spans = Targets::new()
         .with_target("ccpa_gateway", tracing::Level::INFO)
-        .with_target("acs_profile_client", tracing::Level::INFO);
+        .with_target("acs_profile_client", tracing::Level::INFO)
+        .and(filter_fn(|metadata| metadata.is_span()));
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_level(false)
@@ -94,14 +101,16 @@ pub fn init(format: LogFormat, traces: &TraceSettings) -> Result<TelemetryGuard,
 
 /// Spans are sampled as their caller sampled them, and all of them when the call starts a trace:
 /// the volume is one span per call and one per request to ACS.
-fn tracer_provider(endpoint: Option<&url::Url>) -> Result<SdkTracerProvider, TelemetryError> {
+fn tracer_provider(
+    endpoint: Option<&(url::Url, &'static str)>,
+) -> Result<SdkTracerProvider, TelemetryError> {
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(SERVICE_NAME)
         .build();
     let builder = SdkTracerProvider::builder()
         .with_resource(resource)
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)));
-    let Some(endpoint) = endpoint else {
+    let Some((endpoint, setting)) = endpoint else {
         // Spans get ids (for logs and propagation) and go nowhere.
         return Ok(builder.build());
     };
@@ -110,6 +119,9 @@ fn tracer_provider(endpoint: Option<&url::Url>) -> Result<SdkTracerProvider, Tel
         .with_tonic()
         .with_endpoint(endpoint.as_str())
         .build()
-        .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
+        .map_err(|e| TelemetryError::Otlp {
+            setting,
+            reason: e.to_string(),
+        })?;
     Ok(builder.with_batch_exporter(exporter).build())
 }

@@ -13,12 +13,12 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use http_body::{Body, Frame, SizeHint};
-use metrics::{counter, histogram};
+use metrics::{Counter, Histogram, counter, histogram};
 use opentelemetry_http::HeaderExtractor;
 use pin_project_lite::pin_project;
 use prost::Message as _;
@@ -97,10 +97,6 @@ static UNKNOWN: Method = Method {
 };
 
 impl Method {
-    fn of(path: &str) -> &'static Method {
-        methods().get(path).unwrap_or(&UNKNOWN)
-    }
-
     fn service_label(&self) -> &str {
         if self.service.is_empty() {
             "unknown"
@@ -141,22 +137,97 @@ pub fn code_label(code: Code) -> &'static str {
     }
 }
 
-/// The layer.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RpcLayer;
+/// One method's metric handles, made once: a call then touches no registry.
+struct MethodMetrics {
+    method: &'static Method,
+    started: Counter,
+    handling: Histogram,
+    /// By code, made at the first call that ends with it (no series for codes never seen).
+    handled: [OnceLock<Counter>; 17],
+}
+
+impl MethodMetrics {
+    fn new(method: &'static Method) -> Self {
+        let labels = [
+            ("grpc_type", method.kind.to_owned()),
+            ("grpc_service", method.service_label().to_owned()),
+            ("grpc_method", method.method_label().to_owned()),
+        ];
+        Self {
+            method,
+            started: counter!(GRPC_STARTED_TOTAL, &labels),
+            handling: histogram!(GRPC_HANDLING_SECONDS, &labels),
+            handled: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn handled(&self, code: Code) -> &Counter {
+        // `Code` has 17 values, 0 to 16; a value past them (none exists) would share the last.
+        let index = (code as usize).min(self.handled.len() - 1);
+        self.handled[index].get_or_init(|| {
+            let method = self.method;
+            counter!(
+                GRPC_HANDLED_TOTAL,
+                "grpc_type" => method.kind,
+                "grpc_service" => method.service_label().to_owned(),
+                "grpc_method" => method.method_label().to_owned(),
+                "grpc_code" => code_label(code),
+            )
+        })
+    }
+}
+
+/// The handles of every method, and of `unknown`.
+struct Table {
+    methods: HashMap<&'static str, Arc<MethodMetrics>>,
+    unknown: Arc<MethodMetrics>,
+}
+
+/// The layer. Make it after the metrics recorder is installed: it takes its metric handles
+/// from the recorder in place when it is made.
+#[derive(Clone)]
+pub struct RpcLayer {
+    table: Arc<Table>,
+}
+
+impl RpcLayer {
+    /// A layer counting into the installed recorder (none: counting nothing).
+    pub fn new() -> Self {
+        let methods = methods()
+            .iter()
+            .map(|(path, method)| (path.as_str(), Arc::new(MethodMetrics::new(method))))
+            .collect();
+        Self {
+            table: Arc::new(Table {
+                methods,
+                unknown: Arc::new(MethodMetrics::new(&UNKNOWN)),
+            }),
+        }
+    }
+}
+
+impl Default for RpcLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl<S> Layer<S> for RpcLayer {
     type Service = Rpc<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Rpc { inner }
+        Rpc {
+            inner,
+            table: self.table.clone(),
+        }
     }
 }
 
 /// The layer around a service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Rpc<S> {
     inner: S,
+    table: Arc<Table>,
 }
 
 impl<S, B, R> Service<http::Request<B>> for Rpc<S>
@@ -172,14 +243,14 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = Method::of(request.uri().path());
-        counter!(
-            GRPC_STARTED_TOTAL,
-            "grpc_type" => method.kind,
-            "grpc_service" => method.service_label().to_owned(),
-            "grpc_method" => method.method_label().to_owned(),
-        )
-        .increment(1);
+        let metrics = self
+            .table
+            .methods
+            .get(request.uri().path())
+            .unwrap_or(&self.table.unknown)
+            .clone();
+        metrics.started.increment(1);
+        let method = metrics.method;
         let span = tracing::info_span!(
             "RPC",
             otel.name = if method.full_name.is_empty() {
@@ -194,20 +265,24 @@ where
             rpc.method = method.method_label(),
             rpc.grpc.status_code = tracing::field::Empty,
         );
-        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-            propagator.extract(&HeaderExtractor(request.headers()))
-        });
-        // Without a propagator, or without trace context on the call, the span starts a trace.
-        let _ = span.set_parent(parent);
+        if !span.is_disabled() {
+            let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+                propagator.extract(&HeaderExtractor(request.headers()))
+            });
+            // Without a propagator, or without trace context on the call, the span starts a
+            // trace.
+            let _ = span.set_parent(parent);
+        }
         let meter = CallMeter {
-            method,
+            metrics,
             started: Instant::now(),
             span: span.clone(),
             finished: false,
         };
-        let inner = tracing::Instrument::instrument(self.inner.call(request), span);
+        // What the service does as it is called (the gate, say) is inside the span too.
+        let inner = span.in_scope(|| self.inner.call(request));
         RpcFuture {
-            inner,
+            inner: tracing::Instrument::instrument(inner, span),
             meter: Some(meter),
         }
     }
@@ -215,7 +290,7 @@ where
 
 /// Counts one call's end, once.
 struct CallMeter {
-    method: &'static Method,
+    metrics: Arc<MethodMetrics>,
     started: Instant,
     span: Span,
     finished: bool,
@@ -226,22 +301,10 @@ impl CallMeter {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
-        let method = self.method;
-        counter!(
-            GRPC_HANDLED_TOTAL,
-            "grpc_type" => method.kind,
-            "grpc_service" => method.service_label().to_owned(),
-            "grpc_method" => method.method_label().to_owned(),
-            "grpc_code" => code_label(code),
-        )
-        .increment(1);
-        histogram!(
-            GRPC_HANDLING_SECONDS,
-            "grpc_type" => method.kind,
-            "grpc_service" => method.service_label().to_owned(),
-            "grpc_method" => method.method_label().to_owned(),
-        )
-        .record(self.started.elapsed().as_secs_f64());
+        self.metrics.handled(code).increment(1);
+        self.metrics
+            .handling
+            .record(self.started.elapsed().as_secs_f64());
         self.span.record("rpc.grpc.status_code", code as i32);
         // The server-side errors of the RPC conventions; a caller's mistake is not the
         // server's error.
