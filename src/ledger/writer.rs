@@ -132,7 +132,8 @@ impl Writer {
     }
 }
 
-/// Times a commit of `units` units of work; a failed one counts each unit as a write error.
+/// Times a commit of `units` units of work; a failed one counts each unit as a write error
+/// (each failed because the batch did).
 fn observe_commit(started: std::time::Instant, units: usize, committed: bool) {
     use crate::telemetry::metrics as names;
     if committed {
@@ -214,6 +215,8 @@ async fn run_units(
         let (succeeded, answer) = job(connection).await;
         answers.push(answer);
         if !succeeded {
+            // Its own failure, whatever becomes of the batch.
+            metrics::counter!(crate::telemetry::metrics::LEDGER_WRITE_ERRORS_TOTAL).increment(1);
             connection
                 .execute("ROLLBACK TO unit")
                 .await

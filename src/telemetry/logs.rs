@@ -61,11 +61,13 @@ where
     ) -> std::fmt::Result {
         let mut line = String::new();
         self.0.format_event(ctx, Writer::new(&mut line), event)?;
-        let ids = ctx.lookup_current().and_then(|span| {
-            // No span extension is held here: the line above is complete.
-            let context = tracing::dispatcher::get_default(|dispatch| {
-                tracing_opentelemetry::get_otel_context(&span.id(), dispatch)
-            })?;
+        // The thread's current span, as the whole subscriber sees it (this layer sees no spans).
+        // No span extension is held here: the line above is complete.
+        let ids = tracing::dispatcher::get_default(|dispatch| {
+            let id = dispatch.current_span().id()?.clone();
+            tracing_opentelemetry::get_otel_context(&id, dispatch)
+        })
+        .and_then(|context| {
             let span = context.span();
             let span_context = span.span_context();
             span_context

@@ -68,7 +68,10 @@ pub enum TelemetryError {
 /// tokio runtime: the OTLP exporter runs on it.
 pub fn init(format: LogFormat, traces: &TraceSettings) -> Result<TelemetryGuard, TelemetryError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = logs::layer(format).with_filter(filter);
+    // Events only: a log line carries its span's trace ids, not its fields, so formatting every
+    // span's fields for the log layer would be work no line shows.
+    let logs =
+        logs::layer(format).with_filter(filter.and(filter_fn(|metadata| metadata.is_event())));
     if !traces.trace_context {
         // A second initialisation (only possible in tests) keeps the first subscriber.
         let _ = Registry::default().with(logs).try_init();
@@ -89,6 +92,12 @@ pub fn init(format: LogFormat, traces: &TraceSettings) -> Result<TelemetryGuard,
         .with_level(false)
         .with_threads(false)
         .with_location(false)
+        .with_target(false)
+        // Each poll of a call's future enters its span: timing every entry, or making the
+        // context current on each, would be paid many times per call for nothing the gateway
+        // reads (it asks a span for its context explicitly).
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
         .with_filter(spans);
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
