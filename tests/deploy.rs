@@ -1,0 +1,199 @@
+//! The deployment in `deploy/` agrees with the binary and with itself: every flag and `CCPA_`
+//! variable the manifests name is one `ccpa-gateway serve` takes, and every
+//! metric the alerts and the dashboard query is one the README lists (the README's list is
+//! checked against what the gateway exports in `tests/observability.rs`).
+//!
+//! The manifests' structure is checked by `.ci/run` (kustomize, the Kubernetes schemas,
+//! hadolint, promtool); this is what those tools cannot know.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// The words of `text` that start with `prefix` and go on with characters `more` accepts.
+fn words(text: &str, prefix: &str, more: impl Fn(char) -> bool) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(prefix) {
+        // A word starts here only if what precedes it cannot be part of one.
+        let before = rest[..at].chars().next_back();
+        let tail = &rest[at + prefix.len()..];
+        let length = tail.find(|c: char| !more(c)).unwrap_or(tail.len());
+        if before.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-')) && length > 0
+        {
+            found.insert(format!("{prefix}{}", &tail[..length]));
+        }
+        rest = &tail[length..];
+    }
+    found
+}
+
+#[test]
+fn every_flag_and_variable_the_deployment_names_is_one_the_gateway_takes() {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8(help.stdout).unwrap();
+    let known_flags = words(&help, "--", |c| c.is_ascii_lowercase() || c == '-');
+    let known_variables = words(&help, "CCPA_", |c| c.is_ascii_uppercase() || c == '_');
+    assert!(known_flags.contains("--drain-delay") && known_variables.contains("CCPA_LEDGER"));
+
+    let mut checked = 0;
+    for path in files_under(&root().join("deploy/kubernetes")) {
+        let text = std::fs::read_to_string(&path).unwrap();
+        // The YAML patch operations (`- op: add`) are not flags; flags are words of letters.
+        for flag in words(&text, "--", |c| c.is_ascii_lowercase() || c == '-') {
+            assert!(
+                known_flags.contains(&flag),
+                "{} names {flag}, which `ccpa-gateway serve` does not take",
+                path.display()
+            );
+            checked += 1;
+        }
+        for variable in words(&text, "CCPA_", |c| c.is_ascii_uppercase() || c == '_') {
+            assert!(
+                known_variables.contains(&variable),
+                "{} names {variable}, which `ccpa-gateway serve` does not read",
+                path.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked > 20,
+        "only {checked} names found: is deploy/ there?"
+    );
+}
+
+/// The metric names a PromQL expression uses: words of the gateway's families (`up` aside, the
+/// scrape's own).
+fn metrics_in(expr: &str) -> BTreeSet<String> {
+    let metric = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    ["grpc_server_", "ccpa_", "process_"]
+        .iter()
+        .flat_map(|prefix| words(expr, prefix, metric))
+        .map(|name| {
+            // A histogram's series are its name with a suffix.
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .map_or(name.clone(), str::to_owned)
+        })
+        .collect()
+}
+
+/// The metrics the README's "Metrics and traces" section lists.
+fn readme_metrics() -> BTreeSet<String> {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let start = readme.find("## Metrics and traces").unwrap();
+    let end = start + readme[start..].find("### Traces").unwrap();
+    let section = &readme[start..end];
+    let listed = metrics_in(section);
+    assert!(listed.len() > 20, "{listed:?}");
+    listed
+}
+
+#[test]
+fn the_alerts_and_the_dashboard_query_only_metrics_the_gateway_exports() {
+    let listed = readme_metrics();
+
+    let alerts = std::fs::read_to_string(root().join("deploy/prometheus/alerts.yaml")).unwrap();
+    let in_alerts = metrics_in(&alerts);
+    assert!(in_alerts.len() >= 6, "{in_alerts:?}");
+    for name in &in_alerts {
+        assert!(
+            listed.contains(name),
+            "alerts.yaml queries {name}, not in the README"
+        );
+    }
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/grafana/ccpa-gateway.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let mut in_dashboard = BTreeSet::new();
+    let panels = dashboard["panels"].as_array().unwrap();
+    for panel in panels {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            let names = metrics_in(expr);
+            assert!(
+                !names.is_empty() || expr.contains("up{"),
+                "{}: a query of no metric: {expr}",
+                panel["title"]
+            );
+            in_dashboard.extend(names);
+        }
+    }
+    for name in &in_dashboard {
+        assert!(
+            listed.contains(name),
+            "the dashboard queries {name}, not in the README"
+        );
+    }
+    // What the issue asks the dashboard to show, each in a picture.
+    for wanted in [
+        "grpc_server_handled_total",
+        "grpc_server_handling_seconds",
+        "ccpa_acs_requests_total",
+        "ccpa_ledger_pending_requests",
+        "ccpa_ledger_overdue_requests",
+        "ccpa_opt_out_time_to_honor_seconds",
+        "ccpa_ims_token_requests_total",
+        "ccpa_health_serving",
+    ] {
+        assert!(
+            in_dashboard.contains(wanted),
+            "the dashboard shows no {wanted}"
+        );
+    }
+}
+
+#[test]
+fn every_alert_has_a_runbook_section() {
+    let alerts = std::fs::read_to_string(root().join("deploy/prometheus/alerts.yaml")).unwrap();
+    let runbook = std::fs::read_to_string(root().join("deploy/RUNBOOK.md")).unwrap();
+    let names = words(&alerts, "alert: ", |c| c.is_ascii_alphanumeric());
+    assert_eq!(names.len(), 7, "{names:?}");
+    for name in names {
+        let name = name.trim_start_matches("alert: ");
+        assert!(
+            runbook.contains(&format!("## {name}\n")),
+            "RUNBOOK.md has no section for {name}"
+        );
+        assert!(
+            alerts.contains(&format!(
+                "runbook: deploy/RUNBOOK.md#{}",
+                name.to_lowercase()
+            )),
+            "{name} does not point at its runbook section"
+        );
+        let section = &runbook[runbook.find(&format!("## {name}\n")).unwrap()..];
+        for part in ["**For consumers:**", "**Look at:**", "**Do:**"] {
+            let end = section[3..].find("\n## ").map_or(section.len(), |i| i + 3);
+            assert!(
+                section[..end].contains(part),
+                "{name}'s runbook lacks {part}"
+            );
+        }
+    }
+}
