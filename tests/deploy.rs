@@ -1,5 +1,6 @@
 //! The deployment in `deploy/` agrees with the binary and with itself: every flag and `CCPA_`
-//! variable the manifests name is one `ccpa-gateway serve` takes, and every
+//! variable the manifests name is one `ccpa-gateway serve` takes (and those the runbook names,
+//! one `serve` or `records` takes), and every
 //! metric the alerts and the dashboard query is one the README lists (the README's list is
 //! checked against what the gateway exports in `tests/observability.rs`).
 //!
@@ -45,34 +46,67 @@ fn words(text: &str, prefix: &str, more: impl Fn(char) -> bool) -> BTreeSet<Stri
     found
 }
 
-#[test]
-fn every_flag_and_variable_the_deployment_names_is_one_the_gateway_takes() {
-    let help = std::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
-        .args(["serve", "--help"])
+/// The help of `ccpa-gateway <command...> --help`.
+fn help(command: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+        .args(command)
+        .arg("--help")
         .output()
         .unwrap();
-    assert!(help.status.success());
-    let help = String::from_utf8(help.stdout).unwrap();
-    let known_flags = words(&help, "--", |c| c.is_ascii_lowercase() || c == '-');
-    let known_variables = words(&help, "CCPA_", |c| c.is_ascii_uppercase() || c == '_');
-    assert!(known_flags.contains("--drain-delay") && known_variables.contains("CCPA_LEDGER"));
+    assert!(output.status.success(), "{command:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn flags_in(text: &str) -> BTreeSet<String> {
+    words(text, "--", |c| c.is_ascii_lowercase() || c == '-')
+}
+
+fn variables_in(text: &str) -> BTreeSet<String> {
+    words(text, "CCPA_", |c| c.is_ascii_uppercase() || c == '_')
+}
+
+#[test]
+fn every_flag_and_variable_the_deployment_names_is_one_the_gateway_takes() {
+    let serve = help(&["serve"]);
+    let serve_flags = flags_in(&serve);
+    let serve_variables = variables_in(&serve);
+    assert!(serve_flags.contains("--drain-delay") && serve_variables.contains("CCPA_LEDGER"));
+    // The runbook also tells operators to run `records` commands.
+    let mut operator_flags = serve_flags.clone();
+    let mut operator_variables = serve_variables.clone();
+    for command in [
+        &["records"][..],
+        &["records", "export"],
+        &["records", "drift"],
+        &["records", "report"],
+    ] {
+        let text = help(command);
+        operator_flags.extend(flags_in(&text));
+        operator_variables.extend(variables_in(&text));
+    }
 
     let mut checked = 0;
-    for path in files_under(&root().join("deploy/kubernetes")) {
+    for path in files_under(&root().join("deploy")) {
         let text = std::fs::read_to_string(&path).unwrap();
+        // The manifests configure `serve`; the runbook, alerts and dashboard speak to operators.
+        let (flags, variables, command) = if path.starts_with(root().join("deploy/kubernetes")) {
+            (&serve_flags, &serve_variables, "serve")
+        } else {
+            (&operator_flags, &operator_variables, "serve or records")
+        };
         // The YAML patch operations (`- op: add`) are not flags; flags are words of letters.
-        for flag in words(&text, "--", |c| c.is_ascii_lowercase() || c == '-') {
+        for flag in flags_in(&text) {
             assert!(
-                known_flags.contains(&flag),
-                "{} names {flag}, which `ccpa-gateway serve` does not take",
+                flags.contains(&flag),
+                "{} names {flag}, which `ccpa-gateway {command}` does not take",
                 path.display()
             );
             checked += 1;
         }
-        for variable in words(&text, "CCPA_", |c| c.is_ascii_uppercase() || c == '_') {
+        for variable in variables_in(&text) {
             assert!(
-                known_variables.contains(&variable),
-                "{} names {variable}, which `ccpa-gateway serve` does not read",
+                variables.contains(&variable),
+                "{} names {variable}, which `ccpa-gateway {command}` does not read",
                 path.display()
             );
             checked += 1;
