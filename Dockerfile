@@ -5,7 +5,8 @@
 # (no shell, no package manager). Build it with `docker build .` (see the README, "Deploying").
 #
 # Dependencies are compiled in a layer of their own (cargo-chef), so that a change to the
-# gateway's code rebuilds the gateway, not the few hundred crates under it.
+# gateway's code rebuilds the gateway, not the few hundred crates under it. The `dist` profile
+# (Cargo.toml: thin LTO, one codegen unit) is the one BENCHMARKS.md measures.
 
 ARG RUST_VERSION=1.95.0
 
@@ -22,9 +23,9 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
 COPY --from=planner /build/recipe.json recipe.json
-RUN cargo chef cook --release --locked --recipe-path recipe.json --package ccpa-gateway
+RUN cargo chef cook --profile dist --locked --recipe-path recipe.json --package ccpa-gateway
 COPY . .
-RUN cargo build --release --locked --package ccpa-gateway --bin ccpa-gateway
+RUN cargo build --profile dist --locked --package ccpa-gateway --bin ccpa-gateway
 
 # glibc, libgcc and CA certificates, as the binary needs; the `nonroot` user (65532).
 FROM gcr.io/distroless/cc-debian12:nonroot
@@ -36,7 +37,7 @@ LABEL org.opencontainers.image.title="ccpa-gateway" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="gcr.io/distroless/cc-debian12:nonroot"
-COPY --from=builder /build/target/release/ccpa-gateway /usr/local/bin/ccpa-gateway
+COPY --from=builder /build/target/dist/ccpa-gateway /usr/local/bin/ccpa-gateway
 # distroless's `nonroot` user, by number so that runAsNonRoot can check it.
 USER 65532:65532
 # gRPC (TLS), health for probes (plaintext, health only), Prometheus metrics.
