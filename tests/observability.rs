@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
+use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
     BulkSetOptOutRequest, CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
@@ -21,6 +22,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use tonic::transport::Channel;
 
 /// The samples of a Prometheus text exposition, by series: `name` and its labels, sorted.
 #[derive(Debug)]
@@ -468,6 +470,21 @@ fn with_traceparent<T>(message: T) -> tonic::Request<T> {
     request
 }
 
+/// GetOptOut by key in the caller's trace ([`with_traceparent`]); it must succeed.
+async fn read_in_trace(
+    client: &mut CcpaServiceClient<Channel>,
+    pkey: &str,
+) -> ccpa_gateway::proto::ccpa_v1::GetOptOutResponse {
+    client
+        .get_opt_out(with_traceparent(GetOptOutRequest {
+            pkey: pkey.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -530,25 +547,12 @@ async fn trace_context_goes_from_the_caller_through_the_gateway_to_acs_and_the_c
         }))
         .await
         .unwrap();
-    client
-        .get_opt_out(with_traceparent(GetOptOutRequest {
-            pkey: pkey.clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    read_in_trace(&mut client, &pkey).await;
 
     // Another system opts the consumer back in; the next read meets the drift and restores the
     // opt-out (logged at error level with the request ids: in logs, never in spans).
     assert!(emulator.change_behind_the_gateway(&pkey, false));
-    let read = client
-        .get_opt_out(with_traceparent(GetOptOutRequest {
-            pkey: pkey.clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let read = read_in_trace(&mut client, &pkey).await;
     assert!(read.ccpa_opt_out);
     let restore_line: serde_json::Value =
         serde_json::from_str(&gw.log_line(&["reverted", "restores_request_id"]).await).unwrap();
@@ -712,13 +716,7 @@ async fn with_trace_context_off_nothing_is_propagated_and_metrics_still_count() 
         .await;
     let url = gw.metrics_url().await;
     let mut client = gw.client.clone();
-    client
-        .get_opt_out(with_traceparent(GetOptOutRequest {
-            pkey: pkey.clone(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    read_in_trace(&mut client, &pkey).await;
     let read = emulator
         .requests()
         .into_iter()
@@ -752,13 +750,7 @@ async fn token_requests_to_ims_carry_trace_context_and_are_counted() {
         .await;
     let url = gw.metrics_url().await;
     let mut client = gw.client.clone();
-    client
-        .get_opt_out(with_traceparent(GetOptOutRequest {
-            pkey,
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    read_in_trace(&mut client, &pkey).await;
 
     let token_requests = emulator.ims_request_headers();
     assert!(!token_requests.is_empty());

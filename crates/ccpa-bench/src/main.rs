@@ -482,19 +482,10 @@ async fn run_scenario(
     let against_direct = |gateway_us: Option<f64>| {
         gateway_us.map(|us| round(us / direct_load_us.max(f64::MIN_POSITIVE), 3))
     };
-    let gateway_observability_off = observability_off.map(|(result, cpu, peak_rss)| {
-        let cpu_us_per_call = cpu
-            .gateway
-            .map(|cpu| cpu.as_secs_f64() * 1e6 / result.calls().max(1) as f64);
-        json!({
-            "gateway": result.to_json(),
-            "throughput_ratio": round(result.throughput() / direct_result.throughput().max(f64::MIN_POSITIVE), 3),
-            "added_p99_ms": round(result.quantile_ms(0.99) - direct_result.quantile_ms(0.99), 3),
-            "gateway_cpu_us_per_call": cpu_us_per_call.map(|us| round(us, 1)),
-            "gateway_cpu_per_direct_load_generator_cpu": against_direct(cpu_us_per_call),
-            "gateway_peak_rss_mb": peak_rss.map(|bytes| round(bytes as f64 / 1_048_576.0, 1)),
-        })
-    });
+    let compared = |(result, cpu, peak_rss): (load::LoadResult, PhaseCpu, Option<u64>)| {
+        other_gateway_phase(&result, &cpu, peak_rss, &direct_result, direct_load_us)
+    };
+    let gateway_observability_off = observability_off.map(compared);
     if let Some(emulator) = emulator {
         emulator.stop().await;
     }
@@ -502,20 +493,7 @@ async fn run_scenario(
     let gateway_cpu_us_per_call = gateway_cpu
         .gateway
         .map(|cpu| cpu.as_secs_f64() * 1e6 / gateway_result.calls().max(1) as f64);
-    let gateway_tls = through_tls.map(|(result, cpu, peak_rss)| {
-        let cpu_us_per_call = cpu
-            .gateway
-            .map(|cpu| cpu.as_secs_f64() * 1e6 / result.calls().max(1) as f64);
-        json!({
-            "gateway": result.to_json(),
-            "throughput_ratio": round(result.throughput() / direct_result.throughput().max(f64::MIN_POSITIVE), 3),
-            "added_p50_ms": round(result.quantile_ms(0.5) - direct_result.quantile_ms(0.5), 3),
-            "added_p99_ms": round(result.quantile_ms(0.99) - direct_result.quantile_ms(0.99), 3),
-            "gateway_cpu_us_per_call": cpu_us_per_call.map(|us| round(us, 1)),
-            "gateway_peak_rss_mb": peak_rss.map(|bytes| round(bytes as f64 / 1_048_576.0, 1)),
-            "cpu_us_per_call": cpu.per_call_json(result.calls()),
-        })
-    });
+    let gateway_tls = through_tls.map(compared);
     Ok(json!({
         "concurrency": scenario.concurrency,
         "upstream_latency_ms": scenario.upstream_latency.as_millis() as u64,
@@ -537,6 +515,31 @@ async fn run_scenario(
         },
         "gateway_tls": gateway_tls,
     }))
+}
+
+/// The figures of a second gateway phase (over TLS, or with metrics and tracing off) against
+/// the direct phase of the same run.
+fn other_gateway_phase(
+    result: &load::LoadResult,
+    cpu: &PhaseCpu,
+    peak_rss: Option<u64>,
+    direct: &load::LoadResult,
+    direct_load_us: f64,
+) -> Value {
+    let cpu_us_per_call = cpu
+        .gateway
+        .map(|cpu| cpu.as_secs_f64() * 1e6 / result.calls().max(1) as f64);
+    json!({
+        "gateway": result.to_json(),
+        "throughput_ratio": round(result.throughput() / direct.throughput().max(f64::MIN_POSITIVE), 3),
+        "added_p50_ms": round(result.quantile_ms(0.5) - direct.quantile_ms(0.5), 3),
+        "added_p99_ms": round(result.quantile_ms(0.99) - direct.quantile_ms(0.99), 3),
+        "gateway_cpu_us_per_call": cpu_us_per_call.map(|us| round(us, 1)),
+        "gateway_cpu_per_direct_load_generator_cpu":
+            cpu_us_per_call.map(|us| round(us / direct_load_us.max(f64::MIN_POSITIVE), 3)),
+        "gateway_peak_rss_mb": peak_rss.map(|bytes| round(bytes as f64 / 1_048_576.0, 1)),
+        "cpu_us_per_call": cpu.per_call_json(result.calls()),
+    })
 }
 
 /// The measured phase through a gateway: the one given by `--target-addr`, or one started for
