@@ -702,6 +702,46 @@ async fn trace_context_goes_from_the_caller_through_the_gateway_to_acs_and_the_c
 }
 
 #[tokio::test]
+async fn without_an_exporter_a_trace_the_gateway_starts_is_sent_on_unsampled_and_a_callers_stays_sampled()
+ {
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let pkey = emulator.insert_profile(NewProfile::default());
+    let gw = common::gateway().spawn(Some(&emulator)).await;
+    let mut client = gw.client.clone();
+    let last_read_traceparent = || {
+        emulator
+            .requests()
+            .into_iter()
+            .rev()
+            .find(|r| r.method == "GET")
+            .and_then(|r| r.header("traceparent").map(str::to_owned))
+            .expect("the read carries traceparent")
+    };
+
+    client
+        .get_opt_out(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let started = last_read_traceparent();
+    let parts: Vec<&str> = started.split('-').collect();
+    assert_eq!(parts.len(), 4, "{started}");
+    assert_eq!(parts[0], "00");
+    assert!(
+        parts[1].len() == 32 && parts[1] != "0".repeat(32),
+        "a trace of its own: {started}"
+    );
+    assert_eq!(parts[3], "00", "no one keeps these spans: {started}");
+
+    read_in_trace(&mut client, &pkey).await;
+    let callers = last_read_traceparent();
+    assert!(callers.starts_with(&format!("00-{TRACE_ID}-")), "{callers}");
+    assert!(callers.ends_with("-01"), "{callers}");
+}
+
+#[tokio::test]
 async fn with_trace_context_off_nothing_is_propagated_and_metrics_still_count() {
     let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
     let pkey = emulator.insert_profile(NewProfile::default());

@@ -108,21 +108,24 @@ pub fn init(format: LogFormat, traces: &TraceSettings) -> Result<TelemetryGuard,
     })
 }
 
-/// Spans are sampled as their caller sampled them, and all of them when the call starts a trace:
-/// the volume is one span per call and one per request to ACS.
+/// Spans are sampled as their caller sampled them. A trace the call starts is sampled when spans
+/// are exported (the volume is one span per call and one per request to ACS), and not without an
+/// exporter: its spans would be recorded for no one, and the `traceparent` sent onward would
+/// claim that someone keeps them.
 fn tracer_provider(
     endpoint: Option<&(url::Url, &'static str)>,
 ) -> Result<SdkTracerProvider, TelemetryError> {
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(SERVICE_NAME)
         .build();
-    let builder = SdkTracerProvider::builder()
-        .with_resource(resource)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)));
+    let builder = SdkTracerProvider::builder().with_resource(resource);
     let Some((endpoint, setting)) = endpoint else {
         // Spans get ids (for logs and propagation) and go nowhere.
-        return Ok(builder.build());
+        return Ok(builder
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)))
+            .build());
     };
+    let builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)));
     use opentelemetry_otlp::WithExportConfig as _;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()

@@ -362,8 +362,12 @@ where
                 // Trailers-only: the status is in the headers and the body is empty.
                 meter.finish(code);
             }
+            // A streaming handler runs as the body is polled, so the body enters the span; a
+            // unary one has finished by now, and entering on each frame would be paid per call
+            // for nothing.
             let span = meter
                 .as_ref()
+                .filter(|meter| meter.metrics.method.kind != "unary")
                 .map_or_else(Span::none, |meter| meter.span.clone());
             response.map(|body| MeteredBody {
                 inner: body,

@@ -2,8 +2,9 @@
 //! meant to use, so that it costs nothing until the application installs something:
 //!
 //! - metrics through the `metrics` facade (no-ops until a recorder is installed);
-//! - a client span per request (`tracing`), and W3C trace context sent onward in `traceparent`
-//!   through the global OpenTelemetry propagator (nothing is sent until one is installed).
+//! - a client span per request (`tracing`; none in a trace that is not sampled), and W3C trace
+//!   context sent onward in `traceparent` through the global OpenTelemetry propagator (nothing
+//!   is sent until one is installed).
 //!
 //! Labels and span attributes name the operation and the route template, never the URL: a
 //! profile's key is in its URL, and an email in a lookup's query.
@@ -21,6 +22,7 @@ use std::cell::Cell;
 use std::time::Instant;
 
 use metrics::{counter, gauge, histogram};
+use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_http::HeaderInjector;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -115,7 +117,19 @@ pub(crate) fn count_retry() {
 }
 
 /// The client span of one request, and the trace context it sends onward.
+///
+/// In a trace that is not sampled (no one records its spans), the request gets no span of its
+/// own: it sends the call's context onward, and the work of a span no one keeps is saved on
+/// every request.
 pub(crate) fn request_span(operation: Operation, request: &mut reqwest::Request) -> Span {
+    let call = Span::current().context();
+    let call_context = call.span().span_context().clone();
+    if call_context.is_valid() && !call_context.is_sampled() {
+        opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.inject_context(&call, &mut HeaderInjector(request.headers_mut()));
+        });
+        return Span::none();
+    }
     let span = tracing::info_span!(
         "ACS request",
         otel.name = operation.span_name,
