@@ -34,6 +34,9 @@ fn main() {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // The server's half needs tonic's server: only with the `server` feature, so that a
+        // service that only calls the gateway builds without it.
+        .server_mod_attribute("ccpa.v1", "#[cfg(feature = \"server\")]")
         // Small per-call buffers: see src/proto/codec.rs.
         .codec_path("crate::proto::codec::SmallBufferCodec")
         .compile_fds(descriptors)

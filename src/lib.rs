@@ -3,6 +3,8 @@
 //! creates profiles, through the generated client in `crates/acs-profile-client`.
 //!
 //! - [`proto`]: the wire contract, generated from `proto/ccpa/v1/ccpa.proto`.
+//! - [`client`]: the client for Rust services that call the gateway (all this package builds
+//!   with `default-features = false`).
 //! - [`access`]: the trust boundary: TLS, caller identity, the policy, per-caller rates.
 //! - [`api`]: the service, its input checks, and the one mapping of upstream failures to gRPC.
 //! - [`server`]: the server with health, reflection and orderly shutdown.
@@ -13,13 +15,26 @@
 
 #![warn(missing_docs)]
 
-pub mod access;
-pub mod api;
-pub mod cli;
-pub mod config;
-pub mod health;
-pub mod ledger;
+// What a Rust service that calls the gateway needs: always built.
+pub mod client;
 pub mod proto;
+
+// The gateway itself (the default `server` feature).
+#[cfg(feature = "server")]
+pub mod access;
+#[cfg(feature = "server")]
+pub mod api;
+#[cfg(feature = "server")]
+pub mod cli;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod health;
+#[cfg(feature = "server")]
+pub mod ledger;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
 pub mod telemetry;
+#[cfg(feature = "server")]
 pub mod upstream;

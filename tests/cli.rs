@@ -257,8 +257,9 @@ async fn exit_codes_tell_outcomes_apart() {
     assert_eq!(invalid_email.code, 4, "{}", invalid_email.stderr);
     assert!(invalid_email.stderr.contains("email:"));
 
-    // Every attempt fails: the gateway retries a read, up to its attempt limit.
-    for _ in 0..4 {
+    // Every attempt fails: the gateway retries a read up to its attempt limit (4), and the
+    // command (through the library client) retries the gateway's UNAVAILABLE up to its own (4).
+    for _ in 0..16 {
         harness.emulator().inject(Fault::html(503));
     }
     let upstream_down = run(harness.addr, &["get-opt-out", "@abc"]).await;
@@ -997,6 +998,26 @@ async fn serve_with_the_embedded_emulator_prints_commands_that_work() {
                 call_as_grpcurl_would(gateway.addr, line, &words[1..]).await;
                 ran.push(words.last().unwrap().clone());
             }
+            [assignment, "cargo", "run", "--example", example] => {
+                // The library client's example, as a Rust service would call.
+                let addr = assignment
+                    .strip_prefix("CCPA_ADDR=")
+                    .unwrap_or_else(|| panic!("{line}: only CCPA_ADDR is set"));
+                let output = std::process::Command::new(env!("CARGO"))
+                    .args(["run", "--quiet", "--example", example])
+                    .env("CCPA_ADDR", addr)
+                    .current_dir(env!("CARGO_MANIFEST_DIR"))
+                    .output()
+                    .unwrap();
+                let stdout = String::from_utf8_lossy(&output.stdout);
+                assert!(
+                    output.status.success(),
+                    "{line}: {stdout}{}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                assert!(stdout.contains("opted out: true"), "{line}: {stdout}");
+                ran.push(example.to_owned());
+            }
             ["curl", "-s", url] => {
                 // After the calls above: the metrics count them.
                 let metrics = reqwest::get(url).await.unwrap().text().await.unwrap();
@@ -1017,6 +1038,7 @@ async fn serve_with_the_embedded_emulator_prints_commands_that_work() {
             "create-profile",
             "ccpa.v1.CcpaService/GetOptOut",
             "grpc.health.v1.Health/Check",
+            "gateway_client",
             "metrics"
         ],
         "{printed:#?}"

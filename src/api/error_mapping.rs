@@ -78,8 +78,7 @@ use crate::upstream::UpstreamError;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-/// The `ErrorInfo.domain` of every error this gateway reports.
-pub const ERROR_DOMAIN: &str = "ccpa-gateway";
+pub use crate::proto::error_reasons::ERROR_DOMAIN;
 
 /// The delay suggested to callers in `RetryInfo` when ACS gave none.
 pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);

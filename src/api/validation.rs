@@ -23,8 +23,7 @@ pub const MAX_NAME_CHARS: usize = 128;
 /// Room for a UUID, a ULID or a caller's own scheme, but not for a payload.
 pub const MAX_REQUEST_ID_CHARS: usize = 128;
 
-/// A service name.
-pub const MAX_CALLER_CHARS: usize = 64;
+pub use crate::client::MAX_CALLER_CHARS;
 /// How far in the future `received_at` may be: clocks of callers drift a little.
 pub const CLOCK_SKEW_MS: i64 = 60_000;
 /// No consumer request predates this (2000-01-01): an earlier `received_at` is a mistake.
@@ -261,7 +260,7 @@ impl Violations {
     /// Checks the calling service's name (the `x-ccpa-caller` metadata): at most
     /// [`MAX_CALLER_CHARS`] printable ASCII characters.
     pub fn caller(&mut self, field: &str, value: &str) {
-        if value.len() > MAX_CALLER_CHARS || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        if !value.is_empty() && !crate::client::is_valid_caller_name(value) {
             self.add(
                 field,
                 reasons::MALFORMED,
@@ -325,6 +324,19 @@ pub fn request_id_conflict() -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_field_reasons_are_those_the_client_decodes() {
+        use crate::proto::error_reasons::FieldProblem;
+        for (sent, decoded) in [
+            (reasons::REQUIRED, FieldProblem::Required),
+            (reasons::TOO_LONG, FieldProblem::TooLong),
+            (reasons::MALFORMED, FieldProblem::Malformed),
+            (reasons::CONFLICT, FieldProblem::RequestIdConflict),
+        ] {
+            assert_eq!(FieldProblem::from_wire(sent), decoded);
+        }
+    }
 
     fn pkey_problems(value: &str) -> usize {
         let mut violations = Violations::default();

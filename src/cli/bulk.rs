@@ -36,10 +36,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
 
-use super::calls::{Connection, SourceArg, connect, state_name, timestamp};
+use super::calls::{Connection, SourceArg, connect_with, state_name, timestamp};
 use super::exit_codes;
+use crate::client::Client;
 use crate::proto::ccpa_v1::{BulkSetOptOutRequest, DeliveryState, SetOptOutRequest};
 
 /// Arguments of `bulk-set-opt-out`.
@@ -324,12 +324,11 @@ pub async fn run(args: BulkArgs) -> u8 {
         );
         return exit_codes::USAGE;
     }
-    let caller = match MetadataValue::try_from(args.caller.as_str()) {
-        Ok(caller) => caller,
-        Err(_) => {
-            eprintln!("error: --caller (CCPA_CALLER) must be printable ASCII");
-            return exit_codes::USAGE;
-        }
+    // One connection for every attempt: a broken one is re-established as the next stream
+    // opens.
+    let client = match connect_with(args.connection.builder().caller(args.caller.clone())).await {
+        Ok(client) => client,
+        Err(code) => return code,
     };
     let progress = Arc::new(Mutex::new(Progress {
         answered: vec![false; rows],
@@ -346,7 +345,7 @@ pub async fn run(args: BulkArgs) -> u8 {
 
     let mut attempts = 0;
     let finished = loop {
-        match stream_once(&args, &digest, &lines, &caller, &progress, &bar).await {
+        match stream_once(&client, &args, &digest, &lines, &progress, &bar).await {
             Ok(()) => break true,
             Err(problem) if attempts < args.retries => {
                 attempts += 1;
@@ -419,20 +418,13 @@ pub async fn run(args: BulkArgs) -> u8 {
 /// One stream: sends every row not yet answered, records the answers. `Err` when the stream
 /// broke (the caller resumes).
 async fn stream_once(
+    client: &Client,
     args: &BulkArgs,
     digest: &str,
     lines: &Arc<Vec<u64>>,
-    caller: &MetadataValue<tonic::metadata::Ascii>,
     progress: &Arc<Mutex<Progress>>,
     bar: &indicatif::ProgressBar,
 ) -> Result<(), String> {
-    let mut client = connect(&args.connection).await.map_err(|_| {
-        format!(
-            "cannot connect to the gateway at {}",
-            args.connection.addr()
-        )
-    })?;
-
     // Rows are read as the stream takes them: a bounded channel holds the file back.
     let (items, to_send) = mpsc::channel::<BulkSetOptOutRequest>(256);
     let sent_rows: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(Vec::new()));
@@ -488,18 +480,12 @@ async fn stream_once(
         Ok(())
     });
 
-    let mut request = tonic::Request::new(ReceiverStream::new(to_send));
-    request
-        .metadata_mut()
-        .insert("x-ccpa-caller", caller.clone());
     let mut answers = client
-        .bulk_set_opt_out(request)
+        .bulk_set_opt_out(ReceiverStream::new(to_send))
         .await
-        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
-        .into_inner();
+        .map_err(|error| error.to_string())?;
     while let Some(answer) = answers.next().await {
-        let answer =
-            answer.map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
+        let answer = answer.map_err(|error| error.to_string())?;
         let row = sent_rows
             .lock()
             .ok()

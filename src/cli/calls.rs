@@ -6,12 +6,10 @@ use clap::Args;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Code, Status};
-use tonic_types::StatusExt;
+use tonic::Code;
 
 use super::exit_codes;
-use crate::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
+use crate::client::{Client, ClientBuilder, Error};
 use crate::proto::ccpa_v1::{
     CreateProfileRequest, CreateProfileResponse, DeliveryState, GetOptOutRequest, Profile,
     RequestSource, SetOptOutRequest,
@@ -168,91 +166,78 @@ pub struct CreateProfileArgs {
 }
 
 impl Connection {
-    /// The gateway's address.
-    pub(super) fn addr(&self) -> &str {
-        &self.addr
-    }
-}
-
-impl Connection {
-    /// The TLS settings for an https:// address; `None` for http://.
-    fn tls(&self) -> Result<Option<ClientTlsConfig>, u8> {
-        let usage = |message: String| {
-            eprintln!("error: {message}");
-            exit_codes::USAGE
-        };
-        let read = |path: &PathBuf, flag: &str| {
-            std::fs::read(path)
-                .map_err(|e| usage(format!("{flag}: cannot read {}: {e}", path.display())))
-        };
-        if !self.addr.starts_with("https://") {
-            if self.tls_ca.is_some() || self.tls_cert.is_some() {
-                return Err(usage(
-                    "--tls-ca, --tls-cert and --tls-key need an https:// --addr (CCPA_ADDR)"
-                        .to_owned(),
-                ));
-            }
-            return Ok(None);
+    /// The library client's settings, from these flags.
+    pub(super) fn builder(&self) -> ClientBuilder {
+        let mut builder = ClientBuilder::new(self.addr.clone()).deadline(self.timeout);
+        if let Some(ca) = &self.tls_ca {
+            builder = builder.tls_ca(ca);
         }
-        let mut tls = ClientTlsConfig::new();
-        tls = match &self.tls_ca {
-            Some(ca) => tls.ca_certificate(Certificate::from_pem(read(
-                ca,
-                "--tls-ca (CCPA_CLIENT_TLS_CA)",
-            )?)),
-            None => tls.with_native_roots(),
-        };
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
-            tls = tls.identity(Identity::from_pem(
-                read(cert, "--tls-cert (CCPA_CLIENT_TLS_CERT)")?,
-                read(key, "--tls-key (CCPA_CLIENT_TLS_KEY)")?,
-            ));
+            builder = builder.tls_identity(cert, key);
         }
-        Ok(Some(tls))
+        builder
     }
 }
 
-pub(super) async fn connect(connection: &Connection) -> Result<CcpaServiceClient<Channel>, u8> {
-    let mut endpoint = Endpoint::from_shared(connection.addr.clone())
-        .map_err(|_| {
-            eprintln!(
-                "error: --addr (CCPA_ADDR) is not a URL such as http://127.0.0.1:50051 or \
-                 https://ccpa-gateway:50051"
-            );
-            exit_codes::USAGE
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(connection.timeout);
-    if let Some(tls) = connection.tls()? {
-        endpoint = endpoint.tls_config(tls).map_err(|e| {
-            eprintln!("error: the TLS settings cannot be used: {e}");
-            exit_codes::USAGE
-        })?;
-    }
-    let channel = endpoint.connect().await.map_err(|e| {
-        eprintln!(
-            "error: UNAVAILABLE: cannot connect to the gateway at {}: {e}",
-            connection.addr
-        );
-        exit_codes::UNAVAILABLE
-    })?;
-    Ok(CcpaServiceClient::new(channel))
+/// Connects with `builder`; a failure is printed, naming the flag, and becomes the exit code.
+pub(super) async fn connect_with(builder: ClientBuilder) -> Result<Client, u8> {
+    builder.connect().await.map_err(|error| {
+        match &error {
+            Error::Config { setting, reason } => {
+                eprintln!("error: {}: {reason}", flag_of(setting));
+            }
+            error => eprintln!("error: UNAVAILABLE: {error}"),
+        }
+        exit_code(&error)
+    })
 }
 
-/// Prints an error status and picks the exit code for it.
-fn report(status: &Status) -> u8 {
-    eprintln!("error: {:?}: {}", status.code(), status.message());
-    if let Some(bad_request) = status.get_details_bad_request() {
-        for violation in bad_request.field_violations {
-            eprintln!("  {}: {}", violation.field, violation.description);
+pub(super) async fn connect(connection: &Connection) -> Result<Client, u8> {
+    connect_with(connection.builder()).await
+}
+
+/// The flag (and variable) behind a setting of the library's builder.
+fn flag_of(setting: &str) -> &'static str {
+    match setting {
+        "addr" => "--addr (CCPA_ADDR)",
+        "tls_ca" => "--tls-ca (CCPA_CLIENT_TLS_CA)",
+        "tls_identity" => "--tls-cert and --tls-key (CCPA_CLIENT_TLS_CERT, CCPA_CLIENT_TLS_KEY)",
+        "caller" => "--caller (CCPA_CALLER)",
+        "deadline" => "--timeout (CCPA_CALL_TIMEOUT)",
+        _ => "a setting",
+    }
+}
+
+/// The exit code for a failure.
+fn exit_code(error: &Error) -> u8 {
+    match error {
+        Error::Config { .. } => exit_codes::USAGE,
+        error => match error.code() {
+            Code::NotFound => exit_codes::NOT_FOUND,
+            Code::InvalidArgument => exit_codes::INVALID_INPUT,
+            Code::Unavailable | Code::DeadlineExceeded => exit_codes::UNAVAILABLE,
+            _ => exit_codes::FAILURE,
+        },
+    }
+}
+
+/// Prints a failed call and picks the exit code for it.
+fn report(error: &Error) -> u8 {
+    match error {
+        Error::Status {
+            code,
+            message,
+            violations,
+            ..
+        } => {
+            eprintln!("error: {code:?}: {message}");
+            for violation in violations {
+                eprintln!("  {}: {}", violation.field, violation.description);
+            }
         }
+        error => eprintln!("error: {error}"),
     }
-    match status.code() {
-        Code::NotFound => exit_codes::NOT_FOUND,
-        Code::InvalidArgument => exit_codes::INVALID_INPUT,
-        Code::Unavailable | Code::DeadlineExceeded => exit_codes::UNAVAILABLE,
-        _ => exit_codes::FAILURE,
-    }
+    exit_code(error)
 }
 
 fn print_json(value: &Value) -> u8 {
@@ -272,7 +257,7 @@ fn rfc3339(timestamp: Option<&prost_types::Timestamp>) -> Value {
 
 /// `get-opt-out PKEY` or `get-opt-out --email E`.
 pub async fn get_opt_out(args: GetOptOutArgs) -> u8 {
-    let mut client = match connect(&args.connection).await {
+    let client = match connect(&args.connection).await {
         Ok(client) => client,
         Err(code) => return code,
     };
@@ -283,8 +268,7 @@ pub async fn get_opt_out(args: GetOptOutArgs) -> u8 {
         })
         .await
     {
-        Ok(response) => {
-            let answer = response.into_inner();
+        Ok(answer) => {
             let mut json = opt_out_json(
                 &answer.pkey,
                 answer.ccpa_opt_out,
@@ -309,13 +293,13 @@ pub async fn get_opt_out(args: GetOptOutArgs) -> u8 {
             }
             print_json(&json)
         }
-        Err(status) => report(&status),
+        Err(error) => report(&error),
     }
 }
 
 /// `set-opt-out PKEY|--email E --opt-out true|false`.
 pub async fn set_opt_out(args: SetOptOutArgs) -> u8 {
-    let mut client = match connect(&args.connection).await {
+    let client = match connect(&args.connection).await {
         Ok(client) => client,
         Err(code) => return code,
     };
@@ -331,8 +315,7 @@ pub async fn set_opt_out(args: SetOptOutArgs) -> u8 {
         })
         .await
     {
-        Ok(response) => {
-            let answer = response.into_inner();
+        Ok(answer) => {
             let mut json = opt_out_json(
                 &answer.pkey,
                 answer.ccpa_opt_out,
@@ -358,13 +341,13 @@ pub async fn set_opt_out(args: SetOptOutArgs) -> u8 {
             }
             print_json(&json)
         }
-        Err(status) => report(&status),
+        Err(error) => report(&error),
     }
 }
 
 /// `create-profile --email E [--first-name F] [--last-name L] [--opt-out]`.
 pub async fn create_profile(args: CreateProfileArgs) -> u8 {
-    let mut client = match connect(&args.connection).await {
+    let client = match connect(&args.connection).await {
         Ok(client) => client,
         Err(code) => return code,
     };
@@ -382,7 +365,7 @@ pub async fn create_profile(args: CreateProfileArgs) -> u8 {
         })
         .await
     {
-        Ok(response) => match response.into_inner() {
+        Ok(answer) => match answer {
             CreateProfileResponse {
                 profile: Some(profile),
                 request_id,
@@ -398,7 +381,7 @@ pub async fn create_profile(args: CreateProfileArgs) -> u8 {
                 exit_codes::FAILURE
             }
         },
-        Err(status) => report(&status),
+        Err(error) => report(&error),
     }
 }
 

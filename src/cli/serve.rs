@@ -347,6 +347,8 @@ fn print_try_it(
             "  grpcurl -plaintext -d '{{\"pkey\":\"{pkey}\"}}' {listen} ccpa.v1.CcpaService/GetOptOut"
         );
         println!("  grpcurl -plaintext {listen} grpc.health.v1.Health/Check");
+        // A Rust service's calls, through the library client (examples/gateway_client.rs).
+        println!("  CCPA_ADDR=http://{listen} cargo run --example gateway_client");
         if let Some(url) = metrics_url {
             println!("  curl -s {url}");
         }

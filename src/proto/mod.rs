@@ -1,8 +1,10 @@
 //! The wire contract, generated from `proto/ccpa/v1/ccpa.proto` by `build.rs`.
 
 pub mod codec;
+pub mod error_reasons;
 
-/// `ccpa.v1`: the gateway's gRPC API (messages, server and client).
+/// `ccpa.v1`: the gateway's gRPC API (messages and client; the server with the `server`
+/// feature).
 pub mod ccpa_v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("ccpa.v1");

@@ -1,0 +1,519 @@
+//! A client for the gateway's own API (`ccpa.v1.CcpaService`), for Rust services that call it.
+//!
+//! It carries the generated messages and tonic's client, and nothing of the server: depend on
+//! this package with `default-features = false` (the `server` feature is the gateway itself).
+//! The gateway's CLI calls through it too.
+//!
+//! ```no_run
+//! use ccpa_gateway::client::{ClientBuilder, Error, Reason};
+//! use ccpa_gateway::proto::ccpa_v1::{RequestSource, SetOptOutRequest};
+//!
+//! # async fn run() -> Result<(), Error> {
+//! let client = ClientBuilder::new("https://ccpa-gateway:50051")
+//!     .tls_ca("/etc/ccpa/ca.pem")
+//!     .tls_identity("/etc/ccpa/client.pem", "/etc/ccpa/client.key")
+//!     .connect()
+//!     .await?;
+//! let answer = client
+//!     .set_opt_out(SetOptOutRequest {
+//!         pkey: "@UyAH-YQ4QfDv6ZpCtLhEv4HbSYJhz8Kx".into(),
+//!         ccpa_opt_out: Some(true),
+//!         source: RequestSource::WebForm as i32,
+//!         ..Default::default()
+//!     })
+//!     .await;
+//! match answer {
+//!     Ok(recorded) => println!("recorded as {}", recorded.request_id),
+//!     Err(Error::Status { reason: Reason::ProfileNotFound, .. }) => println!("no such profile"),
+//!     Err(other) => return Err(other),
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - **Safe retries.** [`Client::set_opt_out`] always sends a request id (a new UUID when the
+//!   request has none), and retries UNAVAILABLE and DEADLINE_EXCEEDED with that same id, with
+//!   exponential back-off and jitter: the gateway's ledger answers a repeated id with its first
+//!   outcome, so a retry never records a request twice. Reads are retried the same way.
+//!   [`Client::create_profile`] is not retried: without an opt-out it is not recorded under its
+//!   id, and a repeat could create a second profile.
+//! - **Deadlines.** Every unary attempt carries the default deadline ([`ClientBuilder::deadline`],
+//!   30 seconds), sent to the gateway as `grpc-timeout`.
+//! - **Errors** are [`Error`]: the status's `ErrorInfo` reason, `RetryInfo` and `BadRequest`
+//!   decoded into enums.
+
+mod error;
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt as _};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+pub use error::{Error, FieldProblem, FieldViolation, Reason};
+
+use crate::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
+use crate::proto::ccpa_v1::{
+    BulkSetOptOutRequest, BulkSetOptOutResponse, CreateProfileRequest, CreateProfileResponse,
+    GetOptOutRecordRequest, GetOptOutRecordResponse, GetOptOutRequest, GetOptOutResponse,
+    ListOptOutRecordsRequest, ListOptOutRecordsResponse, SetOptOutRequest, SetOptOutResponse,
+};
+
+/// The metadata that carries a self-declared caller's name.
+pub const CALLER_HEADER: &str = "x-ccpa-caller";
+
+/// The longest caller name the gateway accepts.
+pub const MAX_CALLER_CHARS: usize = 64;
+
+/// Whether the gateway accepts `name` as a caller's name: 1 to [`MAX_CALLER_CHARS`] printable
+/// ASCII characters, no spaces.
+pub fn is_valid_caller_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_CALLER_CHARS && name.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// How calls are retried. The default: 4 attempts, back-off from 200 ms doubling up to 5 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; 1 turns retries off.
+    pub max_attempts: u32,
+    /// The back-off before the first retry; each next one doubles it.
+    pub initial_backoff: Duration,
+    /// The longest back-off. A `RetryInfo` delay longer than this is not waited for: the error
+    /// is returned, with its `retry_after`, for the caller to decide.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (1 for the first) after `error`, or `None` when the
+    /// call is not to be retried.
+    fn wait(&self, retry: u32, error: &Error) -> Option<Duration> {
+        if retry >= self.max_attempts || !error.is_retryable() {
+            return None;
+        }
+        let ceiling = self
+            .initial_backoff
+            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
+            .min(self.max_backoff);
+        // Full jitter: callers that failed together do not come back together. The product is
+        // below `ceiling`; should rounding push it past what a Duration holds (a ceiling near
+        // Duration::MAX), the ceiling itself is the wait.
+        let backoff = Duration::try_from_secs_f64(ceiling.as_secs_f64() * rand::random::<f64>())
+            .unwrap_or(ceiling);
+        match error {
+            Error::Status {
+                retry_after: Some(asked),
+                ..
+            } => (*asked <= self.max_backoff).then_some((*asked).max(backoff)),
+            _ => Some(backoff),
+        }
+    }
+}
+
+/// Settings of a [`Client`], named as the CLI's flags are.
+#[derive(Clone)]
+pub struct ClientBuilder {
+    addr: String,
+    tls_ca: Option<PathBuf>,
+    tls_identity: Option<(PathBuf, PathBuf)>,
+    caller: Option<String>,
+    deadline: Duration,
+    connect_timeout: Duration,
+    retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Paths only: the key's content is read at `connect` and never kept here.
+        f.debug_struct("ClientBuilder")
+            .field("addr", &self.addr)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_identity", &self.tls_identity)
+            .field("caller", &self.caller)
+            .field("deadline", &self.deadline)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+impl ClientBuilder {
+    /// A client of the gateway at `addr`: `http://host:port`, or `https://host:port` for TLS.
+    pub fn new(addr: impl Into<String>) -> Self {
+        Self {
+            addr: addr.into(),
+            tls_ca: None,
+            tls_identity: None,
+            caller: None,
+            deadline: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// For an `https://` address: the CA (PEM) the gateway's certificate must chain to. The
+    /// system's roots when not given.
+    pub fn tls_ca(mut self, pem_file: impl Into<PathBuf>) -> Self {
+        self.tls_ca = Some(pem_file.into());
+        self
+    }
+
+    /// For a gateway that asks for client certificates (mutual TLS): this service's certificate
+    /// and private key (PEM). The certificate's URI SAN (or DNS SAN) is the identity the
+    /// gateway authorizes and records.
+    pub fn tls_identity(
+        mut self,
+        cert_pem_file: impl Into<PathBuf>,
+        key_pem_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls_identity = Some((cert_pem_file.into(), key_pem_file.into()));
+        self
+    }
+
+    /// The calling service's name, sent as `x-ccpa-caller`, for a gateway whose identities are
+    /// self-declared (loopback or the emulator). A gateway behind mutual TLS ignores it.
+    pub fn caller(mut self, name: impl Into<String>) -> Self {
+        self.caller = Some(name.into());
+        self
+    }
+
+    /// The deadline of each unary attempt (default 30 s). A bulk stream has none.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// How long to wait for the connection (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How calls are retried.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Checks the settings, reads the TLS files and connects.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let config = |setting: &'static str, reason: String| Error::Config { setting, reason };
+        let caller = self
+            .caller
+            .as_deref()
+            .map(|name| {
+                is_valid_caller_name(name)
+                    .then(|| AsciiMetadataValue::try_from(name).ok())
+                    .flatten()
+                    .ok_or_else(|| {
+                        config(
+                            "caller",
+                            format!("must be 1 to {MAX_CALLER_CHARS} printable ASCII characters"),
+                        )
+                    })
+            })
+            .transpose()?;
+        if self.deadline.is_zero() {
+            return Err(config("deadline", "must be more than zero".into()));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(config("retry", "max_attempts must be at least 1".into()));
+        }
+        let mut endpoint = Endpoint::from_shared(self.addr.clone())
+            .map_err(|_| {
+                config(
+                    "addr",
+                    "not a URL such as http://127.0.0.1:50051 or https://ccpa-gateway:50051".into(),
+                )
+            })?
+            .connect_timeout(self.connect_timeout);
+        if let Some(tls) = self.tls_config()? {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| config("tls_ca", format!("cannot be used: {e}")))?;
+        }
+        let channel = endpoint.connect().await.map_err(|source| Error::Connect {
+            addr: self.addr.clone(),
+            source,
+        })?;
+        Ok(Client {
+            inner: CcpaServiceClient::new(channel),
+            caller,
+            deadline: self.deadline,
+            retry: self.retry,
+        })
+    }
+
+    fn tls_config(&self) -> Result<Option<ClientTlsConfig>, Error> {
+        let read = |path: &PathBuf, setting: &'static str| {
+            std::fs::read(path).map_err(|e| Error::Config {
+                setting,
+                reason: format!("cannot read {}: {e}", path.display()),
+            })
+        };
+        if !self.addr.starts_with("https://") {
+            if self.tls_ca.is_some() || self.tls_identity.is_some() {
+                return Err(Error::Config {
+                    setting: "addr",
+                    reason: "TLS settings (tls_ca, tls_identity) need an https:// address".into(),
+                });
+            }
+            return Ok(None);
+        }
+        let mut tls = match &self.tls_ca {
+            Some(ca) => {
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "tls_ca")?))
+            }
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.tls_identity {
+            tls = tls.identity(Identity::from_pem(
+                read(cert, "tls_identity")?,
+                read(key, "tls_identity")?,
+            ));
+        }
+        Ok(Some(tls))
+    }
+}
+
+/// A connected client. Cheap to clone; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: CcpaServiceClient<Channel>,
+    caller: Option<AsciiMetadataValue>,
+    deadline: Duration,
+    retry: RetryPolicy,
+}
+
+/// The answers of a bulk stream, in the order the gateway gives them.
+pub type BulkAnswers = Pin<Box<dyn Stream<Item = Result<BulkSetOptOutResponse, Error>> + Send>>;
+
+impl Client {
+    /// A client on a channel made elsewhere (a custom connector, say), with the default
+    /// deadline and retries.
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            inner: CcpaServiceClient::new(channel),
+            caller: None,
+            deadline: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// `message` with the deadline and the caller's name.
+    fn request<T>(&self, message: T, deadline: Option<Duration>) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(deadline) = deadline {
+            request.set_timeout(deadline);
+        }
+        if let Some(caller) = &self.caller {
+            request.metadata_mut().insert(CALLER_HEADER, caller.clone());
+        }
+        request
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or runs out of attempts.
+    async fn with_retries<T, R, F>(&self, message: T, call: F) -> Result<R, Error>
+    where
+        T: Clone,
+        F: AsyncFn(
+            CcpaServiceClient<Channel>,
+            tonic::Request<T>,
+        ) -> Result<tonic::Response<R>, tonic::Status>,
+    {
+        let mut attempt = 1;
+        loop {
+            let request = self.request(message.clone(), Some(self.deadline));
+            let error = match call(self.inner.clone(), request).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => Error::from_status(&status),
+            };
+            let Some(wait) = self.retry.wait(attempt, &error) else {
+                return Err(error);
+            };
+            tracing::debug!(attempt, code = ?error.code(), "retrying the call");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    /// Reads a consumer's opt-out, by key or by email. Retried when UNAVAILABLE or
+    /// DEADLINE_EXCEEDED.
+    pub async fn get_opt_out(&self, request: GetOptOutRequest) -> Result<GetOptOutResponse, Error> {
+        self.with_retries(request, async |mut client, request| {
+            client.get_opt_out(request).await
+        })
+        .await
+    }
+
+    /// Records and applies an opt-out (or an opt-in). The request carries a request id (a new
+    /// UUID when it has none), and is retried with it when UNAVAILABLE or DEADLINE_EXCEEDED:
+    /// the gateway records it once whatever the number of attempts. The answer's `request_id`
+    /// is the id used.
+    pub async fn set_opt_out(
+        &self,
+        mut request: SetOptOutRequest,
+    ) -> Result<SetOptOutResponse, Error> {
+        with_request_id(&mut request.request_id);
+        self.with_retries(request, async |mut client, request| {
+            client.set_opt_out(request).await
+        })
+        .await
+    }
+
+    /// Creates a profile. Not retried: a profile created without an opt-out has no record
+    /// under its request id, so a repeat could create a second one.
+    pub async fn create_profile(
+        &self,
+        request: CreateProfileRequest,
+    ) -> Result<CreateProfileResponse, Error> {
+        let request = self.request(request, Some(self.deadline));
+        self.inner
+            .clone()
+            .create_profile(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| Error::from_status(&status))
+    }
+
+    /// Reads one recorded request by its id. Retried when UNAVAILABLE or DEADLINE_EXCEEDED.
+    pub async fn get_opt_out_record(
+        &self,
+        request: GetOptOutRecordRequest,
+    ) -> Result<GetOptOutRecordResponse, Error> {
+        self.with_retries(request, async |mut client, request| {
+            client.get_opt_out_record(request).await
+        })
+        .await
+    }
+
+    /// Lists recorded requests, a page at a time. Retried when UNAVAILABLE or
+    /// DEADLINE_EXCEEDED.
+    pub async fn list_opt_out_records(
+        &self,
+        request: ListOptOutRecordsRequest,
+    ) -> Result<ListOptOutRecordsResponse, Error> {
+        self.with_retries(request, async |mut client, request| {
+            client.list_opt_out_records(request).await
+        })
+        .await
+    }
+
+    /// Streams `items` to BulkSetOptOut and yields the gateway's answers as they come: one per
+    /// item, carrying the item's `index` (from 0, in the order sent) and its request id. An
+    /// item without a request id gets a new UUID. Give your own ids if you will send items
+    /// again after the stream breaks: the ledger then records each once.
+    ///
+    /// The stream is neither retried nor given a deadline: it lasts as long as `items` do. An
+    /// item's own failure is in its answer's `error`; an `Err` ends the stream.
+    pub async fn bulk_set_opt_out<S>(&self, items: S) -> Result<BulkAnswers, Error>
+    where
+        S: Stream<Item = BulkSetOptOutRequest> + Send + 'static,
+    {
+        let items = items.map(|mut item| {
+            if let Some(request) = item.item.as_mut() {
+                with_request_id(&mut request.request_id);
+            }
+            item
+        });
+        let request = self.request(items, None);
+        let answers = self
+            .inner
+            .clone()
+            .bulk_set_opt_out(request)
+            .await
+            .map_err(|status| Error::from_status(&status))?
+            .into_inner();
+        Ok(Box::pin(answers.map(|answer| {
+            answer.map_err(|status| Error::from_status(&status))
+        })))
+    }
+}
+
+/// Gives a request without an id a new UUID, so that retries of it share one.
+fn with_request_id(request_id: &mut String) {
+    if request_id.is_empty() {
+        *request_id = uuid::Uuid::new_v4().to_string();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tonic::Code;
+
+    use super::{Error, Reason, RetryPolicy};
+
+    fn status(code: Code, retry_after: Option<Duration>) -> Error {
+        Error::Status {
+            code,
+            reason: Reason::Other(String::new()),
+            message: String::new(),
+            retry_after,
+            violations: Vec::new(),
+            missing_permission: None,
+        }
+    }
+
+    #[test]
+    fn only_unavailable_and_deadline_exceeded_are_retried_and_only_so_often() {
+        let policy = RetryPolicy::default();
+        for code in [Code::Unavailable, Code::DeadlineExceeded] {
+            for retry in 1..policy.max_attempts {
+                let wait = policy.wait(retry, &status(code, None)).unwrap();
+                assert!(wait <= policy.max_backoff);
+            }
+            assert_eq!(policy.wait(policy.max_attempts, &status(code, None)), None);
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::Internal,
+            Code::Unknown,
+        ] {
+            assert_eq!(policy.wait(1, &status(code, None)), None);
+        }
+    }
+
+    #[test]
+    fn a_retry_info_delay_is_waited_for_unless_it_is_longer_than_the_longest_back_off() {
+        let policy = RetryPolicy::default();
+        let asked = Duration::from_secs(2);
+        assert!(
+            policy
+                .wait(1, &status(Code::Unavailable, Some(asked)))
+                .unwrap()
+                >= asked
+        );
+        let too_long = Some(policy.max_backoff + Duration::from_secs(1));
+        assert_eq!(policy.wait(1, &status(Code::Unavailable, too_long)), None);
+    }
+
+    #[test]
+    fn extreme_settings_cannot_overflow() {
+        let policy = RetryPolicy {
+            max_attempts: u32::MAX,
+            initial_backoff: Duration::MAX,
+            max_backoff: Duration::MAX,
+        };
+        for retry in [1, 2, 64, u32::MAX - 1] {
+            assert!(
+                policy
+                    .wait(retry, &status(Code::Unavailable, None))
+                    .is_some()
+            );
+        }
+    }
+}
