@@ -8,8 +8,8 @@
 //! CCPA_ADDR=https://ccpa-gateway:50051 cargo run --example gateway_client -- someone@example.com
 //! ```
 //!
-//! It opts the address's profiles out of sale and sharing, then reads the opt-out back, and
-//! exits with 1 if any call failed.
+//! It opts the address's profiles out of sale and sharing, then reads the opt-out back. An
+//! address no profile has is reported and is not a failure; any other failure exits with 1.
 
 use ccpa_gateway::client::{ClientBuilder, Error, Reason};
 use ccpa_gateway::proto::ccpa_v1::{GetOptOutRequest, RequestSource, SetOptOutRequest};

@@ -4,8 +4,8 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use acs_emulator::{EmulatorConfig, Fault, NewProfile};
@@ -93,12 +93,14 @@ async fn set_opt_out_sends_a_generated_request_id_and_the_callers_name() {
     assert_eq!(again.request_id, "billing-42");
 }
 
-/// A TCP relay in front of a gateway that can lose one answer: while `cut_next_answer` is set,
-/// the first bytes the gateway sends back are dropped and the connection is broken, as a
-/// network failure after the gateway took the call would.
+/// A TCP relay in front of a gateway that can spoil one answer, as the network between a
+/// service and the gateway can: while `cut_next_answer` is set, the first bytes the gateway
+/// sends back are dropped and the connection is broken; while `delay_next_answer` holds a
+/// delay, the first bytes back are held that long.
 struct FlakyRelay {
     addr: std::net::SocketAddr,
     cut_next_answer: Arc<AtomicBool>,
+    delay_next_answer: Arc<Mutex<Option<Duration>>>,
     connections: Arc<AtomicUsize>,
 }
 
@@ -106,28 +108,38 @@ impl FlakyRelay {
     async fn start(gateway: std::net::SocketAddr) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let cut_next_answer = Arc::new(AtomicBool::new(false));
-        let connections = Arc::new(AtomicUsize::new(0));
-        let (cut, count) = (cut_next_answer.clone(), connections.clone());
+        let relay = Self {
+            addr,
+            cut_next_answer: Arc::default(),
+            delay_next_answer: Arc::default(),
+            connections: Arc::default(),
+        };
+        let (cut, delay, count) = (
+            relay.cut_next_answer.clone(),
+            relay.delay_next_answer.clone(),
+            relay.connections.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 let upstream = tokio::net::TcpStream::connect(gateway).await.unwrap();
-                tokio::spawn(relay(client, upstream, cut.clone()));
+                tokio::spawn(relay_connection(
+                    client,
+                    upstream,
+                    cut.clone(),
+                    delay.clone(),
+                ));
             }
         });
-        Self {
-            addr,
-            cut_next_answer,
-            connections,
-        }
+        relay
     }
 }
 
-async fn relay(
+async fn relay_connection(
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
     cut: Arc<AtomicBool>,
+    delay: Arc<Mutex<Option<Duration>>>,
 ) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let (mut client_read, mut client_write) = client.into_split();
@@ -145,11 +157,24 @@ async fn relay(
             // The gateway answered; the caller never hears it.
             break;
         }
+        let hold = delay.lock().unwrap().take();
+        if let Some(hold) = hold {
+            tokio::time::sleep(hold).await;
+        }
         if client_write.write_all(&buffer[..read]).await.is_err() {
             break;
         }
     }
     requests.abort();
+}
+
+/// How many PATCHes the emulator has seen.
+fn patches(gw: &common::Gateway) -> usize {
+    gw.emulator()
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .count()
 }
 
 #[tokio::test]
@@ -161,28 +186,65 @@ async fn a_set_opt_out_whose_answer_is_lost_is_retried_with_the_same_id_and_reco
         .connect()
         .await
         .unwrap();
+    // A first call settles the connection (HTTP/2's settings have crossed): the next bytes the
+    // gateway sends are the answer to the call below.
+    assert!(!client.get_opt_out(get(&pkey)).await.unwrap().ccpa_opt_out);
 
     relay.cut_next_answer.store(true, Ordering::SeqCst);
     let answer = client.set_opt_out(opt_out(&pkey)).await.unwrap();
     assert_eq!(
         relay.connections.load(Ordering::SeqCst),
         2,
-        "the first answer was lost, and the retry came on a new connection"
+        "the first answer was lost with its connection, and the retry came on a new one"
     );
     assert_eq!(answer.state, DeliveryState::Applied as i32);
     let records = records_of(&client, &pkey).await;
     assert_eq!(records.len(), 1, "one request, however many attempts");
     assert_eq!(records[0].request_id, answer.request_id);
-    let patches = gw
-        .emulator()
-        .requests()
-        .iter()
-        .filter(|r| r.method == "PATCH")
-        .count();
     assert_eq!(
-        patches, 1,
-        "the retry was answered from the ledger, not sent again"
+        patches(&gw),
+        1,
+        "the first attempt applied it; the retry was answered from the ledger"
     );
+}
+
+#[tokio::test]
+async fn a_set_opt_out_whose_answer_comes_after_its_deadline_is_retried_with_the_same_id() {
+    let gw = common::gateway().start().await;
+    let pkey = gw.profile(false);
+    let relay = FlakyRelay::start(gw.addr).await;
+    let client = ClientBuilder::new(format!("http://{}", relay.addr))
+        .deadline(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    assert!(!client.get_opt_out(get(&pkey)).await.unwrap().ccpa_opt_out);
+
+    // The gateway answers in time; the network holds the answer past the caller's deadline,
+    // which the client itself enforces (tonic reports that as CANCELLED; it is
+    // DEADLINE_EXCEEDED, and retried).
+    *relay.delay_next_answer.lock().unwrap() = Some(Duration::from_millis(1500));
+    let answer = client.set_opt_out(opt_out(&pkey)).await.unwrap();
+    assert_eq!(answer.state, DeliveryState::Applied as i32);
+    let records = records_of(&client, &pkey).await;
+    assert_eq!(records.len(), 1, "one request, however many attempts");
+    assert_eq!(records[0].request_id, answer.request_id);
+    assert_eq!(patches(&gw), 1, "the retry was answered from the ledger");
+
+    // Without retries, the caller sees the deadline, not a cancellation.
+    let once = ClientBuilder::new(format!("http://{}", relay.addr))
+        .deadline(Duration::from_millis(300))
+        .retry(RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        })
+        .connect()
+        .await
+        .unwrap();
+    *relay.delay_next_answer.lock().unwrap() = Some(Duration::from_millis(1000));
+    let error = once.get_opt_out(get(&pkey)).await.unwrap_err();
+    assert_eq!(error.code(), Code::DeadlineExceeded, "{error:?}");
+    assert!(error.is_retryable());
 }
 
 #[tokio::test]
@@ -350,6 +412,21 @@ async fn settings_that_cannot_work_are_refused_before_anything_is_sent() {
             ClientBuilder::new("http://127.0.0.1:1").deadline(Duration::ZERO),
             "deadline",
         ),
+        (
+            ClientBuilder::new("http://127.0.0.1:1").deadline(Duration::MAX),
+            "deadline",
+        ),
+        (
+            ClientBuilder::new("http://127.0.0.1:1").connect_timeout(Duration::ZERO),
+            "connect_timeout",
+        ),
+        (
+            ClientBuilder::new("http://127.0.0.1:1").retry(RetryPolicy {
+                max_attempts: 0,
+                ..RetryPolicy::default()
+            }),
+            "retry",
+        ),
     ] {
         match builder.connect().await {
             Err(Error::Config { setting: named, .. }) => assert_eq!(named, setting),
@@ -365,6 +442,46 @@ async fn settings_that_cannot_work_are_refused_before_anything_is_sent() {
         .unwrap_err();
     assert!(matches!(error, Error::Connect { .. }), "{error:?}");
     assert_eq!(error.code(), Code::Unavailable);
+
+    // Lazily, the unreachable gateway fails the first call instead, as UNAVAILABLE.
+    let lazy = ClientBuilder::new(format!("http://{addr}"))
+        .retry(RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        })
+        .connect_lazy()
+        .unwrap();
+    let error = lazy.get_opt_out(get("@abc")).await.unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+    for deadline in [Duration::ZERO, Duration::MAX] {
+        assert!(matches!(
+            lazy.with_deadline(deadline),
+            Err(Error::Config {
+                setting: "deadline",
+                ..
+            })
+        ));
+    }
+}
+
+/// Services call from handlers that tokio spawns: the calls' futures must be `Send`.
+#[allow(dead_code)]
+fn calls_can_be_spawned(client: Client) {
+    fn spawnable<T: Send + 'static>(_: T) {}
+    spawnable({
+        let client = client.clone();
+        async move { client.set_opt_out(opt_out("@abc")).await }
+    });
+    spawnable({
+        let client = client.clone();
+        async move { client.get_opt_out(get("@abc")).await }
+    });
+    spawnable(async move {
+        client
+            .bulk_set_opt_out(futures::stream::empty())
+            .await
+            .map(|answers| answers.count())
+    });
 }
 
 #[tokio::test]
@@ -432,13 +549,15 @@ async fn mutual_tls_from_the_builder_carries_the_certificates_identity_and_its_l
         .tls_ca(&ca_file)
         .connect()
         .await;
-    if let Ok(anonymous) = anonymous {
-        let error = anonymous.get_opt_out(get(&pkey)).await.unwrap_err();
-        assert!(
-            matches!(error.code(), Code::Unavailable | Code::Unauthenticated),
-            "{error:?}"
-        );
-    }
+    // Refused at the handshake (TLS 1.3 may report it only at the first call).
+    let error = match anonymous {
+        Ok(anonymous) => anonymous.get_opt_out(get(&pkey)).await.unwrap_err(),
+        Err(error) => error,
+    };
+    assert!(
+        matches!(error.code(), Code::Unavailable | Code::Unauthenticated),
+        "{error:?}"
+    );
 }
 
 #[tokio::test]
@@ -481,10 +600,22 @@ async fn the_bulk_helper_streams_any_items_and_fills_in_request_ids() {
     }
     assert!(uuid::Uuid::parse_str(&answers[0].request_id).is_ok());
     assert_eq!(answers[1].request_id, "bulk-own-id");
-    assert_eq!(
-        answers[3].error.as_ref().map(|e| e.code.as_str()),
-        Some("INVALID_ARGUMENT")
-    );
+    match Error::from_item(answers[3].error.as_ref().unwrap()) {
+        Error::Status {
+            code,
+            reason,
+            violations,
+            ..
+        } => {
+            assert_eq!(code, Code::InvalidArgument);
+            assert_eq!(reason, Reason::InvalidRequest);
+            assert!(
+                violations.iter().any(|v| v.field.ends_with("pkey")),
+                "{violations:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
     let mut raw = gw.client();
     until_settled(&mut raw).await;
     for pkey in &keys {

@@ -22,6 +22,7 @@ use super::service::{CcpaApi, authorize_set, to_completion};
 use super::validation::Violations;
 use crate::access::Caller;
 use crate::proto::ccpa_v1::{BulkSetOptOutRequest, BulkSetOptOutResponse, ItemError};
+use crate::proto::error_reasons::{code_from_name, code_name};
 
 /// Items in progress at once in one stream: enough to keep the throttle toward ACS busy, few
 /// enough that a stream holds little memory.
@@ -60,30 +61,12 @@ impl Drop for StreamLog {
     }
 }
 
-fn code_name(code: Code) -> String {
-    format!("{code:?}")
-        .chars()
-        .enumerate()
-        .flat_map(|(i, c)| {
-            let upper = c.to_ascii_uppercase();
-            if c.is_ascii_uppercase() && i > 0 {
-                vec!['_', upper]
-            } else {
-                vec![upper]
-            }
-        })
-        .collect()
-}
-
 /// An item's outcome as labelled: `OK`, or its error's code as go-grpc-prometheus spells codes.
 fn item_outcome(answer: &BulkSetOptOutResponse) -> &'static str {
     let Some(error) = &answer.error else {
         return "OK";
     };
-    (0..=16)
-        .map(Code::from_i32)
-        .find(|code| code_name(*code) == error.code)
-        .map_or("Unknown", crate::telemetry::rpc::code_label)
+    crate::telemetry::rpc::code_label(code_from_name(&error.code))
 }
 
 /// An item's failure, as the stream answers it: code, message, reason, fields at fault.
@@ -225,17 +208,5 @@ impl CcpaApi {
             },
             Err(status) => failed(parsed.request_id().to_owned(), &status),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn codes_are_named_as_grpc_spells_them() {
-        assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
-        assert_eq!(code_name(Code::NotFound), "NOT_FOUND");
-        assert_eq!(code_name(Code::Unavailable), "UNAVAILABLE");
     }
 }

@@ -370,6 +370,74 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
 mod tests {
     use super::*;
 
+    /// The reasons the gateway sends are those its client decodes: a new one must be added to
+    /// `crate::proto::error_reasons` too, or callers would see it as `Reason::Other`.
+    #[test]
+    fn every_reason_sent_is_one_the_client_knows() {
+        use crate::proto::error_reasons::Reason;
+        let status = http::StatusCode::SERVICE_UNAVAILABLE;
+        let failures = [
+            Failure::Unreachable,
+            Failure::Interrupted { timed_out: true },
+            Failure::NoToken,
+            Failure::TokenRejected,
+            Failure::AccessDenied,
+            Failure::NotFound,
+            Failure::EndpointNotFound,
+            Failure::UnparsableKey,
+            Failure::Conflict,
+            Failure::Transient { status },
+            Failure::Refused { status },
+            Failure::ServerError { status },
+            Failure::MalformedResponse,
+            Failure::InvalidRequest,
+        ];
+        let mut sent: Vec<String> = failures
+            .iter()
+            .map(|failure| mapping(failure).reason.to_owned())
+            .collect();
+        // Those named here and in the service, not by a failure of ACS.
+        sent.extend(
+            [
+                "DEADLINE_EXCEEDED",
+                "ACS_CALL_QUEUE_FULL",
+                "LEDGER_UNAVAILABLE",
+                "REQUEST_FAILED",
+                "CALLER_UNAUTHENTICATED",
+                "CALLER_NOT_ALLOWED",
+                "CALLER_RATE_LIMITED",
+                "TOO_MANY_PROFILES",
+                "INVALID_REQUEST",
+                "EMAIL_NOT_FOUND",
+                "PROFILE_NOT_RECORDED",
+                "RECORD_NOT_FOUND",
+                "REQUEST_IN_PROGRESS",
+                "WORK_STOPPED",
+            ]
+            .map(str::to_owned),
+        );
+        for reason in sent {
+            assert!(
+                !matches!(Reason::from_wire(&reason), Reason::Other(_)),
+                "{reason} is sent but not in Reason"
+            );
+        }
+        for status in [
+            caller_not_allowed(Permission::OptOut),
+            caller_rate_limited(Duration::from_secs(1)),
+            too_many_profiles(3),
+            unauthenticated("no identity"),
+        ] {
+            let reason = status.get_details_error_info().map(|info| info.reason);
+            assert!(
+                reason
+                    .as_deref()
+                    .is_some_and(|r| !matches!(Reason::from_wire(r), Reason::Other(_))),
+                "{reason:?}"
+            );
+        }
+    }
+
     fn answered(status: u16) -> UpstreamError {
         let response = http::Response::builder()
             .status(status)

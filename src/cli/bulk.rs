@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::calls::{Connection, SourceArg, connect_with, state_name, timestamp};
+use super::calls::{Connection, SourceArg, connect_lazily, state_name, timestamp};
 use super::exit_codes;
 use crate::client::Client;
 use crate::proto::ccpa_v1::{BulkSetOptOutRequest, DeliveryState, SetOptOutRequest};
@@ -324,9 +324,9 @@ pub async fn run(args: BulkArgs) -> u8 {
         );
         return exit_codes::USAGE;
     }
-    // One connection for every attempt: a broken one is re-established as the next stream
-    // opens.
-    let client = match connect_with(args.connection.builder().caller(args.caller.clone())).await {
+    // Connected at the first stream, and again as a stream after a break opens: a gateway not
+    // reachable yet is a break like any other, resumed up to --retries times.
+    let client = match connect_lazily(args.connection.builder().caller(args.caller.clone())) {
         Ok(client) => client,
         Err(code) => return code,
     };

@@ -22,7 +22,8 @@ pub struct Connection {
     #[arg(long, env = "CCPA_ADDR", default_value = "http://127.0.0.1:50051")]
     addr: String,
 
-    /// Deadline of the call, sent to the gateway as `grpc-timeout`.
+    /// Deadline of each attempt of a call, sent to the gateway as `grpc-timeout` (a call that
+    /// meets UNAVAILABLE or DEADLINE_EXCEEDED is tried up to 4 times; a bulk stream has none).
     #[arg(long, env = "CCPA_CALL_TIMEOUT", default_value = "30s",
           value_parser = crate::config::duration_within(Duration::from_millis(100), Duration::from_secs(3600)))]
     timeout: Duration,
@@ -196,6 +197,17 @@ pub(super) async fn connect(connection: &Connection) -> Result<Client, u8> {
     connect_with(connection.builder()).await
 }
 
+/// Checks `builder`'s settings (a failure is printed, naming the flag, and becomes the exit
+/// code) and gives a client that connects at its first call.
+pub(super) fn connect_lazily(builder: ClientBuilder) -> Result<Client, u8> {
+    builder.connect_lazy().map_err(|error| {
+        if let Error::Config { setting, reason } = &error {
+            eprintln!("error: {}: {reason}", flag_of(setting));
+        }
+        exit_code(&error)
+    })
+}
+
 /// The flag (and variable) behind a setting of the library's builder.
 fn flag_of(setting: &str) -> &'static str {
     match setting {
@@ -203,7 +215,7 @@ fn flag_of(setting: &str) -> &'static str {
         "tls_ca" => "--tls-ca (CCPA_CLIENT_TLS_CA)",
         "tls_identity" => "--tls-cert and --tls-key (CCPA_CLIENT_TLS_CERT, CCPA_CLIENT_TLS_KEY)",
         "caller" => "--caller (CCPA_CALLER)",
-        "deadline" => "--timeout (CCPA_CALL_TIMEOUT)",
+        "deadline" | "connect_timeout" => "--timeout (CCPA_CALL_TIMEOUT)",
         _ => "a setting",
     }
 }

@@ -15,7 +15,8 @@ pub enum Error {
     /// A setting of the [`super::ClientBuilder`] cannot be used. Nothing was sent.
     #[error("{setting}: {reason}")]
     Config {
-        /// The builder method (and the CLI flag of the same name) that was wrong.
+        /// The builder method that was wrong (`addr`, `tls_ca`, `tls_identity`, `caller`,
+        /// `deadline`, `connect_timeout`, `retry`).
         setting: &'static str,
         /// What is wrong with it.
         reason: String,
@@ -61,18 +62,15 @@ pub struct FieldViolation {
 }
 
 impl Error {
-    /// Decodes a status from the gateway.
+    /// Decodes a status from the gateway, or one tonic made on this side of the connection.
     pub fn from_status(status: &tonic::Status) -> Self {
         let details = status.get_error_details();
-        let info = details.error_info();
-        // A connection that breaks while the call is in flight is UNAVAILABLE in gRPC's
-        // definitions (retry with back-off); tonic reports it as UNKNOWN, "transport error".
-        let code = match status.code() {
-            Code::Unknown if broke_in_transport(status) => Code::Unavailable,
-            code => code,
-        };
+        // A reason is the gateway's only in its domain: a proxy's ErrorInfo is not decoded as one.
+        let info = details
+            .error_info()
+            .filter(|info| info.domain == crate::proto::error_reasons::ERROR_DOMAIN);
         Self::Status {
-            code,
+            code: local_code(status).unwrap_or(status.code()),
             reason: Reason::from_wire(info.map_or("", |info| info.reason.as_str())),
             message: status.message().to_owned(),
             retry_after: details
@@ -96,6 +94,27 @@ impl Error {
         }
     }
 
+    /// Decodes the error of one item of a bulk stream (`BulkSetOptOutResponse.error`), as
+    /// [`Error::from_status`] decodes a call's. Its fields come without their problems.
+    pub fn from_item(error: &crate::proto::ccpa_v1::ItemError) -> Self {
+        Self::Status {
+            code: crate::proto::error_reasons::code_from_name(&error.code),
+            reason: Reason::from_wire(&error.reason),
+            message: error.message.clone(),
+            retry_after: None,
+            violations: error
+                .fields
+                .iter()
+                .map(|field| FieldViolation {
+                    field: field.clone(),
+                    problem: FieldProblem::Other(String::new()),
+                    description: String::new(),
+                })
+                .collect(),
+            missing_permission: None,
+        }
+    }
+
     /// The gRPC code of a failed call; UNAVAILABLE when the connection could not be opened,
     /// INVALID_ARGUMENT for a setting that cannot be used.
     pub fn code(&self) -> Code {
@@ -116,20 +135,28 @@ impl Error {
 
     /// Whether sending the same call again, with the same request id, may succeed: UNAVAILABLE
     /// and DEADLINE_EXCEEDED, which the client retries itself for the calls that are safe to
-    /// repeat.
+    /// repeat. Not `REQUEST_FAILED`: the gateway replays a failed request's first answer for
+    /// as long as its id is sent, so only a new request (a new id) can do better.
     pub fn is_retryable(&self) -> bool {
         matches!(self.code(), Code::Unavailable | Code::DeadlineExceeded)
+            && self.reason() != Some(&Reason::RequestFailed)
     }
 }
 
-/// Whether `status` is tonic's report of a transport failure rather than the gateway's answer.
-fn broke_in_transport(status: &tonic::Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(error) = source {
-        if error.is::<tonic::transport::Error>() {
-            return true;
-        }
-        source = error.source();
+/// The code of a status tonic made on this side of the connection, by gRPC's definitions, where
+/// tonic's own differs (and differs with the features tonic is built with):
+/// - this call's deadline passed before the answer came: DEADLINE_EXCEEDED (tonic: CANCELLED);
+/// - the connection failed or broke while the call was in flight: UNAVAILABLE, to be retried
+///   with back-off (tonic: UNKNOWN, INTERNAL or CANCELLED, from the HTTP/2 error).
+///
+/// `None` for the gateway's own answers: a status decoded from the wire has no source.
+fn local_code(status: &tonic::Status) -> Option<Code> {
+    let chain = || std::iter::successors(std::error::Error::source(status), |e| e.source());
+    // The timeout first: tonic wraps it in a transport error.
+    if chain().any(|e| e.is::<tonic::TimeoutExpired>()) {
+        return Some(Code::DeadlineExceeded);
     }
-    false
+    chain()
+        .any(|e| e.is::<tonic::transport::Error>() || e.is::<tonic::ConnectError>())
+        .then_some(Code::Unavailable)
 }

@@ -64,6 +64,10 @@ use crate::proto::ccpa_v1::{
 /// The metadata that carries a self-declared caller's name.
 pub const CALLER_HEADER: &str = "x-ccpa-caller";
 
+/// The longest deadline (or connection timeout) the builder takes: a day. Longer ones are
+/// mistakes, and tonic cannot send them.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// The longest caller name the gateway accepts.
 pub const MAX_CALLER_CHARS: usize = 64;
 
@@ -188,13 +192,15 @@ impl ClientBuilder {
         self
     }
 
-    /// The deadline of each unary attempt (default 30 s). A bulk stream has none.
+    /// The deadline of each unary attempt (default 30 s; more than zero, at most
+    /// [`MAX_DEADLINE`]). A bulk stream has none.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
     }
 
-    /// How long to wait for the connection (default 5 s).
+    /// How long to wait for the connection (default 5 s; more than zero, at most
+    /// [`MAX_DEADLINE`]).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -208,6 +214,25 @@ impl ClientBuilder {
 
     /// Checks the settings, reads the TLS files and connects.
     pub async fn connect(self) -> Result<Client, Error> {
+        let (endpoint, client) = self.checked()?;
+        let channel = endpoint.connect().await.map_err(|source| Error::Connect {
+            addr: self.addr.clone(),
+            source,
+        })?;
+        Ok(client(channel))
+    }
+
+    /// Checks the settings and reads the TLS files, and connects at the first call: a gateway
+    /// that cannot be reached then fails that call (UNAVAILABLE) rather than this one. For a
+    /// caller that starts before the gateway, or retries on its own.
+    pub fn connect_lazy(self) -> Result<Client, Error> {
+        let (endpoint, client) = self.checked()?;
+        Ok(client(endpoint.connect_lazy()))
+    }
+
+    /// The endpoint to connect to, and how to make the client once connected.
+    #[allow(clippy::type_complexity)]
+    fn checked(&self) -> Result<(Endpoint, impl FnOnce(Channel) -> Client + use<>), Error> {
         let config = |setting: &'static str, reason: String| Error::Config { setting, reason };
         let caller = self
             .caller
@@ -224,8 +249,16 @@ impl ClientBuilder {
                     })
             })
             .transpose()?;
-        if self.deadline.is_zero() {
-            return Err(config("deadline", "must be more than zero".into()));
+        for (setting, value) in [
+            ("deadline", self.deadline),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if value.is_zero() || value > MAX_DEADLINE {
+                return Err(config(
+                    setting,
+                    "must be more than zero and at most a day".into(),
+                ));
+            }
         }
         if self.retry.max_attempts == 0 {
             return Err(config("retry", "max_attempts must be at least 1".into()));
@@ -238,24 +271,31 @@ impl ClientBuilder {
                 )
             })?
             .connect_timeout(self.connect_timeout);
-        if let Some(tls) = self.tls_config()? {
+        if let Some((tls, identity)) = self.tls_config()? {
+            // The CA first, then with the identity: a failure names the setting at fault.
+            endpoint
+                .clone()
+                .tls_config(tls.clone())
+                .map_err(|e| config("tls_ca", format!("cannot be used: {e}")))?;
+            let tls = match identity {
+                Some(identity) => tls.identity(identity),
+                None => tls,
+            };
             endpoint = endpoint
                 .tls_config(tls)
-                .map_err(|e| config("tls_ca", format!("cannot be used: {e}")))?;
+                .map_err(|e| config("tls_identity", format!("cannot be used: {e}")))?;
         }
-        let channel = endpoint.connect().await.map_err(|source| Error::Connect {
-            addr: self.addr.clone(),
-            source,
-        })?;
-        Ok(Client {
+        let (deadline, retry) = (self.deadline, self.retry);
+        Ok((endpoint, move |channel| Client {
             inner: CcpaServiceClient::new(channel),
             caller,
-            deadline: self.deadline,
-            retry: self.retry,
-        })
+            deadline,
+            retry,
+        }))
     }
 
-    fn tls_config(&self) -> Result<Option<ClientTlsConfig>, Error> {
+    /// The TLS settings for an `https://` address, and the client's identity apart.
+    fn tls_config(&self) -> Result<Option<(ClientTlsConfig, Option<Identity>)>, Error> {
         let read = |path: &PathBuf, setting: &'static str| {
             std::fs::read(path).map_err(|e| Error::Config {
                 setting,
@@ -266,24 +306,25 @@ impl ClientBuilder {
             if self.tls_ca.is_some() || self.tls_identity.is_some() {
                 return Err(Error::Config {
                     setting: "addr",
-                    reason: "TLS settings (tls_ca, tls_identity) need an https:// address".into(),
+                    reason: "TLS settings need an https:// address".into(),
                 });
             }
             return Ok(None);
         }
-        let mut tls = match &self.tls_ca {
+        let tls = match &self.tls_ca {
             Some(ca) => {
                 ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "tls_ca")?))
             }
             None => ClientTlsConfig::new().with_native_roots(),
         };
-        if let Some((cert, key)) = &self.tls_identity {
-            tls = tls.identity(Identity::from_pem(
+        let identity = match &self.tls_identity {
+            Some((cert, key)) => Some(Identity::from_pem(
                 read(cert, "tls_identity")?,
                 read(key, "tls_identity")?,
-            ));
-        }
-        Ok(Some(tls))
+            )),
+            None => None,
+        };
+        Ok(Some((tls, identity)))
     }
 }
 
@@ -309,6 +350,21 @@ impl Client {
             deadline: Duration::from_secs(30),
             retry: RetryPolicy::default(),
         }
+    }
+
+    /// This client with another deadline per attempt, for the calls that need one of their own
+    /// (more than zero, at most [`MAX_DEADLINE`]). It shares the connection.
+    pub fn with_deadline(&self, deadline: Duration) -> Result<Self, Error> {
+        if deadline.is_zero() || deadline > MAX_DEADLINE {
+            return Err(Error::Config {
+                setting: "deadline",
+                reason: "must be more than zero and at most a day".into(),
+            });
+        }
+        Ok(Self {
+            deadline,
+            ..self.clone()
+        })
     }
 
     /// `message` with the deadline and the caller's name.
@@ -416,7 +472,8 @@ impl Client {
     /// again after the stream breaks: the ledger then records each once.
     ///
     /// The stream is neither retried nor given a deadline: it lasts as long as `items` do. An
-    /// item's own failure is in its answer's `error`; an `Err` ends the stream.
+    /// item's own failure is in its answer's `error` ([`Error::from_item`] decodes it); an `Err`
+    /// ends the stream.
     pub async fn bulk_set_opt_out<S>(&self, items: S) -> Result<BulkAnswers, Error>
     where
         S: Stream<Item = BulkSetOptOutRequest> + Send + 'static,

@@ -5,6 +5,31 @@
 /// The `ErrorInfo.domain` of every error the gateway reports.
 pub const ERROR_DOMAIN: &str = "ccpa-gateway";
 
+/// A gRPC code as a bulk item's `ItemError.code` spells it: the canonical name
+/// (`INVALID_ARGUMENT`, `NOT_FOUND`).
+pub fn code_name(code: tonic::Code) -> String {
+    format!("{code:?}")
+        .chars()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            let upper = c.to_ascii_uppercase();
+            if c.is_ascii_uppercase() && i > 0 {
+                vec!['_', upper]
+            } else {
+                vec![upper]
+            }
+        })
+        .collect()
+}
+
+/// The code [`code_name`] spells `name`; UNKNOWN for a name it does not.
+pub fn code_from_name(name: &str) -> tonic::Code {
+    (0..=16)
+        .map(tonic::Code::from_i32)
+        .find(|code| code_name(*code) == name)
+        .unwrap_or(tonic::Code::Unknown)
+}
+
 macro_rules! reasons {
     ($(#[$enum_doc:meta])* $name:ident { $($(#[$doc:meta])* $variant:ident = $text:literal,)* }) => {
         $(#[$enum_doc])*
@@ -125,7 +150,17 @@ reasons! {
 
 #[cfg(test)]
 mod tests {
-    use super::{FieldProblem, Reason};
+    use super::{FieldProblem, Reason, code_from_name, code_name};
+
+    #[test]
+    fn code_names_are_the_canonical_ones_and_read_back() {
+        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(tonic::Code::Cancelled), "CANCELLED");
+        for code in (0..=16).map(tonic::Code::from_i32) {
+            assert_eq!(code_from_name(&code_name(code)), code);
+        }
+        assert_eq!(code_from_name("NO_SUCH_CODE"), tonic::Code::Unknown);
+    }
 
     #[test]
     fn every_reason_reads_back_from_its_wire_spelling() {
