@@ -7,6 +7,8 @@
 //! This checks correctness and the memory bound, not speed: `cargo run --release -p ccpa-bench -- --scenario bulk`
 //! measures throughput on a release build (see BENCHMARKS.md).
 
+#![cfg(feature = "server")] // The gateway itself is under test.
+
 mod common;
 
 use std::time::Instant;

@@ -1,5 +1,7 @@
 //! Health checks, server reflection, and the order of shutdown.
 
+#![cfg(feature = "server")] // The gateway itself is under test.
+
 mod common;
 
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! conflicting replays, PENDING then delivered, superseding, the protective read, permanent
 //! failures, listing, the overdue clock.
 
+#![cfg(feature = "server")] // The gateway itself is under test.
+
 #[macro_use]
 mod common;
 

@@ -1,6 +1,8 @@
 //! The ledger across process deaths and between replicas: gateways killed with SIGKILL lose no
 //! request, and two gateways sharing one PostgreSQL ledger deliver every request once, in order.
 
+#![cfg(feature = "server")] // The gateway itself is under test.
+
 mod common;
 
 use std::collections::HashMap;

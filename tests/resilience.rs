@@ -1,6 +1,8 @@
 //! Surviving a real tenant, over real sockets: IMS tokens, deadlines, retries, throttling and
 //! health, with the emulator producing the trouble.
 
+#![cfg(feature = "server")] // The gateway itself is under test.
+
 mod common;
 
 use std::num::NonZeroU32;

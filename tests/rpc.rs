@@ -1,5 +1,7 @@
 //! Each RPC over real sockets: tonic client -> gateway -> generated client -> emulator.
 
+#![cfg(feature = "server")] // The gateway itself is under test.
+
 mod common;
 
 use acs_emulator::{EmulatorConfig, Fault};

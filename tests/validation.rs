@@ -1,5 +1,7 @@
 //! Every input rule: INVALID_ARGUMENT naming the field, and nothing sent to ACS.
 
+#![cfg(feature = "server")] // The gateway itself is under test.
+
 mod common;
 
 use ccpa_gateway::proto::ccpa_v1::{
