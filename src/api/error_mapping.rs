@@ -78,7 +78,7 @@ use crate::upstream::UpstreamError;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-pub use crate::proto::error_reasons::ERROR_DOMAIN;
+pub use crate::proto::error_reasons::{ERROR_DOMAIN, Reason};
 
 /// The delay suggested to callers in `RetryInfo` when ACS gave none.
 pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -90,7 +90,7 @@ pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 /// What the table above says for one failure: code, reason, message, log level.
 struct Mapping {
     code: Code,
-    reason: &'static str,
+    reason: Reason,
     message: &'static str,
     severity: Severity,
 }
@@ -110,74 +110,74 @@ fn mapping(failure: &Failure) -> Mapping {
     let (code, reason, message, severity) = match failure {
         Failure::NotFound | Failure::UnparsableKey => (
             Code::NotFound,
-            failure.name(),
+            Reason::from_wire(failure.name()),
             "no profile has this key in the configured Adobe Campaign tenant",
             Expected,
         ),
         Failure::Conflict => (
             Code::AlreadyExists,
-            failure.name(),
+            Reason::from_wire(failure.name()),
             "Adobe Campaign reported a conflicting profile",
             Expected,
         ),
         Failure::Transient { .. } => (
             Code::Unavailable,
-            failure.name(),
+            Reason::from_wire(failure.name()),
             "Adobe Campaign is overloaded or unavailable; retry with back-off",
             Transient,
         ),
         Failure::Unreachable => (
             Code::Unavailable,
-            failure.name(),
+            Reason::from_wire(failure.name()),
             "Adobe Campaign could not be reached; retry with back-off",
             Transient,
         ),
         Failure::Interrupted { .. } => (
             Code::Unavailable,
-            failure.name(),
+            Reason::from_wire(failure.name()),
             "the call to Adobe Campaign was interrupted; it may or may not have taken effect",
             Transient,
         ),
         Failure::MalformedResponse => (
             Code::Unavailable,
-            failure.name(),
+            Reason::from_wire(failure.name()),
             "Adobe Campaign's answer could not be read; the call may or may not have taken effect",
             Transient,
         ),
         Failure::EndpointNotFound => (
             Code::Unavailable,
-            failure.name(),
+            Reason::from_wire(failure.name()),
             "the gateway's address for Adobe Campaign answered 404 without Adobe Campaign's own \
              error: check its base URL and tenant; the request is kept and retried",
             Operator,
         ),
         Failure::NoToken => (
             Code::Unavailable,
-            failure.name(),
+            Reason::from_wire(failure.name()),
             "the gateway could not obtain an access token for Adobe Campaign; retry with back-off",
             Operator,
         ),
         Failure::TokenRejected | Failure::AccessDenied => (
             Code::Internal,
-            failure.name(),
+            Reason::from_wire(failure.name()),
             "the gateway's credentials for Adobe Campaign were refused; operators are alerted",
             Operator,
         ),
         Failure::Refused { .. } => (
             Code::Internal,
-            failure.name(),
+            Reason::from_wire(failure.name()),
             "Adobe Campaign refused the request",
             Operator,
         ),
         Failure::ServerError { .. } => (
             Code::Internal,
-            failure.name(),
+            Reason::from_wire(failure.name()),
             "Adobe Campaign failed to process the request",
             Operator,
         ),
         Failure::InvalidRequest => (
             Code::Internal,
-            failure.name(),
+            Reason::from_wire(failure.name()),
             "the gateway could not build a valid request to Adobe Campaign; check its credentials",
             Operator,
         ),
@@ -196,20 +196,25 @@ pub fn ledger_status(rpc: &str, error: &LedgerError) -> Status {
     tracing::error!(rpc, error = %error, "the ledger failed");
     gateway_status(
         Code::Unavailable,
-        "LEDGER_UNAVAILABLE",
+        Reason::LedgerUnavailable,
         "the opt-out ledger is unavailable; nothing was sent to Adobe Campaign; retry",
     )
 }
 
 /// A call without an identity that can be trusted (see `crate::access::identity`).
 pub fn unauthenticated(message: &str) -> Status {
-    gateway_status(Code::Unauthenticated, "CALLER_UNAUTHENTICATED", message)
+    gateway_status(
+        Code::Unauthenticated,
+        Reason::CallerUnauthenticated,
+        message,
+    )
 }
 
 /// A call its caller is not allowed to make: the policy does not grant it `permission`.
 pub fn caller_not_allowed(permission: Permission) -> Status {
     let metadata = HashMap::from([("permission".to_owned(), permission.as_str().to_owned())]);
-    let details = ErrorDetails::with_error_info("CALLER_NOT_ALLOWED", ERROR_DOMAIN, metadata);
+    let details =
+        ErrorDetails::with_error_info(Reason::CallerNotAllowed.as_str(), ERROR_DOMAIN, metadata);
     Status::with_error_details(
         Code::PermissionDenied,
         format!("the gateway's policy does not allow this caller \"{permission}\""),
@@ -219,8 +224,11 @@ pub fn caller_not_allowed(permission: Permission) -> Status {
 
 /// A call beyond its caller's `max_rps`; `wait` is when the next would be admitted.
 pub fn caller_rate_limited(wait: Duration) -> Status {
-    let mut details =
-        ErrorDetails::with_error_info("CALLER_RATE_LIMITED", ERROR_DOMAIN, HashMap::new());
+    let mut details = ErrorDetails::with_error_info(
+        Reason::CallerRateLimited.as_str(),
+        ERROR_DOMAIN,
+        HashMap::new(),
+    );
     details.set_retry_info(Some(wait.max(Duration::from_millis(1))));
     Status::with_error_details(
         Code::ResourceExhausted,
@@ -233,7 +241,7 @@ pub fn caller_rate_limited(wait: Duration) -> Status {
 pub fn too_many_profiles(max: usize) -> Status {
     gateway_status(
         Code::FailedPrecondition,
-        "TOO_MANY_PROFILES",
+        Reason::TooManyProfiles,
         &format!(
             "more than {max} profiles have this email address; nothing was changed (ask by key, \
              or raise --max-profiles-per-email)"
@@ -244,8 +252,8 @@ pub fn too_many_profiles(max: usize) -> Status {
 /// A status the gateway decides itself (not an upstream failure's: see [`upstream_status`]),
 /// with its `ErrorInfo` reason, and a `RetryInfo` when the caller should retry. Like every
 /// message here, `message` names no personal data.
-pub fn gateway_status(code: Code, reason: &str, message: &str) -> Status {
-    let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new());
+pub fn gateway_status(code: Code, reason: Reason, message: &str) -> Status {
+    let mut details = ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, HashMap::new());
     if matches!(code, Code::Unavailable | Code::ResourceExhausted) {
         details.set_retry_info(Some(DEFAULT_RETRY_DELAY));
     }
@@ -257,7 +265,8 @@ pub fn gateway_status(code: Code, reason: &str, message: &str) -> Status {
 pub fn replayed_failure(record: &Record) -> Status {
     let code = record.failure_code.map_or(Code::Unavailable, replayed_code);
     let metadata = HashMap::from([("request_id".to_owned(), record.request_id.clone())]);
-    let details = ErrorDetails::with_error_info("REQUEST_FAILED", ERROR_DOMAIN, metadata);
+    let details =
+        ErrorDetails::with_error_info(Reason::RequestFailed.as_str(), ERROR_DOMAIN, metadata);
     let message = format!(
         "this request id was used before and the request failed: {}",
         record
@@ -301,7 +310,7 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
                 None,
                 Mapping {
                     code: Code::DeadlineExceeded,
-                    reason: "DEADLINE_EXCEEDED",
+                    reason: Reason::DeadlineExceeded,
                     message: "the deadline passed before Adobe Campaign answered",
                     severity: Severity::Transient,
                 },
@@ -310,7 +319,7 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
                 None,
                 Mapping {
                     code: Code::ResourceExhausted,
-                    reason: "ACS_CALL_QUEUE_FULL",
+                    reason: Reason::AcsCallQueueFull,
                     message: "too many calls are waiting for Adobe Campaign; slow down and retry",
                     severity: Severity::Transient,
                 },
@@ -321,7 +330,7 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
             None,
             Mapping {
                 code: Code::Internal,
-                reason: "ACS_CONTRACT_BROKEN",
+                reason: Reason::AcsContractBroken,
                 message: "Adobe Campaign's answer lacked a field the gateway needs",
                 severity: Severity::Operator,
             },
@@ -334,17 +343,22 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
         _ => "",
     };
     match mapped.severity {
-        Severity::Expected => tracing::debug!(rpc, reason = mapped.reason, http_status, "upstream"),
+        Severity::Expected => tracing::debug!(
+            rpc,
+            reason = mapped.reason.as_str(),
+            http_status,
+            "upstream"
+        ),
         Severity::Transient => tracing::warn!(
             rpc,
-            reason = mapped.reason,
+            reason = mapped.reason.as_str(),
             http_status,
             failure = ?failure,
             "Adobe Campaign unavailable"
         ),
         Severity::Operator => tracing::error!(
             rpc,
-            reason = mapped.reason,
+            reason = mapped.reason.as_str(),
             http_status,
             failure = ?failure,
             missing_field,
@@ -356,7 +370,7 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
     if let Some(status) = http_status {
         metadata.insert("upstream_http_status".to_owned(), status.to_string());
     }
-    let mut details = ErrorDetails::with_error_info(mapped.reason, ERROR_DOMAIN, metadata);
+    let mut details = ErrorDetails::with_error_info(mapped.reason.as_str(), ERROR_DOMAIN, metadata);
     if matches!(mapped.code, Code::Unavailable | Code::ResourceExhausted) {
         let delay = api_error
             .and_then(retry_after)
@@ -370,13 +384,13 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
 mod tests {
     use super::*;
 
-    /// The reasons the gateway sends are those its client decodes: a new one must be added to
+    /// The reasons named by the ACS client crate's failures (the gateway's own are `Reason`s
+    /// already) are ones the gateway's client decodes: a new failure must be added to
     /// `crate::proto::error_reasons` too, or callers would see it as `Reason::Other`.
     #[test]
-    fn every_reason_sent_is_one_the_client_knows() {
-        use crate::proto::error_reasons::Reason;
+    fn every_failure_of_acs_has_a_reason_the_client_knows() {
         let status = http::StatusCode::SERVICE_UNAVAILABLE;
-        let failures = [
+        for failure in [
             Failure::Unreachable,
             Failure::Interrupted { timed_out: true },
             Failure::NoToken,
@@ -391,49 +405,11 @@ mod tests {
             Failure::ServerError { status },
             Failure::MalformedResponse,
             Failure::InvalidRequest,
-        ];
-        let mut sent: Vec<String> = failures
-            .iter()
-            .map(|failure| mapping(failure).reason.to_owned())
-            .collect();
-        // Those named here and in the service, not by a failure of ACS.
-        sent.extend(
-            [
-                "DEADLINE_EXCEEDED",
-                "ACS_CALL_QUEUE_FULL",
-                "LEDGER_UNAVAILABLE",
-                "REQUEST_FAILED",
-                "CALLER_UNAUTHENTICATED",
-                "CALLER_NOT_ALLOWED",
-                "CALLER_RATE_LIMITED",
-                "TOO_MANY_PROFILES",
-                "INVALID_REQUEST",
-                "EMAIL_NOT_FOUND",
-                "PROFILE_NOT_RECORDED",
-                "RECORD_NOT_FOUND",
-                "REQUEST_IN_PROGRESS",
-                "WORK_STOPPED",
-            ]
-            .map(str::to_owned),
-        );
-        for reason in sent {
-            assert!(
-                !matches!(Reason::from_wire(&reason), Reason::Other(_)),
-                "{reason} is sent but not in Reason"
-            );
-        }
-        for status in [
-            caller_not_allowed(Permission::OptOut),
-            caller_rate_limited(Duration::from_secs(1)),
-            too_many_profiles(3),
-            unauthenticated("no identity"),
         ] {
-            let reason = status.get_details_error_info().map(|info| info.reason);
             assert!(
-                reason
-                    .as_deref()
-                    .is_some_and(|r| !matches!(Reason::from_wire(r), Reason::Other(_))),
-                "{reason:?}"
+                !matches!(mapping(&failure).reason, Reason::Other(_)),
+                "{} is sent but not in Reason",
+                failure.name()
             );
         }
     }

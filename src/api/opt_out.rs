@@ -8,7 +8,7 @@ use tonic::{Code, Status};
 
 use super::convert::{self, delivery_state};
 use super::error_mapping::{
-    gateway_status, ledger_status, replayed_failure, too_many_profiles, upstream_status,
+    Reason, gateway_status, ledger_status, replayed_failure, too_many_profiles, upstream_status,
 };
 use super::service::{
     CcpaApi, Deadline, EMAIL_PROFILE_CONCURRENCY, OptOutState, recorded_caller, upstream,
@@ -235,7 +235,7 @@ impl CcpaApi {
             if found.is_empty() {
                 return Err(gateway_status(
                     Code::NotFound,
-                    "EMAIL_NOT_FOUND",
+                    Reason::EmailNotFound,
                     "no profile has this email address",
                 ));
             }
@@ -636,14 +636,14 @@ fn by_email_status(failure: ByEmailFailure, max_profiles: usize) -> Status {
         }
         ByEmailFailure::NoProfile => gateway_status(
             Code::NotFound,
-            "EMAIL_NOT_FOUND",
+            Reason::EmailNotFound,
             "no profile has this email address",
         ),
         ByEmailFailure::TooManyProfiles => too_many_profiles(max_profiles),
         ByEmailFailure::Unrecorded(error) => ledger_status(SET, &error),
         ByEmailFailure::Duplicate => gateway_status(
             Code::Internal,
-            "PROFILE_NOT_RECORDED",
+            Reason::ProfileNotRecorded,
             "one of this email's profiles could not be recorded",
         ),
     }

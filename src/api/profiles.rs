@@ -6,7 +6,9 @@ use acs_profile_client::types;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
-use super::error_mapping::{gateway_status, ledger_status, replayed_failure, upstream_status};
+use super::error_mapping::{
+    Reason, gateway_status, ledger_status, replayed_failure, upstream_status,
+};
 use super::opt_out::request_id_or_new;
 use super::service::{CcpaApi, Deadline, OptOutState, recorded_caller};
 use super::validation::{Violations, request_id_conflict};
@@ -118,7 +120,7 @@ impl CcpaApi {
                         .map_err(|e| upstream_status(RPC, &e)),
                     (_, None) => Err(gateway_status(
                         Code::Unavailable,
-                        "REQUEST_IN_PROGRESS",
+                        Reason::RequestInProgress,
                         "this request id's creation is still in progress; retry",
                     )),
                 };

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 
 use super::convert::{ledger_state, opt_out_record};
-use super::error_mapping::{gateway_status, ledger_status};
+use super::error_mapping::{Reason, gateway_status, ledger_status};
 use super::service::CcpaApi;
 use super::timestamps::proto_to_ms;
 use super::validation::Violations;
@@ -86,7 +86,7 @@ impl CcpaApi {
             .ok_or_else(|| {
                 gateway_status(
                     Code::NotFound,
-                    "RECORD_NOT_FOUND",
+                    Reason::RecordNotFound,
                     "no request has this id in the ledger",
                 )
             })?;

@@ -10,7 +10,9 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 
 use super::deadline::caller_deadline;
-use super::error_mapping::{caller_not_allowed, gateway_status, unauthenticated, upstream_status};
+use super::error_mapping::{
+    Reason, caller_not_allowed, gateway_status, unauthenticated, upstream_status,
+};
 use super::timestamps::acs_timestamp_to_proto;
 use super::validation::Violations;
 use crate::access::{Caller, Permission};
@@ -212,7 +214,7 @@ pub(super) async fn to_completion<T: Send + 'static>(
     tokio::spawn(work).await.unwrap_or_else(|_| {
         Err(gateway_status(
             Code::Internal,
-            "WORK_STOPPED",
+            Reason::WorkStopped,
             "the request's work stopped unexpectedly",
         ))
     })

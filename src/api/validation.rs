@@ -9,7 +9,7 @@ use std::str::FromStr;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use super::error_mapping::ERROR_DOMAIN;
+use super::error_mapping::{ERROR_DOMAIN, Reason};
 use crate::ledger::{RESERVED_REQUEST_ID_SEPARATOR, Source};
 use crate::proto::ccpa_v1::RequestSource;
 
@@ -29,26 +29,18 @@ pub const CLOCK_SKEW_MS: i64 = 60_000;
 /// No consumer request predates this (2000-01-01): an earlier `received_at` is a mistake.
 pub const EARLIEST_RECEIVED_AT_MS: i64 = 946_684_800_000;
 
-/// The reasons attached to field violations, stable for callers that branch on them.
-pub mod reasons {
-    /// A required field is missing or empty.
-    pub const REQUIRED: &str = "FIELD_REQUIRED";
-    /// A field is longer than its bound.
-    pub const TOO_LONG: &str = "FIELD_TOO_LONG";
-    /// A field does not have the form it must have.
-    pub const MALFORMED: &str = "FIELD_MALFORMED";
-    /// A request id already recorded for a different request.
-    pub const CONFLICT: &str = "REQUEST_ID_CONFLICT";
-}
+/// The reasons attached to field violations, stable for callers that branch on them: the
+/// contract's [`FieldProblem`]s.
+pub use crate::proto::error_reasons::FieldProblem;
 
 /// Collects the problems of one request, so that a caller learns of all of them at once.
 #[derive(Debug, Default)]
 pub struct Violations(Vec<FieldViolation>);
 
 impl Violations {
-    fn add(&mut self, field: &str, reason: &str, description: String) {
+    fn add(&mut self, field: &str, problem: FieldProblem, description: String) {
         let mut violation = FieldViolation::new(field, description);
-        violation.reason = reason.to_owned();
+        violation.reason = problem.as_str().to_owned();
         self.0.push(violation);
     }
 
@@ -59,11 +51,15 @@ impl Violations {
     /// placed in (`/`, `?`, `#`, `%`, `.`), whitespace and control characters.
     pub fn pkey(&mut self, field: &str, value: &str) {
         if value.is_empty() {
-            self.add(field, reasons::REQUIRED, format!("{field} is required"));
+            self.add(
+                field,
+                FieldProblem::Required,
+                format!("{field} is required"),
+            );
         } else if value.len() > MAX_PKEY_BYTES {
             self.add(
                 field,
-                reasons::TOO_LONG,
+                FieldProblem::TooLong,
                 format!("{field} must be at most {MAX_PKEY_BYTES} bytes"),
             );
         } else {
@@ -76,7 +72,7 @@ impl Violations {
             if !well_formed {
                 self.add(
                     field,
-                    reasons::MALFORMED,
+                    FieldProblem::Malformed,
                     format!(
                         "{field} must be '@' followed by letters, digits, '-', '_' or '=' \
                          (an ACS primary key)"
@@ -91,7 +87,7 @@ impl Violations {
         if value.is_none() {
             self.add(
                 field,
-                reasons::REQUIRED,
+                FieldProblem::Required,
                 format!("{field} is required: true to opt out of sale, false to opt back in"),
             );
         }
@@ -101,11 +97,15 @@ impl Violations {
     /// Checks a required email address.
     pub fn email(&mut self, field: &str, value: &str) {
         if value.is_empty() {
-            self.add(field, reasons::REQUIRED, format!("{field} is required"));
+            self.add(
+                field,
+                FieldProblem::Required,
+                format!("{field} is required"),
+            );
         } else if value.len() > MAX_EMAIL_BYTES {
             self.add(
                 field,
-                reasons::TOO_LONG,
+                FieldProblem::TooLong,
                 format!("{field} must be at most {MAX_EMAIL_BYTES} bytes"),
             );
         } else if email_address::EmailAddress::from_str(value).is_err()
@@ -113,7 +113,7 @@ impl Violations {
         {
             self.add(
                 field,
-                reasons::MALFORMED,
+                FieldProblem::Malformed,
                 format!("{field} is not a valid email address"),
             );
         }
@@ -125,13 +125,13 @@ impl Violations {
         if value.chars().count() > MAX_NAME_CHARS {
             self.add(
                 field,
-                reasons::TOO_LONG,
+                FieldProblem::TooLong,
                 format!("{field} must be at most {MAX_NAME_CHARS} characters"),
             );
         } else if value.chars().any(char::is_control) {
             self.add(
                 field,
-                reasons::MALFORMED,
+                FieldProblem::Malformed,
                 format!("{field} must not contain control characters"),
             );
         }
@@ -143,13 +143,13 @@ impl Violations {
         if value.len() > MAX_REQUEST_ID_CHARS {
             self.add(
                 field,
-                reasons::TOO_LONG,
+                FieldProblem::TooLong,
                 format!("{field} must be at most {MAX_REQUEST_ID_CHARS} characters"),
             );
         } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
             self.add(
                 field,
-                reasons::MALFORMED,
+                FieldProblem::Malformed,
                 format!("{field} must be printable ASCII without spaces"),
             );
         }
@@ -164,7 +164,7 @@ impl Violations {
         if self.0.len() == before && value.contains(RESERVED_REQUEST_ID_SEPARATOR) {
             self.add(
                 field,
-                reasons::MALFORMED,
+                FieldProblem::Malformed,
                 format!(
                     "{field} must not contain '{RESERVED_REQUEST_ID_SEPARATOR}' (reserved for the \
                      records of a request by email)"
@@ -180,7 +180,7 @@ impl Violations {
         if source == Some(Source::GlobalPrivacyControl) && opt_out == Some(false) {
             self.add(
                 field,
-                reasons::MALFORMED,
+                FieldProblem::Malformed,
                 format!(
                     "{field} GLOBAL_PRIVACY_CONTROL can only opt out: an opt-in (ccpa_opt_out \
                      false) must come from the consumer another way"
@@ -195,7 +195,7 @@ impl Violations {
             Ok(RequestSource::Unspecified) => {
                 self.add(
                     field,
-                    reasons::REQUIRED,
+                    FieldProblem::Required,
                     format!(
                         "{field} is required: the regulations require the manner of each request"
                     ),
@@ -213,7 +213,7 @@ impl Violations {
             Err(_) => {
                 self.add(
                     field,
-                    reasons::MALFORMED,
+                    FieldProblem::Malformed,
                     format!("{field} is not a known RequestSource"),
                 );
                 return None;
@@ -240,7 +240,7 @@ impl Violations {
             Some(ms) if valid_nanos && ms > now_ms + CLOCK_SKEW_MS => {
                 self.add(
                     field,
-                    reasons::MALFORMED,
+                    FieldProblem::Malformed,
                     format!("{field} must not be in the future"),
                 );
                 None
@@ -249,7 +249,7 @@ impl Violations {
             _ => {
                 self.add(
                     field,
-                    reasons::MALFORMED,
+                    FieldProblem::Malformed,
                     format!("{field} must be a valid instant after 2000-01-01"),
                 );
                 None
@@ -263,7 +263,7 @@ impl Violations {
         if !value.is_empty() && !crate::client::is_valid_caller_name(value) {
             self.add(
                 field,
-                reasons::MALFORMED,
+                FieldProblem::Malformed,
                 format!("{field} must be at most {MAX_CALLER_CHARS} printable ASCII characters"),
             );
         }
@@ -274,7 +274,7 @@ impl Violations {
         if value < 0 {
             self.add(
                 field,
-                reasons::MALFORMED,
+                FieldProblem::Malformed,
                 format!("{field} must not be negative"),
             );
         }
@@ -282,12 +282,12 @@ impl Violations {
 
     /// Records a missing field found by a check of the caller's own.
     pub fn missing(&mut self, field: &str, description: String) {
-        self.add(field, reasons::REQUIRED, description);
+        self.add(field, FieldProblem::Required, description);
     }
 
     /// Records a problem found by a check of the caller's own.
     pub fn malformed(&mut self, field: &str, description: String) {
-        self.add(field, reasons::MALFORMED, description);
+        self.add(field, FieldProblem::Malformed, description);
     }
 
     /// `Ok` when no check failed, else the INVALID_ARGUMENT status naming every bad field.
@@ -298,7 +298,11 @@ impl Violations {
         let fields: Vec<&str> = self.0.iter().map(|v| v.field.as_str()).collect();
         let message = format!("invalid request: check {}", fields.join(", "));
         let mut details = ErrorDetails::with_bad_request(self.0);
-        details.set_error_info("INVALID_REQUEST", ERROR_DOMAIN, HashMap::new());
+        details.set_error_info(
+            Reason::InvalidRequest.as_str(),
+            ERROR_DOMAIN,
+            HashMap::new(),
+        );
         Err(Status::with_error_details(
             Code::InvalidArgument,
             message,
@@ -312,7 +316,7 @@ pub fn request_id_conflict() -> Status {
     let mut violations = Violations::default();
     violations.add(
         "request_id",
-        reasons::CONFLICT,
+        FieldProblem::RequestIdConflict,
         "request_id was already used for a different request".to_owned(),
     );
     match violations.into_result() {
@@ -324,19 +328,6 @@ pub fn request_id_conflict() -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_field_reasons_are_those_the_client_decodes() {
-        use crate::proto::error_reasons::FieldProblem;
-        for (sent, decoded) in [
-            (reasons::REQUIRED, FieldProblem::Required),
-            (reasons::TOO_LONG, FieldProblem::TooLong),
-            (reasons::MALFORMED, FieldProblem::Malformed),
-            (reasons::CONFLICT, FieldProblem::RequestIdConflict),
-        ] {
-            assert_eq!(FieldProblem::from_wire(sent), decoded);
-        }
-    }
 
     fn pkey_problems(value: &str) -> usize {
         let mut violations = Violations::default();
