@@ -21,7 +21,7 @@ use common::{QUICK_DELIVERY_ARGS, until_settled};
 use futures::StreamExt as _;
 use tonic::Code;
 
-async fn client_of(gw: &common::Gateway) -> ClientBuilder {
+fn client_of(gw: &common::Gateway) -> ClientBuilder {
     ClientBuilder::new(format!("http://{}", gw.addr))
 }
 
@@ -62,7 +62,6 @@ async fn set_opt_out_sends_a_generated_request_id_and_the_callers_name() {
     let gw = common::gateway().start().await;
     let pkey = gw.profile(false);
     let client = client_of(&gw)
-        .await
         .caller("billing-service")
         .connect()
         .await
@@ -236,10 +235,7 @@ async fn a_set_opt_out_whose_answer_comes_after_its_deadline_is_retried_with_the
     // Without retries, the caller sees the deadline, not a cancellation.
     let once = ClientBuilder::new(format!("http://{}", relay.addr))
         .deadline(Duration::from_millis(300))
-        .retry(RetryPolicy {
-            max_attempts: 1,
-            ..RetryPolicy::default()
-        })
+        .retry(RetryPolicy::no_retries())
         .connect()
         .await
         .unwrap();
@@ -254,7 +250,6 @@ async fn a_read_past_its_deadline_is_retried() {
     let gw = common::gateway().start().await;
     let pkey = gw.profile(true);
     let client = client_of(&gw)
-        .await
         .deadline(Duration::from_millis(300))
         .connect()
         .await
@@ -275,7 +270,7 @@ async fn a_read_past_its_deadline_is_retried() {
 async fn an_unavailable_read_is_retried_after_the_delay_the_gateway_asks_for() {
     let gw = common::gateway().start().await;
     let pkey = gw.profile(true);
-    let client = client_of(&gw).await.connect().await.unwrap();
+    let client = client_of(&gw).connect().await.unwrap();
     let gets = || {
         gw.emulator()
             .requests()
@@ -299,11 +294,7 @@ async fn an_unavailable_read_is_retried_after_the_delay_the_gateway_asks_for() {
 
     // Without retries, the caller sees the typed failure and the delay asked for.
     let once = client_of(&gw)
-        .await
-        .retry(RetryPolicy {
-            max_attempts: 1,
-            ..RetryPolicy::default()
-        })
+        .retry(RetryPolicy::no_retries())
         .connect()
         .await
         .unwrap();
@@ -328,7 +319,7 @@ async fn an_unavailable_read_is_retried_after_the_delay_the_gateway_asks_for() {
 #[tokio::test]
 async fn errors_are_decoded_into_reasons_and_field_problems() {
     let gw = common::gateway().start().await;
-    let client = client_of(&gw).await.connect().await.unwrap();
+    let client = client_of(&gw).connect().await.unwrap();
 
     let gone = gw.profile(false);
     gw.emulator().remove_profile(&gone);
@@ -447,10 +438,7 @@ async fn settings_that_cannot_work_are_refused_before_anything_is_sent() {
 
     // Lazily, the unreachable gateway fails the first call instead, as UNAVAILABLE.
     let lazy = ClientBuilder::new(format!("http://{addr}"))
-        .retry(RetryPolicy {
-            max_attempts: 1,
-            ..RetryPolicy::default()
-        })
+        .retry(RetryPolicy::no_retries())
         .connect_lazy()
         .unwrap();
     let error = lazy.get_opt_out(get("@abc")).await.unwrap_err();
@@ -569,12 +557,7 @@ async fn the_bulk_helper_streams_any_items_and_fills_in_request_ids() {
         .start()
         .await;
     let keys: Vec<String> = (0..3).map(|_| gw.profile(false)).collect();
-    let client = client_of(&gw)
-        .await
-        .caller("bulk-test")
-        .connect()
-        .await
-        .unwrap();
+    let client = client_of(&gw).caller("bulk-test").connect().await.unwrap();
     let mut items: Vec<BulkSetOptOutRequest> = keys
         .iter()
         .map(|pkey| BulkSetOptOutRequest {

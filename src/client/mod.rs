@@ -100,6 +100,14 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// One attempt, no retries: for a caller that retries on its own terms.
+    pub fn no_retries() -> Self {
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
+
     /// The wait before retry number `retry` (1 for the first) after `error`, or `None` when the
     /// call is not to be retried.
     fn wait(&self, retry: u32, error: &Error) -> Option<Duration> {
