@@ -277,6 +277,32 @@ async fn exit_codes_tell_outcomes_apart() {
     assert_eq!(gateway_down.code, 5, "{}", gateway_down.stderr);
 }
 
+#[tokio::test]
+async fn a_bulk_file_for_a_gateway_that_is_down_is_resumed_then_reported_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("opt-outs.csv");
+    std::fs::write(&file, "pkey,opt_out,source\n@abc,true,gpc\n").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = listener.local_addr().unwrap();
+    drop(listener);
+
+    let output = Command::new(BINARY)
+        .args(["bulk-set-opt-out", "--retries", "1", "--file"])
+        .arg(&file)
+        .args(["--addr", &format!("http://{closed}")])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot reach the gateway at http://{closed}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("resuming (1/1)"), "{stderr}");
+    assert!(stderr.contains("1 not answered"), "the summary: {stderr}");
+}
+
 fn acs_env(emulator: &Emulator) -> Vec<(&'static str, String)> {
     let config = emulator.config();
     vec![
@@ -1005,11 +1031,14 @@ async fn serve_with_the_embedded_emulator_prints_commands_that_work() {
                 let addr = assignment
                     .strip_prefix("CCPA_ADDR=")
                     .unwrap_or_else(|| panic!("{line}: only CCPA_ADDR is set"));
-                let output = std::process::Command::new(env!("CARGO"))
+                // Awaited, not blocking: the gateway's log lines must keep being read while
+                // the example runs, or its standard error fills and it stops answering.
+                let output = Command::new(env!("CARGO"))
                     .args(["run", "--quiet", "--example", example])
                     .env("CCPA_ADDR", addr)
                     .current_dir(env!("CARGO_MANIFEST_DIR"))
                     .output()
+                    .await
                     .unwrap();
                 let stdout = String::from_utf8_lossy(&output.stdout);
                 assert!(

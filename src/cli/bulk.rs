@@ -483,7 +483,13 @@ async fn stream_once(
     let mut answers = client
         .bulk_set_opt_out(ReceiverStream::new(to_send))
         .await
-        .map_err(|error| error.to_string())?;
+        .map_err(|error| match error.reason() {
+            None if error.code() == tonic::Code::Unavailable => format!(
+                "cannot reach the gateway at {}: {error}",
+                args.connection.addr()
+            ),
+            _ => error.to_string(),
+        })?;
     while let Some(answer) = answers.next().await {
         let answer = answer.map_err(|error| error.to_string())?;
         let row = sent_rows

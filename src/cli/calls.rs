@@ -23,7 +23,8 @@ pub struct Connection {
     addr: String,
 
     /// Deadline of each attempt of a call, sent to the gateway as `grpc-timeout` (a call that
-    /// meets UNAVAILABLE or DEADLINE_EXCEEDED is tried up to 4 times; a bulk stream has none).
+    /// meets UNAVAILABLE or DEADLINE_EXCEEDED is tried up to 4 times, but for create-profile; a
+    /// bulk stream has none).
     #[arg(long, env = "CCPA_CALL_TIMEOUT", default_value = "30s",
           value_parser = crate::config::duration_within(Duration::from_millis(100), Duration::from_secs(3600)))]
     timeout: Duration,
@@ -167,6 +168,11 @@ pub struct CreateProfileArgs {
 }
 
 impl Connection {
+    /// The gateway's address, as given.
+    pub(super) fn addr(&self) -> &str {
+        &self.addr
+    }
+
     /// The library client's settings, from these flags.
     pub(super) fn builder(&self) -> ClientBuilder {
         let mut builder = ClientBuilder::new(self.addr.clone()).deadline(self.timeout);
@@ -215,7 +221,7 @@ fn flag_of(setting: &str) -> &'static str {
         "tls_ca" => "--tls-ca (CCPA_CLIENT_TLS_CA)",
         "tls_identity" => "--tls-cert and --tls-key (CCPA_CLIENT_TLS_CERT, CCPA_CLIENT_TLS_KEY)",
         "caller" => "--caller (CCPA_CALLER)",
-        "deadline" | "connect_timeout" => "--timeout (CCPA_CALL_TIMEOUT)",
+        "deadline" => "--timeout (CCPA_CALL_TIMEOUT)",
         _ => "a setting",
     }
 }

@@ -31,7 +31,7 @@ pub enum Error {
         source: tonic::transport::Error,
     },
     /// The gateway (or the network on the way) answered the call with an error status.
-    #[error("{code:?} ({reason}): {message}")]
+    #[error("{code:?}{}: {message}", in_parentheses(reason))]
     Status {
         /// The gRPC code.
         code: Code,
@@ -146,8 +146,8 @@ impl Error {
 /// The code of a status tonic made on this side of the connection, by gRPC's definitions, where
 /// tonic's own differs (and differs with the features tonic is built with):
 /// - this call's deadline passed before the answer came: DEADLINE_EXCEEDED (tonic: CANCELLED);
-/// - the connection failed or broke while the call was in flight: UNAVAILABLE, to be retried
-///   with back-off (tonic: UNKNOWN, INTERNAL or CANCELLED, from the HTTP/2 error).
+/// - the connection failed or broke while the call was in flight, before or during its answer:
+///   UNAVAILABLE, to be retried with back-off (tonic: UNKNOWN, INTERNAL or CANCELLED).
 ///
 /// `None` for the gateway's own answers: a status decoded from the wire has no source.
 fn local_code(status: &tonic::Status) -> Option<Code> {
@@ -156,7 +156,22 @@ fn local_code(status: &tonic::Status) -> Option<Code> {
     if chain().any(|e| e.is::<tonic::TimeoutExpired>()) {
         return Some(Code::DeadlineExceeded);
     }
-    chain()
-        .any(|e| e.is::<tonic::transport::Error>() || e.is::<tonic::ConnectError>())
-        .then_some(Code::Unavailable)
+    // A failure of the connection: a transport error when the call was sent or its answer's
+    // head read, an HTTP/2 or hyper error from the answer's body. Any source means a local
+    // failure; only the codes tonic gives a broken connection are changed, so that a
+    // deliberate code (RESOURCE_EXHAUSTED for HTTP/2's ENHANCE_YOUR_CALM, say) is kept.
+    (chain().next().is_some()
+        && matches!(
+            status.code(),
+            Code::Unknown | Code::Internal | Code::Cancelled | Code::Unavailable
+        ))
+    .then_some(Code::Unavailable)
+}
+
+/// ` (REASON)`, or nothing for a status without one.
+fn in_parentheses(reason: &Reason) -> String {
+    match reason.as_str() {
+        "" => String::new(),
+        reason => format!(" ({reason})"),
+    }
 }
