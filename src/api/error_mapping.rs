@@ -107,84 +107,73 @@ enum Severity {
 
 fn mapping(failure: &Failure) -> Mapping {
     use Severity::*;
-    let (code, reason, message, severity) = match failure {
+    let (code, message, severity) = match failure {
         Failure::NotFound | Failure::UnparsableKey => (
             Code::NotFound,
-            Reason::from_wire(failure.name()),
             "no profile has this key in the configured Adobe Campaign tenant",
             Expected,
         ),
         Failure::Conflict => (
             Code::AlreadyExists,
-            Reason::from_wire(failure.name()),
             "Adobe Campaign reported a conflicting profile",
             Expected,
         ),
         Failure::Transient { .. } => (
             Code::Unavailable,
-            Reason::from_wire(failure.name()),
             "Adobe Campaign is overloaded or unavailable; retry with back-off",
             Transient,
         ),
         Failure::Unreachable => (
             Code::Unavailable,
-            Reason::from_wire(failure.name()),
             "Adobe Campaign could not be reached; retry with back-off",
             Transient,
         ),
         Failure::Interrupted { .. } => (
             Code::Unavailable,
-            Reason::from_wire(failure.name()),
             "the call to Adobe Campaign was interrupted; it may or may not have taken effect",
             Transient,
         ),
         Failure::MalformedResponse => (
             Code::Unavailable,
-            Reason::from_wire(failure.name()),
             "Adobe Campaign's answer could not be read; the call may or may not have taken effect",
             Transient,
         ),
         Failure::EndpointNotFound => (
             Code::Unavailable,
-            Reason::from_wire(failure.name()),
             "the gateway's address for Adobe Campaign answered 404 without Adobe Campaign's own \
              error: check its base URL and tenant; the request is kept and retried",
             Operator,
         ),
         Failure::NoToken => (
             Code::Unavailable,
-            Reason::from_wire(failure.name()),
             "the gateway could not obtain an access token for Adobe Campaign; retry with back-off",
             Operator,
         ),
         Failure::TokenRejected | Failure::AccessDenied => (
             Code::Internal,
-            Reason::from_wire(failure.name()),
             "the gateway's credentials for Adobe Campaign were refused; operators are alerted",
             Operator,
         ),
         Failure::Refused { .. } => (
             Code::Internal,
-            Reason::from_wire(failure.name()),
             "Adobe Campaign refused the request",
             Operator,
         ),
         Failure::ServerError { .. } => (
             Code::Internal,
-            Reason::from_wire(failure.name()),
             "Adobe Campaign failed to process the request",
             Operator,
         ),
         Failure::InvalidRequest => (
             Code::Internal,
-            Reason::from_wire(failure.name()),
             "the gateway could not build a valid request to Adobe Campaign; check its credentials",
             Operator,
         ),
     };
     Mapping {
         code,
-        reason,
+        // The ACS client crate names its failures; each is a `Reason` (tested below).
+        reason: Reason::from_wire(failure.name()),
         message,
         severity,
     }

@@ -186,32 +186,19 @@ impl Connection {
     }
 }
 
-/// Connects with `builder`; a failure is printed, naming the flag, and becomes the exit code.
-pub(super) async fn connect_with(builder: ClientBuilder) -> Result<Client, u8> {
-    builder.connect().await.map_err(|error| {
-        match &error {
-            Error::Config { setting, reason } => {
-                eprintln!("error: {}: {reason}", flag_of(setting));
-            }
-            error => eprintln!("error: UNAVAILABLE: {error}"),
-        }
-        exit_code(&error)
-    })
-}
-
+/// Connects with the flags; a failure is printed, naming the flag, and becomes the exit code.
 pub(super) async fn connect(connection: &Connection) -> Result<Client, u8> {
-    connect_with(connection.builder()).await
+    connection
+        .builder()
+        .connect()
+        .await
+        .map_err(|error| report(&error))
 }
 
 /// Checks `builder`'s settings (a failure is printed, naming the flag, and becomes the exit
 /// code) and gives a client that connects at its first call.
 pub(super) fn connect_lazily(builder: ClientBuilder) -> Result<Client, u8> {
-    builder.connect_lazy().map_err(|error| {
-        if let Error::Config { setting, reason } = &error {
-            eprintln!("error: {}: {reason}", flag_of(setting));
-        }
-        exit_code(&error)
-    })
+    builder.connect_lazy().map_err(|error| report(&error))
 }
 
 /// The flag (and variable) behind a setting of the library's builder.
@@ -239,9 +226,11 @@ fn exit_code(error: &Error) -> u8 {
     }
 }
 
-/// Prints a failed call and picks the exit code for it.
+/// Prints a failure (a setting named by its flag) and picks the exit code for it.
 fn report(error: &Error) -> u8 {
     match error {
+        Error::Config { setting, reason } => eprintln!("error: {}: {reason}", flag_of(setting)),
+        Error::Connect { .. } => eprintln!("error: UNAVAILABLE: {error}"),
         Error::Status {
             code,
             message,
@@ -253,7 +242,6 @@ fn report(error: &Error) -> u8 {
                 eprintln!("  {}: {}", violation.field, violation.description);
             }
         }
-        error => eprintln!("error: {error}"),
     }
     exit_code(error)
 }

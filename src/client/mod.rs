@@ -222,33 +222,41 @@ impl ClientBuilder {
 
     /// Checks the settings, reads the TLS files and connects.
     pub async fn connect(self) -> Result<Client, Error> {
-        let (endpoint, client) = self.checked()?;
+        let (endpoint, caller) = self.checked()?;
         let channel = endpoint.connect().await.map_err(|source| Error::Connect {
             addr: self.addr.clone(),
             source,
         })?;
-        Ok(client(channel))
+        Ok(self.client(channel, caller))
     }
 
     /// Checks the settings and reads the TLS files, and connects at the first call: a gateway
     /// that cannot be reached then fails that call (UNAVAILABLE) rather than this one. For a
     /// caller that starts before the gateway, or retries on its own.
     pub fn connect_lazy(self) -> Result<Client, Error> {
-        let (endpoint, client) = self.checked()?;
-        Ok(client(endpoint.connect_lazy()))
+        let (endpoint, caller) = self.checked()?;
+        Ok(self.client(endpoint.connect_lazy(), caller))
     }
 
-    /// The endpoint to connect to, and how to make the client once connected.
-    #[allow(clippy::type_complexity)]
-    fn checked(&self) -> Result<(Endpoint, impl FnOnce(Channel) -> Client + use<>), Error> {
+    fn client(&self, channel: Channel, caller: Option<AsciiMetadataValue>) -> Client {
+        Client {
+            inner: CcpaServiceClient::new(channel),
+            caller,
+            deadline: self.deadline,
+            retry: self.retry,
+        }
+    }
+
+    /// The endpoint to connect to, and the caller's name as metadata.
+    fn checked(&self) -> Result<(Endpoint, Option<AsciiMetadataValue>), Error> {
         let config = |setting: &'static str, reason: String| Error::Config { setting, reason };
         let caller = self
             .caller
             .as_deref()
             .map(|name| {
-                is_valid_caller_name(name)
-                    .then(|| AsciiMetadataValue::try_from(name).ok())
-                    .flatten()
+                AsciiMetadataValue::try_from(name)
+                    .ok()
+                    .filter(|_| is_valid_caller_name(name))
                     .ok_or_else(|| {
                         config(
                             "caller",
@@ -257,17 +265,8 @@ impl ClientBuilder {
                     })
             })
             .transpose()?;
-        for (setting, value) in [
-            ("deadline", self.deadline),
-            ("connect_timeout", self.connect_timeout),
-        ] {
-            if value.is_zero() || value > MAX_DEADLINE {
-                return Err(config(
-                    setting,
-                    "must be more than zero and at most a day".into(),
-                ));
-            }
-        }
+        within_a_day("deadline", self.deadline)?;
+        within_a_day("connect_timeout", self.connect_timeout)?;
         if self.retry.max_attempts == 0 {
             return Err(config("retry", "max_attempts must be at least 1".into()));
         }
@@ -293,13 +292,7 @@ impl ClientBuilder {
                 .tls_config(tls)
                 .map_err(|e| config("tls_identity", format!("cannot be used: {e}")))?;
         }
-        let (deadline, retry) = (self.deadline, self.retry);
-        Ok((endpoint, move |channel| Client {
-            inner: CcpaServiceClient::new(channel),
-            caller,
-            deadline,
-            retry,
-        }))
+        Ok((endpoint, caller))
     }
 
     /// The TLS settings for an `https://` address, and the client's identity apart.
@@ -349,26 +342,10 @@ pub struct Client {
 pub type BulkAnswers = Pin<Box<dyn Stream<Item = Result<BulkSetOptOutResponse, Error>> + Send>>;
 
 impl Client {
-    /// A client on a channel made elsewhere (a custom connector, say), with the default
-    /// deadline and retries.
-    pub fn from_channel(channel: Channel) -> Self {
-        Self {
-            inner: CcpaServiceClient::new(channel),
-            caller: None,
-            deadline: Duration::from_secs(30),
-            retry: RetryPolicy::default(),
-        }
-    }
-
     /// This client with another deadline per attempt, for the calls that need one of their own
     /// (more than zero, at most [`MAX_DEADLINE`]). It shares the connection.
     pub fn with_deadline(&self, deadline: Duration) -> Result<Self, Error> {
-        if deadline.is_zero() || deadline > MAX_DEADLINE {
-            return Err(Error::Config {
-                setting: "deadline",
-                reason: "must be more than zero and at most a day".into(),
-            });
-        }
+        within_a_day("deadline", deadline)?;
         Ok(Self {
             deadline,
             ..self.clone()
@@ -504,6 +481,17 @@ impl Client {
             answer.map_err(|status| Error::from_status(&status))
         })))
     }
+}
+
+/// Refuses a deadline or timeout of zero, or longer than [`MAX_DEADLINE`].
+fn within_a_day(setting: &'static str, value: Duration) -> Result<(), Error> {
+    if value.is_zero() || value > MAX_DEADLINE {
+        return Err(Error::Config {
+            setting,
+            reason: "must be more than zero and at most a day".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Gives a request without an id a new UUID, so that retries of it share one.

@@ -123,11 +123,12 @@ pub(crate) fn count_retry() {
 /// every request.
 pub(crate) fn request_span(operation: Operation, request: &mut reqwest::Request) -> Span {
     let call = Span::current().context();
-    let call_context = call.span().span_context().clone();
-    if call_context.is_valid() && !call_context.is_sampled() {
-        opentelemetry::global::get_text_map_propagator(|propagator| {
-            propagator.inject_context(&call, &mut HeaderInjector(request.headers_mut()));
-        });
+    let unsampled = {
+        let span = call.span();
+        span.span_context().is_valid() && !span.span_context().is_sampled()
+    };
+    if unsampled {
+        inject_context(&call, request.headers_mut());
         return Span::none();
     }
     let span = tracing::info_span!(
@@ -147,9 +148,12 @@ pub(crate) fn request_span(operation: Operation, request: &mut reqwest::Request)
 /// Puts `span`'s trace context in `headers` (`traceparent`, `tracestate`) through the global
 /// propagator.
 pub(crate) fn inject_trace_context(span: &Span, headers: &mut http::HeaderMap) {
-    let context = span.context();
+    inject_context(&span.context(), headers);
+}
+
+fn inject_context(context: &opentelemetry::Context, headers: &mut http::HeaderMap) {
     opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.inject_context(&context, &mut HeaderInjector(headers));
+        propagator.inject_context(context, &mut HeaderInjector(headers));
     });
 }
 
