@@ -16,6 +16,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::access::tls::{ServerTls, TlsFiles};
 use crate::access::{AccessControl, IdentityMode, PolicySource};
+use crate::ledger::Ledger;
 use crate::ledger::delivery::DeliverySettings;
 use crate::ledger::reconcile::ReconcileSettings;
 use crate::server::{Boundary, ConnectionLimits, ServerOptions, ShutdownOptions};
@@ -52,7 +53,8 @@ pub struct ServeSettings {
     pub drain_timeout: Duration,
 
     /// How often ACS is probed while it refuses the gateway's credentials (health is
-    /// NOT_SERVING until a probe or a call gets through).
+    /// NOT_SERVING until a probe or a call gets through). While ACS is unavailable, it is probed
+    /// every 2 s at most, so that requests backing off from the outage are due once it answers.
     #[arg(long, env = "CCPA_HEALTH_PROBE_INTERVAL", default_value = "10s",
           value_parser = duration_within(Duration::from_millis(100), Duration::from_secs(3600)))]
     pub health_probe_interval: Duration,
@@ -409,6 +411,15 @@ impl ServeSettings {
     /// (often thrown away with a container) would lose the record of every opt-out unseen.
     pub fn ledger_location(&self) -> Result<String, SettingError> {
         match (&self.ledger.ledger, self.emulator) {
+            // Outside a demo, a ledger in memory would answer "recorded" for requests that
+            // vanish at the next restart: the record of every opt-out lost unseen.
+            (Some(location), false) if Ledger::in_memory(location) => Err(SettingError {
+                setting: LEDGER,
+                problem: "is a ledger in memory, which loses every request at restart: only \
+                          --emulator may use one; name a SQLite file on a persistent volume, or \
+                          a postgres:// URL"
+                    .into(),
+            }),
             (Some(location), _) => Ok(location.clone()),
             (None, true) => Ok("sqlite::memory:".to_owned()),
             (None, false) => Err(SettingError {

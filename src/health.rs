@@ -19,7 +19,9 @@
 //! other than 401/403 or a bare 404 proves the credentials and the address) runs every
 //! `probe_interval`, since a load balancer
 //! that has stopped sending calls would otherwise never let the gateway see that things work
-//! again.
+//! again. While ACS is unavailable (5xx, 429, timeouts, refused connections), the same probe
+//! runs every [`UNAVAILABLE_PROBE_INTERVAL`] at most; the first answer after failures makes due
+//! at once the recorded requests backing off from the outage ([`GatewayHealth::recoveries`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +41,11 @@ pub const LIVENESS_SERVICE_NAME: &str = "liveness";
 /// it; do not use it for readiness (a replica taken out of rotation delivers nothing faster).
 pub const DELIVERY_SERVICE_NAME: &str = "ccpa.v1.OptOutDelivery";
 
+/// The longest wait between probes while ACS is unavailable (and the credentials are not
+/// refused): one cheap read, so that requests backing off from the outage are due within about
+/// this long of ACS answering again.
+pub const UNAVAILABLE_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
 /// A key no ACS tenant can hold (`@` and text that decrypts to nothing): ACS answers it with
 /// `XTK-170036` once it has accepted our credentials.
 const PROBE_KEY: &str = "@ccpa-gateway-health-probe";
@@ -55,8 +62,32 @@ pub enum UpstreamSignal {
         /// The failure's name, such as `ACS_CREDENTIALS_REJECTED`.
         reason: &'static str,
     },
-    /// Says nothing about either (ACS unreachable, a deadline, the throttle).
+    /// ACS could not be reached or did not answer in time (a 429 or 5xx from its gateway, a
+    /// refused or broken connection, a deadline passed with the request sent). Says nothing of
+    /// the credentials, but once ACS answers again, requests backing off from this are due at
+    /// once (see [`GatewayHealth::recoveries`]).
+    Unavailable,
+    /// Says nothing about either (a malformed answer, our own throttle).
     Unknown,
+}
+
+/// Whether a failed call means ACS (or IMS, for its token) was unavailable: a failure that
+/// passes by itself once it answers again, so that a request backing off from it need not wait
+/// out its back-off then. A bare 404 counts (a proxy or gateway in front of ACS that lost its
+/// route). Our own throttle's refusal does not: ACS was not asked.
+pub fn acs_unavailable(error: &CallError) -> bool {
+    match error {
+        CallError::Api(error) => matches!(
+            Failure::classify(error),
+            Failure::Unreachable
+                | Failure::Interrupted { .. }
+                | Failure::Transient { .. }
+                | Failure::EndpointNotFound
+                | Failure::NoToken
+        ),
+        CallError::DeadlineExceeded { sent } => *sent,
+        CallError::Throttled => false,
+    }
 }
 
 impl UpstreamSignal {
@@ -71,18 +102,20 @@ impl UpstreamSignal {
                 | Failure::EndpointNotFound) => Self::Refused {
                     reason: failure.name(),
                 },
-                Failure::Unreachable
-                | Failure::Interrupted { .. }
-                | Failure::Transient { .. }
-                | Failure::MalformedResponse
-                | Failure::InvalidRequest => Self::Unknown,
+                Failure::Unreachable | Failure::Interrupted { .. } | Failure::Transient { .. } => {
+                    Self::Unavailable
+                }
+                Failure::MalformedResponse | Failure::InvalidRequest => Self::Unknown,
                 Failure::NotFound
                 | Failure::UnparsableKey
                 | Failure::Conflict
                 | Failure::Refused { .. }
                 | Failure::ServerError { .. } => Self::Accepted,
             },
-            Err(CallError::DeadlineExceeded { .. } | CallError::Throttled) => Self::Unknown,
+            Err(CallError::DeadlineExceeded { sent: true }) => Self::Unavailable,
+            Err(CallError::DeadlineExceeded { sent: false } | CallError::Throttled) => {
+                Self::Unknown
+            }
         }
     }
 }
@@ -102,6 +135,11 @@ async fn report(reporter: &HealthReporter, service: &'static str, status: Servin
 /// Tracks the state of the way to ACS and reports it through `grpc.health.v1`.
 pub struct GatewayHealth {
     reporter: HealthReporter,
+    /// Whether the last call or probe that said anything of ACS's availability failed (ACS
+    /// unavailable, or our credentials or address refused).
+    acs_failing: AtomicBool,
+    /// Counts the times ACS answered again after failures: see [`GatewayHealth::recoveries`].
+    recoveries: tokio::sync::watch::Sender<u64>,
     /// Mirrors `state.upstream_ok`, so that the common case (no change) takes no lock.
     upstream_ok: AtomicBool,
     state: tokio::sync::Mutex<State>,
@@ -120,6 +158,8 @@ impl GatewayHealth {
         }
         Arc::new(Self {
             reporter,
+            acs_failing: AtomicBool::new(false),
+            recoveries: tokio::sync::watch::Sender::new(0),
             upstream_ok: AtomicBool::new(true),
             state: tokio::sync::Mutex::new(State {
                 upstream_ok: true,
@@ -130,10 +170,25 @@ impl GatewayHealth {
 
     /// Takes a call's outcome into account.
     pub async fn observe(&self, signal: UpstreamSignal) {
+        match signal {
+            UpstreamSignal::Accepted => {
+                if self.acs_failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!(
+                        "Adobe Campaign answers again: requests backing off from its outage are \
+                         due now"
+                    );
+                    self.recoveries.send_modify(|n| *n = n.wrapping_add(1));
+                }
+            }
+            UpstreamSignal::Refused { .. } | UpstreamSignal::Unavailable => {
+                self.acs_failing.store(true, Ordering::Release);
+            }
+            UpstreamSignal::Unknown => {}
+        }
         let (ok, reason) = match signal {
             UpstreamSignal::Accepted => (true, ""),
             UpstreamSignal::Refused { reason } => (false, reason),
-            UpstreamSignal::Unknown => return,
+            UpstreamSignal::Unavailable | UpstreamSignal::Unknown => return,
         };
         if self.upstream_ok.load(Ordering::Acquire) == ok {
             return;
@@ -180,6 +235,12 @@ impl GatewayHealth {
         self.upstream_ok.load(Ordering::Acquire)
     }
 
+    /// Changes each time a call or probe gets an answer from ACS after failures: the deliverer
+    /// then makes due at once the requests whose back-off came from ACS being unavailable.
+    pub fn recoveries(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.recoveries.subscribe()
+    }
+
     /// Shutdown has begun: NOT_SERVING for good (liveness stays SERVING until the process ends).
     pub async fn shutting_down(&self) {
         let mut state = self.state.lock().await;
@@ -192,21 +253,33 @@ impl GatewayHealth {
         report(&self.reporter, "", status).await;
     }
 
-    /// While the credentials are refused, probes ACS every `interval` until `stop`.
+    /// While the credentials are refused, probes ACS every `interval`, and while ACS is
+    /// unavailable every [`UNAVAILABLE_PROBE_INTERVAL`] at most, until `stop`: without calls, a
+    /// gateway taken out of rotation, or one whose pending requests are all backing off, would
+    /// not otherwise see that ACS answers again.
     pub async fn probe_while_refused(
         self: Arc<Self>,
         acs: Client,
         interval: Duration,
         stop: CancellationToken,
     ) {
+        let mut slept = Duration::ZERO;
+        let tick = interval.min(UNAVAILABLE_PROBE_INTERVAL);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(interval) => {}
+                () = tokio::time::sleep(tick) => {}
             }
-            if self.upstream_ok() {
+            slept = slept.saturating_add(tick);
+            let due = if !self.upstream_ok() {
+                slept >= interval
+            } else {
+                self.acs_failing.load(Ordering::Acquire)
+            };
+            if !due {
                 continue;
             }
+            slept = Duration::ZERO;
             let deadline = Instant::now() + interval.min(Duration::from_secs(10));
             let outcome = acs.read_profile(PROBE_KEY, Some(deadline)).await;
             let signal = UpstreamSignal::of(&outcome);

@@ -6,7 +6,8 @@
 //! Shutdown runs in this order: both readiness entries (`""` and `ccpa.v1.CcpaService`) turn
 //! NOT_SERVING and health watchers are told so; after `drain_delay` (time for load balancers to
 //! notice) the listener closes; calls in flight finish, bounded by `drain_timeout`; then
-//! [`serve`] returns.
+//! [`serve`] returns. A SQLite ledger's exclusive hold ends with the last task that can write
+//! to it, even if that outlasts the drain.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -204,7 +205,8 @@ pub async fn serve(
         health: health_listener,
         metrics: metrics_listener,
     } = listeners.into();
-    // Held until the server returns: one gateway per SQLite ledger.
+    // One gateway per SQLite ledger: held by the deliverer, so until the last task that can
+    // write has ended (which may be after this function returns, if the drain timed out).
     let exclusive = ledger.hold_exclusively()?;
     ledger.learn_known_profiles(&exclusive).await?;
     let reporter = HealthReporter::new();
@@ -216,18 +218,15 @@ pub async fn serve(
         options.health_probe_interval,
         stop_probing.clone(),
     ));
-    let delivery = Arc::new(Delivery::new(
-        ledger,
-        acs.clone(),
-        health.clone(),
-        options.delivery,
-    ));
+    let delivery = Arc::new(
+        Delivery::new(ledger, acs.clone(), health.clone(), options.delivery).holding(exclusive),
+    );
     let stop_delivering = CancellationToken::new();
     let _stop_delivering_on_return = stop_delivering.clone().drop_guard();
     let deliverer = tokio::spawn(delivery.clone().run(stop_delivering.clone()));
     let stop_metrics = CancellationToken::new();
     let _stop_metrics_on_return = stop_metrics.clone().drop_guard();
-    if let Some((listener, exporter)) = metrics_listener {
+    let metrics_server = metrics_listener.map(|(listener, exporter)| {
         let observed = delivery.clone();
         let refresh: Refresh = Arc::new(move || {
             let observed = observed.clone();
@@ -238,14 +237,14 @@ pub async fn serve(
             if let Err(e) = telemetry::metrics::serve(listener, exporter, refresh, stop).await {
                 tracing::error!(error = %e, "the metrics listener stopped");
             }
-        });
-    }
+        })
+    });
     let reconciler = Reconciler::new(delivery.clone(), &acs, options.reconcile);
     let reconciling = tokio::spawn(reconciler.run(stop_delivering.clone()));
     let api = CcpaApi::new(
         acs,
         health.clone(),
-        delivery,
+        delivery.clone(),
         options.max_profiles_per_email,
     );
     let stop_watching = CancellationToken::new();
@@ -341,9 +340,15 @@ pub async fn serve(
     let drained = async {
         let served = (&mut server).await;
         // The deliverer finishes the batch it is on; what it leaves stays pending in the ledger.
-        // The reconciler finishes the profile it is on.
+        // The reconciler finishes the profile it is on. Work whose caller went away, and
+        // restores that reads started, run to their ends.
         let _ = deliverer.await;
         let _ = reconciling.await;
+        delivery.detached_work_done().await;
+        stop_metrics.cancel();
+        if let Some(metrics_server) = metrics_server {
+            let _ = metrics_server.await;
+        }
         served
     };
     match tokio::time::timeout(options.drain_timeout, drained).await {

@@ -779,6 +779,30 @@ async fn serve_requires_a_ledger_outside_the_emulator_and_creates_none_by_itself
         0,
         "nothing is created in the working directory"
     );
+
+    // A ledger in memory would answer "recorded" for requests that vanish at restart: only the
+    // emulator's demo may have one.
+    for in_memory in [
+        "sqlite::memory:",
+        ":memory:",
+        "file::memory:?cache=shared",
+        "ledger.db?mode=memory",
+    ] {
+        let outcome = run_in(
+            dir.path(),
+            &["serve", "--listen", "127.0.0.1:0", "--ledger", in_memory],
+            &as_refs(&env),
+        )
+        .await;
+        assert_eq!(outcome.code, 2, "{in_memory}: {}", outcome.stderr);
+        assert!(
+            outcome.stderr.contains("--ledger (CCPA_LEDGER)")
+                && outcome.stderr.contains("in memory"),
+            "{in_memory}: {}",
+            outcome.stderr
+        );
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ use acs_emulator::{Emulator, EmulatorConfig, Fault, FaultSettings, NewProfile};
 use acs_profile_client::ManualClock;
 use ccpa_gateway::health::DELIVERY_SERVICE_NAME;
 use ccpa_gateway::ledger::delivery::DeliverySettings;
+use ccpa_gateway::ledger::{Ledger, LedgerError};
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
     BulkSetOptOutRequest, CreateProfileRequest, DeliveryState, GetOptOutRecordRequest,
@@ -1653,4 +1654,435 @@ async fn a_record_only_item_is_due_for_the_deliverer_at_once(store: Store) {
     // Within until_state's 20 s, a third of the window a call would have had.
     until_state(&mut client, "record-only-due", DeliveryState::Applied).await;
     assert_eq!(emulator.profile(&pkey).unwrap()["ccpaOptOut"], true);
+}
+
+on_both_stores!(an_opt_in_stamped_in_the_future_does_not_overtake_a_later_opt_out);
+
+/// A portal whose clock runs 50 s fast stamps an opt-in 50 s ahead; 20 s later the consumer's
+/// Global Privacy Control opt-out arrives without `received_at`. Ordered by the stamp as given,
+/// the opt-in would overtake the opt-out (SUPERSEDED at once) and the consumer would read as
+/// not opted out. Ordered by `min(received_at, the ledger's clock at recording)`, the opt-out is
+/// the newer request. The stated instant is still what the record shows.
+async fn an_opt_in_stamped_in_the_future_does_not_overtake_a_later_opt_out(store: Store) {
+    let clock = Arc::new(ManualClock::new());
+    let gw = quick(store).clock(clock.clone()).start().await;
+    let pkey = gw.emulator().insert_profile(NewProfile {
+        ccpa_opt_out: true,
+        ..Default::default()
+    });
+    let mut client = gw.client();
+
+    let stated_ms = gw.ledger.now_ms() + 50_000;
+    let opt_in = SetOptOutRequest {
+        received_at: Some(ms_before(stated_ms, 0)),
+        ..set(&pkey, false, "fast-clock-opt-in")
+    };
+    client.set_opt_out(opt_in).await.unwrap();
+    until_state(&mut client, "fast-clock-opt-in", DeliveryState::Applied).await;
+
+    clock.advance(Duration::from_secs(20));
+    let opt_out = SetOptOutRequest {
+        source: RequestSource::GlobalPrivacyControl as i32,
+        ..set(&pkey, true, "gpc-opt-out")
+    };
+    let answer = client.set_opt_out(opt_out).await.unwrap().into_inner();
+    assert_eq!(
+        answer.state,
+        DeliveryState::Applied as i32,
+        "the later opt-out is applied, not overtaken: {answer:?}"
+    );
+    let read = client
+        .get_opt_out(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(read.ccpa_opt_out, "{read:?}");
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], true);
+
+    // The caller's stated instant is kept as given, for the records.
+    let opt_in = record(&mut client, "fast-clock-opt-in").await;
+    assert_eq!(opt_in.received_at, Some(ms_before(stated_ms, 0)));
+}
+
+on_both_stores!(a_creation_given_up_as_abandoned_still_records_its_key_when_acs_answers);
+
+/// A creation whose POST is held up in ACS while the ledger's clock runs past its lease is
+/// FAILED as abandoned by the deliverer. When ACS then answers "created with the opt-out", the
+/// record must end APPLIED with the profile's key: otherwise no read or reconciliation would
+/// ever protect that profile.
+async fn a_creation_given_up_as_abandoned_still_records_its_key_when_acs_answers(store: Store) {
+    let mut options = quick_delivery();
+    // Real time for the held POST: a creation gets half a lease (5 s) to complete.
+    options.delivery.lease = Duration::from_secs(10);
+    let clock = Arc::new(ManualClock::new());
+    let gw = quick(store)
+        .options(options)
+        .clock(clock.clone())
+        .start()
+        .await;
+    gw.emulator().inject(Fault::Delay(Duration::from_secs(2)));
+    let mut client = gw.client();
+    let creating = tokio::spawn(async move {
+        client
+            .create_profile(CreateProfileRequest {
+                email: "held-creation@example.com".into(),
+                ccpa_opt_out: Some(true),
+                source: RequestSource::WebForm as i32,
+                request_id: "held-creation".into(),
+                ..Default::default()
+            })
+            .await
+    });
+
+    // While ACS holds the POST, the ledger's clock passes the lease: the deliverer gives the
+    // creation up as abandoned.
+    let started = Instant::now();
+    while !gw.emulator().requests().iter().any(|r| r.method == "POST") {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the POST was sent"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    clock.advance(Duration::from_secs(11));
+    until_state(&mut gw.client(), "held-creation", DeliveryState::Failed).await;
+
+    // ACS answers: the caller hears "created", and the record holds the key.
+    let created = creating.await.unwrap().unwrap().into_inner();
+    let pkey = created.profile.unwrap().pkey;
+    assert!(!pkey.is_empty());
+    let recorded = record(&mut gw.client(), "held-creation").await;
+    assert_eq!(
+        recorded.state,
+        DeliveryState::Applied as i32,
+        "{recorded:?}"
+    );
+    assert_eq!(recorded.pkey, pkey);
+    let read = gw
+        .client()
+        .get_opt_out(GetOptOutRequest {
+            pkey: pkey.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(read.ccpa_opt_out);
+    assert_eq!(
+        read.latest_request.map(|latest| latest.request_id),
+        Some("held-creation".to_owned()),
+        "the profile's latest request is its creation"
+    );
+}
+
+on_both_stores!(
+    requests_backing_off_from_an_outage_are_due_once_a_call_gets_an_answer,
+    after_an_outage_a_probe_finds_acs_back_and_the_pending_opt_out_is_applied,
+);
+
+/// Delivery whose back-off is long on the ledger's (manual) clock: a request backing off is due
+/// again only if something makes it due.
+fn long_backoff() -> ServerOptions {
+    let mut options = quick_delivery();
+    options.delivery.backoff_base = Duration::from_secs(60);
+    options.delivery.backoff_max = Duration::from_secs(600);
+    options
+}
+
+/// Waits, in real time, for a request to reach `state` without the ledger's clock moving.
+async fn within_seconds(
+    client: &mut CcpaServiceClient<Channel>,
+    request_id: &str,
+    state: DeliveryState,
+    seconds: u64,
+) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let found = client
+            .get_opt_out_record(GetOptOutRecordRequest {
+                request_id: request_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .record
+            .unwrap();
+        if found.state == state as i32 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// A request backing off because ACS was down becomes due as soon as any call gets an answer
+/// from ACS again; one backing off for another reason (ACS refused it) waits out its back-off.
+async fn requests_backing_off_from_an_outage_are_due_once_a_call_gets_an_answer(store: Store) {
+    let clock = Arc::new(ManualClock::new());
+    let gw = quick(store)
+        .options(long_backoff())
+        .clock(clock.clone())
+        .start()
+        .await;
+    let refused = gw.emulator().insert_profile(NewProfile::default());
+    let waiting = gw.emulator().insert_profile(NewProfile::default());
+    let other = gw.emulator().insert_profile(NewProfile::default());
+    let mut client = gw.client();
+
+    // ACS refuses one request (400, which is not retried): it backs off for a minute of the
+    // ledger's clock.
+    gw.emulator().inject(Fault::json(
+        400,
+        serde_json::json!({"code": 400, "message": "refused"}),
+    ));
+    let answer = client
+        .set_opt_out(set(&refused, true, "refused"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.state, DeliveryState::Pending as i32);
+
+    // An outage: another request backs off too.
+    gw.emulator().set_faults(FaultSettings {
+        unavailable: 1.0,
+        ..Default::default()
+    });
+    let answer = client
+        .set_opt_out(set(&waiting, true, "during-outage"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.state, DeliveryState::Pending as i32);
+    // The PATCH may still be on its way: the profile's lease is kept until it lapses, which the
+    // back-off outlasts.
+    clock.advance(Duration::from_secs(4));
+
+    // ACS is back, and a read gets an answer: the request backing off from the outage is
+    // applied, the ledger's clock unmoved.
+    gw.emulator().set_faults(FaultSettings::default());
+    client
+        .get_opt_out(GetOptOutRequest {
+            pkey: other,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        within_seconds(&mut client, "during-outage", DeliveryState::Applied, 5).await,
+        "due once ACS answered: {:?}",
+        record(&mut client, "during-outage").await
+    );
+    assert_eq!(gw.emulator().profile(&waiting).unwrap()["ccpaOptOut"], true);
+    // The refused one still waits out its back-off.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = record(&mut client, "refused").await;
+    assert_eq!(still.state, DeliveryState::Pending as i32, "{still:?}");
+}
+
+/// After a 40 s outage (on the ledger's clock, the deliverer failing all along and backing off
+/// further each time), a pending opt-out is applied within seconds of ACS answering, with no
+/// call to the gateway meanwhile: the gateway probes ACS while it is unavailable.
+async fn after_an_outage_a_probe_finds_acs_back_and_the_pending_opt_out_is_applied(store: Store) {
+    let clock = Arc::new(ManualClock::new());
+    let mut options = quick_delivery();
+    options.delivery.backoff_base = Duration::from_secs(1);
+    options.delivery.backoff_max = Duration::from_secs(300);
+    let gw = quick(store)
+        .options(options)
+        .clock(clock.clone())
+        .start()
+        .await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
+    let mut client = gw.client();
+
+    gw.emulator().set_faults(FaultSettings {
+        unavailable: 1.0,
+        ..Default::default()
+    });
+    let answer = client
+        .set_opt_out(set(&pkey, true, "outage"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.state, DeliveryState::Pending as i32);
+    // 40 s of outage on the ledger's clock, the deliverer trying whenever the request is due.
+    for _ in 0..40 {
+        clock.advance(Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    let before = record(&mut client, "outage").await;
+    assert_eq!(before.state, DeliveryState::Pending as i32);
+    assert!(
+        before.attempts >= 3,
+        "the deliverer kept trying: {before:?}"
+    );
+
+    gw.emulator().set_faults(FaultSettings::default());
+    assert!(
+        within_seconds(&mut client, "outage", DeliveryState::Applied, 6).await,
+        "applied within seconds of ACS answering: {:?}",
+        record(&mut client, "outage").await
+    );
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], true);
+}
+
+/// The exclusive hold on a SQLite ledger lasts as long as any of the gateway's work can still
+/// write to it: work that a call whose caller went away left running to completion is such work.
+/// A second gateway that took the file before that work recorded its outcome would learn the
+/// ledger without it.
+#[tokio::test]
+async fn a_sqlite_ledger_stays_held_while_work_a_cancelled_call_left_running_can_write() {
+    let store = Store::sqlite();
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let pkey = emulator.insert_profile(NewProfile::default());
+    // The call has 10 s to apply its request.
+    let mut options = quick_delivery();
+    options.delivery.attempt_budget = Duration::from_secs(10);
+    options.delivery.lease = Duration::from_secs(30);
+    // The drain gives up on that work long before it ends: `serve` returns while it runs.
+    options.shutdown.drain_timeout = Duration::from_millis(300);
+    let gw = common::gateway()
+        .calling(acs_config(&emulator))
+        .ledger_at(&store.location)
+        .options(options)
+        .start()
+        .await;
+
+    // ACS takes 3 s over the PATCH; the caller goes away once it is sent.
+    emulator.inject(Fault::Delay(Duration::from_secs(3)));
+    let mut client = gw.client();
+    let call = tokio::spawn(async move {
+        let mut request = tonic::Request::new(set(&pkey, true, "left-running"));
+        request.set_timeout(Duration::from_secs(10));
+        client.set_opt_out(request).await
+    });
+    let started = Instant::now();
+    while !emulator.requests().iter().any(|r| r.method == "PATCH") {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the PATCH was sent"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call.abort();
+    gw.shutdown().await.unwrap();
+
+    // The gateway has stopped serving (its drain timed out), but the call's work is still on
+    // its way: the file is still held.
+    let second = Ledger::open(&store.location).await.unwrap();
+    let held = second.hold_exclusively();
+    assert!(
+        matches!(held, Err(LedgerError::Held(_))),
+        "held while the work can still write: {held:?}"
+    );
+
+    // Once the work has recorded its outcome, the file is free, and holds that outcome.
+    let started = Instant::now();
+    let hold = loop {
+        if let Ok(hold) = second.hold_exclusively() {
+            break hold;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the hold ends with the work"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let recorded = second.get("left-running").await.unwrap().unwrap();
+    assert_eq!(recorded.state, ccpa_gateway::ledger::State::Applied);
+    drop(hold);
+}
+
+on_both_stores!(a_restore_started_by_a_read_gives_its_lease_back_when_the_read_is_cut_short);
+
+/// Something that holds up the ledger's writes for one profile, from outside the gateway: on
+/// SQLite the database's write lock, on PostgreSQL the profile's advisory lock (which recording
+/// a request for it takes). Dropped, it lets them through.
+struct HeldWrites(sqlx::AnyConnection);
+
+impl HeldWrites {
+    async fn hold(location: &str, pkey: &str) -> Self {
+        use sqlx::{Connection, Executor};
+        sqlx::any::install_default_drivers();
+        if location.starts_with("postgres") {
+            let mut connection = sqlx::AnyConnection::connect(location).await.unwrap();
+            sqlx::query("SELECT pg_advisory_lock(hashtext($1))::text")
+                .bind(pkey)
+                .fetch_one(&mut connection)
+                .await
+                .unwrap();
+            Self(connection)
+        } else {
+            let url = format!("sqlite://{location}?mode=rw");
+            let mut connection = sqlx::AnyConnection::connect(&url).await.unwrap();
+            connection.execute("BEGIN IMMEDIATE").await.unwrap();
+            Self(connection)
+        }
+    }
+
+    async fn release(self) {
+        use sqlx::Connection;
+        // Closing the connection ends its transaction and its session's advisory locks.
+        self.0.close().await.unwrap();
+    }
+}
+
+/// A read that finds an applied opt-out reverted in ACS starts its restore, which claims the
+/// profile's lease. If the read's caller runs out of time while the restore waits on the ledger,
+/// the restore must still run to its end and give the lease back: otherwise every SetOptOut for
+/// that profile answers PENDING for a whole lease (a minute here).
+async fn a_restore_started_by_a_read_gives_its_lease_back_when_the_read_is_cut_short(store: Store) {
+    let location = store.location.clone();
+    let mut options = quick_delivery();
+    options.delivery.lease = Duration::from_secs(60);
+    let gw = quick(store).options(options).start().await;
+    let pkey = gw.emulator().insert_profile(NewProfile::default());
+    let mut client = gw.client();
+    let applied = client
+        .set_opt_out(set(&pkey, true, "applied"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.state, DeliveryState::Applied as i32);
+    assert!(gw.emulator().change_behind_the_gateway(&pkey, false));
+
+    // The ledger's writes for the profile are held up while the read runs out of time.
+    let held = HeldWrites::hold(&location, &pkey).await;
+    let mut read = tonic::Request::new(GetOptOutRequest {
+        pkey: pkey.clone(),
+        ..Default::default()
+    });
+    read.set_timeout(Duration::from_secs(1));
+    let answer = client.get_opt_out(read).await.unwrap().into_inner();
+    assert!(
+        answer.ccpa_opt_out && answer.drift_detected,
+        "answered protectively, without waiting on the restore: {answer:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    held.release().await;
+
+    // The restore ends and gives the lease back: a new request is applied at once.
+    let started = Instant::now();
+    loop {
+        let claim = gw.ledger.new_claim(Duration::from_secs(1));
+        if gw.ledger.claim(&pkey, &claim).await.unwrap() {
+            gw.ledger.release(&pkey, &claim).await.unwrap();
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the restore gave the profile's lease back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = client
+        .set_opt_out(set(&pkey, true, "after-the-read"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.state, DeliveryState::Applied as i32, "{after:?}");
+    assert_eq!(gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"], true);
 }

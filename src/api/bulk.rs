@@ -121,10 +121,11 @@ impl CcpaApi {
                 let caller = caller.clone();
                 let log = log.clone();
                 async move {
+                    let delivery = api.delivery.clone();
                     let work = async move {
                         Ok::<_, Status>(api.bulk_item(index as u64, item, &caller, &metadata).await)
                     };
-                    let answer = match to_completion(work).await {
+                    let answer = match to_completion(&delivery, work).await {
                         Ok(answer) => answer,
                         Err(status) => BulkSetOptOutResponse {
                             index: index as u64,

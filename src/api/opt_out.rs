@@ -335,10 +335,9 @@ impl CcpaApi {
             (Ok(state), _) if !state.opt_out && applied_opt_out.is_some() => {
                 drift_detected = true;
                 if let Some(seen) = applied_opt_out {
-                    // The answer does not wait on the restore's fate: the reconciler retries.
-                    if let Err(e) = self.delivery.restore_drift(seen).await {
-                        tracing::error!(error = %e, "the restore of a reverted opt-out could not be recorded");
-                    }
+                    // The answer does not wait on the restore's fate (the reconciler retries),
+                    // and the restore does not depend on the call's.
+                    self.delivery.start_restore(seen.clone());
                 }
                 (true, state.last_modified)
             }

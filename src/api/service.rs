@@ -206,12 +206,14 @@ pub(super) fn upstream(rpc: &'static str) -> impl Fn(UpstreamError) -> Status {
 /// profile's lease held until it expires (holding back every later request for that profile) and
 /// a by-email request half fanned out. The work is bounded by its own deadline, so the task is
 /// too. The `Status` of a panicked task is INTERNAL.
+/// It runs as the deliverer's detached work, which the gateway drains, and which keeps a SQLite
+/// ledger's exclusive hold until it ends.
 pub(super) async fn to_completion<T: Send + 'static>(
+    delivery: &Delivery,
     work: impl Future<Output = Result<T, Status>> + Send + 'static,
 ) -> Result<T, Status> {
     // The work stays in the call's span (and trace) in the task it runs in.
-    let work = tracing::Instrument::in_current_span(work);
-    tokio::spawn(work).await.unwrap_or_else(|_| {
+    delivery.detach(work).await.unwrap_or_else(|_| {
         Err(gateway_status(
             Code::Internal,
             Reason::WorkStopped,
@@ -269,7 +271,11 @@ impl CcpaService for CcpaApi {
         let work = async move {
             let caller = caller?;
             authorize_set("SetOptOut", &caller, &request)?;
-            to_completion(async move { api.set(request, &caller, &metadata, deadline).await }).await
+            let delivery = api.delivery.clone();
+            to_completion(&delivery, async move {
+                api.set(request, &caller, &metadata, deadline).await
+            })
+            .await
         };
         observed("SetOptOut", work).await
     }
@@ -288,8 +294,11 @@ impl CcpaService for CcpaApi {
             if let Some(opt_out) = request.ccpa_opt_out {
                 authorize_change("CreateProfile", &caller, Some(opt_out))?;
             }
-            to_completion(async move { api.create(request, &caller, &metadata, deadline).await })
-                .await
+            let delivery = api.delivery.clone();
+            to_completion(&delivery, async move {
+                api.create(request, &caller, &metadata, deadline).await
+            })
+            .await
         };
         observed("CreateProfile", work).await
     }

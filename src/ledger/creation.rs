@@ -68,8 +68,14 @@ impl Delivery {
                     .ledger()
                     .settle(&request.request_id, Outcome::Applied { pkey }, true, None)
                     .await?;
-                if settled == Settled::Recorded {
-                    self.honored(&record);
+                match settled {
+                    Settled::Recorded => self.honored(&record),
+                    // Settled without a fence, and a creation's record takes its key whatever
+                    // became of it meanwhile (see `settle`): this cannot happen.
+                    Settled::NotPending | Settled::LeaseLost => tracing::error!(
+                        request_id = request.request_id,
+                        "a created profile's key could not be recorded"
+                    ),
                 }
                 Ok(Created::Created(profile))
             }

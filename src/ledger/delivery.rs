@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use acs_profile_client::{CallError, Client, Failure};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::clock::business_days_before;
-use super::{Claim, FailureCode, Ledger, LedgerError, Outcome, Record, Settled};
-use crate::health::{GatewayHealth, UpstreamSignal};
+use super::{Claim, ExclusiveHold, FailureCode, Ledger, LedgerError, Outcome, Record, Settled};
+use crate::health::{GatewayHealth, UpstreamSignal, acs_unavailable};
 use crate::telemetry::metrics as names;
 
 /// How the deliverer works.
@@ -78,6 +79,14 @@ pub struct Delivery {
     background: Client,
     health: Arc<GatewayHealth>,
     settings: DeliverySettings,
+    /// Work no caller waits for, which must still run to its end: a call's work once its
+    /// caller has gone away, a restore a read started. Waited for when the gateway drains.
+    detached: TaskTracker,
+    /// On a SQLite ledger, the serving gateway's exclusive hold. It lives as long as the last
+    /// task that can write (every one of them holds this `Delivery`): a second gateway must not
+    /// take the file, and learn which profiles it records, while a write of this one may still
+    /// land.
+    _hold: Option<ExclusiveHold>,
 }
 
 impl Delivery {
@@ -94,7 +103,32 @@ impl Delivery {
             acs,
             health,
             settings,
+            detached: TaskTracker::new(),
+            _hold: None,
         }
+    }
+
+    /// The same deliverer, keeping `hold` for as long as it lives (see the field).
+    pub fn holding(mut self, hold: ExclusiveHold) -> Self {
+        self._hold = Some(hold);
+        self
+    }
+
+    /// Runs `work` to its end in a task of its own, in the current span, whether or not anyone
+    /// waits for its outcome.
+    pub fn detach<F>(&self, work: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.detached
+            .spawn(tracing::Instrument::in_current_span(work))
+    }
+
+    /// Waits for every detached task, those started meanwhile included: for a drain.
+    pub async fn detached_work_done(&self) {
+        self.detached.close();
+        self.detached.wait().await;
     }
 
     /// The ledger.
@@ -171,6 +205,7 @@ impl Delivery {
                                 the end of the profile's lease",
                         next_attempt_at,
                         attempted: false,
+                        acs_unavailable: false,
                     },
                     answered,
                     Some((pkey, claim)),
@@ -249,6 +284,7 @@ impl Delivery {
                             error: &error.reason(),
                             next_attempt_at,
                             attempted,
+                            acs_unavailable: acs_unavailable(&error),
                         },
                         answered,
                         release,
@@ -306,10 +342,23 @@ impl Delivery {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut last_clock_check: Option<Instant> = None;
         let mut last_prune: Option<Instant> = None;
+        let mut recoveries = self.health.recoveries();
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(self.settings.poll_interval) => {}
+            }
+            // At most once a poll, however often ACS flaps.
+            if recoveries.has_changed().unwrap_or(false) {
+                recoveries.mark_unchanged();
+                match self.ledger.retry_now_that_acs_answers().await {
+                    Ok(0) => {}
+                    Ok(due) => tracing::info!(
+                        due,
+                        "requests backing off from an outage of Adobe Campaign are due now"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "the ledger could not be updated"),
+                }
             }
             if let Err(e) = self.deliver_due().await {
                 tracing::error!(error = %e, "the deliverer could not read the ledger");

@@ -250,18 +250,25 @@ pub(super) async fn record_unit(
     let mut record = Record::from_row(&inserted)?;
 
     if let Some(pkey) = &request.pkey {
-        let received_at = request.received_at.unwrap_or(now);
+        // Ordered no later than now, whatever the caller stated (see the module's "Order").
+        let ordered_at = record.ordered_at();
         // A newer request (pending or applied) already recorded for the profile overtakes
         // this one.
-        let newer: Option<String> = sqlx::query_scalar(
+        let newer: Option<String> = sqlx::query_scalar(concat!(
             "SELECT request_id FROM opt_out_records \
                  WHERE pkey = $1 AND request_id <> $2 AND state IN ('PENDING', 'APPLIED') \
-                   AND (received_at > $3 OR (received_at = $3 AND recorded_at > $4)) \
-                 ORDER BY received_at DESC, recorded_at DESC LIMIT 1",
-        )
+                   AND (",
+            ordered_at!(),
+            " > $3 OR (",
+            ordered_at!(),
+            " = $3 AND recorded_at > $4)) \
+                 ORDER BY ",
+            ordered_at!(),
+            " DESC, recorded_at DESC LIMIT 1"
+        ))
         .bind(pkey)
         .bind(&request.request_id)
-        .bind(received_at)
+        .bind(ordered_at)
         .bind(now)
         .fetch_optional(&mut *tx)
         .await?;

@@ -84,6 +84,9 @@ pub enum Outcome<'a> {
         next_attempt_at: i64,
         /// Whether a request reached (or may have reached) ACS.
         attempted: bool,
+        /// Whether the back-off comes from ACS being unavailable: the request is then due at
+        /// once when ACS answers again ([`Ledger::retry_now_that_acs_answers`]).
+        acs_unavailable: bool,
     },
 }
 
@@ -112,6 +115,7 @@ pub(super) enum OwnedOutcome {
         error: String,
         next_attempt_at: i64,
         attempted: bool,
+        acs_unavailable: bool,
     },
 }
 
@@ -129,10 +133,12 @@ impl From<Outcome<'_>> for OwnedOutcome {
                 error,
                 next_attempt_at,
                 attempted,
+                acs_unavailable,
             } => Self::Retry {
                 error: error.to_owned(),
                 next_attempt_at,
                 attempted,
+                acs_unavailable,
             },
         }
     }
@@ -152,10 +158,12 @@ impl OwnedOutcome {
                 error,
                 next_attempt_at,
                 attempted,
+                acs_unavailable,
             } => Outcome::Retry {
                 error,
                 next_attempt_at: *next_attempt_at,
                 attempted: *attempted,
+                acs_unavailable: *acs_unavailable,
             },
         }
     }
@@ -282,6 +290,27 @@ impl Ledger {
         Ok(rows)
     }
 
+    /// Makes due now every pending request whose back-off came from ACS being unavailable
+    /// (see [`Outcome::Retry`]): for when ACS answers again. The client's throttle still paces
+    /// them. Returns how many.
+    pub async fn retry_now_that_acs_answers(&self) -> Result<u64, LedgerError> {
+        let now = self.now_ms();
+        self.write(move |connection| {
+            Box::pin(async move {
+                Ok(sqlx::query(
+                    "UPDATE opt_out_records SET next_attempt_at = $1, retry_when_acs_answers = 0 \
+                     WHERE state = 'PENDING' AND next_attempt_at > $1 \
+                       AND retry_when_acs_answers = 1",
+                )
+                .bind(now)
+                .execute(&mut *connection)
+                .await?
+                .rows_affected())
+            })
+        })
+        .await
+    }
+
     /// Requests whose caller was never answered because the gateway stopped during the call,
     /// and which the ledger cannot complete later, are FAILED, with the reason the caller must
     /// retry:
@@ -400,11 +429,13 @@ pub(super) async fn next_to_apply_unit(
         .bind(pkey)
         .execute(&mut *tx)
         .await?;
-    let newest = sqlx::query(
+    let newest = sqlx::query(concat!(
         "SELECT request_id, state FROM opt_out_records \
              WHERE pkey = $1 AND state IN ('PENDING', 'APPLIED') \
-             ORDER BY received_at DESC, recorded_at DESC LIMIT 1",
-    )
+             ORDER BY ",
+        ordered_at!(),
+        " DESC, recorded_at DESC LIMIT 1"
+    ))
     .bind(pkey)
     .fetch_optional(&mut *tx)
     .await?;
@@ -470,11 +501,19 @@ pub(super) async fn settle_unit(
         None => ("", "", 0),
     };
     let query = match outcome {
+        // A creation ACS answered is APPLIED with its key even if the ledger gave it up as
+        // abandoned meanwhile (`fail_abandoned`, on a clock that ran past its lease): ACS holds
+        // the profile and its opt-out, and a record without the key would leave that profile
+        // outside every read and reconciliation. The abandonment's basis stays in `last_error`.
         Outcome::Applied { pkey } => sqlx::query(
             "UPDATE opt_out_records SET state = 'APPLIED', resolved_at = $1, \
              attempts = attempts + 1, pkey = COALESCE(pkey, $2), \
-             answered_at = CASE WHEN $3 = 1 THEN COALESCE(answered_at, $1) ELSE answered_at END \
-             WHERE request_id = $4 AND state = 'PENDING' AND ($5 = '' OR EXISTS (SELECT 1 FROM \
+             answered_at = CASE WHEN $3 = 1 THEN COALESCE(answered_at, $1) ELSE answered_at END, \
+             last_error = CASE WHEN state = 'FAILED' THEN failure_reason ELSE last_error END, \
+             failure_reason = NULL, failure_code = NULL \
+             WHERE request_id = $4 AND (state = 'PENDING' OR (state = 'FAILED' \
+               AND kind = 'CREATE_PROFILE' AND pkey IS NULL AND COALESCE($2, '') <> '')) \
+             AND ($5 = '' OR EXISTS (SELECT 1 FROM \
              profile_leases WHERE pkey = $5 AND holder = $6 AND generation = $7))",
         )
         .bind(now)
@@ -497,16 +536,18 @@ pub(super) async fn settle_unit(
             error,
             next_attempt_at,
             attempted,
+            acs_unavailable,
         } => sqlx::query(
             "UPDATE opt_out_records SET attempts = attempts + $1, last_error = $2, \
-             next_attempt_at = $3, \
-             answered_at = CASE WHEN $4 = 1 THEN COALESCE(answered_at, $5) ELSE answered_at END \
-             WHERE request_id = $6 AND state = 'PENDING' AND ($7 = '' OR EXISTS (SELECT 1 FROM \
-             profile_leases WHERE pkey = $7 AND holder = $8 AND generation = $9))",
+             next_attempt_at = $3, retry_when_acs_answers = $4, \
+             answered_at = CASE WHEN $5 = 1 THEN COALESCE(answered_at, $6) ELSE answered_at END \
+             WHERE request_id = $7 AND state = 'PENDING' AND ($8 = '' OR EXISTS (SELECT 1 FROM \
+             profile_leases WHERE pkey = $8 AND holder = $9 AND generation = $10))",
         )
         .bind(i64::from(attempted))
         .bind(error)
         .bind(next_attempt_at)
+        .bind(i64::from(acs_unavailable))
         .bind(i64::from(answered))
         .bind(now)
         .bind(request_id),

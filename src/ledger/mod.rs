@@ -16,7 +16,11 @@
 //! `clock` (business days).
 //!
 //! Order: requests for one profile take effect in the order consumers made them
-//! (`received_at`, then arrival). A request overtaken by a newer one before it was applied is
+//! (`received_at`, then arrival), except that a request is never ordered later than the ledger's
+//! clock when it was recorded: a caller's stated `received_at` ahead of that clock (a portal
+//! whose clock runs fast, or a caller allowed only `opt-in` on purpose) would otherwise overtake
+//! an opt-out the consumer makes after it. The stated value is kept as given, for the records
+//! (11 CCR 7101); only the order uses [`Record::ordered_at`], in SQL `ordered_at!()`. A request overtaken by a newer one before it was applied is
 //! SUPERSEDED and never applied; only the holder of a profile's lease (see [`Ledger::claim`])
 //! applies that profile's newest pending request.
 
@@ -25,6 +29,28 @@
 macro_rules! database_now_ms {
     () => {
         "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
+    };
+}
+
+/// The instant a request is ordered by among its profile's requests: `received_at`, but no later
+/// than `recorded_at` (see the module's "Order"). An SQL expression over the columns of
+/// `opt_out_records`, or of the table alias given, spliced with `concat!`.
+macro_rules! ordered_at {
+    () => {
+        "(CASE WHEN received_at < recorded_at THEN received_at ELSE recorded_at END)"
+    };
+    ($table:literal) => {
+        concat!(
+            "(CASE WHEN ",
+            $table,
+            ".received_at < ",
+            $table,
+            ".recorded_at THEN ",
+            $table,
+            ".received_at ELSE ",
+            $table,
+            ".recorded_at END)"
+        )
     };
 }
 

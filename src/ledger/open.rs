@@ -38,6 +38,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "drift reconciliation",
         include_str!("../../migrations/0005_drift_reconciliation.sql"),
     ),
+    (
+        6,
+        "retry when ACS answers",
+        include_str!("../../migrations/0006_retry_when_acs_answers.sql"),
+    ),
 ];
 
 /// A pool of `max_connections` to `url`, each set up for durability.
@@ -167,6 +172,15 @@ enum Opening {
 }
 
 impl Ledger {
+    /// Whether `location` names a SQLite database in memory, in any of the forms SQLite or sqlx
+    /// take (`sqlite::memory:`, `:memory:`, `file::memory:`, `mode=memory`): such a ledger
+    /// keeps nothing past the process.
+    pub fn in_memory(location: &str) -> bool {
+        let location = location.to_ascii_lowercase();
+        !location.starts_with("postgres")
+            && (location.contains(":memory:") || location.contains("mode=memory"))
+    }
+
     /// Opens the ledger at `location` (a file path, `sqlite::memory:`, or a `postgres://` URL),
     /// creating it if needed (a SQLite file readable by its owner only), and brings its schema
     /// up to date.

@@ -90,14 +90,24 @@ impl Direction {
 impl Ledger {
     /// A profile's newest request that was not overtaken (pending, applied or failed), restores
     /// included: what ACS holds, or is about to.
+    ///
+    /// For a read: it may skip the store for a profile the ledger's only writer knows to have no
+    /// record. Background work uses [`Ledger::latest_in_store`].
     pub async fn latest(&self, pkey: &str) -> Result<Option<Record>, LedgerError> {
         if !self.known.maybe_known(pkey) {
             return Ok(None);
         }
-        let row = sqlx::query(AssertColumns::sql(
-            "WHERE pkey = $1 AND state <> 'SUPERSEDED' \
-             ORDER BY received_at DESC, recorded_at DESC LIMIT 1",
-        ))
+        self.latest_in_store(pkey).await
+    }
+
+    /// As [`Ledger::latest`], always asked of the store: for work that decides what to write
+    /// (the reconciler, a restore), which no in-memory shortcut may mislead.
+    pub async fn latest_in_store(&self, pkey: &str) -> Result<Option<Record>, LedgerError> {
+        let row = sqlx::query(AssertColumns::sql(concat!(
+            "WHERE pkey = $1 AND state <> 'SUPERSEDED' ORDER BY ",
+            ordered_at!(),
+            " DESC, recorded_at DESC LIMIT 1"
+        )))
         .bind(pkey)
         .fetch_optional(&self.reader)
         .await?;
@@ -189,7 +199,7 @@ impl Delivery {
     /// hold, for the deliverer to apply like any other request; logs and returns it.
     ///
     /// The restore is ordered right after the request it restores (its `received_at` one
-    /// millisecond later): it re-asserts that consumer's wish, so a request the consumer made
+    /// millisecond after that request's [`Record::ordered_at`]): it re-asserts that consumer's wish, so a request the consumer made
     /// later (even one recorded after the restore) still overtakes it, and one made earlier does
     /// not.
     pub async fn restore(&self, latest: &Record, found_by: &str) -> Result<Record, LedgerError> {
@@ -208,7 +218,7 @@ impl Delivery {
             pkey: latest.pkey.clone(),
             opt_out: latest.opt_out,
             source: Source::Internal,
-            received_at: Some(latest.received_at.saturating_add(1)),
+            received_at: Some(latest.ordered_at().saturating_add(1)),
             caller: RECONCILER.to_owned(),
             first_attempt_window_ms: 0,
             parent_request_id: None,
@@ -261,6 +271,19 @@ impl Delivery {
 }
 
 impl Delivery {
+    /// Starts [`Delivery::restore_drift`] as detached work and returns at once: a read answers
+    /// protectively without waiting, and the restore runs to its end (its lease given back)
+    /// whatever becomes of the read's call, its deadline included.
+    pub fn start_restore(self: &Arc<Self>, seen: Record) {
+        let delivery = Arc::clone(self);
+        self.detach(async move {
+            if let Err(e) = delivery.restore_drift(&seen).await {
+                // The reconciler finds the drift again on its next round.
+                tracing::error!(error = %e, "the restore of a reverted opt-out could not be recorded");
+            }
+        });
+    }
+
     /// For a read that found ACS opted in although `seen`, the profile's latest request, is an
     /// applied opt-out: records its restore, unless the profile is being applied or re-read
     /// (its lease is held; that work sees the drift itself) or `seen` is no longer its latest.
@@ -272,7 +295,7 @@ impl Delivery {
         if !self.ledger().claim(pkey, &claim).await? {
             return Ok(None);
         }
-        let restored = match self.ledger().latest(pkey).await {
+        let restored = match self.ledger().latest_in_store(pkey).await {
             Ok(Some(latest))
                 if latest.request_id == seen.request_id && latest.state == State::Applied =>
             {
@@ -424,7 +447,7 @@ impl Reconciler {
             Some(checked_at) if checked_at < now.saturating_sub(self.interval_ms()) => {}
             _ => return Ok(Reconciled::Skipped),
         }
-        let latest = match ledger.latest(pkey).await? {
+        let latest = match ledger.latest_in_store(pkey).await? {
             Some(latest) if latest.state == State::Applied => latest,
             // Pending: the deliverer applies it, and it is watched once applied.
             Some(latest) if latest.state == State::Pending => {

@@ -225,6 +225,12 @@ pub struct Record {
 }
 
 impl Record {
+    /// The instant the request is ordered by among its profile's requests: when the consumer
+    /// made it, but no later than when the ledger recorded it (SQL: `ordered_at!()`).
+    pub fn ordered_at(&self) -> i64 {
+        self.received_at.min(self.recorded_at)
+    }
+
     /// Reads a row of `opt_out_records`.
     pub(super) fn from_row(row: &AnyRow) -> Result<Self, LedgerError> {
         let text = |column: &str| row.try_get::<String, _>(column);

@@ -34,18 +34,23 @@ impl Ledger {
                 // restore names) is kept however old: it is what the profile's opt-out stands
                 // on, what reads and the reconciler check ACS against, and what a consumer page
                 // shows as honoured. The record of a standing opt-out outlives the retention.
-                let deleted = sqlx::query(
+                let deleted = sqlx::query(concat!(
                     "DELETE FROM opt_out_records \
                      WHERE state <> 'PENDING' AND COALESCE(resolved_at, received_at) < $1 \
                      AND (pkey IS NULL OR state = 'SUPERSEDED' OR EXISTS (SELECT 1 FROM \
                        opt_out_records newer WHERE newer.pkey = opt_out_records.pkey \
-                       AND newer.state <> 'SUPERSEDED' \
-                       AND (newer.received_at > opt_out_records.received_at \
-                         OR (newer.received_at = opt_out_records.received_at \
-                           AND newer.recorded_at > opt_out_records.recorded_at)))) \
+                       AND newer.state <> 'SUPERSEDED' AND (",
+                    ordered_at!("newer"),
+                    " > ",
+                    ordered_at!("opt_out_records"),
+                    " OR (",
+                    ordered_at!("newer"),
+                    " = ",
+                    ordered_at!("opt_out_records"),
+                    " AND newer.recorded_at > opt_out_records.recorded_at))) \
                      AND NOT EXISTS (SELECT 1 FROM opt_out_records restore \
-                       WHERE restore.restores_request_id = opt_out_records.request_id)",
-                )
+                       WHERE restore.restores_request_id = opt_out_records.request_id)"
+                ))
                 .bind(resolved_before)
                 .execute(&mut *connection)
                 .await?
