@@ -1913,6 +1913,9 @@ async fn after_an_outage_a_probe_finds_acs_back_and_the_pending_opt_out_is_appli
         clock.advance(Duration::from_secs(1));
         tokio::time::sleep(Duration::from_millis(120)).await;
     }
+    // Still down, the clock standing: an attempt the moving clock cut short (not sent, due again
+    // at once) is made and fails, so that the request surely waits out a back-off.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let before = record(&mut client, "outage").await;
     assert_eq!(before.state, DeliveryState::Pending as i32);
     assert!(
