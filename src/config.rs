@@ -202,6 +202,15 @@ pub struct CallerSettings {
     #[arg(long, env = "CCPA_CALLER_IDENTITY")]
     pub caller_identity: Option<IdentityMode>,
 
+    /// With header:NAME and --tls-cert: the certificate identity (URI SAN, else first DNS SAN)
+    /// of a front proxy allowed to name the caller in that header. Repeatable; comma-separated
+    /// in the variable. The gateway then terminates TLS itself, so no mesh sidecar sets or
+    /// strips the header: it is believed only from these peers (their certificates chain to
+    /// --tls-client-ca, which is required), and any other peer's call is UNAUTHENTICATED.
+    #[arg(long = "trusted-proxy-identity", env = "CCPA_TRUSTED_PROXY_IDENTITIES",
+          value_name = "ID", value_delimiter = ',', value_parser = proxy_identity)]
+    pub trusted_proxy_identities: Vec<String>,
+
     /// The authorization policy (TOML): which caller may do what, and how often. Required with
     /// mtls and header: identities; reloaded when the file changes.
     #[arg(long, env = "CCPA_AUTHZ_POLICY")]
@@ -243,6 +252,22 @@ pub struct CallerSettings {
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
+/// One `--trusted-proxy-identity`: a certificate identity as the gateway reads it from a peer
+/// (`access::identity::well_formed`), spaces around it dropped (a comma-separated variable
+/// written `a, b`).
+fn proxy_identity(text: &str) -> Result<String, String> {
+    let identity = text.trim();
+    if crate::access::identity::well_formed(identity) {
+        Ok(identity.to_owned())
+    } else {
+        Err(format!(
+            "a certificate identity (a URI SAN such as a SPIFFE ID, or a DNS name) is expected: \
+             non-empty, printable ASCII without spaces, at most {} bytes",
+            crate::access::identity::MAX_IDENTITY_BYTES
+        ))
+    }
+}
+
 /// A parser of durations from `min` to `max`, both included: every duration setting has bounds,
 /// so that none is 0 where that makes no sense and none can overflow what is computed from it.
 pub fn duration_within(
@@ -267,6 +292,8 @@ const TLS_FILES: &str =
 const CALLER_IDENTITY: &str = "--caller-identity (CCPA_CALLER_IDENTITY)";
 const AUTHZ_POLICY: &str = "--authz-policy (CCPA_AUTHZ_POLICY)";
 const LISTEN: &str = "--listen (CCPA_LISTEN)";
+const TLS_CLIENT_CA: &str = "--tls-client-ca (CCPA_TLS_CLIENT_CA)";
+const TRUSTED_PROXY: &str = "--trusted-proxy-identity (CCPA_TRUSTED_PROXY_IDENTITIES)";
 
 impl CallerSettings {
     /// TLS and access control, checked together: an unsafe combination stops start-up.
@@ -340,6 +367,7 @@ impl CallerSettings {
             }
             _ => {}
         }
+        self.check_trusted_proxies(&mode, tls.is_some())?;
         let policy = match (&mode, &self.authz_policy) {
             (IdentityMode::SelfDeclared, _) => None,
             (_, None) => {
@@ -361,8 +389,46 @@ impl CallerSettings {
                 mode,
                 policy,
                 client_certificate_required: self.tls_client_ca.is_some(),
+                trusted_proxies: self.trusted_proxy_identities.clone(),
             },
         })
+    }
+
+    /// A header identity is believed only from a peer trusted to set it. When the gateway
+    /// terminates TLS itself no mesh sidecar sets or strips the header, so only the caller
+    /// could: `header:` with TLS needs the front proxies listed, and their certificates
+    /// (`--tls-client-ca`) to know them by. A list where it would be ignored is refused too.
+    fn check_trusted_proxies(&self, mode: &IdentityMode, tls: bool) -> Result<(), SettingError> {
+        let listed = !self.trusted_proxy_identities.is_empty();
+        match mode {
+            IdentityMode::Header(name) if tls && !listed => Err(SettingError {
+                setting: CALLER_IDENTITY,
+                problem: format!(
+                    "header:{name} with --tls-cert (CCPA_TLS_CERT): the gateway terminates TLS \
+                     itself, so no mesh sidecar sets or strips {name}, and any caller could \
+                     name another in it. Name the front proxies allowed to set it with \
+                     {TRUSTED_PROXY}, known by their certificates through {TLS_CLIENT_CA}; or \
+                     let the mesh terminate TLS (drop --tls-cert)"
+                ),
+            }),
+            IdentityMode::Header(_) if tls && self.tls_client_ca.is_none() => Err(SettingError {
+                setting: TLS_CLIENT_CA,
+                problem: format!(
+                    "is required with {TRUSTED_PROXY}: the front proxies are known by their \
+                     client certificates"
+                ),
+            }),
+            IdentityMode::Header(_) if tls => Ok(()),
+            _ if listed => Err(SettingError {
+                setting: TRUSTED_PROXY,
+                problem: format!(
+                    "has no effect with --caller-identity {mode}{}: front proxies are trusted to \
+                     name the caller only with header:NAME and --tls-cert",
+                    if tls { "" } else { " without --tls-cert" }
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The limits on each connection.
@@ -962,6 +1028,42 @@ mod tests {
         let refused = boundary("0.0.0.0:50051", false).err().unwrap();
         assert_eq!(refused.setting, LISTEN);
         assert!(refused.problem.contains("--tls-client-ca"), "{refused}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_listed_well_formed_and_only_where_they_count() {
+        let settings = parse(&[
+            "--trusted-proxy-identity",
+            "spiffe://corp.example/ns/edge/sa/front-proxy, front.corp.example",
+            "--trusted-proxy-identity",
+            "canary.corp.example",
+        ]);
+        assert_eq!(
+            settings.callers.trusted_proxy_identities,
+            [
+                "spiffe://corp.example/ns/edge/sa/front-proxy",
+                "front.corp.example",
+                "canary.corp.example"
+            ]
+        );
+        // Self-declared, then a mesh header without TLS: the list would be ignored.
+        let loopback = "127.0.0.1:50051".parse().unwrap();
+        let refused = settings.callers.boundary(loopback, false).err().unwrap();
+        assert_eq!(refused.setting, TRUSTED_PROXY, "{refused}");
+        let mut header = settings.callers.clone();
+        header.caller_identity = Some("header:l5d-client-id".parse().unwrap());
+        let refused = header.boundary(loopback, false).err().unwrap();
+        assert_eq!(refused.setting, TRUSTED_PROXY, "{refused}");
+        assert!(refused.problem.contains("--tls-cert"), "{refused}");
+
+        for bad in ["", "front proxy", "a,,b", &"a".repeat(513)] {
+            let parsed = Harness::try_parse_from(["serve", "--trusted-proxy-identity", bad]);
+            let message = parsed.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                message.contains("--trusted-proxy-identity"),
+                "{bad:?}: {message}"
+            );
+        }
     }
 
     #[test]

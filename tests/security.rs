@@ -35,6 +35,10 @@ use tonic_types::StatusExt;
 
 const PORTAL: &str = "spiffe://corp.example/ns/web/sa/privacy-portal";
 const AUDITOR: &str = "auditor.corp.example";
+/// The front proxy trusted to name callers in a header, when the gateway terminates TLS.
+const FRONT_PROXY: &str = "spiffe://corp.example/ns/edge/sa/front-proxy";
+/// A workload with a certificate from the same CA, trusted with nothing.
+const ATTACKER: &str = "spiffe://corp.example/ns/evil/sa/attacker";
 const BINARY: &str = env!("CARGO_BIN_EXE_ccpa-gateway");
 
 /// A gateway in the test's process, in front of a fresh emulator, behind `boundary`.
@@ -126,6 +130,21 @@ impl Certificates {
                 mode: IdentityMode::Mtls,
                 policy: Some(Arc::new(PolicySource::open(self.policy(policy)).unwrap())),
                 client_certificate_required: true,
+                trusted_proxies: Vec::new(),
+            },
+        }
+    }
+
+    /// Mutual TLS terminated by the gateway, the caller named in `l5d-client-id` by the front
+    /// proxy [`FRONT_PROXY`], the only peer trusted to set it.
+    fn behind_a_front_proxy(&self, policy: &str) -> Boundary {
+        Boundary {
+            tls: Some(Arc::new(ServerTls::open(&self.files).unwrap())),
+            access: AccessControl {
+                mode: "header:l5d-client-id".parse().unwrap(),
+                policy: Some(Arc::new(PolicySource::open(self.policy(policy)).unwrap())),
+                client_certificate_required: true,
+                trusted_proxies: vec![FRONT_PROXY.to_owned()],
             },
         }
     }
@@ -144,6 +163,7 @@ fn header_boundary(header: &str, policy: &Path) -> Boundary {
             mode: format!("header:{header}").parse().unwrap(),
             policy: Some(Arc::new(PolicySource::open(policy.to_owned()).unwrap())),
             client_certificate_required: false,
+            trusted_proxies: Vec::new(),
         },
     }
 }
@@ -187,6 +207,16 @@ fn assert_unauthenticated(status: &Status) {
     assert_eq!(
         status.get_details_error_info().expect("ErrorInfo").reason,
         "CALLER_UNAUTHENTICATED"
+    );
+}
+
+/// Asserts UNAUTHENTICATED with reason UNTRUSTED_PROXY: a header identity from a peer that is
+/// not a trusted front proxy.
+fn assert_untrusted_proxy(status: &Status) {
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(
+        status.get_details_error_info().expect("ErrorInfo").reason,
+        "UNTRUSTED_PROXY"
     );
 }
 
@@ -569,6 +599,159 @@ async fn a_mesh_header_names_the_caller() {
 }
 
 #[tokio::test]
+async fn over_tls_a_header_identity_from_a_peer_that_is_no_trusted_proxy_is_refused() {
+    let certs = Certificates::new();
+    let gateway = Secured::start(certs.behind_a_front_proxy(&format!(
+        "[[caller]]\nid = \"{PORTAL}\"\nallow = [\"read\", \"opt-out\", \"opt-in\"]\n\n\
+         [[caller]]\nid = \"{AUDITOR}\"\nallow = [\"records\"]\n"
+    )))
+    .await;
+    let pkey = gateway.profile();
+    let seen_by_adobe = gateway.emulator().requests().len();
+    // A workload holding a certificate from the client CA, as any in the cluster may.
+    let attacker = certs.ca.client(Name::Uri(ATTACKER));
+    let channel = certs.channel(gateway.addr, Some(&attacker)).await;
+    let mut client = CcpaServiceClient::new(channel.clone());
+
+    // The attack: it names the portal in the header, to opt a consumer out as the portal.
+    let status = client
+        .set_opt_out(with_header(
+            set(&pkey, true, "forged-1"),
+            "l5d-client-id",
+            PORTAL,
+        ))
+        .await
+        .unwrap_err();
+    assert_untrusted_proxy(&status);
+    // Whatever it sends: a read, no header, its own name; reflection too.
+    let status = client
+        .get_opt_out(with_header(get(&pkey), "l5d-client-id", PORTAL))
+        .await
+        .unwrap_err();
+    assert_untrusted_proxy(&status);
+    let status = client
+        .set_opt_out(set(&pkey, true, "forged-2"))
+        .await
+        .unwrap_err();
+    assert_untrusted_proxy(&status);
+    let status = client
+        .set_opt_out(with_header(
+            set(&pkey, true, "forged-3"),
+            "l5d-client-id",
+            ATTACKER,
+        ))
+        .await
+        .unwrap_err();
+    assert_untrusted_proxy(&status);
+    assert_untrusted_proxy(&list_services(channel.clone()).await.unwrap_err());
+    // Health stays open, as to everyone.
+    assert_eq!(
+        health_of(channel, "").await.unwrap(),
+        ServingStatus::Serving as i32
+    );
+
+    // Nothing reached Adobe, nothing was recorded, and the profile is as it was.
+    assert_eq!(
+        gateway.emulator().requests().len(),
+        seen_by_adobe,
+        "nothing, not even a read, was sent to Adobe"
+    );
+    let front_proxy = certs.ca.client(Name::Uri(FRONT_PROXY));
+    let mut proxy = CcpaServiceClient::new(certs.channel(gateway.addr, Some(&front_proxy)).await);
+    let records = proxy
+        .list_opt_out_records(with_header(
+            ListOptOutRecordsRequest::default(),
+            "l5d-client-id",
+            AUDITOR,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert!(records.is_empty(), "nothing was recorded: {records:?}");
+    assert!(
+        !proxy
+            .get_opt_out(with_header(get(&pkey), "l5d-client-id", PORTAL))
+            .await
+            .unwrap()
+            .into_inner()
+            .ccpa_opt_out
+    );
+}
+
+#[tokio::test]
+async fn a_trusted_front_proxy_names_the_caller_in_the_header() {
+    let certs = Certificates::new();
+    let dir = certs.dir.path();
+    let policy = portal_policy(dir, "\"read\", \"opt-out\", \"records\"");
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let pkey = emulator.insert_profile(NewProfile {
+        email: "ada@example.com".into(),
+        first_name: "Ada".into(),
+        last_name: "Lovelace".into(),
+        ccpa_opt_out: false,
+    });
+    let path = |p: &Path| p.display().to_string();
+    let front_proxy = certs.ca.client(Name::Uri(FRONT_PROXY));
+    // The real binary, configured as the README shows, with the list in its variable.
+    let mut gateway = common::gateway()
+        .args(&[
+            "--tls-cert",
+            &path(&certs.files.cert),
+            "--tls-key",
+            &path(&certs.files.key),
+            "--tls-client-ca",
+            &path(certs.files.client_ca.as_ref().unwrap()),
+            "--caller-identity",
+            "header:l5d-client-id",
+            "--authz-policy",
+            &path(&policy),
+        ])
+        .env(
+            "CCPA_TRUSTED_PROXY_IDENTITIES",
+            &format!("spiffe://corp.example/ns/edge/sa/other-proxy, {FRONT_PROXY}"),
+        )
+        .tls(client_tls(&certs.ca.pem(), Some(&front_proxy)))
+        .spawn(Some(&emulator))
+        .await;
+
+    let applied = gateway
+        .client
+        .set_opt_out(with_header(
+            set(&pkey, true, "proxied-1"),
+            "l5d-client-id",
+            PORTAL,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.state, DeliveryState::Applied as i32);
+    assert_eq!(
+        caller_recorded(&mut gateway.client, "proxied-1", "l5d-client-id", PORTAL).await,
+        PORTAL,
+        "the ledger records the caller the proxy named, not the proxy"
+    );
+    // The proxy is no caller of its own: without the header there is no identity.
+    let status = gateway.client.get_opt_out(get(&pkey)).await.unwrap_err();
+    assert_unauthenticated(&status);
+    // Even the portal's own certificate is not believed about the header: only the proxy is.
+    let mut direct = CcpaServiceClient::new(
+        connect_tls(
+            gateway.addr,
+            client_tls(&certs.ca.pem(), Some(&certs.portal)),
+        )
+        .await
+        .unwrap(),
+    );
+    let status = direct
+        .get_opt_out(with_header(get(&pkey), "l5d-client-id", PORTAL))
+        .await
+        .unwrap_err();
+    assert_untrusted_proxy(&status);
+    gateway.kill().await;
+}
+
+#[tokio::test]
 async fn istio_names_the_caller_in_the_last_element_of_its_header() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
@@ -947,6 +1130,11 @@ async fn handshake_works(addr: SocketAddr, ca: &str, identity: &Pem) -> bool {
 /// Runs `serve` with a static ACS token and `args`, in a directory of its own, and returns
 /// its exit code and standard error. It must refuse to start.
 async fn refused(args: &[&str], dir: &Path) -> (Option<i32>, String) {
+    refused_with(args, &[], dir).await
+}
+
+/// [`refused`], with the environment variables `envs` as well.
+async fn refused_with(args: &[&str], envs: &[(&str, &str)], dir: &Path) -> (Option<i32>, String) {
     let output = tokio::time::timeout(
         Duration::from_secs(30),
         tokio::process::Command::new(BINARY)
@@ -958,6 +1146,8 @@ async fn refused(args: &[&str], dir: &Path) -> (Option<i32>, String) {
             .env("CCPA_ACS_ACCESS_TOKEN", "token")
             .env_remove("CCPA_LISTEN")
             .env_remove("CCPA_LEDGER")
+            .env_remove("CCPA_TRUSTED_PROXY_IDENTITIES")
+            .envs(envs.iter().copied())
             .kill_on_drop(true)
             .output(),
     )
@@ -1143,6 +1333,117 @@ async fn unsafe_settings_stop_start_up_naming_the_fix() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("CCPA_IMS_URL"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_header_identity_over_tls_starts_only_with_trusted_proxies_and_a_client_ca() {
+    let certs = Certificates::new();
+    let dir = certs.dir.path();
+    let path = |p: &Path| p.display().to_string();
+    let (cert, key) = (path(&certs.files.cert), path(&certs.files.key));
+    let ca = path(certs.files.client_ca.as_ref().unwrap());
+    let policy = path(&portal_policy(dir, "\"read\""));
+    let tls = ["--tls-cert", &cert, "--tls-key", &key];
+    let mutual = [
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &ca,
+    ];
+    let header = [
+        "--caller-identity",
+        "header:l5d-client-id",
+        "--authz-policy",
+        &policy,
+    ];
+    let mtls = ["--caller-identity", "mtls", "--authz-policy", &policy];
+    let proxy = ["--trusted-proxy-identity", FRONT_PROXY];
+    fn with<'a>(parts: &[&[&'a str]]) -> Vec<&'a str> {
+        parts.concat()
+    }
+    const VARIABLE: &str = "CCPA_TRUSTED_PROXY_IDENTITIES";
+
+    /// The arguments, the environment, and what the refusal must name.
+    type Case<'a> = (Vec<&'a str>, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: Vec<Case> = vec![
+        // TLS terminated here: only the caller could have set the header.
+        (
+            with(&[&tls, &header]),
+            &[],
+            &[
+                "--caller-identity",
+                "--tls-cert",
+                "--trusted-proxy-identity",
+                "--tls-client-ca",
+            ],
+        ),
+        (
+            with(&[&mutual, &header]),
+            &[],
+            &[
+                "--caller-identity",
+                "--tls-cert",
+                "--trusted-proxy-identity",
+                VARIABLE,
+            ],
+        ),
+        // Proxies listed, but nothing to know them by.
+        (
+            with(&[&tls, &header, &proxy]),
+            &[],
+            &["--tls-client-ca", "--trusted-proxy-identity"],
+        ),
+        (
+            with(&[&tls, &header]),
+            &[(VARIABLE, FRONT_PROXY)],
+            &["--tls-client-ca", "--trusted-proxy-identity"],
+        ),
+        // A list that would be ignored: each caller's certificate names it, or a mesh vouches.
+        (
+            with(&[&mutual, &mtls, &proxy]),
+            &[],
+            &["--trusted-proxy-identity", "mtls"],
+        ),
+        (
+            with(&[&header, &proxy]),
+            &[],
+            &["--trusted-proxy-identity", "--tls-cert"],
+        ),
+        // An identity no certificate could name.
+        (
+            with(&[
+                &mutual,
+                &header,
+                &["--trusted-proxy-identity", "front proxy"],
+            ]),
+            &[],
+            &["--trusted-proxy-identity"],
+        ),
+        (
+            with(&[&mutual, &header]),
+            &[(
+                VARIABLE,
+                "spiffe://corp.example/ns/edge/sa/front-proxy,,other",
+            )],
+            &["--trusted-proxy-identity"],
+        ),
+    ];
+    for (args, envs, named) in cases {
+        let (code, stderr) = refused_with(&args, envs, dir).await;
+        assert_eq!(code, Some(2), "{args:?} {envs:?}: {stderr}");
+        for name in named {
+            assert!(
+                stderr.contains(name),
+                "{args:?} {envs:?} must name {name}: {stderr}"
+            );
+        }
+    }
+    assert!(
+        !dir.join("ccpa-ledger.sqlite3").exists(),
+        "a refused start creates no ledger"
+    );
 }
 
 #[tokio::test]

@@ -10,7 +10,8 @@
 //!   caller's rate, and hands the handlers a [`Caller`] to check permissions against.
 //!
 //! Health answers everyone, on every listener. Every other call needs an identity when `mtls`
-//! or `header:` identity is on; the CCPA service's handlers then ask [`Caller::require`] for
+//! or `header:` identity is on (and, with `header:` over TLS the gateway terminates, a peer
+//! whose certificate names one of the trusted front proxies); the CCPA service's handlers then ask [`Caller::require`] for
 //! the permission each call needs, before anything is recorded or sent to Adobe.
 
 pub mod gate;
@@ -127,6 +128,13 @@ pub struct AccessControl {
     /// Calls other than health need a client certificate (a client CA is set), whatever the
     /// identity mode.
     pub client_certificate_required: bool,
+    /// With `header:` identities, the certificate identities (URI SAN, else first DNS SAN) of
+    /// the front proxies allowed to name the caller in the header, on a connection the gateway
+    /// terminates TLS for itself. There no sidecar sets or strips the header, so it is believed
+    /// only from these peers; a TLS call from any other peer is refused, whatever header it
+    /// carries (empty: every such call). Plaintext connections, where a mesh sidecar terminates
+    /// TLS and vouches for the header, are not concerned. Unused by the other modes.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl AccessControl {
@@ -136,6 +144,7 @@ impl AccessControl {
             mode: IdentityMode::SelfDeclared,
             policy: None,
             client_certificate_required: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }

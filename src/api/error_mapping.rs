@@ -28,6 +28,7 @@
 //! | the caller                                           | gRPC code          | `ErrorInfo.reason`         |
 //! |------------------------------------------------------|--------------------|----------------------------|
 //! | has no identity (no client certificate, no header)   | UNAUTHENTICATED    | `CALLER_UNAUTHENTICATED`   |
+//! | calls over TLS (`header:`) but is no trusted proxy   | UNAUTHENTICATED    | `UNTRUSTED_PROXY`          |
 //! | lacks the permission the call needs                  | PERMISSION_DENIED  | `CALLER_NOT_ALLOWED`       |
 //! | is over its `max_rps`                                | RESOURCE_EXHAUSTED | `CALLER_RATE_LIMITED`      |
 //! | asked by an email that more profiles have than allowed | FAILED_PRECONDITION | `TOO_MANY_PROFILES`     |
@@ -196,6 +197,19 @@ pub fn unauthenticated(message: &str) -> Status {
         Code::Unauthenticated,
         Reason::CallerUnauthenticated,
         message,
+    )
+}
+
+/// A call over TLS, in `header:` identity mode, from a peer whose certificate is not one of the
+/// front proxies trusted to set the header (`--trusted-proxy-identity`). Whatever the header
+/// says, it was set by the peer itself, which may be anyone holding a certificate from the
+/// client CA.
+pub fn untrusted_proxy() -> Status {
+    gateway_status(
+        Code::Unauthenticated,
+        Reason::UntrustedProxy,
+        "this connection's client certificate is not one of the proxies trusted to name the \
+         caller in the identity header",
     )
 }
 

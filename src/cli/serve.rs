@@ -249,6 +249,9 @@ pub async fn serve(settings: ServeSettings) -> u8 {
         %listen,
         tls = options.boundary.tls.is_some(),
         caller_identity = %options.boundary.access.mode,
+        // Configuration (workload names), not personal data: what an operator checks first
+        // when a front proxy's calls are refused UNTRUSTED_PROXY.
+        trusted_proxies = ?options.boundary.access.trusted_proxies,
         "gRPC server listening (health and reflection on)"
     );
     if let Some((emulator, profiles)) = &emulator {

@@ -91,6 +91,9 @@ reasons! {
         TooManyProfiles = "TOO_MANY_PROFILES",
         /// The call carried no identity the gateway accepts.
         CallerUnauthenticated = "CALLER_UNAUTHENTICATED",
+        /// The call came over TLS from a peer whose certificate is not one of the front proxies
+        /// trusted to name the caller in the identity header: the header is not believed.
+        UntrustedProxy = "UNTRUSTED_PROXY",
         /// The caller lacks the permission the call needs (named in the error).
         CallerNotAllowed = "CALLER_NOT_ALLOWED",
         /// The caller is over its rate; retry after the delay given.
