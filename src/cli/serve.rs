@@ -369,6 +369,8 @@ pub async fn emulator(args: EmulatorArgs) -> u8 {
         wrap_reads_in_collection: false,
         record_requests: !args.no_record,
         relative_next_links: false,
+        // ACS's own default: a table past 100,000 profiles is a large one.
+        big_table_threshold: EmulatorConfig::DEFAULT_BIG_TABLE_THRESHOLD,
     };
     let emulator = match Emulator::bind(args.listen, config).await {
         Ok(emulator) => emulator,
