@@ -41,6 +41,15 @@ pub struct ServeSettings {
     ])]
     pub emulator: bool,
 
+    /// With --emulator: the emulator's profile table is a large one, as every production
+    /// tenant's is (more profiles than Campaign's XtkBigTableThreshold option, 100,000 by
+    /// default), so that a lookup by email gets a next-page link only when it asks with
+    /// `_forcePagination=true`, as the gateway always does. On by default; `false` answers as a
+    /// small table does. Refused without --emulator.
+    #[arg(long, env = "CCPA_EMULATOR_LARGE_TABLE", num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub emulator_large_table: Option<bool>,
+
     /// Time between reporting NOT_SERVING and closing the listener on shutdown, so that load
     /// balancers stop sending calls first (e.g. "5s" behind Kubernetes).
     #[arg(long, env = "CCPA_DRAIN_DELAY", default_value = "0s",
@@ -498,6 +507,23 @@ impl ServeSettings {
         }
     }
 
+    /// Whether the embedded emulator's profile table is a large one: the setting, else yes with
+    /// `--emulator`, since that is how a real tenant's table behaves (and the gateway asks for
+    /// every page as it must there). Refused without `--emulator` rather than ignored: it says
+    /// nothing about a real tenant, whose table is what it is.
+    pub fn emulator_large_table(&self) -> Result<bool, SettingError> {
+        match (self.emulator_large_table, self.emulator) {
+            (large, true) => Ok(large.unwrap_or(true)),
+            (None, false) => Ok(false),
+            (Some(_), false) => Err(SettingError {
+                setting: EMULATOR_LARGE_TABLE,
+                problem: "only applies with --emulator (the size of the embedded emulator's \
+                          profile table); a real tenant's table is as large as it is"
+                    .into(),
+            }),
+        }
+    }
+
     /// The ACS client these settings describe.
     pub fn client(&self) -> Result<Client, SettingError> {
         require_https(&self.acs.acs_base_url, BASE_URL)?;
@@ -762,6 +788,7 @@ const TENANT: &str = "--acs-tenant (CCPA_ACS_TENANT)";
 const API_KEY: &str = "--acs-api-key (CCPA_ACS_API_KEY)";
 const ACCESS_TOKEN: &str = "--acs-access-token (CCPA_ACS_ACCESS_TOKEN)";
 const CREDENTIALS: &str = "credentials";
+const EMULATOR_LARGE_TABLE: &str = "--emulator-large-table (CCPA_EMULATOR_LARGE_TABLE)";
 const IMS_URL: &str = "--ims-url (CCPA_IMS_URL)";
 const IMS_CLIENT_ID: &str = "--ims-client-id (CCPA_IMS_CLIENT_ID)";
 const IMS_CLIENT_SECRET: &str = "--ims-client-secret (CCPA_IMS_CLIENT_SECRET) or --ims-client-secret-file (CCPA_IMS_CLIENT_SECRET_FILE)";
@@ -1064,6 +1091,34 @@ mod tests {
                 "{bad:?}: {message}"
             );
         }
+    }
+
+    #[test]
+    fn the_large_table_is_the_emulators_by_default_and_refused_without_it() {
+        assert_eq!(parse(&["--emulator"]).emulator_large_table(), Ok(true));
+        assert_eq!(
+            parse(&["--emulator", "--emulator-large-table"]).emulator_large_table(),
+            Ok(true)
+        );
+        assert_eq!(
+            parse(&["--emulator", "--emulator-large-table", "false"]).emulator_large_table(),
+            Ok(false)
+        );
+        assert_eq!(
+            parse(&["--emulator-large-table=false", "--emulator"]).emulator_large_table(),
+            Ok(false)
+        );
+        assert_eq!(parse(&[]).emulator_large_table(), Ok(false));
+        for args in [
+            &["--emulator-large-table"][..],
+            &["--emulator-large-table", "false"],
+        ] {
+            let refused = parse(args).emulator_large_table().unwrap_err();
+            assert_eq!(refused.setting, EMULATOR_LARGE_TABLE, "{args:?}");
+            assert!(refused.to_string().contains("--emulator"), "{refused}");
+        }
+        let refused = Harness::try_parse_from(["serve", "--emulator-large-table", "maybe"]);
+        assert!(refused.is_err(), "only true or false");
     }
 
     #[test]

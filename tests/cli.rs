@@ -655,7 +655,7 @@ async fn emulator_command_injects_the_faults_it_is_told() {
 
 #[tokio::test]
 async fn missing_or_bad_settings_stop_start_up_naming_them() {
-    let cases: [(&[&str], &[&str]); 5] = [
+    let cases: [(&[&str], &[&str]); 6] = [
         (
             &["serve", "--acs-api-key", "k", "--acs-access-token", "t"],
             &["CCPA_ACS_TENANT"],
@@ -696,6 +696,19 @@ async fn missing_or_bad_settings_stop_start_up_naming_them() {
             ],
             &["CCPA_ACS_ACCESS_TOKEN", "CCPA_IMS_CLIENT_ID"],
         ),
+        (
+            &[
+                "serve",
+                "--acs-tenant",
+                "acme",
+                "--acs-api-key",
+                "k",
+                "--acs-access-token",
+                "t",
+                "--emulator-large-table",
+            ],
+            &["--emulator-large-table", "CCPA_EMULATOR_LARGE_TABLE"],
+        ),
     ];
     for (args, named) in cases {
         let output = Command::new(BINARY)
@@ -705,6 +718,7 @@ async fn missing_or_bad_settings_stop_start_up_naming_them() {
             .env_remove("CCPA_ACS_ACCESS_TOKEN")
             .env_remove("CCPA_IMS_CLIENT_ID")
             .env_remove("CCPA_IMS_CLIENT_SECRET")
+            .env_remove("CCPA_EMULATOR_LARGE_TABLE")
             .output()
             .await
             .unwrap();
@@ -1103,6 +1117,57 @@ async fn serve_with_the_embedded_emulator_prints_commands_that_work() {
     gateway.signal(nix::sys::signal::Signal::SIGINT);
     assert_eq!(gateway.wait().await, 0);
     assert!(gateway.log().contains("reporting NOT_SERVING"));
+}
+
+/// Profiles at one address in the emulator behind `serve --emulator`, and whether its first page
+/// of them links a second when asked without, then with, `_forcePagination=true`.
+async fn embedded_emulator_links_pages(args: &[&str]) -> (bool, bool) {
+    let gateway = common::gateway().args(args).spawn(None).await;
+    let line = gateway
+        .log_line(&["embedded Adobe Campaign emulator started"])
+        .await;
+    let line: Value = serde_json::from_str(&line).unwrap();
+    let acs = acs_profile_client::Client::from_config(acs_profile_client::ClientConfig::new(
+        line["url"].as_str().unwrap(),
+        EmulatorConfig::DEFAULT_TENANT,
+        EmulatorConfig::DEFAULT_API_KEY,
+        std::sync::Arc::new(acs_profile_client::SharedToken::new(
+            acs_profile_client::AccessToken::new(EmulatorConfig::DEFAULT_ACCESS_TOKEN),
+        )),
+    ))
+    .unwrap();
+    for _ in 0..26 {
+        let profile = acs_profile_client::types::ProfileInput {
+            email: Some("ada@example.com".into()),
+            ..Default::default()
+        };
+        acs.add_profile(&profile, None).await.unwrap();
+    }
+    let mut linked = [false; 2];
+    for (force_pagination, linked) in [None, Some(true)].into_iter().zip(&mut linked) {
+        let page = acs
+            .list_profiles_by_email(force_pagination, None, None, "ada@example.com")
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(page.content.len(), 25);
+        *linked = page.next.is_some();
+    }
+    (linked[0], linked[1])
+}
+
+#[tokio::test]
+async fn serve_with_the_embedded_emulator_answers_as_a_large_table_unless_told_otherwise() {
+    assert_eq!(
+        embedded_emulator_links_pages(&["--emulator"]).await,
+        (false, true),
+        "a production tenant's table: a second page only when forced"
+    );
+    assert_eq!(
+        embedded_emulator_links_pages(&["--emulator", "--emulator-large-table", "false"]).await,
+        (true, true),
+        "a small table"
+    );
 }
 
 #[tokio::test]

@@ -227,6 +227,86 @@ async fn set_by_email_applies_to_every_profile_each_with_its_record() {
 }
 
 #[tokio::test]
+async fn on_a_large_table_every_profile_of_an_address_is_opted_out_past_the_first_page() {
+    // A production tenant's profile table, past XtkBigTableThreshold: ACS links a second page
+    // only for a lookup that asks with `_forcePagination=true`, and the first page alone looks
+    // like the whole answer.
+    let gw = quick(EmulatorConfig {
+        big_table_threshold: EmulatorConfig::LARGE_TABLE,
+        ..Default::default()
+    })
+    .start()
+    .await;
+    // More than ACS's 25 a page, fewer than --max-profiles-per-email's 100.
+    let mut keys: Vec<String> = (0..30)
+        .map(|_| {
+            gw.emulator().insert_profile(NewProfile {
+                email: "ada@example.com".into(),
+                ..Default::default()
+            })
+        })
+        .collect();
+    keys.sort_unstable();
+    let someone_else = gw.emulator().insert_profile(NewProfile {
+        email: "grace@example.com".into(),
+        ..Default::default()
+    });
+
+    let answer = gw
+        .client()
+        .set_opt_out(by_email("ada@example.com", true, "large-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.state, DeliveryState::Applied as i32);
+    let mut answered: Vec<String> = answer.profiles.iter().map(|p| p.pkey.clone()).collect();
+    answered.sort_unstable();
+    assert_eq!(answered, keys, "both pages, each profile once");
+    for key in &keys {
+        assert_eq!(
+            gw.emulator().profile(key).unwrap()["ccpaOptOut"],
+            true,
+            "{key}"
+        );
+    }
+    assert_eq!(
+        gw.emulator().profile(&someone_else).unwrap()["ccpaOptOut"],
+        false
+    );
+
+    let read = gw
+        .client()
+        .get_opt_out(GetOptOutRequest {
+            email: "ada@example.com".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(read.ccpa_opt_out);
+    let mut read_keys: Vec<String> = read.profiles.iter().map(|p| p.pkey.clone()).collect();
+    read_keys.sort_unstable();
+    assert_eq!(read_keys, keys);
+    assert!(read.profiles.iter().all(|p| p.ccpa_opt_out));
+
+    // Two lookups of two pages each, every page asked for with the parameter.
+    let lookups: Vec<String> = gw
+        .emulator()
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/byEmail"))
+        .map(|r| r.query.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(lookups.len(), 4, "{lookups:?}");
+    for query in &lookups {
+        assert!(
+            query.split('&').any(|pair| pair == "_forcePagination=true"),
+            "{query}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn an_unknown_address_is_not_found_unless_the_profile_may_be_created() {
     let gw = quick(EmulatorConfig::default()).start().await;
     let status = gw

@@ -149,9 +149,16 @@ fn seed_demo(emulator: &Emulator) -> Vec<(String, bool)> {
 
 /// `serve`: runs the gateway until Ctrl-C or SIGTERM.
 pub async fn serve(settings: ServeSettings) -> u8 {
+    let large_table = match settings.emulator_large_table() {
+        Ok(large_table) => large_table,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit_codes::USAGE;
+        }
+    };
     // The emulator must outlive the server, so it is held here even when unused.
     let (client, emulator) = if settings.emulator {
-        match start_embedded_emulator(&settings).await {
+        match start_embedded_emulator(&settings, large_table).await {
             Ok(pair) => pair,
             Err(code) => return code,
         }
@@ -276,15 +283,24 @@ pub async fn serve(settings: ServeSettings) -> u8 {
 
 type EmbeddedEmulator = (Emulator, Vec<(String, bool)>);
 
+/// Starts the emulator of `serve --emulator`; `large_table` makes its profile table answer as a
+/// production tenant's does (see `EmulatorConfig::big_table_threshold`).
 async fn start_embedded_emulator(
     settings: &ServeSettings,
+    large_table: bool,
 ) -> Result<(Client, Option<EmbeddedEmulator>), u8> {
-    let emulator = Emulator::start(EmulatorConfig::default())
-        .await
-        .map_err(|e| {
-            eprintln!("error: cannot start the embedded emulator: {e}");
-            exit_codes::FAILURE
-        })?;
+    let config = EmulatorConfig {
+        big_table_threshold: if large_table {
+            EmulatorConfig::LARGE_TABLE
+        } else {
+            EmulatorConfig::DEFAULT_BIG_TABLE_THRESHOLD
+        },
+        ..EmulatorConfig::default()
+    };
+    let emulator = Emulator::start(config).await.map_err(|e| {
+        eprintln!("error: cannot start the embedded emulator: {e}");
+        exit_codes::FAILURE
+    })?;
     let profiles = seed_demo(&emulator);
     let tokens = Arc::new(SharedToken::new(AccessToken::new(
         emulator.config().access_token.as_str(),
@@ -304,7 +320,7 @@ async fn start_embedded_emulator(
             eprintln!("error: cannot build the client for the embedded emulator: {e}");
             exit_codes::FAILURE
         })?;
-    tracing::info!(url = %emulator.url(), "embedded Adobe Campaign emulator started");
+    tracing::info!(url = %emulator.url(), large_table, "embedded Adobe Campaign emulator started");
     Ok((client, Some((emulator, profiles))))
 }
 
@@ -372,6 +388,8 @@ pub async fn emulator(args: EmulatorArgs) -> u8 {
         wrap_reads_in_collection: false,
         record_requests: !args.no_record,
         relative_next_links: false,
+        // ACS's own default: a table past 100,000 profiles is a large one.
+        big_table_threshold: EmulatorConfig::DEFAULT_BIG_TABLE_THRESHOLD,
     };
     let emulator = match Emulator::bind(args.listen, config).await {
         Ok(emulator) => emulator,

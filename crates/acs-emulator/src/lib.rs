@@ -4,10 +4,12 @@
 //! `@...` keys that only this instance can read, 201 for a creation, `{PKey, href}` for a PATCH,
 //! ACS's timestamp form, `ccpaOptOutLastModified` set when the opt-out changes, 401 `401013`
 //! without a valid bearer token, 403 `403003` without the API key, 500 `XTK-170036` for a key it
-//! cannot read, 404 `RST-360011` for one it can but does not hold, and 500 "Check your URI" for
-//! another tenant. It also plays Adobe IMS (`POST /ims/token/v3`, client credentials) and issues
-//! tokens that expire. Tests can inject faults, one at a time ([`Fault`]) or at random rates with
-//! latency ([`FaultSettings`]), and see every request it received.
+//! cannot read, 404 `RST-360011` for one it can but does not hold, 500 "Check your URI" for
+//! another tenant, and no `next` link on a large table unless asked for `_forcePagination=true`
+//! ([`EmulatorConfig::big_table_threshold`]). It also plays Adobe IMS (`POST /ims/token/v3`,
+//! client credentials) and issues tokens that expire. Tests can inject faults, one at a time
+//! ([`Fault`]) or at random rates with latency ([`FaultSettings`]), and see every request it
+//! received.
 //!
 //! ```no_run
 //! # async fn run() -> std::io::Result<()> {
@@ -73,6 +75,15 @@ pub struct EmulatorConfig {
     /// Keep the newest requests for [`Emulator::requests`]. Off for benchmarks, where copying
     /// every request's headers would be the emulator's main cost.
     pub record_requests: bool,
+    /// Campaign's `XtkBigTableThreshold` option: while the emulator holds more profiles than
+    /// this, a collection (`byEmail`) answers no `next` link unless the request carries
+    /// `_forcePagination=true`, as ACS does on a large table (API documentation, "Pagination").
+    /// ACS's default, [`EmulatorConfig::DEFAULT_BIG_TABLE_THRESHOLD`], is above any table a test
+    /// fills, while every production profile table is past it: set
+    /// [`EmulatorConfig::LARGE_TABLE`] to answer as a real tenant does. The `next` links it
+    /// writes never carry `_forcePagination` (Adobe's sample link has none, and nothing says ACS
+    /// copies it), so a client must add it to every page it asks for.
+    pub big_table_threshold: usize,
 }
 
 impl EmulatorConfig {
@@ -88,6 +99,13 @@ impl EmulatorConfig {
     pub const DEFAULT_IMS_CLIENT_SECRET: &'static str = "emulator-client-secret";
     /// The token lifetime of [`EmulatorConfig::default`]: Adobe's, just under a day.
     pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(86_399);
+    /// The big-table threshold of [`EmulatorConfig::default`]: ACS's own default for
+    /// `XtkBigTableThreshold`, 100,000 records.
+    pub const DEFAULT_BIG_TABLE_THRESHOLD: usize = 100_000;
+    /// A [`EmulatorConfig::big_table_threshold`] that makes any table that holds a profile a
+    /// large one: what a production tenant's profile table is, without storing 100,000
+    /// profiles.
+    pub const LARGE_TABLE: usize = 0;
 }
 
 impl Default for EmulatorConfig {
@@ -103,6 +121,7 @@ impl Default for EmulatorConfig {
             faults: FaultSettings::default(),
             record_requests: true,
             relative_next_links: false,
+            big_table_threshold: Self::DEFAULT_BIG_TABLE_THRESHOLD,
         }
     }
 }
@@ -120,6 +139,7 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("faults", &self.faults)
             .field("record_requests", &self.record_requests)
             .field("relative_next_links", &self.relative_next_links)
+            .field("big_table_threshold", &self.big_table_threshold)
             .finish()
     }
 }

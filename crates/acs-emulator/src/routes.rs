@@ -353,6 +353,10 @@ struct ByEmail {
     /// client that rebuilds the link instead of following it loses it and is refused.
     #[serde(rename = "_listing")]
     listing: Option<String>,
+    /// `true` asks for a `next` link even on a large table (`EmulatorConfig::big_table_threshold`).
+    /// Kept as text: ACS documents only `true`, so any other value forces nothing here.
+    #[serde(rename = "_forcePagination")]
+    force_pagination: Option<String>,
 }
 
 /// ACS's page size when none is asked for.
@@ -362,6 +366,10 @@ const DEFAULT_LINE_COUNT: usize = 25;
 /// not document how it matches; the pessimistic model is that of the documented `byText` (a
 /// case-sensitive prefix match), so that a client which does not check the whole address
 /// itself, or which counts on ACS to ignore case, fails its tests.
+///
+/// On a large table (more profiles than `big_table_threshold`) the `next` link is left out unless
+/// the request says `_forcePagination=true`: the answer then looks complete while it is only the
+/// first page, which is how ACS truncates a lookup on a production tenant.
 async fn profiles_by_email(
     State(shared): State<Arc<Shared>>,
     Path(tenant): Path<String>,
@@ -386,8 +394,10 @@ async fn profiles_by_email(
         }
         Some(_) => return invalid_line_start(),
     };
-    let (page, more) = {
+    let (page, next_link) = {
         let profiles = lock(&shared.profiles);
+        let large_table = profiles.len() > shared.config.big_table_threshold;
+        let forced = query.force_pagination.as_deref() == Some("true");
         let mut ids: Vec<u64> = profiles
             .iter()
             .filter(|(_, p)| p.email().starts_with(&query.email))
@@ -395,6 +405,7 @@ async fn profiles_by_email(
             .collect();
         ids.sort_unstable();
         let more = ids.len() > offset + line_count;
+        let next_link = more && (forced || !large_table);
         let page: Vec<Value> = ids
             .iter()
             .skip(offset)
@@ -406,7 +417,7 @@ async fn profiles_by_email(
                     .map(|p| p.render(&pkey, &shared.href(&pkey)))
             })
             .collect();
-        (page, more)
+        (page, next_link)
     };
     let query_string = |extra: &[(&str, String)]| {
         let mut encoder = form_urlencoded::Serializer::new(String::new());
@@ -425,7 +436,7 @@ async fn profiles_by_email(
         "count": {"href": format!("{}{path}/_count?{}", shared.base_url, query_string(&[]))},
         "serverSidePagination": true,
     });
-    if more {
+    if next_link {
         let position_name = if shared.next_links_without_line_start.load(Ordering::SeqCst) {
             "_cursor"
         } else {

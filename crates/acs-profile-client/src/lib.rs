@@ -340,6 +340,11 @@ impl Client {
     /// Pages are followed through `next.href` exactly as ACS writes it, relative or absolute,
     /// whatever parameters it holds; a link to another origin than the configured base URL is
     /// refused (an error, not a shorter answer), since it would carry the token elsewhere.
+    ///
+    /// Every page is asked for with `_forcePagination=true` (added to a link that lacks it): on a
+    /// table larger than Campaign's `XtkBigTableThreshold` option (100,000 records by default,
+    /// so every production profile table) ACS otherwise answers the first page with no `next`
+    /// link, and an address with more profiles than a page holds would look complete.
     pub async fn profiles_by_email(
         &self,
         email: &str,
@@ -394,13 +399,16 @@ impl Client {
         })?;
         // `None` until the first page is read: it is the one request built from the spec.
         let mut next_url: Option<reqwest::Url> = None;
+        // See `pages::FORCE_PAGINATION`: without it a large table (any production one) ends
+        // after the first page.
+        let force_pagination = Some(true);
         while *pages_left > 0 {
             *pages_left -= 1;
             let page = match &next_url {
                 None => {
                     self.call(Idempotency::Idempotent, Some(deadline), || async {
                         Ok(self
-                            .list_profiles_by_email(None, None, query)
+                            .list_profiles_by_email(force_pagination, None, None, query)
                             .await?
                             .into_inner())
                     })
@@ -420,7 +428,7 @@ impl Client {
             let current = next_url.as_ref().unwrap_or(&first_url);
             let resolved = pages::resolve_next(self.baseurl(), current, &href)
                 .map_err(|reason| CallError::Api(Error::Custom(reason.to_owned())))?;
-            next_url = Some(resolved);
+            next_url = Some(pages::force_pagination(resolved));
         }
         Err(CallError::Api(Error::Custom(format!(
             "ACS answered more than {MAX_EMAIL_PAGES} pages for one address"

@@ -424,8 +424,8 @@ async fn profiles_by_email_follows_every_page_and_matches_the_whole_address() {
             5,
             "20 as given on one page, then 20 and 60 decoys in lower case at 25 a page"
         );
-        assert_eq!(queries[0], "email=ada%40EXAMPLE.com");
-        assert_eq!(queries[1], "email=ada%40example.com");
+        assert_eq!(queries[0], "_forcePagination=true&email=ada%40EXAMPLE.com");
+        assert_eq!(queries[1], "_forcePagination=true&email=ada%40example.com");
         assert!(
             client
                 .profiles_by_email("nobody@example.com", None)
@@ -512,7 +512,7 @@ async fn next_links_are_followed_as_given_whatever_they_hold() {
 
         let queries = by_email_queries(&emulator);
         assert_eq!(queries.len(), 4, "80 at 25 a page ({case})");
-        assert_eq!(queries[0], "email=ada%40example.com");
+        assert_eq!(queries[0], "_forcePagination=true&email=ada%40example.com");
         let position = if without_line_start {
             "_cursor="
         } else {
@@ -522,6 +522,8 @@ async fn next_links_are_followed_as_given_whatever_they_hold() {
             // The link's own parameters, which the client has no reason to know, all went back.
             assert!(query.contains("_lineCount=25"), "{query}");
             assert!(query.contains("&_listing="), "{query}");
+            // Not in the emulator's links (nor, as documented, in ACS's): added to each.
+            assert!(query.ends_with("&_forcePagination=true"), "{query}");
             assert!(query.contains(position), "{query}");
             assert_eq!(
                 query.contains("_lineStart="),
@@ -541,7 +543,7 @@ async fn a_rebuilt_next_link_is_refused_by_the_emulator() {
         emulator.insert_profile(ada());
     }
     let first = client
-        .list_profiles_by_email(None, None, "ada@example.com")
+        .list_profiles_by_email(None, None, None, "ada@example.com")
         .await
         .unwrap()
         .into_inner();
@@ -554,10 +556,113 @@ async fn a_rebuilt_next_link_is_refused_by_the_emulator() {
         .unwrap();
     assert!(line_start.parse::<u64>().is_err(), "an opaque token");
     let rebuilt = client
-        .list_profiles_by_email(None, Some(&line_start), "ada@example.com")
+        .list_profiles_by_email(None, None, Some(&line_start), "ada@example.com")
         .await
         .unwrap_err();
     assert_eq!(status_of(&rebuilt), Some(400));
+}
+
+/// Whether a byEmail query, as sent, says `_forcePagination=true`.
+fn forces_pagination(query: &str) -> bool {
+    reqwest::Url::parse(&format!("http://query.test/?{query}"))
+        .unwrap()
+        .query_pairs()
+        .any(|(name, value)| name == "_forcePagination" && value == "true")
+}
+
+#[tokio::test]
+async fn on_a_large_table_every_page_is_asked_for_with_force_pagination() {
+    for relative_next_links in [false, true] {
+        let emulator = Emulator::start(EmulatorConfig {
+            relative_next_links,
+            big_table_threshold: EmulatorConfig::LARGE_TABLE,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let client = client_for(&emulator, default_tokens());
+        // Four pages: a page asked for without the parameter ends the lookup there, the second
+        // and third included (the emulator's links never carry it).
+        let mut expected: Vec<String> = (0..80).map(|_| emulator.insert_profile(ada())).collect();
+
+        let found = client
+            .profiles_by_email("ada@example.com", None)
+            .await
+            .unwrap();
+        let mut keys: Vec<String> = found.iter().map(|p| p.p_key.clone().unwrap()).collect();
+        keys.sort();
+        expected.sort();
+        assert_eq!(keys, expected, "relative links: {relative_next_links}");
+        let queries = by_email_queries(&emulator);
+        assert_eq!(queries.len(), 4, "80 at 25 a page");
+        for query in &queries {
+            assert!(forces_pagination(query), "{query}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_large_table_answers_no_next_link_unless_pagination_is_forced() {
+    // The emulator's model of ACS past XtkBigTableThreshold, through the generated operation.
+    let emulator = Emulator::start(EmulatorConfig {
+        big_table_threshold: EmulatorConfig::LARGE_TABLE,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = client_for(&emulator, default_tokens());
+    for _ in 0..60 {
+        emulator.insert_profile(ada());
+    }
+    for force_pagination in [None, Some(false)] {
+        let page = client
+            .list_profiles_by_email(force_pagination, None, None, "ada@example.com")
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(page.content.len(), 25, "{force_pagination:?}");
+        assert!(
+            page.next.is_none(),
+            "a first page that looks like the only one"
+        );
+    }
+    let first = client
+        .list_profiles_by_email(Some(true), None, None, "ada@example.com")
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.content.len(), 25);
+    let href = first.next.and_then(|n| n.href).unwrap();
+    assert!(!href.contains("_forcePagination"), "{href}");
+
+    // The link followed exactly as written, without the parameter: the second page is answered
+    // and ends the listing, 10 profiles short.
+    let second: serde_json::Value = reqwest::Client::new()
+        .get(&href)
+        .bearer_auth(EmulatorConfig::DEFAULT_ACCESS_TOKEN)
+        .header("X-Api-Key", EmulatorConfig::DEFAULT_API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(second["content"].as_array().unwrap().len(), 25);
+    assert!(second.get("next").is_none(), "{second}");
+
+    // A small table (ACS's default threshold) links its pages whether asked or not.
+    let (small, client) = started().await;
+    for _ in 0..30 {
+        small.insert_profile(ada());
+    }
+    let page = client
+        .list_profiles_by_email(None, None, None, "ada@example.com")
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(page.next.is_some());
 }
 
 #[tokio::test]
