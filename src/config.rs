@@ -62,8 +62,7 @@ pub struct ServeSettings {
     pub drain_timeout: Duration,
 
     /// How often ACS is probed while it refuses the gateway's credentials (health is
-    /// NOT_SERVING until a probe or a call gets through). While ACS is unavailable, it is probed
-    /// every 2 s at most, so that requests backing off from the outage are due once it answers.
+    /// NOT_SERVING until a probe or a call gets through).
     #[arg(long, env = "CCPA_HEALTH_PROBE_INTERVAL", default_value = "10s",
           value_parser = duration_within(Duration::from_millis(100), Duration::from_secs(3600)))]
     pub health_probe_interval: Duration,

@@ -19,12 +19,13 @@
 //! other than 401/403 or a bare 404 proves the credentials and the address) runs every
 //! `probe_interval`, since a load balancer
 //! that has stopped sending calls would otherwise never let the gateway see that things work
-//! again. While ACS is unavailable (5xx, 429, timeouts, refused connections), the same probe
-//! runs every [`UNAVAILABLE_PROBE_INTERVAL`] at most; the first answer after failures makes due
-//! at once the recorded requests backing off from the outage ([`GatewayHealth::recoveries`]).
+//! again. The first answer from ACS after failures (a call's or a probe's) makes due at once
+//! the recorded requests backing off from an outage ([`GatewayHealth::recoveries`]); while such
+//! requests wait and no call hears from ACS, the deliverer probes it
+//! ([`GatewayHealth::acs_failing_unheard_for`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use acs_profile_client::{CallError, Client, Failure};
@@ -40,11 +41,6 @@ pub const LIVENESS_SERVICE_NAME: &str = "liveness";
 /// The health entry that turns NOT_SERVING while a recorded opt-out request is overdue: alert on
 /// it; do not use it for readiness (a replica taken out of rotation delivers nothing faster).
 pub const DELIVERY_SERVICE_NAME: &str = "ccpa.v1.OptOutDelivery";
-
-/// The longest wait between probes while ACS is unavailable (and the credentials are not
-/// refused): one cheap read, so that requests backing off from the outage are due within about
-/// this long of ACS answering again.
-pub const UNAVAILABLE_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A key no ACS tenant can hold (`@` and text that decrypts to nothing): ACS answers it with
 /// `XTK-170036` once it has accepted our credentials.
@@ -140,6 +136,9 @@ pub struct GatewayHealth {
     acs_failing: AtomicBool,
     /// Counts the times ACS answered again after failures: see [`GatewayHealth::recoveries`].
     recoveries: tokio::sync::watch::Sender<u64>,
+    /// When a call or probe last said anything of ACS's availability, in ms from `started`.
+    last_heard_ms: AtomicU64,
+    started: tokio::time::Instant,
     /// Mirrors `state.upstream_ok`, so that the common case (no change) takes no lock.
     upstream_ok: AtomicBool,
     state: tokio::sync::Mutex<State>,
@@ -160,6 +159,8 @@ impl GatewayHealth {
             reporter,
             acs_failing: AtomicBool::new(false),
             recoveries: tokio::sync::watch::Sender::new(0),
+            last_heard_ms: AtomicU64::new(0),
+            started: tokio::time::Instant::now(),
             upstream_ok: AtomicBool::new(true),
             state: tokio::sync::Mutex::new(State {
                 upstream_ok: true,
@@ -170,6 +171,10 @@ impl GatewayHealth {
 
     /// Takes a call's outcome into account.
     pub async fn observe(&self, signal: UpstreamSignal) {
+        if signal != UpstreamSignal::Unknown {
+            let heard = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.last_heard_ms.store(heard, Ordering::Release);
+        }
         match signal {
             UpstreamSignal::Accepted => {
                 if self.acs_failing.swap(false, Ordering::AcqRel) {
@@ -253,38 +258,44 @@ impl GatewayHealth {
         report(&self.reporter, "", status).await;
     }
 
-    /// While the credentials are refused, probes ACS every `interval`, and while ACS is
-    /// unavailable every [`UNAVAILABLE_PROBE_INTERVAL`] at most, until `stop`: without calls, a
-    /// gateway taken out of rotation, or one whose pending requests are all backing off, would
-    /// not otherwise see that ACS answers again.
+    /// While the credentials are refused, probes ACS every `interval` until `stop`.
     pub async fn probe_while_refused(
         self: Arc<Self>,
         acs: Client,
         interval: Duration,
         stop: CancellationToken,
     ) {
-        let mut slept = Duration::ZERO;
-        let tick = interval.min(UNAVAILABLE_PROBE_INTERVAL);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(tick) => {}
+                () = tokio::time::sleep(interval) => {}
             }
-            slept = slept.saturating_add(tick);
-            let due = if !self.upstream_ok() {
-                slept >= interval
-            } else {
-                self.acs_failing.load(Ordering::Acquire)
-            };
-            if !due {
+            if self.upstream_ok() {
                 continue;
             }
-            slept = Duration::ZERO;
-            let deadline = Instant::now() + interval.min(Duration::from_secs(10));
-            let outcome = acs.read_profile(PROBE_KEY, Some(deadline)).await;
-            let signal = UpstreamSignal::of(&outcome);
-            tracing::debug!(signal = ?signal, "health probe");
-            self.observe(signal).await;
+            self.probe(&acs, interval.min(Duration::from_secs(10)))
+                .await;
         }
+    }
+
+    /// Asks ACS for a key no tenant holds, within `budget`, and takes the answer into account.
+    pub async fn probe(&self, acs: &Client, budget: Duration) {
+        let outcome = acs
+            .read_profile(PROBE_KEY, Some(Instant::now() + budget))
+            .await;
+        let signal = UpstreamSignal::of(&outcome);
+        tracing::debug!(signal = ?signal, "health probe");
+        self.observe(signal).await;
+    }
+
+    /// Whether ACS failed (unavailable, or refusing us) when last asked, and nothing that said
+    /// anything of it has come back for `quiet`: a probe would tell what calls do not.
+    pub fn acs_failing_unheard_for(&self, quiet: Duration) -> bool {
+        let last_ms = self.last_heard_ms.load(Ordering::Acquire);
+        let since = self
+            .started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last_ms));
+        self.acs_failing.load(Ordering::Acquire) && since >= quiet
     }
 }

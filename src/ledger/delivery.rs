@@ -52,6 +52,11 @@ impl Default for DeliverySettings {
     }
 }
 
+/// How long ACS may go unheard, while requests wait for it to answer again, before the
+/// deliverer probes it: one cheap read, so that they are due within about this long (and a poll)
+/// of ACS answering, with or without calls.
+pub const PROBE_WHILE_WAITING: Duration = Duration::from_secs(2);
+
 /// What one attempt at applying a request did.
 #[derive(Debug)]
 pub(super) enum Attempt {
@@ -79,6 +84,9 @@ pub struct Delivery {
     background: Client,
     health: Arc<GatewayHealth>,
     settings: DeliverySettings,
+    /// Whether a request was left backing off because ACS was unavailable, since ACS last
+    /// answered: the deliverer then probes ACS when no call hears from it.
+    waiting_for_acs: std::sync::atomic::AtomicBool,
     /// Work no caller waits for, which must still run to its end: a call's work once its
     /// caller has gone away, a restore a read started. Waited for when the gateway drains.
     detached: TaskTracker,
@@ -103,6 +111,7 @@ impl Delivery {
             acs,
             health,
             settings,
+            waiting_for_acs: std::sync::atomic::AtomicBool::new(false),
             detached: TaskTracker::new(),
             _hold: None,
         }
@@ -277,6 +286,11 @@ impl Delivery {
                 // request for the profile is sent before this one has surely landed or died,
                 // and none can be overtaken at ACS by an older one.
                 let release = if attempted { None } else { release };
+                let acs_unavailable = acs_unavailable(&error);
+                if acs_unavailable {
+                    self.waiting_for_acs
+                        .store(true, std::sync::atomic::Ordering::Release);
+                }
                 self.ledger
                     .settle(
                         &record.request_id,
@@ -284,7 +298,7 @@ impl Delivery {
                             error: &error.reason(),
                             next_attempt_at,
                             attempted,
-                            acs_unavailable: acs_unavailable(&error),
+                            acs_unavailable,
                         },
                         answered,
                         release,
@@ -348,9 +362,21 @@ impl Delivery {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(self.settings.poll_interval) => {}
             }
+            // Requests wait for ACS to answer again, and no call hears from it: ask it.
+            if self
+                .waiting_for_acs
+                .load(std::sync::atomic::Ordering::Acquire)
+                && self.health.acs_failing_unheard_for(PROBE_WHILE_WAITING)
+            {
+                self.health
+                    .probe(&self.background, self.settings.attempt_budget)
+                    .await;
+            }
             // At most once a poll, however often ACS flaps.
             if recoveries.has_changed().unwrap_or(false) {
                 recoveries.mark_unchanged();
+                self.waiting_for_acs
+                    .store(false, std::sync::atomic::Ordering::Release);
                 match self.ledger.retry_now_that_acs_answers().await {
                     Ok(0) => {}
                     Ok(due) => tracing::info!(

@@ -47,7 +47,7 @@ impl Ledger {
                     ordered_at!("newer"),
                     " = ",
                     ordered_at!("opt_out_records"),
-                    " AND newer.recorded_at > opt_out_records.recorded_at))) \
+                    " AND newer.recorded_at > opt_out_records.recorded_at)))) \
                      AND NOT EXISTS (SELECT 1 FROM opt_out_records restore \
                        WHERE restore.restores_request_id = opt_out_records.request_id)"
                 ))
