@@ -16,10 +16,10 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::access::tls::{ServerTls, TlsFiles};
 use crate::access::{AccessControl, IdentityMode, PolicySource};
-use crate::ledger::Ledger;
-use crate::ledger::delivery::DeliverySettings;
-use crate::ledger::reconcile::ReconcileSettings;
+use crate::optout::delivery::DeliverySettings;
+use crate::optout::reconcile::ReconcileSettings;
 use crate::server::{Boundary, ConnectionLimits, ServerOptions, ShutdownOptions};
+use crate::store::Ledger;
 
 /// Settings of `ccpa-gateway serve`.
 #[derive(Args, Clone)]
@@ -254,7 +254,7 @@ pub struct CallerSettings {
     /// A lookup by email that matches more profiles is refused (FAILED_PRECONDITION,
     /// TOO_MANY_PROFILES), and nothing is recorded for them.
     #[arg(long, env = "CCPA_MAX_PROFILES_PER_EMAIL", default_value = "100",
-          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::ledger::MAX_PROFILES_PER_EMAIL)))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::store::MAX_PROFILES_PER_EMAIL)))]
     pub max_profiles_per_email: u32,
 }
 
@@ -640,7 +640,7 @@ fn share(text: &str) -> Result<f64, String> {
     }
 }
 
-pub use crate::ledger::MIN_RETENTION;
+pub use crate::optout::MIN_RETENTION;
 
 /// The longest retention accepted.
 pub const MAX_RETENTION: Duration = Duration::from_secs(3653 * 24 * 3600);
@@ -794,8 +794,7 @@ const IMS_CLIENT_SECRET: &str = "--ims-client-secret (CCPA_IMS_CLIENT_SECRET) or
 
 /// Refuses an upstream URL that would carry tokens in clear (see `access::transport`).
 fn require_https(text: &str, setting: &'static str) -> Result<(), SettingError> {
-    crate::access::transport::require_https(text)
-        .map_err(|problem| SettingError { setting, problem })
+    crate::transport::require_https(text).map_err(|problem| SettingError { setting, problem })
 }
 
 fn required<T>(value: Option<T>, setting: &'static str) -> Result<T, SettingError> {

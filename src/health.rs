@@ -11,7 +11,7 @@
 //! - `liveness` is SERVING for as long as the process answers: restarting does not fix bad
 //!   credentials, so liveness must not follow them.
 //! - `ccpa.v1.OptOutDelivery` turns NOT_SERVING while a recorded opt-out request has waited
-//!   longer than the overdue threshold (see [`crate::ledger::clock`]): an alert, not a readiness
+//!   longer than the overdue threshold (see [`crate::optout::business_days`]): an alert, not a readiness
 //!   signal.
 //!
 //! Use `ccpa.v1.CcpaService` (or `""`) as the readiness signal and `liveness` as the liveness

@@ -9,7 +9,12 @@
 //! - [`api`]: the service, its input checks, and the one mapping of upstream failures to gRPC.
 //! - [`server`]: the server with health, reflection and orderly shutdown.
 //! - [`health`]: what the health service reports, and the probe that restores it.
-//! - [`ledger`]: the durable record of opt-out requests, and their delivery to ACS.
+//! - [`optout`]: the opt-out protocol: requests recorded, delivered to ACS, read protectively,
+//!   drift put back.
+//! - [`store`]: the ledger's store: the database and nothing else.
+//! - [`clock`]: the one clock of every time rule.
+//! - [`transport`]: the gateway's own connections (ACS, IMS, a PostgreSQL ledger) over verified
+//!   TLS.
 //! - [`config`]: settings, from flags and environment variables.
 //! - [`cli`]: the `ccpa-gateway` command.
 
@@ -27,14 +32,20 @@ pub mod api;
 #[cfg(feature = "server")]
 pub mod cli;
 #[cfg(feature = "server")]
+pub mod clock;
+#[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
 pub mod health;
 #[cfg(feature = "server")]
-pub mod ledger;
+pub mod optout;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
+pub mod store;
+#[cfg(feature = "server")]
 pub mod telemetry;
+#[cfg(feature = "server")]
+pub mod transport;
 #[cfg(feature = "server")]
 pub mod upstream;

@@ -32,10 +32,10 @@ use crate::access::gate::GateLayer;
 use crate::access::tls::ServerTls;
 use crate::api::CcpaApi;
 use crate::health::GatewayHealth;
-use crate::ledger::Ledger;
-use crate::ledger::delivery::{Delivery, DeliverySettings};
-use crate::ledger::reconcile::{ReconcileSettings, Reconciler};
+use crate::optout::delivery::{Delivery, DeliverySettings};
+use crate::optout::reconcile::{ReconcileSettings, Reconciler};
 use crate::proto::ccpa_v1::ccpa_service_server::CcpaServiceServer;
+use crate::store::Ledger;
 use crate::telemetry;
 use crate::telemetry::metrics::{Exporter, Refresh};
 use crate::telemetry::rpc::RpcLayer;
@@ -184,7 +184,7 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     /// The ledger cannot be served by this gateway (another serves its SQLite file).
     #[error("{0}")]
-    Ledger(#[from] crate::ledger::LedgerError),
+    Ledger(#[from] crate::store::LedgerError),
     /// The health listener failed.
     #[error("the health listener failed: {0}")]
     HealthListener(tonic::transport::Error),

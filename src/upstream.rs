@@ -1,5 +1,5 @@
 //! A failure on the way to ACS, or in what it answered, in terms that belong to neither side of
-//! the gateway: the ledger records what it means ([`crate::ledger::FailureCode::of`]), and the
+//! the gateway: the ledger records what it means (`FailureCode`'s `From<&UpstreamError>`, in `crate::optout`), and the
 //! API tells the caller (`api::error_mapping`). Both read it here, so neither imports the other.
 
 use acs_profile_client::{CallError, Failure};

@@ -14,10 +14,10 @@ mod common;
 use std::time::Instant;
 
 use acs_emulator::{Emulator, EmulatorConfig, NewProfile};
-use ccpa_gateway::ledger::{Ledger, State};
 use ccpa_gateway::proto::ccpa_v1::{
     BulkSetOptOutRequest, DeliveryState, RequestSource, SetOptOutRequest,
 };
+use ccpa_gateway::store::{Ledger, State};
 use common::{QUICK_DELIVERY_ARGS, Store, until_settled};
 use futures::StreamExt;
 

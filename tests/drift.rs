@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
 use acs_profile_client::{CallSettings, ClientConfig, ManualClock, ThrottleSettings};
-use ccpa_gateway::ledger::delivery::DeliverySettings;
-use ccpa_gateway::ledger::reconcile::ReconcileSettings;
+use ccpa_gateway::optout::delivery::DeliverySettings;
+use ccpa_gateway::optout::reconcile::ReconcileSettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
     CreateProfileRequest, DeliveryState, GetOptOutRequest, GetOptOutResponse,
@@ -489,7 +489,7 @@ async fn two_replicas_on_one_postgresql_ledger_restore_each_profile_once() {
 }
 
 async fn the_yearly_report_counts_each_consumer_request_once(store: Store) {
-    use ccpa_gateway::ledger::{FailureCode, Kind, NewRequest, Outcome, Source};
+    use ccpa_gateway::store::{FailureCode, Kind, NewRequest, Outcome, Source};
     // Tuesday 2026-03-10, 00:00 UTC; every response below is given at this instant.
     let d0 = UNIX_EPOCH + Duration::from_secs(1_773_100_800);
     let clock = Arc::new(ManualClock::at(d0));

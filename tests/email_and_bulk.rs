@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use acs_emulator::{Emulator, EmulatorConfig, Fault, FaultSettings, NewProfile};
 use acs_profile_client::{CallSettings, ClientConfig, ThrottleSettings};
-use ccpa_gateway::ledger::delivery::DeliverySettings;
+use ccpa_gateway::optout::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::{
     BulkSetOptOutRequest, DeliveryState, GetOptOutRequest, ListOptOutRecordsRequest, RequestSource,
     SetOptOutRequest,

@@ -15,7 +15,7 @@ use acs_profile_client::{
     ThrottleSettings, TokioClock,
 };
 use ccpa_gateway::api::deadline::MARGIN;
-use ccpa_gateway::ledger::delivery::DeliverySettings;
+use ccpa_gateway::optout::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
     CreateProfileRequest, DeliveryState, GetOptOutRequest, RequestSource, SetOptOutRequest,

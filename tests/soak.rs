@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
 use acs_profile_client::{CallSettings, ClientConfig, ThrottleSettings};
-use ccpa_gateway::ledger::delivery::DeliverySettings;
+use ccpa_gateway::optout::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::{
     DeliveryState, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };

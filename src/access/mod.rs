@@ -4,8 +4,6 @@
 //! - [`tls`]: TLS and mutual TLS on the listener, with files reloaded on change.
 //! - [`identity`]: the three identity modes of `--caller-identity`.
 //! - [`policy`]: the TOML policy of `--authz-policy`.
-//! - [`transport`]: the gateway's own connections (ACS, IMS, a PostgreSQL ledger) over verified
-//!   TLS.
 //! - [`gate`]: the layer in front of every service that authenticates each call, applies the
 //!   caller's rate, and hands the handlers a [`Caller`] to check permissions against.
 //!
@@ -18,7 +16,6 @@ pub mod gate;
 pub mod identity;
 pub mod policy;
 pub mod tls;
-pub mod transport;
 mod watched;
 
 use std::path::PathBuf;

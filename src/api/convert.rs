@@ -1,8 +1,8 @@
 //! Between the ledger's types and the wire contract's.
 
 use super::timestamps::ms_to_proto;
-use crate::ledger::{Kind, Record, Source, State};
 use crate::proto::ccpa_v1::{DeliveryState, LatestRequest, OptOutRecord, RequestSource};
+use crate::store::{Kind, Record, Source, State};
 
 /// The wire form of a state.
 pub fn delivery_state(state: State) -> DeliveryState {

@@ -74,7 +74,7 @@ use std::time::Duration;
 use acs_profile_client::{ApiError, CallError, Failure, retry_after};
 
 use crate::access::Permission;
-use crate::ledger::{FailureCode, LedgerError, Record};
+use crate::store::{FailureCode, LedgerError, Record};
 use crate::upstream::UpstreamError;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -281,7 +281,7 @@ pub fn replayed_failure(record: &Record) -> Status {
 }
 
 /// The code a replay of a request FAILED with `failure` is answered with: the one its caller was
-/// first given. (The ledger records an upstream failure as [`FailureCode::of`] says; a status
+/// first given. (The ledger records an upstream failure as [`FailureCode::from`] says; a status
 /// that asked the caller to come back later, RESOURCE_EXHAUSTED included, is recorded as
 /// unavailable: such a request did nothing and may be tried again under its id.)
 fn replayed_code(failure: FailureCode) -> Code {
@@ -428,7 +428,7 @@ mod tests {
         .into()
     }
 
-    /// The ledger records what an upstream failure means (`FailureCode::of`); a replay of the
+    /// The ledger records what an upstream failure means (`FailureCode::from`); a replay of the
     /// request id is answered from that record. Both must tell the caller what it was told the
     /// first time, through this table.
     #[test]
@@ -444,7 +444,7 @@ mod tests {
         errors.push(UpstreamError::MissingField("ccpaOptOut"));
         for error in &errors {
             let first = upstream_status("test", error).code();
-            let replayed = replayed_code(FailureCode::of(error));
+            let replayed = replayed_code(FailureCode::from(error));
             assert_eq!(replayed, first, "{}", error.reason());
         }
         // The one exception: a full queue toward ACS asked the caller to slow down; the request
@@ -455,7 +455,7 @@ mod tests {
             Code::ResourceExhausted
         );
         assert_eq!(
-            replayed_code(FailureCode::of(&throttled)),
+            replayed_code(FailureCode::from(&throttled)),
             Code::Unavailable
         );
     }

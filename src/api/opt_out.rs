@@ -15,14 +15,12 @@ use super::service::{
 };
 use super::validation::{Violations, request_id_conflict};
 use crate::access::Caller;
-use crate::ledger::{
-    Apply, ByEmailFailure, EmailRequest, Kind, NewRequest, Record, Source, State, Submitted,
-    SubmittedByEmail,
-};
+use crate::optout::{Apply, ByEmailFailure, EmailRequest, Submitted, SubmittedByEmail};
 use crate::proto::ccpa_v1::{
     DeliveryState, GetOptOutRequest, GetOptOutResponse, ProfileDelivery, ProfileOptOut,
     SetOptOutRequest, SetOptOutResponse,
 };
+use crate::store::{Kind, NewRequest, Record, Source, State};
 use crate::upstream::UpstreamError;
 
 const GET: &str = "GetOptOut";

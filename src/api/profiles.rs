@@ -13,8 +13,9 @@ use super::opt_out::request_id_or_new;
 use super::service::{CcpaApi, Deadline, OptOutState, recorded_caller};
 use super::validation::{Violations, request_id_conflict};
 use crate::access::Caller;
-use crate::ledger::{Created, Kind, NewRequest, State, fingerprint};
+use crate::optout::Created;
 use crate::proto::ccpa_v1::{CreateProfileRequest, CreateProfileResponse, Profile};
+use crate::store::{Kind, NewRequest, State, fingerprint};
 use crate::upstream::UpstreamError;
 
 const RPC: &str = "CreateProfile";

@@ -13,11 +13,11 @@ use super::error_mapping::{Reason, gateway_status, ledger_status};
 use super::service::CcpaApi;
 use super::timestamps::proto_to_ms;
 use super::validation::Violations;
-use crate::ledger::{Cursor, ListFilter};
 use crate::proto::ccpa_v1::{
     GetOptOutRecordRequest, GetOptOutRecordResponse, ListOptOutRecordsRequest,
     ListOptOutRecordsResponse,
 };
+use crate::store::{Cursor, ListFilter};
 
 /// Page size when the caller gives none.
 pub const DEFAULT_PAGE_SIZE: i64 = 50;
@@ -168,8 +168,8 @@ impl CcpaApi {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::State;
     use crate::proto::ccpa_v1::DeliveryState;
+    use crate::store::State;
 
     #[test]
     fn tokens_only_work_with_their_filters() {

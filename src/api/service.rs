@@ -17,14 +17,14 @@ use super::timestamps::acs_timestamp_to_proto;
 use super::validation::Violations;
 use crate::access::{Caller, Permission};
 use crate::health::{GatewayHealth, UpstreamSignal};
-use crate::ledger::Ledger;
-use crate::ledger::delivery::Delivery;
+use crate::optout::delivery::Delivery;
 use crate::proto::ccpa_v1::{
     BulkSetOptOutRequest, CreateProfileRequest, CreateProfileResponse, GetOptOutRecordRequest,
     GetOptOutRecordResponse, GetOptOutRequest, GetOptOutResponse, ListOptOutRecordsRequest,
     ListOptOutRecordsResponse, SetOptOutRequest, SetOptOutResponse,
     ccpa_service_server::CcpaService,
 };
+use crate::store::Ledger;
 use crate::upstream::UpstreamError;
 
 /// The metadata key naming the calling service where identities are self-declared.

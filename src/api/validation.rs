@@ -10,8 +10,9 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use super::error_mapping::{ERROR_DOMAIN, Reason};
-use crate::ledger::{RESERVED_REQUEST_ID_SEPARATOR, Source};
+use crate::optout::RESERVED_REQUEST_ID_SEPARATOR;
 use crate::proto::ccpa_v1::RequestSource;
+use crate::store::Source;
 
 /// Real PKeys are 90 to 130 characters; four times that leaves room for longer ones ACS may
 /// mint while keeping absurd inputs out of URLs and logs.

@@ -9,10 +9,10 @@ use serde_json::{Value, json};
 
 use super::exit_codes;
 use crate::config::{LEDGER, retention};
-use crate::ledger::clock::business_days_before;
-use crate::ledger::reconcile::Direction;
-use crate::ledger::report::{Figures, YearlyReport};
-use crate::ledger::{Ledger, LedgerError, Record};
+use crate::optout::business_days::business_days_before;
+use crate::optout::reconcile::Direction;
+use crate::store::report::{Figures, YearlyReport};
+use crate::store::{Ledger, LedgerError, Record};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 

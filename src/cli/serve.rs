@@ -12,8 +12,8 @@ use tokio::net::TcpListener;
 
 use super::exit_codes;
 use crate::config::{AcsSettings, LEDGER, ServeSettings, duration_within};
-use crate::ledger::Ledger;
 use crate::server;
+use crate::store::Ledger;
 use crate::telemetry::metrics::Exporter;
 
 /// Arguments of `emulator`.

@@ -18,6 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 use acs_profile_client::observe as acs;
 
+pub use crate::store::metrics::{
+    LEDGER_COMMIT_BATCH_SIZE, LEDGER_COMMIT_SECONDS, LEDGER_REQUESTS_TOTAL,
+    LEDGER_WRITE_ERRORS_TOTAL,
+};
+
 /// RPCs started, by `grpc_type`, `grpc_service` and `grpc_method` (go-grpc-prometheus).
 pub const GRPC_STARTED_TOTAL: &str = "grpc_server_started_total";
 /// RPCs finished, by method and `grpc_code` (go-grpc-prometheus).
@@ -32,16 +37,8 @@ pub const LEDGER_PENDING: &str = "ccpa_ledger_pending_requests";
 pub const LEDGER_OLDEST_PENDING_AGE_SECONDS: &str = "ccpa_ledger_oldest_pending_age_seconds";
 /// Pending requests older than the overdue threshold.
 pub const LEDGER_OVERDUE: &str = "ccpa_ledger_overdue_requests";
-/// Requests resolved, by the `state` they reached.
-pub const LEDGER_REQUESTS_TOTAL: &str = "ccpa_ledger_requests_total";
 /// From a request's `received_at` to the moment ACS held it.
 pub const TIME_TO_HONOR_SECONDS: &str = "ccpa_opt_out_time_to_honor_seconds";
-/// Time a ledger commit takes.
-pub const LEDGER_COMMIT_SECONDS: &str = "ccpa_ledger_commit_seconds";
-/// Units of work per grouped commit (SQLite).
-pub const LEDGER_COMMIT_BATCH_SIZE: &str = "ccpa_ledger_commit_batch_size";
-/// Ledger writes that failed (nothing of them was kept).
-pub const LEDGER_WRITE_ERRORS_TOTAL: &str = "ccpa_ledger_write_errors_total";
 /// Whether a health entry is SERVING (1) or not (0), by `service`.
 pub const HEALTH_SERVING: &str = "ccpa_health_serving";
 /// Profiles found changed behind the gateway, by `direction`.

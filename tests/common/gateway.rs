@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use acs_emulator::{Emulator, EmulatorConfig, NewProfile};
 use acs_profile_client::{Client, ClientConfig, Clock};
-use ccpa_gateway::ledger::Ledger;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::server::{self, Listeners, ServeError, ServerOptions};
+use ccpa_gateway::store::Ledger;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;

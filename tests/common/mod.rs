@@ -36,8 +36,8 @@ use std::time::Duration;
 
 use acs_emulator::Emulator;
 use acs_profile_client::{AccessToken, ClientConfig, SharedToken};
-use ccpa_gateway::ledger::Ledger;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
+use ccpa_gateway::store::Ledger;
 use tonic::transport::{Channel, ClientTlsConfig};
 
 /// A client configuration for the emulator's tenant and credentials.

@@ -4,10 +4,7 @@ use serde::Serialize;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use acs_profile_client::{CallError, Failure};
-
 use super::LedgerError;
-use crate::upstream::UpstreamError;
 
 /// The manner in which the consumer made a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -77,35 +74,6 @@ pub enum FailureCode {
 }
 
 impl FailureCode {
-    /// What an upstream failure means for the request it stopped. The caller is told the same
-    /// through `api::error_mapping`'s table; a test there checks the two agree row by row.
-    pub fn of(error: &UpstreamError) -> Self {
-        match error {
-            UpstreamError::EmptyCollection => Self::ProfileNotFound,
-            UpstreamError::MissingField(_) => Self::Internal,
-            UpstreamError::Call(call) => match call.as_ref() {
-                CallError::DeadlineExceeded { .. } => Self::DeadlinePassed,
-                // The gateway's own queue toward ACS was full: nothing was sent.
-                CallError::Throttled => Self::Unavailable,
-                CallError::Api(e) => match Failure::classify(e) {
-                    Failure::NotFound | Failure::UnparsableKey => Self::ProfileNotFound,
-                    Failure::Conflict => Self::ProfileConflict,
-                    Failure::Transient { .. }
-                    | Failure::Unreachable
-                    | Failure::Interrupted { .. }
-                    | Failure::MalformedResponse
-                    | Failure::EndpointNotFound
-                    | Failure::NoToken => Self::Unavailable,
-                    Failure::TokenRejected
-                    | Failure::AccessDenied
-                    | Failure::Refused { .. }
-                    | Failure::ServerError { .. }
-                    | Failure::InvalidRequest => Self::Internal,
-                },
-            },
-        }
-    }
-
     /// Whether the failure was transient: the request did nothing, and may be tried again under
     /// its id.
     pub fn is_transient(self) -> bool {
@@ -226,9 +194,16 @@ pub struct Record {
 
 impl Record {
     /// The instant the request is ordered by among its profile's requests: when the consumer
-    /// made it, but no later than when the ledger recorded it (SQL: `ordered_at!()`).
+    /// made it, but no later than when the ledger recorded it (SQL: `ordered_at!()`). A restore's
+    /// `received_at` is the gateway's own (a millisecond after the request it restores), not a
+    /// caller's: it counts as it is, so that a restore recorded within that millisecond, or
+    /// on a clock that stands still, still follows the request it restores.
     pub fn ordered_at(&self) -> i64 {
-        self.received_at.min(self.recorded_at)
+        if self.restores_request_id.is_none() {
+            self.received_at.min(self.recorded_at)
+        } else {
+            self.received_at
+        }
     }
 
     /// Reads a row of `opt_out_records`.

@@ -8,8 +8,8 @@ use std::time::Instant;
 use acs_profile_client::types;
 
 use super::delivery::Delivery;
-use super::{FailureCode, LedgerError, NewRequest, Outcome, Record, Recorded, Settled};
 use crate::health::UpstreamSignal;
+use crate::store::{FailureCode, LedgerError, NewRequest, Outcome, Record, Recorded, Settled};
 use crate::upstream::UpstreamError;
 
 /// What became of a recorded creation.
@@ -80,7 +80,7 @@ impl Delivery {
                 Ok(Created::Created(profile))
             }
             Err(error) => {
-                let code = FailureCode::of(&error);
+                let code = FailureCode::from(&error);
                 let reason = format!(
                     "Adobe Campaign did not create the profile ({}); the caller was told and \
                      must retry",

@@ -15,8 +15,10 @@ use futures::{StreamExt, stream};
 use super::creation::Created;
 use super::delivery::Delivery;
 use super::submit::{Apply, Submitted};
-use super::{FailureCode, Kind, LedgerError, NewRequest, Outcome, Record, Recorded, fingerprint};
 use crate::health::UpstreamSignal;
+use crate::store::{
+    FailureCode, Kind, LedgerError, NewRequest, Outcome, Record, Recorded, fingerprint,
+};
 use crate::upstream::UpstreamError;
 
 /// Joins a request by email's id to the number of each of its profiles' records. Callers' own
@@ -278,7 +280,9 @@ impl Delivery {
         failure: ByEmailFailure,
     ) -> Result<SubmittedByEmail, LedgerError> {
         let code = match &failure {
-            ByEmailFailure::Lookup(error) | ByEmailFailure::Create(error) => FailureCode::of(error),
+            ByEmailFailure::Lookup(error) | ByEmailFailure::Create(error) => {
+                FailureCode::from(error)
+            }
             ByEmailFailure::NoProfile => FailureCode::ProfileNotFound,
             ByEmailFailure::TooManyProfiles => FailureCode::TooManyProfiles,
             // Nothing was wrong with the request: the caller retries.

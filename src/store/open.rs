@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use acs_profile_client::TokioClock;
+use crate::clock::TokioClock;
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor, SqlSafeStr};
@@ -197,31 +197,31 @@ impl Ledger {
 
     async fn open_as(location: &str, opening: Opening) -> Result<Self, LedgerError> {
         sqlx::any::install_default_drivers();
-        let (url, backend) =
-            if location.starts_with("postgres://") || location.starts_with("postgresql://") {
-                crate::access::transport::require_verified_postgres(location)
-                    .map_err(LedgerError::Location)?;
-                (location.to_owned(), Backend::Postgres)
-            } else if location == "sqlite::memory:" {
-                ("sqlite::memory:".to_owned(), Backend::Sqlite)
-            } else if location.is_empty() || location.contains("://") {
-                return Err(LedgerError::Location(format!(
-                    "the ledger must be a file path or a postgres:// URL, not {location:?}"
-                )));
-            } else {
-                let path = Path::new(location);
-                match opening {
-                    Opening::CreateOrMigrate => create_private_file(path)?,
-                    Opening::Existing if !path.is_file() => {
-                        return Err(LedgerError::Location(format!(
-                            "no ledger file at {location:?}: it is opened, never created, here"
-                        )));
-                    }
-                    Opening::Existing => {}
+        let (url, backend) = if location.starts_with("postgres://")
+            || location.starts_with("postgresql://")
+        {
+            crate::transport::require_verified_postgres(location).map_err(LedgerError::Location)?;
+            (location.to_owned(), Backend::Postgres)
+        } else if location == "sqlite::memory:" {
+            ("sqlite::memory:".to_owned(), Backend::Sqlite)
+        } else if location.is_empty() || location.contains("://") {
+            return Err(LedgerError::Location(format!(
+                "the ledger must be a file path or a postgres:// URL, not {location:?}"
+            )));
+        } else {
+            let path = Path::new(location);
+            match opening {
+                Opening::CreateOrMigrate => create_private_file(path)?,
+                Opening::Existing if !path.is_file() => {
+                    return Err(LedgerError::Location(format!(
+                        "no ledger file at {location:?}: it is opened, never created, here"
+                    )));
                 }
-                // The file exists now: SQLite must not create one (`rw`, not `rwc`).
-                (format!("sqlite://{location}?mode=rw"), Backend::Sqlite)
-            };
+                Opening::Existing => {}
+            }
+            // The file exists now: SQLite must not create one (`rw`, not `rwc`).
+            (format!("sqlite://{location}?mode=rw"), Backend::Sqlite)
+        };
         if opening == Opening::Existing && location == "sqlite::memory:" {
             return Err(LedgerError::Location(
                 "an in-memory ledger exists only inside the gateway that made it".into(),

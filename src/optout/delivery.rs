@@ -11,9 +11,11 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::clock::business_days_before;
-use super::{Claim, ExclusiveHold, FailureCode, Ledger, LedgerError, Outcome, Record, Settled};
+use super::business_days::business_days_before;
 use crate::health::{GatewayHealth, UpstreamSignal, acs_unavailable};
+use crate::store::{
+    Claim, ExclusiveHold, FailureCode, Ledger, LedgerError, Outcome, Record, Settled,
+};
 use crate::telemetry::metrics as names;
 
 /// How the deliverer works.

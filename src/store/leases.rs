@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use acs_profile_client::Clock;
+use crate::clock::Clock;
 use sqlx::{AnyConnection, Executor};
 use tokio::time::Instant;
 
@@ -471,7 +471,7 @@ pub(super) fn count_resolved(state: Option<State>, count: u64) {
         && count > 0
     {
         metrics::counter!(
-            crate::telemetry::metrics::LEDGER_REQUESTS_TOTAL,
+            super::metrics::LEDGER_REQUESTS_TOTAL,
             "state" => state.as_str(),
         )
         .increment(count);

@@ -1,6 +1,8 @@
-//! The opt-out ledger: every consumer request to opt out of sale (or back in) is written here,
-//! durably, before ACS is called; it is delivered to ACS from here until ACS holds it; and it is
-//! kept here, as the record the CCPA regulations require, for at least 24 months.
+//! The ledger's store: the database and nothing else. Every consumer request to opt out of sale
+//! (or back in) is written here, durably, before ACS is called, and kept here, as the record the
+//! CCPA regulations require, for at least 24 months. What is done with those records (delivery
+//! to ACS, drift, the read's protective answer) is the protocol's, in `crate::optout`; this
+//! module knows nothing of ACS, health, access, telemetry or the API.
 //!
 //! One schema (`migrations/`), portable between SQLite (the default: a file, one gateway) and
 //! PostgreSQL (several gateways sharing one ledger). Writes are durable when they return: SQLite
@@ -9,20 +11,18 @@
 //!
 //! By job: `open` (connections, migrations), `intake` (recording a request), `leases` (who
 //! applies a profile's requests, and what came of each attempt), `queries` (reads), `retention`
-//! (pruning), `writer` (group commit), `submit` (a profile's request: recorded, then applied
-//! within the call or later), `by_email` (a request by email, fanned out to its profiles),
-//! `creation` (a profile created with an opt-out), `delivery` (attempts, and the deliverer),
-//! `reconcile` (what other systems changed in ACS, put back), `report` (the yearly figures),
-//! `clock` (business days).
+//! (pruning), `writer` (group commit), `reconcile` (each profile's latest request, the schedule
+//! of re-reads, drift found), `report` (the yearly figures), `metrics` (what the store counts).
 //!
 //! Order: requests for one profile take effect in the order consumers made them
 //! (`received_at`, then arrival), except that a request is never ordered later than the ledger's
 //! clock when it was recorded: a caller's stated `received_at` ahead of that clock (a portal
 //! whose clock runs fast, or a caller allowed only `opt-in` on purpose) would otherwise overtake
 //! an opt-out the consumer makes after it. The stated value is kept as given, for the records
-//! (11 CCR 7101); only the order uses [`Record::ordered_at`], in SQL `ordered_at!()`. A request overtaken by a newer one before it was applied is
-//! SUPERSEDED and never applied; only the holder of a profile's lease (see [`Ledger::claim`])
-//! applies that profile's newest pending request.
+//! (11 CCR 7101); only the order uses [`Record::ordered_at`], in SQL `ordered_at!()`. A request
+//! overtaken by a newer one before it was applied is SUPERSEDED and never applied; only the
+//! holder of a profile's lease (see [`Ledger::claim`]) applies that profile's newest pending
+//! request.
 
 /// PostgreSQL's clock now (not at the transaction's start), in ms since the Unix epoch: an SQL
 /// expression, spliced with `concat!` into the statements that read it.
@@ -32,58 +32,54 @@ macro_rules! database_now_ms {
     };
 }
 
-/// The instant a request is ordered by among its profile's requests: `received_at`, but no later
-/// than `recorded_at` (see the module's "Order"). An SQL expression over the columns of
-/// `opt_out_records`, or of the table alias given, spliced with `concat!`.
+/// The instant a request is ordered by among its profile's requests: [`Record::ordered_at`]. An
+/// SQL expression over the columns of `opt_out_records`, or of the table alias given, spliced
+/// with `concat!`.
 macro_rules! ordered_at {
     () => {
-        "(CASE WHEN received_at < recorded_at THEN received_at ELSE recorded_at END)"
+        "(CASE WHEN received_at > recorded_at AND restores_request_id IS NULL \
+         THEN recorded_at ELSE received_at END)"
     };
     ($table:literal) => {
         concat!(
             "(CASE WHEN ",
             $table,
-            ".received_at < ",
+            ".received_at > ",
             $table,
-            ".recorded_at THEN ",
+            ".recorded_at AND ",
             $table,
-            ".received_at ELSE ",
+            ".restores_request_id IS NULL THEN ",
             $table,
-            ".recorded_at END)"
+            ".recorded_at ELSE ",
+            $table,
+            ".received_at END)"
         )
     };
 }
 
-mod by_email;
-pub mod clock;
-mod creation;
-pub mod delivery;
 mod intake;
 mod leases;
+pub mod metrics;
 mod open;
 mod queries;
-pub mod reconcile;
+mod reconcile;
 mod record;
 pub mod report;
 mod retention;
-mod submit;
 mod writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use acs_profile_client::Clock;
 use futures::future::BoxFuture;
 use sqlx::{AnyConnection, AnyPool};
 
-pub use by_email::{ByEmailFailure, EmailRequest, RESERVED_REQUEST_ID_SEPARATOR, SubmittedByEmail};
-pub use creation::Created;
+use crate::clock::Clock;
+
 pub use intake::{NewRequest, Recorded, fingerprint};
 pub use leases::{Claim, Outcome, Settled};
 pub use queries::{Cursor, ListFilter, MAX_PROFILES_PER_EMAIL, PendingSummary};
 pub use record::{FailureCode, Kind, Record, Source, State};
-pub use retention::MIN_RETENTION;
-pub use submit::{Apply, Submitted};
 use writer::Writer;
 
 /// Why the ledger could not do what was asked.

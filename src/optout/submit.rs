@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use super::delivery::{Attempt, Delivery};
-use super::{LedgerError, NewRequest, Record, Recorded, State};
+use crate::store::{LedgerError, NewRequest, Record, Recorded, State};
 
 /// When a submitted request is applied.
 #[derive(Debug, Clone, Copy)]

@@ -135,7 +135,7 @@ impl Writer {
 /// Times a commit of `units` units of work; a failed one counts each unit as a write error
 /// (each failed because the batch did).
 fn observe_commit(started: std::time::Instant, units: usize, committed: bool) {
-    use crate::telemetry::metrics as names;
+    use super::metrics as names;
     if committed {
         metrics::histogram!(names::LEDGER_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::histogram!(names::LEDGER_COMMIT_BATCH_SIZE).record(units as f64);
@@ -216,7 +216,7 @@ async fn run_units(
         answers.push(answer);
         if !succeeded {
             // Its own failure, whatever becomes of the batch.
-            metrics::counter!(crate::telemetry::metrics::LEDGER_WRITE_ERRORS_TOTAL).increment(1);
+            metrics::counter!(super::metrics::LEDGER_WRITE_ERRORS_TOTAL).increment(1);
             connection
                 .execute("ROLLBACK TO unit")
                 .await

@@ -6,10 +6,6 @@ use super::{Backend, Ledger, LedgerError};
 /// attempt that could still settle under it.
 const LAPSED_LEASES_KEPT_MS: i64 = 3_600_000;
 
-/// 24 months: 731 days, the longest any 24 months can be (when they hold a 29 February), so that
-/// a record is never pruned a day early.
-pub const MIN_RETENTION: std::time::Duration = std::time::Duration::from_secs(731 * 24 * 3600);
-
 impl Ledger {
     /// Deletes the records of requests answered longer than `retention` ago on the ledger's
     /// clock, except pending ones and each profile's latest request (with the consumer's
