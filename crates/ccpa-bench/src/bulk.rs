@@ -7,6 +7,13 @@
 //! `bulk_record_only` sends the same stream with every item `record_only`: each is answered
 //! once durably recorded, and the gateway's deliverer applies them meanwhile, in the background.
 //! Its `items_per_s` is the rate of intake; the direct figures are the same floor as `bulk`'s.
+//!
+//! Unlike the call scenarios, neither side reports `by_method`: each side makes one kind of
+//! operation (one BulkSetOptOut stream; the same opt-outs as writes and read-backs), so a
+//! breakdown by method would repeat the totals, and no reads wait behind the writes. Nor is a
+//! latency per item reported: the stream's items wait in HTTP/2 flow control and in the
+//! gateway's window of `BULK_CONCURRENCY` at once, so an item's time from being sent to being
+//! answered measures its place in the stream more than its cost. The throughput is the figure.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -3,8 +3,8 @@
 //! For each scenario, in one run and against one emulator (a separate process, with the
 //! scenario's latency), the same operations are made twice: directly with the client crate from
 //! this process (the floor for that work), then through a gateway (another process). The report
-//! gives both, their ratios, and the gateway's CPU time per call and peak RSS read from `/proc`.
-//! `BENCHMARKS.md` records the figures.
+//! gives both, overall and by method (`by_method`), their ratios, and the gateway's CPU time per
+//! call and peak RSS read from `/proc`. `BENCHMARKS.md` records the figures.
 //!
 //! The benchmark is a binary of its own, so that the production binary holds what production
 //! runs. The emulator and the gateway it measures are this binary run as `ccpa-bench gateway
@@ -33,7 +33,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use ccpa_gateway::cli::exit_codes;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{GetOptOutRequest, RequestSource, SetOptOutRequest};
-use load::{drive, round};
+use load::{Method, drive, round};
 use processes::{GatewayLimits, start_emulator, start_gateway, usage};
 
 /// `ccpa-bench`'s arguments.
@@ -393,7 +393,7 @@ async fn measured<F, Fut>(
     gateway_pid: Option<i32>,
 ) -> Result<(load::LoadResult, PhaseCpu), String>
 where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    F: Fn(usize, u64) -> (Method, Fut) + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
 {
     let own_pid = i32::try_from(std::process::id()).map_err(|e| e.to_string())?;
@@ -708,15 +708,11 @@ fn direct_operation(
     client: Client,
     profiles: Arc<Vec<String>>,
     set_share: f64,
-) -> impl Fn(usize, u64) -> futures::future::BoxFuture<'static, Result<(), String>>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(usize, u64) -> (Method, Call) + Clone + Send + Sync + 'static {
     move |worker, n| {
         let client = client.clone();
         let (pkey, set) = pick(&profiles, worker, n, set_share);
-        Box::pin(async move {
+        let call: Call = Box::pin(async move {
             let deadline = Some(Instant::now() + CALL_DEADLINE);
             // What the gateway does for the same call: a read, or a write and a read-back.
             if set {
@@ -730,7 +726,20 @@ fn direct_operation(
                 Ok(None) => Err("empty collection".into()),
                 Err(e) => Err(error_kind(&e)),
             }
-        })
+        });
+        (method(set), call)
+    }
+}
+
+/// One call of the load: it fails with its error kind.
+type Call = futures::future::BoxFuture<'static, Result<(), String>>;
+
+/// The method a call of `pick` is: a SetOptOut when it sets, else a GetOptOut.
+fn method(set: bool) -> Method {
+    if set {
+        Method::SetOptOut
+    } else {
+        Method::GetOptOut
     }
 }
 
@@ -742,15 +751,11 @@ fn gateway_operation(
     channels: Arc<Vec<Channel>>,
     profiles: Arc<Vec<String>>,
     set_share: f64,
-) -> impl Fn(usize, u64) -> futures::future::BoxFuture<'static, Result<(), String>>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(usize, u64) -> (Method, Call) + Clone + Send + Sync + 'static {
     move |worker, n| {
         let mut client = CcpaServiceClient::new(channels[worker % channels.len()].clone());
         let (pkey, set) = pick(&profiles, worker, n, set_share);
-        Box::pin(async move {
+        let call: Call = Box::pin(async move {
             let result = if set {
                 let mut request = tonic::Request::new(SetOptOutRequest {
                     pkey,
@@ -769,7 +774,8 @@ fn gateway_operation(
                 client.get_opt_out(request).await.map(|_| ())
             };
             result.map_err(|status| format!("{:?}", status.code()))
-        })
+        });
+        (method(set), call)
     }
 }
 
@@ -813,6 +819,16 @@ fn print_report(scenario: Scenario, report: &Value) {
             side["max_ms"].as_f64().unwrap_or(0.0),
             side["errors"],
         );
+        if let Some(methods) = side["by_method"].as_object() {
+            for (name, figures) in methods {
+                println!(
+                    "    {name:<10} {:>8} calls      p50 {:>8.3} ms   p99 {:>8.3} ms",
+                    figures["calls"],
+                    figures["p50_ms"].as_f64().unwrap_or(0.0),
+                    figures["p99_ms"].as_f64().unwrap_or(0.0),
+                );
+            }
+        }
     };
     println!(
         "{}: {} concurrent, {} ms upstream",

@@ -5,6 +5,38 @@ use std::process::Command;
 
 use serde_json::Value;
 
+/// Checks a side's `by_method`: exactly the `methods` named, each with calls, p50 and p99, its
+/// calls adding up to the side's. Returns it.
+fn by_method<'a>(side: &'a Value, methods: &[&str], label: &str) -> &'a Value {
+    let by_method = &side["by_method"];
+    let named: Vec<&str> = by_method
+        .as_object()
+        .unwrap_or_else(|| panic!("{label}: no by_method: {side}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(named, methods, "{label}: {side}");
+    let mut calls = 0;
+    for method in methods {
+        let figures = &by_method[method];
+        assert!(
+            figures["calls"].as_u64().unwrap() > 0,
+            "{label}.{method}: {side}"
+        );
+        calls += figures["calls"].as_u64().unwrap();
+        let p50 = figures["p50_ms"].as_f64().unwrap();
+        let p99 = figures["p99_ms"].as_f64().unwrap();
+        assert!(0.0 < p50 && p50 <= p99, "{label}.{method}: {side}");
+        assert_eq!(
+            figures.as_object().unwrap().len(),
+            3,
+            "{label}.{method}: calls, p50_ms and p99_ms: {side}"
+        );
+    }
+    assert_eq!(Some(calls), side["calls"].as_u64(), "{label}: {side}");
+    by_method
+}
+
 /// Runs `ccpa-bench` with `args` (ending in `--json`), which must succeed, and returns its
 /// report.
 fn bench(args: &[&str]) -> Value {
@@ -21,15 +53,19 @@ fn bench(args: &[&str]) -> Value {
 
 #[test]
 fn a_short_benchmark_reports_every_figure() {
+    // Each worker's first calls in a hundred are its SetOptOuts (two upstream calls of 50 ms
+    // each): 5% of them, over 2 s, leave time for GetOptOuts in every phase.
     let report = bench(&[
         "--scenario",
         "fanout",
         "--concurrency",
         "8",
+        "--set-share",
+        "0.05",
         "--warmup",
         "200ms",
         "--duration",
-        "1s",
+        "2s",
         "--tls",
         "--json",
     ]);
@@ -70,6 +106,16 @@ fn a_short_benchmark_reports_every_figure() {
     }
     assert!(tls["gateway"]["ok"].as_u64().unwrap() > 0, "{tls}");
     assert_eq!(tls["gateway"]["errors"], serde_json::json!({}), "{tls}");
+    // Every side by method, the direct side naming its equivalents the same way.
+    let methods = ["GetOptOut", "SetOptOut"];
+    let direct = by_method(&fanout["direct"], &methods, "direct");
+    let gateway = by_method(&fanout["gateway"], &methods, "gateway");
+    by_method(&tls["gateway"], &methods, "gateway_tls");
+    for by_method in [direct, gateway] {
+        assert!(by_method["GetOptOut"]["p50_ms"].as_f64().unwrap() >= 50.0);
+    }
+    // A direct SetOptOut is a write and a read-back: two upstream calls.
+    assert!(direct["SetOptOut"]["p50_ms"].as_f64().unwrap() >= 100.0);
     // The scenario's 50 ms of upstream latency shows in both paths.
     assert!(fanout["direct"]["p50_ms"].as_f64().unwrap() >= 50.0);
     assert!(fanout["gateway"]["p50_ms"].as_f64().unwrap() >= 50.0);
