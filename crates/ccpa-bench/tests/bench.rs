@@ -116,6 +116,12 @@ fn a_short_benchmark_reports_every_figure() {
     }
     // A direct SetOptOut is a write and a read-back: two upstream calls.
     assert!(direct["SetOptOut"]["p50_ms"].as_f64().unwrap() >= 100.0);
+    // A SQLite ledger has no server to measure.
+    assert!(
+        fanout.get("store_server_cpu_us_per_call").is_none(),
+        "{fanout}"
+    );
+    assert!(tls.get("store_server_cpu_us_per_call").is_none(), "{tls}");
     // The scenario's 50 ms of upstream latency shows in both paths.
     assert!(fanout["direct"]["p50_ms"].as_f64().unwrap() >= 50.0);
     assert!(fanout["gateway"]["p50_ms"].as_f64().unwrap() >= 50.0);
@@ -178,5 +184,88 @@ fn the_record_only_bulk_scenario_reports_intake_and_memory() {
     assert!(
         intake["direct"]["items_per_s"].as_f64().unwrap() > 0.0,
         "{intake}"
+    );
+}
+
+/// The PostgreSQL the tests use (as the gateway's own tests: `CCPA_TEST_POSTGRES_URL`, or the
+/// one CI machines run on 127.0.0.1:5432 with trust auth).
+fn postgres_url() -> String {
+    std::env::var("CCPA_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Runs `sql` in the test PostgreSQL database; fails (never skips) when none is reachable.
+fn postgres(sql: String) {
+    use sqlx::Connection;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut connection = sqlx::PgConnection::connect(&postgres_url())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL at {} is required by this test (set CCPA_TEST_POSTGRES_URL): {e}",
+                    postgres_url()
+                )
+            });
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        let _ = connection.close().await;
+    });
+}
+
+/// A new schema in the test database, dropped when done with.
+struct Schema(String);
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        // The bench has stopped its gateway: nothing holds the schema's locks.
+        postgres(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0));
+    }
+}
+
+#[test]
+fn a_postgresql_ledger_reports_its_servers_cpu() {
+    let schema = Schema(format!("bench_test_{}", uuid::Uuid::new_v4().simple()));
+    postgres(format!("CREATE SCHEMA {}", schema.0));
+    let separator = if postgres_url().contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    let ledger = format!(
+        "{}{separator}options[search_path]={}",
+        postgres_url(),
+        schema.0
+    );
+    let report = bench(&[
+        "--scenario",
+        "ledger",
+        "--concurrency",
+        "4",
+        "--warmup",
+        "0s",
+        "--duration",
+        "1s",
+        "--ledger",
+        &ledger,
+        "--json",
+    ]);
+    let scenario = &report["scenarios"]["ledger"];
+    assert_eq!(
+        scenario["gateway"]["errors"],
+        serde_json::json!({}),
+        "{scenario}"
+    );
+    // Every call of the scenario is a SetOptOut, and each one costs the server some CPU.
+    by_method(&scenario["gateway"], &["SetOptOut"], "gateway");
+    by_method(&scenario["direct"], &["SetOptOut"], "direct");
+    assert!(
+        scenario["store_server_cpu_us_per_call"].as_f64().unwrap() > 0.0,
+        "{scenario}"
     );
 }
