@@ -1,5 +1,5 @@
 //! The load driver: a number of concurrent workers calling one operation for a while, with every
-//! latency recorded.
+//! latency recorded, overall and by method.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -8,6 +8,25 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
+
+/// Which of the gateway's methods a call is or, on the direct path, stands for: there a
+/// `SetOptOut` is the write and its read-back (`set_ccpa_opt_out`, then `read_profile`, as the
+/// gateway does), a `GetOptOut` the read alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Method {
+    GetOptOut,
+    SetOptOut,
+}
+
+impl Method {
+    /// The method's name, as the gateway's API spells it: a key of the report's `by_method`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::GetOptOut => "GetOptOut",
+            Self::SetOptOut => "SetOptOut",
+        }
+    }
+}
 
 /// What one run of load measured.
 #[derive(Debug, Clone)]
@@ -20,6 +39,8 @@ pub struct LoadResult {
     pub errors: BTreeMap<String, u64>,
     /// Latency of every call, failed ones included, in microseconds.
     pub latency_us: Histogram<u64>,
+    /// The same by method, for the methods called: each histogram's count is the method's calls.
+    pub by_method: BTreeMap<Method, Histogram<u64>>,
 }
 
 impl LoadResult {
@@ -49,7 +70,29 @@ impl LoadResult {
             "p90_ms": round(self.quantile_ms(0.9), 3),
             "p99_ms": round(self.quantile_ms(0.99), 3),
             "max_ms": round(self.latency_us.max() as f64 / 1000.0, 3),
+            "by_method": self.by_method_json(),
         })
+    }
+
+    /// `{"GetOptOut": {calls, p50_ms, p99_ms}, "SetOptOut": {...}}`, for the methods called
+    /// (a scenario without SetOptOuts has no `SetOptOut`); failed calls are counted and timed.
+    fn by_method_json(&self) -> Value {
+        let ms = |latency: &Histogram<u64>, quantile: f64| {
+            round(latency.value_at_quantile(quantile) as f64 / 1000.0, 3)
+        };
+        self.by_method
+            .iter()
+            .filter(|(_, latency)| !latency.is_empty())
+            .map(|(method, latency)| {
+                let figures = json!({
+                    "calls": latency.len(),
+                    "p50_ms": ms(latency, 0.5),
+                    "p99_ms": ms(latency, 0.99),
+                });
+                (method.name().to_owned(), figures)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
     }
 }
 
@@ -68,10 +111,11 @@ fn histogram() -> Histogram<u64> {
 }
 
 /// Runs `concurrency` workers for `duration`. Worker `w` makes its `n`-th call as
-/// `operation(w, n)`; a call that fails names its error kind.
+/// `operation(w, n)`, which names the call's method and gives the call; a call that fails names
+/// its error kind.
 pub async fn drive<F, Fut>(concurrency: usize, duration: Duration, operation: F) -> LoadResult
 where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    F: Fn(usize, u64) -> (Method, Fut) + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
     let operation = Arc::new(operation);
@@ -81,16 +125,21 @@ where
         .map(|worker| {
             let operation = operation.clone();
             tokio::spawn(async move {
-                let mut latency = histogram();
+                // One histogram per method called; the overall one is their sum.
+                let mut latency: BTreeMap<Method, Histogram<u64>> = BTreeMap::new();
                 let mut ok = 0u64;
                 let mut errors: BTreeMap<String, u64> = BTreeMap::new();
                 let mut n = 0u64;
                 while Instant::now() < end {
                     let call_started = Instant::now();
-                    let outcome = operation(worker, n).await;
+                    let (method, call) = operation(worker, n);
+                    let outcome = call.await;
                     let took =
                         u64::try_from(call_started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    latency.saturating_record(took.max(1));
+                    latency
+                        .entry(method)
+                        .or_insert_with(histogram)
+                        .saturating_record(took.max(1));
                     match outcome {
                         Ok(()) => ok += 1,
                         Err(kind) => *errors.entry(kind).or_default() += 1,
@@ -107,11 +156,20 @@ where
         ok: 0,
         errors: BTreeMap::new(),
         latency_us: histogram(),
+        by_method: BTreeMap::new(),
     };
     for worker in workers {
         match worker.await {
             Ok((latency, ok, errors)) => {
-                let _ = result.latency_us.add(latency);
+                for (method, latency) in latency {
+                    // Same bounds everywhere: adding cannot fail.
+                    let _ = result.latency_us.add(&latency);
+                    let _ = result
+                        .by_method
+                        .entry(method)
+                        .or_insert_with(histogram)
+                        .add(latency);
+                }
                 result.ok += ok;
                 for (kind, count) in errors {
                     *result.errors.entry(kind).or_default() += count;

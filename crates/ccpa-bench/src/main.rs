@@ -3,8 +3,9 @@
 //! For each scenario, in one run and against one emulator (a separate process, with the
 //! scenario's latency), the same operations are made twice: directly with the client crate from
 //! this process (the floor for that work), then through a gateway (another process). The report
-//! gives both, their ratios, and the gateway's CPU time per call and peak RSS read from `/proc`.
-//! `BENCHMARKS.md` records the figures.
+//! gives both, overall and by method (`by_method`), their ratios, and the gateway's CPU time per
+//! call and peak RSS read from `/proc` (with a ledger on this machine's PostgreSQL, the server's
+//! CPU per call too). `BENCHMARKS.md` records the figures.
 //!
 //! The benchmark is a binary of its own, so that the production binary holds what production
 //! runs. The emulator and the gateway it measures are this binary run as `ccpa-bench gateway
@@ -33,8 +34,8 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use ccpa_gateway::cli::exit_codes;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{GetOptOutRequest, RequestSource, SetOptOutRequest};
-use load::{drive, round};
-use processes::{GatewayLimits, start_emulator, start_gateway, usage};
+use load::{Method, drive, round};
+use processes::{GatewayLimits, postgres_server_cpu, start_emulator, start_gateway, usage};
 
 /// `ccpa-bench`'s arguments.
 #[derive(Parser)]
@@ -255,6 +256,14 @@ async fn run(args: BenchArgs) -> u8 {
         GatewayLog::Warn => "warn,ccpa_gateway::cli=info",
     };
 
+    if let Some(ledger) = &args.ledger
+        && (ledger.starts_with("postgres://") || ledger.starts_with("postgresql://"))
+        && !local_postgres(ledger)
+    {
+        eprintln!(
+            "note: the ledger's PostgreSQL is not on this machine: its server's CPU is not reported"
+        );
+    }
     let mut scenarios = serde_json::Map::new();
     for mut scenario in chosen {
         if let Some(max_in_flight) = args.max_in_flight {
@@ -371,6 +380,8 @@ struct PhaseCpu {
     load_generator: Duration,
     emulator: Option<Duration>,
     gateway: Option<Duration>,
+    /// The PostgreSQL server's, when the gateway's ledger is on this machine's PostgreSQL.
+    store_server: Option<Duration>,
 }
 
 impl PhaseCpu {
@@ -382,21 +393,82 @@ impl PhaseCpu {
             "gateway": self.gateway.map(per_call),
         })
     }
+
+    /// Adds `store_server_cpu_us_per_call` to a report when the server's CPU was read: the
+    /// PostgreSQL server's CPU over the gateway's calls, every method's (in the `ledger`
+    /// scenario every call is a SetOptOut). Absent otherwise (a SQLite ledger has no server).
+    fn add_store_server(&self, calls: u64, report: &mut Value) {
+        if let (Some(cpu), Some(report)) = (self.store_server, report.as_object_mut()) {
+            let us = round(cpu.as_secs_f64() * 1e6 / calls.max(1) as f64, 1);
+            report.insert("store_server_cpu_us_per_call".into(), us.into());
+        }
+    }
 }
 
-/// Runs one measured phase and reads the CPU each process used during it.
+/// Whether a `--ledger` is a PostgreSQL on this machine, whose server processes the benchmark
+/// can read in `/proc`: a `postgres://` URL whose host (or `host`/`hostaddr` parameters) is a
+/// loopback address, `localhost`, a Unix socket directory, or left out (the local socket).
+fn local_postgres(ledger: &str) -> bool {
+    let Some(rest) = ledger
+        .strip_prefix("postgres://")
+        .or_else(|| ledger.strip_prefix("postgresql://"))
+    else {
+        return false;
+    };
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = before_query.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let url_hosts = match host_port.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host_port.split(':').next().unwrap_or_default(),
+    };
+    let given: Vec<&str> = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(key, _)| *key == "host" || *key == "hostaddr")
+        .map(|(_, value)| value)
+        .collect();
+    let hosts = if given.is_empty() {
+        vec![url_hosts]
+    } else {
+        given
+    };
+    hosts.iter().all(|host| {
+        let host = host.replace("%2F", "/").replace("%2f", "/");
+        host.is_empty()
+            || host.starts_with('/')
+            || host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
+}
+
+/// Runs one measured phase and reads the CPU each process used during it, and the PostgreSQL
+/// server's when `store_server` is given.
 async fn measured<F, Fut>(
     concurrency: usize,
     duration: Duration,
     operation: F,
     emulator_pid: Option<i32>,
     gateway_pid: Option<i32>,
+    store_server: bool,
 ) -> Result<(load::LoadResult, PhaseCpu), String>
 where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    F: Fn(usize, u64) -> (Method, Fut) + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
 {
     let own_pid = i32::try_from(std::process::id()).map_err(|e| e.to_string())?;
+    let server = || {
+        if store_server {
+            postgres_server_cpu()
+        } else {
+            Ok(None)
+        }
+    };
+    // The server is read outside the load generator's own readings, so that reading every
+    // process in /proc is not counted as the load generator's.
+    let server_before = server()?;
     let before = (
         usage(own_pid)?,
         emulator_pid.map(usage).transpose()?,
@@ -408,10 +480,14 @@ where
         emulator_pid.map(usage).transpose()?,
         gateway_pid.map(usage).transpose()?,
     );
+    let server_after = server()?;
     let cpu = PhaseCpu {
         load_generator: after.0.cpu - before.0.cpu,
         emulator: after.1.zip(before.1).map(|(a, b)| a.cpu - b.cpu),
         gateway: after.2.zip(before.2).map(|(a, b)| a.cpu - b.cpu),
+        store_server: server_after
+            .zip(server_before)
+            .map(|(a, b)| a.saturating_sub(b)),
     };
     Ok((result, cpu))
 }
@@ -450,6 +526,7 @@ async fn run_scenario(
         operation,
         emulator_pid,
         None,
+        false,
     )
     .await?;
 
@@ -494,7 +571,7 @@ async fn run_scenario(
         .gateway
         .map(|cpu| cpu.as_secs_f64() * 1e6 / gateway_result.calls().max(1) as f64);
     let gateway_tls = through_tls.map(compared);
-    Ok(json!({
+    let mut report = json!({
         "concurrency": scenario.concurrency,
         "upstream_latency_ms": scenario.upstream_latency.as_millis() as u64,
         "set_share": scenario.set_share,
@@ -514,7 +591,9 @@ async fn run_scenario(
             "gateway": gateway_cpu.per_call_json(gateway_result.calls()),
         },
         "gateway_tls": gateway_tls,
-    }))
+    });
+    gateway_cpu.add_store_server(gateway_result.calls(), &mut report);
+    Ok(report)
 }
 
 /// The figures of a second gateway phase (over TLS, or with metrics and tracing off) against
@@ -529,7 +608,7 @@ fn other_gateway_phase(
     let cpu_us_per_call = cpu
         .gateway
         .map(|cpu| cpu.as_secs_f64() * 1e6 / result.calls().max(1) as f64);
-    json!({
+    let mut report = json!({
         "gateway": result.to_json(),
         "throughput_ratio": round(result.throughput() / direct.throughput().max(f64::MIN_POSITIVE), 3),
         "added_p50_ms": round(result.quantile_ms(0.5) - direct.quantile_ms(0.5), 3),
@@ -539,7 +618,9 @@ fn other_gateway_phase(
             cpu_us_per_call.map(|us| round(us / direct_load_us.max(f64::MIN_POSITIVE), 3)),
         "gateway_peak_rss_mb": peak_rss.map(|bytes| round(bytes as f64 / 1_048_576.0, 1)),
         "cpu_us_per_call": cpu.per_call_json(result.calls()),
-    })
+    });
+    cpu.add_store_server(result.calls(), &mut report);
+    report
 }
 
 /// The measured phase through a gateway: the one given by `--target-addr`, or one started for
@@ -581,6 +662,9 @@ impl GatewayPhase<'_> {
     ) -> Result<(load::LoadResult, PhaseCpu, Option<u64>), String> {
         let scenario = self.scenario;
         let mut temporary_ledger = None;
+        // The ledger of a gateway started elsewhere is not known here.
+        let store_server = self.target.target_addr.is_none()
+            && self.setup.ledger.as_deref().is_some_and(local_postgres);
         let (gateway, addr, gateway_pid) = match self.target.target_addr {
             Some(addr) => (None, addr, self.target.target_pid),
             None => {
@@ -621,6 +705,7 @@ impl GatewayPhase<'_> {
             operation,
             self.emulator_pid,
             gateway_pid,
+            store_server,
         )
         .await?;
         let peak_rss = gateway_pid.map(usage).transpose()?.map(|u| u.peak_rss);
@@ -708,15 +793,11 @@ fn direct_operation(
     client: Client,
     profiles: Arc<Vec<String>>,
     set_share: f64,
-) -> impl Fn(usize, u64) -> futures::future::BoxFuture<'static, Result<(), String>>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(usize, u64) -> (Method, Call) + Clone + Send + Sync + 'static {
     move |worker, n| {
         let client = client.clone();
         let (pkey, set) = pick(&profiles, worker, n, set_share);
-        Box::pin(async move {
+        let call: Call = Box::pin(async move {
             let deadline = Some(Instant::now() + CALL_DEADLINE);
             // What the gateway does for the same call: a read, or a write and a read-back.
             if set {
@@ -730,7 +811,20 @@ fn direct_operation(
                 Ok(None) => Err("empty collection".into()),
                 Err(e) => Err(error_kind(&e)),
             }
-        })
+        });
+        (method(set), call)
+    }
+}
+
+/// One call of the load: it fails with its error kind.
+type Call = futures::future::BoxFuture<'static, Result<(), String>>;
+
+/// The method a call of `pick` is: a SetOptOut when it sets, else a GetOptOut.
+fn method(set: bool) -> Method {
+    if set {
+        Method::SetOptOut
+    } else {
+        Method::GetOptOut
     }
 }
 
@@ -742,15 +836,11 @@ fn gateway_operation(
     channels: Arc<Vec<Channel>>,
     profiles: Arc<Vec<String>>,
     set_share: f64,
-) -> impl Fn(usize, u64) -> futures::future::BoxFuture<'static, Result<(), String>>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(usize, u64) -> (Method, Call) + Clone + Send + Sync + 'static {
     move |worker, n| {
         let mut client = CcpaServiceClient::new(channels[worker % channels.len()].clone());
         let (pkey, set) = pick(&profiles, worker, n, set_share);
-        Box::pin(async move {
+        let call: Call = Box::pin(async move {
             let result = if set {
                 let mut request = tonic::Request::new(SetOptOutRequest {
                     pkey,
@@ -769,7 +859,8 @@ fn gateway_operation(
                 client.get_opt_out(request).await.map(|_| ())
             };
             result.map_err(|status| format!("{:?}", status.code()))
-        })
+        });
+        (method(set), call)
     }
 }
 
@@ -813,6 +904,16 @@ fn print_report(scenario: Scenario, report: &Value) {
             side["max_ms"].as_f64().unwrap_or(0.0),
             side["errors"],
         );
+        if let Some(methods) = side["by_method"].as_object() {
+            for (name, figures) in methods {
+                println!(
+                    "    {name:<10} {:>8} calls      p50 {:>8.3} ms   p99 {:>8.3} ms",
+                    figures["calls"],
+                    figures["p50_ms"].as_f64().unwrap_or(0.0),
+                    figures["p99_ms"].as_f64().unwrap_or(0.0),
+                );
+            }
+        }
     };
     println!(
         "{}: {} concurrent, {} ms upstream",
@@ -835,6 +936,9 @@ fn print_report(scenario: Scenario, report: &Value) {
         "  CPU us per call: direct {}   through the gateway {}",
         report["cpu_us_per_call"]["direct"], report["cpu_us_per_call"]["gateway"],
     );
+    if let Some(us) = report.get("store_server_cpu_us_per_call") {
+        println!("  PostgreSQL server CPU {us} us per gateway call");
+    }
     let tls = &report["gateway_tls"];
     if !tls.is_null() {
         line("mTLS", &tls["gateway"]);
@@ -861,5 +965,35 @@ fn print_report(scenario: Scenario, report: &Value) {
             off["gateway_cpu_us_per_call"],
             off["gateway_cpu_per_direct_load_generator_cpu"],
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_postgres;
+
+    #[test]
+    fn a_ledger_on_this_machines_postgresql_is_recognised() {
+        for ledger in [
+            "postgres://postgres@127.0.0.1:5432/test",
+            "postgres://postgres@127.0.0.1:5432/test?options[search_path]=benchpg",
+            "postgresql://localhost/test",
+            "postgres://u@[::1]:5432/db",
+            "postgres:///test",
+            "postgres:///test?host=/run/postgresql",
+            "postgres://localhost/test?host=%2Frun%2Fpostgresql",
+        ] {
+            assert!(local_postgres(ledger), "{ledger}");
+        }
+        for ledger in [
+            "/tmp/ledger.sqlite3",
+            "postgres://ledger.corp.example/ccpa?sslmode=verify-full",
+            "postgres://10.1.2.3/x",
+            "postgres://127.0.0.1.corp.example/x",
+            "postgres://127.0.0.1/ccpa?host=ledger.corp.example",
+            "postgres://127.0.0.1/ccpa?hostaddr=10.0.0.5",
+        ] {
+            assert!(!local_postgres(ledger), "{ledger}");
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! The emulator and the gateway as separate processes (this binary, run as `emulator` and
-//! `serve`), and what `/proc` says about them.
+//! `serve`), and what `/proc` says about them and about a PostgreSQL server on this machine.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -38,6 +38,37 @@ pub fn usage(pid: i32) -> Result<Usage, String> {
         cpu: Duration::from_secs_f64(cpu_ticks as f64 / ticks as f64),
         peak_rss: status.vmhwm.unwrap_or(0) * 1024,
     })
+}
+
+/// CPU time the PostgreSQL server of this machine has used so far: the user and system time
+/// of every process whose command is `postgres` (the postmaster, its backends and its helper
+/// processes), each with that of its children it has reaped. Between two readings the difference
+/// holds every backend that ran in between: one started since counts from nothing, and one that
+/// exits moves its time into the postmaster's reaped children's. (A backend that ends while the
+/// processes are being read may be missed in that reading.) `None` when no such process is
+/// visible here.
+pub fn postgres_server_cpu() -> Result<Option<Duration>, String> {
+    let processes = procfs::process::all_processes().map_err(|e| format!("/proc: {e}"))?;
+    let mut ticks = 0u64;
+    let mut seen = false;
+    for process in processes {
+        // A process that ends while /proc is read is skipped: its time, once reaped, is its
+        // parent's.
+        let Ok(stat) = process.and_then(|process| process.stat()) else {
+            continue;
+        };
+        if stat.comm != "postgres" {
+            continue;
+        }
+        seen = true;
+        let reaped = u64::try_from(stat.cutime.saturating_add(stat.cstime)).unwrap_or(0);
+        ticks = ticks
+            .saturating_add(stat.utime)
+            .saturating_add(stat.stime)
+            .saturating_add(reaped);
+    }
+    let per_second = procfs::ticks_per_second().max(1);
+    Ok(seen.then(|| Duration::from_secs_f64(ticks as f64 / per_second as f64)))
 }
 
 impl Process {
