@@ -773,7 +773,7 @@ async fn create_profiles(
     created.into_iter().collect()
 }
 
-/// Which profile, and whether to set, for call `n` of worker `worker`.
+/// A share from 0 to 1 (`--set-share`).
 fn share(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
@@ -781,11 +781,16 @@ fn share(text: &str) -> Result<f64, String> {
     }
 }
 
+/// Which profile, and whether to set, for call `n` of worker `worker`.
 fn pick(profiles: &[String], worker: usize, n: u64, set_share: f64) -> (String, bool) {
     // A fixed spread: every worker walks the profiles from its own offset, and sets on a fixed
-    // share of its calls, so both runs make the same mix.
+    // share of its calls, so both runs make the same mix. The sets are spread evenly through a
+    // worker's calls (one each time the running share passes a whole call), and each worker
+    // starts at its own point of that pattern: writes and reads overlap all through a phase,
+    // rather than every worker writing at once (10 calls in each 100, all at the start).
     let index = (worker.wrapping_mul(7919) + n as usize) % profiles.len();
-    let set = set_share > 0.0 && (n % 100) < (set_share * 100.0) as u64;
+    let position = n.wrapping_add((worker as u64).wrapping_mul(37)) as f64;
+    let set = ((position + 1.0) * set_share).floor() > (position * set_share).floor();
     (profiles[index].clone(), set)
 }
 
