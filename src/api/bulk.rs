@@ -181,7 +181,7 @@ impl CcpaApi {
         };
         let given_id = request.request_id.clone();
         // A denied item is that item's answer; the stream goes on.
-        if let Err(status) = authorize_set("BulkSetOptOut", caller, &request) {
+        if let Err(status) = authorize_set(caller, &request) {
             return failed(given_id, &status);
         }
         let now_ms = self.delivery.ledger().now_ms();

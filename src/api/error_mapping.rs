@@ -181,9 +181,23 @@ fn mapping(failure: &Failure) -> Mapping {
 }
 
 /// The status of a call the ledger could not serve. An opt-out that cannot be recorded is not
-/// sent to ACS either: durability comes first, and the caller retries.
-pub fn ledger_status(rpc: &str, error: &LedgerError) -> Status {
-    tracing::error!(rpc, error = %error, "the ledger failed");
+/// sent to ACS either: durability comes first, and the caller retries. (The log line is in the
+/// call's span, which names the RPC.)
+impl From<LedgerError> for Status {
+    fn from(error: LedgerError) -> Self {
+        ledger_status(&error)
+    }
+}
+
+/// An upstream failure becomes a status through [`upstream_status`].
+impl From<UpstreamError> for Status {
+    fn from(error: UpstreamError) -> Self {
+        upstream_status(&error)
+    }
+}
+
+fn ledger_status(error: &LedgerError) -> Status {
+    tracing::error!(error = %error, "the ledger failed");
     gateway_status(
         Code::Unavailable,
         Reason::LedgerUnavailable,
@@ -298,8 +312,8 @@ fn replayed_code(failure: FailureCode) -> Code {
 /// Turns an upstream failure into the status the caller receives, with a
 /// `google.rpc.ErrorInfo` (reason, domain, and the upstream HTTP status when there was one) and,
 /// when retrying later can help, a `google.rpc.RetryInfo`; and logs it at the level the table
-/// implies. `rpc` names the call, for the log line only.
-pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
+/// implies (in the call's span, which names the RPC).
+pub fn upstream_status(error: &UpstreamError) -> Status {
     let mut api_error: Option<&ApiError> = None;
     let (failure, mapped) = match error {
         UpstreamError::Call(call) => match call.as_ref() {
@@ -346,21 +360,16 @@ pub fn upstream_status(rpc: &str, error: &UpstreamError) -> Status {
         _ => "",
     };
     match mapped.severity {
-        Severity::Expected => tracing::debug!(
-            rpc,
-            reason = mapped.reason.as_str(),
-            http_status,
-            "upstream"
-        ),
+        Severity::Expected => {
+            tracing::debug!(reason = mapped.reason.as_str(), http_status, "upstream")
+        }
         Severity::Transient => tracing::warn!(
-            rpc,
             reason = mapped.reason.as_str(),
             http_status,
             failure = ?failure,
             "Adobe Campaign unavailable"
         ),
         Severity::Operator => tracing::error!(
-            rpc,
             reason = mapped.reason.as_str(),
             http_status,
             failure = ?failure,
@@ -443,17 +452,14 @@ mod tests {
         errors.push(UpstreamError::EmptyCollection);
         errors.push(UpstreamError::MissingField("ccpaOptOut"));
         for error in &errors {
-            let first = upstream_status("test", error).code();
+            let first = upstream_status(error).code();
             let replayed = replayed_code(FailureCode::from(error));
             assert_eq!(replayed, first, "{}", error.reason());
         }
         // The one exception: a full queue toward ACS asked the caller to slow down; the request
         // did nothing, and its replay says to retry.
         let throttled = UpstreamError::from(CallError::Throttled);
-        assert_eq!(
-            upstream_status("test", &throttled).code(),
-            Code::ResourceExhausted
-        );
+        assert_eq!(upstream_status(&throttled).code(), Code::ResourceExhausted);
         assert_eq!(
             replayed_code(FailureCode::from(&throttled)),
             Code::Unavailable

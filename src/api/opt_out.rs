@@ -7,12 +7,8 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
 use super::convert::{self, delivery_state};
-use super::error_mapping::{
-    Reason, gateway_status, ledger_status, replayed_failure, too_many_profiles, upstream_status,
-};
-use super::service::{
-    CcpaApi, Deadline, EMAIL_PROFILE_CONCURRENCY, OptOutState, recorded_caller, upstream,
-};
+use super::error_mapping::{Reason, gateway_status, replayed_failure, too_many_profiles};
+use super::service::{CcpaApi, Deadline, EMAIL_PROFILE_CONCURRENCY, OptOutState, recorded_caller};
 use super::validation::{Violations, request_id_conflict};
 use crate::access::Caller;
 use crate::optout::{Apply, ByEmailFailure, EmailRequest, Submitted, SubmittedByEmail};
@@ -22,9 +18,6 @@ use crate::proto::ccpa_v1::{
 };
 use crate::store::{Kind, NewRequest, Record, Source, State};
 use crate::upstream::UpstreamError;
-
-const GET: &str = "GetOptOut";
-const SET: &str = "SetOptOut";
 
 /// A validated SetOptOut.
 pub(super) struct SetRequest {
@@ -228,8 +221,7 @@ impl CcpaApi {
         } else {
             let found = self
                 .noted(self.acs.profiles_by_email(&request.email, deadline).await)
-                .await
-                .map_err(upstream(GET))?;
+                .await?;
             if found.is_empty() {
                 return Err(gateway_status(
                     Code::NotFound,
@@ -288,8 +280,7 @@ impl CcpaApi {
         let pkey = profile
             .p_key
             .clone()
-            .ok_or(UpstreamError::MissingField("PKey"))
-            .map_err(upstream(GET))?;
+            .ok_or(UpstreamError::MissingField("PKey"))?;
         let held = OptOutState::from_profile(profile);
         let recorded = self.recorded(&pkey).await?;
         self.protective(&pkey, held, recorded).await
@@ -298,13 +289,12 @@ impl CcpaApi {
     /// What the ledger holds for a profile: its newest request not overtaken (restores
     /// included), and the consumer's latest request (the one a restore restores).
     async fn recorded(&self, pkey: &str) -> Result<Recorded, Status> {
-        let ledger_error = |e| ledger_status(GET, &e);
-        let latest = self.ledger().latest(pkey).await.map_err(ledger_error)?;
+        let latest = self.ledger().latest(pkey).await?;
         let consumers = match latest
             .as_ref()
             .and_then(|latest| latest.restores_request_id.as_deref())
         {
-            Some(restored) => self.ledger().get(restored).await.map_err(ledger_error)?,
+            Some(restored) => self.ledger().get(restored).await?,
             None => latest.clone(),
         };
         Ok(Recorded { latest, consumers })
@@ -349,7 +339,7 @@ impl CcpaApi {
             {
                 (true, None)
             }
-            (Err(error), _) => return Err(upstream(GET)(error)),
+            (Err(error), _) => return Err(Status::from(error)),
         };
         Ok(ProfileOptOut {
             pkey: pkey.to_owned(),
@@ -439,11 +429,7 @@ impl CcpaApi {
         apply: Apply,
         deadline: Deadline,
     ) -> Result<Submission, Status> {
-        let submitted = self
-            .delivery
-            .submit(new, apply)
-            .await
-            .map_err(|e| ledger_status(SET, &e))?;
+        let submitted = self.delivery.submit(new, apply).await?;
         Ok(self.read_back(submitted, deadline).await)
     }
 
@@ -468,15 +454,11 @@ impl CcpaApi {
             match self.read_opt_out(pkey, deadline).await {
                 Ok(read) => {
                     if read.opt_out != record.opt_out {
-                        tracing::warn!(
-                            rpc = SET,
-                            "the opt-out read back differs from the one just set"
-                        );
+                        tracing::warn!("the opt-out read back differs from the one just set");
                     }
                     held = Some(read);
                 }
                 Err(error) => tracing::warn!(
-                    rpc = SET,
                     error = error.reason(),
                     "applied, but the read-back failed; answering the value set"
                 ),
@@ -513,8 +495,7 @@ impl CcpaApi {
         let submitted = self
             .delivery
             .submit_by_email(email_request, deadline)
-            .await
-            .map_err(|e| ledger_status(SET, &e))?;
+            .await?;
         let profiles = match submitted {
             SubmittedByEmail::Replay(record) => return self.answer_recorded(&record).await,
             SubmittedByEmail::Conflict => return Err(request_id_conflict()),
@@ -525,8 +506,7 @@ impl CcpaApi {
                 request_id: creation_id,
                 profile,
             } => {
-                let state =
-                    OptOutState::from_profile(&profile).map_err(|e| upstream_status(SET, &e))?;
+                let state = OptOutState::from_profile(&profile).map_err(Status::from)?;
                 return Ok(SetOptOutResponse {
                     pkey: String::new(),
                     ccpa_opt_out: state.opt_out,
@@ -599,11 +579,7 @@ impl CcpaApi {
                 profiles: vec![profile],
             });
         }
-        let children = self
-            .ledger()
-            .children(&record.request_id)
-            .await
-            .map_err(|e| ledger_status(SET, &e))?;
+        let children = self.ledger().children(&record.request_id).await?;
         let profiles: Vec<ProfileDelivery> = children
             .iter()
             .map(|child| ProfileDelivery {
@@ -628,16 +604,14 @@ impl CcpaApi {
 /// What the caller of a request by email that FAILED is told.
 fn by_email_status(failure: ByEmailFailure, max_profiles: usize) -> Status {
     match failure {
-        ByEmailFailure::Lookup(error) | ByEmailFailure::Create(error) => {
-            upstream_status(SET, &error)
-        }
+        ByEmailFailure::Lookup(error) | ByEmailFailure::Create(error) => Status::from(error),
         ByEmailFailure::NoProfile => gateway_status(
             Code::NotFound,
             Reason::EmailNotFound,
             "no profile has this email address",
         ),
         ByEmailFailure::TooManyProfiles => too_many_profiles(max_profiles),
-        ByEmailFailure::Unrecorded(error) => ledger_status(SET, &error),
+        ByEmailFailure::Unrecorded(error) => Status::from(error),
         ByEmailFailure::Duplicate => gateway_status(
             Code::Internal,
             Reason::ProfileNotRecorded,

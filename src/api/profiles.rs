@@ -6,9 +6,7 @@ use acs_profile_client::types;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
-use super::error_mapping::{
-    Reason, gateway_status, ledger_status, replayed_failure, upstream_status,
-};
+use super::error_mapping::{Reason, gateway_status, replayed_failure};
 use super::opt_out::request_id_or_new;
 use super::service::{CcpaApi, Deadline, OptOutState, recorded_caller};
 use super::validation::{Violations, request_id_conflict};
@@ -17,8 +15,6 @@ use crate::optout::Created;
 use crate::proto::ccpa_v1::{CreateProfileRequest, CreateProfileResponse, Profile};
 use crate::store::{Kind, NewRequest, State, fingerprint};
 use crate::upstream::UpstreamError;
-
-const RPC: &str = "CreateProfile";
 
 impl CcpaApi {
     pub(super) async fn create(
@@ -101,14 +97,10 @@ impl CcpaApi {
         input: &types::ProfileInput,
         deadline: Deadline,
     ) -> Result<Profile, Status> {
-        let created = self
-            .delivery
-            .create(new, input, deadline)
-            .await
-            .map_err(|e| ledger_status(RPC, &e))?;
+        let created = self.delivery.create(new, input, deadline).await?;
         let profile = match created {
             Created::Created(profile) => profile,
-            Created::Failed(error) => return Err(upstream_status(RPC, &error)),
+            Created::Failed(error) => return Err(Status::from(error)),
             Created::Conflict => return Err(request_id_conflict()),
             Created::Replay(record) => {
                 return match (record.state, record.pkey.as_deref()) {
@@ -118,7 +110,7 @@ impl CcpaApi {
                         .await
                         .and_then(|p| p.ok_or(UpstreamError::EmptyCollection))
                         .and_then(proto_profile)
-                        .map_err(|e| upstream_status(RPC, &e)),
+                        .map_err(Status::from),
                     (_, None) => Err(gateway_status(
                         Code::Unavailable,
                         Reason::RequestInProgress,
@@ -127,7 +119,7 @@ impl CcpaApi {
                 };
             }
         };
-        proto_profile(profile).map_err(|e| upstream_status(RPC, &e))
+        proto_profile(profile).map_err(Status::from)
     }
 
     async fn create_in_acs(
@@ -139,7 +131,7 @@ impl CcpaApi {
         self.noted(created)
             .await
             .and_then(proto_profile)
-            .map_err(|e| upstream_status(RPC, &e))
+            .map_err(Status::from)
     }
 }
 

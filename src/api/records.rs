@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 
 use super::convert::{ledger_state, opt_out_record};
-use super::error_mapping::{Reason, gateway_status, ledger_status};
+use super::error_mapping::{Reason, gateway_status};
 use super::service::CcpaApi;
 use super::timestamps::proto_to_ms;
 use super::validation::Violations;
@@ -81,8 +81,7 @@ impl CcpaApi {
         let record = self
             .ledger()
             .get(&request.request_id)
-            .await
-            .map_err(|e| ledger_status("GetOptOutRecord", &e))?
+            .await?
             .ok_or_else(|| {
                 gateway_status(
                     Code::NotFound,
@@ -142,8 +141,7 @@ impl CcpaApi {
         let mut records = self
             .ledger()
             .list(&filter, cursor.as_ref(), page_size + 1)
-            .await
-            .map_err(|e| ledger_status("ListOptOutRecords", &e))?;
+            .await?;
         let next_page_token = if records.len() as i64 > page_size {
             records.truncate(usize::try_from(page_size).unwrap_or(usize::MAX));
             records.last().map_or_else(String::new, |last| {

@@ -10,9 +10,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 
 use super::deadline::caller_deadline;
-use super::error_mapping::{
-    Reason, caller_not_allowed, gateway_status, unauthenticated, upstream_status,
-};
+use super::error_mapping::{Reason, caller_not_allowed, gateway_status, unauthenticated};
 use super::timestamps::acs_timestamp_to_proto;
 use super::validation::Violations;
 use crate::access::{Caller, Permission};
@@ -150,11 +148,10 @@ pub(super) fn caller_in<T>(request: &Request<T>) -> Result<Caller, Status> {
 }
 
 /// `Ok` if `caller` may do `permission`; else PERMISSION_DENIED naming it, logged.
-pub(super) fn authorize(rpc: &str, caller: &Caller, permission: Permission) -> Result<(), Status> {
+pub(super) fn authorize(caller: &Caller, permission: Permission) -> Result<(), Status> {
     caller.require(permission).map_err(|missing| {
         if let Caller::Authenticated { id, .. } = caller {
             tracing::info!(
-                rpc,
                 caller = &**id,
                 permission = missing.as_str(),
                 "call denied by the policy"
@@ -167,38 +164,25 @@ pub(super) fn authorize(rpc: &str, caller: &Caller, permission: Permission) -> R
 /// Authorizes a SetOptOut (or a bulk item): the change itself, and by email also
 /// `read-by-email` (the answer tells whether the address is a customer's, and names its
 /// profiles), and `create-profile` with `create_if_missing`.
-pub(super) fn authorize_set(
-    rpc: &str,
-    caller: &Caller,
-    request: &SetOptOutRequest,
-) -> Result<(), Status> {
-    authorize_change(rpc, caller, request.ccpa_opt_out)?;
+pub(super) fn authorize_set(caller: &Caller, request: &SetOptOutRequest) -> Result<(), Status> {
+    authorize_change(caller, request.ccpa_opt_out)?;
     if !request.email.is_empty() {
-        authorize(rpc, caller, Permission::ReadByEmail)?;
+        authorize(caller, Permission::ReadByEmail)?;
     }
     if request.create_if_missing {
-        authorize(rpc, caller, Permission::CreateProfile)?;
+        authorize(caller, Permission::CreateProfile)?;
     }
     Ok(())
 }
 
 /// Authorizes a change of the opt-out: `opt-out` to set it, `opt-in` to clear it. Without a
 /// value (which validation then refuses), either will do.
-pub(super) fn authorize_change(
-    rpc: &str,
-    caller: &Caller,
-    opt_out: Option<bool>,
-) -> Result<(), Status> {
+pub(super) fn authorize_change(caller: &Caller, opt_out: Option<bool>) -> Result<(), Status> {
     match opt_out {
-        Some(value) => authorize(rpc, caller, Caller::permission_to_set(value)),
+        Some(value) => authorize(caller, Caller::permission_to_set(value)),
         None if caller.may(Permission::OptOut) || caller.may(Permission::OptIn) => Ok(()),
-        None => authorize(rpc, caller, Permission::OptOut),
+        None => authorize(caller, Permission::OptOut),
     }
-}
-
-/// Maps an upstream failure, for `?`.
-pub(super) fn upstream(rpc: &'static str) -> impl Fn(UpstreamError) -> Status {
-    move |error| upstream_status(rpc, &error)
 }
 
 /// Runs a writing call's work to its end even if the caller goes away. tonic drops a handler's
@@ -254,7 +238,7 @@ impl CcpaService for CcpaApi {
             } else {
                 Permission::ReadByEmail
             };
-            authorize("GetOptOut", &caller?, permission)?;
+            authorize(&caller?, permission)?;
             self.get(request, deadline).await
         };
         observed("GetOptOut", work).await
@@ -270,7 +254,7 @@ impl CcpaService for CcpaApi {
         let api = self.clone();
         let work = async move {
             let caller = caller?;
-            authorize_set("SetOptOut", &caller, &request)?;
+            authorize_set(&caller, &request)?;
             let delivery = api.delivery.clone();
             to_completion(&delivery, async move {
                 api.set(request, &caller, &metadata, deadline).await
@@ -290,9 +274,9 @@ impl CcpaService for CcpaApi {
         let api = self.clone();
         let work = async move {
             let caller = caller?;
-            authorize("CreateProfile", &caller, Permission::CreateProfile)?;
+            authorize(&caller, Permission::CreateProfile)?;
             if let Some(opt_out) = request.ccpa_opt_out {
-                authorize_change("CreateProfile", &caller, Some(opt_out))?;
+                authorize_change(&caller, Some(opt_out))?;
             }
             let delivery = api.delivery.clone();
             to_completion(&delivery, async move {
@@ -309,7 +293,7 @@ impl CcpaService for CcpaApi {
     ) -> Result<Response<GetOptOutRecordResponse>, Status> {
         let caller = caller_in(&request);
         let work = async {
-            authorize("GetOptOutRecord", &caller?, Permission::Records)?;
+            authorize(&caller?, Permission::Records)?;
             self.get_record(request.into_inner()).await
         };
         observed("GetOptOutRecord", work).await
@@ -322,7 +306,7 @@ impl CcpaService for CcpaApi {
         request: Request<tonic::Streaming<BulkSetOptOutRequest>>,
     ) -> Result<Response<Self::BulkSetOptOutStream>, Status> {
         let caller = caller_in(&request)?;
-        authorize("BulkSetOptOut", &caller, Permission::Bulk)?;
+        authorize(&caller, Permission::Bulk)?;
         let (metadata, _, items) = request.into_parts();
         Ok(Response::new(self.bulk(caller, metadata, items)))
     }
@@ -333,7 +317,7 @@ impl CcpaService for CcpaApi {
     ) -> Result<Response<ListOptOutRecordsResponse>, Status> {
         let caller = caller_in(&request);
         let work = async {
-            authorize("ListOptOutRecords", &caller?, Permission::Records)?;
+            authorize(&caller?, Permission::Records)?;
             self.list_records(request.into_inner()).await
         };
         observed("ListOptOutRecords", work).await
