@@ -241,12 +241,7 @@ pub async fn serve(
     });
     let reconciler = Reconciler::new(delivery.clone(), &acs, options.reconcile);
     let reconciling = tokio::spawn(reconciler.run(stop_delivering.clone()));
-    let api = CcpaApi::new(
-        acs,
-        health.clone(),
-        delivery.clone(),
-        options.max_profiles_per_email,
-    );
+    let api = CcpaApi::new(delivery.clone(), options.max_profiles_per_email);
     let stop_watching = CancellationToken::new();
     let _stop_watching_on_return = stop_watching.clone().drop_guard();
     if let Some(tls) = &options.boundary.tls {

@@ -1634,7 +1634,7 @@ async fn the_profiles_of_one_email_are_worked_a_few_at_a_time() {
     assert_eq!(patches.len(), 12);
     let together = common::busiest_window(&patches, latency * 9 / 10);
     assert!(
-        (2..=ccpa_gateway::api::service::EMAIL_PROFILE_CONCURRENCY).contains(&together),
+        (2..=ccpa_gateway::optout::read::EMAIL_PROFILE_CONCURRENCY).contains(&together),
         "{together} PATCHes in progress at once"
     );
 }

@@ -1,7 +1,10 @@
 //! Between the ledger's types and the wire contract's.
 
-use super::timestamps::ms_to_proto;
-use crate::proto::ccpa_v1::{DeliveryState, LatestRequest, OptOutRecord, RequestSource};
+use super::timestamps::{acs_timestamp_to_proto, ms_to_proto};
+use crate::optout::read::Reading;
+use crate::proto::ccpa_v1::{
+    DeliveryState, LatestRequest, OptOutRecord, ProfileOptOut, RequestSource,
+};
 use crate::store::{Kind, Record, Source, State};
 
 /// The wire form of a state.
@@ -75,5 +78,20 @@ pub fn latest_request(record: &Record) -> LatestRequest {
             _ => None,
         },
         ccpa_opt_out: record.opt_out,
+    }
+}
+
+/// The wire form of one profile's read.
+pub fn profile_opt_out(reading: &Reading) -> ProfileOptOut {
+    ProfileOptOut {
+        pkey: reading.pkey.clone(),
+        ccpa_opt_out: reading.opt_out,
+        ccpa_opt_out_last_modified: reading
+            .last_modified
+            .as_deref()
+            .and_then(acs_timestamp_to_proto),
+        change_pending: reading.change_pending,
+        drift_detected: reading.drift_detected,
+        latest_request: reading.latest_request.as_ref().map(latest_request),
     }
 }

@@ -71,11 +71,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use acs_profile_client::{ApiError, CallError, Failure, retry_after};
-
 use crate::access::Permission;
+use crate::optout::read::ReadFailure;
 use crate::store::{FailureCode, LedgerError, Record};
-use crate::upstream::UpstreamError;
+use crate::upstream::{Cause, Classified, UpstreamError};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -106,75 +105,97 @@ enum Severity {
     Operator,
 }
 
-fn mapping(failure: &Failure) -> Mapping {
+fn mapping(classified: &Classified) -> Mapping {
     use Severity::*;
-    let (code, message, severity) = match failure {
-        Failure::NotFound | Failure::UnparsableKey => (
+    let (code, message, severity) = match classified.cause {
+        Cause::ProfileNotFound => (
             Code::NotFound,
             "no profile has this key in the configured Adobe Campaign tenant",
             Expected,
         ),
-        Failure::Conflict => (
+        Cause::Conflict => (
             Code::AlreadyExists,
             "Adobe Campaign reported a conflicting profile",
             Expected,
         ),
-        Failure::Transient { .. } => (
+        Cause::Overloaded => (
             Code::Unavailable,
             "Adobe Campaign is overloaded or unavailable; retry with back-off",
             Transient,
         ),
-        Failure::Unreachable => (
+        Cause::Unreachable => (
             Code::Unavailable,
             "Adobe Campaign could not be reached; retry with back-off",
             Transient,
         ),
-        Failure::Interrupted { .. } => (
+        Cause::Interrupted => (
             Code::Unavailable,
             "the call to Adobe Campaign was interrupted; it may or may not have taken effect",
             Transient,
         ),
-        Failure::MalformedResponse => (
+        Cause::MalformedResponse => (
             Code::Unavailable,
             "Adobe Campaign's answer could not be read; the call may or may not have taken effect",
             Transient,
         ),
-        Failure::EndpointNotFound => (
+        Cause::EndpointNotFound => (
             Code::Unavailable,
             "the gateway's address for Adobe Campaign answered 404 without Adobe Campaign's own \
              error: check its base URL and tenant; the request is kept and retried",
             Operator,
         ),
-        Failure::NoToken => (
+        Cause::NoToken => (
             Code::Unavailable,
             "the gateway could not obtain an access token for Adobe Campaign; retry with back-off",
             Operator,
         ),
-        Failure::TokenRejected | Failure::AccessDenied => (
+        Cause::CredentialsRejected => (
             Code::Internal,
             "the gateway's credentials for Adobe Campaign were refused; operators are alerted",
             Operator,
         ),
-        Failure::Refused { .. } => (
+        Cause::Refused => (
             Code::Internal,
             "Adobe Campaign refused the request",
             Operator,
         ),
-        Failure::ServerError { .. } => (
+        Cause::ServerError => (
             Code::Internal,
             "Adobe Campaign failed to process the request",
             Operator,
         ),
-        Failure::InvalidRequest => (
+        Cause::Misconfigured => (
             Code::Internal,
             "the gateway could not build a valid request to Adobe Campaign; check its credentials",
             Operator,
         ),
+        Cause::ContractBroken => (
+            Code::Internal,
+            "Adobe Campaign's answer lacked a field the gateway needs",
+            Operator,
+        ),
+        Cause::DeadlineExceeded => (
+            Code::DeadlineExceeded,
+            "the deadline passed before Adobe Campaign answered",
+            Transient,
+        ),
+        Cause::QueueFull => (
+            Code::ResourceExhausted,
+            "too many calls are waiting for Adobe Campaign; slow down and retry",
+            Transient,
+        ),
+    };
+    let reason = match (classified.cause, classified.name) {
+        (Cause::ContractBroken, _) => Reason::AcsContractBroken,
+        (Cause::DeadlineExceeded, _) => Reason::DeadlineExceeded,
+        (Cause::QueueFull, _) => Reason::AcsCallQueueFull,
+        // The ACS client crate names its failures; each is a `Reason` (tested below).
+        (_, Some(name)) => Reason::from_wire(name),
+        (_, None) => Reason::AcsServerError,
     };
     Mapping {
         code,
-        // The ACS client crate names its failures; each is a `Reason` (tested below).
-        reason: Reason::from_wire(failure.name()),
+        reason,
         message,
         severity,
     }
@@ -193,6 +214,22 @@ impl From<LedgerError> for Status {
 impl From<UpstreamError> for Status {
     fn from(error: UpstreamError) -> Self {
         upstream_status(&error)
+    }
+}
+
+/// A read that has no answer.
+impl From<ReadFailure> for Status {
+    fn from(failure: ReadFailure) -> Self {
+        match failure {
+            ReadFailure::Upstream(error) => Self::from(error),
+            ReadFailure::Ledger(error) => Self::from(error),
+            ReadFailure::EmailNotFound => gateway_status(
+                Code::NotFound,
+                Reason::EmailNotFound,
+                "no profile has this email address",
+            ),
+            ReadFailure::TooManyProfiles(max) => too_many_profiles(max),
+        }
     }
 }
 
@@ -314,51 +351,10 @@ fn replayed_code(failure: FailureCode) -> Code {
 /// when retrying later can help, a `google.rpc.RetryInfo`; and logs it at the level the table
 /// implies (in the call's span, which names the RPC).
 pub fn upstream_status(error: &UpstreamError) -> Status {
-    let mut api_error: Option<&ApiError> = None;
-    let (failure, mapped) = match error {
-        UpstreamError::Call(call) => match call.as_ref() {
-            CallError::Api(e) => {
-                api_error = Some(e);
-                let failure = Failure::classify(e);
-                let mapped = mapping(&failure);
-                (Some(failure), mapped)
-            }
-            CallError::DeadlineExceeded { .. } => (
-                None,
-                Mapping {
-                    code: Code::DeadlineExceeded,
-                    reason: Reason::DeadlineExceeded,
-                    message: "the deadline passed before Adobe Campaign answered",
-                    severity: Severity::Transient,
-                },
-            ),
-            CallError::Throttled => (
-                None,
-                Mapping {
-                    code: Code::ResourceExhausted,
-                    reason: Reason::AcsCallQueueFull,
-                    message: "too many calls are waiting for Adobe Campaign; slow down and retry",
-                    severity: Severity::Transient,
-                },
-            ),
-        },
-        UpstreamError::EmptyCollection => (None, mapping(&Failure::NotFound)),
-        UpstreamError::MissingField(_) => (
-            None,
-            Mapping {
-                code: Code::Internal,
-                reason: Reason::AcsContractBroken,
-                message: "Adobe Campaign's answer lacked a field the gateway needs",
-                severity: Severity::Operator,
-            },
-        ),
-    };
-    let http_status = api_error.and_then(|e| e.status()).map(|s| s.as_u16());
-
-    let missing_field = match error {
-        UpstreamError::MissingField(field) => *field,
-        _ => "",
-    };
+    let classified = error.classify();
+    let mapped = mapping(&classified);
+    let http_status = classified.http_status;
+    let cause = classified.cause;
     match mapped.severity {
         Severity::Expected => {
             tracing::debug!(reason = mapped.reason.as_str(), http_status, "upstream")
@@ -366,14 +362,14 @@ pub fn upstream_status(error: &UpstreamError) -> Status {
         Severity::Transient => tracing::warn!(
             reason = mapped.reason.as_str(),
             http_status,
-            failure = ?failure,
+            cause = ?cause,
             "Adobe Campaign unavailable"
         ),
         Severity::Operator => tracing::error!(
             reason = mapped.reason.as_str(),
             http_status,
-            failure = ?failure,
-            missing_field,
+            cause = ?cause,
+            missing_field = classified.missing_field.unwrap_or_default(),
             "Adobe Campaign call failed: needs an operator"
         ),
     }
@@ -384,8 +380,8 @@ pub fn upstream_status(error: &UpstreamError) -> Status {
     }
     let mut details = ErrorDetails::with_error_info(mapped.reason.as_str(), ERROR_DOMAIN, metadata);
     if matches!(mapped.code, Code::Unavailable | Code::ResourceExhausted) {
-        let delay = api_error
-            .and_then(retry_after)
+        let delay = classified
+            .retry_after
             .map_or(DEFAULT_RETRY_DELAY, |asked| asked.min(MAX_RETRY_DELAY));
         details.set_retry_info(Some(delay));
     }
@@ -401,40 +397,12 @@ mod tests {
     /// `crate::proto::error_reasons` too, or callers would see it as `Reason::Other`.
     #[test]
     fn every_failure_of_acs_has_a_reason_the_client_knows() {
-        let status = http::StatusCode::SERVICE_UNAVAILABLE;
-        for failure in [
-            Failure::Unreachable,
-            Failure::Interrupted { timed_out: true },
-            Failure::NoToken,
-            Failure::TokenRejected,
-            Failure::AccessDenied,
-            Failure::NotFound,
-            Failure::EndpointNotFound,
-            Failure::UnparsableKey,
-            Failure::Conflict,
-            Failure::Transient { status },
-            Failure::Refused { status },
-            Failure::ServerError { status },
-            Failure::MalformedResponse,
-            Failure::InvalidRequest,
-        ] {
+        for name in UpstreamError::every_named_failure() {
             assert!(
-                !matches!(mapping(&failure).reason, Reason::Other(_)),
-                "{} is sent but not in Reason",
-                failure.name()
+                !matches!(Reason::from_wire(name), Reason::Other(_)),
+                "{name} is sent but not in Reason"
             );
         }
-    }
-
-    fn answered(status: u16) -> UpstreamError {
-        let response = http::Response::builder()
-            .status(status)
-            .body(Vec::<u8>::new())
-            .expect("a status and an empty body make a response");
-        CallError::Api(acs_profile_client::Error::UnexpectedResponse(
-            reqwest::Response::from(response),
-        ))
-        .into()
     }
 
     /// The ledger records what an upstream failure means (`FailureCode::from`); a replay of the
@@ -445,10 +413,10 @@ mod tests {
         let mut errors: Vec<UpstreamError> = [200, 302, 400, 401, 403, 404, 409, 429, 500, 501]
             .into_iter()
             .chain([502, 503, 504])
-            .map(answered)
+            .map(UpstreamError::answered)
             .collect();
-        errors.push(CallError::DeadlineExceeded { sent: true }.into());
-        errors.push(CallError::DeadlineExceeded { sent: false }.into());
+        errors.push(UpstreamError::deadline_exceeded(true));
+        errors.push(UpstreamError::deadline_exceeded(false));
         errors.push(UpstreamError::EmptyCollection);
         errors.push(UpstreamError::MissingField("ccpaOptOut"));
         for error in &errors {
@@ -458,7 +426,7 @@ mod tests {
         }
         // The one exception: a full queue toward ACS asked the caller to slow down; the request
         // did nothing, and its replay says to retry.
-        let throttled = UpstreamError::from(CallError::Throttled);
+        let throttled = UpstreamError::queue_full();
         assert_eq!(upstream_status(&throttled).code(), Code::ResourceExhausted);
         assert_eq!(
             replayed_code(FailureCode::from(&throttled)),

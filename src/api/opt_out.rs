@@ -1,23 +1,23 @@
 //! GetOptOut and SetOptOut, by key or by email: the protective read, and the recorded, delivered
 //! write.
 
-use acs_profile_client::types;
 use futures::{StreamExt, stream};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
 use super::convert::{self, delivery_state};
 use super::error_mapping::{Reason, gateway_status, replayed_failure, too_many_profiles};
-use super::service::{CcpaApi, Deadline, EMAIL_PROFILE_CONCURRENCY, OptOutState, recorded_caller};
+use super::service::{CcpaApi, Deadline, recorded_caller};
+use super::timestamps::acs_timestamp_to_proto;
 use super::validation::{Violations, request_id_conflict};
 use crate::access::Caller;
-use crate::optout::{Apply, ByEmailFailure, EmailRequest, Submitted, SubmittedByEmail};
+use crate::optout::read::{Delivered, EMAIL_PROFILE_CONCURRENCY, ReadTarget, Submission};
+use crate::optout::{Apply, ByEmailFailure, EmailRequest, SubmittedByEmail};
 use crate::proto::ccpa_v1::{
     DeliveryState, GetOptOutRequest, GetOptOutResponse, ProfileDelivery, ProfileOptOut,
     SetOptOutRequest, SetOptOutResponse,
 };
 use crate::store::{Kind, NewRequest, Record, Source, State};
-use crate::upstream::UpstreamError;
 
 /// A validated SetOptOut.
 pub(super) struct SetRequest {
@@ -50,14 +50,6 @@ fn check_target(violations: &mut Violations, pkey: &str, email: &str) {
         ),
         (false, false) => violations.malformed("email", "give pkey or email, not both".to_owned()),
     }
-}
-
-/// What the ledger holds for one profile being read.
-struct Recorded {
-    /// Its newest request not overtaken, restores included: what ACS holds, or is about to.
-    latest: Option<Record>,
-    /// The consumer's latest request: `latest`, or the request it restores.
-    consumers: Option<Record>,
 }
 
 impl SetRequest {
@@ -155,36 +147,14 @@ impl SetRequest {
     }
 }
 
-/// What submitting one profile's request came to, for the answer.
-enum Submission {
-    /// Recorded now; where it stands.
-    Delivered(Delivered),
-    /// Its id was recorded before, for the same request.
-    Replay(Record),
-    /// Its id was recorded before, for a different request.
-    Conflict,
-}
-
-/// Where one profile's record stands after the call's attempt.
-struct Delivered {
-    record: Record,
-    state: DeliveryState,
-    /// What ACS holds, read back after an APPLIED change (when the read-back worked).
-    held: Option<OptOutState>,
-}
-
-impl Delivered {
-    fn profile(&self, pkey: &str, created: bool) -> ProfileDelivery {
-        ProfileDelivery {
-            pkey: pkey.to_owned(),
-            request_id: self.record.request_id.clone(),
-            state: self.state as i32,
-            ccpa_opt_out: self
-                .held
-                .as_ref()
-                .map_or(self.record.opt_out, |h| h.opt_out),
-            created,
-        }
+/// The wire form of one profile's delivery.
+fn profile_delivery(delivered: &Delivered, pkey: &str, created: bool) -> ProfileDelivery {
+    ProfileDelivery {
+        pkey: pkey.to_owned(),
+        request_id: delivered.record.request_id.clone(),
+        state: delivery_state(delivered.state) as i32,
+        ccpa_opt_out: delivered.opt_out(),
+        created,
     }
 }
 
@@ -202,11 +172,8 @@ fn combined_state(states: impl IntoIterator<Item = DeliveryState>) -> DeliverySt
 }
 
 impl CcpaApi {
-    /// GetOptOut: what ACS holds, made more protective by the ledger. A pending opt-out reads
-    /// as opted out, even while ACS is unreachable; a pending opt-in changes nothing until ACS
-    /// holds it; an applied opt-out that ACS no longer holds (drift) reads as opted out, and its
-    /// restore starts. Each profile's answer carries the consumer's latest request. By email:
-    /// every profile, and opted out if any is.
+    /// GetOptOut: what ACS holds, made more protective by the ledger (`optout::read`). By
+    /// email: every profile, and opted out if any is.
     pub(super) async fn get(
         &self,
         request: GetOptOutRequest,
@@ -216,33 +183,22 @@ impl CcpaApi {
         check_target(&mut violations, &request.pkey, &request.email);
         violations.into_result()?;
 
-        let profiles = if request.email.is_empty() {
-            vec![self.profile_opt_out(&request.pkey, deadline).await?]
-        } else {
-            let found = self
-                .noted(self.acs.profiles_by_email(&request.email, deadline).await)
-                .await?;
-            if found.is_empty() {
-                return Err(gateway_status(
-                    Code::NotFound,
-                    Reason::EmailNotFound,
-                    "no profile has this email address",
-                ));
-            }
-            if found.len() > self.max_profiles_per_email {
-                return Err(too_many_profiles(self.max_profiles_per_email));
-            }
-            // By index: a closure over `&Profile` would be higher-ranked, which the async
-            // trait's `Send` bound cannot see through.
-            stream::iter(0..found.len())
-                .map(|n| self.found_profile_opt_out(&found[n]))
-                .buffered(EMAIL_PROFILE_CONCURRENCY)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<Result<_, _>>()?
-        };
         let by_key = request.email.is_empty();
+        let target = if by_key {
+            ReadTarget::Key(&request.pkey)
+        } else {
+            ReadTarget::Email {
+                email: &request.email,
+                max_profiles: self.max_profiles_per_email,
+            }
+        };
+        let profiles: Vec<ProfileOptOut> = self
+            .delivery
+            .read(target, deadline)
+            .await?
+            .iter()
+            .map(convert::profile_opt_out)
+            .collect();
         Ok(GetOptOutResponse {
             pkey: request.pkey,
             ccpa_opt_out: profiles.iter().any(|p| p.ccpa_opt_out),
@@ -258,96 +214,6 @@ impl CcpaApi {
                 _ => None,
             },
             profiles,
-        })
-    }
-
-    /// One profile's opt-out by key: ACS's value, made protective by the ledger.
-    async fn profile_opt_out(
-        &self,
-        pkey: &str,
-        deadline: Deadline,
-    ) -> Result<ProfileOptOut, Status> {
-        let recorded = self.recorded(pkey).await?;
-        let held = self.read_opt_out(pkey, deadline).await;
-        self.protective(pkey, held, recorded).await
-    }
-
-    /// The opt-out of a profile found by email (ACS has answered it already).
-    async fn found_profile_opt_out(
-        &self,
-        profile: &types::Profile,
-    ) -> Result<ProfileOptOut, Status> {
-        let pkey = profile
-            .p_key
-            .clone()
-            .ok_or(UpstreamError::MissingField("PKey"))?;
-        let held = OptOutState::from_profile(profile);
-        let recorded = self.recorded(&pkey).await?;
-        self.protective(&pkey, held, recorded).await
-    }
-
-    /// What the ledger holds for a profile: its newest request not overtaken (restores
-    /// included), and the consumer's latest request (the one a restore restores).
-    async fn recorded(&self, pkey: &str) -> Result<Recorded, Status> {
-        let latest = self.ledger().latest(pkey).await?;
-        let consumers = match latest
-            .as_ref()
-            .and_then(|latest| latest.restores_request_id.as_deref())
-        {
-            Some(restored) => self.ledger().get(restored).await?,
-            None => latest.clone(),
-        };
-        Ok(Recorded { latest, consumers })
-    }
-
-    /// A profile's answer: what ACS holds (`held`), made protective by the ledger. A pending
-    /// opt-out reads as opted out, even while ACS cannot answer; an applied opt-out that ACS no
-    /// longer holds is drift: it reads as opted out, and its restore starts at once.
-    async fn protective(
-        &self,
-        pkey: &str,
-        held: Result<OptOutState, UpstreamError>,
-        recorded: Recorded,
-    ) -> Result<ProfileOptOut, Status> {
-        let Recorded { latest, consumers } = recorded;
-        let pending = latest
-            .as_ref()
-            .filter(|latest| latest.state == State::Pending)
-            .map(|latest| latest.opt_out);
-        let applied_opt_out = latest
-            .as_ref()
-            .filter(|latest| latest.state == State::Applied && latest.opt_out);
-        let mut drift_detected = false;
-        let (ccpa_opt_out, last_modified) = match (held, pending) {
-            (Ok(state), Some(true)) => (true, state.last_modified),
-            (Ok(state), _) if !state.opt_out && applied_opt_out.is_some() => {
-                drift_detected = true;
-                if let Some(seen) = applied_opt_out {
-                    // The answer does not wait on the restore's fate (the reconciler retries),
-                    // and the restore does not depend on the call's.
-                    self.delivery.start_restore(seen.clone());
-                }
-                (true, state.last_modified)
-            }
-            (Ok(state), _) => (state.opt_out, state.last_modified),
-            // ACS cannot say, but the ledger can: this consumer asked not to be sold (a pending
-            // opt-out, or an applied one that is the profile's latest request).
-            (Err(error), pending)
-                if !error.is_not_found()
-                    && (pending == Some(true)
-                        || (pending.is_none() && applied_opt_out.is_some())) =>
-            {
-                (true, None)
-            }
-            (Err(error), _) => return Err(Status::from(error)),
-        };
-        Ok(ProfileOptOut {
-            pkey: pkey.to_owned(),
-            ccpa_opt_out,
-            ccpa_opt_out_last_modified: last_modified,
-            change_pending: pending.is_some(),
-            drift_detected,
-            latest_request: consumers.as_ref().map(convert::latest_request),
         })
     }
 
@@ -400,74 +266,26 @@ impl CcpaApi {
         } else {
             Apply::WithinCall(deadline)
         };
-        let delivered = match self.submit(&new, apply, deadline).await? {
+        let submitted = self.delivery.submit(&new, apply).await?;
+        let delivered = match self.delivery.read_back(submitted, deadline).await {
             Submission::Delivered(delivered) => delivered,
             Submission::Replay(record) => return self.answer_recorded(&record).await,
             Submission::Conflict => return Err(request_id_conflict()),
         };
-        if delivered.state == DeliveryState::Failed {
+        if delivered.state == State::Failed {
             return Err(replayed_failure(&delivered.record));
         }
         Ok(SetOptOutResponse {
             pkey: pkey.to_owned(),
-            ccpa_opt_out: delivered
+            ccpa_opt_out: delivered.opt_out(),
+            ccpa_opt_out_last_modified: delivered
                 .held
                 .as_ref()
-                .map_or(request.opt_out, |h| h.opt_out),
-            ccpa_opt_out_last_modified: delivered.held.as_ref().and_then(|h| h.last_modified),
+                .and_then(|h| h.last_modified.as_deref())
+                .and_then(acs_timestamp_to_proto),
             request_id: delivered.record.request_id.clone(),
-            state: delivered.state as i32,
-            profiles: vec![delivered.profile(pkey, false)],
-        })
-    }
-
-    /// Submits one profile's request to the ledger and, once ACS holds it, reads back what ACS
-    /// holds, for the answer.
-    async fn submit(
-        &self,
-        new: &NewRequest,
-        apply: Apply,
-        deadline: Deadline,
-    ) -> Result<Submission, Status> {
-        let submitted = self.delivery.submit(new, apply).await?;
-        Ok(self.read_back(submitted, deadline).await)
-    }
-
-    /// Where a submitted request stands, for the answer; once ACS holds it, with what ACS
-    /// holds read back.
-    async fn read_back(&self, submitted: Submitted, deadline: Deadline) -> Submission {
-        let (record, state) = match submitted {
-            Submitted::Conflict => return Submission::Conflict,
-            Submitted::Replay(record) => return Submission::Replay(record),
-            Submitted::Applied(record) => (record, DeliveryState::Applied),
-            Submitted::Pending(record) => (record, DeliveryState::Pending),
-            Submitted::Superseded(record) => (record, DeliveryState::Superseded),
-            Submitted::Failed(record) => (record, DeliveryState::Failed),
-        };
-        let mut held = None;
-        if state == DeliveryState::Applied
-            && let Some(pkey) = record.pkey.as_deref()
-        {
-            // ACS answers a PATCH with `{PKey, href}` only. Reading the profile back costs a
-            // second call, but it lets the answer say what ACS holds (and when it changed)
-            // rather than echo what was asked. If the read fails, the change is still applied.
-            match self.read_opt_out(pkey, deadline).await {
-                Ok(read) => {
-                    if read.opt_out != record.opt_out {
-                        tracing::warn!("the opt-out read back differs from the one just set");
-                    }
-                    held = Some(read);
-                }
-                Err(error) => tracing::warn!(
-                    error = error.reason(),
-                    "applied, but the read-back failed; answering the value set"
-                ),
-            }
-        }
-        Submission::Delivered(Delivered {
-            record,
-            state,
-            held,
+            state: delivery_state(delivered.state) as i32,
+            profiles: vec![profile_delivery(&delivered, pkey, false)],
         })
     }
 
@@ -506,15 +324,18 @@ impl CcpaApi {
                 request_id: creation_id,
                 profile,
             } => {
-                let state = OptOutState::from_profile(&profile).map_err(Status::from)?;
+                let state = &profile.held;
                 return Ok(SetOptOutResponse {
                     pkey: String::new(),
                     ccpa_opt_out: state.opt_out,
-                    ccpa_opt_out_last_modified: state.last_modified,
+                    ccpa_opt_out_last_modified: state
+                        .last_modified
+                        .as_deref()
+                        .and_then(acs_timestamp_to_proto),
                     request_id: request.request_id.clone(),
                     state: DeliveryState::Applied as i32,
                     profiles: vec![ProfileDelivery {
-                        pkey: profile.p_key.unwrap_or_default(),
+                        pkey: profile.pkey,
                         request_id: creation_id,
                         state: DeliveryState::Applied as i32,
                         ccpa_opt_out: state.opt_out,
@@ -526,10 +347,10 @@ impl CcpaApi {
         };
         let profiles: Vec<ProfileDelivery> = stream::iter(profiles)
             .map(|submitted| async move {
-                match self.read_back(submitted, deadline).await {
+                match self.delivery.read_back(submitted, deadline).await {
                     Submission::Delivered(delivered) => {
                         let pkey = delivered.record.pkey.clone().unwrap_or_default();
-                        Some(delivered.profile(&pkey, false))
+                        Some(profile_delivery(&delivered, &pkey, false))
                     }
                     // The ledger answers these as failures of the whole request.
                     Submission::Replay(_) | Submission::Conflict => None,

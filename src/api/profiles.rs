@@ -2,19 +2,18 @@
 //! SetOptOut; the ledger keeps no email or name, so a creation that fails cannot be completed
 //! later: it is FAILED, and the caller (told so) retries.
 
-use acs_profile_client::types;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
 use super::error_mapping::{Reason, gateway_status, replayed_failure};
 use super::opt_out::request_id_or_new;
-use super::service::{CcpaApi, Deadline, OptOutState, recorded_caller};
+use super::service::{CcpaApi, Deadline, recorded_caller};
+use super::timestamps::acs_timestamp_to_proto;
 use super::validation::{Violations, request_id_conflict};
 use crate::access::Caller;
-use crate::optout::Created;
+use crate::optout::{Created, CreatedProfile, NewProfile};
 use crate::proto::ccpa_v1::{CreateProfileRequest, CreateProfileResponse, Profile};
 use crate::store::{Kind, NewRequest, State, fingerprint};
-use crate::upstream::UpstreamError;
 
 impl CcpaApi {
     pub(super) async fn create(
@@ -40,19 +39,17 @@ impl CcpaApi {
         let caller = recorded_caller(caller, metadata, &mut violations);
         violations.into_result()?;
 
-        let non_empty = |s: String| (!s.is_empty()).then_some(s);
-        let input = types::ProfileInput {
-            email: Some(request.email),
-            first_name: non_empty(request.first_name),
-            last_name: non_empty(request.last_name),
-            ccpa_opt_out: request.ccpa_opt_out,
-            ..Default::default()
+        let profile = NewProfile {
+            email: request.email,
+            first_name: request.first_name,
+            last_name: request.last_name,
+            opt_out: request.ccpa_opt_out,
         };
         let Some((opt_out, Some(source), received_at)) = recorded else {
             // No opt-out: nothing for the ledger.
-            let profile = self.create_in_acs(&input, deadline).await?;
+            let created = self.delivery.create_unrecorded(&profile, deadline).await?;
             return Ok(CreateProfileResponse {
-                profile: Some(profile),
+                profile: Some(proto_profile(created)),
                 request_id: String::new(),
             });
         };
@@ -63,9 +60,9 @@ impl CcpaApi {
         let content = fingerprint(
             &request_id,
             &[
-                &input.email.as_deref().unwrap_or_default().to_lowercase(),
-                input.first_name.as_deref().unwrap_or_default(),
-                input.last_name.as_deref().unwrap_or_default(),
+                &profile.email.to_lowercase(),
+                &profile.first_name,
+                &profile.last_name,
             ],
         );
         let new = NewRequest {
@@ -82,9 +79,9 @@ impl CcpaApi {
             restores_request_id: None,
         };
         let request_id = new.request_id.clone();
-        let profile = self.create_recorded(&new, &input, deadline).await?;
+        let created = self.create_recorded(&new, &profile, deadline).await?;
         Ok(CreateProfileResponse {
-            profile: Some(profile),
+            profile: Some(created),
             request_id,
         })
     }
@@ -94,23 +91,19 @@ impl CcpaApi {
     async fn create_recorded(
         &self,
         new: &NewRequest,
-        input: &types::ProfileInput,
+        profile: &NewProfile,
         deadline: Deadline,
     ) -> Result<Profile, Status> {
-        let created = self.delivery.create(new, input, deadline).await?;
-        let profile = match created {
-            Created::Created(profile) => profile,
+        let created = match self.delivery.create(new, profile, deadline).await? {
+            Created::Created(created) => created,
             Created::Failed(error) => return Err(Status::from(error)),
             Created::Conflict => return Err(request_id_conflict()),
             Created::Replay(record) => {
                 return match (record.state, record.pkey.as_deref()) {
                     (State::Failed, _) => Err(replayed_failure(&record)),
-                    (_, Some(pkey)) => self
-                        .noted(self.acs.read_profile(pkey, deadline).await)
-                        .await
-                        .and_then(|p| p.ok_or(UpstreamError::EmptyCollection))
-                        .and_then(proto_profile)
-                        .map_err(Status::from),
+                    (_, Some(pkey)) => Ok(proto_profile(
+                        self.delivery.created_profile(pkey, deadline).await?,
+                    )),
                     (_, None) => Err(gateway_status(
                         Code::Unavailable,
                         Reason::RequestInProgress,
@@ -119,30 +112,21 @@ impl CcpaApi {
                 };
             }
         };
-        proto_profile(profile).map_err(Status::from)
-    }
-
-    async fn create_in_acs(
-        &self,
-        input: &types::ProfileInput,
-        deadline: Deadline,
-    ) -> Result<Profile, Status> {
-        let created = self.acs.add_profile(input, deadline).await;
-        self.noted(created)
-            .await
-            .and_then(proto_profile)
-            .map_err(Status::from)
+        Ok(proto_profile(created))
     }
 }
 
-fn proto_profile(profile: types::Profile) -> Result<Profile, UpstreamError> {
-    let state = OptOutState::from_profile(&profile)?;
-    Ok(Profile {
-        pkey: profile.p_key.ok_or(UpstreamError::MissingField("PKey"))?,
-        email: profile.email.unwrap_or_default(),
-        first_name: profile.first_name.unwrap_or_default(),
-        last_name: profile.last_name.unwrap_or_default(),
-        ccpa_opt_out: state.opt_out,
-        ccpa_opt_out_last_modified: state.last_modified,
-    })
+fn proto_profile(profile: CreatedProfile) -> Profile {
+    Profile {
+        pkey: profile.pkey,
+        email: profile.email,
+        first_name: profile.first_name,
+        last_name: profile.last_name,
+        ccpa_opt_out: profile.held.opt_out,
+        ccpa_opt_out_last_modified: profile
+            .held
+            .last_modified
+            .as_deref()
+            .and_then(acs_timestamp_to_proto),
+    }
 }

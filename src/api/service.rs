@@ -5,16 +5,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use acs_profile_client::{CallError, Client, types};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 
 use super::deadline::caller_deadline;
 use super::error_mapping::{Reason, caller_not_allowed, gateway_status, unauthenticated};
-use super::timestamps::acs_timestamp_to_proto;
 use super::validation::Violations;
 use crate::access::{Caller, Permission};
-use crate::health::{GatewayHealth, UpstreamSignal};
 use crate::optout::delivery::Delivery;
 use crate::proto::ccpa_v1::{
     BulkSetOptOutRequest, CreateProfileRequest, CreateProfileResponse, GetOptOutRecordRequest,
@@ -23,21 +20,14 @@ use crate::proto::ccpa_v1::{
     ccpa_service_server::CcpaService,
 };
 use crate::store::Ledger;
-use crate::upstream::UpstreamError;
 
 /// The metadata key naming the calling service where identities are self-declared.
 pub const CALLER_METADATA: &str = crate::access::identity::SELF_DECLARED_HEADER;
 
-/// Profiles of one email address worked at once: a few, so that one address with many profiles
-/// does not take the whole throttle toward ACS from every other caller.
-pub const EMAIL_PROFILE_CONCURRENCY: usize = 4;
-
-/// The gRPC service. Cloning it is cheap: clones share the client's connection pool and the
-/// ledger's.
+/// The gRPC service. Cloning it is cheap: clones share the protocol's state (the client's
+/// connection pool, the ledger's).
 #[derive(Clone)]
 pub struct CcpaApi {
-    pub(super) acs: Client,
-    pub(super) health: Arc<GatewayHealth>,
     pub(super) delivery: Arc<Delivery>,
     /// A lookup by email matching more profiles than this is refused (TOO_MANY_PROFILES).
     pub(super) max_profiles_per_email: usize,
@@ -48,18 +38,10 @@ pub struct CcpaApi {
 pub(super) type Deadline = Option<Instant>;
 
 impl CcpaApi {
-    /// A service that answers from the ACS tenant `acs` is configured for, records opt-out
-    /// requests in `delivery`'s ledger, tells `health` what each call says about the gateway's
-    /// credentials, and refuses lookups by email matching more than `max_profiles_per_email`.
-    pub fn new(
-        acs: Client,
-        health: Arc<GatewayHealth>,
-        delivery: Arc<Delivery>,
-        max_profiles_per_email: usize,
-    ) -> Self {
+    /// A service over the opt-out protocol of `delivery`, which refuses lookups by email
+    /// matching more than `max_profiles_per_email`.
+    pub fn new(delivery: Arc<Delivery>, max_profiles_per_email: usize) -> Self {
         Self {
-            acs,
-            health,
             delivery,
             max_profiles_per_email,
         }
@@ -67,46 +49,6 @@ impl CcpaApi {
 
     pub(super) fn ledger(&self) -> &Ledger {
         self.delivery.ledger()
-    }
-
-    /// Passes a call's outcome by the health tracker on its way back.
-    pub(super) async fn noted<T>(&self, result: Result<T, CallError>) -> Result<T, UpstreamError> {
-        self.health.observe(UpstreamSignal::of(&result)).await;
-        result.map_err(UpstreamError::from)
-    }
-
-    /// The profile's opt-out as ACS holds it now.
-    pub(super) async fn read_opt_out(
-        &self,
-        pkey: &str,
-        deadline: Deadline,
-    ) -> Result<OptOutState, UpstreamError> {
-        let profile = self
-            .noted(self.acs.read_profile(pkey, deadline).await)
-            .await?
-            .ok_or(UpstreamError::EmptyCollection)?;
-        OptOutState::from_profile(&profile)
-    }
-}
-
-/// What ACS holds about one profile's opt-out.
-pub(super) struct OptOutState {
-    pub(super) opt_out: bool,
-    pub(super) last_modified: Option<prost_types::Timestamp>,
-}
-
-impl OptOutState {
-    pub(super) fn from_profile(profile: &types::Profile) -> Result<Self, UpstreamError> {
-        Ok(Self {
-            // Never default a missing flag to false: that would read as "may sell".
-            opt_out: profile
-                .ccpa_opt_out
-                .ok_or(UpstreamError::MissingField("ccpaOptOut"))?,
-            last_modified: profile
-                .ccpa_opt_out_last_modified
-                .as_deref()
-                .and_then(acs_timestamp_to_proto),
-        })
     }
 }
 

@@ -9,10 +9,9 @@
 
 use std::time::Instant;
 
-use acs_profile_client::types;
 use futures::{StreamExt, stream};
 
-use super::creation::Created;
+use super::creation::{Created, CreatedProfile, NewProfile};
 use super::delivery::Delivery;
 use super::submit::{Apply, Submitted};
 use crate::health::UpstreamSignal;
@@ -43,10 +42,6 @@ pub struct EmailRequest<'a> {
 
 /// What became of a request by email.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one answer per call, moved once: boxing would cost more than it saves"
-)]
 pub enum SubmittedByEmail {
     /// Each profile's request, in the order ACS listed the profiles.
     Profiles(Vec<Submitted>),
@@ -56,7 +51,7 @@ pub enum SubmittedByEmail {
         /// The creation's own request id.
         request_id: String,
         /// The profile ACS created.
-        profile: types::Profile,
+        profile: CreatedProfile,
     },
     /// It could not be completed; its record is FAILED with the basis.
     Failed(ByEmailFailure),
@@ -237,12 +232,12 @@ impl Delivery {
             fingerprint: None,
             ..request.clone()
         };
-        let input = types::ProfileInput {
-            email: Some(email.to_owned()),
-            ccpa_opt_out: Some(request.opt_out),
+        let profile = NewProfile {
+            email: email.to_owned(),
+            opt_out: Some(request.opt_out),
             ..Default::default()
         };
-        match self.create(&creation, &input, Some(deadline)).await? {
+        match self.create(&creation, &profile, Some(deadline)).await? {
             Created::Created(profile) => {
                 self.ledger()
                     .settle(id, Outcome::Applied { pkey: None }, true, None)

@@ -8,19 +8,71 @@ use std::time::Instant;
 use acs_profile_client::types;
 
 use super::delivery::Delivery;
+use super::read::Held;
 use crate::health::UpstreamSignal;
 use crate::store::{FailureCode, LedgerError, NewRequest, Outcome, Record, Recorded, Settled};
 use crate::upstream::UpstreamError;
 
+/// A profile to create, as the caller gave it (empty names are left out).
+#[derive(Debug, Clone, Default)]
+pub struct NewProfile {
+    /// Its email address.
+    pub email: String,
+    /// Its first name, if any.
+    pub first_name: String,
+    /// Its last name, if any.
+    pub last_name: String,
+    /// Its opt-out, if the caller set one.
+    pub opt_out: Option<bool>,
+}
+
+impl NewProfile {
+    fn input(&self) -> types::ProfileInput {
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        types::ProfileInput {
+            email: Some(self.email.clone()),
+            first_name: non_empty(&self.first_name),
+            last_name: non_empty(&self.last_name),
+            ccpa_opt_out: self.opt_out,
+            ..Default::default()
+        }
+    }
+}
+
+/// A profile as ACS created (or holds) it, for an answer.
+#[derive(Debug, Clone)]
+pub struct CreatedProfile {
+    /// Its key.
+    pub pkey: String,
+    /// Its email address.
+    pub email: String,
+    /// Its first name ("" when none).
+    pub first_name: String,
+    /// Its last name ("" when none).
+    pub last_name: String,
+    /// Its opt-out.
+    pub held: Held,
+}
+
+impl CreatedProfile {
+    /// What ACS answered; without its key or its opt-out, ACS broke its contract.
+    pub fn of(profile: types::Profile) -> Result<Self, UpstreamError> {
+        let held = Held::of(&profile)?;
+        Ok(Self {
+            pkey: profile.p_key.ok_or(UpstreamError::MissingField("PKey"))?,
+            email: profile.email.unwrap_or_default(),
+            first_name: profile.first_name.unwrap_or_default(),
+            last_name: profile.last_name.unwrap_or_default(),
+            held,
+        })
+    }
+}
+
 /// What became of a recorded creation.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one answer per call, moved once: boxing would cost more than it saves"
-)]
 pub enum Created {
     /// ACS created the profile, and holds its key and opt-out; the record is APPLIED.
-    Created(types::Profile),
+    Created(CreatedProfile),
     /// ACS did not create it (or its answer could not be trusted); the record is FAILED with
     /// what the caller is told.
     Failed(UpstreamError),
@@ -38,7 +90,7 @@ impl Delivery {
     pub async fn create(
         &self,
         request: &NewRequest,
-        input: &types::ProfileInput,
+        profile: &NewProfile,
         deadline: Option<Instant>,
     ) -> Result<Created, LedgerError> {
         let deadline = self.within_lease(deadline);
@@ -48,22 +100,19 @@ impl Delivery {
             Recorded::Replay(record) => return Ok(Created::Replay(record)),
             Recorded::Conflict(_) => return Ok(Created::Conflict),
         };
-        let result = self.acs().add_profile(input, Some(deadline)).await;
+        let result = self
+            .acs()
+            .add_profile(&profile.input(), Some(deadline))
+            .await;
         self.health().observe(UpstreamSignal::of(&result)).await;
-        let created = result.map_err(UpstreamError::from).and_then(|profile| {
-            // Without its key the creation cannot be recorded, and without its opt-out it cannot
-            // be told to the caller: either way ACS broke its contract.
-            if profile.p_key.is_none() {
-                return Err(UpstreamError::MissingField("PKey"));
-            }
-            if profile.ccpa_opt_out.is_none() {
-                return Err(UpstreamError::MissingField("ccpaOptOut"));
-            }
-            Ok(profile)
-        });
+        // Without its key the creation cannot be recorded, and without its opt-out it cannot be
+        // told to the caller: either way ACS broke its contract.
+        let created = result
+            .map_err(UpstreamError::from)
+            .and_then(CreatedProfile::of);
         match created {
             Ok(profile) => {
-                let pkey = profile.p_key.as_deref();
+                let pkey = Some(profile.pkey.as_str());
                 let settled = self
                     .ledger()
                     .settle(&request.request_id, Outcome::Applied { pkey }, true, None)
@@ -100,5 +149,24 @@ impl Delivery {
                 Ok(Created::Failed(error))
             }
         }
+    }
+
+    /// Creates a profile without an opt-out: nothing for the ledger.
+    pub async fn create_unrecorded(
+        &self,
+        profile: &NewProfile,
+        deadline: Option<Instant>,
+    ) -> Result<CreatedProfile, UpstreamError> {
+        let created = self.acs().add_profile(&profile.input(), deadline).await;
+        CreatedProfile::of(self.noted(created).await?)
+    }
+
+    /// A profile created before, as ACS holds it now (for a replayed creation).
+    pub async fn created_profile(
+        &self,
+        pkey: &str,
+        deadline: Option<Instant>,
+    ) -> Result<CreatedProfile, UpstreamError> {
+        CreatedProfile::of(self.read_profile(pkey, deadline).await?)
     }
 }

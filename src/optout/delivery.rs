@@ -59,6 +59,18 @@ impl Default for DeliverySettings {
 /// of ACS answering, with or without calls.
 pub const PROBE_WHILE_WAITING: Duration = Duration::from_secs(2);
 
+/// Whether ACS (or its gateway) answered that it did not handle the request: 429 Too Many
+/// Requests or 503 Service Unavailable.
+fn refused_unhandled(error: &CallError) -> bool {
+    match error {
+        CallError::Api(error) => matches!(
+            Failure::classify(error),
+            Failure::Transient { status } if matches!(status.as_u16(), 429 | 503)
+        ),
+        CallError::DeadlineExceeded { .. } | CallError::Throttled => false,
+    }
+}
+
 /// What one attempt at applying a request did.
 #[derive(Debug)]
 pub(super) enum Attempt {
@@ -284,10 +296,13 @@ impl Delivery {
                     .now_ms()
                     .saturating_add(self.backoff_ms(record.attempts));
                 // A PATCH that was sent may still be on its way through ACS (a timeout, a reset,
-                // a 504 from its gateway): the lease is kept until it expires, so that no newer
-                // request for the profile is sent before this one has surely landed or died,
-                // and none can be overtaken at ACS by an older one.
-                let release = if attempted { None } else { release };
+                // a 502 or 504 from its gateway): the lease is kept until it expires, so that no
+                // newer request for the profile is sent before this one has surely landed or
+                // died, and none can be overtaken at ACS by an older one. A 429 or 503 says the
+                // request was not handled (RFC 9110 15.6.4, RFC 6585 4): nothing of it can land
+                // later, and the lease goes back, so that it is tried again as soon as it is due.
+                let may_still_land = attempted && !refused_unhandled(&error);
+                let release = if may_still_land { None } else { release };
                 let acs_unavailable = acs_unavailable(&error);
                 if acs_unavailable {
                     self.waiting_for_acs
