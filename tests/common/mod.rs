@@ -124,6 +124,11 @@ impl Store {
         }
     }
 
+    /// The PostgreSQL schema of the store, if it is one.
+    pub fn schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+
     /// The ledger itself.
     pub async fn open(&self) -> Ledger {
         Ledger::open(&self.location)
