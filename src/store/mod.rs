@@ -7,12 +7,18 @@
 //! One schema (`migrations/`), portable between SQLite (the default: a file, one gateway) and
 //! PostgreSQL (several gateways sharing one ledger). Writes are durable when they return: SQLite
 //! runs in WAL mode with `synchronous=FULL` (an fsync per commit, one commit for every write
-//! queued at the time: see `writer`), PostgreSQL with `synchronous_commit=on`.
+//! queued at the time: see `sqlite`), PostgreSQL with `synchronous_commit=on`.
+//!
+//! Each storage operation is implemented once per database: on SQLite by `sqlite` (rusqlite,
+//! run on the threads that own its connections), on PostgreSQL by the sqlx code of the modules
+//! below; every public method of [`Ledger`] dispatches on its `Store`.
 //!
 //! By job: `open` (connections, migrations), `intake` (recording a request), `leases` (who
 //! applies a profile's requests, and what came of each attempt), `queries` (reads), `retention`
-//! (pruning), `writer` (group commit), `reconcile` (each profile's latest request, the schedule
-//! of re-reads, drift found), `report` (the yearly figures), `metrics` (what the store counts).
+//! (pruning), `writer` (PostgreSQL's transactions), `sqlite` (SQLite: the writer thread's group
+//! commit, its readers, its migrations and units), `reconcile` (each profile's latest request,
+//! the schedule of re-reads, drift found), `report` (the yearly figures), `metrics` (what the
+//! store counts).
 //!
 //! Order: requests for one profile take effect in the order consumers made them
 //! (`received_at`, then arrival), except that a request is never ordered later than the ledger's
@@ -212,8 +218,8 @@ impl ProfileTurns {
 
 /// Which profiles the ledger has any record of, so that a read of a profile it has none of (most
 /// profiles read, most of the time) skips its query: on SQLite that query is most of a
-/// GetOptOut's cost (sqlx hands each statement to a thread of its own, and on a busy machine
-/// every hand-off waits for the scheduler).
+/// GetOptOut's cost (a read is handed to a blocking thread and back, and on a busy machine every
+/// hand-off waits for the scheduler).
 ///
 /// A Bloom filter: it has no false negatives, so a profile it does not know has no record; a few
 /// it wrongly knows are asked for anyway. Trusted only where this process is the ledger's only
