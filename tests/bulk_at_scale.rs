@@ -170,24 +170,26 @@ async fn records_of_200_000_requests_are_exported_in_flat_memory() {
     let ledger = Ledger::open(&store.location).await.unwrap();
     drop(ledger);
     {
-        use sqlx::Connection;
-        let mut connection =
-            sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=rw", store.location))
-                .await
-                .unwrap();
+        let connection = rusqlite::Connection::open_with_flags(
+            &store.location,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+        )
+        .unwrap();
+        connection
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
         // Long pending (received in 1970): every one of them is overdue, too.
-        sqlx::query(
+        connection
+            .execute(
             "INSERT INTO opt_out_records (request_id, kind, pkey, opt_out, source, received_at, \
              received_at_given, recorded_at, caller, state, attempts, next_attempt_at) \
              WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $1) \
              SELECT 'scale-' || i, 'SET_OPT_OUT', '@scale-profile-' || i, 1, 'WEB_FORM', \
              1000000 + i, 1, 1000000 + i, 'scale-test', 'PENDING', 0, 9000000000000 FROM n",
+            [i64::try_from(RECORDS).unwrap()],
         )
-        .bind(i64::try_from(RECORDS).unwrap())
-        .execute(&mut connection)
-        .await
         .unwrap();
-        connection.close().await.unwrap();
+        connection.close().map_err(|(_, e)| e).unwrap();
     }
 
     for (args, expected_code) in [

@@ -2005,11 +2005,14 @@ on_both_stores!(a_restore_started_by_a_read_gives_its_lease_back_when_the_read_i
 /// Something that holds up the ledger's writes for one profile, from outside the gateway: on
 /// SQLite the database's write lock, on PostgreSQL the profile's advisory lock (which recording
 /// a request for it takes). Dropped, it lets them through.
-struct HeldWrites(sqlx::AnyConnection);
+enum HeldWrites {
+    Postgres(sqlx::AnyConnection),
+    Sqlite(rusqlite::Connection),
+}
 
 impl HeldWrites {
     async fn hold(location: &str, pkey: &str) -> Self {
-        use sqlx::{Connection, Executor};
+        use sqlx::Connection;
         sqlx::any::install_default_drivers();
         if location.starts_with("postgres") {
             let mut connection = sqlx::AnyConnection::connect(location).await.unwrap();
@@ -2018,19 +2021,28 @@ impl HeldWrites {
                 .fetch_one(&mut connection)
                 .await
                 .unwrap();
-            Self(connection)
+            Self::Postgres(connection)
         } else {
-            let url = format!("sqlite://{location}?mode=rw");
-            let mut connection = sqlx::AnyConnection::connect(&url).await.unwrap();
-            connection.execute("BEGIN IMMEDIATE").await.unwrap();
-            Self(connection)
+            let connection = rusqlite::Connection::open_with_flags(
+                location,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+            )
+            .unwrap();
+            connection
+                .busy_timeout(std::time::Duration::from_secs(10))
+                .unwrap();
+            connection.execute_batch("BEGIN IMMEDIATE").unwrap();
+            Self::Sqlite(connection)
         }
     }
 
     async fn release(self) {
         use sqlx::Connection;
         // Closing the connection ends its transaction and its session's advisory locks.
-        self.0.close().await.unwrap();
+        match self {
+            Self::Postgres(connection) => connection.close().await.unwrap(),
+            Self::Sqlite(connection) => connection.close().map_err(|(_, e)| e).unwrap(),
+        }
     }
 }
 
@@ -2154,4 +2166,62 @@ async fn a_postgres_ledger_of_the_previous_release_opens_migrates_and_reads_back
     Ledger::open_existing(&store.location)
         .await
         .expect("this version's schema");
+}
+
+/// SQLite ledgers written by the previous release (sqlx's migrator and connections), kept in
+/// `tests/fixtures/`: `ledger-v6.sqlite3` was made by that release's `serve --emulator --ledger`
+/// with one SetOptOut applied (`fixture-applied`) and one failed (`fixture-missing`, a profile
+/// ACS does not have); `ledger-v5.sqlite3` is the same file with migration 6 undone (its column
+/// dropped, its row of history deleted), as the release before it left its ledgers. Each opens
+/// with this version, is migrated, reads back, and keeps a history sqlx itself accepts: the
+/// same versions and checksums as sqlx wrote.
+#[tokio::test]
+async fn sqlite_ledgers_of_the_previous_releases_open_and_migrate() {
+    use ccpa_gateway::store::{FailureCode, State};
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let history = |path: &std::path::Path| -> Vec<(i64, String, bool, Vec<u8>)> {
+        let connection = rusqlite::Connection::open(path).unwrap();
+        let mut statement = connection
+            .prepare(
+                "SELECT version, description, success, checksum FROM _sqlx_migrations \
+                 ORDER BY version",
+            )
+            .unwrap();
+        statement
+            .query_map([], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    // As sqlx wrote it.
+    let written_by_sqlx = history(&fixtures.join("ledger-v6.sqlite3"));
+    assert_eq!(written_by_sqlx.len(), 6);
+    for fixture in ["ledger-v5.sqlite3", "ledger-v6.sqlite3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(fixture);
+        std::fs::copy(fixtures.join(fixture), &path).unwrap();
+        let location = path.display().to_string();
+        let ledger = Ledger::open(&location).await.unwrap();
+        let applied = ledger.get("fixture-applied").await.unwrap().unwrap();
+        assert_eq!(applied.state, State::Applied, "{fixture}");
+        assert!(applied.pkey.is_some());
+        let failed = ledger.get("fixture-missing").await.unwrap().unwrap();
+        assert_eq!(failed.state, State::Failed, "{fixture}");
+        assert_eq!(failed.failure_code, Some(FailureCode::ProfileNotFound));
+        assert_eq!(
+            ledger.latest("@no-such-profile").await.unwrap(),
+            Some(failed)
+        );
+        // It takes writes, with migration 6's column.
+        ledger
+            .retry_now_that_acs_answers()
+            .await
+            .expect("the migrated schema has every column");
+        drop(ledger);
+        assert_eq!(history(&path), written_by_sqlx, "{fixture}");
+        // And it is this version's for a tool that only reads.
+        Ledger::open_existing(&location).await.unwrap();
+    }
 }

@@ -9,7 +9,8 @@ use sqlx::{AnyConnection, Executor};
 use super::leases::{claim_lease, count_resolved};
 use super::queries::{COLUMNS, fetch_record};
 use super::{
-    Backend, Claim, FailureCode, Kind, Ledger, LedgerError, Record, Source, State, UnitClock,
+    Backend, Claim, FailureCode, Kind, Ledger, LedgerError, Record, Source, State, Store,
+    UnitClock, sqlite,
 };
 
 /// A request to record.
@@ -122,7 +123,34 @@ impl Ledger {
         let known = self.known.clone();
         let superseded = Arc::new(AtomicU64::new(0));
         let counted = superseded.clone();
-        let recorded = self
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                let clock = self.clock.clone();
+                let recorded = db
+                    .write(move |tx| {
+                        if let Some(pkey) = &request.pkey {
+                            // Inside the write, before it commits: no read after the commit can
+                            // skip this profile.
+                            known.note(pkey);
+                        }
+                        // The unit's clock on SQLite is the ledger's, read within the unit.
+                        let now = clock.unix_ms();
+                        sqlite::units::record_unit(
+                            tx,
+                            &request,
+                            claim.as_ref(),
+                            answered,
+                            now,
+                            &counted,
+                        )
+                    })
+                    .await?;
+                count_resolved(Some(State::Superseded), superseded.load(Ordering::Relaxed));
+                return Ok(recorded);
+            }
+            Store::Postgres(pg) => pg,
+        };
+        let recorded = pg
             .write(move |connection| {
                 Box::pin(async move {
                     if let Some(pkey) = &request.pkey {
@@ -150,7 +178,15 @@ impl Ledger {
     pub async fn mark_answered(&self, request_id: &str) -> Result<(), LedgerError> {
         let request_id = request_id.to_owned();
         let now = self.now_ms();
-        self.write(move |connection| {
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                return db
+                    .write(move |tx| sqlite::units::mark_answered(tx, &request_id, now))
+                    .await;
+            }
+            Store::Postgres(pg) => pg,
+        };
+        pg.write(move |connection| {
             Box::pin(async move {
                 sqlx::query(
                     "UPDATE opt_out_records SET answered_at = COALESCE(answered_at, $1) \

@@ -9,7 +9,7 @@ use sqlx::{AnyConnection, Executor};
 use tokio::time::Instant;
 
 use super::queries::fetch_record;
-use super::{FailureCode, Kind, Ledger, LedgerError, Record, State};
+use super::{FailureCode, Kind, Ledger, LedgerError, Record, State, Store, sqlite};
 
 /// A claim on a profile's lease, for one attempt at applying. A holder is unique to one claim,
 /// so two tasks of one process never both think they hold it. Made by [`Ledger::new_claim`].
@@ -24,14 +24,14 @@ pub struct Claim {
     /// A name unique to this claim.
     pub holder: String,
     /// How long the lease lasts once won (ms).
-    lease_ms: i64,
+    pub(super) lease_ms: i64,
     /// The ledger's clock.
     clock: Arc<dyn Clock>,
     /// When the claim was made, before the write that may win it, on `clock`.
     asked_at: Instant,
     /// The lease's generation once won (0 before): shared by the claim's clones, since the
     /// write that wins it runs on one.
-    generation: Arc<AtomicI64>,
+    pub(super) generation: Arc<AtomicI64>,
 }
 
 impl Claim {
@@ -185,8 +185,17 @@ impl Ledger {
     /// one applying that profile's requests.
     pub async fn claim(&self, pkey: &str, claim: &Claim) -> Result<bool, LedgerError> {
         let (pkey, claim) = (pkey.to_owned(), claim.clone());
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                let clock = self.clock.clone();
+                return db
+                    .write(move |tx| sqlite::units::claim_lease(tx, &pkey, &claim, clock.unix_ms()))
+                    .await;
+            }
+            Store::Postgres(pg) => pg,
+        };
         let unit_clock = self.unit_clock();
-        self.write(move |connection| {
+        pg.write(move |connection| {
             Box::pin(async move {
                 let now = unit_clock.now(&mut *connection).await?;
                 claim_lease(&mut *connection, &pkey, &claim, now).await
@@ -198,7 +207,15 @@ impl Ledger {
     /// Gives a lease back.
     pub async fn release(&self, pkey: &str, claim: &Claim) -> Result<(), LedgerError> {
         let (pkey, claim) = (pkey.to_owned(), claim.clone());
-        self.write(move |connection| {
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                return db
+                    .write(move |tx| sqlite::units::release_lease(tx, &pkey, &claim))
+                    .await;
+            }
+            Store::Postgres(pg) => pg,
+        };
+        pg.write(move |connection| {
             Box::pin(async move { release_lease(&mut *connection, &pkey, &claim).await })
         })
         .await
@@ -212,11 +229,20 @@ impl Ledger {
         let now = self.now_ms();
         let superseded = Arc::new(AtomicU64::new(0));
         let counted = superseded.clone();
-        let next = self
-            .write(move |connection| {
-                Box::pin(async move { next_to_apply_unit(connection, pkey, now, &counted).await })
-            })
-            .await?;
+        let next = match &self.store {
+            Store::Sqlite(db) => {
+                db.write(move |tx| sqlite::units::next_to_apply_unit(tx, &pkey, now, &counted))
+                    .await?
+            }
+            Store::Postgres(pg) => {
+                pg.write(move |connection| {
+                    Box::pin(
+                        async move { next_to_apply_unit(connection, pkey, now, &counted).await },
+                    )
+                })
+                .await?
+            }
+        };
         count_resolved(Some(State::Superseded), superseded.load(Ordering::Relaxed));
         Ok(next)
     }
@@ -246,30 +272,55 @@ impl Ledger {
         let release = release.map(|(pkey, claim)| (pkey.to_owned(), claim.clone()));
         let now = self.now_ms();
         let known = self.known.clone();
-        let settled = self
-            .write(move |connection| {
-                Box::pin(async move {
+        let settled = match &self.store {
+            Store::Sqlite(db) => {
+                db.write(move |tx| {
                     if let OwnedOutcome::Applied {
                         pkey: Some(created),
                     } = &outcome
                     {
-                        // A creation's record gains its key in this write: noted inside it, before
-                        // it commits.
+                        // A creation's record gains its key in this write: noted inside it,
+                        // before it commits.
                         known.note(created);
                     }
                     let release = release.as_ref().map(|(pkey, claim)| (pkey.as_str(), claim));
-                    settle_unit(
-                        connection,
+                    sqlite::units::settle_unit(
+                        tx,
                         now,
                         &request_id,
                         outcome.borrowed(),
                         answered,
                         release,
                     )
-                    .await
                 })
-            })
-            .await?;
+                .await?
+            }
+            Store::Postgres(pg) => {
+                pg.write(move |connection| {
+                    Box::pin(async move {
+                        if let OwnedOutcome::Applied {
+                            pkey: Some(created),
+                        } = &outcome
+                        {
+                            // A creation's record gains its key in this write: noted inside it, before
+                            // it commits.
+                            known.note(created);
+                        }
+                        let release = release.as_ref().map(|(pkey, claim)| (pkey.as_str(), claim));
+                        settle_unit(
+                            connection,
+                            now,
+                            &request_id,
+                            outcome.borrowed(),
+                            answered,
+                            release,
+                        )
+                        .await
+                    })
+                })
+                .await?
+            }
+        };
         if settled == Settled::Recorded {
             count_resolved(resolved_state, 1);
         }
@@ -278,6 +329,14 @@ impl Ledger {
 
     /// Profiles with a pending request due for delivery, the oldest request first.
     pub async fn due_profiles(&self, now: i64, limit: i64) -> Result<Vec<String>, LedgerError> {
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                return db
+                    .read(move |c| sqlite::units::due_profiles(c, now, limit))
+                    .await;
+            }
+            Store::Postgres(pg) => pg,
+        };
         let rows: Vec<String> = sqlx::query_scalar(
             "SELECT pkey FROM opt_out_records \
              WHERE state = 'PENDING' AND kind = 'SET_OPT_OUT' AND next_attempt_at <= $1 \
@@ -285,7 +344,7 @@ impl Ledger {
         )
         .bind(now)
         .bind(limit)
-        .fetch_all(&self.reader)
+        .fetch_all(&pg.reader)
         .await?;
         Ok(rows)
     }
@@ -295,7 +354,15 @@ impl Ledger {
     /// them. Returns how many.
     pub async fn retry_now_that_acs_answers(&self) -> Result<u64, LedgerError> {
         let now = self.now_ms();
-        self.write(move |connection| {
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                return db
+                    .write(move |tx| sqlite::units::retry_now_that_acs_answers(tx, now))
+                    .await;
+            }
+            Store::Postgres(pg) => pg,
+        };
+        pg.write(move |connection| {
             Box::pin(async move {
                 Ok(sqlx::query(
                     "UPDATE opt_out_records SET next_attempt_at = $1, retry_when_acs_answers = 0 \
@@ -323,18 +390,30 @@ impl Ledger {
     pub async fn fail_abandoned(&self, lease_ms: i64) -> Result<u64, LedgerError> {
         let unit_clock = self.unit_clock();
         let now = self.now_ms();
-        let failed = self
-            .write(move |connection| {
-                Box::pin(async move {
-                    // On the clock `recorded_at` was taken from (the database's, on PostgreSQL).
-                    let older_than = unit_clock
-                        .now(&mut *connection)
-                        .await?
-                        .saturating_sub(lease_ms);
-                    fail_abandoned_unit(connection, older_than, now).await
+        let failed = match &self.store {
+            Store::Sqlite(db) => {
+                let clock = self.clock.clone();
+                db.write(move |tx| {
+                    // On the clock `recorded_at` was taken from.
+                    let older_than = clock.unix_ms().saturating_sub(lease_ms);
+                    sqlite::units::fail_abandoned_unit(tx, older_than, now)
                 })
-            })
-            .await?;
+                .await?
+            }
+            Store::Postgres(pg) => {
+                pg.write(move |connection| {
+                    Box::pin(async move {
+                        // On the clock `recorded_at` was taken from (the database's, on PostgreSQL).
+                        let older_than = unit_clock
+                            .now(&mut *connection)
+                            .await?
+                            .saturating_sub(lease_ms);
+                        fail_abandoned_unit(connection, older_than, now).await
+                    })
+                })
+                .await?
+            }
+        };
         count_resolved(Some(State::Failed), failed);
         Ok(failed)
     }
@@ -592,6 +671,20 @@ pub(super) async fn settle_unit(
     }
 }
 
+/// What [`Ledger::fail_abandoned`] fails, and why.
+pub(super) const ABANDONED: [(Kind, &str); 2] = [
+    (
+        Kind::CreateProfile,
+        "the gateway stopped before ACS answered the creation; the caller was not answered and \
+         must retry",
+    ),
+    (
+        Kind::SetByEmail,
+        "the gateway stopped before every profile of this email was recorded (those recorded \
+         are delivered); the caller was not answered and must retry",
+    ),
+];
+
 /// [`Ledger::fail_abandoned`]'s unit of work.
 pub(super) async fn fail_abandoned_unit(
     connection: &mut AnyConnection,
@@ -599,18 +692,7 @@ pub(super) async fn fail_abandoned_unit(
     now: i64,
 ) -> Result<u64, LedgerError> {
     let mut failed = 0;
-    for (kind, reason) in [
-        (
-            Kind::CreateProfile,
-            "the gateway stopped before ACS answered the creation; the caller was not \
-                 answered and must retry",
-        ),
-        (
-            Kind::SetByEmail,
-            "the gateway stopped before every profile of this email was recorded (those \
-                 recorded are delivered); the caller was not answered and must retry",
-        ),
-    ] {
+    for (kind, reason) in ABANDONED {
         failed += sqlx::query(
             "UPDATE opt_out_records SET state = 'FAILED', resolved_at = $1, \
                  failure_reason = $2, failure_code = $3 \

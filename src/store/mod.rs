@@ -7,12 +7,18 @@
 //! One schema (`migrations/`), portable between SQLite (the default: a file, one gateway) and
 //! PostgreSQL (several gateways sharing one ledger). Writes are durable when they return: SQLite
 //! runs in WAL mode with `synchronous=FULL` (an fsync per commit, one commit for every write
-//! queued at the time: see `writer`), PostgreSQL with `synchronous_commit=on`.
+//! queued at the time: see `sqlite`), PostgreSQL with `synchronous_commit=on`.
+//!
+//! Each storage operation is implemented once per database: on SQLite by `sqlite` (rusqlite,
+//! run on the threads that own its connections), on PostgreSQL by the sqlx code of the modules
+//! below; every public method of [`Ledger`] dispatches on its `Store`.
 //!
 //! By job: `open` (connections, migrations), `intake` (recording a request), `leases` (who
 //! applies a profile's requests, and what came of each attempt), `queries` (reads), `retention`
-//! (pruning), `writer` (group commit), `reconcile` (each profile's latest request, the schedule
-//! of re-reads, drift found), `report` (the yearly figures), `metrics` (what the store counts).
+//! (pruning), `writer` (PostgreSQL's transactions), `sqlite` (SQLite: the writer thread's group
+//! commit, its readers, its migrations and units), `reconcile` (each profile's latest request,
+//! the schedule of re-reads, drift found), `report` (the yearly figures), `metrics` (what the
+//! store counts).
 //!
 //! Order: requests for one profile take effect in the order consumers made them
 //! (`received_at`, then arrival), except that a request is never ordered later than the ledger's
@@ -66,6 +72,7 @@ mod reconcile;
 mod record;
 pub mod report;
 mod retention;
+mod sqlite;
 mod writer;
 
 use std::path::PathBuf;
@@ -88,6 +95,9 @@ pub enum LedgerError {
     /// The database failed or could not be reached.
     #[error("the ledger's database failed: {0}")]
     Database(#[from] sqlx::Error),
+    /// The SQLite database failed.
+    #[error("the ledger's database failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// The schema could not be brought up to date.
     #[error("the ledger's schema could not be migrated: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
@@ -111,6 +121,12 @@ pub enum LedgerError {
     Commit(String),
 }
 
+impl From<rusqlite::types::FromSqlError> for LedgerError {
+    fn from(error: rusqlite::types::FromSqlError) -> Self {
+        Self::Corrupt(error.to_string())
+    }
+}
+
 /// The database behind the ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -123,11 +139,8 @@ pub enum Backend {
 /// The ledger.
 #[derive(Clone)]
 pub struct Ledger {
-    /// For reads.
-    reader: AnyPool,
-    /// For writes: group commit on a SQLite file, a transaction per write elsewhere (see
-    /// `writer`).
-    writer: Writer,
+    /// The database, and how it is reached.
+    store: Store,
     backend: Backend,
     /// The SQLite file, if that is what it is.
     file: Option<PathBuf>,
@@ -140,6 +153,39 @@ pub struct Ledger {
     /// Where every rule of the ledger and its deliverer reads the time (leases, back-off, the
     /// overdue clock, retention): the system's, unless a test sets it.
     clock: Arc<dyn Clock>,
+}
+
+/// The database behind a ledger, and how it is reached: each storage operation is implemented
+/// once per database, and every public method of [`Ledger`] dispatches on this.
+#[derive(Clone)]
+enum Store {
+    /// rusqlite: a writer thread batching units into group commits, readers beside it (see
+    /// `sqlite`).
+    Sqlite(Arc<sqlite::Sqlite>),
+    /// sqlx: a pool, each unit in a transaction of its own (see `writer`).
+    Postgres(Postgres),
+}
+
+/// PostgreSQL's pool, for reads and writes.
+#[derive(Clone)]
+struct Postgres {
+    /// For reads.
+    reader: AnyPool,
+    /// For writes: a transaction per unit.
+    writer: Writer,
+}
+
+impl Postgres {
+    /// Runs a unit of writes durably (see `writer`): `Ok` once its commit is on disk.
+    async fn write<T, F>(&self, unit: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<T, LedgerError>>
+            + Send
+            + 'static,
+    {
+        self.writer.write(Box::new(unit)).await
+    }
 }
 
 /// Striped turns: a request for a profile is recorded after the earlier ones of this process
@@ -172,8 +218,8 @@ impl ProfileTurns {
 
 /// Which profiles the ledger has any record of, so that a read of a profile it has none of (most
 /// profiles read, most of the time) skips its query: on SQLite that query is most of a
-/// GetOptOut's cost (sqlx hands each statement to a thread of its own, and on a busy machine
-/// every hand-off waits for the scheduler).
+/// GetOptOut's cost (a read is handed to a blocking thread and back, and on a busy machine every
+/// hand-off waits for the scheduler).
 ///
 /// A Bloom filter: it has no false negatives, so a profile it does not know has no record; a few
 /// it wrongly knows are asked for anyway. Trusted only where this process is the ledger's only
@@ -289,17 +335,6 @@ impl std::fmt::Debug for Ledger {
 }
 
 impl Ledger {
-    /// Runs a unit of writes durably (see `writer`): `Ok` once its commit is on disk.
-    async fn write<T, F>(&self, unit: F) -> Result<T, LedgerError>
-    where
-        T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<T, LedgerError>>
-            + Send
-            + 'static,
-    {
-        self.writer.write(Box::new(unit)).await
-    }
-
     /// The same ledger, reading the time from `clock` (a test's `ManualClock`): its records,
     /// leases, back-off, overdue clock and retention, and those of the gateway serving it. Such a
     /// clock orders records and leases on PostgreSQL too, in place of the database's.
@@ -372,32 +407,45 @@ impl Ledger {
         let known = self.known.clone();
         // As a write: no other write is half done meanwhile, and each one after it notes its
         // key in the filter.
-        self.write(move |connection| {
-            Box::pin(async move {
-                use futures::StreamExt;
-                let recorded: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(DISTINCT pkey) FROM opt_out_records WHERE pkey IS NOT NULL",
-                )
-                .fetch_one(&mut *connection)
-                .await?;
-                let capacity = usize::try_from(recorded)
-                    .unwrap_or(usize::MAX)
-                    .saturating_mul(2)
-                    .clamp(KnownProfiles::MIN_CAPACITY, KnownProfiles::MAX_CAPACITY);
-                let filter =
-                    fastbloom::AtomicBloomFilter::with_false_pos(KnownProfiles::FALSE_POSITIVES)
+        match &self.store {
+            Store::Sqlite(db) => {
+                db.write(move |tx| {
+                    known.set(Some(sqlite::units::known_profiles(tx)?));
+                    Ok(())
+                })
+                .await
+            }
+            Store::Postgres(pg) => {
+                pg.write(move |connection| {
+                    Box::pin(async move {
+                        use futures::StreamExt;
+                        let recorded: i64 = sqlx::query_scalar(
+                            "SELECT COUNT(DISTINCT pkey) FROM opt_out_records \
+                             WHERE pkey IS NOT NULL",
+                        )
+                        .fetch_one(&mut *connection)
+                        .await?;
+                        let capacity = usize::try_from(recorded)
+                            .unwrap_or(usize::MAX)
+                            .saturating_mul(2)
+                            .clamp(KnownProfiles::MIN_CAPACITY, KnownProfiles::MAX_CAPACITY);
+                        let filter = fastbloom::AtomicBloomFilter::with_false_pos(
+                            KnownProfiles::FALSE_POSITIVES,
+                        )
                         .expected_items(capacity);
-                let mut keys = sqlx::query_scalar::<_, String>(
-                    "SELECT DISTINCT pkey FROM opt_out_records WHERE pkey IS NOT NULL",
-                )
-                .fetch(&mut *connection);
-                while let Some(pkey) = keys.next().await {
-                    filter.insert(pkey?.as_str());
-                }
-                known.set(Some(filter));
-                Ok(())
-            })
-        })
-        .await
+                        let mut keys = sqlx::query_scalar::<_, String>(
+                            "SELECT DISTINCT pkey FROM opt_out_records WHERE pkey IS NOT NULL",
+                        )
+                        .fetch(&mut *connection);
+                        while let Some(pkey) = keys.next().await {
+                            filter.insert(pkey?.as_str());
+                        }
+                        known.set(Some(filter));
+                        Ok(())
+                    })
+                })
+                .await
+            }
+        }
     }
 }

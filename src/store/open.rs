@@ -9,8 +9,9 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor, SqlSafeStr};
 
+use super::sqlite::Sqlite;
 use super::writer::Writer;
-use super::{Backend, KnownProfiles, Ledger, LedgerError, ProfileTurns};
+use super::{Backend, KnownProfiles, Ledger, LedgerError, Postgres, ProfileTurns, Store};
 
 pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -45,7 +46,7 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
-/// A pool of `max_connections` to `url`, each set up for durability.
+/// A pool of `max_connections` to `url` (PostgreSQL), each set up for durability.
 pub(super) async fn connect(
     url: &str,
     backend: Backend,
@@ -61,14 +62,8 @@ pub(super) async fn connect(
         .after_connect(move |connection, _| {
             Box::pin(async move {
                 let settings: &[&'static str] = match backend {
-                    // WAL lets readers run beside the one writer; FULL fsyncs every commit, so a
-                    // request the gateway has answered for survives a power cut.
-                    Backend::Sqlite => &[
-                        "PRAGMA journal_mode = WAL",
-                        "PRAGMA synchronous = FULL",
-                        "PRAGMA busy_timeout = 10000",
-                        "PRAGMA foreign_keys = ON",
-                    ],
+                    // SQLite's connections are rusqlite's (see `sqlite`).
+                    Backend::Sqlite => &[],
                     // The server's default, made explicit: a commit returns once on disk.
                     // Serving calls, no statement and no wait for a lock (a hot profile's
                     // advisory lock) may hold a pooled connection for long: past these it
@@ -103,7 +98,8 @@ pub(super) enum Purpose {
     Maintenance,
 }
 
-/// Brings the schema up to date.
+/// Brings the schema up to date (PostgreSQL; SQLite's is `sqlite::migrate`, to the same
+/// history).
 pub(super) async fn migrate(pool: &AnyPool) -> Result<(), LedgerError> {
     let migrations = MIGRATIONS
         .iter()
@@ -162,7 +158,7 @@ fn create_private_file(path: &Path) -> Result<(), LedgerError> {
 
 /// How a ledger is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Opening {
+pub(super) enum Opening {
     /// For serving: created if missing (a SQLite file, readable by its owner only), and its
     /// schema brought up to date.
     CreateOrMigrate,
@@ -219,58 +215,56 @@ impl Ledger {
                 }
                 Opening::Existing => {}
             }
-            // The file exists now: SQLite must not create one (`rw`, not `rwc`).
-            (format!("sqlite://{location}?mode=rw"), Backend::Sqlite)
+            // The file exists now: SQLite must not create one (opened read-write, not created).
+            (location.to_owned(), Backend::Sqlite)
         };
         if opening == Opening::Existing && location == "sqlite::memory:" {
             return Err(LedgerError::Location(
                 "an in-memory ledger exists only inside the gateway that made it".into(),
             ));
         }
-        let prepare = |pool: AnyPool| async move {
-            match opening {
-                Opening::CreateOrMigrate => migrate(&pool).await?,
-                Opening::Existing => verify(&pool).await?,
-            }
-            Ok::<_, LedgerError>(pool)
-        };
         let serving = match opening {
             Opening::CreateOrMigrate => Purpose::Serving,
             Opening::Existing => Purpose::Maintenance,
         };
-        let (reader, writer, file) = match (backend, location) {
+        let (store, file) = match (backend, location) {
             // PostgreSQL handles concurrent writers itself: one pool for everything, once the
             // schema is checked or migrated on a connection of its own (a migration may wait
             // for another replica's).
             (Backend::Postgres, _) => {
-                prepare(connect(&url, backend, 1, Purpose::Maintenance).await?)
-                    .await?
-                    .close()
-                    .await;
+                let pool = connect(&url, backend, 1, Purpose::Maintenance).await?;
+                match opening {
+                    Opening::CreateOrMigrate => migrate(&pool).await?,
+                    Opening::Existing => verify(&pool).await?,
+                }
+                pool.close().await;
                 let pool = connect(&url, backend, 16, serving).await?;
-                (pool.clone(), Writer::pooled(pool), None)
+                (
+                    Store::Postgres(Postgres {
+                        reader: pool.clone(),
+                        writer: Writer::pooled(pool),
+                    }),
+                    None,
+                )
             }
-            // Each connection to an in-memory database sees a database of its own: one
-            // connection for everything (and no disk to batch commits for).
-            (Backend::Sqlite, "sqlite::memory:") => {
-                let pool = prepare(connect(&url, backend, 1, serving).await?).await?;
-                (pool.clone(), Writer::pooled(pool), None)
-            }
-            // SQLite has one writer at a time: one connection, owned by the task that batches
+            // Each connection to an in-memory database sees a database of its own: the writer
+            // thread's connection serves everything.
+            (Backend::Sqlite, "sqlite::memory:") => (
+                Store::Sqlite(Arc::new(Sqlite::open(None, opening).await?)),
+                None,
+            ),
+            // SQLite has one writer at a time: one connection, owned by the thread that batches
             // every write into group commits, while readers use others beside it (WAL).
             (Backend::Sqlite, _) => {
-                let writer_pool = prepare(connect(&url, backend, 1, serving).await?).await?;
-                let reader = connect(&url, backend, 4, serving).await?;
+                let file = PathBuf::from(url);
                 (
-                    reader,
-                    Writer::batched(writer_pool),
-                    Some(PathBuf::from(location)),
+                    Store::Sqlite(Arc::new(Sqlite::open(Some(file.clone()), opening).await?)),
+                    Some(file),
                 )
             }
         };
         Ok(Self {
-            reader,
-            writer,
+            store,
             backend,
             file,
             turns: Arc::new(ProfileTurns::new()),

@@ -5,7 +5,7 @@ use futures::stream::BoxStream;
 use sqlx::Executor;
 use sqlx::any::AnyRow;
 
-use super::{Ledger, LedgerError, Record, State};
+use super::{Ledger, LedgerError, Record, State, Store, sqlite};
 
 /// What is pending in the ledger, in figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +78,16 @@ where
 impl Ledger {
     /// One record, by request id.
     pub async fn get(&self, request_id: &str) -> Result<Option<Record>, LedgerError> {
-        let mut connection = self.reader.acquire().await?;
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                let request_id = request_id.to_owned();
+                return db
+                    .read(move |c| sqlite::units::fetch_record(c, &request_id))
+                    .await;
+            }
+            Store::Postgres(pg) => pg,
+        };
+        let mut connection = pg.reader.acquire().await?;
         fetch_record(&mut *connection, request_id).await
     }
 
@@ -86,11 +95,20 @@ impl Ledger {
     /// [`MAX_PROFILES_PER_EMAIL`], the most a request by email may reach.
     pub async fn children(&self, parent_request_id: &str) -> Result<Vec<Record>, LedgerError> {
         const _: () = assert!(MAX_PROFILES_PER_EMAIL == 10_000, "the LIMIT below");
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                let parent_request_id = parent_request_id.to_owned();
+                return db
+                    .read(move |c| sqlite::units::children(c, &parent_request_id))
+                    .await;
+            }
+            Store::Postgres(pg) => pg,
+        };
         let rows = sqlx::query(AssertColumns::sql(
             "WHERE parent_request_id = $1 ORDER BY request_id LIMIT 10000",
         ))
         .bind(parent_request_id)
-        .fetch_all(&self.reader)
+        .fetch_all(&pg.reader)
         .await?;
         rows.iter().map(Record::from_row).collect()
     }
@@ -101,11 +119,17 @@ impl Ledger {
         &self,
         received_before: i64,
     ) -> BoxStream<'_, Result<Record, LedgerError>> {
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                return db.records(sqlite::units::PENDING_BEFORE, vec![received_before]);
+            }
+            Store::Postgres(pg) => pg,
+        };
         sqlx::query(AssertColumns::sql(
             "WHERE state = 'PENDING' AND received_at < $1 ORDER BY received_at",
         ))
         .bind(received_before)
-        .fetch(&self.reader)
+        .fetch(&pg.reader)
         .map(|row| Record::from_row(&row?))
         .boxed()
     }
@@ -116,13 +140,21 @@ impl Ledger {
         &self,
         overdue_before: i64,
     ) -> Result<PendingSummary, LedgerError> {
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                return db
+                    .read(move |c| sqlite::units::pending_summary(c, overdue_before))
+                    .await;
+            }
+            Store::Postgres(pg) => pg,
+        };
         let (pending, oldest, overdue): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT COUNT(*), MIN(received_at), \
                     SUM(CASE WHEN received_at < $1 THEN 1 ELSE 0 END) \
              FROM opt_out_records WHERE state = 'PENDING'",
         )
         .bind(overdue_before)
-        .fetch_one(&self.reader)
+        .fetch_one(&pg.reader)
         .await?;
         Ok(PendingSummary {
             pending,
@@ -137,11 +169,19 @@ impl Ledger {
         &self,
         received_before: i64,
     ) -> Result<Option<(i64, Record)>, LedgerError> {
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                return db
+                    .read(move |c| sqlite::units::overdue_summary(c, received_before))
+                    .await;
+            }
+            Store::Postgres(pg) => pg,
+        };
         let count: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM opt_out_records WHERE state = 'PENDING' AND received_at < $1",
         )
         .bind(received_before)
-        .fetch_one(&self.reader)
+        .fetch_one(&pg.reader)
         .await?;
         if count == 0 {
             return Ok(None);
@@ -150,7 +190,7 @@ impl Ledger {
             "WHERE state = 'PENDING' AND received_at < $1 ORDER BY received_at LIMIT 1",
         ))
         .bind(received_before)
-        .fetch_optional(&self.reader)
+        .fetch_optional(&pg.reader)
         .await?;
         // Resolved between the two reads: nothing overdue any more.
         oldest
@@ -167,6 +207,15 @@ impl Ledger {
         after: Option<&Cursor>,
         limit: i64,
     ) -> Result<Vec<Record>, LedgerError> {
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                let (filter, after) = (filter.clone(), after.cloned());
+                return db
+                    .read(move |c| sqlite::units::list(c, &filter, after.as_ref(), limit))
+                    .await;
+            }
+            Store::Postgres(pg) => pg,
+        };
         let rows = sqlx::query(AssertColumns::sql(
             "WHERE (CAST($1 AS TEXT) IS NULL OR pkey = $1) \
                AND (CAST($2 AS BIGINT) IS NULL OR received_at >= $2) \
@@ -183,7 +232,7 @@ impl Ledger {
         .bind(after.map(|c| c.received_at))
         .bind(after.map(|c| c.request_id.clone()).unwrap_or_default())
         .bind(limit)
-        .fetch_all(&self.reader)
+        .fetch_all(&pg.reader)
         .await?;
         rows.iter().map(Record::from_row).collect()
     }
@@ -191,12 +240,16 @@ impl Ledger {
     /// Every record of requests made in `[since, until)`, oldest first, row by row: an export
     /// of any size is read in constant memory.
     pub fn export(&self, since: i64, until: i64) -> BoxStream<'_, Result<Record, LedgerError>> {
+        let pg = match &self.store {
+            Store::Sqlite(db) => return db.records(sqlite::units::EXPORT, vec![since, until]),
+            Store::Postgres(pg) => pg,
+        };
         sqlx::query(AssertColumns::sql(
             "WHERE received_at >= $1 AND received_at < $2 ORDER BY received_at, request_id",
         ))
         .bind(since)
         .bind(until)
-        .fetch(&self.reader)
+        .fetch(&pg.reader)
         .map(|row| Record::from_row(&row?))
         .boxed()
     }

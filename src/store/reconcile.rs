@@ -5,7 +5,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 
 use super::queries::AssertColumns;
-use super::{Ledger, LedgerError, Record};
+use super::{Ledger, LedgerError, Record, Store, sqlite};
 
 impl Ledger {
     /// A profile's newest request that was not overtaken (pending, applied or failed), restores
@@ -23,22 +23,33 @@ impl Ledger {
     /// As [`Ledger::latest`], always asked of the store: for work that decides what to write
     /// (the reconciler, a restore), which no in-memory shortcut may mislead.
     pub async fn latest_in_store(&self, pkey: &str) -> Result<Option<Record>, LedgerError> {
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                let pkey = pkey.to_owned();
+                return db.read(move |c| sqlite::units::latest(c, &pkey)).await;
+            }
+            Store::Postgres(pg) => pg,
+        };
         let row = sqlx::query(AssertColumns::sql(concat!(
             "WHERE pkey = $1 AND state <> 'SUPERSEDED' ORDER BY ",
             ordered_at!(),
             " DESC, recorded_at DESC LIMIT 1"
         )))
         .bind(pkey)
-        .fetch_optional(&self.reader)
+        .fetch_optional(&pg.reader)
         .await?;
         row.as_ref().map(Record::from_row).transpose()
     }
 
     /// How many profiles the reconciler watches.
     pub async fn reconciled_profiles(&self) -> Result<i64, LedgerError> {
+        let pg = match &self.store {
+            Store::Sqlite(db) => return db.read(sqlite::units::reconciled_profiles).await,
+            Store::Postgres(pg) => pg,
+        };
         Ok(
             sqlx::query_scalar("SELECT COUNT(*) FROM reconcile_schedule")
-                .fetch_one(&self.reader)
+                .fetch_one(&pg.reader)
                 .await?,
         )
     }
@@ -49,22 +60,37 @@ impl Ledger {
         checked_before: i64,
         limit: i64,
     ) -> Result<Vec<String>, LedgerError> {
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                return db
+                    .read(move |c| sqlite::units::due_for_reconcile(c, checked_before, limit))
+                    .await;
+            }
+            Store::Postgres(pg) => pg,
+        };
         Ok(sqlx::query_scalar(
             "SELECT pkey FROM reconcile_schedule WHERE checked_at < $1 \
              ORDER BY checked_at LIMIT $2",
         )
         .bind(checked_before)
         .bind(limit)
-        .fetch_all(&self.reader)
+        .fetch_all(&pg.reader)
         .await?)
     }
 
     /// When ACS was last known to hold the profile's latest request, if it is watched.
     pub async fn checked_at(&self, pkey: &str) -> Result<Option<i64>, LedgerError> {
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                let pkey = pkey.to_owned();
+                return db.read(move |c| sqlite::units::checked_at(c, &pkey)).await;
+            }
+            Store::Postgres(pg) => pg,
+        };
         Ok(
             sqlx::query_scalar("SELECT checked_at FROM reconcile_schedule WHERE pkey = $1")
                 .bind(pkey)
-                .fetch_optional(&self.reader)
+                .fetch_optional(&pg.reader)
                 .await?,
         )
     }
@@ -72,7 +98,15 @@ impl Ledger {
     /// Notes that ACS was seen holding the profile's latest request at `at`.
     pub async fn mark_checked(&self, pkey: &str, at: i64) -> Result<(), LedgerError> {
         let pkey = pkey.to_owned();
-        self.write(move |connection| {
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                return db
+                    .write(move |tx| sqlite::units::mark_checked(tx, &pkey, at))
+                    .await;
+            }
+            Store::Postgres(pg) => pg,
+        };
+        pg.write(move |connection| {
             Box::pin(async move {
                 sqlx::query("UPDATE reconcile_schedule SET checked_at = $1 WHERE pkey = $2")
                     .bind(at)
@@ -88,7 +122,13 @@ impl Ledger {
     /// Stops watching a profile (its latest request failed, or ACS no longer has it).
     pub async fn unwatch(&self, pkey: &str) -> Result<(), LedgerError> {
         let pkey = pkey.to_owned();
-        self.write(move |connection| {
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                return db.write(move |tx| sqlite::units::unwatch(tx, &pkey)).await;
+            }
+            Store::Postgres(pg) => pg,
+        };
+        pg.write(move |connection| {
             Box::pin(async move {
                 sqlx::query("DELETE FROM reconcile_schedule WHERE pkey = $1")
                     .bind(&pkey)
@@ -103,12 +143,16 @@ impl Ledger {
     /// The drift found since `since` (ms): the restores recorded since, oldest first, row by
     /// row.
     pub fn drift(&self, since: i64) -> BoxStream<'_, Result<Record, LedgerError>> {
+        let pg = match &self.store {
+            Store::Sqlite(db) => return db.records(sqlite::units::DRIFT, vec![since]),
+            Store::Postgres(pg) => pg,
+        };
         sqlx::query(AssertColumns::sql(
             "WHERE restores_request_id IS NOT NULL AND recorded_at >= $1 \
              ORDER BY recorded_at, request_id",
         ))
         .bind(since)
-        .fetch(&self.reader)
+        .fetch(&pg.reader)
         .map(|row| Record::from_row(&row?))
         .boxed()
     }

@@ -192,6 +192,18 @@ pub struct Record {
     pub fingerprint: Option<String>,
 }
 
+/// Read leniently: a code this version does not know (written by a newer one) must not make
+/// every listing and export fail; it reads as the most cautious meaning.
+fn lenient_failure_code(code: &str) -> FailureCode {
+    FailureCode::parse(code).unwrap_or_else(|_| {
+        tracing::warn!(
+            code,
+            "a record holds an unknown failure code; read as INTERNAL"
+        );
+        FailureCode::Internal
+    })
+}
+
 impl Record {
     /// The instant the request is ordered by among its profile's requests: when the consumer
     /// made it, but no later than when the ledger recorded it (SQL: `ordered_at!()`). A restore's
@@ -204,6 +216,41 @@ impl Record {
         } else {
             self.received_at
         }
+    }
+
+    /// Reads a row of `opt_out_records` from SQLite: every column, in `queries::COLUMNS`' order.
+    pub(super) fn from_sqlite(row: &rusqlite::Row<'_>) -> Result<Self, LedgerError> {
+        let text = |index: usize| -> Result<String, LedgerError> { Ok(row.get(index)?) };
+        let optional_text =
+            |index: usize| -> Result<Option<String>, LedgerError> { Ok(row.get(index)?) };
+        let number = |index: usize| -> Result<i64, LedgerError> { Ok(row.get(index)?) };
+        let optional_number =
+            |index: usize| -> Result<Option<i64>, LedgerError> { Ok(row.get(index)?) };
+        let name =
+            |index: usize| -> Result<&str, LedgerError> { Ok(row.get_ref(index)?.as_str()?) };
+        Ok(Self {
+            request_id: text(0)?,
+            kind: Kind::parse(name(1)?)?,
+            pkey: optional_text(2)?,
+            opt_out: number(3)? != 0,
+            source: Source::parse(name(4)?)?,
+            received_at: number(5)?,
+            received_at_given: number(6)? != 0,
+            recorded_at: number(7)?,
+            caller: text(8)?,
+            state: State::parse(name(9)?)?,
+            answered_at: optional_number(10)?,
+            resolved_at: optional_number(11)?,
+            attempts: number(12)?,
+            next_attempt_at: number(13)?,
+            last_error: optional_text(14)?,
+            failure_reason: optional_text(15)?,
+            failure_code: optional_text(16)?.map(|code| lenient_failure_code(&code)),
+            superseded_by: optional_text(17)?,
+            parent_request_id: optional_text(18)?,
+            fingerprint: optional_text(19)?,
+            restores_request_id: optional_text(20)?,
+        })
     }
 
     /// Reads a row of `opt_out_records`.
@@ -231,15 +278,7 @@ impl Record {
             failure_reason: optional_text("failure_reason")?,
             // Read leniently: a code this version does not know (written by a newer one) must
             // not make every listing and export fail; it reads as the most cautious meaning.
-            failure_code: optional_text("failure_code")?.map(|code| {
-                FailureCode::parse(&code).unwrap_or_else(|_| {
-                    tracing::warn!(
-                        code,
-                        "a record holds an unknown failure code; read as INTERNAL"
-                    );
-                    FailureCode::Internal
-                })
-            }),
+            failure_code: optional_text("failure_code")?.map(|code| lenient_failure_code(&code)),
             superseded_by: optional_text("superseded_by")?,
             parent_request_id: optional_text("parent_request_id")?,
             restores_request_id: optional_text("restores_request_id")?,

@@ -15,11 +15,14 @@ use chrono::{TimeZone, Utc};
 use futures::StreamExt;
 use sqlx::Row;
 
-use super::{Kind, Ledger, LedgerError, Source, State};
+use super::{Kind, Ledger, LedgerError, Source, State, Store, sqlite};
 
 /// Each request of a year counted once, with what its profiles came to when it was made by
 /// email. Restores and the parts of requests by email are left out.
-const CONSUMER_REQUESTS: &str = "SELECT r.kind, r.opt_out, r.source, r.received_at, r.state, \
+macro_rules! consumer_requests {
+    ($from:literal, $until:literal) => {
+        concat!(
+            "SELECT r.kind, r.opt_out, r.source, r.received_at, r.state, \
      r.resolved_at, \
      (SELECT COUNT(*) FROM opt_out_records c WHERE c.parent_request_id = r.request_id) AS parts, \
      (SELECT COUNT(*) FROM opt_out_records c WHERE c.parent_request_id = r.request_id \
@@ -29,9 +32,63 @@ const CONSUMER_REQUESTS: &str = "SELECT r.kind, r.opt_out, r.source, r.received_
      (SELECT MAX(c.resolved_at) FROM opt_out_records c WHERE c.parent_request_id = r.request_id) \
         AS parts_resolved_at \
      FROM opt_out_records r \
-     WHERE r.received_at >= $1 AND r.received_at < $2 AND r.parent_request_id IS NULL \
+     WHERE r.received_at >= ",
+            $from,
+            " AND r.received_at < ",
+            $until,
+            " AND r.parent_request_id IS NULL \
        AND r.restores_request_id IS NULL \
-     ORDER BY r.received_at";
+     ORDER BY r.received_at"
+        )
+    };
+}
+const CONSUMER_REQUESTS: &str = consumer_requests!("$1", "$2");
+/// The same, with SQLite's numbered parameters.
+pub(super) const CONSUMER_REQUESTS_SQLITE: &str = consumer_requests!("?1", "?2");
+
+/// A row of [`CONSUMER_REQUESTS`].
+pub(super) struct ConsumerRequest {
+    pub(super) kind: Kind,
+    pub(super) opt_out: bool,
+    pub(super) source: Source,
+    pub(super) received_at: i64,
+    pub(super) state: State,
+    pub(super) resolved_at: Option<i64>,
+    pub(super) parts: i64,
+    pub(super) parts_complied: i64,
+    pub(super) parts_pending: i64,
+    pub(super) parts_resolved_at: Option<i64>,
+}
+
+impl YearlyReport {
+    /// Counts one request.
+    fn count(&mut self, request: ConsumerRequest) {
+        let (response, responded_at) = if request.kind == Kind::SetByEmail && request.parts > 0 {
+            // A request by email that reached profiles: what they came to (even when it
+            // failed before reaching them all, those it reached were delivered).
+            if request.parts_pending > 0 {
+                (Response::Pending, None)
+            } else if request.parts_complied > 0 {
+                (Response::Complied, request.parts_resolved_at)
+            } else {
+                (Response::Denied, request.parts_resolved_at)
+            }
+        } else {
+            match request.state {
+                State::Applied | State::Superseded => (Response::Complied, request.resolved_at),
+                State::Failed => (Response::Denied, request.resolved_at),
+                State::Pending => (Response::Pending, None),
+            }
+        };
+        let seconds = responded_at.map(|at| at.saturating_sub(request.received_at) / 1000);
+        let figures = if request.opt_out {
+            &mut self.opt_out
+        } else {
+            &mut self.opt_in
+        };
+        figures.count(request.source, response, seconds);
+    }
+}
 
 /// What became of a request, for the report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,46 +203,39 @@ impl Ledger {
                 figures.by_source.insert(source.as_str(), 0);
             }
         }
+        let pg = match &self.store {
+            Store::Sqlite(db) => {
+                // Read on the reader's thread, row by row, counted as they come.
+                return db
+                    .read(move |c| {
+                        sqlite::units::consumer_requests(c, from, until, |request| {
+                            report.count(request);
+                            Ok(())
+                        })?;
+                        Ok(report)
+                    })
+                    .await;
+            }
+            Store::Postgres(pg) => pg,
+        };
         let mut rows = sqlx::query(CONSUMER_REQUESTS)
             .bind(from)
             .bind(until)
-            .fetch(&self.reader);
+            .fetch(&pg.reader);
         while let Some(row) = rows.next().await {
             let row = row?;
-            let kind = Kind::parse(&row.try_get::<String, _>("kind")?)?;
-            let opt_out = row.try_get::<i64, _>("opt_out")? != 0;
-            let source = Source::parse(&row.try_get::<String, _>("source")?)?;
-            let received_at: i64 = row.try_get("received_at")?;
-            let state = State::parse(&row.try_get::<String, _>("state")?)?;
-            let resolved_at: Option<i64> = row.try_get("resolved_at")?;
-            let parts: i64 = row.try_get("parts")?;
-            let (response, responded_at) = if kind == Kind::SetByEmail && parts > 0 {
-                // A request by email that reached profiles: what they came to (even when it
-                // failed before reaching them all, those it reached were delivered).
-                let complied: i64 = row.try_get("parts_complied")?;
-                let pending: i64 = row.try_get("parts_pending")?;
-                let last: Option<i64> = row.try_get("parts_resolved_at")?;
-                if pending > 0 {
-                    (Response::Pending, None)
-                } else if complied > 0 {
-                    (Response::Complied, last)
-                } else {
-                    (Response::Denied, last)
-                }
-            } else {
-                match state {
-                    State::Applied | State::Superseded => (Response::Complied, resolved_at),
-                    State::Failed => (Response::Denied, resolved_at),
-                    State::Pending => (Response::Pending, None),
-                }
-            };
-            let seconds = responded_at.map(|at| at.saturating_sub(received_at) / 1000);
-            let figures = if opt_out {
-                &mut report.opt_out
-            } else {
-                &mut report.opt_in
-            };
-            figures.count(source, response, seconds);
+            report.count(ConsumerRequest {
+                kind: Kind::parse(&row.try_get::<String, _>("kind")?)?,
+                opt_out: row.try_get::<i64, _>("opt_out")? != 0,
+                source: Source::parse(&row.try_get::<String, _>("source")?)?,
+                received_at: row.try_get("received_at")?,
+                state: State::parse(&row.try_get::<String, _>("state")?)?,
+                resolved_at: row.try_get("resolved_at")?,
+                parts: row.try_get("parts")?,
+                parts_complied: row.try_get("parts_complied")?,
+                parts_pending: row.try_get("parts_pending")?,
+                parts_resolved_at: row.try_get("parts_resolved_at")?,
+            });
         }
         Ok(report)
     }
