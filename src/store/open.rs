@@ -55,9 +55,9 @@ pub(super) async fn connect(
 ) -> Result<AnyPool, LedgerError> {
     let pool = AnyPoolOptions::new()
         .max_connections(max_connections)
-        // sqlx pings a connection before lending it by default: a round trip to SQLite's worker
-        // thread (or to PostgreSQL) for every query. A broken connection fails the query
-        // instead, which is answered UNAVAILABLE, and the pool replaces it.
+        // sqlx pings a connection before lending it by default: a round trip to PostgreSQL for
+        // every query. A broken connection fails the query instead, which is answered
+        // UNAVAILABLE, and the pool replaces it.
         .test_before_acquire(false)
         .after_connect(move |connection, _| {
             Box::pin(async move {
