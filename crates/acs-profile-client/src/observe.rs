@@ -102,8 +102,12 @@ tokio::task_local! {
 }
 
 /// Runs one call's attempts with room to note the operation of each request.
-pub(crate) async fn within_call<T>(call: impl Future<Output = T>) -> T {
-    LATEST_OPERATION.scope(Cell::new(None), call).await
+///
+/// Not an `async fn`: that would hold `call` twice, as its argument and as the future it awaits,
+/// and `call` is most of the state of a call waiting for its turn at the throttle (thousands of
+/// them at once when ACS is slow).
+pub(crate) fn within_call<F: Future>(call: F) -> impl Future<Output = F::Output> {
+    LATEST_OPERATION.scope(Cell::new(None), call)
 }
 
 /// Counts a retry of the call running in this task.
