@@ -101,12 +101,14 @@ impl From<LedgerError> for ReadFailure {
     }
 }
 
-/// What the ledger holds for one profile being read.
+/// What the ledger holds for one profile being read. It is held while the read waits for ACS,
+/// as thousands of reads may at once: its records are boxed, so that each waiting read holds two
+/// pointers, not two records (576 bytes).
 struct Recorded {
     /// Its newest request not overtaken, restores included: what ACS holds, or is about to.
-    latest: Option<Record>,
+    latest: Option<Box<Record>>,
     /// The consumer's latest request: `latest`, or the request it restores.
-    consumers: Option<Record>,
+    consumers: Option<Box<Record>>,
 }
 
 /// What submitting one profile's request came to, once ACS was read back.
@@ -221,12 +223,12 @@ impl Delivery {
     /// What the ledger holds for a profile: its newest request not overtaken (restores
     /// included), and the consumer's latest request (the one a restore restores).
     async fn recorded(&self, pkey: &str) -> Result<Recorded, LedgerError> {
-        let latest = self.ledger().latest(pkey).await?;
+        let latest = self.ledger().latest(pkey).await?.map(Box::new);
         let consumers = match latest
             .as_ref()
             .and_then(|latest| latest.restores_request_id.as_deref())
         {
-            Some(restored) => self.ledger().get(restored).await?,
+            Some(restored) => self.ledger().get(restored).await?.map(Box::new),
             None => latest.clone(),
         };
         Ok(Recorded { latest, consumers })
@@ -257,7 +259,7 @@ impl Delivery {
                 if let Some(seen) = applied_opt_out {
                     // The answer does not wait on the restore's fate (the reconciler retries),
                     // and the restore does not depend on the call's.
-                    self.start_restore(seen.clone());
+                    self.start_restore(Record::clone(seen));
                 }
                 (true, held.last_modified)
             }
@@ -279,7 +281,7 @@ impl Delivery {
             last_modified,
             change_pending: pending.is_some(),
             drift_detected,
-            latest_request: consumers,
+            latest_request: consumers.map(|consumers| *consumers),
         })
     }
 
