@@ -557,6 +557,19 @@ pub(super) fn count_resolved(state: Option<State>, count: u64) {
     }
 }
 
+/// The fence a settle checks, as its statement binds it: the profile, holder and generation of
+/// the lease to give back; empty (no fence) without one. Both databases' units use it.
+pub(super) fn fence<'a>(release: Option<(&'a str, &'a Claim)>) -> (&'a str, &'a str, i64) {
+    match release {
+        Some((pkey, claim)) => (
+            pkey,
+            claim.holder.as_str(),
+            claim.generation.load(Ordering::SeqCst),
+        ),
+        None => ("", "", 0),
+    }
+}
+
 /// [`Ledger::settle`]'s unit of work.
 pub(super) async fn settle_unit(
     connection: &mut AnyConnection,
@@ -571,14 +584,7 @@ pub(super) async fn settle_unit(
     // The fence: with a lease to give back, the outcome is recorded only if that lease is still
     // the profile's current one (its holder and generation), in the same statement. An empty
     // key means no lease, no fence.
-    let (fence_pkey, fence_holder, fence_generation) = match release {
-        Some((pkey, claim)) => (
-            pkey,
-            claim.holder.as_str(),
-            claim.generation.load(Ordering::SeqCst),
-        ),
-        None => ("", "", 0),
-    };
+    let (fence_pkey, fence_holder, fence_generation) = fence(release);
     let query = match outcome {
         // A creation ACS answered is APPLIED with its key even if the ledger gave it up as
         // abandoned meanwhile (`fail_abandoned`, on a clock that ran past its lease): ACS holds

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::super::intake::{reopenable, same_request};
-use super::super::leases::{Claim, Outcome, Settled};
+use super::super::leases::{Claim, Outcome, Settled, fence};
 use super::super::queries::{ListFilter, PendingSummary};
 use super::super::{Cursor, FailureCode, Kind, LedgerError, NewRequest, Record, Recorded, State};
 
@@ -311,14 +311,7 @@ pub(in crate::store) fn settle_unit(
     release: Option<(&str, &Claim)>,
 ) -> Result<Settled, LedgerError> {
     // The fence: see the PostgreSQL unit (`leases::settle_unit`).
-    let (fence_pkey, fence_holder, fence_generation) = match release {
-        Some((pkey, claim)) => (
-            pkey,
-            claim.holder.as_str(),
-            claim.generation.load(Ordering::SeqCst),
-        ),
-        None => ("", "", 0),
-    };
+    let (fence_pkey, fence_holder, fence_generation) = fence(release);
     let answered = i64::from(answered);
     let updated = match outcome {
         Outcome::Applied { pkey } => tx
