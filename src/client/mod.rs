@@ -497,7 +497,8 @@ fn within_a_day(setting: &'static str, value: Duration) -> Result<(), Error> {
 /// Gives a request without an id a new UUID, so that retries of it share one.
 fn with_request_id(request_id: &mut String) {
     if request_id.is_empty() {
-        *request_id = uuid::Uuid::new_v4().to_string();
+        // Time-ordered (UUIDv7), as the gateway's own: cheap for the ledger's index of ids.
+        *request_id = uuid::Uuid::now_v7().to_string();
     }
 }
 

@@ -103,7 +103,7 @@ impl Delivery {
             // The separator is refused in callers' ids: no caller's id can collide with it.
             request_id: format!(
                 "{RECONCILER}{RESERVED_REQUEST_ID_SEPARATOR}{}",
-                uuid::Uuid::new_v4()
+                uuid::Uuid::now_v7()
             ),
             kind: Kind::SetOptOut,
             pkey: latest.pkey.clone(),

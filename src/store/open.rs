@@ -44,6 +44,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "retry when ACS answers",
         include_str!("../../migrations/0006_retry_when_acs_answers.sql"),
     ),
+    (
+        7,
+        "indexes that cost what they serve",
+        include_str!("../../migrations/0007_requests_in_order.sql"),
+    ),
 ];
 
 /// A pool of `max_connections` to `url` (PostgreSQL), each set up for durability.

@@ -25,6 +25,35 @@ macro_rules! select_records {
     };
 }
 
+/// The id of a pending or applied request of profile `?1` ordered after a request `?2` ordered
+/// at `?3` and recorded at `?4`: the newest such. Like every query of a profile's order here, it
+/// reads the first entry of `opt_out_records_in_order` (migration 7), not the whole history.
+const NEWER_THAN: &str = concat!(
+    "SELECT request_id FROM opt_out_records \
+     WHERE pkey = ?1 AND request_id <> ?2 AND state IN ('PENDING', 'APPLIED') AND (",
+    ordered_at!(),
+    " > ?3 OR (",
+    ordered_at!(),
+    " = ?3 AND recorded_at > ?4)) ORDER BY ",
+    ordered_at!(),
+    " DESC, recorded_at DESC LIMIT 1"
+);
+
+/// The newest pending or applied request of profile `?1`: the one the deliverer applies.
+const NEWEST_TO_APPLY: &str = concat!(
+    "SELECT request_id, state FROM opt_out_records \
+     WHERE pkey = ?1 AND state IN ('PENDING', 'APPLIED') ORDER BY ",
+    ordered_at!(),
+    " DESC, recorded_at DESC LIMIT 1"
+);
+
+/// Profile `?1`'s latest request (superseded ones aside): what a read answers from.
+const LATEST: &str = select_records!(
+    "WHERE pkey = ?1 AND state <> 'SUPERSEDED' ORDER BY ",
+    ordered_at!(),
+    " DESC, recorded_at DESC LIMIT 1"
+);
+
 pub(in crate::store) fn fetch_record(
     connection: &Connection,
     request_id: &str,
@@ -96,18 +125,7 @@ pub(in crate::store) fn record_unit(
         // A newer request (pending or applied) already recorded for the profile overtakes
         // this one.
         let newer: Option<String> = tx
-            .prepare_cached(concat!(
-                "SELECT request_id FROM opt_out_records \
-                 WHERE pkey = ?1 AND request_id <> ?2 AND state IN ('PENDING', 'APPLIED') \
-                   AND (",
-                ordered_at!(),
-                " > ?3 OR (",
-                ordered_at!(),
-                " = ?3 AND recorded_at > ?4)) \
-                 ORDER BY ",
-                ordered_at!(),
-                " DESC, recorded_at DESC LIMIT 1"
-            ))?
+            .prepare_cached(NEWER_THAN)?
             .query_row(params![pkey, request.request_id, ordered_at, now], |row| {
                 row.get(0)
             })
@@ -273,13 +291,7 @@ pub(in crate::store) fn next_to_apply_unit(
     tx.prepare_cached("UPDATE profile_leases SET expires_at = expires_at WHERE pkey = ?1")?
         .execute([pkey])?;
     let newest: Option<(String, String)> = tx
-        .prepare_cached(concat!(
-            "SELECT request_id, state FROM opt_out_records \
-             WHERE pkey = ?1 AND state IN ('PENDING', 'APPLIED') \
-             ORDER BY ",
-            ordered_at!(),
-            " DESC, recorded_at DESC LIMIT 1"
-        ))?
+        .prepare_cached(NEWEST_TO_APPLY)?
         .query_row([pkey], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
     let Some((newest_id, newest_state)) = newest else {
@@ -612,11 +624,7 @@ pub(in crate::store) fn latest(
     connection: &Connection,
     pkey: &str,
 ) -> Result<Option<Record>, LedgerError> {
-    let mut statement = connection.prepare_cached(select_records!(
-        "WHERE pkey = ?1 AND state <> 'SUPERSEDED' ORDER BY ",
-        ordered_at!(),
-        " DESC, recorded_at DESC LIMIT 1"
-    ))?;
+    let mut statement = connection.prepare_cached(LATEST)?;
     let mut rows = statement.query([pkey])?;
     rows.next()?.map(Record::from_sqlite).transpose()
 }
@@ -693,4 +701,37 @@ pub(in crate::store) fn consumer_requests(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A profile's order is read from the index built for it, never by sorting its history:
+    /// the expression in the queries must stay the index's (migration 7) for the planner to
+    /// match them.
+    #[test]
+    fn queries_of_a_profiles_order_read_the_first_entry_of_its_index() {
+        let connection = Connection::open_in_memory().unwrap();
+        super::super::migrate::run(&connection).unwrap();
+        for sql in [NEWER_THAN, NEWEST_TO_APPLY, LATEST] {
+            let mut statement = connection
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap();
+            let unbound = statement.parameter_count();
+            let nulls = std::iter::repeat_n(rusqlite::types::Null, unbound);
+            let plan = statement
+                .query_map(rusqlite::params_from_iter(nulls), |row| {
+                    row.get::<_, String>(3)
+                })
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+                .join("; ");
+            assert!(
+                plan.contains("USING INDEX opt_out_records_in_order") && !plan.contains("B-TREE"),
+                "{sql}\n{plan}"
+            );
+        }
+    }
 }
