@@ -2235,3 +2235,77 @@ async fn sqlite_ledgers_of_the_previous_releases_open_and_migrate() {
         Ledger::open_existing(&location).await.unwrap();
     }
 }
+
+/// On a SQLite file this gateway holds, a read of a recorded profile answers from memory (the
+/// writer keeps each profile's latest request), every write through the ledger is seen by the
+/// next read, and once the hold ends every read asks the file again. Shown by changing the file
+/// behind the ledger's back, which only a process without the hold could do.
+#[tokio::test]
+async fn a_held_sqlite_ledger_answers_reads_from_memory_and_forgets_what_each_write_touches() {
+    use ccpa_gateway::store::{Kind, NewRequest, Source};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite3");
+    std::fs::File::create(&path).unwrap();
+    let ledger = Ledger::open(&path.display().to_string()).await.unwrap();
+    let hold = ledger.hold_exclusively().unwrap();
+    ledger.learn_known_profiles(&hold).await.unwrap();
+    let request = |id: &str, opt_out: bool| NewRequest {
+        request_id: id.into(),
+        kind: Kind::SetOptOut,
+        pkey: Some("@memory".into()),
+        opt_out,
+        source: Source::WebForm,
+        received_at: None,
+        caller: "privacy-portal".into(),
+        first_attempt_window_ms: 0,
+        parent_request_id: None,
+        fingerprint: None,
+        restores_request_id: None,
+    };
+    let behind_its_back = |sql: &str| {
+        let connection = rusqlite::Connection::open(&path).unwrap();
+        connection.busy_timeout(Duration::from_secs(5)).unwrap();
+        connection.execute_batch(sql).unwrap();
+    };
+
+    ledger.record(&request("first", true), None).await.unwrap();
+    let read = ledger.latest("@memory").await.unwrap().unwrap();
+    assert_eq!((read.request_id.as_str(), read.opt_out), ("first", true));
+    behind_its_back("UPDATE opt_out_records SET opt_out = 0 WHERE request_id = 'first'");
+    let read = ledger.latest("@memory").await.unwrap().unwrap();
+    assert!(read.opt_out, "answered from memory, not from the file");
+    assert!(
+        !ledger
+            .latest_in_store("@memory")
+            .await
+            .unwrap()
+            .unwrap()
+            .opt_out,
+        "the store itself holds the change"
+    );
+
+    // A write through the ledger: the next read sees it.
+    ledger.record(&request("second", true), None).await.unwrap();
+    let read = ledger.latest("@memory").await.unwrap().unwrap();
+    assert_eq!(read.request_id, "second");
+    ledger
+        .settle(
+            "second",
+            ccpa_gateway::store::Outcome::Applied { pkey: None },
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger.latest("@memory").await.unwrap().unwrap().state,
+        ccpa_gateway::store::State::Applied,
+        "a settle is seen by the next read"
+    );
+
+    // Without the hold, every read asks the file.
+    behind_its_back("UPDATE opt_out_records SET opt_out = 0 WHERE request_id = 'second'");
+    assert!(ledger.latest("@memory").await.unwrap().unwrap().opt_out);
+    drop(hold);
+    assert!(!ledger.latest("@memory").await.unwrap().unwrap().opt_out);
+}

@@ -8,6 +8,7 @@ use sqlx::{AnyConnection, Executor};
 
 use super::leases::{claim_lease, count_resolved};
 use super::queries::{COLUMNS, fetch_record};
+use super::sqlite::latest::Touches;
 use super::{
     Backend, Claim, FailureCode, Kind, Ledger, LedgerError, Record, Source, State, Store,
     UnitClock, sqlite,
@@ -126,8 +127,13 @@ impl Ledger {
         let pg = match &self.store {
             Store::Sqlite(db) => {
                 let clock = self.clock.clone();
+                let touches = match &request.pkey {
+                    Some(pkey) => Touches::Profile(pkey.clone()),
+                    // A creation's record has no profile until ACS answers (its settle).
+                    None => Touches::Nothing,
+                };
                 let recorded = db
-                    .write(move |tx| {
+                    .write(touches, move |tx| {
                         if let Some(pkey) = &request.pkey {
                             // Inside the write, before it commits: no read after the commit can
                             // skip this profile.
@@ -181,7 +187,9 @@ impl Ledger {
         let pg = match &self.store {
             Store::Sqlite(db) => {
                 return db
-                    .write(move |tx| sqlite::units::mark_answered(tx, &request_id, now))
+                    .write(Touches::Request(request_id.clone()), move |tx| {
+                        sqlite::units::mark_answered(tx, &request_id, now)
+                    })
                     .await;
             }
             Store::Postgres(pg) => pg,

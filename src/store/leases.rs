@@ -9,6 +9,7 @@ use sqlx::{AnyConnection, Executor};
 use tokio::time::Instant;
 
 use super::queries::fetch_record;
+use super::sqlite::latest::Touches;
 use super::{FailureCode, Kind, Ledger, LedgerError, Record, State, Store, sqlite};
 
 /// A claim on a profile's lease, for one attempt at applying. A holder is unique to one claim,
@@ -189,7 +190,9 @@ impl Ledger {
             Store::Sqlite(db) => {
                 let clock = self.clock.clone();
                 return db
-                    .write(move |tx| sqlite::units::claim_lease(tx, &pkey, &claim, clock.unix_ms()))
+                    .write(Touches::Nothing, move |tx| {
+                        sqlite::units::claim_lease(tx, &pkey, &claim, clock.unix_ms())
+                    })
                     .await;
             }
             Store::Postgres(pg) => pg,
@@ -210,7 +213,9 @@ impl Ledger {
         let pg = match &self.store {
             Store::Sqlite(db) => {
                 return db
-                    .write(move |tx| sqlite::units::release_lease(tx, &pkey, &claim))
+                    .write(Touches::Nothing, move |tx| {
+                        sqlite::units::release_lease(tx, &pkey, &claim)
+                    })
                     .await;
             }
             Store::Postgres(pg) => pg,
@@ -231,8 +236,10 @@ impl Ledger {
         let counted = superseded.clone();
         let next = match &self.store {
             Store::Sqlite(db) => {
-                db.write(move |tx| sqlite::units::next_to_apply_unit(tx, &pkey, now, &counted))
-                    .await?
+                db.write(Touches::Profile(pkey.clone()), move |tx| {
+                    sqlite::units::next_to_apply_unit(tx, &pkey, now, &counted)
+                })
+                .await?
             }
             Store::Postgres(pg) => {
                 pg.write(move |connection| {
@@ -274,7 +281,7 @@ impl Ledger {
         let known = self.known.clone();
         let settled = match &self.store {
             Store::Sqlite(db) => {
-                db.write(move |tx| {
+                db.write(Touches::Request(request_id.clone()), move |tx| {
                     if let OwnedOutcome::Applied {
                         pkey: Some(created),
                     } = &outcome
@@ -357,7 +364,9 @@ impl Ledger {
         let pg = match &self.store {
             Store::Sqlite(db) => {
                 return db
-                    .write(move |tx| sqlite::units::retry_now_that_acs_answers(tx, now))
+                    .write(Touches::Everything, move |tx| {
+                        sqlite::units::retry_now_that_acs_answers(tx, now)
+                    })
                     .await;
             }
             Store::Postgres(pg) => pg,
@@ -393,7 +402,7 @@ impl Ledger {
         let failed = match &self.store {
             Store::Sqlite(db) => {
                 let clock = self.clock.clone();
-                db.write(move |tx| {
+                db.write(Touches::Everything, move |tx| {
                     // On the clock `recorded_at` was taken from.
                     let older_than = clock.unix_ms().saturating_sub(lease_ms);
                     sqlite::units::fail_abandoned_unit(tx, older_than, now)

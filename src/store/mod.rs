@@ -310,6 +310,8 @@ pub struct ExclusiveHold {
     _lock: Option<std::fs::File>,
     /// Forgotten when the hold ends: another gateway may write the file then.
     known: Arc<KnownProfiles>,
+    /// Likewise (a SQLite file's).
+    latest: Option<Arc<sqlite::latest::LatestRequests>>,
 }
 
 impl std::fmt::Debug for ExclusiveHold {
@@ -323,6 +325,9 @@ impl std::fmt::Debug for ExclusiveHold {
 impl Drop for ExclusiveHold {
     fn drop(&mut self) {
         self.known.set(None);
+        if let Some(latest) = &self.latest {
+            latest.trust(false);
+        }
     }
 }
 
@@ -374,6 +379,7 @@ impl Ledger {
             return Ok(ExclusiveHold {
                 _lock: None,
                 known: self.known.clone(),
+                latest: None,
             });
         };
         // The file itself, whatever name it was given (a symbolic link, say): one lock per file.
@@ -392,14 +398,20 @@ impl Ledger {
             }
             Err(std::fs::TryLockError::Error(error)) => return Err(LedgerError::Lock(error)),
         }
+        let latest = match &self.store {
+            Store::Sqlite(db) => Some(db.latest_requests().clone()),
+            Store::Postgres(_) => None,
+        };
         Ok(ExclusiveHold {
             _lock: Some(lock),
             known: self.known.clone(),
+            latest,
         })
     }
 
     /// For a gateway holding a SQLite ledger exclusively: learns which profiles have records,
-    /// so that reads of the others skip the ledger (a Bloom filter). Elsewhere, nothing.
+    /// so that reads of the others skip the ledger (a Bloom filter), and from then on keeps each
+    /// read profile's latest request in memory (`sqlite::latest`). Elsewhere, nothing.
     pub async fn learn_known_profiles(&self, hold: &ExclusiveHold) -> Result<(), LedgerError> {
         if hold._lock.is_none() || !Arc::ptr_eq(&hold.known, &self.known) {
             return Ok(());
@@ -409,8 +421,13 @@ impl Ledger {
         // key in the filter.
         match &self.store {
             Store::Sqlite(db) => {
-                db.write(move |tx| {
+                let latest = hold.latest.clone();
+                db.write(sqlite::latest::Touches::Nothing, move |tx| {
                     known.set(Some(sqlite::units::known_profiles(tx)?));
+                    // Inside a write: every later one forgets what it touches, after its commit.
+                    if let Some(latest) = &latest {
+                        latest.trust(true);
+                    }
                     Ok(())
                 })
                 .await

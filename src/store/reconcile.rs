@@ -5,6 +5,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 
 use super::queries::AssertColumns;
+use super::sqlite::latest::Touches;
 use super::{Ledger, LedgerError, Record, Store, sqlite};
 
 impl Ledger {
@@ -16,6 +17,13 @@ impl Ledger {
     pub async fn latest(&self, pkey: &str) -> Result<Option<Record>, LedgerError> {
         if !self.known.maybe_known(pkey) {
             return Ok(None);
+        }
+        if let Store::Sqlite(db) = &self.store {
+            // From memory when the ledger's only writer keeps it (see `sqlite::latest`).
+            let owned = pkey.to_owned();
+            return db
+                .latest(pkey, move |c| sqlite::units::latest(c, &owned))
+                .await;
         }
         self.latest_in_store(pkey).await
     }
@@ -101,7 +109,9 @@ impl Ledger {
         let pg = match &self.store {
             Store::Sqlite(db) => {
                 return db
-                    .write(move |tx| sqlite::units::mark_checked(tx, &pkey, at))
+                    .write(Touches::Nothing, move |tx| {
+                        sqlite::units::mark_checked(tx, &pkey, at)
+                    })
                     .await;
             }
             Store::Postgres(pg) => pg,
@@ -124,7 +134,11 @@ impl Ledger {
         let pkey = pkey.to_owned();
         let pg = match &self.store {
             Store::Sqlite(db) => {
-                return db.write(move |tx| sqlite::units::unwatch(tx, &pkey)).await;
+                return db
+                    .write(Touches::Nothing, move |tx| {
+                        sqlite::units::unwatch(tx, &pkey)
+                    })
+                    .await;
             }
             Store::Postgres(pg) => pg,
         };

@@ -1,5 +1,6 @@
 //! Retention: records are kept at least 24 months after the response, then pruned.
 
+use super::sqlite::latest::Touches;
 use super::{Backend, Ledger, LedgerError, Store, sqlite};
 
 /// How long a lapsed lease's row is kept (ms) before a prune may delete it: far longer than any
@@ -50,7 +51,9 @@ impl Ledger {
         let pg = match &self.store {
             Store::Sqlite(db) => {
                 return db
-                    .write(move |tx| sqlite::units::prune(tx, resolved_before, lapsed_before))
+                    .write(Touches::Everything, move |tx| {
+                        sqlite::units::prune(tx, resolved_before, lapsed_before)
+                    })
                     .await;
             }
             Store::Postgres(pg) => pg,

@@ -19,10 +19,16 @@
 //! (an export, a backlog) runs its query on such a thread and hands its rows over a bounded
 //! channel: constant memory whatever its size.
 //!
+//! A read of a profile's latest request (every GetOptOut of a recorded profile) is answered from
+//! memory where it can: on a file this gateway holds, the writer forgets each profile a batch
+//! touched after its commit, before answering, so what is kept is never older than what any
+//! caller was told (see `latest`).
+//!
 //! In memory (`sqlite::memory:`, demos and tests), every connection would see a database of its
 //! own: the writer's connection is the only one, and reads run on its thread too, between
 //! batches (a stream is read whole there: the database is in memory anyway).
 
+pub(super) mod latest;
 mod migrate;
 pub(super) mod units;
 
@@ -37,6 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::open::Opening;
 use super::{LedgerError, Record};
+use latest::{LatestRequests, Touches};
 
 /// Units waiting for the writer, at most: beyond, callers wait for room (back-pressure).
 const QUEUE: usize = 4_096;
@@ -56,9 +63,10 @@ const STREAM_AHEAD: usize = 64;
 /// How long a statement waits for a lock held by another connection (another process's, say).
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// What the writer does with a queued unit: runs it, and hands back whether it succeeded and
-/// what answers its caller once the batch's fate is known.
-type Job = Box<dyn FnOnce(&Connection) -> (bool, Box<dyn Answer>) + Send>;
+/// What the writer does with a queued unit: runs it, and hands back whether it succeeded, what
+/// answers its caller once the batch's fate is known, and the profiles whose latest request it
+/// may have changed (`None`: any profile's).
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Box<dyn Answer>, Option<Vec<String>>) + Send>;
 
 /// A read run on the writer's connection (in memory only), outside any batch; it answers its
 /// caller itself.
@@ -96,6 +104,8 @@ pub(super) struct Sqlite {
     queue: mpsc::Sender<Queued>,
     /// `None` in memory: reads go to the writer's thread.
     readers: Option<Arc<Readers>>,
+    /// Each profile's latest request, kept by the writer (see `latest`).
+    latest: Arc<LatestRequests>,
 }
 
 /// Idle read-only connections to a ledger file.
@@ -193,18 +203,47 @@ impl Sqlite {
                 idle: Mutex::new(Vec::new()),
             })
         });
+        let latest = Arc::new(LatestRequests::new());
+        let forget = latest.clone();
         std::thread::Builder::new()
             .name("ccpa-ledger-writer".into())
-            .spawn(move || run(file, connection, receiver))
+            .spawn(move || run(file, connection, receiver, &forget))
             .map_err(|e| {
                 LedgerError::Commit(format!("the ledger's writer thread cannot start: {e}"))
             })?;
-        Ok(Self { queue, readers })
+        Ok(Self {
+            queue,
+            readers,
+            latest,
+        })
+    }
+
+    /// Each profile's latest request, as the writer keeps it.
+    pub(super) fn latest_requests(&self) -> &Arc<LatestRequests> {
+        &self.latest
+    }
+
+    /// Profile `pkey`'s latest request: from memory when the writer keeps it, else from the
+    /// store by `read`, which is then kept (unless a write touched the profile meanwhile).
+    pub(super) async fn latest<F>(&self, pkey: &str, read: F) -> Result<Option<Record>, LedgerError>
+    where
+        F: FnOnce(&Connection) -> Result<Option<Record>, LedgerError> + Send + 'static,
+    {
+        let ticket = match self.latest.get(pkey) {
+            Ok(latest) => return Ok(latest),
+            Err(ticket) => ticket,
+        };
+        let latest = self.read(read).await?;
+        if let Some(ticket) = ticket {
+            self.latest.fill(ticket, pkey, &latest);
+        }
+        Ok(latest)
     }
 
     /// Runs `unit` durably in the writer's next batch: `Ok` only once the transaction holding it
-    /// has committed.
-    pub(super) async fn write<T, F>(&self, unit: F) -> Result<T, LedgerError>
+    /// has committed. `touches` says whose records it may change: the writer forgets their
+    /// latest request after the commit, before answering.
+    pub(super) async fn write<T, F>(&self, touches: Touches, unit: F) -> Result<T, LedgerError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
@@ -215,8 +254,18 @@ impl Sqlite {
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| unit(connection)))
                 .unwrap_or_else(|_| Err(LedgerError::Commit("the write panicked".into())));
             let succeeded = result.is_ok();
+            let touched = match touches {
+                Touches::Nothing => Some(Vec::new()),
+                Touches::Profile(pkey) => Some(vec![pkey]),
+                // Within the unit's transaction, after it: a creation's new key included. Not
+                // found (or not readable): any profile, to be safe.
+                Touches::Request(request_id) => units::pkey_of(connection, &request_id)
+                    .map(|pkey| pkey.into_iter().collect())
+                    .ok(),
+                Touches::Everything => None,
+            };
             let answer: Box<dyn Answer> = Box::new(Pending { result, to });
-            (succeeded, answer)
+            (succeeded, answer, touched)
         });
         self.queue
             .send(Queued::Unit(job))
@@ -324,8 +373,14 @@ fn observe_commit(started: std::time::Instant, units: usize, committed: bool) {
     }
 }
 
-/// The writer thread: batch, run, commit, answer; until every sender is gone.
-fn run(file: Option<PathBuf>, connection: Connection, mut queue: mpsc::Receiver<Queued>) {
+/// The writer thread: batch, run, commit, forget what the batch touched, answer; until every
+/// sender is gone.
+fn run(
+    file: Option<PathBuf>,
+    connection: Connection,
+    mut queue: mpsc::Receiver<Queued>,
+    latest: &LatestRequests,
+) {
     let mut connection = Some(connection);
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
@@ -357,10 +412,11 @@ fn run(file: Option<PathBuf>, connection: Connection, mut queue: mpsc::Receiver<
         }
         let units = batch.len();
         let mut answers: Vec<Box<dyn Answer>> = Vec::with_capacity(units);
+        let mut touched = Some(Vec::new());
         let started = std::time::Instant::now();
         let committed = match &connection {
             None => Err("the ledger's writer connection is unavailable".to_owned()),
-            Some(connection) => run_batch(connection, batch.drain(..), &mut answers),
+            Some(connection) => run_batch(connection, batch.drain(..), &mut answers, &mut touched),
         };
         // Units never run (no connection, or the batch stopped) answer through their dropped
         // senders.
@@ -371,6 +427,12 @@ fn run(file: Option<PathBuf>, connection: Connection, mut queue: mpsc::Receiver<
         }
         observe_commit(started, units, committed.is_ok());
         tracing::trace!(units, committed = committed.is_ok(), "ledger batch");
+        // Committed or not, before anyone hears of it: no read may keep answering what was
+        // latest before a commit its caller was told of.
+        match &touched {
+            Some(pkeys) => latest.forget(pkeys),
+            None => latest.forget_everything(),
+        }
         for answer in answers {
             answer.answer(committed.as_ref().copied().map_err(String::as_str));
         }
@@ -389,10 +451,11 @@ fn run_batch(
     connection: &Connection,
     jobs: impl Iterator<Item = Job>,
     answers: &mut Vec<Box<dyn Answer>>,
+    touched: &mut Option<Vec<String>>,
 ) -> Result<(), String> {
     control(connection, "BEGIN IMMEDIATE")
         .map_err(|e| format!("the ledger's transaction could not begin: {e}"))?;
-    let outcome = run_units(connection, jobs, answers).and_then(|()| {
+    let outcome = run_units(connection, jobs, answers, touched).and_then(|()| {
         control(connection, "COMMIT").map_err(|e| format!("the ledger's commit failed: {e}"))
     });
     if outcome.is_err() {
@@ -406,14 +469,19 @@ fn run_units(
     connection: &Connection,
     jobs: impl Iterator<Item = Job>,
     answers: &mut Vec<Box<dyn Answer>>,
+    touched: &mut Option<Vec<String>>,
 ) -> Result<(), String> {
     let control = |sql: &str| {
         control(connection, sql).map_err(|e| format!("the ledger's batch could not go on: {e}"))
     };
     for job in jobs {
         control("SAVEPOINT unit")?;
-        let (succeeded, answer) = job(connection);
+        let (succeeded, answer, pkeys) = job(connection);
         answers.push(answer);
+        match (touched.as_mut(), pkeys) {
+            (Some(all), Some(pkeys)) => all.extend(pkeys),
+            _ => *touched = None,
+        }
         if !succeeded {
             // Its own failure, whatever becomes of the batch.
             metrics::counter!(super::metrics::LEDGER_WRITE_ERRORS_TOTAL).increment(1);
@@ -435,7 +503,9 @@ mod tests {
             .await
             .unwrap();
         sqlite
-            .write(|c| Ok(c.execute_batch("CREATE TABLE t (id TEXT PRIMARY KEY)")?))
+            .write(Touches::Nothing, |c| {
+                Ok(c.execute_batch("CREATE TABLE t (id TEXT PRIMARY KEY)")?)
+            })
             .await
             .unwrap();
         (sqlite, path)
@@ -478,9 +548,9 @@ mod tests {
         let (sqlite, _) = ledger_file(&dir).await;
         // Queued together, so that they share batches.
         let (a, b, c) = tokio::join!(
-            sqlite.write(insert("a", false)),
-            sqlite.write(insert("b", true)),
-            sqlite.write(insert("c", false)),
+            sqlite.write(Touches::Nothing, insert("a", false)),
+            sqlite.write(Touches::Nothing, insert("b", true)),
+            sqlite.write(Touches::Nothing, insert("c", false)),
         );
         assert!(a.is_ok() && c.is_ok(), "{a:?} {c:?}");
         assert!(b.is_err());
@@ -490,7 +560,10 @@ mod tests {
             "a failing unit is not a failed batch"
         );
         // The connection is still in a clean state: a later write commits.
-        sqlite.write(insert("d", false)).await.unwrap();
+        sqlite
+            .write(Touches::Nothing, insert("d", false))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -498,8 +571,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (sqlite, _) = ledger_file(&dir).await;
         let panics = |_: &Connection| -> Result<(), LedgerError> { panic!("a bug in a unit") };
-        assert!(sqlite.write(panics).await.is_err());
-        sqlite.write(insert("after", false)).await.unwrap();
+        assert!(sqlite.write(Touches::Nothing, panics).await.is_err());
+        sqlite
+            .write(Touches::Nothing, insert("after", false))
+            .await
+            .unwrap();
         assert_eq!(ids(&sqlite).await, ["after"]);
     }
 
@@ -507,7 +583,10 @@ mod tests {
     async fn a_read_is_not_held_up_by_the_writers_transaction() {
         let dir = tempfile::tempdir().unwrap();
         let (sqlite, _) = ledger_file(&dir).await;
-        sqlite.write(insert("a", false)).await.unwrap();
+        sqlite
+            .write(Touches::Nothing, insert("a", false))
+            .await
+            .unwrap();
         let (entered, wait) = std::sync::mpsc::channel::<()>();
         let (release, released) = std::sync::mpsc::channel::<()>();
         // A unit that holds the batch's transaction open until told.
@@ -515,7 +594,7 @@ mod tests {
         let writer = sqlite.clone();
         let held = tokio::spawn(async move {
             writer
-                .write(move |c| {
+                .write(Touches::Nothing, move |c| {
                     insert("b", false)(c)?;
                     entered.send(()).unwrap();
                     released.recv().unwrap();

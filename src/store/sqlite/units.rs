@@ -63,6 +63,18 @@ pub(in crate::store) fn fetch_record(
     rows.next()?.map(Record::from_sqlite).transpose()
 }
 
+/// The profile of the request `request_id`, if it has one.
+pub(in crate::store) fn pkey_of(
+    connection: &Connection,
+    request_id: &str,
+) -> Result<Option<String>, LedgerError> {
+    Ok(connection
+        .prepare_cached("SELECT pkey FROM opt_out_records WHERE request_id = ?1")?
+        .query_row([request_id], |row| row.get(0))
+        .optional()?
+        .flatten())
+}
+
 /// [`super::super::Ledger::record`]'s unit of work.
 pub(in crate::store) fn record_unit(
     tx: &Connection,
