@@ -281,7 +281,13 @@ impl Ledger {
         let known = self.known.clone();
         let settled = match &self.store {
             Store::Sqlite(db) => {
-                db.write(Touches::Request(request_id.clone()), move |tx| {
+                let touches = match &release {
+                    // The record is that profile's (the lease was taken for it).
+                    Some((pkey, _)) => Touches::Profile(pkey.clone()),
+                    // A creation's settle gives its record a key: found within the unit.
+                    None => Touches::Request(request_id.clone()),
+                };
+                db.write(touches, move |tx| {
                     if let OwnedOutcome::Applied {
                         pkey: Some(created),
                     } = &outcome
