@@ -2174,7 +2174,9 @@ async fn a_postgres_ledger_of_the_previous_release_opens_migrates_and_reads_back
 /// ACS does not have); `ledger-v5.sqlite3` is the same file with migration 6 undone (its column
 /// dropped, its row of history deleted), as the release before it left its ledgers. Each opens
 /// with this version, is migrated, reads back, and keeps a history sqlx itself accepts: the
-/// same versions and checksums as sqlx wrote.
+/// same versions and checksums as sqlx wrote, and for migration 7 (PostgreSQL's functions; on
+/// SQLite a text that changes nothing) the checksum sqlx's migrator computes from its SQLite
+/// text.
 #[tokio::test]
 async fn sqlite_ledgers_of_the_previous_releases_open_and_migrate() {
     use ccpa_gateway::store::{FailureCode, State};
@@ -2196,8 +2198,18 @@ async fn sqlite_ledgers_of_the_previous_releases_open_and_migrate() {
             .unwrap()
     };
     // As sqlx wrote it.
-    let written_by_sqlx = history(&fixtures.join("ledger-v6.sqlite3"));
+    let mut written_by_sqlx = history(&fixtures.join("ledger-v6.sqlite3"));
     assert_eq!(written_by_sqlx.len(), 6);
+    let seventh = sqlx::migrate::Migration::new(
+        7,
+        "one round trip per unit".into(),
+        sqlx::migrate::MigrationType::Simple,
+        sqlx::SqlSafeStr::into_sql_str(include_str!(
+            "../migrations/0007_one_round_trip_units.sqlite.sql"
+        )),
+        false,
+    );
+    written_by_sqlx.push((7, seventh.description.into(), true, seventh.checksum.into()));
     for fixture in ["ledger-v5.sqlite3", "ledger-v6.sqlite3"] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(fixture);
