@@ -162,7 +162,8 @@ enum Store {
     /// rusqlite: a writer thread batching units into group commits, readers beside it (see
     /// `sqlite`).
     Sqlite(Arc<sqlite::Sqlite>),
-    /// sqlx: a pool, each unit in a transaction of its own (see `writer`).
+    /// sqlx: a pool, each unit in a transaction of its own, the hot units each one statement (a
+    /// function of migration 7: see `writer`).
     Postgres(Postgres),
 }
 
@@ -171,7 +172,8 @@ enum Store {
 struct Postgres {
     /// For reads.
     reader: AnyPool,
-    /// For writes: a transaction per unit.
+    /// For writes: a transaction per unit; the hot units each one statement, its own
+    /// transaction.
     writer: Writer,
 }
 
@@ -185,6 +187,18 @@ impl Postgres {
             + 'static,
     {
         self.writer.write(Box::new(unit)).await
+    }
+
+    /// Runs a unit of one statement durably, the statement its own transaction (see `writer`):
+    /// `Ok` once it has committed.
+    async fn statement<T, F>(&self, unit: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<T, LedgerError>>
+            + Send
+            + 'static,
+    {
+        self.writer.statement(Box::new(unit)).await
     }
 }
 
@@ -291,6 +305,13 @@ impl UnitClock {
     /// Whether the database's clock is the one.
     fn database_keeps_time(&self) -> bool {
         self.backend == Backend::Postgres && self.clock.is_system_time()
+    }
+
+    /// Now for a function of migration 7, which reads the database's clock itself, inside its
+    /// statement, when given none: `None` when the database keeps time, else the ledger's clock
+    /// now.
+    fn now_unless_database(&self) -> Option<i64> {
+        (!self.database_keeps_time()).then(|| self.clock.unix_ms())
     }
 
     /// Now, in ms since the Unix epoch, read within the unit.
