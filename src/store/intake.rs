@@ -218,7 +218,9 @@ impl Ledger {
             }
             Store::Postgres(pg) => pg,
         };
-        pg.write(move |connection| {
+        // One statement, its own transaction: one round trip (a SetOptOut answered without
+        // applying its request within the call, its profile's lease being held, makes it).
+        pg.statement(move |connection| {
             Box::pin(async move {
                 sqlx::query(
                     "UPDATE opt_out_records SET answered_at = COALESCE(answered_at, $1) \
