@@ -11,14 +11,16 @@
 //!
 //! Each storage operation is implemented once per database: on SQLite by `sqlite` (rusqlite,
 //! run on the threads that own its connections), on PostgreSQL by the sqlx code of the modules
-//! below; every public method of [`Ledger`] dispatches on its `Store`.
+//! below, whose hot units (recording, settling, claiming and releasing) each call a function of
+//! migration 7, one statement and one round trip; every public method of [`Ledger`] dispatches
+//! on its `Store`.
 //!
 //! By job: `open` (connections, migrations), `intake` (recording a request), `leases` (who
 //! applies a profile's requests, and what came of each attempt), `queries` (reads), `retention`
-//! (pruning), `writer` (PostgreSQL's transactions), `sqlite` (SQLite: the writer thread's group
-//! commit, its readers, its migrations and units), `reconcile` (each profile's latest request,
-//! the schedule of re-reads, drift found), `report` (the yearly figures), `metrics` (what the
-//! store counts).
+//! (pruning), `writer` (PostgreSQL's transactions, and its units of one statement), `sqlite`
+//! (SQLite: the writer thread's group commit, its readers, its migrations and units),
+//! `reconcile` (each profile's latest request, the schedule of re-reads, drift found), `report`
+//! (the yearly figures), `metrics` (what the store counts).
 //!
 //! Order: requests for one profile take effect in the order consumers made them
 //! (`received_at`, then arrival), except that a request is never ordered later than the ledger's
