@@ -2174,7 +2174,9 @@ async fn a_postgres_ledger_of_the_previous_release_opens_migrates_and_reads_back
 /// ACS does not have); `ledger-v5.sqlite3` is the same file with migration 6 undone (its column
 /// dropped, its row of history deleted), as the release before it left its ledgers. Each opens
 /// with this version, is migrated, reads back, and keeps a history sqlx itself accepts: the
-/// same versions and checksums as sqlx wrote, followed by this version's migrations.
+/// same versions and checksums as sqlx wrote, followed by this version's migrations, each with
+/// the checksum sqlx's migrator computes from its SQLite text (migration 8, PostgreSQL's
+/// functions, is on SQLite a text that changes nothing).
 #[tokio::test]
 async fn sqlite_ledgers_of_the_previous_releases_open_and_migrate() {
     use ccpa_gateway::store::{FailureCode, State};
@@ -2196,8 +2198,34 @@ async fn sqlite_ledgers_of_the_previous_releases_open_and_migrate() {
             .unwrap()
     };
     // As sqlx wrote it.
-    let written_by_sqlx = history(&fixtures.join("ledger-v6.sqlite3"));
+    let mut written_by_sqlx = history(&fixtures.join("ledger-v6.sqlite3"));
     assert_eq!(written_by_sqlx.len(), 6);
+    for (version, description, sql) in [
+        (
+            7,
+            "indexes that cost what they serve",
+            include_str!("../migrations/0007_requests_in_order.sql"),
+        ),
+        (
+            8,
+            "one round trip per unit",
+            include_str!("../migrations/0008_one_round_trip_units.sqlite.sql"),
+        ),
+    ] {
+        let migration = sqlx::migrate::Migration::new(
+            version,
+            description.into(),
+            sqlx::migrate::MigrationType::Simple,
+            sqlx::SqlSafeStr::into_sql_str(sql),
+            false,
+        );
+        written_by_sqlx.push((
+            version,
+            migration.description.into(),
+            true,
+            migration.checksum.into(),
+        ));
+    }
     for fixture in ["ledger-v5.sqlite3", "ledger-v6.sqlite3"] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(fixture);
@@ -2220,17 +2248,7 @@ async fn sqlite_ledgers_of_the_previous_releases_open_and_migrate() {
             .await
             .expect("the migrated schema has every column");
         drop(ledger);
-        // sqlx's history as it wrote it, followed by this version's migrations, each applied.
-        let migrated = history(&path);
-        assert_eq!(
-            migrated[..written_by_sqlx.len()],
-            written_by_sqlx,
-            "{fixture}"
-        );
-        assert!(
-            migrated.len() > written_by_sqlx.len() && migrated.iter().all(|(_, _, ok, _)| *ok),
-            "{fixture}: {migrated:?}"
-        );
+        assert_eq!(history(&path), written_by_sqlx, "{fixture}");
         // And it is this version's for a tool that only reads.
         Ledger::open_existing(&location).await.unwrap();
     }
@@ -2308,4 +2326,236 @@ async fn a_held_sqlite_ledger_answers_reads_from_memory_and_forgets_what_each_wr
     assert!(ledger.latest("@memory").await.unwrap().unwrap().opt_out);
     drop(hold);
     assert!(!ledger.latest("@memory").await.unwrap().unwrap().opt_out);
+}
+
+/// On PostgreSQL each hot unit of work is one statement, its own transaction (#25): migration 8
+/// creates its functions, and the units of a SetOptOut applied within its call (recorded with a
+/// claim on its profile's lease, then settled as applied, answered, giving the lease back, as
+/// `optout::submit` does), a claim and a release, each reach the server as one round trip
+/// carrying one statement. The round trips are read between the ledger and the server by a
+/// proxy that sees the protocol's messages: a round trip of the extended protocol ends with a
+/// Sync; a BEGIN or COMMIT would be a simple Query of its own. Each unit is committed when it
+/// returns: another connection reads what it wrote.
+#[tokio::test]
+async fn on_postgres_each_hot_unit_is_one_statement_and_one_round_trip() {
+    use ccpa_gateway::store::{Kind, NewRequest, Outcome, Recorded, Settled, Source, State};
+    use sqlx::Connection;
+    let store = Store::postgres().await;
+    let schema = store.schema().unwrap().to_owned();
+    let mut direct = url::Url::parse(&store.location).unwrap();
+    let upstream = format!(
+        "{}:{}",
+        direct.host_str().unwrap(),
+        direct.port().unwrap_or(5432)
+    );
+    let proxy = RoundTrips::start(upstream).await;
+    // In clear, so that the proxy can read the messages.
+    direct.query_pairs_mut().append_pair("sslmode", "disable");
+    let mut proxied = direct.clone();
+    proxied.set_host(Some("127.0.0.1")).unwrap();
+    proxied.set_port(Some(proxy.port)).unwrap();
+    let ledger = Ledger::open(proxied.as_str()).await.unwrap();
+
+    let mut admin = sqlx::postgres::PgConnection::connect(direct.as_str())
+        .await
+        .unwrap();
+    let functions: Vec<String> = sqlx::query_scalar(
+        "SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = $1 ORDER BY p.proname",
+    )
+    .bind(&schema)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        functions,
+        [
+            "ccpa_claim_lease",
+            "ccpa_record_request",
+            "ccpa_release_lease",
+            "ccpa_settle"
+        ]
+    );
+
+    let request = |request_id: &str, pkey: &str| NewRequest {
+        request_id: request_id.into(),
+        kind: Kind::SetOptOut,
+        pkey: Some(pkey.into()),
+        opt_out: true,
+        source: Source::WebForm,
+        received_at: None,
+        caller: "test".into(),
+        first_attempt_window_ms: 10_000,
+        parent_request_id: None,
+        fingerprint: None,
+        restores_request_id: None,
+    };
+    // The round trips of a SetOptOut's units: recording it, then settling it.
+    let set_opt_out = async |request_id: &str, pkey: &str| -> (Vec<String>, Vec<String>) {
+        let claim = ledger.new_claim(MINUTE);
+        let (recording, recorded) = proxy
+            .round_trips_of(ledger.record(&request(request_id, pkey), Some(&claim)))
+            .await;
+        let (recorded, claimed) = recorded.unwrap();
+        assert!(matches!(recorded, Recorded::New(ref record) if record.state == State::Pending));
+        assert!(claimed, "a free lease is taken in the same statement");
+        let (settling, settled) = proxy
+            .round_trips_of(ledger.settle(
+                request_id,
+                Outcome::Applied { pkey: None },
+                true,
+                Some((pkey, &claim)),
+            ))
+            .await;
+        assert_eq!(settled.unwrap(), Settled::Recorded);
+        (recording, settling)
+    };
+    // The first use of each statement on a connection also prepares it (a round trip of its
+    // own, once), and the connection itself is opened and set up: not what is counted.
+    set_opt_out("warm-up", "@warm-up").await;
+    let claim = ledger.new_claim(MINUTE);
+    assert!(
+        proxy
+            .round_trips_of(ledger.claim("@warm-up", &claim))
+            .await
+            .1
+            .unwrap()
+    );
+    proxy
+        .round_trips_of(ledger.release("@warm-up", &claim))
+        .await
+        .1
+        .unwrap();
+
+    // One round trip each: Bind, Execute, Close (the portal), Sync.
+    let one_statement = vec!["BECS".to_owned()];
+    let (recording, settling) = set_opt_out("counted", "@counted").await;
+    assert_eq!(recording, one_statement, "a SetOptOut's record");
+    assert_eq!(settling, one_statement, "a SetOptOut's settle");
+    // Committed when they returned: the record is applied, its lease given back, its profile
+    // scheduled for re-reading, all seen from another connection.
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM opt_out_records WHERE request_id = 'counted'")
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert_eq!(state, "APPLIED");
+    let (expires_at, scheduled): (i64, i64) = sqlx::query_as(
+        "SELECT l.expires_at, (SELECT COUNT(*) FROM reconcile_schedule s \
+         WHERE s.pkey = l.pkey) FROM profile_leases l WHERE l.pkey = '@counted'",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!((expires_at, scheduled), (0, 1));
+
+    let claim = ledger.new_claim(MINUTE);
+    let (claiming, claimed) = proxy.round_trips_of(ledger.claim("@counted", &claim)).await;
+    assert!(claimed.unwrap());
+    assert_eq!(claiming, one_statement, "a claim");
+    let (releasing, released) = proxy
+        .round_trips_of(ledger.release("@counted", &claim))
+        .await;
+    released.unwrap();
+    assert_eq!(releasing, one_statement, "a release");
+}
+
+/// A TCP proxy in front of PostgreSQL that notes the frontend's round trips: for each, the types
+/// of its messages (`P`arse, `D`escribe, `B`ind, `E`xecute, `C`lose, `S`ync; a simple `Q`uery is
+/// a round trip of its own).
+struct RoundTrips {
+    port: u16,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl RoundTrips {
+    async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let noted = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                tokio::spawn(Self::relay(client, server, noted.clone()));
+            }
+        });
+        Self { port, seen }
+    }
+
+    async fn relay(
+        client: tokio::net::TcpStream,
+        server: tokio::net::TcpStream,
+        seen: Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_server, mut to_server) = server.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+        });
+        // The startup message has no type byte: its length, then its protocol version.
+        let mut length = [0u8; 4];
+        if from_client.read_exact(&mut length).await.is_err() {
+            return;
+        }
+        let mut body = vec![0u8; u32::from_be_bytes(length) as usize - 4];
+        from_client.read_exact(&mut body).await.unwrap();
+        assert_ne!(
+            body[..4],
+            80_877_103u32.to_be_bytes(),
+            "TLS was asked for: the proxy reads messages in clear (sslmode=disable)"
+        );
+        to_server.write_all(&length).await.unwrap();
+        to_server.write_all(&body).await.unwrap();
+        // Then every message: its type, its length (itself included), its body.
+        let mut round_trip = String::new();
+        loop {
+            let mut header = [0u8; 5];
+            if from_client.read_exact(&mut header).await.is_err() {
+                return;
+            }
+            let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+            let mut body = vec![0u8; length as usize - 4];
+            if from_client.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            round_trip.push(char::from(header[0]));
+            // Noted before it is sent on: noted before its answer can reach the ledger.
+            if matches!(header[0], b'S' | b'Q') {
+                seen.lock().unwrap().push(std::mem::take(&mut round_trip));
+            }
+            if to_server.write_all(&header).await.is_err()
+                || to_server.write_all(&body).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// What `unit` returns, and its round trips. sqlx tests a connection given back to its pool
+    /// with a bare Sync, after the unit has returned, off its caller's path: that ping (one per
+    /// unit) is not the unit's, and is waited for, so that the next unit finds the connection
+    /// back in the pool (and its prepared statements with it) rather than opening another.
+    async fn round_trips_of<T>(&self, unit: impl Future<Output = T>) -> (Vec<String>, T) {
+        let before = self.seen.lock().unwrap().len();
+        let value = unit.await;
+        let started = Instant::now();
+        let mut round_trips = loop {
+            let seen = self.seen.lock().unwrap()[before..].to_vec();
+            if seen.iter().any(|round_trip| round_trip == "S") {
+                break seen;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the connection is given back to the pool"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let ping = round_trips.iter().rposition(|round_trip| round_trip == "S");
+        round_trips.remove(ping.unwrap());
+        // The ping is answered, and the connection put back, a moment after it is sent.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (round_trips, value)
+    }
 }

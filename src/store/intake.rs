@@ -156,26 +156,58 @@ impl Ledger {
             }
             Store::Postgres(pg) => pg,
         };
-        let recorded = pg
-            .write(move |connection| {
+        // One statement (`ccpa_record_request`, migration 8), its own transaction: one round
+        // trip, where the unit below takes one per statement and two more for its transaction.
+        let request = Arc::new(request);
+        let by_statement = {
+            let (request, claim, counted) = (request.clone(), claim.clone(), counted.clone());
+            let unit_clock = unit_clock.clone();
+            let known = known.clone();
+            pg.statement(move |connection| {
                 Box::pin(async move {
                     if let Some(pkey) = &request.pkey {
                         // Inside the write, before it commits: no read after the commit can
                         // skip this profile.
                         known.note(pkey);
                     }
-                    record_unit(
+                    let now = unit_clock.now_unless_database();
+                    record_statement(
                         connection,
                         &request,
                         claim.as_ref(),
                         answered,
-                        &unit_clock,
+                        now,
                         &counted,
                     )
                     .await
                 })
             })
-            .await?;
+            .await?
+        };
+        let recorded = match by_statement {
+            Some(recorded) => recorded,
+            // The rare path: a failed request by email replayed under its id may be reopened,
+            // which today's unit of several statements decides and does, in a transaction.
+            None => {
+                pg.write(move |connection| {
+                    Box::pin(async move {
+                        if let Some(pkey) = &request.pkey {
+                            known.note(pkey);
+                        }
+                        record_unit(
+                            connection,
+                            &request,
+                            claim.as_ref(),
+                            answered,
+                            &unit_clock,
+                            &counted,
+                        )
+                        .await
+                    })
+                })
+                .await?
+            }
+        };
         count_resolved(Some(State::Superseded), superseded.load(Ordering::Relaxed));
         Ok(recorded)
     }
@@ -194,7 +226,9 @@ impl Ledger {
             }
             Store::Postgres(pg) => pg,
         };
-        pg.write(move |connection| {
+        // One statement, its own transaction: one round trip (a SetOptOut answered without
+        // applying its request within the call, its profile's lease being held, makes it).
+        pg.statement(move |connection| {
             Box::pin(async move {
                 sqlx::query(
                     "UPDATE opt_out_records SET answered_at = COALESCE(answered_at, $1) \
@@ -211,7 +245,77 @@ impl Ledger {
     }
 }
 
-/// [`Ledger::record`]'s unit of work.
+/// [`Ledger::record`] on PostgreSQL in one statement, `ccpa_record_request` (migration 8):
+/// [`record_unit`]'s statements, run by the server in the same order.
+const RECORD_REQUEST: &str = "SELECT * FROM ccpa_record_request($1, $2, $3, $4, $5, $6, $7, $8, \
+     $9, $10, $11, $12, $13, $14, $15)";
+
+/// [`Ledger::record`]'s unit of work on PostgreSQL, as one statement outside any explicit
+/// transaction: the function locks the profile, reads the database's clock unless given `now`,
+/// inserts, supersedes and takes the lease as [`record_unit`] does. `superseded` counts what it
+/// superseded; a lease it took gives `claim` its generation.
+///
+/// `None` when it did nothing: the id was recorded before, for this request, which failed in a
+/// way that may let its replay reopen it ([`reopenable`]); [`record_unit`] decides, and does it.
+async fn record_statement(
+    connection: &mut AnyConnection,
+    request: &NewRequest,
+    claim: Option<&Claim>,
+    answered: bool,
+    now: Option<i64>,
+    superseded: &AtomicU64,
+) -> Result<Option<(Recorded, bool)>, LedgerError> {
+    let row: AnyRow = sqlx::query(RECORD_REQUEST)
+        .bind(&request.request_id)
+        .bind(request.kind.as_str())
+        .bind(&request.pkey)
+        .bind(i64::from(request.opt_out))
+        .bind(request.source.as_str())
+        .bind(request.received_at)
+        .bind(&request.caller)
+        .bind(request.first_attempt_window_ms)
+        .bind(&request.parent_request_id)
+        .bind(&request.fingerprint)
+        .bind(i64::from(answered))
+        .bind(&request.restores_request_id)
+        .bind(now)
+        .bind(claim.map(|claim| claim.holder.as_str()))
+        .bind(claim.map(|claim| claim.lease_ms))
+        .fetch_one(&mut *connection)
+        .await?;
+    let outcome: String = sqlx::Row::try_get(&row, "outcome")?;
+    match outcome.as_str() {
+        "NEW" => {}
+        "EXISTS" => {
+            // Deleted (pruned) between the insert that found it and the read.
+            if sqlx::Row::try_get::<Option<String>, _>(&row, "request_id")?.is_none() {
+                return Err(LedgerError::Corrupt("a conflicting id vanished".into()));
+            }
+            let existing = Record::from_row(&row)?;
+            if !same_request(&existing, request) {
+                return Ok(Some((Recorded::Conflict(existing), false)));
+            }
+            if reopenable(&existing) {
+                return Ok(None);
+            }
+            return Ok(Some((Recorded::Replay(existing), false)));
+        }
+        other => {
+            return Err(LedgerError::Corrupt(format!(
+                "ccpa_record_request answered {other:?}"
+            )));
+        }
+    }
+    let record = Record::from_row(&row)?;
+    let overtaken: i64 = sqlx::Row::try_get(&row, "superseded")?;
+    superseded.fetch_add(u64::try_from(overtaken).unwrap_or(0), Ordering::Relaxed);
+    let generation: Option<i64> = sqlx::Row::try_get(&row, "generation")?;
+    let claimed = claim.is_some_and(|claim| claim.won(generation));
+    Ok(Some((Recorded::New(record), claimed)))
+}
+
+/// [`Ledger::record`]'s unit of work, in statements of its own: on PostgreSQL, for a request id
+/// recorded before that may be reopened (every other request is [`record_statement`]'s).
 pub(super) async fn record_unit(
     connection: &mut AnyConnection,
     request: &NewRequest,

@@ -60,6 +60,18 @@ impl Claim {
     fn lease(&self) -> Duration {
         Duration::from_millis(u64::try_from(self.lease_ms).unwrap_or(0))
     }
+
+    /// Whether the write that tried to take the lease won it (`generation`, the lease's new
+    /// one): if so, the claim learns the generation.
+    pub(super) fn won(&self, generation: Option<i64>) -> bool {
+        match generation {
+            Some(generation) => {
+                self.generation.store(generation, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// The outcome of an attempt to apply a request.
@@ -198,10 +210,19 @@ impl Ledger {
             Store::Postgres(pg) => pg,
         };
         let unit_clock = self.unit_clock();
-        pg.write(move |connection| {
+        // One statement (`ccpa_claim_lease`, migration 8), its own transaction: the database's
+        // clock is read inside it, with no round trip of its own.
+        pg.statement(move |connection| {
             Box::pin(async move {
-                let now = unit_clock.now(&mut *connection).await?;
-                claim_lease(&mut *connection, &pkey, &claim, now).await
+                let generation: Option<i64> =
+                    sqlx::query_scalar("SELECT ccpa_claim_lease($1, $2, $3, $4)")
+                        .bind(&pkey)
+                        .bind(&claim.holder)
+                        .bind(claim.lease_ms)
+                        .bind(unit_clock.now_unless_database())
+                        .fetch_one(&mut *connection)
+                        .await?;
+                Ok(claim.won(generation))
             })
         })
         .await
@@ -220,8 +241,17 @@ impl Ledger {
             }
             Store::Postgres(pg) => pg,
         };
-        pg.write(move |connection| {
-            Box::pin(async move { release_lease(&mut *connection, &pkey, &claim).await })
+        // One statement (`ccpa_release_lease`, migration 8), its own transaction.
+        pg.statement(move |connection| {
+            Box::pin(async move {
+                sqlx::query("SELECT ccpa_release_lease($1, $2, $3)")
+                    .bind(&pkey)
+                    .bind(&claim.holder)
+                    .bind(claim.generation.load(Ordering::SeqCst))
+                    .execute(&mut *connection)
+                    .await?;
+                Ok(())
+            })
         })
         .await
     }
@@ -309,7 +339,10 @@ impl Ledger {
                 .await?
             }
             Store::Postgres(pg) => {
-                pg.write(move |connection| {
+                // One statement (`ccpa_settle`, migration 8), its own transaction: the update
+                // with its fence, the schedule of re-reads and the lease given back, where a
+                // transaction of its own took a round trip for each and two more.
+                pg.statement(move |connection| {
                     Box::pin(async move {
                         if let OwnedOutcome::Applied {
                             pkey: Some(created),
@@ -320,7 +353,7 @@ impl Ledger {
                             known.note(created);
                         }
                         let release = release.as_ref().map(|(pkey, claim)| (pkey.as_str(), claim));
-                        settle_unit(
+                        settle_statement(
                             connection,
                             now,
                             &request_id,
@@ -435,7 +468,9 @@ impl Ledger {
 }
 
 /// Takes the lease on `pkey` for `claim` unless someone holds it at `now` (the unit's clock),
-/// until `now` plus the lease; on success, the claim learns the lease's new generation.
+/// until `now` plus the lease; on success, the claim learns the lease's new generation. For
+/// `intake::record_unit`, the rare path of recording; every other claim on PostgreSQL is made
+/// by `ccpa_claim_lease` (migration 8), the same statement in a function.
 pub(super) async fn claim_lease<'e, E>(
     executor: E,
     pkey: &str,
@@ -458,53 +493,7 @@ where
     .bind(now)
     .fetch_optional(executor)
     .await?;
-    match generation {
-        Some(generation) => {
-            claim.generation.store(generation, Ordering::SeqCst);
-            Ok(true)
-        }
-        None => Ok(false),
-    }
-}
-
-/// Gives the lease back, if `claim` still holds it: it lapses at once. The row stays, so that
-/// the next generation is higher than every earlier one.
-pub(super) async fn release_lease<'e, E>(
-    executor: E,
-    pkey: &str,
-    claim: &Claim,
-) -> Result<(), LedgerError>
-where
-    E: Executor<'e, Database = sqlx::Any>,
-{
-    sqlx::query(
-        "UPDATE profile_leases SET expires_at = 0 \
-         WHERE pkey = $1 AND holder = $2 AND generation = $3",
-    )
-    .bind(pkey)
-    .bind(&claim.holder)
-    .bind(claim.generation.load(Ordering::SeqCst))
-    .execute(executor)
-    .await?;
-    Ok(())
-}
-
-/// Whether `claim`'s lease on `pkey` is still the current one (the fencing check): nobody has
-/// taken the profile's lease since, even if it has lapsed.
-async fn lease_is_current(
-    connection: &mut AnyConnection,
-    pkey: &str,
-    claim: &Claim,
-) -> Result<bool, LedgerError> {
-    let current: Option<i64> = sqlx::query_scalar(
-        "SELECT 1 FROM profile_leases WHERE pkey = $1 AND holder = $2 AND generation = $3",
-    )
-    .bind(pkey)
-    .bind(&claim.holder)
-    .bind(claim.generation.load(Ordering::SeqCst))
-    .fetch_optional(&mut *connection)
-    .await?;
-    Ok(current.is_some())
+    Ok(claim.won(generation))
 }
 
 /// [`Ledger::next_to_apply`]'s unit of work.
@@ -573,7 +562,8 @@ pub(super) fn count_resolved(state: Option<State>, count: u64) {
 }
 
 /// The fence a settle checks, as its statement binds it: the profile, holder and generation of
-/// the lease to give back; empty (no fence) without one. Both databases' units use it.
+/// the lease to give back; empty (no fence) without one. Both databases' units use it (on
+/// PostgreSQL, as the arguments of `ccpa_settle`).
 pub(super) fn fence<'a>(release: Option<(&'a str, &'a Claim)>) -> (&'a str, &'a str, i64) {
     match release {
         Some((pkey, claim)) => (
@@ -585,8 +575,12 @@ pub(super) fn fence<'a>(release: Option<(&'a str, &'a Claim)>) -> (&'a str, &'a 
     }
 }
 
-/// [`Ledger::settle`]'s unit of work.
-pub(super) async fn settle_unit(
+/// [`Ledger::settle`]'s unit of work on PostgreSQL: one statement, `ccpa_settle` (migration 8),
+/// run outside any explicit transaction. With a lease to give back, the outcome is recorded only
+/// if that lease is still the profile's current one (the fence, in the same statement: see
+/// [`fence`]); the lease is given back whether or not the record was still pending, unless it
+/// was lost.
+async fn settle_statement(
     connection: &mut AnyConnection,
     now: i64,
     request_id: &str,
@@ -594,101 +588,54 @@ pub(super) async fn settle_unit(
     answered: bool,
     release: Option<(&str, &Claim)>,
 ) -> Result<Settled, LedgerError> {
-    // The writer holds the transaction (a savepoint of its batch on SQLite).
-    let tx = connection;
-    // The fence: with a lease to give back, the outcome is recorded only if that lease is still
-    // the profile's current one (its holder and generation), in the same statement. An empty
-    // key means no lease, no fence.
     let (fence_pkey, fence_holder, fence_generation) = fence(release);
-    let query = match outcome {
-        // A creation ACS answered is APPLIED with its key even if the ledger gave it up as
-        // abandoned meanwhile (`fail_abandoned`, on a clock that ran past its lease): ACS holds
-        // the profile and its opt-out, and a record without the key would leave that profile
-        // outside every read and reconciliation. The abandonment's basis stays in `last_error`.
-        Outcome::Applied { pkey } => sqlx::query(
-            "UPDATE opt_out_records SET state = 'APPLIED', resolved_at = $1, \
-             attempts = attempts + 1, pkey = COALESCE(pkey, $2), \
-             answered_at = CASE WHEN $3 = 1 THEN COALESCE(answered_at, $1) ELSE answered_at END, \
-             last_error = CASE WHEN state = 'FAILED' THEN failure_reason ELSE last_error END, \
-             failure_reason = NULL, failure_code = NULL \
-             WHERE request_id = $4 AND (state = 'PENDING' OR (state = 'FAILED' \
-               AND kind = 'CREATE_PROFILE' AND pkey IS NULL AND COALESCE($2, '') <> '')) \
-             AND ($5 = '' OR EXISTS (SELECT 1 FROM \
-             profile_leases WHERE pkey = $5 AND holder = $6 AND generation = $7))",
-        )
-        .bind(now)
-        .bind(pkey)
-        .bind(i64::from(answered))
-        .bind(request_id),
-        Outcome::Failed { reason, code } => sqlx::query(
-            "UPDATE opt_out_records SET state = 'FAILED', resolved_at = $1, \
-             attempts = attempts + 1, failure_reason = $2, failure_code = $3, \
-             answered_at = CASE WHEN $4 = 1 THEN COALESCE(answered_at, $1) ELSE answered_at END \
-             WHERE request_id = $5 AND state = 'PENDING' AND ($6 = '' OR EXISTS (SELECT 1 FROM \
-             profile_leases WHERE pkey = $6 AND holder = $7 AND generation = $8))",
-        )
-        .bind(now)
-        .bind(reason)
-        .bind(code.as_str())
-        .bind(i64::from(answered))
-        .bind(request_id),
+    // What the function reads of each outcome; the others' parameters are NULL.
+    let (name, created, failure, retry) = match outcome {
+        Outcome::Applied { pkey } => ("APPLIED", pkey, None, None),
+        Outcome::Failed { reason, code } => ("FAILED", None, Some((reason, code.as_str())), None),
         Outcome::Retry {
             error,
             next_attempt_at,
             attempted,
             acs_unavailable,
-        } => sqlx::query(
-            "UPDATE opt_out_records SET attempts = attempts + $1, last_error = $2, \
-             next_attempt_at = $3, retry_when_acs_answers = $4, \
-             answered_at = CASE WHEN $5 = 1 THEN COALESCE(answered_at, $6) ELSE answered_at END \
-             WHERE request_id = $7 AND state = 'PENDING' AND ($8 = '' OR EXISTS (SELECT 1 FROM \
-             profile_leases WHERE pkey = $8 AND holder = $9 AND generation = $10))",
-        )
-        .bind(i64::from(attempted))
-        .bind(error)
-        .bind(next_attempt_at)
-        .bind(i64::from(acs_unavailable))
-        .bind(i64::from(answered))
-        .bind(now)
-        .bind(request_id),
+        } => (
+            "RETRY",
+            None,
+            None,
+            Some((
+                error,
+                next_attempt_at,
+                i64::from(attempted),
+                i64::from(acs_unavailable),
+            )),
+        ),
     };
-    let updated = query
-        .bind(fence_pkey)
-        .bind(fence_holder)
-        .bind(fence_generation)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    if updated == 1 {
-        if matches!(outcome, Outcome::Applied { .. }) {
-            // ACS holds the profile's newest request now: the reconciler re-reads it an
-            // interval from here.
-            sqlx::query(
-                "INSERT INTO reconcile_schedule (pkey, checked_at) \
-                 SELECT pkey, $1 FROM opt_out_records WHERE request_id = $2 AND pkey IS NOT NULL \
-                 ON CONFLICT (pkey) DO UPDATE SET checked_at = excluded.checked_at",
-            )
-            .bind(now)
-            .bind(request_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if let Some((pkey, claim)) = release {
-            release_lease(&mut *tx, pkey, claim).await?;
-        }
-        return Ok(Settled::Recorded);
-    }
-    // Nothing recorded: tell a lost lease (whose holder now applies the profile) from a record
-    // no longer pending. Only this rare path reads the lease.
-    match release {
-        Some((pkey, claim)) if !lease_is_current(&mut *tx, pkey, claim).await? => {
-            Ok(Settled::LeaseLost)
-        }
-        Some((pkey, claim)) => {
-            release_lease(&mut *tx, pkey, claim).await?;
-            Ok(Settled::NotPending)
-        }
-        None => Ok(Settled::NotPending),
+    let settled: String = sqlx::query_scalar(
+        "SELECT ccpa_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+    )
+    .bind(request_id)
+    .bind(name)
+    .bind(now)
+    .bind(i64::from(answered))
+    .bind(created)
+    .bind(failure.map(|(reason, _)| reason))
+    .bind(failure.map(|(_, code)| code))
+    .bind(retry.map(|(error, ..)| error))
+    .bind(retry.map(|(_, next_attempt_at, ..)| next_attempt_at))
+    .bind(retry.map(|(_, _, attempted, _)| attempted))
+    .bind(retry.map(|(.., acs_unavailable)| acs_unavailable))
+    .bind(fence_pkey)
+    .bind(fence_holder)
+    .bind(fence_generation)
+    .fetch_one(&mut *connection)
+    .await?;
+    match settled.as_str() {
+        "RECORDED" => Ok(Settled::Recorded),
+        "NOT_PENDING" => Ok(Settled::NotPending),
+        "LEASE_LOST" => Ok(Settled::LeaseLost),
+        other => Err(LedgerError::Corrupt(format!(
+            "ccpa_settle answered {other:?}"
+        ))),
     }
 }
 

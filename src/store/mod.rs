@@ -11,14 +11,16 @@
 //!
 //! Each storage operation is implemented once per database: on SQLite by `sqlite` (rusqlite,
 //! run on the threads that own its connections), on PostgreSQL by the sqlx code of the modules
-//! below; every public method of [`Ledger`] dispatches on its `Store`.
+//! below, whose hot units (recording, settling, claiming and releasing) each call a function of
+//! migration 8, one statement and one round trip; every public method of [`Ledger`] dispatches
+//! on its `Store`.
 //!
 //! By job: `open` (connections, migrations), `intake` (recording a request), `leases` (who
 //! applies a profile's requests, and what came of each attempt), `queries` (reads), `retention`
-//! (pruning), `writer` (PostgreSQL's transactions), `sqlite` (SQLite: the writer thread's group
-//! commit, its readers, its migrations and units), `reconcile` (each profile's latest request,
-//! the schedule of re-reads, drift found), `report` (the yearly figures), `metrics` (what the
-//! store counts).
+//! (pruning), `writer` (PostgreSQL's transactions, and its units of one statement), `sqlite`
+//! (SQLite: the writer thread's group commit, its readers, its migrations and units),
+//! `reconcile` (each profile's latest request, the schedule of re-reads, drift found), `report`
+//! (the yearly figures), `metrics` (what the store counts).
 //!
 //! Order: requests for one profile take effect in the order consumers made them
 //! (`received_at`, then arrival), except that a request is never ordered later than the ledger's
@@ -162,7 +164,8 @@ enum Store {
     /// rusqlite: a writer thread batching units into group commits, readers beside it (see
     /// `sqlite`).
     Sqlite(Arc<sqlite::Sqlite>),
-    /// sqlx: a pool, each unit in a transaction of its own (see `writer`).
+    /// sqlx: a pool, each unit in a transaction of its own, the hot units each one statement (a
+    /// function of migration 8: see `writer`).
     Postgres(Postgres),
 }
 
@@ -171,7 +174,8 @@ enum Store {
 struct Postgres {
     /// For reads.
     reader: AnyPool,
-    /// For writes: a transaction per unit.
+    /// For writes: a transaction per unit; the hot units each one statement, its own
+    /// transaction.
     writer: Writer,
 }
 
@@ -185,6 +189,18 @@ impl Postgres {
             + 'static,
     {
         self.writer.write(Box::new(unit)).await
+    }
+
+    /// Runs a unit of one statement durably, the statement its own transaction (see `writer`):
+    /// `Ok` once it has committed.
+    async fn statement<T, F>(&self, unit: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<T, LedgerError>>
+            + Send
+            + 'static,
+    {
+        self.writer.statement(Box::new(unit)).await
     }
 }
 
@@ -291,6 +307,13 @@ impl UnitClock {
     /// Whether the database's clock is the one.
     fn database_keeps_time(&self) -> bool {
         self.backend == Backend::Postgres && self.clock.is_system_time()
+    }
+
+    /// Now for a function of migration 8, which reads the database's clock itself, inside its
+    /// statement, when given none: `None` when the database keeps time, else the ledger's clock
+    /// now.
+    fn now_unless_database(&self) -> Option<i64> {
+        (!self.database_keeps_time()).then(|| self.clock.unix_ms())
     }
 
     /// Now, in ms since the Unix epoch, read within the unit.

@@ -13,42 +13,55 @@ use super::sqlite::Sqlite;
 use super::writer::Writer;
 use super::{Backend, KnownProfiles, Ledger, LedgerError, Postgres, ProfileTurns, Store};
 
-pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (
-        1,
-        "opt-out ledger",
-        include_str!("../../migrations/0001_opt_out_ledger.sql"),
-    ),
-    (
-        2,
-        "requests by email",
-        include_str!("../../migrations/0002_requests_by_email.sql"),
-    ),
-    (
-        3,
-        "request fingerprints",
-        include_str!("../../migrations/0003_request_fingerprints.sql"),
-    ),
-    (
-        4,
-        "lease generations",
-        include_str!("../../migrations/0004_lease_generations.sql"),
-    ),
-    (
-        5,
-        "drift reconciliation",
-        include_str!("../../migrations/0005_drift_reconciliation.sql"),
-    ),
-    (
+/// A migration of the ledger's schema, with its text on each database: both keep the same history
+/// of versions (`_sqlx_migrations`), and each database's checksum of a version is that of its
+/// own text (what sqlx's migrator computes from the text it is given, and `sqlite::migrate`
+/// likewise).
+pub(super) struct SchemaMigration {
+    pub(super) version: i64,
+    pub(super) description: &'static str,
+    /// Its text on SQLite.
+    pub(super) sqlite: &'static str,
+    /// Its text on PostgreSQL.
+    pub(super) postgres: &'static str,
+}
+
+/// A migration in portable SQL: one text, run unchanged on both databases.
+macro_rules! portable {
+    ($version:literal, $description:literal, $file:literal) => {
+        SchemaMigration {
+            version: $version,
+            description: $description,
+            sqlite: include_str!(concat!("../../migrations/", $file)),
+            postgres: include_str!(concat!("../../migrations/", $file)),
+        }
+    };
+}
+
+pub(super) const MIGRATIONS: &[SchemaMigration] = &[
+    portable!(1, "opt-out ledger", "0001_opt_out_ledger.sql"),
+    portable!(2, "requests by email", "0002_requests_by_email.sql"),
+    portable!(3, "request fingerprints", "0003_request_fingerprints.sql"),
+    portable!(4, "lease generations", "0004_lease_generations.sql"),
+    portable!(5, "drift reconciliation", "0005_drift_reconciliation.sql"),
+    portable!(
         6,
         "retry when ACS answers",
-        include_str!("../../migrations/0006_retry_when_acs_answers.sql"),
+        "0006_retry_when_acs_answers.sql"
     ),
-    (
+    portable!(
         7,
         "indexes that cost what they serve",
-        include_str!("../../migrations/0007_requests_in_order.sql"),
+        "0007_requests_in_order.sql"
     ),
+    // PostgreSQL's functions for one round trip per unit of work; SQLite, which makes no round
+    // trips, gets a text that changes nothing, so that both histories reach version 8.
+    SchemaMigration {
+        version: 8,
+        description: "one round trip per unit",
+        sqlite: include_str!("../../migrations/0008_one_round_trip_units.sqlite.sql"),
+        postgres: include_str!("../../migrations/0008_one_round_trip_units.postgres.sql"),
+    },
 ];
 
 /// A pool of `max_connections` to `url` (PostgreSQL), each set up for durability.
@@ -108,12 +121,12 @@ pub(super) enum Purpose {
 pub(super) async fn migrate(pool: &AnyPool) -> Result<(), LedgerError> {
     let migrations = MIGRATIONS
         .iter()
-        .map(|(version, description, sql)| {
+        .map(|migration| {
             Migration::new(
-                *version,
-                (*description).into(),
+                migration.version,
+                migration.description.into(),
                 MigrationType::Simple,
-                sql.into_sql_str(),
+                migration.postgres.into_sql_str(),
                 false,
             )
         })
@@ -134,7 +147,10 @@ async fn verify(pool: &AnyPool) -> Result<(), LedgerError> {
                     "this database holds no ledger (no schema): check the location".into(),
                 )
             })?;
-    let expected: Vec<i64> = MIGRATIONS.iter().map(|(version, ..)| *version).collect();
+    let expected: Vec<i64> = MIGRATIONS
+        .iter()
+        .map(|migration| migration.version)
+        .collect();
     if applied != expected {
         return Err(LedgerError::Location(format!(
             "the ledger's schema is at versions {applied:?}, this gateway's at {expected:?}: \

@@ -44,7 +44,9 @@ pub struct Cursor {
     pub request_id: String,
 }
 
-/// Every column of `opt_out_records`, in the order [`Record::from_row`] reads them.
+/// Every column of `opt_out_records`, in the order [`Record::from_row`] reads them. PostgreSQL's
+/// `ccpa_record_request` (migration 8) answers with these columns by name: a column added here
+/// is added to its output by a migration that replaces it.
 pub(super) const COLUMNS: &str = "request_id, kind, pkey, opt_out, source, received_at, received_at_given, \
      recorded_at, caller, state, answered_at, resolved_at, attempts, next_attempt_at, last_error, \
      failure_reason, failure_code, superseded_by, parent_request_id, fingerprint, \

@@ -1,9 +1,12 @@
-//! Writes on PostgreSQL: every write to the ledger is a unit of work run by [`Writer::write`],
-//! inside a transaction the writer owns. A unit never begins or commits one itself.
+//! Writes on PostgreSQL: every write to the ledger is a unit of work run by the writer, which
+//! owns its transaction. A unit never begins or commits one itself.
 //!
-//! Each unit runs in a transaction of its own on the pool: PostgreSQL groups concurrent commits
-//! into one WAL flush itself (`BENCHMARKS.md`). (SQLite's group commit is `sqlite`'s writer
-//! thread.)
+//! A unit of several statements runs by [`Writer::write`] in a transaction of its own on the
+//! pool; a unit that is one statement (the hot ones: a function of migration 8, or a statement
+//! alone) runs by [`Writer::statement`] outside any explicit transaction, so that the statement
+//! is its own transaction: one round trip instead of a BEGIN, the statement and a COMMIT, each
+//! a round trip. PostgreSQL groups concurrent commits into one WAL flush itself
+//! (`BENCHMARKS.md`). (SQLite's group commit is `sqlite`'s writer thread.)
 
 use futures::future::BoxFuture;
 use sqlx::{AnyConnection, AnyPool};
@@ -32,6 +35,24 @@ impl Writer {
             let value = unit(&mut transaction).await?;
             transaction.commit().await?;
             Ok(value)
+        }
+        .await;
+        observe_commit(started, 1, written.is_ok());
+        written
+    }
+
+    /// Runs `unit`, which must send exactly one statement, durably: on a pooled connection
+    /// outside any explicit transaction, so that PostgreSQL commits the statement as soon as it
+    /// has run (or undoes all of it if it fails): `Ok` only once it has committed. A unit of more
+    /// than one statement must run by [`Writer::write`], or its statements would commit apart.
+    pub(super) async fn statement<T: Send + 'static>(
+        &self,
+        unit: Unit<T>,
+    ) -> Result<T, LedgerError> {
+        let started = std::time::Instant::now();
+        let written = async {
+            let mut connection = self.0.acquire().await?;
+            unit(&mut connection).await
         }
         .await;
         observe_commit(started, 1, written.is_ok());

@@ -1,5 +1,6 @@
 //! The schema of a SQLite ledger, brought up to date as sqlx's migrator did it, in the same
-//! history table (`_sqlx_migrations`, same columns, same checksums: SHA-384 of each file's text):
+//! history table (`_sqlx_migrations`, same columns, same checksums: SHA-384 of each migration's
+//! SQLite text, see `open::SchemaMigration`):
 //! a ledger written by an earlier release migrates here, and one migrated here is up to date for
 //! sqlx (or an earlier gateway) too.
 
@@ -8,7 +9,7 @@ use sha2::{Digest, Sha384};
 use sqlx::migrate::MigrateError;
 
 use super::super::LedgerError;
-use super::super::open::MIGRATIONS;
+use super::super::open::{MIGRATIONS, SchemaMigration};
 
 /// sqlx's own DDL for its history table on SQLite.
 const HISTORY: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
@@ -42,11 +43,17 @@ pub(super) fn run(connection: &Connection) -> Result<(), LedgerError> {
         return Err(MigrateError::Dirty(version).into());
     }
     for (version, _) in applied(connection)? {
-        if !MIGRATIONS.iter().any(|(known, ..)| *known == version) {
+        if !MIGRATIONS.iter().any(|known| known.version == version) {
             return Err(MigrateError::VersionMissing(version).into());
         }
     }
-    for (version, description, sql) in MIGRATIONS {
+    for SchemaMigration {
+        version,
+        description,
+        sqlite: sql,
+        ..
+    } in MIGRATIONS
+    {
         let started = std::time::Instant::now();
         let checksum = checksum(sql);
         // Read again inside the transaction: another process may have applied it meanwhile.
@@ -123,7 +130,10 @@ pub(super) fn verify(connection: &Connection) -> Result<(), LedgerError> {
         .query_map([], |row| row.get::<_, i64>(0))
         .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
         .map_err(no_ledger)?;
-    let expected: Vec<i64> = MIGRATIONS.iter().map(|(version, ..)| *version).collect();
+    let expected: Vec<i64> = MIGRATIONS
+        .iter()
+        .map(|migration| migration.version)
+        .collect();
     if applied != expected {
         return Err(LedgerError::Location(format!(
             "the ledger's schema is at versions {applied:?}, this gateway's at {expected:?}: \

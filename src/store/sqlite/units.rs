@@ -1,6 +1,7 @@
 //! The ledger's units of work and reads on SQLite: the statements the PostgreSQL side runs
-//! (same text, `?N` for `$N`), in the same order, as plain synchronous code over the
-//! connection's cached prepared statements. A unit runs inside the writer's batch (a savepoint
+//! (same text, `?N` for `$N`; for its hot units, inside the functions of migration 8,
+//! `migrations/0008_one_round_trip_units.postgres.sql`), in the same order, as plain synchronous
+//! code over the connection's cached prepared statements. A unit runs inside the writer's batch (a savepoint
 //! of it) and never begins or commits a transaction itself.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -334,7 +335,7 @@ pub(in crate::store) fn settle_unit(
     answered: bool,
     release: Option<(&str, &Claim)>,
 ) -> Result<Settled, LedgerError> {
-    // The fence: see the PostgreSQL unit (`leases::settle_unit`).
+    // The fence: see the PostgreSQL unit (`ccpa_settle`, migration 8).
     let (fence_pkey, fence_holder, fence_generation) = fence(release);
     let answered = i64::from(answered);
     let updated = match outcome {

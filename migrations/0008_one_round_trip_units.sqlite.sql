@@ -1,0 +1,5 @@
+-- One round trip per unit of work: on PostgreSQL, migration 8 creates the functions that make
+-- each of the gateway's hot units one statement (0008_one_round_trip_units.postgres.sql). SQLite
+-- needs none: its units run as plain code on the thread that owns its connection, with no round
+-- trip to make. This text changes nothing; it keeps both databases' histories at the same
+-- versions.
