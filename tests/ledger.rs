@@ -2559,3 +2559,68 @@ impl RoundTrips {
         (round_trips, value)
     }
 }
+
+/// On PostgreSQL, a hot unit sent as one statement outside any transaction is answered
+/// `Ok` only once its commit has succeeded. The commit of an implicit transaction happens at the
+/// Sync that follows the statement's Execute, after its row was produced: a failure there (a
+/// deferred constraint, or SERIALIZABLE's commit-time check when the database's default
+/// isolation is serializable) must fail the unit. Here a constraint trigger deferred to the
+/// commit refuses one request id, standing in for any commit-time error.
+#[tokio::test]
+async fn on_postgres_a_record_whose_commit_fails_is_not_answered_ok() {
+    use ccpa_gateway::store::{Kind, NewRequest, Source};
+    use sqlx::Connection;
+    let store = Store::postgres().await;
+    let schema = store.schema().unwrap().to_owned();
+    let ledger = store.open().await;
+    let mut admin = sqlx::postgres::PgConnection::connect(&common::postgres_url())
+        .await
+        .unwrap();
+    for ddl in [
+        format!(
+            "CREATE FUNCTION {schema}.refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN IF NEW.request_id = 'doomed' THEN RAISE EXCEPTION 'refused at commit'; \
+             END IF; RETURN NULL; END $$"
+        ),
+        format!(
+            "CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON \
+             {schema}.opt_out_records DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
+             EXECUTE FUNCTION {schema}.refuse_at_commit()"
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(ddl))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    let request = NewRequest {
+        request_id: "doomed".into(),
+        kind: Kind::SetOptOut,
+        pkey: Some("@doomed".into()),
+        opt_out: true,
+        source: Source::WebForm,
+        received_at: None,
+        caller: "test".into(),
+        first_attempt_window_ms: 10_000,
+        parent_request_id: None,
+        fingerprint: None,
+        restores_request_id: None,
+    };
+    let recorded = ledger.record(&request, None).await;
+    let kept: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT COUNT(*) FROM {schema}.opt_out_records WHERE request_id = 'doomed'"
+    )))
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(kept, 0, "the commit was refused: nothing is in the ledger");
+    assert!(
+        recorded.is_err(),
+        "a request that is not in the ledger was answered as recorded: {recorded:?}"
+    );
+    // And the refused commit's error does not fall on the connection's next, unrelated unit.
+    ledger
+        .claim("@unrelated", &ledger.new_claim(MINUTE))
+        .await
+        .expect("a unit after the refused one");
+}

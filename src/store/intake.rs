@@ -281,8 +281,10 @@ async fn record_statement(
         .bind(now)
         .bind(claim.map(|claim| claim.holder.as_str()))
         .bind(claim.map(|claim| claim.lease_ms))
-        .fetch_one(&mut *connection)
-        .await?;
+        .fetch_all(&mut *connection)
+        .await
+        .map_err(LedgerError::from)
+        .and_then(super::writer::only_row)?;
     let outcome: String = sqlx::Row::try_get(&row, "outcome")?;
     match outcome.as_str() {
         "NEW" => {}

@@ -220,8 +220,10 @@ impl Ledger {
                         .bind(&claim.holder)
                         .bind(claim.lease_ms)
                         .bind(unit_clock.now_unless_database())
-                        .fetch_one(&mut *connection)
-                        .await?;
+                        .fetch_all(&mut *connection)
+                        .await
+                        .map_err(LedgerError::from)
+                        .and_then(super::writer::only_row)?;
                 Ok(claim.won(generation))
             })
         })
@@ -627,8 +629,10 @@ async fn settle_statement(
     .bind(fence_pkey)
     .bind(fence_holder)
     .bind(fence_generation)
-    .fetch_one(&mut *connection)
-    .await?;
+    .fetch_all(&mut *connection)
+    .await
+    .map_err(LedgerError::from)
+    .and_then(super::writer::only_row)?;
     match settled.as_str() {
         "RECORDED" => Ok(Settled::Recorded),
         "NOT_PENDING" => Ok(Settled::NotPending),

@@ -60,6 +60,23 @@ impl Writer {
     }
 }
 
+/// The one row a statement sent outside any transaction answers, taken from all its rows: read
+/// with `fetch_all`, which reads the server's answer to its end, the implicit commit's outcome
+/// included. `fetch_one` and `fetch_optional` on an `AnyConnection` return at the first row and
+/// leave the rest unread: an error the commit raises after the row (a deferred constraint, a
+/// serialization failure) would be missed, the unit answered `Ok` for a write that is not in the
+/// ledger, and the error would fail the connection's next, unrelated query instead.
+pub(super) fn only_row<R>(rows: Vec<R>) -> Result<R, LedgerError> {
+    let count = rows.len();
+    let mut rows = rows.into_iter();
+    match (rows.next(), count) {
+        (Some(row), 1) => Ok(row),
+        _ => Err(LedgerError::Corrupt(format!(
+            "a ledger function answered {count} rows, not one"
+        ))),
+    }
+}
+
 /// Times a commit of `units` units of work; a failed one counts each unit as a write error
 /// (each failed because the batch did).
 fn observe_commit(started: std::time::Instant, units: usize, committed: bool) {

@@ -747,4 +747,35 @@ mod tests {
             );
         }
     }
+
+    /// The queries of pending requests by age (`records --overdue`,
+    /// the deliverer's overdue clock every minute) read the pending requests only, as they did
+    /// through the dropped `(state, next_attempt_at)` index; never every record received before
+    /// the cutoff, which is nearly the whole history of the ledger.
+    #[test]
+    fn pending_requests_by_age_read_only_pending_entries() {
+        let connection = Connection::open_in_memory().unwrap();
+        super::super::migrate::run(&connection).unwrap();
+        for sql in [
+            PENDING_BEFORE,
+            "SELECT COUNT(*) FROM opt_out_records WHERE state = 'PENDING' AND received_at < ?1",
+            select_records!(
+                "WHERE state = 'PENDING' AND received_at < ?1 ORDER BY received_at LIMIT 1"
+            ),
+        ] {
+            let plan = connection
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map([0_i64], |row| row.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+                .join("; ");
+            assert!(
+                !plan.contains("opt_out_records_by_time")
+                    && !plan.starts_with("SCAN opt_out_records;"),
+                "{sql}\n{plan}"
+            );
+        }
+    }
 }
