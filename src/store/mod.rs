@@ -349,7 +349,7 @@ impl Drop for ExclusiveHold {
     fn drop(&mut self) {
         self.known.set(None);
         if let Some(latest) = &self.latest {
-            latest.trust(false);
+            latest.held(false);
         }
     }
 }
@@ -425,6 +425,9 @@ impl Ledger {
             Store::Sqlite(db) => Some(db.latest_requests().clone()),
             Store::Postgres(_) => None,
         };
+        if let Some(latest) = &latest {
+            latest.held(true);
+        }
         Ok(ExclusiveHold {
             _lock: Some(lock),
             known: self.known.clone(),
@@ -449,7 +452,7 @@ impl Ledger {
                     known.set(Some(sqlite::units::known_profiles(tx)?));
                     // Inside a write: every later one forgets what it touches, after its commit.
                     if let Some(latest) = &latest {
-                        latest.trust(true);
+                        latest.trust();
                     }
                     Ok(())
                 })

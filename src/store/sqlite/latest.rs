@@ -46,6 +46,10 @@ pub(in crate::store) enum Touches {
 
 pub(in crate::store) struct LatestRequests {
     trusted: AtomicBool,
+    /// Whether this process holds the file exclusively: trust is given only while it does, and
+    /// both change under this lock, so that a trust given by a write queued before the hold
+    /// ended cannot outlive it.
+    held: Mutex<bool>,
     hasher: std::collections::hash_map::RandomState,
     shards: Vec<Mutex<Shard>>,
 }
@@ -69,6 +73,7 @@ impl LatestRequests {
     pub(in crate::store) fn new() -> Self {
         Self {
             trusted: AtomicBool::new(false),
+            held: Mutex::new(false),
             hasher: std::collections::hash_map::RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
         }
@@ -87,13 +92,35 @@ impl LatestRequests {
         (self.hasher.hash_one(pkey) % SHARDS as u64) as usize
     }
 
-    /// Trusts the entries from now on (this process became the file's only writer), or stops
-    /// trusting them and forgets them all.
-    pub(in crate::store) fn trust(&self, trusted: bool) {
-        self.trusted.store(trusted, Ordering::SeqCst);
-        if !trusted {
-            self.forget_everything();
+    fn held_lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// This process took the file's exclusive hold, or gave it up: then nothing here is trusted
+    /// any more, and everything is forgotten.
+    pub(in crate::store) fn held(&self, held: bool) {
+        let mut lock = self.held_lock();
+        *lock = held;
+        if !held {
+            self.distrust();
         }
+    }
+
+    /// Trusts the entries from now on (this process is the file's only writer, and every write
+    /// from now on forgets what it touches), if it still holds the file.
+    pub(in crate::store) fn trust(&self) {
+        let lock = self.held_lock();
+        if *lock {
+            self.trusted.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Trusts nothing any more, and forgets everything (the hold ended, or the writer stopped).
+    pub(in crate::store) fn distrust(&self) {
+        self.trusted.store(false, Ordering::SeqCst);
+        self.forget_everything();
     }
 
     /// The profile's latest request, if known here (`Ok`); otherwise a ticket to fill it with
@@ -190,23 +217,30 @@ mod tests {
     fn nothing_is_answered_from_memory_until_trusted_nor_after() {
         let latest = LatestRequests::new();
         assert!(matches!(latest.get("p"), Err(None)));
-        latest.trust(true);
+        latest.held(true);
+        latest.trust();
         let t = ticket(&latest, "p");
         latest.fill(t, "p", &Some(record("r1", "p")));
         assert_eq!(latest.get("p").unwrap().unwrap().request_id, "r1");
-        latest.trust(false);
+        latest.held(false);
         assert!(matches!(latest.get("p"), Err(None)));
-        latest.trust(true);
+        latest.held(true);
+        latest.trust();
         assert!(
             matches!(latest.get("p"), Err(Some(_))),
             "forgotten when distrusted"
         );
+        // A trust given by a write that ran after the hold ended is not given.
+        latest.held(false);
+        latest.trust();
+        assert!(matches!(latest.get("p"), Err(None)));
     }
 
     #[test]
     fn a_read_that_began_before_the_writer_forgot_its_profile_leaves_nothing() {
         let latest = LatestRequests::new();
-        latest.trust(true);
+        latest.held(true);
+        latest.trust();
         // A read takes its ticket, reads the store (the old latest)...
         let before = ticket(&latest, "p");
         // ...while the writer commits a new request for the profile and forgets it.
@@ -224,7 +258,8 @@ mod tests {
     #[test]
     fn memory_stays_bounded_whatever_the_number_of_profiles() {
         let latest = LatestRequests::new();
-        latest.trust(true);
+        latest.held(true);
+        latest.trust();
         for i in 0..(SHARDS * PER_SHARD * 2) {
             let pkey = format!("p{i}");
             let t = ticket(&latest, &pkey);

@@ -373,6 +373,15 @@ fn observe_commit(started: std::time::Instant, units: usize, committed: bool) {
     }
 }
 
+/// Distrusts the kept latest requests when dropped.
+struct DistrustOnExit<'a>(&'a LatestRequests);
+
+impl Drop for DistrustOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.distrust();
+    }
+}
+
 /// The writer thread: batch, run, commit, forget what the batch touched, answer; until every
 /// sender is gone.
 fn run(
@@ -381,6 +390,9 @@ fn run(
     mut queue: mpsc::Receiver<Queued>,
     latest: &LatestRequests,
 ) {
+    // However the thread ends (every sender gone, or a panic between a commit and its
+    // forgetting), nothing kept in memory is trusted after it: no write is forgotten any more.
+    let _distrust = DistrustOnExit(latest);
     let mut connection = Some(connection);
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
@@ -420,6 +432,12 @@ fn run(
         };
         // Units never run (no connection, or the batch stopped) answer through their dropped
         // senders.
+        // Committed or not, first, before anyone hears of it: no read may keep answering what
+        // was latest before a commit its caller was told of.
+        match &touched {
+            Some(pkeys) => latest.forget(pkeys),
+            None => latest.forget_everything(),
+        }
         batch.clear();
         if committed.is_err() && file.is_some() {
             // Whatever state SQLite left the connection in, a new one starts clean.
@@ -427,12 +445,6 @@ fn run(
         }
         observe_commit(started, units, committed.is_ok());
         tracing::trace!(units, committed = committed.is_ok(), "ledger batch");
-        // Committed or not, before anyone hears of it: no read may keep answering what was
-        // latest before a commit its caller was told of.
-        match &touched {
-            Some(pkeys) => latest.forget(pkeys),
-            None => latest.forget_everything(),
-        }
         for answer in answers {
             answer.answer(committed.as_ref().copied().map_err(String::as_str));
         }
