@@ -9,3 +9,14 @@ pub const LEDGER_COMMIT_SECONDS: &str = "ccpa_ledger_commit_seconds";
 pub const LEDGER_COMMIT_BATCH_SIZE: &str = "ccpa_ledger_commit_batch_size";
 /// Ledger writes that failed (nothing of them was kept).
 pub const LEDGER_WRITE_ERRORS_TOTAL: &str = "ccpa_ledger_write_errors_total";
+
+/// Times a commit of `units` units of work; a failed one counts each unit as a write error
+/// (each failed because the batch did). Both databases' writers report through it.
+pub(super) fn observe_commit(started: std::time::Instant, units: usize, committed: bool) {
+    if committed {
+        metrics::histogram!(LEDGER_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(LEDGER_COMMIT_BATCH_SIZE).record(units as f64);
+    } else {
+        metrics::counter!(LEDGER_WRITE_ERRORS_TOTAL).increment(units as u64);
+    }
+}

@@ -147,6 +147,12 @@ async fn verify(pool: &AnyPool) -> Result<(), LedgerError> {
                     "this database holds no ledger (no schema): check the location".into(),
                 )
             })?;
+    schema_is_this_versions(&applied)
+}
+
+/// Refuses a ledger whose applied migrations (`applied`, the versions that succeeded, in order)
+/// are not exactly this version's: both databases' `verify`.
+pub(super) fn schema_is_this_versions(applied: &[i64]) -> Result<(), LedgerError> {
     let expected: Vec<i64> = MIGRATIONS
         .iter()
         .map(|migration| migration.version)

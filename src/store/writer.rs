@@ -37,7 +37,7 @@ impl Writer {
             Ok(value)
         }
         .await;
-        observe_commit(started, 1, written.is_ok());
+        super::metrics::observe_commit(started, 1, written.is_ok());
         written
     }
 
@@ -55,7 +55,7 @@ impl Writer {
             unit(&mut connection).await
         }
         .await;
-        observe_commit(started, 1, written.is_ok());
+        super::metrics::observe_commit(started, 1, written.is_ok());
         written
     }
 }
@@ -74,17 +74,5 @@ pub(super) fn only_row<R>(rows: Vec<R>) -> Result<R, LedgerError> {
         _ => Err(LedgerError::Corrupt(format!(
             "a ledger function answered {count} rows, not one"
         ))),
-    }
-}
-
-/// Times a commit of `units` units of work; a failed one counts each unit as a write error
-/// (each failed because the batch did).
-fn observe_commit(started: std::time::Instant, units: usize, committed: bool) {
-    use super::metrics as names;
-    if committed {
-        metrics::histogram!(names::LEDGER_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(names::LEDGER_COMMIT_BATCH_SIZE).record(units as f64);
-    } else {
-        metrics::counter!(names::LEDGER_WRITE_ERRORS_TOTAL).increment(units as u64);
     }
 }

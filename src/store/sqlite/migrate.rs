@@ -130,15 +130,5 @@ pub(super) fn verify(connection: &Connection) -> Result<(), LedgerError> {
         .query_map([], |row| row.get::<_, i64>(0))
         .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
         .map_err(no_ledger)?;
-    let expected: Vec<i64> = MIGRATIONS
-        .iter()
-        .map(|migration| migration.version)
-        .collect();
-    if applied != expected {
-        return Err(LedgerError::Location(format!(
-            "the ledger's schema is at versions {applied:?}, this gateway's at {expected:?}: \
-             start this version's `serve` on it first, which migrates it"
-        )));
-    }
-    Ok(())
+    super::super::open::schema_is_this_versions(&applied)
 }

@@ -361,18 +361,6 @@ where
         .map_err(|_| LedgerError::Commit("the ledger's writer stopped before answering".into()))?
 }
 
-/// Times a commit of `units` units of work; a failed one counts each unit as a write error
-/// (each failed because the batch did).
-fn observe_commit(started: std::time::Instant, units: usize, committed: bool) {
-    use super::metrics as names;
-    if committed {
-        metrics::histogram!(names::LEDGER_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(names::LEDGER_COMMIT_BATCH_SIZE).record(units as f64);
-    } else {
-        metrics::counter!(names::LEDGER_WRITE_ERRORS_TOTAL).increment(units as u64);
-    }
-}
-
 /// Distrusts the kept latest requests when dropped.
 struct DistrustOnExit<'a>(&'a LatestRequests);
 
@@ -443,7 +431,7 @@ fn run(
             // Whatever state SQLite left the connection in, a new one starts clean.
             connection = None;
         }
-        observe_commit(started, units, committed.is_ok());
+        super::metrics::observe_commit(started, units, committed.is_ok());
         tracing::trace!(units, committed = committed.is_ok(), "ledger batch");
         for answer in answers {
             answer.answer(committed.as_ref().copied().map_err(String::as_str));
