@@ -241,7 +241,12 @@ pub async fn serve(
     });
     let reconciler = Reconciler::new(delivery.clone(), &acs, options.reconcile);
     let reconciling = tokio::spawn(reconciler.run(stop_delivering.clone()));
-    let api = CcpaApi::new(delivery.clone(), options.max_profiles_per_email);
+
+    // Cancelled once shutdown begins: every stream that would not end by itself (health and
+    // change-feed watches) ends then.
+    let watches_end = CancellationToken::new();
+    let api = CcpaApi::new(delivery.clone(), options.max_profiles_per_email)
+        .ending_watches(watches_end.clone());
     let stop_watching = CancellationToken::new();
     let _stop_watching_on_return = stop_watching.clone().drop_guard();
     if let Some(tls) = &options.boundary.tls {
@@ -255,7 +260,6 @@ pub async fn serve(
     let tls = options.boundary.tls.clone();
     let gate = GateLayer::new(options.boundary.access.clone());
     let options = options.shutdown;
-    let watches_end = CancellationToken::new();
     let health_service = HealthServer::new(EndingWatches {
         inner: HealthService::from_health_reporter(reporter.clone()),
         end: watches_end.clone(),

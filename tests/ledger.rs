@@ -2211,6 +2211,11 @@ async fn sqlite_ledgers_of_the_previous_releases_open_and_migrate() {
             "one round trip per unit",
             include_str!("../migrations/0008_one_round_trip_units.sqlite.sql"),
         ),
+        (
+            9,
+            "opt-out changes",
+            include_str!("../migrations/0009_opt_out_changes.sqlite.sql"),
+        ),
     ] {
         let migration = sqlx::migrate::Migration::new(
             version,
@@ -2241,6 +2246,26 @@ async fn sqlite_ledgers_of_the_previous_releases_open_and_migrate() {
         assert_eq!(
             ledger.latest("@no-such-profile").await.unwrap(),
             Some(failed)
+        );
+        // The change feed starts with the records kept: each one's state, in the order
+        // recorded (migration 9).
+        let ccpa_gateway::store::ChangesAfter::Changes(changes) =
+            ledger.changes_after(None, true, 10).await.unwrap()
+        else {
+            panic!("a new feed has nothing pruned");
+        };
+        let mut seen: Vec<_> = changes
+            .iter()
+            .map(|c| (c.request_id.as_str(), c.state))
+            .collect();
+        seen.sort_unstable_by_key(|(id, _)| *id);
+        assert_eq!(
+            seen,
+            [
+                ("fixture-applied", State::Applied),
+                ("fixture-missing", State::Failed)
+            ],
+            "{fixture}"
         );
         // It takes writes, with migration 6's column.
         ledger
@@ -2371,6 +2396,8 @@ async fn on_postgres_each_hot_unit_is_one_statement_and_one_round_trip() {
         functions,
         [
             "ccpa_claim_lease",
+            // Migration 9's trigger function: it runs inside the units' statements.
+            "ccpa_note_change",
             "ccpa_record_request",
             "ccpa_release_lease",
             "ccpa_settle"

@@ -42,6 +42,8 @@ pub enum Permission {
     Records,
     /// Opening a BulkSetOptOut stream (each item also needs `opt-out` or `opt-in`).
     Bulk,
+    /// WatchOptOutChanges: following every consumer request in the ledger.
+    Watch,
 }
 
 impl Permission {
@@ -55,6 +57,7 @@ impl Permission {
             Self::CreateProfile => "create-profile",
             Self::Records => "records",
             Self::Bulk => "bulk",
+            Self::Watch => "watch",
         }
     }
 

@@ -3,9 +3,9 @@
 use super::timestamps::{acs_timestamp_to_proto, ms_to_proto};
 use crate::optout::read::Reading;
 use crate::proto::ccpa_v1::{
-    DeliveryState, LatestRequest, OptOutRecord, ProfileOptOut, RequestSource,
+    DeliveryState, LatestRequest, OptOutChange, OptOutRecord, ProfileOptOut, RequestSource,
 };
-use crate::store::{Kind, Record, Source, State};
+use crate::store::{Change, Kind, Record, Source, State};
 
 /// The wire form of a state.
 pub fn delivery_state(state: State) -> DeliveryState {
@@ -39,6 +39,21 @@ pub fn request_source(source: Source) -> RequestSource {
         Source::InPerson => RequestSource::InPerson,
         Source::AuthorizedAgent => RequestSource::AuthorizedAgent,
         Source::Internal => RequestSource::Internal,
+    }
+}
+
+/// The wire form of a change of the feed.
+pub fn opt_out_change(change: &Change) -> OptOutChange {
+    OptOutChange {
+        cursor: super::changes::encode_cursor(change.at),
+        request_id: change.request_id.clone(),
+        pkey: change.pkey.clone(),
+        ccpa_opt_out: change.opt_out,
+        source: request_source(change.source) as i32,
+        received_at: Some(ms_to_proto(change.received_at)),
+        state: delivery_state(change.state) as i32,
+        changed_at: Some(ms_to_proto(change.changed_at)),
+        honored_at: change.honored_at.map(ms_to_proto),
     }
 }
 

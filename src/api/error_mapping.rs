@@ -33,6 +33,13 @@
 //! | is over its `max_rps`                                | RESOURCE_EXHAUSTED | `CALLER_RATE_LIMITED`      |
 //! | asked by an email that more profiles have than allowed | FAILED_PRECONDITION | `TOO_MANY_PROFILES`     |
 //!
+//! The change feed (`WatchOptOutChanges`) answers:
+//!
+//! | the watcher                                          | gRPC code          | `ErrorInfo.reason`         |
+//! |------------------------------------------------------|--------------------|----------------------------|
+//! | resumes from a cursor retention has pruned past      | FAILED_PRECONDITION | `CURSOR_EXPIRED`          |
+//! | is connected when the gateway shuts down             | UNAVAILABLE        | `SHUTTING_DOWN`            |
+//!
 //! `CALLER_NOT_ALLOWED` names the missing permission in its metadata (`permission`), so the
 //! owner of the caller knows what to ask the policy's owners for. `CALLER_RATE_LIMITED`'s
 //! RetryInfo is when the caller's budget allows its next call.

@@ -3,6 +3,7 @@
 //! gRPC statuses.
 
 pub mod bulk;
+pub mod changes;
 mod convert;
 pub mod deadline;
 pub mod error_mapping;

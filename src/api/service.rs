@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::FutureExt as _;
+use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 
@@ -17,7 +18,7 @@ use crate::optout::delivery::Delivery;
 use crate::proto::ccpa_v1::{
     BulkSetOptOutRequest, CreateProfileRequest, CreateProfileResponse, GetOptOutRecordRequest,
     GetOptOutRecordResponse, GetOptOutRequest, GetOptOutResponse, ListOptOutRecordsRequest,
-    ListOptOutRecordsResponse, SetOptOutRequest, SetOptOutResponse,
+    ListOptOutRecordsResponse, SetOptOutRequest, SetOptOutResponse, WatchOptOutChangesRequest,
     ccpa_service_server::CcpaService,
 };
 use crate::store::Ledger;
@@ -32,6 +33,9 @@ pub struct CcpaApi {
     pub(super) delivery: Arc<Delivery>,
     /// A lookup by email matching more profiles than this is refused (TOO_MANY_PROFILES).
     pub(super) max_profiles_per_email: usize,
+    /// Cancelled when the gateway begins to shut down: change feeds end then (UNAVAILABLE), since
+    /// a stream that never ends would hold the server's graceful shutdown to its timeout.
+    pub(super) watches_end: CancellationToken,
 }
 
 /// When the work for a call must be done by: the caller's deadline, or (if it set none) the
@@ -45,7 +49,14 @@ impl CcpaApi {
         Self {
             delivery,
             max_profiles_per_email,
+            watches_end: CancellationToken::new(),
         }
+    }
+
+    /// The same service, whose change feeds end when `end` is cancelled.
+    pub fn ending_watches(mut self, end: CancellationToken) -> Self {
+        self.watches_end = end;
+        self
     }
 
     pub(super) fn ledger(&self) -> &Ledger {
@@ -257,6 +268,17 @@ impl CcpaService for CcpaApi {
         authorize(&caller, Permission::Bulk)?;
         let (metadata, _, items) = request.into_parts();
         Ok(Response::new(self.bulk(caller, metadata, items)))
+    }
+
+    type WatchOptOutChangesStream = super::changes::ChangeStream;
+
+    async fn watch_opt_out_changes(
+        &self,
+        request: Request<WatchOptOutChangesRequest>,
+    ) -> Result<Response<Self::WatchOptOutChangesStream>, Status> {
+        let caller = caller_in(&request)?;
+        authorize(&caller, Permission::Watch)?;
+        Ok(Response::new(self.watch(request.into_inner())?))
     }
 
     async fn list_opt_out_records(

@@ -11,8 +11,8 @@ use tonic::Code;
 use super::exit_codes;
 use crate::client::{Client, ClientBuilder, Error};
 use crate::proto::ccpa_v1::{
-    CreateProfileRequest, CreateProfileResponse, DeliveryState, GetOptOutRequest, Profile,
-    RequestSource, SetOptOutRequest,
+    CreateProfileRequest, CreateProfileResponse, DeliveryState, GetOptOutRequest, OptOutChange,
+    Profile, RequestSource, SetOptOutRequest,
 };
 
 /// Where the gateway is, and how long to wait for it.
@@ -60,6 +60,19 @@ pub struct Profiles {
 pub struct GetOptOutArgs {
     #[command(flatten)]
     profiles: Profiles,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// Arguments of `watch`.
+#[derive(Args)]
+pub struct WatchArgs {
+    /// The `cursor` of the last change seen; from the oldest retained change when left out.
+    #[arg(long, default_value = "")]
+    after: String,
+    /// Also print consumers' requests to opt back in.
+    #[arg(long)]
+    include_opt_ins: bool,
     #[command(flatten)]
     connection: Connection,
 }
@@ -259,6 +272,51 @@ fn rfc3339(timestamp: Option<&prost_types::Timestamp>) -> Value {
         .map_or(Value::Null, |at| {
             json!(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         })
+}
+
+/// `watch [--after CURSOR] [--include-opt-ins]`: one JSON line per change, until interrupted
+/// or the gateway refuses the watch (a broken stream is resumed after the last line printed).
+pub async fn watch(args: WatchArgs) -> u8 {
+    use futures::StreamExt as _;
+    let client = match connect(&args.connection).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let mut changes = client.watch_opt_out_changes(args.after, args.include_opt_ins);
+    while let Some(change) = changes.next().await {
+        match change {
+            Ok(change) => {
+                print_json(&change_json(&change));
+            }
+            Err(error) => return report(&error),
+        }
+    }
+    exit_codes::OK
+}
+
+/// A change of the feed, as `watch` prints it.
+fn change_json(change: &OptOutChange) -> Value {
+    json!({
+        "cursor": change.cursor,
+        "requestId": change.request_id,
+        "pkey": change.pkey,
+        "ccpaOptOut": change.ccpa_opt_out,
+        "source": source_name(change.source),
+        "receivedAt": rfc3339(change.received_at.as_ref()),
+        "state": state_name(change.state),
+        "changedAt": rfc3339(change.changed_at.as_ref()),
+        "honoredAt": rfc3339(change.honored_at.as_ref()),
+    })
+}
+
+/// The name of a request source, as the proto spells it without its prefix.
+fn source_name(source: i32) -> &'static str {
+    RequestSource::try_from(source).map_or("UNSPECIFIED", |source| {
+        source
+            .as_str_name()
+            .strip_prefix("REQUEST_SOURCE_")
+            .unwrap_or("UNSPECIFIED")
+    })
 }
 
 /// `get-opt-out PKEY` or `get-opt-out --email E`.

@@ -66,6 +66,9 @@ enum Command {
     BulkSetOptOut(bulk::BulkArgs),
     /// Read the opt-out ledger: overdue requests, exports for auditors, pruning.
     Records(records::RecordsArgs),
+    /// Follow the ledger's changes (WatchOptOutChanges), one JSON line each, resuming after the
+    /// last one printed when the stream breaks.
+    Watch(calls::WatchArgs),
 }
 
 /// Parses the process's command line, runs the command, and says how it ended.
@@ -126,6 +129,7 @@ impl Command {
             Command::CreateProfile(args) => calls::create_profile(args).await,
             Command::BulkSetOptOut(args) => bulk::run(args).await,
             Command::Records(args) => records::run(args).await,
+            Command::Watch(args) => calls::watch(args).await,
         }
     }
 }

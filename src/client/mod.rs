@@ -58,7 +58,8 @@ use crate::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use crate::proto::ccpa_v1::{
     BulkSetOptOutRequest, BulkSetOptOutResponse, CreateProfileRequest, CreateProfileResponse,
     GetOptOutRecordRequest, GetOptOutRecordResponse, GetOptOutRequest, GetOptOutResponse,
-    ListOptOutRecordsRequest, ListOptOutRecordsResponse, SetOptOutRequest, SetOptOutResponse,
+    ListOptOutRecordsRequest, ListOptOutRecordsResponse, OptOutChange, SetOptOutRequest,
+    SetOptOutResponse, WatchOptOutChangesRequest,
 };
 
 /// The metadata that carries a self-declared caller's name.
@@ -114,15 +115,7 @@ impl RetryPolicy {
         if retry >= self.max_attempts || !error.is_retryable() {
             return None;
         }
-        let ceiling = self
-            .initial_backoff
-            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
-            .min(self.max_backoff);
-        // Full jitter: callers that failed together do not come back together. The product is
-        // below `ceiling`; should rounding push it past what a Duration holds (a ceiling near
-        // Duration::MAX), the ceiling itself is the wait.
-        let backoff = Duration::try_from_secs_f64(ceiling.as_secs_f64() * rand::random::<f64>())
-            .unwrap_or(ceiling);
+        let backoff = self.backoff(retry);
         match error {
             Error::Status {
                 retry_after: Some(asked),
@@ -130,6 +123,19 @@ impl RetryPolicy {
             } => (*asked <= self.max_backoff).then_some((*asked).max(backoff)),
             _ => Some(backoff),
         }
+    }
+
+    /// The back-off before retry number `retry` (1 for the first), with full jitter.
+    fn backoff(&self, retry: u32) -> Duration {
+        let ceiling = self
+            .initial_backoff
+            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
+            .min(self.max_backoff);
+        // Full jitter: callers that failed together do not come back together. The product is
+        // below `ceiling`; should rounding push it past what a Duration holds (a ceiling near
+        // Duration::MAX), the ceiling itself is the wait.
+        Duration::try_from_secs_f64(ceiling.as_secs_f64() * rand::random::<f64>())
+            .unwrap_or(ceiling)
     }
 }
 
@@ -338,6 +344,10 @@ pub struct Client {
     retry: RetryPolicy,
 }
 
+/// The ledger's changes, in the order the gateway gives them (see
+/// [`Client::watch_opt_out_changes`]).
+pub type Changes = Pin<Box<dyn Stream<Item = Result<OptOutChange, Error>> + Send>>;
+
 /// The answers of a bulk stream, in the order the gateway gives them.
 pub type BulkAnswers = Pin<Box<dyn Stream<Item = Result<BulkSetOptOutResponse, Error>> + Send>>;
 
@@ -480,6 +490,97 @@ impl Client {
         Ok(Box::pin(answers.map(|answer| {
             answer.map_err(|status| Error::from_status(&status))
         })))
+    }
+
+    /// Follows the ledger's changes after `after_cursor` (empty: from the oldest retained),
+    /// opt-ins too with `include_opt_ins`, for as long as the stream is read.
+    ///
+    /// When the stream breaks (the gateway shuts down, a connection reaches its maximum age,
+    /// the network fails), it is opened again after the last change yielded, with the retry
+    /// policy's back-off: nothing is missed, and a change may come twice. It ends with an
+    /// `Err` only when the gateway refuses the watch itself (a cursor retention has passed,
+    /// `CURSOR_EXPIRED`; a malformed one; a caller without `watch`): a gateway that is down
+    /// (restarting, say) is tried again for as long as the stream is read, the back-off growing
+    /// to the policy's longest.
+    pub fn watch_opt_out_changes(&self, after_cursor: String, include_opt_ins: bool) -> Changes {
+        struct Watch {
+            client: Client,
+            after_cursor: String,
+            include_opt_ins: bool,
+            changes: Option<tonic::Streaming<OptOutChange>>,
+            failures: u32,
+            ended: bool,
+        }
+        let watch = Watch {
+            client: self.clone(),
+            after_cursor,
+            include_opt_ins,
+            changes: None,
+            failures: 0,
+            ended: false,
+        };
+        Box::pin(futures::stream::unfold(watch, |mut watch| async move {
+            if watch.ended {
+                return None;
+            }
+            loop {
+                let error = match watch.changes.as_mut() {
+                    None => {
+                        let request = watch.client.request(
+                            WatchOptOutChangesRequest {
+                                after_cursor: watch.after_cursor.clone(),
+                                include_opt_ins: watch.include_opt_ins,
+                            },
+                            None,
+                        );
+                        match watch
+                            .client
+                            .inner
+                            .clone()
+                            .watch_opt_out_changes(request)
+                            .await
+                        {
+                            Ok(changes) => {
+                                watch.changes = Some(changes.into_inner());
+                                continue;
+                            }
+                            Err(status) => Error::from_status(&status),
+                        }
+                    }
+                    Some(changes) => match changes.next().await {
+                        Some(Ok(change)) => {
+                            watch.failures = 0;
+                            watch.after_cursor.clone_from(&change.cursor);
+                            return Some((Ok(change), watch));
+                        }
+                        Some(Err(status)) => Error::from_status(&status),
+                        // The gateway ends a watch only with an error; an end without one is
+                        // a break like any other.
+                        None => Error::from_status(&tonic::Status::unavailable(
+                            "the change stream ended",
+                        )),
+                    },
+                };
+                watch.changes = None;
+                watch.failures = watch.failures.saturating_add(1);
+                // Whatever breaks a stream is resumed, but for the gateway's refusals of the
+                // watch itself, which a retry would meet again.
+                let refused = matches!(
+                    error.code(),
+                    tonic::Code::FailedPrecondition
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::Unauthenticated
+                        | tonic::Code::Unimplemented
+                );
+                if refused {
+                    watch.ended = true;
+                    return Some((Err(error), watch));
+                }
+                tracing::debug!(code = ?error.code(), "resuming the change stream");
+                tokio::time::sleep(watch.client.retry.backoff(watch.failures)).await;
+            }
+        }))
     }
 }
 

@@ -7,10 +7,12 @@
 //! `by_email` (a request by email, fanned out to its profiles), `creation` (a profile created with
 //! an opt-out), `delivery` (attempts, and the deliverer), `reconcile` (what other systems changed
 //! in ACS, put back), `failure` (what an upstream failure means for a request),
-//! `business_days` (the legal clock), `retention` (how long records are kept).
+//! `business_days` (the legal clock), `retention` (how long records are kept), `changes` (the
+//! ledger's changes, followed by watchers).
 
 pub mod business_days;
 mod by_email;
+pub mod changes;
 mod creation;
 pub mod delivery;
 mod failure;

@@ -134,6 +134,10 @@ reasons! {
         ProfileNotRecorded = "PROFILE_NOT_RECORDED",
         /// The gateway's work for the call stopped unexpectedly.
         WorkStopped = "WORK_STOPPED",
+        /// Retention has pruned the ledger's changes after the watcher's cursor.
+        CursorExpired = "CURSOR_EXPIRED",
+        /// The gateway is shutting down: a stream it ended early; resume elsewhere.
+        ShuttingDown = "SHUTTING_DOWN",
     }
 }
 

@@ -19,8 +19,8 @@
 //! applies a profile's requests, and what came of each attempt), `queries` (reads), `retention`
 //! (pruning), `writer` (PostgreSQL's transactions, and its units of one statement), `sqlite`
 //! (SQLite: the writer thread's group commit, its readers, its migrations and units),
-//! `reconcile` (each profile's latest request, the schedule of re-reads, drift found), `report`
-//! (the yearly figures), `metrics` (what the store counts).
+//! `reconcile` (each profile's latest request, the schedule of re-reads, drift found), `changes`
+//! (the change feed, in the order it is served), `report` (the yearly figures), `metrics` (what the store counts).
 //!
 //! Order: requests for one profile take effect in the order consumers made them
 //! (`received_at`, then arrival), except that a request is never ordered later than the ledger's
@@ -65,6 +65,7 @@ macro_rules! ordered_at {
     };
 }
 
+mod changes;
 mod intake;
 mod leases;
 pub mod metrics;
@@ -85,6 +86,7 @@ use sqlx::{AnyConnection, AnyPool};
 
 use crate::clock::Clock;
 
+pub use changes::{Change, ChangePosition, ChangesAfter};
 pub use intake::{NewRequest, Recorded, fingerprint};
 pub use leases::{Claim, Outcome, Settled};
 pub use queries::{Cursor, ListFilter, MAX_PROFILES_PER_EMAIL, PendingSummary};

@@ -62,6 +62,13 @@ pub(super) const MIGRATIONS: &[SchemaMigration] = &[
         sqlite: include_str!("../../migrations/0008_one_round_trip_units.sqlite.sql"),
         postgres: include_str!("../../migrations/0008_one_round_trip_units.postgres.sql"),
     },
+    // The change feed: the same tables on both, written by triggers in each one's dialect.
+    SchemaMigration {
+        version: 9,
+        description: "opt-out changes",
+        sqlite: include_str!("../../migrations/0009_opt_out_changes.sqlite.sql"),
+        postgres: include_str!("../../migrations/0009_opt_out_changes.postgres.sql"),
+    },
 ];
 
 /// A pool of `max_connections` to `url` (PostgreSQL), each set up for durability.

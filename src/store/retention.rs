@@ -87,6 +87,15 @@ impl Ledger {
                 sqlx::query(PRUNE_SCHEDULE)
                     .execute(&mut *connection)
                     .await?;
+                // The change feed, up to the last change older than the records' retention:
+                // it names profiles, and must not outlive the records it reports.
+                sqlx::query(super::changes::PRUNE_MARK)
+                    .bind(resolved_before)
+                    .execute(&mut *connection)
+                    .await?;
+                sqlx::query(super::changes::PRUNE_CHANGES)
+                    .execute(&mut *connection)
+                    .await?;
                 Ok(deleted)
             })
         })

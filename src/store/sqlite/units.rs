@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::super::changes::{ChangePosition, ChangesAfter, change_of};
 use super::super::intake::{reopenable, same_request};
 use super::super::leases::{Claim, Outcome, Settled, fence};
 use super::super::queries::{ListFilter, PendingSummary};
@@ -502,6 +503,10 @@ pub(in crate::store) fn prune(
         .execute([lapsed_before])?;
     tx.prepare_cached(super::super::retention::PRUNE_SCHEDULE)?
         .execute([])?;
+    tx.prepare_cached(super::super::changes::PRUNE_MARK)?
+        .execute([resolved_before])?;
+    tx.prepare_cached(super::super::changes::PRUNE_CHANGES)?
+        .execute([])?;
     Ok(deleted as u64)
 }
 
@@ -560,6 +565,46 @@ pub(in crate::store) const DRIFT: &str = select_records!(
     "WHERE restores_request_id IS NOT NULL AND recorded_at >= ?1 \
      ORDER BY recorded_at, request_id"
 );
+
+/// [`super::super::Ledger::changes_after`] on SQLite: the page, then the pruned mark (read after
+/// it, each statement its own snapshot: a prune committed before the page was read is seen by
+/// the mark's read, so a cursor it passed is told expired rather than served past a hole).
+pub(in crate::store) fn changes_after(
+    connection: &Connection,
+    after: Option<ChangePosition>,
+    include_opt_ins: bool,
+    limit: u32,
+) -> Result<ChangesAfter, LedgerError> {
+    let from = after.unwrap_or_default();
+    let mut statement = connection.prepare_cached(super::super::changes::SQLITE_PAGE)?;
+    let mut rows = statement.query(params![
+        from.tx,
+        from.position,
+        i64::from(include_opt_ins),
+        i64::from(limit)
+    ])?;
+    let mut changes = Vec::new();
+    while let Some(row) = rows.next()? {
+        changes.push(change_of(
+            |i| Ok(row.get::<_, i64>(i)?),
+            |i| Ok(row.get::<_, String>(i)?),
+            |i| Ok(row.get::<_, Option<i64>>(i)?),
+        )?);
+    }
+    let pruned = connection
+        .prepare_cached(super::super::changes::PRUNED_THROUGH)?
+        .query_row([], |row| {
+            Ok(ChangePosition {
+                tx: row.get(0)?,
+                position: row.get(1)?,
+            })
+        })?;
+    if after.is_some_and(|after| after < pruned) {
+        return Ok(ChangesAfter::Expired);
+    }
+    changes.retain(|change| change.at > pruned);
+    Ok(ChangesAfter::Changes(changes))
+}
 
 pub(in crate::store) fn pending_summary(
     connection: &Connection,
