@@ -6,7 +6,10 @@
 
 #![cfg(feature = "server")] // The gateway itself is under test.
 
+#[macro_use]
 mod common;
+
+use common::set;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,16 +28,6 @@ use futures::{Stream, StreamExt};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Streaming};
 use tonic_types::StatusExt;
-
-fn set(pkey: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
-    SetOptOutRequest {
-        pkey: pkey.into(),
-        ccpa_opt_out: Some(opt_out),
-        source: RequestSource::WebForm as i32,
-        request_id: request_id.into(),
-        ..Default::default()
-    }
-}
 
 fn watch_request(after_cursor: &str, include_opt_ins: bool) -> WatchOptOutChangesRequest {
     WatchOptOutChangesRequest {
@@ -101,7 +94,15 @@ where
     }
 }
 
-async fn history_then_live_changes_in_order(store: Store) {
+// Each runs once on SQLite and once on PostgreSQL.
+on_both_stores!(
+    a_watcher_gets_the_history_then_live_changes_in_order_and_resumes_from_a_cursor,
+    a_cursor_retention_has_passed_is_expired_and_an_empty_one_starts_at_the_oldest_kept,
+);
+
+async fn a_watcher_gets_the_history_then_live_changes_in_order_and_resumes_from_a_cursor(
+    store: Store,
+) {
     let gw = common::gateway().store(store).start().await;
     let mut client = gw.client();
     let first = gw.profile(false);
@@ -169,18 +170,6 @@ async fn history_then_live_changes_in_order(store: Store) {
     assert!(!all[2].ccpa_opt_out);
     // The same cursor on the stream with opt-ins names the same change.
     assert_eq!(all[0].cursor, history[0].cursor);
-}
-
-#[tokio::test]
-async fn a_watcher_gets_the_history_then_live_changes_in_order_and_resumes_from_a_cursor_on_sqlite()
-{
-    history_then_live_changes_in_order(Store::sqlite()).await;
-}
-
-#[tokio::test]
-async fn a_watcher_gets_the_history_then_live_changes_in_order_and_resumes_from_a_cursor_on_postgres()
- {
-    history_then_live_changes_in_order(Store::postgres().await).await;
 }
 
 #[tokio::test]
@@ -273,19 +262,9 @@ async fn watching_needs_the_watch_permission() {
     assert_eq!(next(&mut changes, 1).await[0].request_id, "watched-1");
 }
 
-#[tokio::test]
-async fn a_cursor_retention_has_passed_is_expired_and_an_empty_one_starts_at_the_oldest_kept_on_sqlite()
- {
-    expired_cursors(Store::sqlite()).await;
-}
-
-#[tokio::test]
-async fn a_cursor_retention_has_passed_is_expired_and_an_empty_one_starts_at_the_oldest_kept_on_postgres()
- {
-    expired_cursors(Store::postgres().await).await;
-}
-
-async fn expired_cursors(store: Store) {
+async fn a_cursor_retention_has_passed_is_expired_and_an_empty_one_starts_at_the_oldest_kept(
+    store: Store,
+) {
     let clock = Arc::new(ManualClock::new());
     let gw = common::gateway()
         .store(store)

@@ -7,6 +7,8 @@
 #[macro_use]
 mod common;
 
+use common::set;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -68,16 +70,6 @@ fn quick_delivery() -> ServerOptions {
 /// A gateway in front of a new emulator, on `store`, its deliverer quick to retry.
 fn quick(store: Store) -> GatewayBuilder {
     common::gateway().store(store).options(quick_delivery())
-}
-
-fn set(pkey: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
-    SetOptOutRequest {
-        pkey: pkey.into(),
-        ccpa_opt_out: Some(opt_out),
-        request_id: request_id.into(),
-        source: RequestSource::WebForm as i32,
-        ..Default::default()
-    }
 }
 
 fn ms_ago(ms: i64) -> prost_types::Timestamp {

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::set;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -165,16 +167,6 @@ fn header_boundary(header: &str, policy: &Path) -> Boundary {
             client_certificate_required: false,
             trusted_proxies: Vec::new(),
         },
-    }
-}
-
-fn set(pkey: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
-    SetOptOutRequest {
-        pkey: pkey.into(),
-        ccpa_opt_out: Some(opt_out),
-        source: RequestSource::WebForm as i32,
-        request_id: request_id.into(),
-        ..Default::default()
     }
 }
 

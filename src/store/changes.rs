@@ -149,10 +149,6 @@ impl Ledger {
         let (tx, position): (i64, i64) = sqlx::query_as(PRUNED_THROUGH)
             .fetch_one(&mut *connection)
             .await?;
-        let pruned = ChangePosition { tx, position };
-        if after.is_some_and(|after| after < pruned) {
-            return Ok(ChangesAfter::Expired);
-        }
         let changes = rows
             .iter()
             .map(|row| {
@@ -163,8 +159,24 @@ impl Ledger {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(ChangesAfter::Changes(
-            changes.into_iter().filter(|c| c.at > pruned).collect(),
+        Ok(page_after_mark(
+            after,
+            changes,
+            ChangePosition { tx, position },
         ))
     }
+}
+
+/// A page read after `after`, with the pruned mark read after it: expired when retention has
+/// pruned past the cursor; otherwise the page without what the prune deleted since it was read.
+pub(super) fn page_after_mark(
+    after: Option<ChangePosition>,
+    mut changes: Vec<Change>,
+    pruned: ChangePosition,
+) -> ChangesAfter {
+    if after.is_some_and(|after| after < pruned) {
+        return ChangesAfter::Expired;
+    }
+    changes.retain(|change| change.at > pruned);
+    ChangesAfter::Changes(changes)
 }

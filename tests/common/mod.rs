@@ -194,6 +194,21 @@ async fn drop_schema(schema: &str) {
     }
 }
 
+/// A SetOptOut of `pkey` to `opt_out`, made through a web form, under `request_id`.
+pub fn set(
+    pkey: &str,
+    opt_out: bool,
+    request_id: &str,
+) -> ccpa_gateway::proto::ccpa_v1::SetOptOutRequest {
+    ccpa_gateway::proto::ccpa_v1::SetOptOutRequest {
+        pkey: pkey.into(),
+        ccpa_opt_out: Some(opt_out),
+        source: ccpa_gateway::proto::ccpa_v1::RequestSource::WebForm as i32,
+        request_id: request_id.into(),
+        ..Default::default()
+    }
+}
+
 /// Every answer of a BulkSetOptOut stream of `items`, each one a success at the gRPC level.
 pub async fn bulk(
     client: &mut CcpaServiceClient<Channel>,

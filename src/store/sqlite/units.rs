@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::super::changes::{ChangePosition, ChangesAfter, change_of};
+use super::super::changes::{ChangePosition, ChangesAfter, change_of, page_after_mark};
 use super::super::intake::{reopenable, same_request};
 use super::super::leases::{Claim, Outcome, Settled, fence};
 use super::super::queries::{ListFilter, PendingSummary};
@@ -599,11 +599,7 @@ pub(in crate::store) fn changes_after(
                 position: row.get(1)?,
             })
         })?;
-    if after.is_some_and(|after| after < pruned) {
-        return Ok(ChangesAfter::Expired);
-    }
-    changes.retain(|change| change.at > pruned);
-    Ok(ChangesAfter::Changes(changes))
+    Ok(page_after_mark(after, changes, pruned))
 }
 
 pub(in crate::store) fn pending_summary(
