@@ -12,6 +12,8 @@
 //! - [`optout`]: the opt-out protocol: requests recorded, delivered to ACS, read protectively,
 //!   drift put back.
 //! - [`store`]: the ledger's store: the database and nothing else.
+//! - [`notify`]: webhooks to third parties: recipients, signing, the event, one delivery, and a
+//!   receiver.
 //! - [`clock`]: the one clock of every time rule.
 //! - [`transport`]: the gateway's own connections (ACS, IMS, a PostgreSQL ledger) over verified
 //!   TLS.
@@ -37,6 +39,8 @@ pub mod clock;
 pub mod config;
 #[cfg(feature = "server")]
 pub mod health;
+#[cfg(feature = "server")]
+pub mod notify;
 #[cfg(feature = "server")]
 pub mod optout;
 #[cfg(feature = "server")]
