@@ -1,6 +1,11 @@
 //! Webhooks that tell third parties of a consumer's request (issue #26): the parts that do not
 //! touch the ledger.
 //!
+//! - [`recipients`]: who is told (`--recipients`, a TOML file), and the secrets each is signed
+//!   with.
 //! - [`event`]: what they are told: a CloudEvents 1.0 event, holding no address or name.
+//! - [`signing`]: how they can trust it: Standard Webhooks signatures, and their verification.
 
 pub mod event;
+pub mod recipients;
+pub mod signing;
