@@ -5,7 +5,9 @@
 //!   with.
 //! - [`event`]: what they are told: a CloudEvents 1.0 event, holding no address or name.
 //! - [`signing`]: how they can trust it: Standard Webhooks signatures, and their verification.
+//! - [`sender`]: one POST of one notification, and what its answer means for a retry.
 
 pub mod event;
 pub mod recipients;
+pub mod sender;
 pub mod signing;
