@@ -5,6 +5,7 @@ mod calls;
 pub mod listen_addr;
 pub mod records;
 mod serve;
+mod webhook_receiver;
 
 use std::process::ExitCode;
 
@@ -69,6 +70,9 @@ enum Command {
     /// Follow the ledger's changes (WatchOptOutChanges), one JSON line each, resuming after the
     /// last one printed when the stream breaks.
     Watch(calls::WatchArgs),
+    /// Receive the gateway's webhooks: verify each delivery's signature and print its event as
+    /// a JSON line.
+    WebhookReceiver(webhook_receiver::Args),
 }
 
 /// Parses the process's command line, runs the command, and says how it ended.
@@ -130,6 +134,7 @@ impl Command {
             Command::BulkSetOptOut(args) => bulk::run(args).await,
             Command::Records(args) => records::run(args).await,
             Command::Watch(args) => calls::watch(args).await,
+            Command::WebhookReceiver(args) => webhook_receiver::run(args).await,
         }
     }
 }

@@ -6,8 +6,11 @@
 //! - [`event`]: what they are told: a CloudEvents 1.0 event, holding no address or name.
 //! - [`signing`]: how they can trust it: Standard Webhooks signatures, and their verification.
 //! - [`sender`]: one POST of one notification, and what its answer means for a retry.
+//! - [`receiver`]: a receiver that verifies and prints deliveries (`webhook-receiver`), for
+//!   teams writing their own and for tests.
 
 pub mod event;
+pub mod receiver;
 pub mod recipients;
 pub mod sender;
 pub mod signing;
