@@ -16,6 +16,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::access::tls::{ServerTls, TlsFiles};
 use crate::access::{AccessControl, IdentityMode, PolicySource};
+use crate::notify::{Notifications, NotifySettings};
 use crate::optout::delivery::DeliverySettings;
 use crate::optout::reconcile::ReconcileSettings;
 use crate::server::{Boundary, ConnectionLimits, ServerOptions, ShutdownOptions};
@@ -93,6 +94,60 @@ pub struct ServeSettings {
     /// Metrics and traces.
     #[command(flatten, next_help_heading = "Metrics and traces")]
     pub observability: ObservabilitySettings,
+
+    /// Third parties told of each consumer request.
+    #[command(flatten, next_help_heading = "Notifications to third parties")]
+    pub notify: NotifyArgs,
+}
+
+/// Which third parties are told of consumer requests, by signed webhooks (README, "Telling
+/// third parties").
+#[derive(Args, Clone)]
+pub struct NotifyArgs {
+    /// The recipients of notifications (TOML: id, url, secret_file, events, max_rps for each
+    /// `[[recipient]]`). Every consumer request recorded while a recipient is named, of the kinds
+    /// it asked for, is delivered to it, at least once. Reloaded when it or a secret file
+    /// changes; a version that does not load keeps the previous one. None named: no one is told.
+    #[arg(long, env = "CCPA_RECIPIENTS")]
+    pub recipients: Option<PathBuf>,
+
+    /// Retries of a notification end this long after its request was recorded; it is FAILED
+    /// then, with the reason.
+    #[arg(long, env = "CCPA_NOTIFY_GIVE_UP", default_value = "72h",
+          value_parser = duration_within(Duration::from_secs(60), 366 * DAY))]
+    pub notify_give_up: Duration,
+
+    /// Bound on one attempt to deliver a notification: connecting, sending, and the answer.
+    #[arg(long, env = "CCPA_NOTIFY_TIMEOUT", default_value = "10s",
+          value_parser = duration_within(Duration::from_millis(100), Duration::from_secs(300)))]
+    pub notify_timeout: Duration,
+}
+
+/// `--recipients`, as errors name it.
+pub const RECIPIENTS: &str = "--recipients (CCPA_RECIPIENTS)";
+
+impl NotifyArgs {
+    /// The recipients file, loaded (a file that does not load stops start-up), and how
+    /// notifications are delivered.
+    pub fn notifications(&self) -> Result<Notifications, SettingError> {
+        let recipients = match &self.recipients {
+            None => None,
+            Some(path) => Some(Arc::new(crate::notify::recipients::open(path).map_err(
+                |problem| SettingError {
+                    setting: RECIPIENTS,
+                    problem,
+                },
+            )?)),
+        };
+        Ok(Notifications {
+            recipients,
+            settings: NotifySettings {
+                give_up: self.notify_give_up,
+                timeout: self.notify_timeout,
+                ..NotifySettings::default()
+            },
+        })
+    }
 }
 
 /// What the gateway exports about itself. See the README's "Metrics and traces" section.
@@ -477,6 +532,7 @@ impl ServeSettings {
             connections: self.callers.connection_limits(),
             max_profiles_per_email: usize::try_from(self.callers.max_profiles_per_email)
                 .unwrap_or(usize::MAX),
+            notifications: self.notify.notifications()?,
         })
     }
 

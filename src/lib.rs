@@ -2,6 +2,7 @@
 //! consumer's "do not sell my personal information" opt-out in Adobe Campaign Standard, and
 //! creates profiles, through the generated client in `crates/acs-profile-client`.
 //!
+//! - [`backoff`]: the one way retries wait.
 //! - [`proto`]: the wire contract, generated from `proto/ccpa/v1/ccpa.proto`.
 //! - [`client`]: the client for Rust services that call the gateway (all this package builds
 //!   with `default-features = false`).
@@ -23,6 +24,7 @@
 #![warn(missing_docs)]
 
 // What a Rust service that calls the gateway needs: always built.
+pub mod backoff;
 pub mod client;
 pub mod proto;
 

@@ -32,6 +32,7 @@ use crate::access::gate::GateLayer;
 use crate::access::tls::ServerTls;
 use crate::api::CcpaApi;
 use crate::health::GatewayHealth;
+use crate::notify::{Notifications, Notifier};
 use crate::optout::delivery::{Delivery, DeliverySettings};
 use crate::optout::reconcile::{ReconcileSettings, Reconciler};
 use crate::proto::ccpa_v1::ccpa_service_server::CcpaServiceServer;
@@ -69,6 +70,8 @@ pub struct ServerOptions {
     pub connections: ConnectionLimits,
     /// A lookup by email that matches more profiles is refused (TOO_MANY_PROFILES).
     pub max_profiles_per_email: usize,
+    /// Which third parties are told of consumer requests, and how.
+    pub notifications: Notifications,
 }
 
 impl Default for ServerOptions {
@@ -81,6 +84,7 @@ impl Default for ServerOptions {
             boundary: Boundary::default(),
             connections: ConnectionLimits::default(),
             max_profiles_per_email: 100,
+            notifications: Notifications::default(),
         }
     }
 }
@@ -188,6 +192,9 @@ pub enum ServeError {
     /// The health listener failed.
     #[error("the health listener failed: {0}")]
     HealthListener(tonic::transport::Error),
+    /// The HTTP client of notifications could not be built.
+    #[error("notifications cannot be sent: {0}")]
+    Notifier(String),
 }
 
 /// Serves the gateway, calling ACS through `acs` and recording opt-out requests in `ledger`, on
@@ -209,6 +216,9 @@ pub async fn serve(
     // write has ended (which may be after this function returns, if the drain timed out).
     let exclusive = ledger.hold_exclusively()?;
     ledger.learn_known_profiles(&exclusive).await?;
+    // Leases of notifications a killed gateway was delivering: on a SQLite ledger this one holds
+    // alone, due again now rather than when they lapse.
+    ledger.release_stale_notification_leases(&exclusive).await?;
     let reporter = HealthReporter::new();
     let health = GatewayHealth::new(reporter.clone()).await;
     let stop_probing = CancellationToken::new();
@@ -224,13 +234,21 @@ pub async fn serve(
     let stop_delivering = CancellationToken::new();
     let _stop_delivering_on_return = stop_delivering.clone().drop_guard();
     let deliverer = tokio::spawn(delivery.clone().run(stop_delivering.clone()));
+    let notifier = Arc::new(
+        Notifier::new(delivery.clone(), options.notifications.clone())
+            .map_err(ServeError::Notifier)?,
+    );
+    let notifying = tokio::spawn(notifier.clone().run(stop_delivering.clone()));
     let stop_metrics = CancellationToken::new();
     let _stop_metrics_on_return = stop_metrics.clone().drop_guard();
     let metrics_server = metrics_listener.map(|(listener, exporter)| {
-        let observed = delivery.clone();
+        let observed = (delivery.clone(), notifier.clone());
         let refresh: Refresh = Arc::new(move || {
-            let observed = observed.clone();
-            Box::pin(async move { observed.observe_pending().await })
+            let (delivery, notifier) = observed.clone();
+            Box::pin(async move {
+                delivery.observe_pending().await;
+                notifier.observe_pending().await;
+            })
         });
         let stop = stop_metrics.clone();
         tokio::spawn(async move {
@@ -255,6 +273,9 @@ pub async fn serve(
     if let Some(policy) = options.boundary.access.policy.clone() {
         let stop = stop_watching.clone();
         tokio::spawn(async move { policy.watch(stop).await });
+    }
+    if let Some(recipients) = options.notifications.recipients.clone() {
+        tokio::spawn(recipients.watch(stop_watching.clone()));
     }
     let limits = options.connections;
     let tls = options.boundary.tls.clone();
@@ -343,6 +364,9 @@ pub async fn serve(
         // restores that reads started, run to their ends.
         let _ = deliverer.await;
         let _ = reconciling.await;
+        // Notifications in flight are cut short and their leases given back: they are sent
+        // again, by this gateway or another.
+        let _ = notifying.await;
         delivery.detached_work_done().await;
         stop_metrics.cancel();
         if let Some(metrics_server) = metrics_server {

@@ -81,6 +81,7 @@ fn every_flag_and_variable_the_deployment_names_is_one_the_gateway_takes() {
         &["records", "export"],
         &["records", "drift"],
         &["records", "report"],
+        &["records", "notifications"],
     ] {
         let text = help(command);
         operator_flags.extend(flags_in(&text));
@@ -209,7 +210,7 @@ fn every_alert_has_a_runbook_section() {
     let alerts = std::fs::read_to_string(root().join("deploy/prometheus/alerts.yaml")).unwrap();
     let runbook = std::fs::read_to_string(root().join("deploy/RUNBOOK.md")).unwrap();
     let names = words(&alerts, "alert: ", |c| c.is_ascii_alphanumeric());
-    assert_eq!(names.len(), 7, "{names:?}");
+    assert_eq!(names.len(), 9, "{names:?}");
     for name in names {
         let name = name.trim_start_matches("alert: ");
         assert!(

@@ -509,6 +509,7 @@ async fn the_yearly_report_counts_each_consumer_request_once(store: Store) {
             parent_request_id: None,
             fingerprint: None,
             restores_request_id: None,
+            email_sha256: None,
         };
     let record = |new: NewRequest| {
         let ledger = ledger.clone();
@@ -599,6 +600,7 @@ async fn the_yearly_report_counts_each_consumer_request_once(store: Store) {
         source: Source::Internal,
         caller: "reconciler".into(),
         restores_request_id: Some("r1".into()),
+        email_sha256: None,
         ..request(
             "reconciler:1",
             Some("@r1"),

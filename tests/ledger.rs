@@ -840,6 +840,7 @@ async fn only_records_past_their_retention_are_pruned_and_never_pending_ones(sto
         parent_request_id: None,
         fingerprint: None,
         restores_request_id: None,
+        email_sha256: None,
     };
     let now = ledger.now_ms();
     for (id, pkey, received_at, applied) in [
@@ -958,6 +959,7 @@ async fn interrupted_requests_that_cannot_be_completed_later_fail_with_their_rea
         parent_request_id: parent.map(Into::into),
         fingerprint: None,
         restores_request_id: None,
+        email_sha256: None,
     };
     for new in [
         request("creation", Kind::CreateProfile, None, None),
@@ -1310,6 +1312,7 @@ async fn an_attempt_whose_lease_was_taken_over_settles_nothing(store: Store) {
         parent_request_id: None,
         fingerprint: None,
         restores_request_id: None,
+        email_sha256: None,
     };
     let first = ledger.new_claim(MINUTE);
     let (_, claimed) = ledger.record(&request, Some(&first)).await.unwrap();
@@ -1454,6 +1457,7 @@ async fn requests_left_pending_by_an_earlier_run_are_protective_from_the_start(s
                     parent_request_id: None,
                     fingerprint: None,
                     restores_request_id: None,
+                    email_sha256: None,
                 },
                 Some(&lease),
             )
@@ -2145,6 +2149,7 @@ async fn a_postgres_ledger_of_the_previous_release_opens_migrates_and_reads_back
         parent_request_id: None,
         fingerprint: None,
         restores_request_id: None,
+        email_sha256: None,
     };
     let (recorded, _) = ledger.record(&newer, None).await.unwrap();
     assert!(matches!(
@@ -2207,6 +2212,11 @@ async fn sqlite_ledgers_of_the_previous_releases_open_and_migrate() {
             9,
             "opt-out changes",
             include_str!("../migrations/0009_opt_out_changes.sqlite.sql"),
+        ),
+        (
+            10,
+            "notifications",
+            include_str!("../migrations/0010_notifications.sqlite.sql"),
         ),
     ] {
         let migration = sqlx::migrate::Migration::new(
@@ -2296,6 +2306,7 @@ async fn a_held_sqlite_ledger_answers_reads_from_memory_and_forgets_what_each_wr
         parent_request_id: None,
         fingerprint: None,
         restores_request_id: None,
+        email_sha256: None,
     };
     let behind_its_back = |sql: &str| {
         let connection = rusqlite::Connection::open(&path).unwrap();
@@ -2390,6 +2401,8 @@ async fn on_postgres_each_hot_unit_is_one_statement_and_one_round_trip() {
             "ccpa_claim_lease",
             // Migration 9's trigger function: it runs inside the units' statements.
             "ccpa_note_change",
+            // Migration 10's: likewise.
+            "ccpa_note_notifications",
             "ccpa_record_request",
             "ccpa_release_lease",
             "ccpa_settle"
@@ -2408,6 +2421,7 @@ async fn on_postgres_each_hot_unit_is_one_statement_and_one_round_trip() {
         parent_request_id: None,
         fingerprint: None,
         restores_request_id: None,
+        email_sha256: None,
     };
     // The round trips of a SetOptOut's units: recording it, then settling it.
     let set_opt_out = async |request_id: &str, pkey: &str| -> (Vec<String>, Vec<String>) {
@@ -2624,6 +2638,7 @@ async fn on_postgres_a_record_whose_commit_fails_is_not_answered_ok() {
         parent_request_id: None,
         fingerprint: None,
         restores_request_id: None,
+        email_sha256: None,
     };
     let recorded = ledger.record(&request, None).await;
     let kept: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(

@@ -16,7 +16,7 @@ pub mod gate;
 pub mod identity;
 pub mod policy;
 pub mod tls;
-mod watched;
+pub(crate) mod watched;
 
 use std::path::PathBuf;
 use std::sync::Arc;

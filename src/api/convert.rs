@@ -3,9 +3,10 @@
 use super::timestamps::{acs_timestamp_to_proto, ms_to_proto};
 use crate::optout::read::Reading;
 use crate::proto::ccpa_v1::{
-    DeliveryState, LatestRequest, OptOutChange, OptOutRecord, ProfileOptOut, RequestSource,
+    DeliveryState, LatestRequest, NotificationState as ProtoNotificationState, OptOutChange,
+    OptOutRecord, ProfileOptOut, RecipientNotification, RequestSource,
 };
-use crate::store::{Change, Kind, Record, Source, State};
+use crate::store::{Change, Kind, Notification, NotificationState, Record, Source, State};
 
 /// The wire form of a state.
 pub fn delivery_state(state: State) -> DeliveryState {
@@ -78,6 +79,25 @@ pub fn opt_out_record(record: &Record) -> OptOutRecord {
         parent_request_id: record.parent_request_id.clone().unwrap_or_default(),
         by_email: record.kind == Kind::SetByEmail,
         restores_request_id: record.restores_request_id.clone().unwrap_or_default(),
+    }
+}
+
+/// The wire form of a notification to a recipient.
+pub fn recipient_notification(notification: &Notification) -> RecipientNotification {
+    let state = match notification.state {
+        NotificationState::Pending => ProtoNotificationState::Pending,
+        NotificationState::Delivered => ProtoNotificationState::Delivered,
+        NotificationState::Failed => ProtoNotificationState::Failed,
+    };
+    RecipientNotification {
+        recipient: notification.recipient.clone(),
+        state: state as i32,
+        attempts: i32::try_from(notification.attempts).unwrap_or(i32::MAX),
+        delivered_at: notification.delivered_at.map(ms_to_proto),
+        last_failure_class: notification.last_failure_class.clone().unwrap_or_default(),
+        failure_reason: notification.failure_reason.clone().unwrap_or_default(),
+        next_attempt_at: (notification.state == NotificationState::Pending)
+            .then(|| ms_to_proto(notification.next_attempt_at)),
     }
 }
 

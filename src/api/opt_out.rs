@@ -143,6 +143,7 @@ impl SetRequest {
             parent_request_id: parent,
             fingerprint: None,
             restores_request_id: None,
+            email_sha256: None,
         }
     }
 }

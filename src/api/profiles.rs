@@ -77,6 +77,7 @@ impl CcpaApi {
             parent_request_id: None,
             fingerprint: Some(content),
             restores_request_id: None,
+            email_sha256: None,
         };
         let request_id = new.request_id.clone();
         let created = self.create_recorded(&new, &profile, deadline).await?;

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 
-use super::convert::{ledger_state, opt_out_record};
+use super::convert::{ledger_state, opt_out_record, recipient_notification};
 use super::error_mapping::{Reason, gateway_status};
 use super::service::CcpaApi;
 use super::timestamps::proto_to_ms;
@@ -89,8 +89,10 @@ impl CcpaApi {
                     "no request has this id in the ledger",
                 )
             })?;
+        let notifications = self.ledger().notifications_of(&record.request_id).await?;
         Ok(GetOptOutRecordResponse {
             record: Some(opt_out_record(&record)),
+            notifications: notifications.iter().map(recipient_notification).collect(),
         })
     }
 

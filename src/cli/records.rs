@@ -12,7 +12,7 @@ use crate::config::{LEDGER, retention};
 use crate::optout::business_days::business_days_before;
 use crate::optout::reconcile::Direction;
 use crate::store::report::{Figures, YearlyReport};
-use crate::store::{Ledger, LedgerError, Record};
+use crate::store::{Ledger, LedgerError, Notification, NotificationState, Record};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
@@ -23,8 +23,8 @@ pub struct RecordsArgs {
     /// here). Required; accepted before or after the subcommand.
     #[arg(long, env = "CCPA_LEDGER", hide_env_values = true, global = true)]
     ledger: Option<String>,
-    /// Print the pending requests older than --overdue-after business days, as JSON lines; exit
-    /// with 6 when there is one.
+    /// Print the pending requests older than --overdue-after business days, as JSON lines, and
+    /// count the notifications to third parties pending as long; exit with 6 when there is one.
     #[arg(long)]
     overdue: bool,
     /// The threshold of --overdue, in business days (Monday to Friday, UTC).
@@ -63,12 +63,92 @@ enum RecordsAction {
         #[arg(long)]
         json: bool,
     },
+    /// Write the notifications to third parties (`serve --recipients`) as JSON lines, by request
+    /// id and recipient: each one's state, attempts, delivery time and last failure's class.
+    Notifications {
+        /// Only those to this recipient (its id in the recipients file).
+        #[arg(long)]
+        recipient: Option<String>,
+        /// Only those in this state.
+        #[arg(long, value_enum)]
+        state: Option<NotificationStateArg>,
+    },
     /// Delete the records of requests answered longer ago than --retention (pending ones are kept).
     Prune {
         /// At least 24 months.
         #[arg(long, env = "CCPA_RETENTION", default_value = "731days", value_parser = retention)]
         retention: Duration,
     },
+}
+
+/// The states `records notifications --state` selects.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum NotificationStateArg {
+    /// Not delivered yet.
+    Pending,
+    /// Failed for good.
+    Failed,
+    /// Delivered.
+    Delivered,
+}
+
+impl From<NotificationStateArg> for NotificationState {
+    fn from(state: NotificationStateArg) -> Self {
+        match state {
+            NotificationStateArg::Pending => NotificationState::Pending,
+            NotificationStateArg::Failed => NotificationState::Failed,
+            NotificationStateArg::Delivered => NotificationState::Delivered,
+        }
+    }
+}
+
+/// A notification as auditors read it: instants in RFC 3339.
+fn notification_json(notification: &Notification) -> Value {
+    json!({
+        "requestId": notification.request_id,
+        "recipient": notification.recipient,
+        "state": notification.state.as_str(),
+        "recordedAt": rfc3339(notification.created_at),
+        "attempts": notification.attempts,
+        "nextAttemptAt": (notification.state == NotificationState::Pending)
+            .then(|| rfc3339(notification.next_attempt_at)),
+        "deliveredAt": notification.delivered_at.map(rfc3339),
+        "failedAt": notification.failed_at.map(rfc3339),
+        "lastFailureClass": notification.last_failure_class,
+        "failureReason": notification.failure_reason,
+    })
+}
+
+/// Prints every notification selected, page by page (constant memory whatever the count), and
+/// says how many there were.
+async fn print_notifications(
+    ledger: &Ledger,
+    recipient: Option<&str>,
+    state: Option<NotificationState>,
+) -> Result<u64, Problem> {
+    use std::io::Write;
+    const PAGE: i64 = 1_000;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut printed = 0u64;
+    let mut after = None;
+    loop {
+        let page = ledger
+            .list_notifications(recipient, state, after.as_ref(), PAGE)
+            .await?;
+        for notification in &page {
+            writeln!(out, "{}", notification_json(notification)).map_err(Problem::Output)?;
+            printed += 1;
+        }
+        match page.last() {
+            Some(last) if i64::try_from(page.len()).unwrap_or(i64::MAX) == PAGE => {
+                after = Some((last.request_id.clone(), last.recipient.clone()));
+            }
+            _ => break,
+        }
+    }
+    out.flush().map_err(Problem::Output)?;
+    Ok(printed)
 }
 
 fn instant(text: &str) -> Result<DateTime<Utc>, String> {
@@ -156,6 +236,11 @@ fn figures_json(figures: &Figures, with_days: bool) -> Value {
         value["median_days_to_respond"] = json!(figures.median_days_to_respond());
         value["mean_days_to_respond"] = json!(figures.mean_days_to_respond());
         value["by_source"] = json!(figures.by_source);
+        value["notifications"] = json!({
+            "delivered": figures.notifications.delivered,
+            "failed": figures.notifications.failed,
+            "pending": figures.notifications.pending,
+        });
     }
     value
 }
@@ -189,7 +274,8 @@ fn print_report(report: &YearlyReport, as_json: bool) -> Result<(), Problem> {
             "Requests to opt out of sale or sharing, {} (11 CCR 7102(a))\n\
              {:<10} {:>10} {:>10} {:>10} {:>10}\n{}\n{}\n\
              Days to respond to opt-outs: median {:.2}, mean {:.2}\n\
-             Opt-outs by source: {}",
+             Opt-outs by source: {}\n\
+             Third parties notified of opt-outs: {} delivered, {} failed, {} pending",
             report.year,
             "",
             "received",
@@ -201,6 +287,9 @@ fn print_report(report: &YearlyReport, as_json: bool) -> Result<(), Problem> {
             report.opt_out.median_days_to_respond(),
             report.opt_out.mean_days_to_respond(),
             if sources.is_empty() { "none" } else { &sources },
+            report.opt_out.notifications.delivered,
+            report.opt_out.notifications.failed,
+            report.opt_out.notifications.pending,
         )
     };
     let mut out = std::io::stdout().lock();
@@ -222,7 +311,8 @@ enum Problem {
 pub async fn run(args: RecordsArgs) -> u8 {
     if !args.overdue && args.action.is_none() {
         eprintln!(
-            "error: give --overdue, or a subcommand (export, drift, report, prune); see --help"
+            "error: give --overdue, or a subcommand (export, drift, report, notifications, \
+             prune); see --help"
         );
         return exit_codes::USAGE;
     }
@@ -262,6 +352,14 @@ pub async fn run(args: RecordsArgs) -> u8 {
             .map_err(Problem::from)
             .and_then(|report| print_report(&report, json))
             .map(|()| exit_codes::OK),
+        Some(RecordsAction::Notifications { recipient, state }) => {
+            print_notifications(&ledger, recipient.as_deref(), state.map(Into::into))
+                .await
+                .map(|listed| {
+                    eprintln!("{listed} notifications");
+                    exit_codes::OK
+                })
+        }
         Some(RecordsAction::Prune { retention }) => ledger
             .prune(retention)
             .await
@@ -272,6 +370,13 @@ pub async fn run(args: RecordsArgs) -> u8 {
             }),
         None => {
             let cutoff = business_days_before(ledger.now_ms(), args.overdue_after);
+            let notifications = match ledger.overdue_notifications(cutoff).await {
+                Ok(count) => count,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return exit_codes::FAILURE;
+                }
+            };
             print_all(ledger.pending_before(cutoff))
                 .await
                 .map(|overdue| {
@@ -279,7 +384,14 @@ pub async fn run(args: RecordsArgs) -> u8 {
                         "{overdue} pending requests older than {} business days",
                         args.overdue_after
                     );
-                    if overdue == 0 {
+                    if notifications > 0 {
+                        eprintln!(
+                            "{notifications} notifications to third parties still pending after \
+                             {} business days (list them: records notifications --state pending)",
+                            args.overdue_after
+                        );
+                    }
+                    if overdue == 0 && notifications == 0 {
                         exit_codes::OK
                     } else {
                         exit_codes::OVERDUE

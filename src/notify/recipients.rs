@@ -122,6 +122,12 @@ pub fn load(paths: &[PathBuf]) -> Result<Recipients, String> {
     Recipients::parse(&text, &base_dir(path)).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The recipients file at `file`, loaded, and reloaded when it or a secret file it names
+/// changes (see [`watched_paths`]); the error says what is wrong, for start-up to stop on.
+pub fn open(file: &Path) -> Result<crate::access::watched::Watched<Recipients>, String> {
+    crate::access::watched::Watched::open("--recipients", watched_paths(file)?, load)
+}
+
 /// The files a watched recipients list depends on: `file` itself, then every secret file it
 /// names (each once), so that a rotated secret is picked up as an edited list is.
 ///

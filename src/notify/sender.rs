@@ -44,6 +44,16 @@ pub enum Answer {
     },
 }
 
+impl Answer {
+    /// The failure's class, if the attempt failed.
+    pub fn failure_class(&self) -> Option<&str> {
+        match self {
+            Answer::Delivered { .. } => None,
+            Answer::Retry { class, .. } | Answer::Rejected { class } => Some(class),
+        }
+    }
+}
+
 /// Sends notifications. Built once: it holds a connection pool, shared by every recipient.
 #[derive(Clone)]
 pub struct Sender {

@@ -105,6 +105,9 @@ impl Delivery {
                 if create_if_missing { "create" } else { "" },
             ],
         ));
+        // What third parties match consumers by, for the request's notifications: recorded with
+        // it, in its unit of work.
+        request.email_sha256 = Some(crate::notify::event::email_sha256(email));
         let (recorded, _) = self.ledger().record(&request, None).await?;
         match recorded {
             Recorded::New(_) => {}
@@ -167,6 +170,7 @@ impl Delivery {
                 first_attempt_window_ms: self.first_attempt_window_ms(),
                 parent_request_id: Some(id.to_owned()),
                 fingerprint: None,
+                email_sha256: None,
                 ..request.clone()
             });
         }
@@ -230,6 +234,7 @@ impl Delivery {
             first_attempt_window_ms: 0,
             parent_request_id: Some(id.to_owned()),
             fingerprint: None,
+            email_sha256: None,
             ..request.clone()
         };
         let profile = NewProfile {

@@ -326,17 +326,18 @@ impl Delivery {
         }
     }
 
-    /// Back-off after `attempts` failed attempts: doubling from the base, capped, with jitter so
-    /// that requests that failed together are not retried together.
+    /// Back-off after `attempts` failed attempts (see [`crate::backoff::Backoff`]).
     fn backoff_ms(&self, attempts: i64) -> i64 {
-        let exponent = u32::try_from(attempts.clamp(0, 20)).unwrap_or(20);
-        let cap = self
-            .settings
-            .backoff_base
-            .saturating_mul(2u32.saturating_pow(exponent))
-            .min(self.settings.backoff_max);
-        let delay = cap.mul_f64(0.5 + rand::random::<f64>() / 2.0);
-        i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)
+        let backoff = crate::backoff::Backoff {
+            base: self.settings.backoff_base,
+            max: self.settings.backoff_max,
+        };
+        // The first failure is attempt 0's: it waits about the base.
+        backoff.after_ms(
+            u32::try_from(attempts.clamp(0, 30))
+                .unwrap_or(30)
+                .saturating_add(1),
+        )
     }
 
     /// Delivers the newest pending request of one profile, if no one else is.
@@ -446,6 +447,16 @@ impl Delivery {
         let cutoff = business_days_before(now, self.settings.overdue_after_business_days);
         // A count and the oldest only: a backlog of any size is watched in constant memory.
         let overdue = self.ledger.overdue_summary(cutoff).await?;
+        // Third parties must be told of an opt-out before the business complies (11 CCR
+        // 7026(f)(2)): a notification pending as long is as late.
+        let notifications = self.ledger.overdue_notifications(cutoff).await?;
+        if notifications > 0 {
+            tracing::warn!(
+                overdue = notifications,
+                threshold_business_days = self.settings.overdue_after_business_days,
+                "notifications of opt-out requests are still not delivered to third parties"
+            );
+        }
         if let Some((count, oldest)) = &overdue {
             let days = now.saturating_sub(oldest.received_at) as f64 / 86_400_000.0;
             tracing::warn!(
@@ -456,8 +467,13 @@ impl Delivery {
                 "opt-out requests are still not held by Adobe Campaign (legal limit: 15 business days)"
             );
         }
-        self.health.set_delivery_overdue(overdue.is_some()).await;
-        Ok(overdue.map_or(0, |(count, _)| usize::try_from(count).unwrap_or(usize::MAX)))
+        self.health
+            .set_delivery_overdue(overdue.is_some() || notifications > 0)
+            .await;
+        let count = overdue
+            .map_or(0, |(count, _)| count)
+            .saturating_add(notifications);
+        Ok(usize::try_from(count).unwrap_or(usize::MAX))
     }
 
     /// ACS holds `record` now: `ccpa_opt_out_time_to_honor_seconds` measures how long the
@@ -476,15 +492,24 @@ impl Delivery {
     pub async fn observe_pending(&self) {
         let now = self.ledger.now_ms();
         let cutoff = business_days_before(now, self.settings.overdue_after_business_days);
-        match self.ledger.pending_summary(cutoff).await {
-            Ok(summary) => {
+        let summary = match self.ledger.pending_summary(cutoff).await {
+            Ok(summary) => self
+                .ledger
+                .overdue_notifications(cutoff)
+                .await
+                .map(|notifications| (summary, notifications)),
+            Err(e) => Err(e),
+        };
+        match summary {
+            Ok((summary, overdue_notifications)) => {
                 let age_ms = summary
                     .oldest_received_at
                     .map_or(0, |oldest| now.saturating_sub(oldest).max(0));
                 metrics::gauge!(names::LEDGER_PENDING).set(summary.pending as f64);
                 metrics::gauge!(names::LEDGER_OLDEST_PENDING_AGE_SECONDS)
                     .set(age_ms as f64 / 1000.0);
-                metrics::gauge!(names::LEDGER_OVERDUE).set(summary.overdue as f64);
+                metrics::gauge!(names::LEDGER_OVERDUE)
+                    .set(summary.overdue.saturating_add(overdue_notifications) as f64);
             }
             // The gauges keep their last values; the scrape still answers.
             Err(e) => tracing::error!(error = %e, "the pending gauges could not read the ledger"),

@@ -115,6 +115,7 @@ impl Delivery {
             parent_request_id: None,
             fingerprint: None,
             restores_request_id: Some(restores),
+            email_sha256: None,
         };
         let record = match self.submit(&request, Apply::Later).await? {
             Submitted::Applied(record)

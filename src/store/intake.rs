@@ -40,6 +40,10 @@ pub struct NewRequest {
     pub fingerprint: Option<String>,
     /// For a restore by the reconciler: the consumer's request whose value it puts back.
     pub restores_request_id: Option<String>,
+    /// For a request by email itself: the hex SHA-256 of the normalised address, which its
+    /// notifications to third parties carry (kept with them until delivered; never in the
+    /// record).
+    pub email_sha256: Option<String>,
 }
 
 /// A digest of content the ledger must not keep, to tell a replay from a conflicting reuse of
@@ -141,14 +145,21 @@ impl Ledger {
                         }
                         // The unit's clock on SQLite is the ledger's, read within the unit.
                         let now = clock.unix_ms();
-                        sqlite::units::record_unit(
+                        let recorded = sqlite::units::record_unit(
                             tx,
                             &request,
                             claim.as_ref(),
                             answered,
                             now,
                             &counted,
-                        )
+                        )?;
+                        if let (Recorded::New(_), Some(digest)) =
+                            (&recorded.0, &request.email_sha256)
+                        {
+                            tx.prepare_cached(super::notifications::SET_EMAIL_SHA256)?
+                                .execute([digest, &request.request_id])?;
+                        }
+                        Ok(recorded)
                     })
                     .await?;
                 count_resolved(Some(State::Superseded), superseded.load(Ordering::Relaxed));
@@ -159,6 +170,42 @@ impl Ledger {
         // One statement (`ccpa_record_request`, migration 8), its own transaction: one round
         // trip, where the unit below takes one per statement and two more for its transaction.
         let request = Arc::new(request);
+        if request.email_sha256.is_some() {
+            // A request by email itself: its notifications get the address's digest in the same
+            // transaction that records it (and them).
+            let (request, claim, counted) = (request.clone(), claim.clone(), counted.clone());
+            let unit_clock = unit_clock.clone();
+            let recorded = pg
+                .write(move |connection| {
+                    Box::pin(async move {
+                        let now = unit_clock.now_unless_database();
+                        let recorded = record_statement(
+                            connection,
+                            &request,
+                            claim.as_ref(),
+                            answered,
+                            now,
+                            &counted,
+                        )
+                        .await?;
+                        if let (Some((Recorded::New(_), _)), Some(digest)) =
+                            (&recorded, &request.email_sha256)
+                        {
+                            sqlx::query(super::notifications::SET_EMAIL_SHA256)
+                                .bind(digest)
+                                .bind(&request.request_id)
+                                .execute(&mut *connection)
+                                .await?;
+                        }
+                        Ok(recorded)
+                    })
+                })
+                .await?;
+            if let Some(recorded) = recorded {
+                count_resolved(Some(State::Superseded), superseded.load(Ordering::Relaxed));
+                return Ok(recorded);
+            }
+        }
         let by_statement = {
             let (request, claim, counted) = (request.clone(), claim.clone(), counted.clone());
             let unit_clock = unit_clock.clone();

@@ -20,7 +20,8 @@
 //! (pruning), `writer` (PostgreSQL's transactions, and its units of one statement), `sqlite`
 //! (SQLite: the writer thread's group commit, its readers, its migrations and units),
 //! `reconcile` (each profile's latest request, the schedule of re-reads, drift found), `changes`
-//! (the change feed, in the order it is served), `report` (the yearly figures), `metrics` (what the store counts).
+//! (the change feed, in the order it is served), `notifications` (what is told to third
+//! parties, and how far each delivery got), `report` (the yearly figures), `metrics` (what the store counts).
 //!
 //! Order: requests for one profile take effect in the order consumers made them
 //! (`received_at`, then arrival), except that a request is never ordered later than the ledger's
@@ -69,6 +70,7 @@ mod changes;
 mod intake;
 mod leases;
 pub mod metrics;
+mod notifications;
 mod open;
 mod queries;
 mod reconcile;
@@ -89,8 +91,11 @@ use crate::clock::Clock;
 pub use changes::{Change, ChangePosition, ChangesAfter};
 pub use intake::{NewRequest, Recorded, fingerprint};
 pub use leases::{Claim, Outcome, Settled};
+pub use notifications::{
+    Delivered, DueNotification, Notification, NotificationCursor, RecipientBacklog, RecipientEvents,
+};
 pub use queries::{Cursor, ListFilter, MAX_PROFILES_PER_EMAIL, PendingSummary};
-pub use record::{FailureCode, Kind, Record, Source, State};
+pub use record::{FailureCode, Kind, NotificationState, Record, Source, State};
 use writer::Writer;
 
 /// Why the ledger could not do what was asked.

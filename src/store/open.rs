@@ -69,6 +69,14 @@ pub(super) const MIGRATIONS: &[SchemaMigration] = &[
         sqlite: include_str!("../../migrations/0009_opt_out_changes.sqlite.sql"),
         postgres: include_str!("../../migrations/0009_opt_out_changes.postgres.sql"),
     },
+    // Notifications to third parties: the same tables on both, filled by a trigger in each one's
+    // dialect.
+    SchemaMigration {
+        version: 10,
+        description: "notifications",
+        sqlite: include_str!("../../migrations/0010_notifications.sqlite.sql"),
+        postgres: include_str!("../../migrations/0010_notifications.postgres.sql"),
+    },
 ];
 
 /// A pool of `max_connections` to `url` (PostgreSQL), each set up for durability.

@@ -129,6 +129,24 @@ stored_names!(State {
     Superseded => "SUPERSEDED",
 });
 
+/// Where a notification to a recipient stands (`opt_out_notifications`, migration 10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum NotificationState {
+    /// Not delivered yet; tried again with back-off.
+    Pending,
+    /// The recipient answered 2xx.
+    Delivered,
+    /// No further attempt is made: the recipient refused it, or retries ended.
+    Failed,
+}
+
+stored_names!(NotificationState {
+    Pending => "PENDING",
+    Delivered => "DELIVERED",
+    Failed => "FAILED",
+});
+
 stored_names!(FailureCode {
     ProfileNotFound => "NOT_FOUND",
     ProfileConflict => "ALREADY_EXISTS",

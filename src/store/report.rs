@@ -30,7 +30,13 @@ macro_rules! consumer_requests {
      (SELECT COUNT(*) FROM opt_out_records c WHERE c.parent_request_id = r.request_id \
         AND c.state = 'PENDING') AS parts_pending, \
      (SELECT MAX(c.resolved_at) FROM opt_out_records c WHERE c.parent_request_id = r.request_id) \
-        AS parts_resolved_at \
+        AS parts_resolved_at, \
+     (SELECT COUNT(*) FROM opt_out_notifications n WHERE n.request_id = r.request_id \
+        AND n.state = 'DELIVERED') AS notifications_delivered, \
+     (SELECT COUNT(*) FROM opt_out_notifications n WHERE n.request_id = r.request_id \
+        AND n.state = 'FAILED') AS notifications_failed, \
+     (SELECT COUNT(*) FROM opt_out_notifications n WHERE n.request_id = r.request_id \
+        AND n.state = 'PENDING') AS notifications_pending \
      FROM opt_out_records r \
      WHERE r.received_at >= ",
             $from,
@@ -58,6 +64,7 @@ pub(super) struct ConsumerRequest {
     pub(super) parts_complied: i64,
     pub(super) parts_pending: i64,
     pub(super) parts_resolved_at: Option<i64>,
+    pub(super) notifications: Notifications,
 }
 
 impl YearlyReport {
@@ -87,6 +94,9 @@ impl YearlyReport {
             &mut self.opt_in
         };
         figures.count(request.source, response, seconds);
+        figures.notifications.delivered += request.notifications.delivered;
+        figures.notifications.failed += request.notifications.failed;
+        figures.notifications.pending += request.notifications.pending;
     }
 }
 
@@ -111,6 +121,9 @@ pub struct Figures {
     pub pending: u64,
     /// Requests received, by the manner the consumer made them.
     pub by_source: BTreeMap<&'static str, u64>,
+    /// The requests' notifications to third parties (`--recipients`), one per request and
+    /// recipient, by where they stand.
+    pub notifications: Notifications,
     /// How many requests took each number of seconds to respond to (complied or denied).
     seconds_to_respond: BTreeMap<i64, u64>,
 }
@@ -161,6 +174,30 @@ impl Figures {
             return 0.0;
         }
         days(total / responded as f64)
+    }
+}
+
+/// Notifications to third parties, by where they stand (11 CCR 7026(f)(2): the business
+/// notifies those it sold or shared the consumer's information with).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Notifications {
+    /// The recipient answered 2xx.
+    pub delivered: u64,
+    /// No further attempt is made.
+    pub failed: u64,
+    /// Not delivered yet.
+    pub pending: u64,
+}
+
+impl Notifications {
+    /// From a row's counts (never negative: counts).
+    pub(super) fn of(delivered: i64, failed: i64, pending: i64) -> Self {
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        Self {
+            delivered: count(delivered),
+            failed: count(failed),
+            pending: count(pending),
+        }
     }
 }
 
@@ -235,6 +272,11 @@ impl Ledger {
                 parts_complied: row.try_get("parts_complied")?,
                 parts_pending: row.try_get("parts_pending")?,
                 parts_resolved_at: row.try_get("parts_resolved_at")?,
+                notifications: Notifications::of(
+                    row.try_get("notifications_delivered")?,
+                    row.try_get("notifications_failed")?,
+                    row.try_get("notifications_pending")?,
+                ),
             });
         }
         Ok(report)

@@ -96,6 +96,11 @@ impl Ledger {
                 sqlx::query(super::changes::PRUNE_CHANGES)
                     .execute(&mut *connection)
                     .await?;
+                // Notifications of the records pruned: how the business told third parties of
+                // a request is part of its record, and goes with it.
+                sqlx::query(super::notifications::PRUNE)
+                    .execute(&mut *connection)
+                    .await?;
                 Ok(deleted)
             })
         })

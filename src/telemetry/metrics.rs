@@ -5,7 +5,8 @@
 //! Metrics are recorded through the `metrics` facade (as the ACS client crate records its own),
 //! so that recording costs nothing until [`Exporter::install`] installs the recorder. No label
 //! holds anything personal: labels name RPC methods, operations, outcomes, states, health
-//! entries and directions, from closed sets.
+//! entries and directions, from closed sets, and notification recipients by the ids the
+//! operator gave them in the recipients file.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -35,10 +36,18 @@ pub const BULK_ITEMS_TOTAL: &str = "ccpa_bulk_items_total";
 pub const LEDGER_PENDING: &str = "ccpa_ledger_pending_requests";
 /// Age of the oldest pending request (0 when none is pending).
 pub const LEDGER_OLDEST_PENDING_AGE_SECONDS: &str = "ccpa_ledger_oldest_pending_age_seconds";
-/// Pending requests older than the overdue threshold.
+/// Pending requests, and pending notifications to third parties, older than the overdue
+/// threshold.
 pub const LEDGER_OVERDUE: &str = "ccpa_ledger_overdue_requests";
 /// From a request's `received_at` to the moment ACS held it.
 pub const TIME_TO_HONOR_SECONDS: &str = "ccpa_opt_out_time_to_honor_seconds";
+/// Notification attempts, by `recipient` and `outcome` (`delivered`, `retried`, `failed`).
+pub const NOTIFICATIONS_TOTAL: &str = "ccpa_notifications_total";
+/// Notifications not yet delivered, by `recipient`.
+pub const NOTIFICATIONS_PENDING: &str = "ccpa_notifications_pending";
+/// Age of a recipient's oldest pending notification, by `recipient` (0 when none is pending).
+pub const NOTIFICATIONS_OLDEST_PENDING_AGE_SECONDS: &str =
+    "ccpa_notifications_oldest_pending_age_seconds";
 /// Whether a health entry is SERVING (1) or not (0), by `service`.
 pub const HEALTH_SERVING: &str = "ccpa_health_serving";
 /// Profiles found changed behind the gateway, by `direction`.
@@ -201,7 +210,7 @@ fn describe() {
     );
     describe_gauge!(
         LEDGER_OVERDUE,
-        "Pending opt-out requests older than --overdue-after business days."
+        "Pending opt-out requests, and pending notifications of them to third parties, older than --overdue-after business days."
     );
     describe_counter!(
         LEDGER_REQUESTS_TOTAL,
@@ -224,6 +233,19 @@ fn describe() {
     describe_counter!(
         LEDGER_WRITE_ERRORS_TOTAL,
         "Ledger writes that failed; nothing of them was kept."
+    );
+    describe_counter!(
+        NOTIFICATIONS_TOTAL,
+        "Attempts to notify a recipient of a consumer's request, by recipient and outcome."
+    );
+    describe_gauge!(
+        NOTIFICATIONS_PENDING,
+        "Notifications to a recipient not yet delivered (and not failed for good)."
+    );
+    describe_gauge!(
+        NOTIFICATIONS_OLDEST_PENDING_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of a recipient's oldest pending notification, from its request's recording; 0 when none is pending."
     );
     describe_gauge!(
         HEALTH_SERVING,

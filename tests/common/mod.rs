@@ -26,6 +26,7 @@ macro_rules! on_both_stores {
 
 pub mod gateway;
 pub mod pki;
+pub mod receiver;
 
 #[allow(unused_imports)] // Each test binary uses its own part.
 pub use gateway::{Gateway, GatewayBuilder, GatewayProcess, QUICK_DELIVERY_ARGS, gateway};

@@ -30,6 +30,7 @@
 
 pub(super) mod latest;
 mod migrate;
+pub(super) mod notifications;
 pub(super) mod units;
 
 use std::panic::AssertUnwindSafe;

@@ -507,6 +507,8 @@ pub(in crate::store) fn prune(
         .execute([resolved_before])?;
     tx.prepare_cached(super::super::changes::PRUNE_CHANGES)?
         .execute([])?;
+    tx.prepare_cached(super::super::notifications::PRUNE)?
+        .execute([])?;
     Ok(deleted as u64)
 }
 
@@ -752,6 +754,11 @@ pub(in crate::store) fn consumer_requests(
             parts_complied: row.get("parts_complied")?,
             parts_pending: row.get("parts_pending")?,
             parts_resolved_at: row.get("parts_resolved_at")?,
+            notifications: super::super::report::Notifications::of(
+                row.get("notifications_delivered")?,
+                row.get("notifications_failed")?,
+                row.get("notifications_pending")?,
+            ),
         })?;
     }
     Ok(())
