@@ -642,7 +642,9 @@ async fn the_yearly_report_counts_each_consumer_request_once(store: Store) {
                 "by_source": {
                     "EMAIL": 1, "GLOBAL_PRIVACY_CONTROL": 2, "PHONE": 2, "WEB_FORM": 1,
                     "POSTAL_MAIL": 0, "IN_PERSON": 0, "AUTHORIZED_AGENT": 0, "INTERNAL": 0
-                }
+                },
+                // No recipient was named: none was told (tests/notifications.rs counts some).
+                "notifications": {"delivered": 0, "failed": 0, "pending": 0}
             },
             "opt_in": {"received": 1, "complied": 1, "denied": 0, "pending": 0}
         })

@@ -96,6 +96,12 @@ struct BenchArgs {
     /// served, W3C trace context taken and sent on, OTLP export off).
     #[arg(long, conflicts_with = "target_addr")]
     compare_observability: bool,
+    /// Webhook recipients the gateway notifies of every request (`serve --recipients`): each a
+    /// `webhook-receiver` process on loopback, verifying every signature. The report adds the
+    /// notifications delivered per second during the measured phase.
+    #[arg(long, default_value_t = 0, conflicts_with = "target_addr",
+          value_parser = clap::value_parser!(u16).range(0..=16))]
+    recipients: u16,
     #[command(flatten)]
     target: Target,
 }
@@ -288,6 +294,7 @@ async fn run(args: BenchArgs) -> u8 {
             log_filter,
             worker_threads: args.gateway_threads,
             ledger: args.ledger.clone(),
+            recipients: args.recipients,
         };
         let run = run_scenario(
             scenario,
@@ -331,6 +338,7 @@ async fn run(args: BenchArgs) -> u8 {
             log_filter,
             worker_threads: args.gateway_threads,
             ledger: args.ledger.clone(),
+            recipients: 0,
         };
         match bulk::run(items, gateway, record_only).await {
             Ok(report) => {
@@ -373,6 +381,8 @@ struct GatewaySetup {
     log_filter: &'static str,
     worker_threads: Option<usize>,
     ledger: Option<String>,
+    /// Webhook receivers the gateway notifies (`--recipients`).
+    recipients: u16,
 }
 
 /// CPU time used per call by each process during one measured phase.
@@ -541,14 +551,20 @@ async fn run_scenario(
         emulator_pid,
         profiles: &profiles,
     };
-    let (gateway_result, gateway_cpu, gateway_peak_rss) =
+    let (gateway_result, gateway_cpu, gateway_peak_rss, notified) =
         phase.run(None, Observability::On).await?;
+    let without_notified =
+        |(result, cpu, rss, _): (load::LoadResult, PhaseCpu, Option<u64>, Option<Value>)| {
+            (result, cpu, rss)
+        };
     let through_tls = match &tls {
-        Some(tls) => Some(phase.run(Some(tls), Observability::On).await?),
+        Some(tls) => Some(without_notified(
+            phase.run(Some(tls), Observability::On).await?,
+        )),
         None => None,
     };
     let observability_off = if compare_observability {
-        Some(phase.run(None, Observability::Off).await?)
+        Some(without_notified(phase.run(None, Observability::Off).await?))
     } else {
         None
     };
@@ -591,6 +607,7 @@ async fn run_scenario(
             "gateway": gateway_cpu.per_call_json(gateway_result.calls()),
         },
         "gateway_tls": gateway_tls,
+        "notifications": notified,
     });
     gateway_cpu.add_store_server(gateway_result.calls(), &mut report);
     Ok(report)
@@ -659,8 +676,9 @@ impl GatewayPhase<'_> {
         &self,
         tls: Option<&tls::BenchTls>,
         observability: Observability,
-    ) -> Result<(load::LoadResult, PhaseCpu, Option<u64>), String> {
+    ) -> Result<(load::LoadResult, PhaseCpu, Option<u64>, Option<Value>), String> {
         let scenario = self.scenario;
+        let receivers = Receivers::start(self.setup.recipients).await?;
         let mut temporary_ledger = None;
         // The ledger of a gateway started elsewhere is not known here.
         let store_server = self.target.target_addr.is_none()
@@ -690,6 +708,7 @@ impl GatewayPhase<'_> {
                 });
                 let mut extra = tls.map(tls::BenchTls::serve_args).unwrap_or_default();
                 extra.extend(observability.serve_args());
+                extra.extend(receivers.serve_args());
                 let (process, addr) =
                     start_gateway(self.emulator_url, &ledger, limits, &extra).await?;
                 let pid = process.pid();
@@ -699,6 +718,7 @@ impl GatewayPhase<'_> {
         let channels = connect(addr, scenario.concurrency, tls.map(tls::BenchTls::client)).await?;
         let operation = gateway_operation(channels, self.profiles.clone(), scenario.set_share);
         drive(scenario.concurrency, self.warmup, operation.clone()).await;
+        let delivered_before = receivers.delivered();
         let (result, cpu) = measured(
             scenario.concurrency,
             self.duration,
@@ -708,6 +728,14 @@ impl GatewayPhase<'_> {
             store_server,
         )
         .await?;
+        let delivered = receivers.delivered().saturating_sub(delivered_before);
+        let notified = (self.setup.recipients > 0).then(|| {
+            json!({
+                "recipients": self.setup.recipients,
+                "delivered": delivered,
+                "delivered_per_second": round(delivered as f64 / self.duration.as_secs_f64(), 1),
+            })
+        });
         let peak_rss = gateway_pid.map(usage).transpose()?.map(|u| u.peak_rss);
         if let Some(gateway) = gateway {
             gateway.stop().await;
@@ -717,7 +745,67 @@ impl GatewayPhase<'_> {
                 let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
             }
         }
-        Ok((result, cpu, peak_rss))
+        Ok((result, cpu, peak_rss, notified))
+    }
+}
+
+/// The webhook receivers of a gateway phase, and the recipients file naming them.
+struct Receivers {
+    dir: Option<tempfile::TempDir>,
+    running: Vec<(processes::Process, Arc<std::sync::atomic::AtomicU64>)>,
+}
+
+impl Receivers {
+    async fn start(count: u16) -> Result<Self, String> {
+        if count == 0 {
+            return Ok(Self {
+                dir: None,
+                running: Vec::new(),
+            });
+        }
+        let dir = tempfile::tempdir().map_err(|e| format!("cannot make a directory: {e}"))?;
+        let mut file = String::new();
+        let mut running = Vec::new();
+        for n in 0..count {
+            let secret = dir.path().join(format!("receiver-{n}.secret"));
+            // A fixed key is enough: the receivers are this run's own.
+            std::fs::write(
+                &secret,
+                "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            )
+            .map_err(|e| format!("cannot write a secret: {e}"))?;
+            let (process, addr, delivered) = processes::start_receiver(&secret).await?;
+            file.push_str(&format!(
+                "[[recipient]]\nid = \"bench-{n}\"\nurl = \"http://{addr}/\"\nsecret_file = {:?}\n\
+                 events = [\"opt-out\", \"opt-in\"]\nmax_rps = {}\n\n",
+                secret.display().to_string(),
+                ccpa_gateway::notify::recipients::MAX_RPS,
+            ));
+            running.push((process, delivered));
+        }
+        std::fs::write(dir.path().join("recipients.toml"), file)
+            .map_err(|e| format!("cannot write the recipients file: {e}"))?;
+        Ok(Self {
+            dir: Some(dir),
+            running,
+        })
+    }
+
+    fn serve_args(&self) -> Vec<String> {
+        self.dir.as_ref().map_or_else(Vec::new, |dir| {
+            vec![
+                "--recipients".into(),
+                dir.path().join("recipients.toml").display().to_string(),
+            ]
+        })
+    }
+
+    /// Deliveries the receivers have verified and taken so far.
+    fn delivered(&self) -> u64 {
+        self.running
+            .iter()
+            .map(|(_, delivered)| delivered.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
     }
 }
 

@@ -209,3 +209,44 @@ pub async fn start_gateway(
     let addr = ccpa_gateway::cli::listen_addr::wait(&addr_file, Duration::from_secs(10)).await?;
     Ok((Process { child, pid }, addr))
 }
+
+/// Starts a webhook receiver (`webhook-receiver`, which verifies every signature) on loopback
+/// with the secret in `secret_file`; returns it, its address, and the count of deliveries it has
+/// taken (one line each on its standard output).
+pub async fn start_receiver(
+    secret_file: &std::path::Path,
+) -> Result<
+    (
+        Process,
+        SocketAddr,
+        std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ),
+    String,
+> {
+    let addr_dir = tempfile::tempdir().map_err(|e| format!("cannot make a directory: {e}"))?;
+    let addr_file = addr_dir.path().join("listen-addr");
+    let mut child = this_binary_command()?
+        .args(["webhook-receiver", "--listen", "127.0.0.1:0"])
+        .arg("--listen-addr-file")
+        .arg(&addr_file)
+        .arg("--secret-file")
+        .arg(secret_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start a webhook receiver: {e}"))?;
+    let pid = pid_of(&child)?;
+    let stdout = child.stdout.take().ok_or("the receiver has no stdout")?;
+    let delivered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = delivered.clone();
+    let mut lines = BufReader::new(stdout).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(_)) = lines.next_line().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let addr = ccpa_gateway::cli::listen_addr::wait(&addr_file, Duration::from_secs(10)).await?;
+    Ok((Process { child, pid }, addr, delivered))
+}
