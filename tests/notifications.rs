@@ -81,47 +81,58 @@ async fn notifications_of(
         .notifications
 }
 
-/// Waits (up to 20 s) until `request_id`'s notification to `recipient` is in `state`.
+/// Waits (up to 20 s) until `request_id`'s notification to `recipient` is `what` says (`done`).
+async fn until(
+    client: &mut CcpaServiceClient<Channel>,
+    request_id: &str,
+    recipient: &str,
+    what: &str,
+    done: impl Fn(&RecipientNotification) -> bool,
+) -> RecipientNotification {
+    for _ in 0..400 {
+        let found = notifications_of(client, request_id)
+            .await
+            .into_iter()
+            .find(|n| n.recipient == recipient);
+        if let Some(found) = found.filter(|n| done(n)) {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{request_id} to {recipient}: not {what} within 20 s: {:?}",
+        notifications_of(client, request_id).await
+    );
+}
+
+/// Waits until `request_id`'s notification to `recipient` is in `state`.
 async fn until_state(
     client: &mut CcpaServiceClient<Channel>,
     request_id: &str,
     recipient: &str,
     state: NotificationState,
 ) -> RecipientNotification {
-    for _ in 0..400 {
-        let found = notifications_of(client, request_id)
-            .await
-            .into_iter()
-            .find(|n| n.recipient == recipient);
-        if let Some(found) = found.filter(|n| n.state() == state) {
-            return found;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "{request_id} to {recipient} not {state:?} within 20 s: {:?}",
-        notifications_of(client, request_id).await
-    );
+    until(client, request_id, recipient, &format!("{state:?}"), |n| {
+        n.state() == state
+    })
+    .await
 }
 
-/// Waits (up to 20 s) until `request_id`'s notification to `recipient` has had `attempts`.
+/// Waits until `request_id`'s notification to `recipient` has had `attempts`.
 async fn until_attempts(
     client: &mut CcpaServiceClient<Channel>,
     request_id: &str,
     recipient: &str,
     attempts: i32,
 ) -> RecipientNotification {
-    for _ in 0..400 {
-        let found = notifications_of(client, request_id)
-            .await
-            .into_iter()
-            .find(|n| n.recipient == recipient);
-        if let Some(found) = found.filter(|n| n.attempts == attempts) {
-            return found;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{request_id} to {recipient}: not {attempts} attempts within 20 s");
+    until(
+        client,
+        request_id,
+        recipient,
+        &format!("{attempts} attempts"),
+        |n| n.attempts == attempts,
+    )
+    .await
 }
 
 fn by_email(email: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {

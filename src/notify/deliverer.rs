@@ -388,11 +388,14 @@ impl Notifier {
         match self.ledger.notification_backlog().await {
             Ok(backlog) => {
                 let recipients = self.recipients();
-                let ids = recipients
+                // Those in the file, and any other with notifications still pending (one
+                // taken out of the file).
+                let ids: std::collections::BTreeSet<&str> = recipients
                     .list
                     .iter()
                     .map(|r| r.id.as_str())
-                    .chain(backlog.iter().map(|b| b.recipient.as_str()));
+                    .chain(backlog.iter().map(|b| b.recipient.as_str()))
+                    .collect();
                 for id in ids {
                     let entry = backlog.iter().find(|b| b.recipient == id);
                     let pending = entry.map_or(0, |b| b.pending);

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
+use futures::future::BoxFuture;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Executor};
 
@@ -10,8 +11,8 @@ use super::leases::{claim_lease, count_resolved};
 use super::queries::{COLUMNS, fetch_record};
 use super::sqlite::latest::Touches;
 use super::{
-    Backend, Claim, FailureCode, Kind, Ledger, LedgerError, Record, Source, State, Store,
-    UnitClock, sqlite,
+    Backend, Claim, FailureCode, Kind, KnownProfiles, Ledger, LedgerError, Record, Source, State,
+    Store, UnitClock, sqlite,
 };
 
 /// A request to record.
@@ -170,66 +171,20 @@ impl Ledger {
         // One statement (`ccpa_record_request`, migration 8), its own transaction: one round
         // trip, where the unit below takes one per statement and two more for its transaction.
         let request = Arc::new(request);
-        if request.email_sha256.is_some() {
-            // A request by email itself: its notifications get the address's digest in the same
-            // transaction that records it (and them).
-            let (request, claim, counted) = (request.clone(), claim.clone(), counted.clone());
-            let unit_clock = unit_clock.clone();
-            let recorded = pg
-                .write(move |connection| {
-                    Box::pin(async move {
-                        let now = unit_clock.now_unless_database();
-                        let recorded = record_statement(
-                            connection,
-                            &request,
-                            claim.as_ref(),
-                            answered,
-                            now,
-                            &counted,
-                        )
-                        .await?;
-                        if let (Some((Recorded::New(_), _)), Some(digest)) =
-                            (&recorded, &request.email_sha256)
-                        {
-                            sqlx::query(super::notifications::SET_EMAIL_SHA256)
-                                .bind(digest)
-                                .bind(&request.request_id)
-                                .execute(&mut *connection)
-                                .await?;
-                        }
-                        Ok(recorded)
-                    })
-                })
-                .await?;
-            if let Some(recorded) = recorded {
-                count_resolved(Some(State::Superseded), superseded.load(Ordering::Relaxed));
-                return Ok(recorded);
-            }
-        }
-        let by_statement = {
-            let (request, claim, counted) = (request.clone(), claim.clone(), counted.clone());
-            let unit_clock = unit_clock.clone();
-            let known = known.clone();
-            pg.statement(move |connection| {
-                Box::pin(async move {
-                    if let Some(pkey) = &request.pkey {
-                        // Inside the write, before it commits: no read after the commit can
-                        // skip this profile.
-                        known.note(pkey);
-                    }
-                    let now = unit_clock.now_unless_database();
-                    record_statement(
-                        connection,
-                        &request,
-                        claim.as_ref(),
-                        answered,
-                        now,
-                        &counted,
-                    )
-                    .await
-                })
-            })
-            .await?
+        let unit = statement_unit(
+            request.clone(),
+            claim.clone(),
+            answered,
+            unit_clock.clone(),
+            counted.clone(),
+            known.clone(),
+        );
+        let by_statement = if request.email_sha256.is_some() {
+            // A request by email itself: the address's digest goes onto its notifications in
+            // the transaction that records it (and them), one round trip more.
+            pg.write(unit).await?
+        } else {
+            pg.statement(unit).await?
         };
         let recorded = match by_statement {
             Some(recorded) => recorded,
@@ -361,6 +316,51 @@ async fn record_statement(
     let generation: Option<i64> = sqlx::Row::try_get(&row, "generation")?;
     let claimed = claim.is_some_and(|claim| claim.won(generation));
     Ok(Some((Recorded::New(record), claimed)))
+}
+
+/// What [`record_statement`] answers.
+type StatementRecorded = Result<Option<(Recorded, bool)>, LedgerError>;
+
+/// [`Ledger::record`]'s unit on PostgreSQL around [`record_statement`]: notes the profile as
+/// known before the commit, and puts a request by email's address digest on the notifications
+/// the statement's trigger wrote (in a transaction, when there is one to put).
+fn statement_unit(
+    request: Arc<NewRequest>,
+    claim: Option<Claim>,
+    answered: bool,
+    unit_clock: UnitClock,
+    counted: Arc<AtomicU64>,
+    known: Arc<KnownProfiles>,
+) -> impl for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, StatementRecorded> + Send + 'static
+{
+    move |connection| {
+        Box::pin(async move {
+            if let Some(pkey) = &request.pkey {
+                // Inside the write, before it commits: no read after the commit can skip this
+                // profile.
+                known.note(pkey);
+            }
+            let now = unit_clock.now_unless_database();
+            let recorded = record_statement(
+                connection,
+                &request,
+                claim.as_ref(),
+                answered,
+                now,
+                &counted,
+            )
+            .await?;
+            if let (Some((Recorded::New(_), _)), Some(digest)) = (&recorded, &request.email_sha256)
+            {
+                sqlx::query(super::notifications::SET_EMAIL_SHA256)
+                    .bind(digest)
+                    .bind(&request.request_id)
+                    .execute(&mut *connection)
+                    .await?;
+            }
+            Ok(recorded)
+        })
+    }
 }
 
 /// [`Ledger::record`]'s unit of work, in statements of its own: on PostgreSQL, for a request id

@@ -122,7 +122,7 @@ pub(in crate::store) fn list(
     limit: i64,
 ) -> Result<Vec<Notification>, LedgerError> {
     let mut statement = connection.prepare_cached(LIST)?;
-    let (after_request, after_recipient) = after.map(|(a, b)| (a, b)).unzip();
+    let (after_request, after_recipient) = after.cloned().unzip();
     let mut rows = statement.query(params![
         recipient,
         state,
