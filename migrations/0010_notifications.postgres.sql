@@ -2,7 +2,8 @@
 -- written by a trigger in the statement (so the unit of work) that records the request, so that
 -- no recorded request can lack its notifications, whichever path records it; then delivered,
 -- at least once, by whichever gateway holds the row's lease. The SQLite text of this migration
--- says what each column means; the tables are the same.
+-- says what each column means, and why the key starts with `created_at`; the tables are the
+-- same.
 CREATE TABLE notification_recipients (
     id         TEXT PRIMARY KEY,
     opt_out    BIGINT NOT NULL,
@@ -26,7 +27,7 @@ CREATE TABLE opt_out_notifications (
     last_failure_class TEXT,
     failure_reason     TEXT,
     email_sha256       TEXT,
-    PRIMARY KEY (request_id, recipient)
+    PRIMARY KEY (created_at, request_id, recipient)
 );
 CREATE INDEX opt_out_notifications_due ON opt_out_notifications (recipient, next_attempt_at)
     WHERE state = 'PENDING';

@@ -24,6 +24,10 @@ CREATE TABLE notification_recipients (
 -- request that changes nothing). `email_sha256` (for a request by email: hex SHA-256 of the
 -- normalised address, what third parties match consumers by) is kept only until the
 -- notification is delivered or fails for good.
+--
+-- Keyed by when the request was recorded first: rows are written at the end of the key's order,
+-- so a commit of many requests writes a few pages of this table, not one page per request (as a
+-- key led by the random request id would). Who knows the request knows when it was recorded.
 CREATE TABLE opt_out_notifications (
     request_id         TEXT NOT NULL,
     recipient          TEXT NOT NULL,
@@ -42,8 +46,8 @@ CREATE TABLE opt_out_notifications (
     last_failure_class TEXT,
     failure_reason     TEXT,
     email_sha256       TEXT,
-    PRIMARY KEY (request_id, recipient)
-);
+    PRIMARY KEY (created_at, request_id, recipient)
+) WITHOUT ROWID;
 CREATE INDEX opt_out_notifications_due ON opt_out_notifications (recipient, next_attempt_at)
     WHERE state = 'PENDING';
 CREATE INDEX opt_out_notifications_pending_by_age ON opt_out_notifications (created_at)

@@ -89,7 +89,7 @@ impl CcpaApi {
                     "no request has this id in the ledger",
                 )
             })?;
-        let notifications = self.ledger().notifications_of(&record.request_id).await?;
+        let notifications = self.ledger().notifications_of(&record).await?;
         Ok(GetOptOutRecordResponse {
             record: Some(opt_out_record(&record)),
             notifications: notifications.iter().map(recipient_notification).collect(),

@@ -142,7 +142,11 @@ async fn print_notifications(
         }
         match page.last() {
             Some(last) if i64::try_from(page.len()).unwrap_or(i64::MAX) == PAGE => {
-                after = Some((last.request_id.clone(), last.recipient.clone()));
+                after = Some((
+                    last.created_at,
+                    last.request_id.clone(),
+                    last.recipient.clone(),
+                ));
             }
             _ => break,
         }

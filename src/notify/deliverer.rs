@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use governor::{Quota, RateLimiter};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -23,7 +23,7 @@ use super::signing;
 use crate::access::watched::{RELOAD_INTERVAL, Watched};
 use crate::backoff::Backoff;
 use crate::optout::Delivery;
-use crate::store::{Delivered, DueNotification, Ledger, RecipientEvents};
+use crate::store::{Delivered, DueNotification, Ledger, RecipientEvents, Settle};
 use crate::telemetry::metrics as names;
 
 /// How the notifier works.
@@ -83,6 +83,13 @@ pub struct Notifier {
     /// Keeps a SQLite ledger's exclusive hold (which the deliverer holds) for as long as this
     /// can write to it.
     _delivery: Arc<Delivery>,
+}
+
+/// An attempt's answer, waiting to be recorded; its permit goes back once it is.
+struct Answered {
+    notification: DueNotification,
+    answer: Answer,
+    _permit: OwnedSemaphorePermit,
 }
 
 /// A recipient's worker, while it runs.
@@ -192,12 +199,29 @@ impl Notifier {
     }
 
     /// One recipient's worker: claims what is due as requests in flight finish, sends each at
-    /// the recipient's rate, until `stop` or the recipient leaves the file.
+    /// the recipient's rate, and records the answers that have come in together (one commit for
+    /// all of them), until `stop` or the recipient leaves the file.
     async fn serve(self: Arc<Self>, id: String, max_rps: NonZeroU32, stop: CancellationToken) {
         // Unique to this worker: a settle counts only under its own lease.
         let holder = format!("{}/{id}", uuid::Uuid::new_v4());
         let limiter = Arc::new(RateLimiter::direct(Quota::per_second(max_rps)));
+        // A permit is held from the claim until the answer is recorded: at most this many
+        // notifications are claimed and not yet settled.
         let permits = Arc::new(Semaphore::new(IN_FLIGHT_PER_RECIPIENT));
+        let (answered, mut answers) = mpsc::unbounded_channel::<Answered>();
+        let settler = tokio::spawn({
+            let this = self.clone();
+            let holder = holder.clone();
+            async move {
+                while let Some(first) = answers.recv().await {
+                    let mut batch = vec![first];
+                    while let Ok(next) = answers.try_recv() {
+                        batch.push(next);
+                    }
+                    this.settle(&holder, batch).await;
+                }
+            }
+        });
         let mut attempts = JoinSet::new();
         loop {
             while attempts.try_join_next().is_some() {}
@@ -243,115 +267,137 @@ impl Notifier {
             for (notification, permit) in due.into_iter().zip(taken) {
                 let this = self.clone();
                 let limiter = limiter.clone();
-                let holder = holder.clone();
+                let answered = answered.clone();
                 attempts.spawn(async move {
                     limiter.until_ready().await;
-                    this.attempt(notification, &holder).await;
-                    drop(permit);
+                    let recipients = this.recipients();
+                    // Taken out of the file since the claim: its lease lapses, and it waits.
+                    let Some(recipient) = recipients.get(&notification.recipient) else {
+                        return;
+                    };
+                    let answer = this.send(recipient, &notification).await;
+                    let _ = answered.send(Answered {
+                        notification,
+                        answer,
+                        _permit: permit,
+                    });
                 });
             }
         }
         // Attempts cut short may have reached the recipient: they are sent again (a receiver
-        // drops duplicates by `webhook-id`).
+        // drops duplicates by `webhook-id`). The answers already in are recorded first.
         attempts.abort_all();
         while attempts.join_next().await.is_some() {}
+        drop(answered);
+        let _ = settler.await;
         if let Err(e) = self.ledger.release_notifications(&holder).await {
             tracing::warn!(error = %e, recipient = id, "claimed notifications are left to their lease");
         }
     }
 
-    /// Sends one notification and records what came of it.
-    async fn attempt(&self, notification: DueNotification, holder: &str) {
-        let recipients = self.recipients();
-        let Some(recipient) = recipients
-            .list
-            .iter()
-            .find(|r| r.id == notification.recipient)
-        else {
-            // Taken out of the file since the claim: its lease lapses, and it waits.
-            return;
-        };
-        let answer = self.send(recipient, &notification).await;
+    /// Records what the answers in `batch` mean, in one unit of work.
+    async fn settle(&self, holder: &str, batch: Vec<Answered>) {
         let now = self.ledger.now_ms();
-        let given_up = now.saturating_sub(notification.created_at)
-            >= i64::try_from(self.settings.give_up.as_millis()).unwrap_or(i64::MAX);
-        let failures = u32::try_from(notification.attempts.clamp(0, 30))
-            .unwrap_or(30)
-            .saturating_add(1);
-        let reason;
-        let (outcome, label) = match &answer {
-            Answer::Delivered { .. } => (Delivered::Yes, outcome::DELIVERED),
-            Answer::Retry { class, .. } if given_up => {
-                reason = format!(
-                    "still not delivered after --notify-give-up ({}): retries ended",
-                    humantime::format_duration(self.settings.give_up)
-                );
-                (
-                    Delivered::Failed {
-                        class,
-                        reason: &reason,
-                    },
-                    outcome::FAILED,
-                )
+        let give_up_ms = i64::try_from(self.settings.give_up.as_millis()).unwrap_or(i64::MAX);
+        let mut settles = Vec::with_capacity(batch.len());
+        let mut logged = Vec::with_capacity(batch.len());
+        for Answered {
+            notification,
+            answer,
+            ..
+        } in &batch
+        {
+            let (outcome, label) = self.outcome(notification, answer, now, give_up_ms);
+            metrics::counter!(
+                names::NOTIFICATIONS_TOTAL,
+                "recipient" => notification.recipient.clone(),
+                "outcome" => label,
+            )
+            .increment(1);
+            logged.push((notification, label, answer.failure_class()));
+            settles.push(Settle {
+                created_at: notification.created_at,
+                request_id: notification.request_id.clone(),
+                recipient: notification.recipient.clone(),
+                outcome,
+            });
+        }
+        match self.ledger.settle_notifications(holder, settles).await {
+            Ok(settled) => {
+                for ((notification, label, failure_class), settled) in
+                    logged.into_iter().zip(settled)
+                {
+                    if settled {
+                        tracing::info!(
+                            request_id = notification.request_id,
+                            recipient = notification.recipient,
+                            outcome = label,
+                            failure_class,
+                            attempts = notification.attempts + 1,
+                            "notified a recipient"
+                        );
+                    } else {
+                        tracing::warn!(
+                            request_id = notification.request_id,
+                            recipient = notification.recipient,
+                            "a notification's lease lapsed during its attempt; the gateway \
+                             holding it now decides"
+                        );
+                    }
+                }
             }
+            Err(e) => tracing::error!(
+                error = %e,
+                answers = batch.len(),
+                "answers of notifications could not be recorded; they are tried again when \
+                 their leases lapse"
+            ),
+        }
+    }
+
+    /// What `answer` means for `notification`, now: the outcome to record, and its label.
+    fn outcome(
+        &self,
+        notification: &DueNotification,
+        answer: &Answer,
+        now: i64,
+        give_up_ms: i64,
+    ) -> (Delivered, &'static str) {
+        let given_up = now.saturating_sub(notification.created_at) >= give_up_ms;
+        match answer {
+            Answer::Delivered { .. } => (Delivered::Yes, outcome::DELIVERED),
+            Answer::Retry { class, .. } if given_up => (
+                Delivered::Failed {
+                    class: class.clone(),
+                    reason: format!(
+                        "still not delivered after --notify-give-up ({}): retries ended",
+                        humantime::format_duration(self.settings.give_up)
+                    ),
+                },
+                outcome::FAILED,
+            ),
             Answer::Retry { class, retry_after } => {
+                let failures = u32::try_from(notification.attempts.clamp(0, 30))
+                    .unwrap_or(30)
+                    .saturating_add(1);
                 let backoff = self.settings.backoff.after_ms(failures);
                 let asked = retry_after.map_or(0, |after| {
                     i64::try_from(after.as_millis()).unwrap_or(i64::MAX)
                 });
                 (
                     Delivered::Retry {
-                        class,
+                        class: class.clone(),
                         next_attempt_at: now.saturating_add(backoff.max(asked)),
                     },
                     outcome::RETRIED,
                 )
             }
-            Answer::Rejected { class } => {
-                reason = format!("the recipient answered {class}, which is not retried");
-                (
-                    Delivered::Failed {
-                        class,
-                        reason: &reason,
-                    },
-                    outcome::FAILED,
-                )
-            }
-        };
-        metrics::counter!(
-            names::NOTIFICATIONS_TOTAL,
-            "recipient" => recipient.id.clone(),
-            "outcome" => label,
-        )
-        .increment(1);
-        match self
-            .ledger
-            .settle_notification(
-                &notification.request_id,
-                &notification.recipient,
-                holder,
-                outcome,
-            )
-            .await
-        {
-            Ok(true) => tracing::info!(
-                request_id = notification.request_id,
-                recipient = recipient.id,
-                outcome = label,
-                failure_class = answer.failure_class(),
-                attempts = notification.attempts + 1,
-                "notified a recipient"
-            ),
-            Ok(false) => tracing::warn!(
-                request_id = notification.request_id,
-                recipient = recipient.id,
-                "a notification's lease lapsed during its attempt; the gateway holding it now decides"
-            ),
-            Err(e) => tracing::error!(
-                error = %e,
-                request_id = notification.request_id,
-                recipient = recipient.id,
-                "a notification's attempt could not be recorded; it is tried again when its lease lapses"
+            Answer::Rejected { class } => (
+                Delivered::Failed {
+                    class: class.clone(),
+                    reason: format!("the recipient answered {class}, which is not retried"),
+                },
+                outcome::FAILED,
             ),
         }
     }

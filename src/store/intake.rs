@@ -154,11 +154,15 @@ impl Ledger {
                             now,
                             &counted,
                         )?;
-                        if let (Recorded::New(_), Some(digest)) =
+                        if let (Recorded::New(record), Some(digest)) =
                             (&recorded.0, &request.email_sha256)
                         {
                             tx.prepare_cached(super::notifications::SET_EMAIL_SHA256)?
-                                .execute([digest, &request.request_id])?;
+                                .execute(rusqlite::params![
+                                    digest,
+                                    record.recorded_at,
+                                    record.request_id
+                                ])?;
                         }
                         Ok(recorded)
                     })
@@ -350,11 +354,13 @@ fn statement_unit(
                 &counted,
             )
             .await?;
-            if let (Some((Recorded::New(_), _)), Some(digest)) = (&recorded, &request.email_sha256)
+            if let (Some((Recorded::New(record), _)), Some(digest)) =
+                (&recorded, &request.email_sha256)
             {
                 sqlx::query(super::notifications::SET_EMAIL_SHA256)
                     .bind(digest)
-                    .bind(&request.request_id)
+                    .bind(record.recorded_at)
+                    .bind(&record.request_id)
                     .execute(&mut *connection)
                     .await?;
             }

@@ -92,7 +92,8 @@ pub use changes::{Change, ChangePosition, ChangesAfter};
 pub use intake::{NewRequest, Recorded, fingerprint};
 pub use leases::{Claim, Outcome, Settled};
 pub use notifications::{
-    Delivered, DueNotification, Notification, NotificationCursor, RecipientBacklog, RecipientEvents,
+    Delivered, DueNotification, Notification, NotificationCursor, RecipientBacklog,
+    RecipientEvents, Settle,
 };
 pub use queries::{Cursor, ListFilter, MAX_PROFILES_PER_EMAIL, PendingSummary};
 pub use record::{FailureCode, Kind, NotificationState, Record, Source, State};

@@ -73,24 +73,37 @@ pub struct Notification {
 }
 
 /// What an attempt came to.
-#[derive(Debug, Clone, Copy)]
-pub enum Delivered<'a> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
     /// The recipient answered 2xx.
     Yes,
     /// Not delivered; tried again at `next_attempt_at` (ms).
     Retry {
         /// The failure's class.
-        class: &'a str,
+        class: String,
         /// When.
         next_attempt_at: i64,
     },
     /// Not delivered, and never will be.
     Failed {
         /// The last failure's class.
-        class: &'a str,
+        class: String,
         /// Why no further attempt is made.
-        reason: &'a str,
+        reason: String,
     },
+}
+
+/// An attempt's outcome, to record under the lease it was made under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settle {
+    /// When the request was recorded (the notification's key starts with it).
+    pub created_at: i64,
+    /// The request's id.
+    pub request_id: String,
+    /// The recipient's id.
+    pub recipient: String,
+    /// What came of it.
+    pub outcome: Delivered,
 }
 
 /// Pending notifications of one recipient: for its gauges.
@@ -104,8 +117,9 @@ pub struct RecipientBacklog {
     pub oldest_created_at: Option<i64>,
 }
 
-/// Where a listing of notifications goes on from: the last one listed.
-pub type NotificationCursor = (String, String);
+/// Where a listing of notifications goes on from: the last one listed (when its request was
+/// recorded, the request's id, the recipient's).
+pub type NotificationCursor = (i64, String, String);
 
 /// The columns of [`Notification`], in the order [`notification_of`] reads them.
 macro_rules! notification_columns {
@@ -121,7 +135,8 @@ macro_rules! notification_columns {
 pub(super) const SQLITE_CLAIM: &str = "UPDATE opt_out_notifications \
      SET lease_holder = $1, lease_until = $2 \
      WHERE state = 'PENDING' AND (lease_until IS NULL OR lease_until <= $3) \
-     AND (request_id, recipient) IN (SELECT request_id, recipient FROM opt_out_notifications \
+     AND (created_at, request_id, recipient) IN (SELECT created_at, request_id, recipient \
+       FROM opt_out_notifications \
        WHERE recipient = $4 AND state = 'PENDING' AND next_attempt_at <= $3 \
        AND (lease_until IS NULL OR lease_until <= $3) ORDER BY next_attempt_at LIMIT $5) \
      RETURNING request_id, recipient, attempts, created_at, email_sha256";
@@ -129,12 +144,13 @@ pub(super) const SQLITE_CLAIM: &str = "UPDATE opt_out_notifications \
 /// The same on PostgreSQL, where several gateways claim at once: rows another is claiming are
 /// skipped, not waited for, and a row is re-checked once locked (so two never both take it);
 /// the request's fields come in the same statement.
-const POSTGRES_CLAIM: &str = "WITH due AS (SELECT request_id, recipient \
+const POSTGRES_CLAIM: &str = "WITH due AS (SELECT created_at, request_id, recipient \
        FROM opt_out_notifications WHERE recipient = $4 AND state = 'PENDING' \
        AND next_attempt_at <= $3 AND (lease_until IS NULL OR lease_until <= $3) \
        ORDER BY next_attempt_at LIMIT $5 FOR UPDATE SKIP LOCKED), \
      claimed AS (UPDATE opt_out_notifications n SET lease_holder = $1, lease_until = $2 \
-       FROM due WHERE n.request_id = due.request_id AND n.recipient = due.recipient \
+       FROM due WHERE n.created_at = due.created_at AND n.request_id = due.request_id \
+       AND n.recipient = due.recipient \
        RETURNING n.request_id, n.recipient, n.attempts, n.created_at, n.email_sha256) \
      SELECT c.request_id, c.recipient, c.attempts, c.created_at, c.email_sha256, r.pkey, \
        r.opt_out, r.source, r.received_at \
@@ -144,15 +160,16 @@ const POSTGRES_CLAIM: &str = "WITH due AS (SELECT request_id, recipient \
 pub(super) const REQUEST_OF: &str =
     "SELECT pkey, opt_out, source, received_at FROM opt_out_records WHERE request_id = $1";
 
-/// Settles an attempt under the lease of `$9`: state `$1`, next attempt `$2`, delivered `$3`,
-/// failed `$4`, class `$5`, reason `$6`, of request `$7` and recipient `$8`. The address's digest
-/// is forgotten once no attempt needs it.
+/// Settles an attempt under the lease of `$10`: state `$1`, next attempt `$2`, delivered `$3`,
+/// failed `$4`, class `$5`, reason `$6`, of the notification recorded at `$7` of request `$8` to
+/// recipient `$9`. The address's digest is forgotten once no attempt needs it.
 pub(super) const SETTLE: &str = "UPDATE opt_out_notifications SET state = $1, \
      attempts = attempts + 1, next_attempt_at = $2, delivered_at = $3, failed_at = $4, \
      last_failure_class = COALESCE($5, last_failure_class), failure_reason = $6, \
      lease_holder = NULL, lease_until = NULL, \
      email_sha256 = CASE WHEN $1 = 'PENDING' THEN email_sha256 END \
-     WHERE request_id = $7 AND recipient = $8 AND lease_holder = $9 AND state = 'PENDING'";
+     WHERE created_at = $7 AND request_id = $8 AND recipient = $9 AND lease_holder = $10 \
+     AND state = 'PENDING'";
 
 /// Gives back, unattempted, every lease of holder `$1`.
 pub(super) const RELEASE: &str = "UPDATE opt_out_notifications \
@@ -163,9 +180,10 @@ pub(super) const RELEASE: &str = "UPDATE opt_out_notifications \
 pub(super) const RELEASE_ALL: &str = "UPDATE opt_out_notifications \
      SET lease_holder = NULL, lease_until = NULL WHERE lease_holder IS NOT NULL";
 
-/// Sets the address's digest on the notifications of request `$2`, in the unit that records it.
-pub(super) const SET_EMAIL_SHA256: &str =
-    "UPDATE opt_out_notifications SET email_sha256 = $1 WHERE request_id = $2";
+/// Sets the address's digest on the pending notifications of request `$3` recorded at `$2`, in
+/// the unit that records it (or reopens it: those delivered meanwhile do not get it back).
+pub(super) const SET_EMAIL_SHA256: &str = "UPDATE opt_out_notifications SET email_sha256 = $1 \
+     WHERE created_at = $2 AND request_id = $3 AND state = 'PENDING'";
 
 /// Adds (or updates, or brings back) recipient `$1`, now `$4`.
 pub(super) const UPSERT_RECIPIENT: &str = "INSERT INTO notification_recipients \
@@ -186,23 +204,23 @@ pub(super) const ACTIVE_RECIPIENTS: &str =
 pub(super) const DEACTIVATE_RECIPIENT: &str =
     "UPDATE notification_recipients SET active = 0, changed_at = $1 WHERE id = $2";
 
-/// The notifications of request `$1`.
+/// The notifications of the request recorded at `$1` with id `$2`.
 pub(super) const OF_REQUEST: &str = concat!(
     "SELECT ",
     notification_columns!(),
-    " FROM opt_out_notifications WHERE request_id = $1 ORDER BY recipient"
+    " FROM opt_out_notifications WHERE created_at = $1 AND request_id = $2 ORDER BY recipient"
 );
 
 /// A page of notifications (recipient `$1`, state `$2`, each or both NULL for any), after
-/// (`$3`, `$4`), in the order of request id and recipient.
+/// (`$3`, `$4`, `$5`), in the order recorded (the key's).
 pub(super) const LIST: &str = concat!(
     "SELECT ",
     notification_columns!(),
     " FROM opt_out_notifications \
      WHERE (CAST($1 AS TEXT) IS NULL OR recipient = $1) \
        AND (CAST($2 AS TEXT) IS NULL OR state = $2) \
-       AND (CAST($3 AS TEXT) IS NULL OR request_id > $3 OR (request_id = $3 AND recipient > $4)) \
-     ORDER BY request_id, recipient LIMIT $5"
+       AND (CAST($3 AS BIGINT) IS NULL OR (created_at, request_id, recipient) > ($3, $4, $5)) \
+     ORDER BY created_at, request_id, recipient LIMIT $6"
 );
 
 /// Pending notifications per recipient: how many, and the oldest.
@@ -213,9 +231,11 @@ pub(super) const BACKLOG: &str = "SELECT recipient, COUNT(*), MIN(created_at) \
 pub(super) const OVERDUE: &str = "SELECT COUNT(*) FROM opt_out_notifications \
      WHERE state = 'PENDING' AND created_at < $1";
 
-/// Deletes the notifications of requests retention has pruned.
-pub(super) const PRUNE: &str = "DELETE FROM opt_out_notifications WHERE NOT EXISTS \
-     (SELECT 1 FROM opt_out_records r WHERE r.request_id = opt_out_notifications.request_id)";
+/// Deletes the notifications of requests retention has pruned: recorded before `$1`, when the
+/// prune's oldest kept response was (a pruned record was recorded before its response).
+pub(super) const PRUNE: &str = "DELETE FROM opt_out_notifications WHERE created_at < $1 \
+     AND NOT EXISTS (SELECT 1 FROM opt_out_records r \
+       WHERE r.request_id = opt_out_notifications.request_id)";
 
 /// The stored fields of a settle: state, next attempt, delivered, failed, class, reason.
 pub(super) type SettleFields<'a> = (
@@ -227,10 +247,10 @@ pub(super) type SettleFields<'a> = (
     Option<&'a str>,
 );
 
-impl Delivered<'_> {
+impl Delivered {
     /// What a settle at `now` stores.
     pub(super) fn fields(&self, now: i64) -> SettleFields<'_> {
-        match *self {
+        match self {
             Delivered::Yes => (
                 NotificationState::Delivered.as_str(),
                 now,
@@ -244,7 +264,7 @@ impl Delivered<'_> {
                 next_attempt_at,
             } => (
                 NotificationState::Pending.as_str(),
-                next_attempt_at,
+                *next_attempt_at,
                 None,
                 None,
                 Some(class),
@@ -392,57 +412,52 @@ impl Ledger {
         .await
     }
 
-    /// Records what an attempt under `holder`'s lease came to. False when the lease was lost
-    /// meanwhile (it lapsed and another gateway took it): that one's attempt decides.
-    pub async fn settle_notification(
+    /// Records what attempts under `holder`'s lease came to, all in one unit of work (one
+    /// commit for a batch of answers). For each, false when the lease was lost meanwhile (it
+    /// lapsed and another gateway took it): that one's attempt decides.
+    pub async fn settle_notifications(
         &self,
-        request_id: &str,
-        recipient: &str,
         holder: &str,
-        outcome: Delivered<'_>,
-    ) -> Result<bool, LedgerError> {
+        settles: Vec<Settle>,
+    ) -> Result<Vec<bool>, LedgerError> {
         let now = self.now_ms();
-        let (state, next, delivered, failed, class, reason) = outcome.fields(now);
-        let (class, reason) = (class.map(str::to_owned), reason.map(str::to_owned));
-        let keys = (
-            request_id.to_owned(),
-            recipient.to_owned(),
-            holder.to_owned(),
-        );
+        let holder = holder.to_owned();
         let pg = match &self.store {
             Store::Sqlite(db) => {
                 return db
                     .write(Touches::Nothing, move |tx| {
-                        let fields = (
-                            state,
-                            next,
-                            delivered,
-                            failed,
-                            class.as_deref(),
-                            reason.as_deref(),
-                        );
-                        sqlite::notifications::settle(tx, fields, &keys.0, &keys.1, &keys.2)
+                        settles
+                            .iter()
+                            .map(|settle| sqlite::notifications::settle(tx, settle, now, &holder))
+                            .collect()
                     })
                     .await;
             }
             Store::Postgres(pg) => pg,
         };
-        pg.statement(move |connection| {
+        pg.write(move |connection| {
             Box::pin(async move {
-                let settled = sqlx::query(SETTLE)
-                    .bind(state)
-                    .bind(next)
-                    .bind(delivered)
-                    .bind(failed)
-                    .bind(class)
-                    .bind(reason)
-                    .bind(&keys.0)
-                    .bind(&keys.1)
-                    .bind(&keys.2)
-                    .execute(&mut *connection)
-                    .await?
-                    .rows_affected();
-                Ok(settled == 1)
+                let mut settled = Vec::with_capacity(settles.len());
+                for settle in &settles {
+                    let (state, next, delivered, failed, class, reason) =
+                        settle.outcome.fields(now);
+                    let rows = sqlx::query(SETTLE)
+                        .bind(state)
+                        .bind(next)
+                        .bind(delivered)
+                        .bind(failed)
+                        .bind(class)
+                        .bind(reason)
+                        .bind(settle.created_at)
+                        .bind(&settle.request_id)
+                        .bind(&settle.recipient)
+                        .bind(&holder)
+                        .execute(&mut *connection)
+                        .await?
+                        .rows_affected();
+                    settled.push(rows == 1);
+                }
+                Ok(settled)
             })
         })
         .await
@@ -493,21 +508,22 @@ impl Ledger {
         .await
     }
 
-    /// The notifications of one request, by recipient.
+    /// The notifications of one request (`record`), by recipient.
     pub async fn notifications_of(
         &self,
-        request_id: &str,
+        record: &super::Record,
     ) -> Result<Vec<Notification>, LedgerError> {
-        let request_id = request_id.to_owned();
+        let (recorded_at, request_id) = (record.recorded_at, record.request_id.clone());
         let pg = match &self.store {
             Store::Sqlite(db) => {
                 return db
-                    .read(move |c| sqlite::notifications::of_request(c, &request_id))
+                    .read(move |c| sqlite::notifications::of_request(c, recorded_at, &request_id))
                     .await;
             }
             Store::Postgres(pg) => pg,
         };
         let rows = sqlx::query(OF_REQUEST)
+            .bind(recorded_at)
             .bind(&request_id)
             .fetch_all(&pg.reader)
             .await?;
@@ -541,10 +557,14 @@ impl Ledger {
             }
             Store::Postgres(pg) => pg,
         };
-        let (after_request, after_recipient) = after.unzip();
+        let (after_at, after_request, after_recipient) = match after {
+            Some((at, request, recipient)) => (Some(at), Some(request), Some(recipient)),
+            None => (None, None, None),
+        };
         let rows = sqlx::query(LIST)
             .bind(recipient)
             .bind(state)
+            .bind(after_at)
             .bind(after_request)
             .bind(after_recipient)
             .bind(limit)

@@ -31,11 +31,14 @@ macro_rules! consumer_requests {
         AND c.state = 'PENDING') AS parts_pending, \
      (SELECT MAX(c.resolved_at) FROM opt_out_records c WHERE c.parent_request_id = r.request_id) \
         AS parts_resolved_at, \
-     (SELECT COUNT(*) FROM opt_out_notifications n WHERE n.request_id = r.request_id \
+     (SELECT COUNT(*) FROM opt_out_notifications n \
+        WHERE n.created_at = r.recorded_at AND n.request_id = r.request_id \
         AND n.state = 'DELIVERED') AS notifications_delivered, \
-     (SELECT COUNT(*) FROM opt_out_notifications n WHERE n.request_id = r.request_id \
+     (SELECT COUNT(*) FROM opt_out_notifications n \
+        WHERE n.created_at = r.recorded_at AND n.request_id = r.request_id \
         AND n.state = 'FAILED') AS notifications_failed, \
-     (SELECT COUNT(*) FROM opt_out_notifications n WHERE n.request_id = r.request_id \
+     (SELECT COUNT(*) FROM opt_out_notifications n \
+        WHERE n.created_at = r.recorded_at AND n.request_id = r.request_id \
         AND n.state = 'PENDING') AS notifications_pending \
      FROM opt_out_records r \
      WHERE r.received_at >= ",

@@ -99,6 +99,7 @@ impl Ledger {
                 // Notifications of the records pruned: how the business told third parties of
                 // a request is part of its record, and goes with it.
                 sqlx::query(super::notifications::PRUNE)
+                    .bind(resolved_before)
                     .execute(&mut *connection)
                     .await?;
                 Ok(deleted)

@@ -719,6 +719,7 @@ impl GatewayPhase<'_> {
         let operation = gateway_operation(channels, self.profiles.clone(), scenario.set_share);
         drive(scenario.concurrency, self.warmup, operation.clone()).await;
         let delivered_before = receivers.delivered();
+        let receivers_cpu_before = receivers.cpu()?;
         let (result, cpu) = measured(
             scenario.concurrency,
             self.duration,
@@ -729,11 +730,15 @@ impl GatewayPhase<'_> {
         )
         .await?;
         let delivered = receivers.delivered().saturating_sub(delivered_before);
+        // The receivers run on this machine too, beside the gateway: what they took of it.
+        let receivers_cpu = receivers.cpu()?.saturating_sub(receivers_cpu_before);
         let notified = (self.setup.recipients > 0).then(|| {
             json!({
                 "recipients": self.setup.recipients,
                 "delivered": delivered,
                 "delivered_per_second": round(delivered as f64 / self.duration.as_secs_f64(), 1),
+                "receivers_cpu_us_per_delivery":
+                    round(receivers_cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64, 1),
             })
         });
         let peak_rss = gateway_pid.map(usage).transpose()?.map(|u| u.peak_rss);
@@ -798,6 +803,15 @@ impl Receivers {
                 dir.path().join("recipients.toml").display().to_string(),
             ]
         })
+    }
+
+    /// CPU time the receivers have used so far.
+    fn cpu(&self) -> Result<Duration, String> {
+        self.running
+            .iter()
+            .try_fold(Duration::ZERO, |total, (process, _)| {
+                Ok(total + usage(process.pid())?.cpu)
+            })
     }
 
     /// Deliveries the receivers have verified and taken so far.

@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::super::notifications::{
     ACTIVE_RECIPIENTS, BACKLOG, DEACTIVATE_RECIPIENT, DueNotification, LIST, Notification,
     NotificationCursor, OF_REQUEST, REQUEST_OF, RecipientBacklog, RecipientEvents, SETTLE,
-    SQLITE_CLAIM, SettleFields, UPSERT_RECIPIENT, notification_of_sqlite,
+    SQLITE_CLAIM, Settle, UPSERT_RECIPIENT, notification_of_sqlite,
 };
 use super::super::{LedgerError, Source};
 
@@ -90,23 +90,33 @@ pub(in crate::store) fn claim(
 
 pub(in crate::store) fn settle(
     tx: &Connection,
-    (state, next, delivered, failed, class, reason): SettleFields<'_>,
-    request_id: &str,
-    recipient: &str,
+    settle: &Settle,
+    now: i64,
     holder: &str,
 ) -> Result<bool, LedgerError> {
+    let (state, next, delivered, failed, class, reason) = settle.outcome.fields(now);
     let settled = tx.prepare_cached(SETTLE)?.execute(params![
-        state, next, delivered, failed, class, reason, request_id, recipient, holder
+        state,
+        next,
+        delivered,
+        failed,
+        class,
+        reason,
+        settle.created_at,
+        settle.request_id,
+        settle.recipient,
+        holder
     ])?;
     Ok(settled == 1)
 }
 
 pub(in crate::store) fn of_request(
     connection: &Connection,
+    recorded_at: i64,
     request_id: &str,
 ) -> Result<Vec<Notification>, LedgerError> {
     let mut statement = connection.prepare_cached(OF_REQUEST)?;
-    let mut rows = statement.query([request_id])?;
+    let mut rows = statement.query(params![recorded_at, request_id])?;
     let mut notifications = Vec::new();
     while let Some(row) = rows.next()? {
         notifications.push(notification_of_sqlite(row)?);
@@ -122,10 +132,14 @@ pub(in crate::store) fn list(
     limit: i64,
 ) -> Result<Vec<Notification>, LedgerError> {
     let mut statement = connection.prepare_cached(LIST)?;
-    let (after_request, after_recipient) = after.cloned().unzip();
+    let (after_at, after_request, after_recipient) = match after {
+        Some((at, request, recipient)) => (Some(at), Some(request), Some(recipient)),
+        None => (None, None, None),
+    };
     let mut rows = statement.query(params![
         recipient,
         state,
+        after_at,
         after_request,
         after_recipient,
         limit

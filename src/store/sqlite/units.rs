@@ -508,7 +508,7 @@ pub(in crate::store) fn prune(
     tx.prepare_cached(super::super::changes::PRUNE_CHANGES)?
         .execute([])?;
     tx.prepare_cached(super::super::notifications::PRUNE)?
-        .execute([])?;
+        .execute([resolved_before])?;
     Ok(deleted as u64)
 }
 
