@@ -56,6 +56,10 @@ impl Default for NotifySettings {
 /// Requests one recipient has in flight at most, from this gateway.
 pub const IN_FLIGHT_PER_RECIPIENT: usize = 16;
 
+/// Notifications of one recipient a gateway has claimed and not yet settled, at most: claimed
+/// in batches (a claim is a write to the ledger), sent IN_FLIGHT_PER_RECIPIENT at a time.
+const CLAIMED_PER_RECIPIENT: usize = 128;
+
 /// The `outcome` label of [`names::NOTIFICATIONS_TOTAL`].
 mod outcome {
     pub const DELIVERED: &str = "delivered";
@@ -207,7 +211,9 @@ impl Notifier {
         let limiter = Arc::new(RateLimiter::direct(Quota::per_second(max_rps)));
         // A permit is held from the claim until the answer is recorded: at most this many
         // notifications are claimed and not yet settled.
-        let permits = Arc::new(Semaphore::new(IN_FLIGHT_PER_RECIPIENT));
+        let permits = Arc::new(Semaphore::new(CLAIMED_PER_RECIPIENT));
+        // And one from the send until its answer: at most this many requests in flight.
+        let sending = Arc::new(Semaphore::new(IN_FLIGHT_PER_RECIPIENT));
         let (answered, mut answers) = mpsc::unbounded_channel::<Answered>();
         let settler = tokio::spawn({
             let this = self.clone();
@@ -225,26 +231,37 @@ impl Notifier {
         let mut attempts = JoinSet::new();
         loop {
             while attempts.try_join_next().is_some() {}
-            let first = tokio::select! {
+            // While answers are still to come, wait for half the window to be free, so that one
+            // claim (a write to the ledger) takes many notifications; idle, take what is due.
+            let busy = CLAIMED_PER_RECIPIENT - permits.available_permits();
+            let wanted = if busy == 0 {
+                1
+            } else {
+                CLAIMED_PER_RECIPIENT / 2
+            };
+            let mut taken = tokio::select! {
                 () = stop.cancelled() => break,
-                permit = permits.clone().acquire_owned() => match permit {
+                // The window is at least `wanted`: the semaphore is never closed.
+                permit = permits.clone().acquire_many_owned(u32::try_from(wanted).unwrap_or(1)) => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
                 },
             };
-            let mut taken = vec![first];
-            while let Ok(permit) = permits.clone().try_acquire_owned() {
-                taken.push(permit);
+            while let Ok(more) = permits.clone().try_acquire_owned() {
+                taken.merge(more);
             }
-            // Long enough for the rate's wait before the last of them and its attempt, twice.
+            let count = taken.num_permits();
+            // Long enough for the rate's wait before the last of them, and every round of
+            // attempts before it (at IN_FLIGHT_PER_RECIPIENT at once), twice.
+            let rounds = u32::try_from(count.div_ceil(IN_FLIGHT_PER_RECIPIENT)).unwrap_or(u32::MAX);
             let rate_wait = Duration::from_secs(
-                u64::try_from(taken.len()).unwrap_or(u64::MAX) / u64::from(max_rps.get()) + 1,
+                u64::try_from(count).unwrap_or(u64::MAX) / u64::from(max_rps.get()) + 1,
             );
             let lease = rate_wait
-                .saturating_add(self.settings.timeout)
+                .saturating_add(self.settings.timeout.saturating_mul(rounds))
                 .saturating_mul(2);
             let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-            let limit = i64::try_from(taken.len()).unwrap_or(1);
+            let limit = i64::try_from(count).unwrap_or(1);
             let due = match self
                 .ledger
                 .claim_notifications(&id, &holder, lease_ms, limit)
@@ -264,11 +281,20 @@ impl Notifier {
                 }
                 continue;
             }
-            for (notification, permit) in due.into_iter().zip(taken) {
+            for notification in due {
+                // One of the `count` taken, each for one notification (more than are due go
+                // back when `taken` drops).
+                let Some(permit) = taken.split(1) else {
+                    break;
+                };
                 let this = self.clone();
                 let limiter = limiter.clone();
+                let sending = sending.clone();
                 let answered = answered.clone();
                 attempts.spawn(async move {
+                    let Ok(_in_flight) = sending.acquire().await else {
+                        return;
+                    };
                     limiter.until_ready().await;
                     let recipients = this.recipients();
                     // Taken out of the file since the claim: its lease lapses, and it waits.
