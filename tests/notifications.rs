@@ -656,3 +656,81 @@ async fn the_records_cli_lists_notifications_and_counts_them_overdue_and_in_the_
         serde_json::json!({"delivered": 1, "failed": 1, "pending": 1})
     );
 }
+
+#[tokio::test]
+async fn serve_with_the_embedded_emulator_notifies_and_exports_the_notification_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start().await;
+    let file = dir.path().join("recipients.toml");
+    write_recipients(
+        &file,
+        &[recipient("sync", &receiver, dir.path(), &["opt-out"])],
+    );
+    let mut gateway = common::gateway()
+        .args(&[
+            "--emulator",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--recipients",
+            file.to_str().unwrap(),
+        ])
+        .spawn(None)
+        .await;
+    // A demo profile's key, from the commands the embedded emulator prints.
+    let pkey = loop {
+        let printed = gateway.stdout();
+        let key = printed
+            .iter()
+            .find(|l| l.contains("get-opt-out"))
+            .and_then(|l| l.split('\'').nth(1).map(str::to_owned));
+        if let Some(key) = key {
+            break key;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    gateway
+        .client
+        .set_opt_out(set(&pkey, true, "demo-1"))
+        .await
+        .unwrap();
+    let received = receiver.until_received(1).await;
+    assert!(received[0].verified);
+    until_state(
+        &mut gateway.client,
+        "demo-1",
+        "sync",
+        NotificationState::Delivered,
+    )
+    .await;
+
+    let url = gateway.metrics_url().await;
+    let scrape = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let value = |name: &str, labels: &[&str]| {
+        scrape
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("{name}{{")) && labels.iter().all(|label| l.contains(label))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} {labels:?} in\n{scrape}"))
+    };
+    let sync = r#"recipient="sync""#;
+    assert_eq!(
+        value(
+            "ccpa_notifications_total",
+            &[sync, r#"outcome="delivered""#]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value("ccpa_notifications_total", &[sync, r#"outcome="failed""#]),
+        0.0,
+        "every outcome's series exists from the start"
+    );
+    assert_eq!(value("ccpa_notifications_pending", &[sync]), 0.0);
+    assert_eq!(
+        value("ccpa_notifications_oldest_pending_age_seconds", &[sync]),
+        0.0
+    );
+}
