@@ -574,7 +574,11 @@ async fn set_opt_out_answers_pending_not_an_error_when_acs_fails() {
         false
     );
 
-    // The PATCH succeeds, the read-back fails: APPLIED, answering the value set.
+    // The PATCH succeeds, the read-back fails: APPLIED, answering the value set. On a gateway
+    // and emulator of their own: the first one's pending request (its deliverer's retries, its
+    // probe of ACS) would take the faults injected here.
+    let harness = gateway().start().await;
+    let mut client: CcpaServiceClient<Channel> = harness.client();
     let other = harness.profile(false);
     harness
         .emulator()
