@@ -2,9 +2,7 @@
 //! known calls, W3C trace context from a caller through the gateway to the emulator, spans
 //! exported to an OTLP collector running in the test, and no personal data in any of it.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -2,9 +2,7 @@
 //! three identity modes, the policy's permissions, per-caller rates, the fan-out cap, the
 //! health-only listener, rotation of certificates and policy, and the start-up refusals.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-mod common;
+use crate::common;
 
 use common::set;
 

@@ -3,10 +3,7 @@
 //! the profile's latest request, and `records report` gives the yearly figures of 11 CCR
 //! 7102(a). On SQLite and PostgreSQL, over real sockets.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-#[macro_use]
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};

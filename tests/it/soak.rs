@@ -1,9 +1,7 @@
 //! A soak: 2,000 calls while ACS fails 10% of requests in transient ways. Every call succeeds or
 //! ends with the right code, in time, and no opt-out is reported as set unless ACS holds it.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;

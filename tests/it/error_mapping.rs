@@ -1,9 +1,7 @@
 //! One test per row of the upstream-to-gRPC mapping (`src/api/error_mapping.rs`), each over real
 //! sockets with the emulator producing the upstream answer.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -4,10 +4,7 @@
 //! commit out of order, two replicas, the Rust client's resumption when a connection reaches its
 //! maximum age, shutdown, and the CLI.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-#[macro_use]
-mod common;
+use crate::common;
 
 use common::set;
 

@@ -1,8 +1,6 @@
 //! Health checks, server reflection, and the order of shutdown.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,9 +2,7 @@
 //! gateways on the emulator: set-up (TLS, mutual TLS, the caller's name), safe retries through
 //! faults, typed errors, the bulk stream, and a dependency tree without the server.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,9 +1,7 @@
 //! Opt-outs by email (every page, whole address, spellings, duplicates, create_if_missing) and in
 //! bulk (the stream, a cut stream resumed, the CSV command).
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

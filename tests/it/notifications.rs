@@ -5,10 +5,7 @@
 //! other; a gateway killed during a delivery; two replicas on PostgreSQL; the recipients file's
 //! reloads and refusals; the records CLI.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-#[macro_use]
-mod common;
+use crate::common;
 
 use common::receiver::{Receiver, RecipientSpec, Reply, write_recipients};
 use common::{Store, acs_config, set};

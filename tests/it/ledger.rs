@@ -2,10 +2,7 @@
 //! conflicting replays, PENDING then delivered, superseding, the protective read, permanent
 //! failures, listing, the overdue clock.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-#[macro_use]
-mod common;
+use crate::common;
 
 use common::set;
 
@@ -2099,7 +2096,7 @@ async fn a_restore_started_by_a_read_gives_its_lease_back_when_the_read_is_cut_s
 }
 
 /// A PostgreSQL ledger written by the previous release (schema version 5,
-/// `tests/fixtures/ledger-v5.postgres.sql`: dumped with `pg_dump --inserts` from its `serve
+/// `tests/it/fixtures/ledger-v5.postgres.sql`: dumped with `pg_dump --inserts` from its `serve
 /// --emulator` after an opt-out, an opt-in and a creation with an opt-out) opens, migrates, reads
 /// back what it holds, and records anew.
 #[tokio::test]
@@ -2166,7 +2163,7 @@ async fn a_postgres_ledger_of_the_previous_release_opens_migrates_and_reads_back
 }
 
 /// SQLite ledgers written by the previous release (sqlx's migrator and connections), kept in
-/// `tests/fixtures/`: `ledger-v6.sqlite3` was made by that release's `serve --emulator --ledger`
+/// `tests/it/fixtures/`: `ledger-v6.sqlite3` was made by that release's `serve --emulator --ledger`
 /// with one SetOptOut applied (`fixture-applied`) and one failed (`fixture-missing`, a profile
 /// ACS does not have); `ledger-v5.sqlite3` is the same file with migration 6 undone (its column
 /// dropped, its row of history deleted), as the release before it left its ledgers. Each opens
@@ -2177,7 +2174,7 @@ async fn a_postgres_ledger_of_the_previous_release_opens_migrates_and_reads_back
 #[tokio::test]
 async fn sqlite_ledgers_of_the_previous_releases_open_and_migrate() {
     use ccpa_gateway::store::{FailureCode, State};
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/fixtures");
     let history = |path: &std::path::Path| -> Vec<(i64, String, bool, Vec<u8>)> {
         let connection = rusqlite::Connection::open(path).unwrap();
         let mut statement = connection
@@ -2201,22 +2198,22 @@ async fn sqlite_ledgers_of_the_previous_releases_open_and_migrate() {
         (
             7,
             "indexes that cost what they serve",
-            include_str!("../migrations/0007_requests_in_order.sql"),
+            include_str!("../../migrations/0007_requests_in_order.sql"),
         ),
         (
             8,
             "one round trip per unit",
-            include_str!("../migrations/0008_one_round_trip_units.sqlite.sql"),
+            include_str!("../../migrations/0008_one_round_trip_units.sqlite.sql"),
         ),
         (
             9,
             "opt-out changes",
-            include_str!("../migrations/0009_opt_out_changes.sqlite.sql"),
+            include_str!("../../migrations/0009_opt_out_changes.sqlite.sql"),
         ),
         (
             10,
             "notifications",
-            include_str!("../migrations/0010_notifications.sqlite.sql"),
+            include_str!("../../migrations/0010_notifications.sqlite.sql"),
         ),
     ] {
         let migration = sqlx::migrate::Migration::new(

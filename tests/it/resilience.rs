@@ -1,9 +1,7 @@
 //! Surviving a real tenant, over real sockets: IMS tokens, deadlines, retries, throttling and
 //! health, with the emulator producing the trouble.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-mod common;
+use crate::common;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;

@@ -1,8 +1,6 @@
 //! Every input rule: INVALID_ARGUMENT naming the field, and nothing sent to ACS.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-mod common;
+use crate::common;
 
 use ccpa_gateway::proto::ccpa_v1::{
     CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,

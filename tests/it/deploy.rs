@@ -7,8 +7,6 @@
 //! The manifests' structure is checked by `.ci/run` (kustomize, the Kubernetes schemas,
 //! hadolint, promtool); this is what those tools cannot know.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 

@@ -1,8 +1,6 @@
 //! Each RPC over real sockets: tonic client -> gateway -> generated client -> emulator.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-mod common;
+use crate::common;
 
 use acs_emulator::{EmulatorConfig, Fault};
 use ccpa_gateway::proto::ccpa_v1::{

@@ -1,9 +1,7 @@
 //! The ledger across process deaths and between replicas: gateways killed with SIGKILL lose no
 //! request, and two gateways sharing one PostgreSQL ledger deliver every request once, in order.
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -1,9 +1,7 @@
 //! The `ccpa-gateway` binary: the terminal commands against a running gateway, and `serve` as a
 //! process (settings, SIGTERM, logs).
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::Stdio;

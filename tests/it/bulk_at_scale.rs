@@ -7,9 +7,7 @@
 //! This checks correctness and the memory bound, not speed: `cargo run --release -p ccpa-bench -- --scenario bulk`
 //! measures throughput on a release build (see BENCHMARKS.md).
 
-#![cfg(feature = "server")] // The gateway itself is under test.
-
-mod common;
+use crate::common;
 
 use std::time::Instant;
 
