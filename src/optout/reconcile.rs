@@ -10,13 +10,11 @@
 //! take), and only when it is still due once the lease is held, so each profile is re-read by
 //! one replica per interval.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use acs_profile_client::{CallError, Client, Failure};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
 use super::by_email::RESERVED_REQUEST_ID_SEPARATOR;
@@ -220,7 +218,10 @@ pub struct Reconciler {
     /// The background client: after every call someone is waiting for.
     acs: Client,
     settings: ReconcileSettings,
-    rate: DefaultDirectRateLimiter,
+    /// The least time between two re-reads, in ms of the ledger's clock: its share of the ACS
+    /// budget. Paced on the ledger's clock like the spread over the interval, so that one clock
+    /// (which tests control) rules both.
+    share_gap_ms: i64,
     /// Whether it warned that its share cannot cover every profile in one interval.
     short: AtomicBool,
 }
@@ -229,19 +230,18 @@ impl Reconciler {
     /// A reconciler for `delivery`'s ledger, reading ACS through `acs` (in the background).
     pub fn new(delivery: Arc<Delivery>, acs: &Client, settings: ReconcileSettings) -> Self {
         // One re-read per period: a share of a few requests per second is a fraction of one.
-        // Within a microsecond and an hour: a share too small or too large for a period is
-        // the nearest bound, never a faster rate than asked.
+        // Within a millisecond (the ledger clock's tick) and an hour: a share too small or too
+        // large for a period is the nearest bound, never a faster rate than asked. Its ACS
+        // calls also pass the client's own limit (--acs-max-rps).
         let period = Duration::try_from_secs_f64(1.0 / settings.max_rps)
             .unwrap_or(MAX_PERIOD)
-            .clamp(Duration::from_micros(1), MAX_PERIOD);
-        let quota = Quota::with_period(period)
-            .unwrap_or_else(|| Quota::per_hour(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::MIN);
+            .clamp(Duration::from_millis(1), MAX_PERIOD);
+        let share_gap_ms = i64::try_from(period.as_micros().div_ceil(1000)).unwrap_or(i64::MAX);
         Self {
             delivery,
             acs: acs.in_background(),
             settings,
-            rate: RateLimiter::direct(quota),
+            share_gap_ms,
             short: AtomicBool::new(false),
         }
     }
@@ -283,7 +283,7 @@ impl Reconciler {
 
     /// Re-reads due profiles from `next_at` on (the ledger's clock), while no delivery is due;
     /// returns when the next may be re-read, if it re-read one: the interval spread over every
-    /// watched profile.
+    /// watched profile, and never sooner than the share allows.
     async fn round(&self, mut next_at: i64) -> Result<Option<i64>, LedgerError> {
         let ledger = self.ledger();
         let mut reread = false;
@@ -310,10 +310,9 @@ impl Reconciler {
             let Some(pkey) = due.into_iter().next() else {
                 break;
             };
-            self.rate.until_ready().await;
             self.reconcile(&pkey).await?;
             reread = true;
-            next_at = now.saturating_add(self.interval_ms() / watched);
+            next_at = now.saturating_add((self.interval_ms() / watched).max(self.share_gap_ms));
         }
         Ok(reread.then_some(next_at))
     }

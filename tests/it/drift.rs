@@ -6,7 +6,7 @@
 use crate::common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
 use acs_profile_client::{CallSettings, ClientConfig, ManualClock, ThrottleSettings};
@@ -18,7 +18,7 @@ use ccpa_gateway::proto::ccpa_v1::{
     ListOptOutRecordsRequest, OptOutRecord, RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{Gateway, GatewayBuilder, Store, acs_config, busiest_window, opt_out_of, record};
+use common::{Gateway, GatewayBuilder, Store, acs_config, eventually, opt_out_of, record};
 use tonic::transport::Channel;
 
 on_both_stores!(
@@ -105,14 +105,10 @@ async fn restores_of(client: &mut CcpaServiceClient<Channel>, pkey: &str) -> Vec
 
 /// Waits until ACS holds `opt_out` for the profile.
 async fn until_acs_holds(emulator: &Emulator, pkey: &str, opt_out: bool) {
-    let started = Instant::now();
-    while emulator.profile(pkey).unwrap()["ccpaOptOut"] != opt_out {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "ACS never held {opt_out}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(&format!("ACS to hold {opt_out}"), || {
+        std::future::ready((emulator.profile(pkey).unwrap()["ccpaOptOut"] == opt_out).then_some(()))
+    })
+    .await;
 }
 
 /// How many GETs the emulator has answered.
@@ -126,14 +122,10 @@ fn gets(emulator: &Emulator) -> usize {
 
 /// Waits until the emulator has answered a GET more than `before`: the reconciler re-read.
 async fn until_reread(emulator: &Emulator, before: usize) {
-    let started = Instant::now();
-    while gets(emulator) <= before {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the reconciler never re-read"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the reconciler to re-read", || {
+        std::future::ready((gets(emulator) > before).then_some(()))
+    })
+    .await;
 }
 
 /// `records` run against a ledger; its exit code and standard output.
@@ -177,18 +169,11 @@ async fn the_reconciler_restores_a_reverted_opt_out_within_its_interval(store: S
     assert_eq!(restore.caller, "reconciler");
     assert_eq!(restore.source, RequestSource::Internal as i32);
     assert!(restore.ccpa_opt_out);
-    let restore = {
-        let mut client = gw.client();
-        let started = Instant::now();
-        loop {
-            let restore = record(&mut client, &restore.request_id).await;
-            if restore.state == DeliveryState::Applied as i32 {
-                break restore;
-            }
-            assert!(started.elapsed() < Duration::from_secs(20), "{restore:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let restore = eventually("the restore to be applied", || async {
+        let restore = record(&mut gw.client(), &restore.request_id).await;
+        (restore.state == DeliveryState::Applied as i32).then_some(restore)
+    })
+    .await;
 
     // The drift, for the privacy officer.
     let (code, out) = records(&["--ledger", &location, "drift"]).await;
@@ -280,19 +265,14 @@ async fn a_read_that_meets_drift_answers_opted_out_and_starts_the_restore(store:
 
 /// Waits until a profile has `count` restores, all applied; returns them.
 async fn until_applied_restores(gw: &Gateway, pkey: &str, count: usize) -> Vec<OptOutRecord> {
-    let started = Instant::now();
-    loop {
+    eventually(&format!("{count} applied restores"), || async {
         let restores = restores_of(&mut gw.client(), pkey).await;
-        if restores.len() == count
-            && restores
-                .iter()
-                .all(|r| r.state == DeliveryState::Applied as i32)
-        {
-            return restores;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "{restores:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let all_applied = restores
+            .iter()
+            .all(|r| r.state == DeliveryState::Applied as i32);
+        (restores.len() == count && all_applied).then_some(restores)
+    })
+    .await
 }
 
 fn profile_in<'a>(
@@ -401,10 +381,13 @@ async fn answers_carry_the_latest_request_on_each_path(store: Store) {
     assert_eq!(latest.state, DeliveryState::Applied as i32);
 }
 
-/// The reconciler's re-reads are paced by its share of the ACS budget, whatever the backlog.
+/// The reconciler's re-reads are paced by its share of the ACS budget, whatever the backlog: on
+/// the ledger's clock, which the test moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reconcilers_share_of_the_rate_limit_is_held() {
-    // A budget of 20 requests a second toward ACS; the reconciler's share, 10%: 2 a second.
+    // A budget of 20 requests a second toward ACS; the reconciler's share, 10%: 2 a second, one
+    // every 500 ms.
+    let clock = Arc::new(ManualClock::new());
     let gw = common::gateway()
         .adjust_acs(|acs| ClientConfig {
             call: CallSettings {
@@ -417,37 +400,46 @@ async fn the_reconcilers_share_of_the_rate_limit_is_held() {
             ..acs
         })
         .options(options(Duration::from_secs(1), 2.0))
+        .clock(clock.clone())
         .start()
         .await;
     let pkeys: Vec<String> = (0..20).map(|_| gw.profile(false)).collect();
     for (n, pkey) in pkeys.iter().enumerate() {
         applied(&gw, pkey, true, &format!("out-{n}")).await;
     }
-    // Every profile is due a second after it was applied, and again a second after each
-    // re-read: far more than two re-reads a second are due from here on.
-    let from = gw.emulator().request_count();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let rereads: Vec<Instant> = gw.emulator().requests()[from..]
-        .iter()
-        .filter(|r| r.method == "GET")
-        .map(|r| r.received_at)
-        .collect();
-    assert!(
-        rereads.len() >= 4,
-        "the reconciler re-read {}",
-        rereads.len()
-    );
-    // Spread evenly (one every 500 ms), a one-second window holds two, or three at its edges.
-    assert!(
-        busiest_window(&rereads, Duration::from_secs(1)) <= 3,
-        "{} re-reads in one second",
-        busiest_window(&rereads, Duration::from_secs(1))
-    );
-    assert!(
-        rereads.len() <= 10,
-        "{} re-reads in four seconds",
-        rereads.len()
-    );
+    // Over a second on: every profile is due at once, twenty where the share allows one.
+    let before = gets(gw.emulator());
+    clock.advance(Duration::from_millis(1_001));
+    until_reread(gw.emulator(), before).await;
+    for _ in 0..3 {
+        let reread = gets(gw.emulator());
+        // However long it waits, no re-read comes before 500 ms of the ledger's clock: the
+        // reconciler looks again every poll interval (100 ms here), three times in this wait.
+        clock.advance(Duration::from_millis(499));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            gets(gw.emulator()),
+            reread,
+            "a re-read within 500 ms of the last"
+        );
+        // At 500 ms, the next one, and only one.
+        clock.advance(Duration::from_millis(1));
+        until_reread(gw.emulator(), reread).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(gets(gw.emulator()), reread + 1, "one re-read every 500 ms");
+    }
+}
+
+/// Moves `clock` on by `step` every 20 ms (of real time) until `done`.
+async fn drive_until(clock: &ManualClock, step: Duration, what: &str, done: impl Fn() -> bool) {
+    eventually(what, || {
+        let finished = done();
+        if !finished {
+            clock.advance(step);
+        }
+        std::future::ready(finished.then_some(()))
+    })
+    .await;
 }
 
 /// Two gateways on one PostgreSQL ledger, both reconciling: each reverted profile is restored
@@ -456,11 +448,14 @@ async fn the_reconcilers_share_of_the_rate_limit_is_held() {
 async fn two_replicas_on_one_postgresql_ledger_restore_each_profile_once() {
     let store = Store::postgres().await;
     let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let clock = Arc::new(ManualClock::new());
+    // Every profile re-read every 2 s of the ledger's clock, both replicas on that one clock.
     let replica = || {
         common::gateway()
             .calling(acs_config(&emulator))
             .ledger_at(&store.location)
             .options(options(Duration::from_secs(2), 50.0))
+            .clock(clock.clone())
             .start()
     };
     let (a, b) = (replica().await, replica().await);
@@ -474,11 +469,28 @@ async fn two_replicas_on_one_postgresql_ledger_restore_each_profile_once() {
     for pkey in &pkeys {
         assert!(emulator.change_behind_the_gateway(pkey, false));
     }
-    for pkey in &pkeys {
-        until_acs_holds(&emulator, pkey, true).await;
-    }
-    // Two more intervals of both reconcilers re-reading: nothing more to restore.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let holds_every_opt_out = || {
+        pkeys
+            .iter()
+            .all(|pkey| emulator.profile(pkey).unwrap()["ccpaOptOut"] == true)
+    };
+    drive_until(
+        &clock,
+        Duration::from_millis(250),
+        "every opt-out restored",
+        holds_every_opt_out,
+    )
+    .await;
+    // Two more intervals of both reconcilers re-reading (each profile at least twice more):
+    // nothing more to restore.
+    let before = gets(&emulator);
+    drive_until(
+        &clock,
+        Duration::from_millis(250),
+        "twenty more re-reads",
+        || gets(&emulator) >= before + 2 * pkeys.len(),
+    )
+    .await;
     for pkey in &pkeys {
         let restores = restores_of(&mut a.client(), pkey).await;
         assert_eq!(restores.len(), 1, "{pkey}: {restores:?}");

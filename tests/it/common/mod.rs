@@ -226,6 +226,31 @@ pub async fn bulk(
     answers.into_iter().map(Result::unwrap).collect()
 }
 
+/// How long [`eventually`] waits for what a test expects before failing it: far beyond what a
+/// busy 2-core machine takes, so that reaching it means the thing will not happen.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Polls `check` every 20 ms until it gives `Some`, and returns what it gave; fails the test,
+/// saying `what` was awaited, after [`PATIENCE`]. The one way the tests wait for something that
+/// happens in the background.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let give_up = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "waited {PATIENCE:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until no record is PENDING: the deliverer has finished whatever answered PENDING (an
 /// item whose attempt outlived its budget on a busy machine is PENDING, and delivered after).
 pub async fn until_settled(client: &mut CcpaServiceClient<Channel>) {
