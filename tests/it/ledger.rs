@@ -20,7 +20,9 @@ use ccpa_gateway::proto::ccpa_v1::{
 };
 use ccpa_gateway::server::ServerOptions;
 use ccpa_gateway::store::{Ledger, LedgerError};
-use common::{GatewayBuilder, Store, acs_config, bulk, opt_out_of, record, until_settled};
+use common::{
+    GatewayBuilder, Store, acs_config, bulk, eventually, opt_out_of, record, until_settled,
+};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -1382,8 +1384,10 @@ async fn a_burst_for_one_profile_does_not_starve_calls_for_others_on_postgres() 
     // The other profiles' caller is another service, on a connection of its own.
     let mut reader = CcpaServiceClient::new(common::connect(addr).await);
 
-    // Another replica, in a slow transaction, holds the hot profile's lock for 3 s.
+    // Another replica, in a slow transaction, holds the hot profile's lock until the reads
+    // below are answered.
     let (locked, is_locked) = oneshot::channel();
+    let (release, released) = oneshot::channel::<()>();
     let (location, profile) = (store.location.clone(), hot.clone());
     let slow = tokio::spawn(async move {
         let mut replica = sqlx::PgConnection::connect(&location).await.unwrap();
@@ -1394,7 +1398,7 @@ async fn a_burst_for_one_profile_does_not_starve_calls_for_others_on_postgres() 
             .await
             .unwrap();
         locked.send(()).unwrap();
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        released.await.unwrap();
         transaction.commit().await.unwrap();
     });
     is_locked.await.unwrap();
@@ -1410,6 +1414,19 @@ async fn a_burst_for_one_profile_does_not_starve_calls_for_others_on_postgres() 
             })
         })
         .collect();
+    // The burst is waiting for the lock (in this test's database) before the reads begin.
+    let watcher = sqlx::PgPool::connect(&store.location).await.unwrap();
+    eventually("the burst to wait for the hot profile's lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&watcher)
+        .await
+        .unwrap();
+        (waiting > 0).then_some(())
+    })
+    .await;
     for pkey in &others {
         let mut request = tonic::Request::new(GetOptOutRequest {
             pkey: pkey.clone(),
@@ -1419,6 +1436,7 @@ async fn a_burst_for_one_profile_does_not_starve_calls_for_others_on_postgres() 
         let answer = reader.get_opt_out(request).await;
         assert!(answer.is_ok(), "a read of another profile: {answer:?}");
     }
+    release.send(()).unwrap();
     slow.await.unwrap();
     for call in burst {
         let answer = call.await.unwrap();
