@@ -1,11 +1,9 @@
-//! 100,000 opt-outs in one BulkSetOptOut stream, through a gateway process (so that its memory
-//! is its own, read from `/proc`) on a PostgreSQL ledger (what replicas share) to the emulator: every item is answered once, every profile
-//! ends opted out and is recorded once, and the gateway's peak memory does not grow with the
-//! stream's length. The figures (items per second, peak RSS) are printed; run with
-//! `--nocapture` to see them. `CCPA_BULK_SCALE_ITEMS` changes the number of items.
-//!
-//! This checks correctness and the memory bound, not speed: `cargo run --release -p ccpa-bench -- --scenario bulk`
-//! measures throughput on a release build (see BENCHMARKS.md).
+//! A long BulkSetOptOut stream through a gateway process (so that its memory is its own, read
+//! from `/proc`) on a PostgreSQL ledger (what replicas share) to the emulator: every item is
+//! answered once, every profile ends opted out and is recorded once, and the gateway's peak
+//! memory after the whole stream is what it was after its first tenth. The suite runs 5,000
+//! items (`CCPA_BULK_SCALE_ITEMS` changes it); the benchmark's `bulk` scenario runs 100,000 and
+//! reports the same two figures on an optimised build (see BENCHMARKS.md), with items per second.
 
 use crate::common;
 
@@ -23,23 +21,24 @@ const MIB: u64 = 1024 * 1024;
 
 /// How much the gateway's peak RSS may grow between the first tenth of the stream and its end.
 /// Bounded memory means it holds the same few dozen items whatever the length: what it may still
-/// grow by is allocator and SQLite cache slack, well under this. Holding every item (no
-/// back-pressure) would cost hundreds of MiB at this length.
-const GROWTH_ALLOWED: u64 = 32 * MIB;
+/// grow by is allocator and cache slack (none was seen: 59 MiB after 500 items and after 5,000).
+/// Holding the other 4,500 items (each a request, a ledger row and a task with its ACS calls,
+/// several KiB) would exceed it.
+const GROWTH_ALLOWED: u64 = 8 * MIB;
 
 fn items() -> usize {
     std::env::var("CCPA_BULK_SCALE_ITEMS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(100_000)
+        .unwrap_or(5_000)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_100_000_item_stream_is_applied_once_each_in_bounded_memory() {
+async fn a_long_stream_is_applied_once_each_in_bounded_memory() {
     let count = items();
     let emulator = Emulator::start(EmulatorConfig {
-        // The emulator keeps no log of 200,000 requests: its memory is not what is measured,
-        // but it shares the machine.
+        // The emulator keeps no log of the stream's requests: its memory is not what is
+        // measured, but it shares the machine.
         record_requests: false,
         ..Default::default()
     })
@@ -143,88 +142,4 @@ async fn a_100_000_item_stream_is_applied_once_each_in_bounded_memory() {
         rss_at_tenth / MIB,
         rss_at_end / MIB
     );
-}
-
-/// Peak resident memory of a running process, from `/proc/<pid>/status` (`VmHWM`).
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/<pid>/status");
-    kib * 1024
-}
-
-/// `records export` and `records --overdue` read a ledger of 200,000 records row by row: their
-/// peak memory, read while the last rows are still to be written, stays far below what holding
-/// the records would take (several hundred MiB here).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_of_200_000_requests_are_exported_in_flat_memory() {
-    use tokio::io::AsyncBufReadExt;
-    const RECORDS: u64 = 200_000;
-    const PEAK_ALLOWED: u64 = 64 * MIB;
-    let store = Store::sqlite();
-    let ledger = Ledger::open(&store.location).await.unwrap();
-    drop(ledger);
-    {
-        let connection = rusqlite::Connection::open_with_flags(
-            &store.location,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
-        )
-        .unwrap();
-        connection
-            .busy_timeout(std::time::Duration::from_secs(10))
-            .unwrap();
-        // Long pending (received in 1970): every one of them is overdue, too.
-        connection
-            .execute(
-            "INSERT INTO opt_out_records (request_id, kind, pkey, opt_out, source, received_at, \
-             received_at_given, recorded_at, caller, state, attempts, next_attempt_at) \
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $1) \
-             SELECT 'scale-' || i, 'SET_OPT_OUT', '@scale-profile-' || i, 1, 'WEB_FORM', \
-             1000000 + i, 1, 1000000 + i, 'scale-test', 'PENDING', 0, 9000000000000 FROM n",
-            [i64::try_from(RECORDS).unwrap()],
-        )
-        .unwrap();
-        connection.close().map_err(|(_, e)| e).unwrap();
-    }
-
-    for (args, expected_code) in [
-        (vec!["export", "--since", "1970-01-01T00:00:00Z"], Some(0)),
-        (vec!["--overdue"], Some(6)),
-    ] {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
-            .args(["records", "--ledger", &store.location])
-            .args(&args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let pid = child.id().unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut read = 0u64;
-        let mut peak = 0;
-        while let Some(line) = lines.next_line().await.unwrap() {
-            read += 1;
-            if read == 1 {
-                let first: serde_json::Value = serde_json::from_str(&line).unwrap();
-                assert_eq!(first["requestId"], "scale-1", "{args:?}: oldest first");
-            }
-            if read == RECORDS * 9 / 10 {
-                // The command cannot have ended: a tenth of its rows are still to be read.
-                peak = peak_rss(pid);
-            }
-        }
-        let status = child.wait().await.unwrap();
-        assert_eq!(status.code(), expected_code, "{args:?}");
-        assert_eq!(read, RECORDS, "{args:?}");
-        println!("records {args:?}: peak RSS {} MiB", peak / MIB);
-        assert!(
-            peak < PEAK_ALLOWED,
-            "{args:?}: peak RSS {} MiB while exporting",
-            peak / MIB
-        );
-    }
 }

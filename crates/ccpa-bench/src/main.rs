@@ -12,6 +12,7 @@
 //! ...`, which is `ccpa-gateway ...`: the same library, allocator and build profile.
 
 mod bulk;
+mod export;
 mod load;
 mod processes;
 mod tls;
@@ -78,6 +79,9 @@ struct BenchArgs {
     /// 2,000 with --quick).
     #[arg(long)]
     items: Option<usize>,
+    /// Records in the ledger of the `export` scenario (default 200,000, 2,000 with --quick).
+    #[arg(long)]
+    records: Option<u64>,
     /// Worker threads of the gateway (the load generator and the emulator have one each).
     #[arg(long)]
     gateway_threads: Option<usize>,
@@ -143,6 +147,8 @@ enum ScenarioChoice {
     /// its key in the JSON report.
     #[value(alias = "bulk_record_only")]
     BulkRecordOnly,
+    /// `records export` and `records --overdue` over a large ledger.
+    Export,
 }
 
 /// One load shape.
@@ -253,7 +259,7 @@ async fn run(args: BenchArgs) -> u8 {
             ScenarioChoice::Fanout => s.name == "fanout",
             ScenarioChoice::Ledger => s.name == "ledger",
             ScenarioChoice::Flood => s.name == "flood",
-            ScenarioChoice::Bulk | ScenarioChoice::BulkRecordOnly => false,
+            ScenarioChoice::Bulk | ScenarioChoice::BulkRecordOnly | ScenarioChoice::Export => false,
         })
         .collect();
     let log_filter = match args.gateway_log {
@@ -349,6 +355,26 @@ async fn run(args: BenchArgs) -> u8 {
             }
             Err(e) => {
                 eprintln!("error: scenario {name}: {e}");
+                return exit_codes::FAILURE;
+            }
+        }
+    }
+    if matches!(args.scenario, ScenarioChoice::All | ScenarioChoice::Export) {
+        let records = args
+            .records
+            .unwrap_or(if args.quick { 2_000 } else { 200_000 });
+        if !args.json {
+            eprintln!("running export ({records} records) ...");
+        }
+        match export::run(records).await {
+            Ok(report) => {
+                if !args.json {
+                    export::print_report(&report);
+                }
+                scenarios.insert("export".to_owned(), report);
+            }
+            Err(e) => {
+                eprintln!("error: scenario export: {e}");
                 return exit_codes::FAILURE;
             }
         }

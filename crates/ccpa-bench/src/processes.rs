@@ -106,7 +106,7 @@ fn pid_of(child: &Child) -> Result<i32, String> {
 
 /// A command running this binary, with one worker thread unless the caller chose otherwise:
 /// the load generator, the emulator and the gateway share the machine's cores.
-fn this_binary_command() -> Result<Command, String> {
+pub fn this_binary_command() -> Result<Command, String> {
     let mut command = Command::new(this_binary()?);
     // `ccpa-bench gateway ...` is `ccpa-gateway ...` (see `main`).
     command.arg(crate::GATEWAY);

@@ -187,6 +187,30 @@ fn the_record_only_bulk_scenario_reports_intake_and_memory() {
     );
 }
 
+/// The export scenario at a size the suite can afford (the benchmark runs 200,000): the
+/// commands' peak memory after nine tenths of 5,000 rows is what it was after the first 500.
+/// Holding the rows would add several MB here (about a kB each, as records and as JSON).
+#[test]
+fn records_export_reads_a_ledger_in_flat_memory() {
+    let report = bench(&["--scenario", "export", "--records", "5000", "--json"]);
+    let export = &report["scenarios"]["export"];
+    assert_eq!(export["records"], 5000, "{export}");
+    for command in ["export", "overdue"] {
+        let figures = &export[command];
+        assert!(
+            figures["rows_per_s"].as_f64().unwrap() > 0.0,
+            "{command}: {export}"
+        );
+        let first = figures["peak_rss_mb_after_a_tenth"].as_f64().unwrap();
+        let last = figures["peak_rss_mb_after_nine_tenths"].as_f64().unwrap();
+        assert!(first > 0.0, "{command}: {export}");
+        assert!(
+            last <= first + 1.0,
+            "{command}: peak RSS grew from {first} MB to {last} MB: {export}"
+        );
+    }
+}
+
 /// The PostgreSQL the tests use (as the gateway's own tests: `CCPA_TEST_POSTGRES_URL`, or the
 /// one CI machines run on 127.0.0.1:5432 with trust auth).
 fn postgres_url() -> String {
