@@ -20,6 +20,12 @@ async fn main() -> Result<(), Error> {
     let email = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "ada@example.com".into());
+    opt_out(addr, email).await
+}
+
+/// Opts the profiles with `email` out through the gateway at `addr`, and reads the opt-out back.
+/// (`pub`: the test of what `serve --emulator` prints runs it, tests/it/cli.rs.)
+pub async fn opt_out(addr: String, email: String) -> Result<(), Error> {
     let client = ClientBuilder::new(addr)
         .caller("example-service")
         .connect()

@@ -3,6 +3,12 @@
 
 use crate::common;
 
+// The gateway client's example (`examples/gateway_client.rs`), whose `opt_out` the test of
+// `serve --emulator`'s printed commands runs; its `main` is the example's alone.
+#[allow(dead_code)]
+#[path = "../../examples/gateway_client.rs"]
+mod gateway_client_example;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
@@ -1062,28 +1068,28 @@ async fn serve_with_the_embedded_emulator_prints_commands_that_work() {
                 call_as_grpcurl_would(gateway.addr, line, &words[1..]).await;
                 ran.push(words.last().unwrap().clone());
             }
-            [assignment, "cargo", "run", "--example", example] => {
-                // The library client's example, as a Rust service would call.
+            [assignment, "cargo", "run", "--example", "gateway_client"] => {
+                // The library client's example, as a Rust service would call: its code, compiled
+                // into this test (a `cargo run` here would build the dependencies again with the
+                // root package's features alone, for minutes), given what the line sets.
                 let addr = assignment
                     .strip_prefix("CCPA_ADDR=")
                     .unwrap_or_else(|| panic!("{line}: only CCPA_ADDR is set"));
-                // Awaited, not blocking: the gateway's log lines must keep being read while
-                // the example runs, or its standard error fills and it stops answering.
-                let output = Command::new(env!("CARGO"))
-                    .args(["run", "--quiet", "--example", example])
-                    .env("CCPA_ADDR", addr)
-                    .current_dir(env!("CARGO_MANIFEST_DIR"))
-                    .output()
+                if let Err(error) =
+                    gateway_client_example::opt_out(addr.to_owned(), "ada@example.com".into()).await
+                {
+                    panic!("{line}: {error}");
+                }
+                let read = CcpaServiceClient::new(common::connect(gateway.addr).await)
+                    .get_opt_out(GetOptOutRequest {
+                        email: "ada@example.com".into(),
+                        ..Default::default()
+                    })
                     .await
-                    .unwrap();
-                let stdout = String::from_utf8_lossy(&output.stdout);
-                assert!(
-                    output.status.success(),
-                    "{line}: {stdout}{}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-                assert!(stdout.contains("opted out: true"), "{line}: {stdout}");
-                ran.push(example.to_owned());
+                    .unwrap()
+                    .into_inner();
+                assert!(read.ccpa_opt_out, "{line}: {read:?}");
+                ran.push("gateway_client".to_owned());
             }
             ["curl", "-s", url] => {
                 // After the calls above: the metrics count them.

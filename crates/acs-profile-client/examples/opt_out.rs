@@ -9,8 +9,9 @@ use std::sync::Arc;
 use acs_emulator::{Emulator, EmulatorConfig, NewProfile};
 use acs_profile_client::{AccessToken, Client, ClientConfig, SharedToken};
 
+// `pub`: the crate's tests run this example as it is (tests/against_emulator.rs).
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let emulator = Emulator::start(EmulatorConfig::default()).await?;
     let pkey = emulator.insert_profile(NewProfile {
         email: "ada@example.com".into(),

@@ -712,3 +712,15 @@ fn a_profile_with_empty_strings_for_missing_values_reads() {
         assert_eq!(profile.ccpa_opt_out, Some(true));
     }
 }
+
+/// The crate's example, compiled here as it is, so that the suite runs it: it ends without an
+/// error only if every call it makes succeeds.
+#[path = "../examples/opt_out.rs"]
+mod opt_out_example;
+
+#[test]
+fn the_opt_out_example_runs() {
+    if let Err(error) = opt_out_example::main() {
+        panic!("the example failed: {error}");
+    }
+}
