@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 /// glibc's allocator took a large share of the gateway's CPU time under load (its arenas
 /// contend and consolidate across the runtime's threads); mimalloc's per-thread heaps do not.
-/// `BENCHMARKS.md` has the before and after.
+/// `docs/performance-history.md` has the before and after.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -3,7 +3,7 @@
 //! tonic's default codec gives every call an 8 KiB encode buffer and an 8 KiB decode buffer.
 //! This API's messages are a few hundred bytes, and the gateway is built to hold ten thousand
 //! calls in flight. The buffers start at 512 bytes here and grow if a message needs more; what
-//! that saved in the `flood` benchmark is in `BENCHMARKS.md`.
+//! that saved in the `flood` benchmark is in `docs/performance-history.md`.
 
 use std::marker::PhantomData;
 

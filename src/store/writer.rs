@@ -6,7 +6,7 @@
 //! alone) runs by [`Writer::statement`] outside any explicit transaction, so that the statement
 //! is its own transaction: one round trip instead of a BEGIN, the statement and a COMMIT, each
 //! a round trip. PostgreSQL groups concurrent commits into one WAL flush itself
-//! (`BENCHMARKS.md`). (SQLite's group commit is `sqlite`'s writer thread.)
+//! (`docs/performance-history.md`). (SQLite's group commit is `sqlite`'s writer thread.)
 
 use futures::future::BoxFuture;
 use sqlx::{AnyConnection, AnyPool};
