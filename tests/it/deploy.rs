@@ -1,8 +1,8 @@
 //! The deployment in `deploy/` agrees with the binary and with itself: every flag and `CCPA_`
 //! variable the manifests name is one `ccpa-gateway serve` takes (and those the runbook names,
-//! one `serve` or `records` takes), and every
-//! metric the alerts and the dashboard query is one the README lists (the README's list is
-//! checked against what the gateway exports in `tests/observability.rs`).
+//! one `serve` or `records` takes), and every metric the alerts and the dashboard query is one
+//! `docs/operations.md` lists (the list is checked against what the gateway exports in
+//! `tests/observability.rs`).
 //!
 //! The manifests' structure is checked by `.ci/run` (kustomize, the Kubernetes schemas,
 //! hadolint, promtool); this is what those tools cannot know.
@@ -136,12 +136,14 @@ fn metrics_in(expr: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// The metrics the README's "Metrics and traces" section lists.
-fn readme_metrics() -> BTreeSet<String> {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let start = readme.find("## Metrics and traces").unwrap();
-    let end = start + readme[start..].find("### Traces").unwrap();
-    let section = &readme[start..end];
+/// The metrics the "Metrics and traces" section of `docs/operations.md` lists.
+fn documented_metrics() -> BTreeSet<String> {
+    let operations = std::fs::read_to_string(root().join("docs/operations.md")).unwrap();
+    let start = operations
+        .find("## Metrics and traces")
+        .expect("docs/operations.md has a \"Metrics and traces\" section");
+    let end = start + operations[start..].find("### Traces").unwrap();
+    let section = &operations[start..end];
     let listed = metrics_in(section);
     assert!(listed.len() > 20, "{listed:?}");
     listed
@@ -149,7 +151,7 @@ fn readme_metrics() -> BTreeSet<String> {
 
 #[test]
 fn the_alerts_and_the_dashboard_query_only_metrics_the_gateway_exports() {
-    let listed = readme_metrics();
+    let listed = documented_metrics();
 
     let alerts = std::fs::read_to_string(root().join("deploy/prometheus/alerts.yaml")).unwrap();
     let in_alerts = metrics_in(&alerts);
@@ -157,7 +159,7 @@ fn the_alerts_and_the_dashboard_query_only_metrics_the_gateway_exports() {
     for name in &in_alerts {
         assert!(
             listed.contains(name),
-            "alerts.yaml queries {name}, not in the README"
+            "alerts.yaml queries {name}, not in docs/operations.md"
         );
     }
 
@@ -182,7 +184,7 @@ fn the_alerts_and_the_dashboard_query_only_metrics_the_gateway_exports() {
     for name in &in_dashboard {
         assert!(
             listed.contains(name),
-            "the dashboard queries {name}, not in the README"
+            "the dashboard queries {name}, not in docs/operations.md"
         );
     }
     // What the issue asks the dashboard to show, each in a picture.

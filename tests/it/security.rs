@@ -683,7 +683,7 @@ async fn a_trusted_front_proxy_names_the_caller_in_the_header() {
     });
     let path = |p: &Path| p.display().to_string();
     let front_proxy = certs.ca.client(Name::Uri(FRONT_PROXY));
-    // The real binary, configured as the README shows, with the list in its variable.
+    // The real binary, configured as docs/security.md shows, with the list in its variable.
     let mut gateway = common::gateway()
         .args(&[
             "--tls-cert",
