@@ -2,7 +2,7 @@
 #
 # The gateway's image: built on the project's own toolchain, run as a non-root user on a
 # distroless base that holds the binary and the C runtime it links against, and nothing else
-# (no shell, no package manager). Build it with `docker build .` (see the README, "Deploying").
+# (no shell, no package manager). Build it with `docker build .` (see docs/operations.md, "Deploying").
 #
 # Dependencies are compiled in a layer of their own (cargo-chef), so that a change to the
 # gateway's code rebuilds the gateway, not the few hundred crates under it. The `dist` profile

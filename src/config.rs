@@ -100,8 +100,7 @@ pub struct ServeSettings {
     pub notify: NotifyArgs,
 }
 
-/// Which third parties are told of consumer requests, by signed webhooks (README, "Telling
-/// third parties").
+/// Which third parties are told of consumer requests, by signed webhooks (docs/notifications.md).
 #[derive(Args, Clone)]
 pub struct NotifyArgs {
     /// The recipients of notifications (TOML: id, url, secret_file, events, max_rps for each
@@ -150,7 +149,7 @@ impl NotifyArgs {
     }
 }
 
-/// What the gateway exports about itself. See the README's "Metrics and traces" section.
+/// What the gateway exports about itself. See `docs/operations.md`, "Metrics and traces".
 #[derive(Args, Clone)]
 pub struct ObservabilitySettings {
     /// Serve Prometheus metrics at GET /metrics on this address (its own port, plaintext;
@@ -236,7 +235,7 @@ fn otlp_endpoint(text: &str) -> Result<url::Url, String> {
 }
 
 /// Who may connect and call the gateway, and the limits that keep one caller from starving
-/// the rest. See the README's "Security" section.
+/// the rest. See `docs/security.md`.
 #[derive(Args, Clone)]
 pub struct CallerSettings {
     /// The server's certificate chain (PEM): serve TLS. Reloaded when the file changes.
