@@ -1,13 +1,14 @@
-//! The deployment in `deploy/` agrees with the binary and with itself: every flag and `CCPA_`
-//! variable the manifests name is one `ccpa-gateway serve` takes (and those the runbook names,
-//! one `serve` or `records` takes), and every metric the alerts and the dashboard query is one
-//! `docs/operations.md` lists (the list is checked against what the gateway exports in
-//! `tests/observability.rs`).
+//! The deployment in `deploy/` and the documentation agree with the binary and with themselves:
+//! every flag and `CCPA_` variable the manifests name is one `ccpa-gateway serve` takes (and those
+//! the runbook names, one `serve` or `records` takes), every metric the alerts and the dashboard
+//! query is one `docs/operations.md` lists (the list is checked against what the gateway exports
+//! in `tests/observability.rs`), and `docs/configuration.md`'s flag table is `serve --help`'s
+//! list, both ways.
 //!
 //! The manifests' structure is checked by `.ci/run` (kustomize, the Kubernetes schemas,
 //! hadolint, promtool); this is what those tools cannot know.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
@@ -232,5 +233,124 @@ fn every_alert_has_a_runbook_section() {
                 "{name}'s runbook lacks {part}"
             );
         }
+    }
+}
+
+/// The long flags in `text`, whole (`--http2-keepalive-interval`, digits included), and not a
+/// Markdown table's `|---|`.
+fn long_flags_in(text: &str) -> BTreeSet<String> {
+    words(text, "--", |c| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
+    })
+    .into_iter()
+    .filter(|flag| flag[2..].starts_with(|c: char| c.is_ascii_lowercase()))
+    .collect()
+}
+
+/// A flag as `--help` describes it: its environment variable and its default, if it has them.
+#[derive(Debug, Default, PartialEq)]
+struct Described {
+    variable: Option<String>,
+    default: Option<String>,
+}
+
+/// The flags of a command's `--help` (clap's long help: a flag's line is indented at most six
+/// spaces, its description ten, and `[env: NAME=...]`, `[default: ...]` follow the description).
+fn flags_of_help(help: &str) -> BTreeMap<String, Described> {
+    let mut flags: BTreeMap<String, Described> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if (1..=6).contains(&indent) && trimmed.starts_with('-') {
+            let flag = long_flags_in(trimmed)
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| panic!("a flag's line without a long flag: {line}"));
+            assert!(
+                flags.insert(flag.clone(), Described::default()).is_none(),
+                "{flag} twice"
+            );
+            current = Some(flag);
+        } else if !line.is_empty() && !line.starts_with(' ') {
+            // A heading ("Options:", "Opt-out ledger:") ends the flag before it.
+            current = None;
+        } else if let Some(flag) = &current {
+            let described = flags.get_mut(flag).unwrap();
+            if let Some(rest) = trimmed.strip_prefix("[env: ") {
+                let end = rest.find(['=', ']']).unwrap();
+                described.variable = Some(rest[..end].to_owned());
+            } else if let Some(rest) = trimmed.strip_prefix("[default: ") {
+                described.default = Some(rest.strip_suffix(']').unwrap().to_owned());
+            }
+        }
+    }
+    flags
+}
+
+/// The rows of the flag table under `heading` in a Markdown text: flag -> (variable, default).
+/// Rows whose first cell is not a flag (a group's name) are skipped.
+fn flag_table(text: &str, heading: &str) -> BTreeMap<String, (Option<String>, String)> {
+    let start = text
+        .find(heading)
+        .unwrap_or_else(|| panic!("no {heading:?}"));
+    let section = &text[start..];
+    let section = &section[..section[heading.len()..]
+        .find("\n## ")
+        .map_or(section.len(), |end| end + heading.len())];
+    let mut rows = BTreeMap::new();
+    for line in section.lines().filter(|l| l.starts_with("| `--")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert!(cells.len() >= 6, "a row of four cells: {line}");
+        let flag = cells[1].trim_matches('`').to_owned();
+        let variable = cells[2].trim_matches('`');
+        let variable = (!variable.is_empty()).then(|| variable.to_owned());
+        let previous = rows.insert(flag.clone(), (variable, cells[3].to_owned()));
+        assert!(previous.is_none(), "{flag} has two rows");
+    }
+    rows
+}
+
+#[test]
+fn the_configuration_doc_lists_every_flag_of_serve_with_its_variable_and_default() {
+    let help = help(&["serve"]);
+    let flags = flags_of_help(&help);
+    let doc = std::fs::read_to_string(root().join("docs/configuration.md")).unwrap();
+    let table = flag_table(&doc, "## The flags of `serve`");
+    assert!(
+        flags.len() > 40 && flags.contains_key("--ledger"),
+        "{flags:?}"
+    );
+
+    for (flag, described) in &flags {
+        if matches!(flag.as_str(), "--help" | "--version") {
+            continue;
+        }
+        let Some((variable, default)) = table.get(flag) else {
+            panic!("`serve --help` lists {flag}, which docs/configuration.md's table does not");
+        };
+        assert_eq!(
+            variable, &described.variable,
+            "{flag}: the variable in docs/configuration.md is not the one `serve --help` gives"
+        );
+        if let Some(value) = &described.default {
+            assert!(
+                default.contains(&format!("`{value}`")),
+                "{flag}: `serve --help` gives the default {value}, docs/configuration.md says {default}"
+            );
+        }
+    }
+    for flag in table.keys() {
+        assert!(
+            flags.contains_key(flag),
+            "docs/configuration.md's table lists {flag}, which `serve --help` does not"
+        );
+    }
+    // Nor does the prose around the table name a flag `serve` does not take.
+    for flag in long_flags_in(&doc) {
+        assert!(
+            flags.contains_key(&flag),
+            "docs/configuration.md names {flag}, which `serve --help` does not list"
+        );
     }
 }
