@@ -2,7 +2,7 @@
 //! every flag and `CCPA_` variable the manifests name is one `ccpa-gateway serve` takes (and those
 //! the runbook names, one `serve` or `records` takes), every metric the alerts and the dashboard
 //! query is one `docs/operations.md` lists (the list is checked against what the gateway exports
-//! in `tests/observability.rs`), and `docs/configuration.md`'s flag table is `serve --help`'s
+//! in `tests/it/observability.rs`), and `docs/configuration.md`'s flag table is `serve --help`'s
 //! list, both ways.
 //!
 //! The manifests' structure is checked by `.ci/run` (kustomize, the Kubernetes schemas,
