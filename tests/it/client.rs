@@ -15,7 +15,7 @@ use ccpa_gateway::proto::ccpa_v1::{
     ListOptOutRecordsRequest, RequestSource, SetOptOutRequest,
 };
 use common::pki::{Ca, Name, client_tls};
-use common::{QUICK_DELIVERY_ARGS, until_settled};
+use common::{QUICK_DELIVERY_ARGS, get, until_settled};
 use futures::StreamExt as _;
 use tonic::Code;
 
@@ -28,13 +28,6 @@ fn opt_out(pkey: &str) -> SetOptOutRequest {
         pkey: pkey.into(),
         ccpa_opt_out: Some(true),
         source: RequestSource::WebForm as i32,
-        ..Default::default()
-    }
-}
-
-fn get(pkey: &str) -> GetOptOutRequest {
-    GetOptOutRequest {
-        pkey: pkey.into(),
         ..Default::default()
     }
 }

@@ -14,11 +14,13 @@ use ccpa_gateway::optout::delivery::DeliverySettings;
 use ccpa_gateway::optout::reconcile::ReconcileSettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
-    CreateProfileRequest, DeliveryState, GetOptOutRequest, GetOptOutResponse,
-    ListOptOutRecordsRequest, OptOutRecord, RequestSource, SetOptOutRequest,
+    CreateProfileRequest, DeliveryState, GetOptOutRequest, GetOptOutResponse, OptOutRecord,
+    RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{Gateway, GatewayBuilder, Store, acs_config, eventually, opt_out_of, record};
+use common::{
+    Gateway, GatewayBuilder, Store, acs_config, eventually, opt_out_of, record, records_of, set,
+};
 use tonic::transport::Channel;
 
 on_both_stores!(
@@ -54,18 +56,16 @@ fn hourly(store: Store, clock: Arc<ManualClock>) -> GatewayBuilder {
         .clock(clock)
 }
 
-fn set(pkey: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
+/// A consumer's SetOptOut: by Global Privacy Control to opt out, by web form to opt back in.
+fn from_consumer(pkey: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
     SetOptOutRequest {
-        pkey: pkey.into(),
-        ccpa_opt_out: Some(opt_out),
-        request_id: request_id.into(),
         // A signal can only opt out.
         source: if opt_out {
             RequestSource::GlobalPrivacyControl
         } else {
             RequestSource::WebForm
         } as i32,
-        ..Default::default()
+        ..set(pkey, opt_out, request_id)
     }
 }
 
@@ -73,25 +73,11 @@ fn set(pkey: &str, opt_out: bool, request_id: &str) -> SetOptOutRequest {
 async fn applied(gw: &Gateway, pkey: &str, opt_out: bool, request_id: &str) {
     let answer = gw
         .client()
-        .set_opt_out(set(pkey, opt_out, request_id))
+        .set_opt_out(from_consumer(pkey, opt_out, request_id))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(answer.state, DeliveryState::Applied as i32, "{answer:?}");
-}
-
-/// Every record of a profile, newest first.
-async fn records_of(client: &mut CcpaServiceClient<Channel>, pkey: &str) -> Vec<OptOutRecord> {
-    client
-        .list_opt_out_records(ListOptOutRecordsRequest {
-            pkey: pkey.into(),
-            page_size: 100,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .records
 }
 
 /// The restores recorded for a profile.
@@ -329,7 +315,7 @@ async fn answers_carry_the_latest_request_on_each_path(store: Store) {
     });
     let mut request = tonic::Request::new(SetOptOutRequest {
         source: RequestSource::WebForm as i32,
-        ..set(&pkey, true, "signal")
+        ..from_consumer(&pkey, true, "signal")
     });
     request.set_timeout(Duration::from_secs(4));
     gw.client().set_opt_out(request).await.unwrap();

@@ -7,9 +7,8 @@ use std::time::Duration;
 use acs_emulator::Fault;
 use ccpa_gateway::proto::ccpa_v1::GetOptOutRequest;
 use ccpa_gateway::server::{CCPA_SERVICE_NAME, ServerOptions, ShutdownOptions};
-use common::gateway;
+use common::{gateway, health_request};
 use futures::StreamExt;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient as ReflectionV1;
@@ -18,12 +17,6 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse as Res
 use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as ReflectionV1Alpha;
 use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as RequestV1Alpha;
 use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse as ResponseV1Alpha;
-
-fn health_request(service: &str) -> HealthCheckRequest {
-    HealthCheckRequest {
-        service: service.into(),
-    }
-}
 
 #[tokio::test]
 async fn health_reports_the_server_and_the_service_serving() {

@@ -13,7 +13,7 @@ use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
     BulkSetOptOutRequest, CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
-use common::{QUICK_DELIVERY_ARGS, bulk, until_settled};
+use common::{QUICK_DELIVERY_ARGS, bulk, set, until_settled};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -102,15 +102,6 @@ fn handled<'a>(
 
 const CCPA: &str = "ccpa.v1.CcpaService";
 
-fn set(pkey: &str, opt_out: bool) -> SetOptOutRequest {
-    SetOptOutRequest {
-        pkey: pkey.into(),
-        ccpa_opt_out: Some(opt_out),
-        source: RequestSource::WebForm as i32,
-        ..Default::default()
-    }
-}
-
 fn at(time: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(time)
 }
@@ -162,7 +153,7 @@ async fn rpc_metrics_count_each_call_by_method_and_code_with_trailers_only_error
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
-    client.set_opt_out(set(&pkey, true)).await.unwrap();
+    client.set_opt_out(set(&pkey, true, "")).await.unwrap();
     // An empty GetOptOut: INVALID_ARGUMENT, answered trailers-only.
     let invalid = raw_call(gw.addr, "/ccpa.v1.CcpaService/GetOptOut").await;
     assert_eq!(invalid.headers()["grpc-status"], "3", "{invalid:?}");
@@ -173,11 +164,11 @@ async fn rpc_metrics_count_each_call_by_method_and_code_with_trailers_only_error
         &mut client,
         vec![
             BulkSetOptOutRequest {
-                item: Some(set(&pkey, false)),
+                item: Some(set(&pkey, false, "")),
                 ..Default::default()
             },
             BulkSetOptOutRequest {
-                item: Some(set(&pkey, true)),
+                item: Some(set(&pkey, true, "")),
                 ..Default::default()
             },
             BulkSetOptOutRequest {
@@ -322,10 +313,10 @@ async fn ledger_gauges_show_pending_and_overdue_requests_and_time_to_honor_is_me
         ..Default::default()
     });
     let thirty_days_ago = SystemTime::now() - Duration::from_secs(30 * 86_400);
-    let mut overdue = set(&old, true);
+    let mut overdue = set(&old, true, "");
     overdue.received_at = Some(at(thirty_days_ago));
     let _ = client.set_opt_out(overdue).await;
-    let _ = client.set_opt_out(set(&fresh, true)).await;
+    let _ = client.set_opt_out(set(&fresh, true, "")).await;
 
     let scrape = Scrape::of(&url).await;
     assert_eq!(scrape.value("ccpa_ledger_pending_requests", &[]), 2.0);
@@ -534,7 +525,7 @@ async fn trace_context_goes_from_the_caller_through_the_gateway_to_acs_and_the_c
     client
         .set_opt_out(with_traceparent(SetOptOutRequest {
             request_id: CANARY_REQUEST_ID.into(),
-            ..set(&pkey, true)
+            ..set(&pkey, true, "")
         }))
         .await
         .unwrap();

@@ -19,10 +19,9 @@ use ccpa_gateway::proto::ccpa_v1::{
     CreateProfileRequest, DeliveryState, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::{CCPA_SERVICE_NAME, ServerOptions};
-use common::acs_config;
+use common::{acs_config, health_request};
 use futures::StreamExt;
 use tonic::Code;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_types::StatusExt;
@@ -578,12 +577,6 @@ async fn past_the_queue_bound_calls_fail_at_once_with_resource_exhausted() {
         }
     }
     assert_eq!(refused, 6, "one in flight, three queued, six refused");
-}
-
-fn health_request(service: &str) -> HealthCheckRequest {
-    HealthCheckRequest {
-        service: service.into(),
-    }
 }
 
 async fn next_status(

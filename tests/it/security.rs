@@ -4,7 +4,7 @@
 
 use crate::common;
 
-use common::set;
+use common::{get, set};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -165,13 +165,6 @@ fn header_boundary(header: &str, policy: &Path) -> Boundary {
             client_certificate_required: false,
             trusted_proxies: Vec::new(),
         },
-    }
-}
-
-fn get(pkey: &str) -> GetOptOutRequest {
-    GetOptOutRequest {
-        pkey: pkey.into(),
-        ..Default::default()
     }
 }
 

@@ -40,8 +40,6 @@ enum LedgerChoice {
     Fresh,
     /// At this location (a file path or a `postgres://` URL).
     At(String),
-    /// This ledger, already open (in the test's process only).
-    Open(Ledger),
 }
 
 /// How to start a gateway. Every setting has a default: an emulator with its default
@@ -120,12 +118,6 @@ impl GatewayBuilder {
         self
     }
 
-    /// Its ledger, already open ([`GatewayBuilder::start`] only).
-    pub fn ledger(mut self, ledger: Ledger) -> Self {
-        self.ledger = LedgerChoice::Open(ledger);
-        self
-    }
-
     /// Its options ([`GatewayBuilder::start`]).
     pub fn options(mut self, options: ServerOptions) -> Self {
         self.options = options;
@@ -188,7 +180,6 @@ impl GatewayBuilder {
         let ledger = match self.ledger {
             LedgerChoice::Fresh => Ledger::open("sqlite::memory:").await.unwrap(),
             LedgerChoice::At(location) => Ledger::open(&location).await.unwrap(),
-            LedgerChoice::Open(ledger) => ledger,
         };
         let ledger = match self.clock {
             Some(clock) => ledger.with_clock(clock),
@@ -237,7 +228,6 @@ impl GatewayBuilder {
         let ledger = match self.ledger {
             LedgerChoice::Fresh => dir.path().join("ledger.sqlite3").display().to_string(),
             LedgerChoice::At(location) => location,
-            LedgerChoice::Open(_) => panic!("a process opens its own ledger: use ledger_at"),
         };
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"));
         command

@@ -1,11 +1,8 @@
 //! What the integration tests share: starting a gateway on a real socket in front of a real
 //! emulator (`gateway`), its ledger's stores, and helpers for calls.
 
-#![allow(dead_code)] // Each test binary uses its own part of this harness.
-
 /// Runs a test body (an `async fn(Store)` of the test file, which imports `Store`) once on SQLite
 /// and once on PostgreSQL.
-#[allow(unused_macros)] // Only the files that test both stores use it.
 macro_rules! on_both_stores {
     ($($name:ident),+ $(,)?) => {
         $(
@@ -27,6 +24,9 @@ macro_rules! on_both_stores {
 pub mod gateway;
 pub mod pki;
 pub mod receiver;
+mod requests;
+
+pub use requests::{get, health_request, opt_out_of, record, records_of, set};
 
 #[allow(unused_imports)] // Each test binary uses its own part.
 pub use gateway::{Gateway, GatewayBuilder, GatewayProcess, QUICK_DELIVERY_ARGS, gateway};
@@ -195,21 +195,6 @@ async fn drop_schema(schema: &str) {
     }
 }
 
-/// A SetOptOut of `pkey` to `opt_out`, made through a web form, under `request_id`.
-pub fn set(
-    pkey: &str,
-    opt_out: bool,
-    request_id: &str,
-) -> ccpa_gateway::proto::ccpa_v1::SetOptOutRequest {
-    ccpa_gateway::proto::ccpa_v1::SetOptOutRequest {
-        pkey: pkey.into(),
-        ccpa_opt_out: Some(opt_out),
-        source: ccpa_gateway::proto::ccpa_v1::RequestSource::WebForm as i32,
-        request_id: request_id.into(),
-        ..Default::default()
-    }
-}
-
 /// Every answer of a BulkSetOptOut stream of `items`, each one a success at the gRPC level.
 pub async fn bulk(
     client: &mut CcpaServiceClient<Channel>,
@@ -275,37 +260,6 @@ pub async fn until_settled(client: &mut CcpaServiceClient<Channel>) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// One record of the ledger, by request id; it must exist.
-/// GetOptOut by key, which must succeed.
-pub async fn opt_out_of(
-    client: &mut CcpaServiceClient<Channel>,
-    pkey: &str,
-) -> ccpa_gateway::proto::ccpa_v1::GetOptOutResponse {
-    client
-        .get_opt_out(ccpa_gateway::proto::ccpa_v1::GetOptOutRequest {
-            pkey: pkey.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-pub async fn record(
-    client: &mut CcpaServiceClient<Channel>,
-    request_id: &str,
-) -> ccpa_gateway::proto::ccpa_v1::OptOutRecord {
-    client
-        .get_opt_out_record(ccpa_gateway::proto::ccpa_v1::GetOptOutRecordRequest {
-            request_id: request_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .record
-        .unwrap()
 }
 
 /// The most requests that arrived within any one second.
