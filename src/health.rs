@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::server::CCPA_SERVICE_NAME;
+use crate::proto::CCPA_SERVICE_NAME;
 
 /// The health entry to use for liveness.
 pub const LIVENESS_SERVICE_NAME: &str = "liveness";

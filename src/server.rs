@@ -17,7 +17,6 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
@@ -41,8 +40,9 @@ use crate::telemetry;
 use crate::telemetry::metrics::{Exporter, Refresh};
 use crate::telemetry::rpc::RpcLayer;
 
-/// The name health checks use for the CCPA service: `ccpa.v1.CcpaService`.
-pub const CCPA_SERVICE_NAME: &str = <CcpaServiceServer<CcpaApi> as NamedService>::NAME;
+/// The name health checks use for the CCPA service, `ccpa.v1.CcpaService`: the contract's
+/// ([`crate::proto`]), here too for the callers that know it from the server.
+pub use crate::proto::CCPA_SERVICE_NAME;
 
 /// Largest request message accepted: every request is a few hundred bytes (a bulk item is one
 /// message).
@@ -431,5 +431,20 @@ impl Health for EndingWatches {
         });
         let stream: WatchStream = Box::pin(updates.take_until(end).chain(last));
         Ok(Response::new(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::server::NamedService;
+
+    use super::*;
+
+    #[test]
+    fn the_contract_names_the_service_tonic_routes() {
+        assert_eq!(
+            CCPA_SERVICE_NAME,
+            <CcpaServiceServer<CcpaApi> as NamedService>::NAME
+        );
     }
 }

@@ -13,9 +13,9 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 use super::identity::{self, IdentityMode, Unidentified};
+use super::status::{caller_rate_limited, unauthenticated, untrusted_proxy};
 use super::tls::ConnectionInfo;
 use super::{AccessControl, Caller, Permissions};
-use crate::api::error_mapping::{caller_rate_limited, unauthenticated, untrusted_proxy};
 
 const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
 const REFLECTION_PATH: &str = "/grpc.reflection.";

@@ -4,6 +4,8 @@
 //! - [`tls`]: TLS and mutual TLS on the listener, with files reloaded on change.
 //! - [`identity`]: the three identity modes of `--caller-identity`.
 //! - [`policy`]: the TOML policy of `--authz-policy`.
+//! - [`status`]: the statuses the boundary answers with (its own: it depends on no layer
+//!   inside it).
 //! - [`gate`]: the layer in front of every service that authenticates each call, applies the
 //!   caller's rate, and hands the handlers a [`Caller`] to check permissions against.
 //!
@@ -15,6 +17,7 @@
 pub mod gate;
 pub mod identity;
 pub mod policy;
+pub mod status;
 pub mod tls;
 pub(crate) mod watched;
 

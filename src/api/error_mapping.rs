@@ -22,15 +22,12 @@
 //! | the ledger's database failed (nothing sent to ACS)   | UNAVAILABLE        | `LEDGER_UNAVAILABLE`       |
 //! | a replayed request id whose request FAILED           | as the first time  | `REQUEST_FAILED`           |
 //!
-//! The gateway's own trust boundary (`crate::access`) answers, before anything is recorded or
-//! sent to ACS:
+//! The gateway's own trust boundary answers first, with statuses of its own
+//! (`crate::access::status`: no identity, an untrusted proxy, a missing permission, over the
+//! caller's rate). A lookup by email answers:
 //!
 //! | the caller                                           | gRPC code          | `ErrorInfo.reason`         |
 //! |------------------------------------------------------|--------------------|----------------------------|
-//! | has no identity (no client certificate, no header)   | UNAUTHENTICATED    | `CALLER_UNAUTHENTICATED`   |
-//! | calls over TLS (`header:`) but is no trusted proxy   | UNAUTHENTICATED    | `UNTRUSTED_PROXY`          |
-//! | lacks the permission the call needs                  | PERMISSION_DENIED  | `CALLER_NOT_ALLOWED`       |
-//! | is over its `max_rps`                                | RESOURCE_EXHAUSTED | `CALLER_RATE_LIMITED`      |
 //! | asked by an email that more profiles have than allowed | FAILED_PRECONDITION | `TOO_MANY_PROFILES`     |
 //!
 //! The change feed (`WatchOptOutChanges`) answers:
@@ -39,10 +36,6 @@
 //! |------------------------------------------------------|--------------------|----------------------------|
 //! | resumes from a cursor retention has pruned past      | FAILED_PRECONDITION | `CURSOR_EXPIRED`          |
 //! | is connected when the gateway shuts down             | UNAVAILABLE        | `SHUTTING_DOWN`            |
-//!
-//! `CALLER_NOT_ALLOWED` names the missing permission in its metadata (`permission`), so the
-//! owner of the caller knows what to ask the policy's owners for. `CALLER_RATE_LIMITED`'s
-//! RetryInfo is when the caller's budget allows its next call.
 //!
 //! UNAVAILABLE and RESOURCE_EXHAUSTED also carry a `google.rpc.RetryInfo`: the delay ACS asked
 //! for in `Retry-After` when it did (at most [`MAX_RETRY_DELAY`]), else [`DEFAULT_RETRY_DELAY`].
@@ -78,7 +71,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::access::Permission;
 use crate::optout::read::ReadFailure;
 use crate::store::{FailureCode, LedgerError, Record};
 use crate::upstream::{Cause, Classified, UpstreamError};
@@ -246,55 +238,6 @@ fn ledger_status(error: &LedgerError) -> Status {
         Code::Unavailable,
         Reason::LedgerUnavailable,
         "the opt-out ledger is unavailable; nothing was sent to Adobe Campaign; retry",
-    )
-}
-
-/// A call without an identity that can be trusted (see `crate::access::identity`).
-pub fn unauthenticated(message: &str) -> Status {
-    gateway_status(
-        Code::Unauthenticated,
-        Reason::CallerUnauthenticated,
-        message,
-    )
-}
-
-/// A call over TLS, in `header:` identity mode, from a peer whose certificate is not one of the
-/// front proxies trusted to set the header (`--trusted-proxy-identity`). Whatever the header
-/// says, it was set by the peer itself, which may be anyone holding a certificate from the
-/// client CA.
-pub fn untrusted_proxy() -> Status {
-    gateway_status(
-        Code::Unauthenticated,
-        Reason::UntrustedProxy,
-        "this connection's client certificate is not one of the proxies trusted to name the \
-         caller in the identity header",
-    )
-}
-
-/// A call its caller is not allowed to make: the policy does not grant it `permission`.
-pub fn caller_not_allowed(permission: Permission) -> Status {
-    let metadata = HashMap::from([("permission".to_owned(), permission.as_str().to_owned())]);
-    let details =
-        ErrorDetails::with_error_info(Reason::CallerNotAllowed.as_str(), ERROR_DOMAIN, metadata);
-    Status::with_error_details(
-        Code::PermissionDenied,
-        format!("the gateway's policy does not allow this caller \"{permission}\""),
-        details,
-    )
-}
-
-/// A call beyond its caller's `max_rps`; `wait` is when the next would be admitted.
-pub fn caller_rate_limited(wait: Duration) -> Status {
-    let mut details = ErrorDetails::with_error_info(
-        Reason::CallerRateLimited.as_str(),
-        ERROR_DOMAIN,
-        HashMap::new(),
-    );
-    details.set_retry_info(Some(wait.max(Duration::from_millis(1))));
-    Status::with_error_details(
-        Code::ResourceExhausted,
-        "this caller is over the calls per second its policy allows; retry after the delay given",
-        details,
     )
 }
 

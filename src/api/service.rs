@@ -11,8 +11,9 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 
 use super::deadline::caller_deadline;
-use super::error_mapping::{Reason, caller_not_allowed, gateway_status, unauthenticated};
+use super::error_mapping::{Reason, gateway_status};
 use super::validation::Violations;
+use crate::access::status::{caller_not_allowed, unauthenticated};
 use crate::access::{Caller, Permission};
 use crate::optout::delivery::Delivery;
 use crate::proto::ccpa_v1::{
