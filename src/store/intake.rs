@@ -486,17 +486,8 @@ pub(super) async fn record_unit(
                     })?;
             }
             None => {
-                let overtaken = sqlx::query(
-                    "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = $1, \
-                         resolved_at = $2 \
-                         WHERE pkey = $3 AND state = 'PENDING' AND request_id <> $1",
-                )
-                .bind(&request.request_id)
-                .bind(now)
-                .bind(pkey)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                let overtaken =
+                    supersede_older_pending(&mut *tx, pkey, &request.request_id, now).await?;
                 superseded.fetch_add(overtaken, Ordering::Relaxed);
             }
         }
@@ -520,17 +511,34 @@ pub(super) async fn supersede<'e, E>(
 where
     E: Executor<'e, Database = sqlx::Any>,
 {
-    sqlx::query(
-        "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = $1, resolved_at = $2, \
-         answered_at = CASE WHEN $3 = 1 THEN $2 ELSE answered_at END WHERE request_id = $4",
-    )
-    .bind(by)
-    .bind(now)
-    .bind(i64::from(answered))
-    .bind(request_id)
-    .execute(executor)
-    .await?;
+    sqlx::query(supersede_request!("$"))
+        .bind(by)
+        .bind(now)
+        .bind(i64::from(answered))
+        .bind(request_id)
+        .execute(executor)
+        .await?;
     Ok(())
+}
+
+/// Supersedes every pending request of profile `pkey` but `by` (see
+/// `supersede_older_pending!`); returns how many.
+pub(super) async fn supersede_older_pending<'e, E>(
+    executor: E,
+    pkey: &str,
+    by: &str,
+    now: i64,
+) -> Result<u64, LedgerError>
+where
+    E: Executor<'e, Database = sqlx::Any>,
+{
+    Ok(sqlx::query(supersede_older_pending!("$"))
+        .bind(by)
+        .bind(now)
+        .bind(pkey)
+        .execute(executor)
+        .await?
+        .rows_affected())
 }
 
 /// Whether a replayed request is the one recorded under its id. `received_at` counts only when

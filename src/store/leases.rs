@@ -8,6 +8,7 @@ use crate::clock::Clock;
 use sqlx::{AnyConnection, Executor};
 use tokio::time::Instant;
 
+use super::intake::supersede_older_pending;
 use super::queries::fetch_record;
 use super::sqlite::latest::Touches;
 use super::{FailureCode, Kind, Ledger, LedgerError, Record, State, Store, sqlite};
@@ -529,16 +530,7 @@ pub(super) async fn next_to_apply_unit(
     };
     let newest_id: String = sqlx::Row::try_get(&newest, "request_id")?;
     let newest_state = State::parse(&sqlx::Row::try_get::<String, _>(&newest, "state")?)?;
-    let overtaken = sqlx::query(
-        "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = $1, resolved_at = $2 \
-             WHERE pkey = $3 AND state = 'PENDING' AND request_id <> $1",
-    )
-    .bind(&newest_id)
-    .bind(now)
-    .bind(pkey)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    let overtaken = supersede_older_pending(&mut *tx, pkey, &newest_id, now).await?;
     // Counted by the caller once the write has committed.
     superseded.fetch_add(overtaken, Ordering::Relaxed);
     let next = if newest_state == State::Pending {

@@ -66,6 +66,55 @@ macro_rules! ordered_at {
     };
 }
 
+/// The start of every statement that supersedes: SUPERSEDED by request `1` at instant `2`, with
+/// the placeholder prefix given (`"$"` on PostgreSQL, `"?"` on SQLite).
+macro_rules! superseded_by {
+    ($p:literal) => {
+        concat!(
+            "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = ",
+            $p,
+            "1, resolved_at = ",
+            $p,
+            "2"
+        )
+    };
+}
+
+/// "Supersede the older pending requests": every pending request of profile `3` but `1`
+/// becomes SUPERSEDED by request `1` at instant `2`. One text for both backends, each with its
+/// placeholder prefix, run by one function each (`intake::supersede_older_pending`,
+/// `sqlite::units::supersede_older_pending`).
+macro_rules! supersede_older_pending {
+    ($p:literal) => {
+        concat!(
+            superseded_by!($p),
+            " WHERE pkey = ",
+            $p,
+            "3 AND state = 'PENDING' AND request_id <> ",
+            $p,
+            "1"
+        )
+    };
+}
+
+/// Supersedes one request: request `4` becomes SUPERSEDED by request `1` at instant `2`, and
+/// answered then too when `3` is 1. One text for both backends, as `supersede_older_pending!`;
+/// run by `intake::supersede` and `sqlite::units::supersede`.
+macro_rules! supersede_request {
+    ($p:literal) => {
+        concat!(
+            superseded_by!($p),
+            ", answered_at = CASE WHEN ",
+            $p,
+            "3 = 1 THEN ",
+            $p,
+            "2 ELSE answered_at END WHERE request_id = ",
+            $p,
+            "4"
+        )
+    };
+}
+
 mod changes;
 mod intake;
 mod leases;

@@ -153,14 +153,8 @@ pub(in crate::store) fn record_unit(
                 })?;
             }
             None => {
-                let overtaken = tx
-                    .prepare_cached(
-                        "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = ?1, \
-                         resolved_at = ?2 \
-                         WHERE pkey = ?3 AND state = 'PENDING' AND request_id <> ?1",
-                    )?
-                    .execute(params![request.request_id, now, pkey])?;
-                superseded.fetch_add(overtaken as u64, Ordering::Relaxed);
+                let overtaken = supersede_older_pending(tx, pkey, &request.request_id, now)?;
+                superseded.fetch_add(overtaken, Ordering::Relaxed);
             }
         }
     }
@@ -192,12 +186,24 @@ pub(in crate::store) fn supersede(
     now: i64,
     answered: bool,
 ) -> Result<(), LedgerError> {
-    tx.prepare_cached(
-        "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = ?1, resolved_at = ?2, \
-         answered_at = CASE WHEN ?3 = 1 THEN ?2 ELSE answered_at END WHERE request_id = ?4",
-    )?
-    .execute(params![by, now, i64::from(answered), request_id])?;
+    tx.prepare_cached(supersede_request!("?"))?
+        .execute(params![by, now, i64::from(answered), request_id])?;
     Ok(())
+}
+
+/// Supersedes every pending request of profile `pkey` but `by` (see
+/// `supersede_older_pending!`); returns how many.
+fn supersede_older_pending(
+    tx: &Connection,
+    pkey: &str,
+    by: &str,
+    now: i64,
+) -> Result<u64, LedgerError> {
+    let overtaken = tx
+        .prepare_cached(supersede_older_pending!("?"))?
+        .execute(params![by, now, pkey])?;
+    // A row count, never negative; usize fits in u64 on every target Rust supports.
+    Ok(u64::try_from(overtaken).unwrap_or(u64::MAX))
 }
 
 pub(in crate::store) fn has_children(
@@ -312,14 +318,9 @@ pub(in crate::store) fn next_to_apply_unit(
         return Ok(None);
     };
     let newest_state = State::parse(&newest_state)?;
-    let overtaken = tx
-        .prepare_cached(
-            "UPDATE opt_out_records SET state = 'SUPERSEDED', superseded_by = ?1, \
-             resolved_at = ?2 WHERE pkey = ?3 AND state = 'PENDING' AND request_id <> ?1",
-        )?
-        .execute(params![newest_id, now, pkey])?;
+    let overtaken = supersede_older_pending(tx, pkey, &newest_id, now)?;
     // Counted by the caller once the write has committed.
-    superseded.fetch_add(overtaken as u64, Ordering::Relaxed);
+    superseded.fetch_add(overtaken, Ordering::Relaxed);
     if newest_state == State::Pending {
         fetch_record(tx, &newest_id)
     } else {
