@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
@@ -219,28 +220,38 @@ pub async fn serve(
     // Leases of notifications a killed gateway was delivering: on a SQLite ledger this one holds
     // alone, due again now rather than when they lapse.
     ledger.release_stale_notification_leases(&exclusive).await?;
+    // The shutdown's phases, each a token: the root ends everything when this function returns,
+    // however it returns (its drop guard, so an early `?` or error stops every task spawned
+    // here too); each earlier phase is a child of the next one, so that cancelling a phase
+    // ends every phase before it as well, and the order below cannot be broken by a phase
+    // cancelled late or not at all.
+    let root = CancellationToken::new();
+    let _end_everything_on_return = root.clone().drop_guard();
+    // The metrics listener: last, once the work it reports on has ended.
+    let workers_done = root.child_token();
+    // Stop accepting calls; the deliverer, reconciler and notifier finish what they are on.
+    let draining = workers_done.child_token();
+    // Shutdown begins: the health probe stops, and watches (health, change feed) end.
+    let shutting_down = draining.child_token();
+    // The work the drain waits for, once it has been asked to stop.
+    let workers = TaskTracker::new();
+
     let reporter = HealthReporter::new();
     let health = GatewayHealth::new(reporter.clone()).await;
-    let stop_probing = CancellationToken::new();
-    let _stop_probing_on_return = stop_probing.clone().drop_guard();
     tokio::spawn(health.clone().probe_while_refused(
         acs.clone(),
         options.health_probe_interval,
-        stop_probing.clone(),
+        shutting_down.clone(),
     ));
     let delivery = Arc::new(
         Delivery::new(ledger, acs.clone(), health.clone(), options.delivery).holding(exclusive),
     );
-    let stop_delivering = CancellationToken::new();
-    let _stop_delivering_on_return = stop_delivering.clone().drop_guard();
-    let deliverer = tokio::spawn(delivery.clone().run(stop_delivering.clone()));
+    workers.spawn(delivery.clone().run(draining.clone()));
     let notifier = Arc::new(
         Notifier::new(delivery.clone(), options.notifications.clone())
             .map_err(ServeError::Notifier)?,
     );
-    let notifying = tokio::spawn(notifier.clone().run(stop_delivering.clone()));
-    let stop_metrics = CancellationToken::new();
-    let _stop_metrics_on_return = stop_metrics.clone().drop_guard();
+    workers.spawn(notifier.clone().run(draining.clone()));
     let metrics_server = metrics_listener.map(|(listener, exporter)| {
         let observed = (delivery.clone(), notifier.clone());
         let refresh: Refresh = Arc::new(move || {
@@ -250,7 +261,7 @@ pub async fn serve(
                 notifier.observe_pending().await;
             })
         });
-        let stop = stop_metrics.clone();
+        let stop = workers_done.clone();
         tokio::spawn(async move {
             if let Err(e) = telemetry::metrics::serve(listener, exporter, refresh, stop).await {
                 tracing::error!(error = %e, "the metrics listener stopped");
@@ -258,24 +269,25 @@ pub async fn serve(
         })
     });
     let reconciler = Reconciler::new(delivery.clone(), &acs, options.reconcile);
-    let reconciling = tokio::spawn(reconciler.run(stop_delivering.clone()));
+    workers.spawn(reconciler.run(draining.clone()));
+    // Every worker is spawned: the tracker is done once they have all ended.
+    workers.close();
 
-    // Cancelled once shutdown begins: every stream that would not end by itself (health and
-    // change-feed watches) ends then.
-    let watches_end = CancellationToken::new();
+    // Every stream that would not end by itself (health and change-feed watches) ends once
+    // shutdown begins.
     let api = CcpaApi::new(delivery.clone(), options.max_profiles_per_email)
-        .ending_watches(watches_end.clone());
-    let stop_watching = CancellationToken::new();
-    let _stop_watching_on_return = stop_watching.clone().drop_guard();
+        .ending_watches(shutting_down.clone());
+    // The files of the boundary and of the recipients are watched for as long as this function
+    // runs: a reload during the drain still applies to the calls in flight.
     if let Some(tls) = &options.boundary.tls {
-        tokio::spawn(tls.watch(stop_watching.clone()));
+        tokio::spawn(tls.watch(root.clone()));
     }
     if let Some(policy) = options.boundary.access.policy.clone() {
-        let stop = stop_watching.clone();
+        let stop = root.clone();
         tokio::spawn(async move { policy.watch(stop).await });
     }
     if let Some(recipients) = options.notifications.recipients.clone() {
-        tokio::spawn(recipients.watch(stop_watching.clone()));
+        tokio::spawn(recipients.watch(root.clone()));
     }
     let limits = options.connections;
     let tls = options.boundary.tls.clone();
@@ -283,7 +295,7 @@ pub async fn serve(
     let options = options.shutdown;
     let health_service = HealthServer::new(EndingWatches {
         inner: HealthService::from_health_reporter(reporter.clone()),
-        end: watches_end.clone(),
+        end: shutting_down.clone(),
     })
     .max_decoding_message_size(MAX_REQUEST_BYTES)
     .max_encoding_message_size(MAX_RESPONSE_BYTES);
@@ -303,8 +315,6 @@ pub async fn serve(
 
     // Made here, after the CLI installed the metrics recorder.
     let rpc = RpcLayer::new();
-    let stop_accepting = CancellationToken::new();
-    let _stop_accepting_on_return = stop_accepting.clone().drop_guard();
     if let Some(listener) = health_listener {
         // Probes only: any other service there is UNIMPLEMENTED (tonic's answer for a service
         // it does not route).
@@ -313,7 +323,7 @@ pub async fn serve(
             .add_service(health_service.clone())
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
-                stop_accepting.clone().cancelled_owned(),
+                draining.clone().cancelled_owned(),
             );
         tokio::spawn(async move {
             if let Err(e) = probes.await {
@@ -321,7 +331,7 @@ pub async fn serve(
             }
         });
     }
-    let incoming = crate::access::tls::incoming(listener, tls, stop_accepting.clone());
+    let incoming = crate::access::tls::incoming(listener, tls, draining.clone());
     let server = with_limits(Server::builder(), &limits)
         // Outside the gate, so that calls it refuses are counted and traced too.
         .layer(rpc)
@@ -334,7 +344,7 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_REQUEST_BYTES)
                 .max_encoding_message_size(MAX_RESPONSE_BYTES),
         )
-        .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(incoming, draining.clone().cancelled_owned());
     tokio::pin!(server);
 
     tokio::select! {
@@ -344,8 +354,7 @@ pub async fn serve(
 
     tracing::info!("shutting down: reporting NOT_SERVING");
     health.shutting_down().await;
-    stop_probing.cancel();
-    watches_end.cancel();
+    shutting_down.cancel();
     if !options.drain_delay.is_zero() {
         // Health checks keep being answered (NOT_SERVING) while balancers catch up.
         tokio::select! {
@@ -355,20 +364,16 @@ pub async fn serve(
     }
 
     tracing::info!("shutting down: draining calls in flight");
-    stop_accepting.cancel();
-    stop_delivering.cancel();
+    draining.cancel();
     let drained = async {
         let served = (&mut server).await;
         // The deliverer finishes the batch it is on; what it leaves stays pending in the ledger.
-        // The reconciler finishes the profile it is on. Work whose caller went away, and
-        // restores that reads started, run to their ends.
-        let _ = deliverer.await;
-        let _ = reconciling.await;
-        // Notifications in flight are cut short and their leases given back: they are sent
-        // again, by this gateway or another.
-        let _ = notifying.await;
+        // The reconciler finishes the profile it is on. Notifications in flight are cut short
+        // and their leases given back: they are sent again, by this gateway or another.
+        workers.wait().await;
+        // Work whose caller went away, and restores that reads started, run to their ends.
         delivery.detached_work_done().await;
-        stop_metrics.cancel();
+        workers_done.cancel();
         if let Some(metrics_server) = metrics_server {
             let _ = metrics_server.await;
         }
