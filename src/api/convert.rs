@@ -29,17 +29,44 @@ pub fn ledger_state(value: i32) -> Option<State> {
     }
 }
 
-/// The wire form of a source.
-pub fn request_source(source: Source) -> RequestSource {
-    match source {
-        Source::GlobalPrivacyControl => RequestSource::GlobalPrivacyControl,
-        Source::WebForm => RequestSource::WebForm,
-        Source::Email => RequestSource::Email,
-        Source::Phone => RequestSource::Phone,
-        Source::PostalMail => RequestSource::PostalMail,
-        Source::InPerson => RequestSource::InPerson,
-        Source::AuthorizedAgent => RequestSource::AuthorizedAgent,
-        Source::Internal => RequestSource::Internal,
+/// The wire form of a source: the one conversion from the ledger's sources to the contract's.
+impl From<Source> for RequestSource {
+    fn from(source: Source) -> Self {
+        match source {
+            Source::GlobalPrivacyControl => Self::GlobalPrivacyControl,
+            Source::WebForm => Self::WebForm,
+            Source::Email => Self::Email,
+            Source::Phone => Self::Phone,
+            Source::PostalMail => Self::PostalMail,
+            Source::InPerson => Self::InPerson,
+            Source::AuthorizedAgent => Self::AuthorizedAgent,
+            Source::Internal => Self::Internal,
+        }
+    }
+}
+
+/// A wire source the ledger has no form for: UNSPECIFIED (the regulations require the manner of
+/// each request, so no request is recorded without one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnspecifiedSource;
+
+/// The ledger form of a wire source: the one conversion from the contract's sources to the
+/// ledger's.
+impl TryFrom<RequestSource> for Source {
+    type Error = UnspecifiedSource;
+
+    fn try_from(source: RequestSource) -> Result<Self, UnspecifiedSource> {
+        Ok(match source {
+            RequestSource::Unspecified => return Err(UnspecifiedSource),
+            RequestSource::GlobalPrivacyControl => Self::GlobalPrivacyControl,
+            RequestSource::WebForm => Self::WebForm,
+            RequestSource::Email => Self::Email,
+            RequestSource::Phone => Self::Phone,
+            RequestSource::PostalMail => Self::PostalMail,
+            RequestSource::InPerson => Self::InPerson,
+            RequestSource::AuthorizedAgent => Self::AuthorizedAgent,
+            RequestSource::Internal => Self::Internal,
+        })
     }
 }
 
@@ -50,7 +77,7 @@ pub fn opt_out_change(change: &Change) -> OptOutChange {
         request_id: change.request_id.clone(),
         pkey: change.pkey.clone(),
         ccpa_opt_out: change.opt_out,
-        source: request_source(change.source) as i32,
+        source: RequestSource::from(change.source) as i32,
         received_at: Some(ms_to_proto(change.received_at)),
         state: delivery_state(change.state) as i32,
         changed_at: Some(ms_to_proto(change.changed_at)),
@@ -64,7 +91,7 @@ pub fn opt_out_record(record: &Record) -> OptOutRecord {
         request_id: record.request_id.clone(),
         pkey: record.pkey.clone().unwrap_or_default(),
         ccpa_opt_out: record.opt_out,
-        source: request_source(record.source) as i32,
+        source: RequestSource::from(record.source) as i32,
         received_at: Some(ms_to_proto(record.received_at)),
         recorded_at: Some(ms_to_proto(record.recorded_at)),
         caller: record.caller.clone(),
@@ -105,7 +132,7 @@ pub fn recipient_notification(notification: &Notification) -> RecipientNotificat
 pub fn latest_request(record: &Record) -> LatestRequest {
     LatestRequest {
         request_id: record.request_id.clone(),
-        source: request_source(record.source) as i32,
+        source: RequestSource::from(record.source) as i32,
         received_at: Some(ms_to_proto(record.received_at)),
         state: delivery_state(record.state) as i32,
         honored_at: match record.state {
@@ -128,5 +155,21 @@ pub fn profile_opt_out(reading: &Reading) -> ProfileOptOut {
         change_pending: reading.change_pending,
         drift_detected: reading.drift_detected,
         latest_request: reading.latest_request.as_ref().map(latest_request),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_ledger_source_goes_to_the_wire_and_back() {
+        for &source in Source::ALL {
+            assert_eq!(Source::try_from(RequestSource::from(source)), Ok(source));
+        }
+        assert_eq!(
+            Source::try_from(RequestSource::Unspecified),
+            Err(UnspecifiedSource)
+        );
     }
 }

@@ -9,6 +9,7 @@ use std::str::FromStr;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+use super::convert::UnspecifiedSource;
 use super::error_mapping::{ERROR_DOMAIN, Reason};
 use crate::optout::RESERVED_REQUEST_ID_SEPARATOR;
 use crate::proto::ccpa_v1::RequestSource;
@@ -192,8 +193,9 @@ impl Violations {
 
     /// Checks the manner of a request: required, and one of the known values.
     pub fn source(&mut self, field: &str, value: i32) -> Option<Source> {
-        let source = match RequestSource::try_from(value) {
-            Ok(RequestSource::Unspecified) => {
+        match RequestSource::try_from(value).map(Source::try_from) {
+            Ok(Ok(source)) => Some(source),
+            Ok(Err(UnspecifiedSource)) => {
                 self.add(
                     field,
                     FieldProblem::Required,
@@ -201,26 +203,17 @@ impl Violations {
                         "{field} is required: the regulations require the manner of each request"
                     ),
                 );
-                return None;
+                None
             }
-            Ok(RequestSource::GlobalPrivacyControl) => Source::GlobalPrivacyControl,
-            Ok(RequestSource::WebForm) => Source::WebForm,
-            Ok(RequestSource::Email) => Source::Email,
-            Ok(RequestSource::Phone) => Source::Phone,
-            Ok(RequestSource::PostalMail) => Source::PostalMail,
-            Ok(RequestSource::InPerson) => Source::InPerson,
-            Ok(RequestSource::AuthorizedAgent) => Source::AuthorizedAgent,
-            Ok(RequestSource::Internal) => Source::Internal,
             Err(_) => {
                 self.add(
                     field,
                     FieldProblem::Malformed,
                     format!("{field} is not a known RequestSource"),
                 );
-                return None;
+                None
             }
-        };
-        Some(source)
+        }
     }
 
     /// Checks when the consumer made a request: not in the future (beyond a minute of clock

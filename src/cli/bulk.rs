@@ -37,8 +37,9 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::calls::{Connection, SourceArg, connect_lazily, state_name, timestamp};
+use super::calls::{Connection, connect_lazily, state_name, timestamp};
 use super::exit_codes;
+use super::source;
 use crate::client::Client;
 use crate::proto::ccpa_v1::{BulkSetOptOutRequest, DeliveryState, SetOptOutRequest};
 
@@ -146,11 +147,9 @@ fn parse_row(record: csv::ByteRecord, header: &Header, line: u64, digest: &str) 
         "" => return invalid("opt_out is required".into()),
         _ => return invalid("opt_out must be true or false".into()),
     };
-    let source =
-        match <SourceArg as clap::ValueEnum>::from_str(&get("source").replace('_', "-"), true) {
-            Ok(source) => source,
-            Err(_) => return invalid("source is not one of the known manners of request".into()),
-        };
+    let Some(source) = source::from_column(get("source")) else {
+        return invalid("source is not one of the known manners of request".into());
+    };
     let received_at = match get("received_at") {
         "" => None,
         text => match timestamp(text) {
@@ -163,7 +162,7 @@ fn parse_row(record: csv::ByteRecord, header: &Header, line: u64, digest: &str) 
         email: get("email").to_owned(),
         ccpa_opt_out: Some(opt_out),
         request_id,
-        source: source.wire() as i32,
+        source: source as i32,
         received_at,
         create_if_missing: false,
     })

@@ -77,43 +77,6 @@ pub struct WatchArgs {
     connection: Connection,
 }
 
-/// How the consumer made a request (the regulations require it recorded).
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum SourceArg {
-    /// A Global Privacy Control signal.
-    Gpc,
-    /// A form on a website or in an app.
-    WebForm,
-    /// An email.
-    Email,
-    /// A phone call.
-    Phone,
-    /// A letter.
-    PostalMail,
-    /// In person.
-    InPerson,
-    /// An agent the consumer authorized.
-    AuthorizedAgent,
-    /// The business itself.
-    Internal,
-}
-
-impl SourceArg {
-    /// The wire form.
-    pub(super) fn wire(self) -> RequestSource {
-        match self {
-            Self::Gpc => RequestSource::GlobalPrivacyControl,
-            Self::WebForm => RequestSource::WebForm,
-            Self::Email => RequestSource::Email,
-            Self::Phone => RequestSource::Phone,
-            Self::PostalMail => RequestSource::PostalMail,
-            Self::InPerson => RequestSource::InPerson,
-            Self::AuthorizedAgent => RequestSource::AuthorizedAgent,
-            Self::Internal => RequestSource::Internal,
-        }
-    }
-}
-
 /// What identifies a recorded request: its id, its manner, its time.
 #[derive(Args)]
 pub struct RequestArgs {
@@ -147,7 +110,7 @@ pub struct SetOptOutArgs {
     opt_out: bool,
     /// How the consumer made the request.
     #[arg(long, value_enum)]
-    source: SourceArg,
+    source: RequestSource,
     #[command(flatten)]
     request: RequestArgs,
     #[command(flatten)]
@@ -173,7 +136,7 @@ pub struct CreateProfileArgs {
     opt_out: Option<bool>,
     /// How the consumer made the request, with --opt-out.
     #[arg(long, value_enum)]
-    source: Option<SourceArg>,
+    source: Option<RequestSource>,
     #[command(flatten)]
     request: RequestArgs,
     #[command(flatten)]
@@ -374,7 +337,7 @@ pub async fn set_opt_out(args: SetOptOutArgs) -> u8 {
             create_if_missing: args.create_if_missing,
             ccpa_opt_out: Some(args.opt_out),
             request_id: args.request.request_id,
-            source: args.source.wire() as i32,
+            source: args.source as i32,
             received_at: args.request.received_at,
         })
         .await
@@ -422,9 +385,7 @@ pub async fn create_profile(args: CreateProfileArgs) -> u8 {
             last_name: args.last_name,
             ccpa_opt_out: args.opt_out,
             request_id: args.request.request_id,
-            source: args
-                .source
-                .map_or(RequestSource::Unspecified, SourceArg::wire) as i32,
+            source: args.source.unwrap_or(RequestSource::Unspecified) as i32,
             received_at: args.request.received_at,
         })
         .await

@@ -5,6 +5,7 @@ mod calls;
 pub mod listen_addr;
 pub mod records;
 mod serve;
+mod source;
 mod webhook_receiver;
 
 use std::process::ExitCode;
