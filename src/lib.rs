@@ -24,7 +24,7 @@
 #![warn(missing_docs)]
 
 // What a Rust service that calls the gateway needs: always built.
-pub mod backoff;
+pub use ccpa_backoff as backoff;
 pub mod client;
 pub mod proto;
 

@@ -29,7 +29,6 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use clap::Args;
 use sha2::{Digest, Sha256};
@@ -40,6 +39,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::calls::{Connection, connect_lazily, state_name, timestamp};
 use super::exit_codes;
 use super::source;
+use crate::backoff::Backoff;
 use crate::client::Client;
 use crate::proto::ccpa_v1::{BulkSetOptOutRequest, DeliveryState, SetOptOutRequest};
 
@@ -354,7 +354,7 @@ pub async fn run(args: BulkArgs) -> u8 {
                         args.retries
                     )
                 });
-                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempts))).await;
+                tokio::time::sleep(Backoff::BULK_RESUME.after(attempts)).await;
             }
             Err(problem) => {
                 bar.suspend(|| eprintln!("error: UNAVAILABLE: {problem}"));

@@ -54,6 +54,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 pub use error::{Error, FieldProblem, FieldViolation, Reason};
 
+use crate::backoff::Backoff;
 use crate::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use crate::proto::ccpa_v1::{
     BulkSetOptOutRequest, BulkSetOptOutResponse, CreateProfileRequest, CreateProfileResponse,
@@ -78,12 +79,14 @@ pub fn is_valid_caller_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= MAX_CALLER_CHARS && name.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// How calls are retried. The default: 4 attempts, back-off from 200 ms doubling up to 5 s.
+/// How calls are retried. The default: 4 attempts, back-off from 200 ms doubling up to 5 s
+/// ([`Backoff::GATEWAY_CLIENT`]), each wait a random share of its ceiling (full jitter).
+/// [`ClientBuilder::connect`] refuses a zero `initial_backoff`, or one above `max_backoff`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included; 1 turns retries off.
     pub max_attempts: u32,
-    /// The back-off before the first retry; each next one doubles it.
+    /// The ceiling of the back-off before the first retry; each next one doubles it.
     pub initial_backoff: Duration,
     /// The longest back-off. A `RetryInfo` delay longer than this is not waited for: the error
     /// is returned, with its `retry_after`, for the caller to decide.
@@ -94,8 +97,8 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
             max_attempts: 4,
-            initial_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(5),
+            initial_backoff: Backoff::GATEWAY_CLIENT.base(),
+            max_backoff: Backoff::GATEWAY_CLIENT.max(),
         }
     }
 }
@@ -108,34 +111,51 @@ impl RetryPolicy {
             ..Self::default()
         }
     }
+}
 
+/// A [`RetryPolicy`] the builder has checked, its back-off built.
+#[derive(Debug, Clone, Copy)]
+struct Retries {
+    max_attempts: u32,
+    backoff: Backoff,
+}
+
+impl TryFrom<RetryPolicy> for Retries {
+    type Error = Error;
+
+    fn try_from(policy: RetryPolicy) -> Result<Self, Error> {
+        let refused = |reason: String| Error::Config {
+            setting: "retry",
+            reason,
+        };
+        if policy.max_attempts == 0 {
+            return Err(refused("max_attempts must be at least 1".into()));
+        }
+        let backoff = Backoff::GATEWAY_CLIENT
+            .between(policy.initial_backoff, policy.max_backoff)
+            .map_err(|e| refused(e.to_string()))?;
+        Ok(Self {
+            max_attempts: policy.max_attempts,
+            backoff,
+        })
+    }
+}
+
+impl Retries {
     /// The wait before retry number `retry` (1 for the first) after `error`, or `None` when the
     /// call is not to be retried.
     fn wait(&self, retry: u32, error: &Error) -> Option<Duration> {
         if retry >= self.max_attempts || !error.is_retryable() {
             return None;
         }
-        let backoff = self.backoff(retry);
+        let backoff = self.backoff.after(retry);
         match error {
             Error::Status {
                 retry_after: Some(asked),
                 ..
-            } => (*asked <= self.max_backoff).then_some((*asked).max(backoff)),
+            } => (*asked <= self.backoff.max()).then_some((*asked).max(backoff)),
             _ => Some(backoff),
         }
-    }
-
-    /// The back-off before retry number `retry` (1 for the first), with full jitter.
-    fn backoff(&self, retry: u32) -> Duration {
-        let ceiling = self
-            .initial_backoff
-            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
-            .min(self.max_backoff);
-        // Full jitter: callers that failed together do not come back together. The product is
-        // below `ceiling`; should rounding push it past what a Duration holds (a ceiling near
-        // Duration::MAX), the ceiling itself is the wait.
-        Duration::try_from_secs_f64(ceiling.as_secs_f64() * rand::random::<f64>())
-            .unwrap_or(ceiling)
     }
 }
 
@@ -228,33 +248,34 @@ impl ClientBuilder {
 
     /// Checks the settings, reads the TLS files and connects.
     pub async fn connect(self) -> Result<Client, Error> {
-        let (endpoint, caller) = self.checked()?;
+        let (endpoint, checked) = self.checked()?;
         let channel = endpoint.connect().await.map_err(|source| Error::Connect {
             addr: self.addr.clone(),
             source,
         })?;
-        Ok(self.client(channel, caller))
+        Ok(self.client(channel, checked))
     }
 
     /// Checks the settings and reads the TLS files, and connects at the first call: a gateway
     /// that cannot be reached then fails that call (UNAVAILABLE) rather than this one. For a
     /// caller that starts before the gateway, or retries on its own.
     pub fn connect_lazy(self) -> Result<Client, Error> {
-        let (endpoint, caller) = self.checked()?;
-        Ok(self.client(endpoint.connect_lazy(), caller))
+        let (endpoint, checked) = self.checked()?;
+        Ok(self.client(endpoint.connect_lazy(), checked))
     }
 
-    fn client(&self, channel: Channel, caller: Option<AsciiMetadataValue>) -> Client {
+    fn client(&self, channel: Channel, checked: Checked) -> Client {
         Client {
             inner: CcpaServiceClient::new(channel),
-            caller,
+            caller: checked.caller,
             deadline: self.deadline,
-            retry: self.retry,
+            retry: checked.retries,
         }
     }
 
-    /// The endpoint to connect to, and the caller's name as metadata.
-    fn checked(&self) -> Result<(Endpoint, Option<AsciiMetadataValue>), Error> {
+    /// The settings, checked: the endpoint to connect to, the caller's name as metadata, and
+    /// the retries.
+    fn checked(&self) -> Result<(Endpoint, Checked), Error> {
         let config = |setting: &'static str, reason: String| Error::Config { setting, reason };
         let caller = self
             .caller
@@ -273,9 +294,7 @@ impl ClientBuilder {
             .transpose()?;
         within_a_day("deadline", self.deadline)?;
         within_a_day("connect_timeout", self.connect_timeout)?;
-        if self.retry.max_attempts == 0 {
-            return Err(config("retry", "max_attempts must be at least 1".into()));
-        }
+        let retries = Retries::try_from(self.retry)?;
         let mut endpoint = Endpoint::from_shared(self.addr.clone())
             .map_err(|_| {
                 config(
@@ -298,7 +317,7 @@ impl ClientBuilder {
                 .tls_config(tls)
                 .map_err(|e| config("tls_identity", format!("cannot be used: {e}")))?;
         }
-        Ok((endpoint, caller))
+        Ok((endpoint, Checked { caller, retries }))
     }
 
     /// The TLS settings for an `https://` address, and the client's identity apart.
@@ -335,13 +354,19 @@ impl ClientBuilder {
     }
 }
 
+/// What [`ClientBuilder::checked`] makes of the settings besides the endpoint.
+struct Checked {
+    caller: Option<AsciiMetadataValue>,
+    retries: Retries,
+}
+
 /// A connected client. Cheap to clone; clones share the connection.
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: CcpaServiceClient<Channel>,
     caller: Option<AsciiMetadataValue>,
     deadline: Duration,
-    retry: RetryPolicy,
+    retry: Retries,
 }
 
 /// The ledger's changes, in the order the gateway gives them (see
@@ -578,7 +603,7 @@ impl Client {
                     return Some((Err(error), watch));
                 }
                 tracing::debug!(code = ?error.code(), "resuming the change stream");
-                tokio::time::sleep(watch.client.retry.backoff(watch.failures)).await;
+                tokio::time::sleep(watch.client.retry.backoff.after(watch.failures)).await;
             }
         }))
     }
@@ -609,7 +634,7 @@ mod tests {
 
     use tonic::Code;
 
-    use super::{Error, Reason, RetryPolicy};
+    use super::{Error, Reason, Retries, RetryPolicy};
 
     fn status(code: Code, retry_after: Option<Duration>) -> Error {
         Error::Status {
@@ -622,15 +647,20 @@ mod tests {
         }
     }
 
+    fn retries(policy: RetryPolicy) -> Retries {
+        Retries::try_from(policy).unwrap()
+    }
+
     #[test]
     fn only_unavailable_and_deadline_exceeded_are_retried_and_only_so_often() {
         let policy = RetryPolicy::default();
+        let retries = retries(policy);
         for code in [Code::Unavailable, Code::DeadlineExceeded] {
             for retry in 1..policy.max_attempts {
-                let wait = policy.wait(retry, &status(code, None)).unwrap();
+                let wait = retries.wait(retry, &status(code, None)).unwrap();
                 assert!(wait <= policy.max_backoff);
             }
-            assert_eq!(policy.wait(policy.max_attempts, &status(code, None)), None);
+            assert_eq!(retries.wait(policy.max_attempts, &status(code, None)), None);
         }
         for code in [
             Code::InvalidArgument,
@@ -638,34 +668,85 @@ mod tests {
             Code::Internal,
             Code::Unknown,
         ] {
-            assert_eq!(policy.wait(1, &status(code, None)), None);
+            assert_eq!(retries.wait(1, &status(code, None)), None);
         }
     }
 
     #[test]
     fn a_retry_info_delay_is_waited_for_unless_it_is_longer_than_the_longest_back_off() {
         let policy = RetryPolicy::default();
+        let retries = retries(policy);
         let asked = Duration::from_secs(2);
         assert!(
-            policy
+            retries
                 .wait(1, &status(Code::Unavailable, Some(asked)))
                 .unwrap()
                 >= asked
         );
         let too_long = Some(policy.max_backoff + Duration::from_secs(1));
-        assert_eq!(policy.wait(1, &status(Code::Unavailable, too_long)), None);
+        assert_eq!(retries.wait(1, &status(Code::Unavailable, too_long)), None);
+    }
+
+    #[test]
+    fn the_back_off_is_full_jitter_under_the_policy_s_ceiling() {
+        let retries = retries(RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(350),
+        });
+        for (retry, cap) in [(1, 100), (2, 200), (3, 350), (9, 350)] {
+            let waits: Vec<_> = (0..200)
+                .map(|_| {
+                    retries
+                        .wait(retry, &status(Code::Unavailable, None))
+                        .unwrap()
+                })
+                .collect();
+            assert!(waits.iter().all(|w| *w <= Duration::from_millis(cap)));
+            assert!(
+                waits.iter().any(|w| *w < Duration::from_millis(cap / 4)),
+                "full jitter reaches near zero"
+            );
+        }
+    }
+
+    #[test]
+    fn settings_that_make_no_back_off_are_refused() {
+        let refused = |policy: RetryPolicy| {
+            matches!(
+                Retries::try_from(policy),
+                Err(Error::Config {
+                    setting: "retry",
+                    ..
+                })
+            )
+        };
+        assert!(refused(RetryPolicy {
+            max_attempts: 0,
+            ..RetryPolicy::default()
+        }));
+        assert!(refused(RetryPolicy {
+            initial_backoff: Duration::ZERO,
+            ..RetryPolicy::default()
+        }));
+        assert!(refused(RetryPolicy {
+            initial_backoff: Duration::from_secs(6),
+            max_backoff: Duration::from_secs(5),
+            ..RetryPolicy::default()
+        }));
+        assert!(!refused(RetryPolicy::no_retries()));
     }
 
     #[test]
     fn extreme_settings_cannot_overflow() {
-        let policy = RetryPolicy {
+        let retries = retries(RetryPolicy {
             max_attempts: u32::MAX,
             initial_backoff: Duration::MAX,
             max_backoff: Duration::MAX,
-        };
+        });
         for retry in [1, 2, 64, u32::MAX - 1] {
             assert!(
-                policy
+                retries
                     .wait(retry, &status(Code::Unavailable, None))
                     .is_some()
             );

@@ -45,10 +45,7 @@ impl Default for NotifySettings {
             give_up: Duration::from_secs(72 * 3600),
             timeout: Duration::from_secs(10),
             poll_interval: Duration::from_millis(200),
-            backoff: Backoff {
-                base: Duration::from_secs(1),
-                max: Duration::from_secs(3600),
-            },
+            backoff: Backoff::NOTIFICATION,
         }
     }
 }
@@ -403,10 +400,7 @@ impl Notifier {
                 outcome::FAILED,
             ),
             Answer::Retry { class, retry_after } => {
-                let failures = u32::try_from(notification.attempts.clamp(0, 30))
-                    .unwrap_or(30)
-                    .saturating_add(1);
-                let backoff = self.settings.backoff.after_ms(failures);
+                let backoff = self.settings.backoff.after_ms(notification.attempts);
                 let asked = retry_after.map_or(0, |after| {
                     i64::try_from(after.as_millis()).unwrap_or(i64::MAX)
                 });

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::business_days::business_days_before;
+use crate::backoff::Backoff;
 use crate::health::{GatewayHealth, UpstreamSignal, acs_unavailable};
 use crate::store::{
     Claim, ExclusiveHold, FailureCode, Ledger, LedgerError, Outcome, Record, Settled,
@@ -31,10 +32,8 @@ pub struct DeliverySettings {
     pub overdue_after_business_days: u32,
     /// Records are pruned this long after the request was made.
     pub retention: Duration,
-    /// First back-off after a failed attempt; it doubles with each attempt.
-    pub backoff_base: Duration,
-    /// The longest back-off.
-    pub backoff_max: Duration,
+    /// Waits between attempts of a request.
+    pub backoff: Backoff,
     /// How often overdue requests are looked for.
     pub clock_interval: Duration,
 }
@@ -47,8 +46,7 @@ impl Default for DeliverySettings {
             attempt_budget: Duration::from_secs(10),
             overdue_after_business_days: 5,
             retention: super::MIN_RETENTION,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(300),
+            backoff: Backoff::LEDGER_DELIVERY,
             clock_interval: Duration::from_secs(60),
         }
     }
@@ -294,7 +292,8 @@ impl Delivery {
                 let next_attempt_at = self
                     .ledger
                     .now_ms()
-                    .saturating_add(self.backoff_ms(record.attempts));
+                    // The first failure is attempt 0's: it waits about the base.
+                    .saturating_add(self.settings.backoff.after_ms(record.attempts));
                 // A PATCH that was sent may still be on its way through ACS (a timeout, a reset,
                 // a 502 or 504 from its gateway): the lease is kept until it expires, so that no
                 // newer request for the profile is sent before this one has surely landed or
@@ -324,20 +323,6 @@ impl Delivery {
                 Ok(Attempt::Pending)
             }
         }
-    }
-
-    /// Back-off after `attempts` failed attempts (see [`crate::backoff::Backoff`]).
-    fn backoff_ms(&self, attempts: i64) -> i64 {
-        let backoff = crate::backoff::Backoff {
-            base: self.settings.backoff_base,
-            max: self.settings.backoff_max,
-        };
-        // The first failure is attempt 0's: it waits about the base.
-        backoff.after_ms(
-            u32::try_from(attempts.clamp(0, 30))
-                .unwrap_or(30)
-                .saturating_add(1),
-        )
     }
 
     /// Delivers the newest pending request of one profile, if no one else is.

@@ -10,6 +10,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
 use acs_profile_client::{CallSettings, ClientConfig, ManualClock, ThrottleSettings};
+use ccpa_gateway::backoff::Backoff;
 use ccpa_gateway::optout::delivery::DeliverySettings;
 use ccpa_gateway::optout::reconcile::ReconcileSettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
@@ -39,8 +40,9 @@ fn options(interval: Duration, max_rps: f64) -> ServerOptions {
     ServerOptions {
         delivery: DeliverySettings {
             poll_interval: Duration::from_millis(100),
-            backoff_base: Duration::from_millis(100),
-            backoff_max: Duration::from_millis(300),
+            backoff: Backoff::LEDGER_DELIVERY
+                .between(Duration::from_millis(100), Duration::from_millis(300))
+                .unwrap(),
             ..Default::default()
         },
         reconcile: ReconcileSettings { interval, max_rps },

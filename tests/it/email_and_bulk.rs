@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use acs_emulator::{Emulator, EmulatorConfig, Fault, FaultSettings, NewProfile};
 use acs_profile_client::{CallSettings, ClientConfig, ThrottleSettings};
+use ccpa_gateway::backoff::Backoff;
 use ccpa_gateway::optout::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::{
     BulkSetOptOutRequest, DeliveryState, GetOptOutRequest, ListOptOutRecordsRequest, RequestSource,
@@ -30,8 +31,9 @@ fn quick(config: EmulatorConfig) -> GatewayBuilder {
         .options(ServerOptions {
             delivery: DeliverySettings {
                 poll_interval: Duration::from_millis(100),
-                backoff_base: Duration::from_millis(100),
-                backoff_max: Duration::from_millis(300),
+                backoff: Backoff::LEDGER_DELIVERY
+                    .between(Duration::from_millis(100), Duration::from_millis(300))
+                    .unwrap(),
                 ..Default::default()
             },
             ..Default::default()

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use acs_emulator::{Emulator, EmulatorConfig, Fault, FaultSettings, NewProfile};
 use acs_profile_client::ManualClock;
+use ccpa_gateway::backoff::Backoff;
 use ccpa_gateway::health::DELIVERY_SERVICE_NAME;
 use ccpa_gateway::optout::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
@@ -57,8 +58,9 @@ fn quick_delivery() -> ServerOptions {
             lease: Duration::from_secs(3),
             poll_interval: Duration::from_millis(100),
             attempt_budget: Duration::from_millis(600),
-            backoff_base: Duration::from_millis(100),
-            backoff_max: Duration::from_millis(400),
+            backoff: Backoff::LEDGER_DELIVERY
+                .between(Duration::from_millis(100), Duration::from_millis(400))
+                .unwrap(),
             clock_interval: Duration::from_millis(200),
             ..Default::default()
         },
@@ -734,8 +736,9 @@ on_both_stores!(a_failed_attempt_is_tried_again_only_after_its_back_off);
 /// back-off (from 5 to 10 s here, with jitter) has passed, and is once it has.
 async fn a_failed_attempt_is_tried_again_only_after_its_back_off(store: Store) {
     let mut options = quick_delivery();
-    options.delivery.backoff_base = Duration::from_secs(10);
-    options.delivery.backoff_max = Duration::from_secs(10);
+    options.delivery.backoff = Backoff::LEDGER_DELIVERY
+        .between(Duration::from_secs(10), Duration::from_secs(10))
+        .unwrap();
     let clock = Arc::new(ManualClock::new());
     let gw = common::gateway()
         .store(store)
@@ -1225,8 +1228,9 @@ async fn a_patch_held_up_past_its_lease_cannot_land_after_a_newer_applied_reques
     options.delivery.lease = Duration::from_secs(2);
     options.delivery.attempt_budget = Duration::from_secs(10);
     // The deliverer does not try the older request again before the newer one arrives.
-    options.delivery.backoff_base = Duration::from_secs(30);
-    options.delivery.backoff_max = Duration::from_secs(30);
+    options.delivery.backoff = Backoff::LEDGER_DELIVERY
+        .between(Duration::from_secs(30), Duration::from_secs(30))
+        .unwrap();
     let clock = Arc::new(ManualClock::new());
     let gw = common::gateway()
         .store(store)
@@ -1799,8 +1803,9 @@ on_both_stores!(
 /// again only if something makes it due.
 fn long_backoff() -> ServerOptions {
     let mut options = quick_delivery();
-    options.delivery.backoff_base = Duration::from_secs(60);
-    options.delivery.backoff_max = Duration::from_secs(600);
+    options.delivery.backoff = Backoff::LEDGER_DELIVERY
+        .between(Duration::from_secs(60), Duration::from_secs(600))
+        .unwrap();
     options
 }
 
@@ -1900,8 +1905,9 @@ async fn requests_backing_off_from_an_outage_are_due_once_a_call_gets_an_answer(
 async fn after_an_outage_a_probe_finds_acs_back_and_the_pending_opt_out_is_applied(store: Store) {
     let clock = Arc::new(ManualClock::new());
     let mut options = quick_delivery();
-    options.delivery.backoff_base = Duration::from_secs(1);
-    options.delivery.backoff_max = Duration::from_secs(300);
+    options.delivery.backoff = Backoff::LEDGER_DELIVERY
+        .between(Duration::from_secs(1), Duration::from_secs(300))
+        .unwrap();
     let gw = quick(store)
         .options(options)
         .clock(clock.clone())

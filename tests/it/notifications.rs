@@ -30,10 +30,9 @@ fn quick() -> NotifySettings {
     NotifySettings {
         poll_interval: Duration::from_millis(50),
         timeout: Duration::from_secs(2),
-        backoff: Backoff {
-            base: Duration::from_secs(1),
-            max: Duration::from_secs(60),
-        },
+        backoff: Backoff::NOTIFICATION
+            .between(Duration::from_secs(1), Duration::from_secs(60))
+            .unwrap(),
         ..NotifySettings::default()
     }
 }

@@ -13,6 +13,7 @@ use acs_profile_client::{
     ThrottleSettings, TokioClock,
 };
 use ccpa_gateway::api::deadline::MARGIN;
+use ccpa_gateway::backoff::Backoff;
 use ccpa_gateway::optout::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
@@ -703,8 +704,9 @@ async fn a_404_that_is_not_acs_keeps_the_opt_out_pending_and_the_gateway_out_of_
             // not wait a minute for the deliverer.
             lease: Duration::from_secs(2),
             poll_interval: Duration::from_millis(100),
-            backoff_base: Duration::from_millis(100),
-            backoff_max: Duration::from_millis(300),
+            backoff: Backoff::LEDGER_DELIVERY
+                .between(Duration::from_millis(100), Duration::from_millis(300))
+                .unwrap(),
             ..Default::default()
         },
         ..quick_probes()
@@ -801,8 +803,9 @@ async fn the_retry_budget_stops_a_retry_storm_when_acs_is_down() {
         .calling(ClientConfig {
             call: CallSettings {
                 max_attempts: 4,
-                backoff_base: Duration::from_millis(1),
-                backoff_max: Duration::from_millis(5),
+                backoff: Backoff::ACS_CALL
+                    .between(Duration::from_millis(1), Duration::from_millis(5))
+                    .unwrap(),
                 retry_ratio: 0.2,
                 min_retries_per_second: 1,
                 ..unthrottled()

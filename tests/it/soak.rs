@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
 use acs_profile_client::{CallSettings, ClientConfig, ThrottleSettings};
+use ccpa_gateway::backoff::Backoff;
 use ccpa_gateway::optout::delivery::DeliverySettings;
 use ccpa_gateway::proto::ccpa_v1::{
     DeliveryState, GetOptOutRequest, RequestSource, SetOptOutRequest,
@@ -113,7 +114,9 @@ async fn two_thousand_calls_through_ten_percent_transient_faults() {
         delivery: DeliverySettings {
             attempt_budget: Duration::from_secs(1),
             poll_interval: Duration::from_millis(100),
-            backoff_base: Duration::from_millis(100),
+            backoff: Backoff::LEDGER_DELIVERY
+                .between(Duration::from_millis(100), Backoff::LEDGER_DELIVERY.max())
+                .unwrap(),
             ..Default::default()
         },
         ..Default::default()

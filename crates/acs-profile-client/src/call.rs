@@ -20,6 +20,7 @@ use reqwest::header::RETRY_AFTER;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
+use crate::Backoff;
 use crate::hooks::TOKEN_ERROR_PREFIX;
 use crate::throttle::{Throttle, ThrottleSettings};
 use crate::{ApiError, Failure, TokenError, TokenSource};
@@ -38,10 +39,9 @@ pub enum Idempotency {
 pub struct CallSettings {
     /// Attempts per call, the first included.
     pub max_attempts: u32,
-    /// The cap of the first retry's random delay; it doubles with each retry.
-    pub backoff_base: Duration,
-    /// The largest cap a delay can have.
-    pub backoff_max: Duration,
+    /// Delays between attempts: full jitter under a doubling cap ([`Backoff::ACS_CALL`]), unless
+    /// ACS's `Retry-After` says otherwise.
+    pub backoff: Backoff,
     /// Retries allowed as a share of calls over the last ten seconds (0.2: one retry for five
     /// calls).
     pub retry_ratio: f32,
@@ -57,8 +57,7 @@ impl Default for CallSettings {
     fn default() -> Self {
         Self {
             max_attempts: 4,
-            backoff_base: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(2),
+            backoff: Backoff::ACS_CALL,
             retry_ratio: 0.2,
             min_retries_per_second: 10,
             default_budget: Duration::from_secs(10),
@@ -213,17 +212,6 @@ impl CallRuntime {
         self.settings.default_budget
     }
 
-    /// Random delay before retry number `retry` (1 for the first): full jitter under an
-    /// exponential cap.
-    fn backoff(&self, retry: u32) -> Duration {
-        let cap = self
-            .settings
-            .backoff_base
-            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
-            .min(self.settings.backoff_max);
-        cap.mul_f64(rand::random::<f64>())
-    }
-
     /// Makes a call by running `attempt` as often as the rules allow.
     pub(crate) async fn run<T, F, Fut>(
         &self,
@@ -311,7 +299,8 @@ impl CallRuntime {
             if attempts >= self.settings.max_attempts || !is_retryable(&failure, idempotency) {
                 return Err(error.into());
             }
-            let delay = retry_after(&error).unwrap_or_else(|| self.backoff(attempts));
+            let delay =
+                retry_after(&error).unwrap_or_else(|| self.settings.backoff.after(attempts));
             // Checked: `Retry-After` is ACS's (or a proxy's) to choose, and a huge one must mean
             // "not within this deadline", not an overflow.
             let resume_at = Instant::now().checked_add(delay);
@@ -436,19 +425,9 @@ mod tests {
     }
 
     #[test]
-    fn backoff_is_full_jitter_under_a_growing_cap() {
-        let runtime = CallRuntime::new(CallSettings {
-            backoff_base: Duration::from_millis(100),
-            backoff_max: Duration::from_millis(350),
-            ..Default::default()
-        });
-        for (retry, cap) in [(1, 100), (2, 200), (3, 350), (10, 350)] {
-            let delays: Vec<Duration> = (0..200).map(|_| runtime.backoff(retry)).collect();
-            assert!(delays.iter().all(|d| *d <= Duration::from_millis(cap)));
-            assert!(
-                delays.iter().any(|d| *d < Duration::from_millis(cap / 4)),
-                "full jitter reaches near zero"
-            );
-        }
+    fn the_default_back_off_is_the_acs_call_policy() {
+        let settings = CallSettings::default();
+        assert_eq!(settings.backoff, Backoff::ACS_CALL);
+        assert_eq!(settings.backoff.jitter(), crate::Jitter::Full);
     }
 }

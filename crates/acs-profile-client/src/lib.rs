@@ -61,6 +61,9 @@ pub use auth::{
     TokenSource,
 };
 pub use call::{CallError, CallSettings, Idempotency, is_retryable, retry_after};
+/// The back-off of [`CallSettings`] and of the IMS token source: the workspace's one back-off
+/// type (`crates/backoff`), re-exported so that a user of this crate needs no other.
+pub use ccpa_backoff::{Backoff, InvalidBackoff, Jitter};
 pub use clock::{Clock, ManualClock, TokioClock};
 pub use failure::Failure;
 pub use generated::{ByteStream, Client, ClientInfo, Error, ResponseValue, types};

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::{AccessToken, TokenError, TokenErrorKind, TokenSource};
+use crate::Backoff;
 use crate::clock::{Clock, TokioClock};
 
 /// Where the client secret comes from.
@@ -78,9 +79,9 @@ const REFRESH_AT: f64 = 0.8;
 /// make a token that is valid here expired by the time ACS reads it.
 const EXPIRY_MARGIN_SHARE: f64 = 0.05;
 const MAX_EXPIRY_MARGIN: Duration = Duration::from_secs(60);
-/// Back-off after a failed token request: doubling from the first, capped.
-const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Back-off after failed token requests: doubling from the first, capped, not jittered (one
+/// source per process, each wait logged).
+const BACKOFF: Backoff = Backoff::IMS_TOKEN;
 /// Token requests one caller waits for before giving up; the back-off outlives the caller.
 const ATTEMPTS_PER_CALLER: u32 = 3;
 /// The longest lifetime believed, whatever `expires_in` says: IMS issues tokens for a day. A
@@ -108,16 +109,17 @@ struct State {
     flight: Option<Flight>,
     /// No token request before this instant (set after a failure).
     not_before: Option<Instant>,
-    next_backoff: Option<Duration>,
+    /// Token requests failed in a row.
+    failures: u32,
 }
 
 impl State {
     /// Records a failed token request at `now`: no other before the back-off passes, and a
     /// longer one next time. Returns the back-off.
     fn note_failure(&mut self, now: Instant) -> Duration {
-        let backoff = self.next_backoff.unwrap_or(FIRST_BACKOFF);
+        self.failures = self.failures.saturating_add(1);
+        let backoff = BACKOFF.after(self.failures);
         self.not_before = Some(now + backoff);
-        self.next_backoff = Some((backoff * 2).min(MAX_BACKOFF));
         backoff
     }
 }
@@ -324,7 +326,7 @@ impl Inner {
                     usable_until: started + lifetime.saturating_sub(margin),
                 });
                 state.not_before = None;
-                state.next_backoff = None;
+                state.failures = 0;
                 crate::observe::count_token_request("ok");
                 tracing::info!(
                     lifetime_s = lifetime.as_secs(),
