@@ -22,7 +22,8 @@ use ccpa_gateway::proto::ccpa_v1::{
 use ccpa_gateway::server::ServerOptions;
 use ccpa_gateway::store::{Ledger, LedgerError};
 use common::{
-    GatewayBuilder, Store, acs_config, bulk, eventually, opt_out_of, record, until_settled,
+    GatewayBuilder, Store, acs_config, bulk, eventually, eventually_within, opt_out_of, record,
+    until_settled,
 };
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -93,27 +94,50 @@ async fn until_state(
     request_id: &str,
     state: DeliveryState,
 ) -> OptOutRecord {
-    let started = Instant::now();
-    loop {
-        // Not recorded yet is possible too: a call whose caller went away records in the
-        // background.
-        let found = client
-            .get_opt_out_record(GetOptOutRecordRequest {
-                request_id: request_id.into(),
-            })
-            .await
-            .map(|answer| answer.into_inner().record);
-        match &found {
-            Ok(Some(record)) if record.state == state as i32 => return record.clone(),
-            Ok(_) => {}
-            Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+    eventually(&format!("{request_id} to reach {state:?}"), || {
+        let mut client = client.clone();
+        async move {
+            // Not recorded yet is possible too: a call whose caller went away records in the
+            // background.
+            let found = client
+                .get_opt_out_record(GetOptOutRecordRequest {
+                    request_id: request_id.into(),
+                })
+                .await
+                .map(|answer| answer.into_inner().record);
+            match &found {
+                Ok(Some(record)) if record.state == state as i32 => return Ok(record.clone()),
+                Ok(_) => {}
+                Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+            }
+            Err(found)
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "{request_id} never reached {state:?}: {found:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
+}
+
+/// Waits until the deliverer's health (which its overdue clock sets) is `status`.
+async fn until_delivery_is(
+    health: &HealthClient<Channel>,
+    status: ServingStatus,
+    patience: Duration,
+    what: &str,
+) {
+    eventually_within(patience, what, || {
+        let mut health = health.clone();
+        async move {
+            let now = health
+                .check(HealthCheckRequest {
+                    service: DELIVERY_SERVICE_NAME.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            (now == status as i32).then_some(())
+        }
+    })
+    .await;
 }
 
 fn acs_down() -> FaultSettings {
@@ -574,16 +598,13 @@ async fn overdue_requests_are_reported(store: Store) {
     );
 
     // The deliverer's clock notices (it checks on its first round).
-    let started = Instant::now();
-    while health.check(delivery()).await.unwrap().into_inner().status
-        != ServingStatus::NotServing as i32
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the clock never reported it"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_delivery_is(
+        &health,
+        ServingStatus::NotServing,
+        Duration::from_secs(10),
+        "the clock to report it",
+    )
+    .await;
 
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
         .args(["records", "--overdue", "--ledger", &location])
@@ -653,16 +674,13 @@ async fn overdue_requests_are_reported(store: Store) {
     // Delivered: no longer overdue.
     gw.emulator().set_faults(FaultSettings::default());
     until_state(&mut gw.client(), "overdue-1", DeliveryState::Applied).await;
-    let started = Instant::now();
-    while health.check(delivery()).await.unwrap().into_inner().status
-        != ServingStatus::Serving as i32
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(70),
-            "the clock never cleared"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_delivery_is(
+        &health,
+        ServingStatus::Serving,
+        Duration::from_secs(70),
+        "the clock to clear",
+    )
+    .await;
 }
 
 async fn a_creation_with_an_opt_out_is_recorded_and_replayed(store: Store) {
@@ -810,16 +828,13 @@ async fn a_pending_request_is_overdue_after_its_business_days_on_the_clock(store
 
     // The next Monday, 11:00: five business days and an hour.
     clock.advance(3 * DAY + Duration::from_secs(2 * 3_600));
-    let started = Instant::now();
-    while health.check(delivery()).await.unwrap().into_inner().status
-        != ServingStatus::NotServing as i32
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the clock never reported it"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_delivery_is(
+        &health,
+        ServingStatus::NotServing,
+        Duration::from_secs(10),
+        "the clock to report it",
+    )
+    .await;
 }
 
 on_both_stores!(only_records_past_their_retention_are_pruned_and_never_pending_ones);
@@ -1206,14 +1221,28 @@ async fn a_newer_request_waits_while_an_older_one_may_still_be_on_its_way_to_acs
 
 /// Waits until ACS handles no request: every PATCH sent has landed or died.
 async fn until_acs_is_idle(emulator: &Emulator) {
-    let started = Instant::now();
-    while emulator.active_requests() > 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "a request to ACS never ended"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("every request to ACS to end", || {
+        std::future::ready((emulator.active_requests() == 0).then_some(()))
+    })
+    .await;
+}
+
+/// Waits until ACS has received a `method` request.
+async fn until_sent(emulator: &Emulator, method: &str) {
+    eventually_within(
+        Duration::from_secs(5),
+        &format!("the {method} to be sent"),
+        || {
+            std::future::ready(
+                emulator
+                    .requests()
+                    .iter()
+                    .any(|r| r.method == method)
+                    .then_some(()),
+            )
+        },
+    )
+    .await;
 }
 
 on_both_stores!(a_patch_held_up_past_its_lease_cannot_land_after_a_newer_applied_request);
@@ -1600,10 +1629,7 @@ async fn record_only_items_are_answered_once_recorded_and_delivered_later(store:
 
 async fn a_record_only_backlog_is_watched_by_the_overdue_clock(store: Store) {
     let gw = quick(store).start().await;
-    let mut health = HealthClient::new(gw.channel.clone());
-    let delivery = || HealthCheckRequest {
-        service: DELIVERY_SERVICE_NAME.into(),
-    };
+    let health = HealthClient::new(gw.channel.clone());
     gw.emulator().set_faults(acs_down());
     let pkey = gw.emulator().insert_profile(NewProfile::default());
     let answers = bulk(
@@ -1620,16 +1646,13 @@ async fn a_record_only_backlog_is_watched_by_the_overdue_clock(store: Store) {
         "{answers:?}"
     );
 
-    let started = Instant::now();
-    while health.check(delivery()).await.unwrap().into_inner().status
-        != ServingStatus::NotServing as i32
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the clock never reported the backlog"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_delivery_is(
+        &health,
+        ServingStatus::NotServing,
+        Duration::from_secs(10),
+        "the clock to report the backlog",
+    )
+    .await;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
         .args(["records", "--overdue", "--ledger", &gw.store().location])
         .output()
@@ -1755,14 +1778,7 @@ async fn a_creation_given_up_as_abandoned_still_records_its_key_when_acs_answers
 
     // While ACS holds the POST, the ledger's clock passes the lease: the deliverer gives the
     // creation up as abandoned.
-    let started = Instant::now();
-    while !gw.emulator().requests().iter().any(|r| r.method == "POST") {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the POST was sent"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_sent(gw.emulator(), "POST").await;
     clock.advance(Duration::from_secs(11));
     until_state(&mut gw.client(), "held-creation", DeliveryState::Failed).await;
 
@@ -1980,14 +1996,7 @@ async fn a_sqlite_ledger_stays_held_while_work_a_cancelled_call_left_running_can
         request.set_timeout(Duration::from_secs(10));
         client.set_opt_out(request).await
     });
-    let started = Instant::now();
-    while !emulator.requests().iter().any(|r| r.method == "PATCH") {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the PATCH was sent"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_sent(&emulator, "PATCH").await;
     call.abort();
     gw.shutdown().await.unwrap();
 
@@ -2001,17 +2010,12 @@ async fn a_sqlite_ledger_stays_held_while_work_a_cancelled_call_left_running_can
     );
 
     // Once the work has recorded its outcome, the file is free, and holds that outcome.
-    let started = Instant::now();
-    let hold = loop {
-        if let Ok(hold) = second.hold_exclusively() {
-            break hold;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the hold ends with the work"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let hold = eventually_within(
+        Duration::from_secs(10),
+        "the hold to end with the work",
+        || std::future::ready(second.hold_exclusively()),
+    )
+    .await;
     let recorded = second.get("left-running").await.unwrap().unwrap();
     assert_eq!(recorded.state, ccpa_gateway::store::State::Applied);
     drop(hold);
@@ -2098,25 +2102,30 @@ async fn a_restore_started_by_a_read_gives_its_lease_back_when_the_read_is_cut_s
     held.release().await;
 
     // The restore ends and gives the lease back at once, not a lease (a minute) later.
-    let started = Instant::now();
-    loop {
-        let claim = gw.ledger.new_claim(Duration::from_secs(1));
-        if gw.ledger.claim(&pkey, &claim).await.unwrap() {
-            gw.ledger.release(&pkey, &claim).await.unwrap();
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the restore gave the profile's lease back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_within(
+        Duration::from_secs(5),
+        "the restore to give the profile's lease back",
+        || async {
+            let claim = gw.ledger.new_claim(Duration::from_secs(1));
+            let claimed = gw.ledger.claim(&pkey, &claim).await.unwrap();
+            if claimed {
+                gw.ledger.release(&pkey, &claim).await.unwrap();
+            }
+            claimed.then_some(())
+        },
+    )
+    .await;
     // And the restore is delivered: ACS holds the opt-out again.
-    let started = Instant::now();
-    while gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"] != true {
-        assert!(started.elapsed() < Duration::from_secs(10), "restored");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_within(
+        Duration::from_secs(10),
+        "the opt-out to be restored",
+        || {
+            std::future::ready(
+                (gw.emulator().profile(&pkey).unwrap()["ccpaOptOut"] == true).then_some(()),
+            )
+        },
+    )
+    .await;
 }
 
 /// A PostgreSQL ledger written by the previous release (schema version 5,
@@ -2594,18 +2603,16 @@ impl RoundTrips {
     async fn round_trips_of<T>(&self, unit: impl Future<Output = T>) -> (Vec<String>, T) {
         let before = self.seen.lock().unwrap().len();
         let value = unit.await;
-        let started = Instant::now();
-        let mut round_trips = loop {
-            let seen = self.seen.lock().unwrap()[before..].to_vec();
-            if seen.iter().any(|round_trip| round_trip == "S") {
-                break seen;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "the connection is given back to the pool"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
+        let mut round_trips = eventually_within(
+            Duration::from_secs(5),
+            "the connection to be given back to the pool",
+            || {
+                let seen = self.seen.lock().unwrap()[before..].to_vec();
+                let pinged = seen.iter().any(|round_trip| round_trip == "S");
+                std::future::ready(pinged.then_some(seen))
+            },
+        )
+        .await;
         let ping = round_trips.iter().rposition(|round_trip| round_trip == "S");
         round_trips.remove(ping.unwrap());
         // The ping is answered, and the connection put back, a moment after it is sent.

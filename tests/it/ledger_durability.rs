@@ -3,15 +3,16 @@
 
 use crate::common;
 
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use acs_emulator::{Emulator, EmulatorConfig, FaultSettings, NewProfile};
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
     DeliveryState, ListOptOutRecordsRequest, OptOutRecord, RequestSource, SetOptOutRequest,
 };
-use common::{QUICK_DELIVERY_ARGS, Store, record};
+use common::{QUICK_DELIVERY_ARGS, Store, eventually_within, record, until_settled_within};
 use tonic::transport::Channel;
 
 fn now_ms() -> i64 {
@@ -102,20 +103,30 @@ async fn killed_gateways_lose_nothing(store: Store) {
         .args(QUICK_DELIVERY_ARGS)
         .spawn(Some(&emulator))
         .await;
-    let started = Instant::now();
-    for (request_id, pkey) in &requests {
-        loop {
-            let record = record(&mut gateway.client, request_id).await;
-            if record.state == DeliveryState::Applied as i32 {
-                break;
+    // One request read a round: the first not yet seen applied (applied stays applied).
+    let applied = Cell::new(0);
+    eventually_within(
+        Duration::from_secs(60),
+        "every request to be applied",
+        || {
+            let mut client = gateway.client.clone();
+            let (requests, applied) = (&requests, &applied);
+            async move {
+                while let Some((request_id, _)) = requests.get(applied.get()) {
+                    let record = record(&mut client, request_id).await;
+                    if record.state != DeliveryState::Applied as i32 {
+                        // Not lost: still pending.
+                        assert_eq!(record.state, DeliveryState::Pending as i32, "{record:?}");
+                        return Err(record);
+                    }
+                    applied.set(applied.get() + 1);
+                }
+                Ok(())
             }
-            assert_eq!(record.state, DeliveryState::Pending as i32, "{record:?}");
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{request_id} was lost: {record:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        },
+    )
+    .await;
+    for (_, pkey) in &requests {
         assert_eq!(emulator.profile(pkey).unwrap()["ccpaOptOut"], true);
     }
     assert_eq!(pending_count(&mut gateway.client).await, 0);
@@ -311,14 +322,7 @@ async fn two_gateways_on_one_postgres_ledger_apply_each_profile_in_order() {
     futures::future::join_all(calls).await;
 
     let mut client = a.client.clone();
-    let started = Instant::now();
-    while pending_count(&mut client).await > 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "requests stay pending"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_settled_within(&mut client, Duration::from_secs(90)).await;
 
     for (pkey, (last_id, last_value)) in &expected_last {
         assert_eq!(

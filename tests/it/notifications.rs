@@ -8,7 +8,7 @@
 use crate::common;
 
 use common::receiver::{Receiver, RecipientSpec, Reply, write_recipients};
-use common::{Store, acs_config, set};
+use common::{Store, acs_config, eventually, set};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -77,7 +77,7 @@ async fn notifications_of(
         .notifications
 }
 
-/// Waits (up to 20 s) until `request_id`'s notification to `recipient` is `what` says (`done`).
+/// Waits until `request_id`'s notification to `recipient` is `what` says (`done`).
 async fn until(
     client: &mut CcpaServiceClient<Channel>,
     request_id: &str,
@@ -85,20 +85,19 @@ async fn until(
     what: &str,
     done: impl Fn(&RecipientNotification) -> bool,
 ) -> RecipientNotification {
-    for _ in 0..400 {
-        let found = notifications_of(client, request_id)
-            .await
-            .into_iter()
-            .find(|n| n.recipient == recipient);
-        if let Some(found) = found.filter(|n| done(n)) {
-            return found;
+    let done = &done;
+    eventually(&format!("{request_id} to {recipient}: {what}"), || {
+        let mut client = client.clone();
+        async move {
+            let notifications = notifications_of(&mut client, request_id).await;
+            let found = notifications
+                .iter()
+                .find(|n| n.recipient == recipient && done(n))
+                .cloned();
+            found.ok_or(notifications)
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "{request_id} to {recipient}: not {what} within 20 s: {:?}",
-        notifications_of(client, request_id).await
-    );
+    })
+    .await
 }
 
 /// Waits until `request_id`'s notification to `recipient` is in `state`.

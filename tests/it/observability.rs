@@ -13,7 +13,7 @@ use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
     BulkSetOptOutRequest, CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
-use common::{QUICK_DELIVERY_ARGS, bulk, set, until_settled};
+use common::{QUICK_DELIVERY_ARGS, bulk, eventually_within, set, until_settled};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -416,18 +416,16 @@ impl Collector {
 
     /// Waits until a span satisfies `wanted`; the bound only fails a broken exporter.
     async fn until(&self, wanted: impl Fn(&[Span]) -> bool) -> Vec<Span> {
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
+        let what = "the collector to receive the spans wanted";
+        eventually_within(Duration::from_secs(30), what, || {
             let spans = self.spans();
-            if wanted(&spans) {
-                return spans;
-            }
-            assert!(
-                tokio::time::Instant::now() < give_up,
-                "the collector never received the spans wanted: {spans:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            std::future::ready(if wanted(&spans) {
+                Ok(spans)
+            } else {
+                Err(spans)
+            })
+        })
+        .await
     }
 }
 

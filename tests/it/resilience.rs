@@ -20,7 +20,7 @@ use ccpa_gateway::proto::ccpa_v1::{
     CreateProfileRequest, DeliveryState, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
 use ccpa_gateway::server::{CCPA_SERVICE_NAME, ServerOptions};
-use common::{acs_config, health_request};
+use common::{acs_config, eventually, eventually_within, health_request};
 use futures::StreamExt;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -431,14 +431,12 @@ async fn the_deadline_bounds_a_stalled_acs_and_leaves_nothing_running() {
             "{label}: answered after {took:?}"
         );
         // The gateway dropped its request: the emulator sees its client go away.
-        let gone = Instant::now();
-        while emulator.active_requests() > 0 {
-            assert!(
-                gone.elapsed() < Duration::from_secs(2),
-                "{label}: a request is still running"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually_within(
+            Duration::from_secs(2),
+            &format!("{label}: no request to be running"),
+            || std::future::ready((emulator.active_requests() == 0).then_some(())),
+        )
+        .await;
     }
 }
 
@@ -748,16 +746,18 @@ async fn a_404_that_is_not_acs_keeps_the_opt_out_pending_and_the_gateway_out_of_
     // The route leads to ACS again: the probe puts the gateway back in rotation, and the
     // deliverer applies the request.
     assert_eq!(next_status(&mut service).await, ServingStatus::Serving);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let record = common::record(&mut client, "behind-a-proxy-404").await;
-        if record.state == DeliveryState::Applied as i32 {
-            break;
+    eventually("the request to be delivered", || {
+        let mut client = client.clone();
+        async move {
+            let record = common::record(&mut client, "behind-a-proxy-404").await;
+            if record.state == DeliveryState::Applied as i32 {
+                return Ok(());
+            }
+            assert_eq!(record.state, DeliveryState::Pending as i32, "{record:?}");
+            Err(record)
         }
-        assert_eq!(record.state, DeliveryState::Pending as i32, "{record:?}");
-        assert!(Instant::now() < deadline, "not delivered: {record:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert_eq!(emulator.profile(&pkey).unwrap()["ccpaOptOut"], false);
 }
 
@@ -952,11 +952,10 @@ async fn a_token_is_refreshed_in_the_background_before_it_expires() {
             .await
             .unwrap();
     }
-    let started = Instant::now();
-    while emulator.ims_request_count() < 2 {
-        assert!(started.elapsed() < Duration::from_secs(10), "no refresh");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually_within(Duration::from_secs(10), "a refresh", || {
+        std::future::ready((emulator.ims_request_count() >= 2).then_some(()))
+    })
+    .await;
     assert_eq!(
         emulator.ims_request_count(),
         2,

@@ -21,7 +21,9 @@ use ccpa_gateway::proto::ccpa_v1::{
 };
 use ccpa_gateway::server::{Boundary, ServerOptions};
 use common::pki::{Ca, Name, Pem, client_tls, write_atomically};
-use common::{Gateway, GatewayProcess, QUICK_DELIVERY_ARGS, connect, connect_tls};
+use common::{
+    Gateway, GatewayProcess, QUICK_DELIVERY_ARGS, connect, connect_tls, eventually_within,
+};
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
@@ -1092,14 +1094,12 @@ async fn certificates_and_policy_rotate_without_a_restart() {
 async fn after(gateway: &GatewayProcess, needles: &[&str], change: impl FnOnce()) {
     let before = gateway.log_count(needles);
     change();
-    let give_up = Instant::now() + Duration::from_secs(30);
-    while gateway.log_count(needles) == before {
-        assert!(
-            Instant::now() < give_up,
-            "no new log line holds {needles:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_within(
+        Duration::from_secs(30),
+        &format!("a new log line holding {needles:?}"),
+        || std::future::ready((gateway.log_count(needles) != before).then_some(())),
+    )
+    .await;
 }
 
 /// Whether a client trusting `ca` and presenting `identity` completes a call to health.

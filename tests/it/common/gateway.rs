@@ -379,25 +379,16 @@ impl GatewayProcess {
     /// Waits for a log line holding every one of `needles`, and returns it. The wait ends when
     /// the line is written; the bound is only there so that a broken gateway fails the test.
     pub async fn log_line(&self, needles: &[&str]) -> String {
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let found = self
-                .logs
-                .lock()
-                .unwrap()
+        let what = format!("a log line holding {needles:?}");
+        super::eventually_within(Duration::from_secs(30), &what, || {
+            let logs = self.logs.lock().unwrap();
+            let found = logs
                 .iter()
                 .find(|line| needles.iter().all(|n| line.contains(n)))
                 .cloned();
-            if let Some(line) = found {
-                return line;
-            }
-            assert!(
-                tokio::time::Instant::now() < give_up,
-                "no log line holds {needles:?}: {:?}",
-                self.logs.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            std::future::ready(found.ok_or_else(|| logs.clone()))
+        })
+        .await
     }
 
     /// How many log lines hold every one of `needles` so far.

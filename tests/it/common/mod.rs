@@ -215,22 +215,59 @@ pub async fn bulk(
 /// busy 2-core machine takes, so that reaching it means the thing will not happen.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
-/// Polls `check` every 20 ms until it gives `Some`, and returns what it gave; fails the test,
-/// saying `what` was awaited, after [`PATIENCE`]. The one way the tests wait for something that
-/// happens in the background.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+/// What a check given to [`eventually`] answers: `Some(found)` or `Ok(found)` once what is awaited
+/// has happened; `None`, or `Err(seen)` with what it saw instead (which a failure shows), until
+/// then.
+pub trait Checked {
+    type Found;
+    fn found(self) -> Result<Self::Found, Option<String>>;
+}
+
+impl<T> Checked for Option<T> {
+    type Found = T;
+    fn found(self) -> Result<T, Option<String>> {
+        self.ok_or(None)
+    }
+}
+
+impl<T, E: std::fmt::Debug> Checked for Result<T, E> {
+    type Found = T;
+    fn found(self) -> Result<T, Option<String>> {
+        self.map_err(|seen| Some(format!("{seen:?}")))
+    }
+}
+
+/// Polls `check` every 20 ms until it gives what is awaited (see [`Checked`]), and returns that;
+/// fails the test, saying `what` was awaited and what the last check saw, after [`PATIENCE`].
+/// The one way the tests wait for something that happens in the background.
+pub async fn eventually<C, F, Fut>(what: &str, check: F) -> C::Found
 where
+    C: Checked,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
+    Fut: std::future::Future<Output = C>,
 {
-    let give_up = tokio::time::Instant::now() + PATIENCE;
+    eventually_within(PATIENCE, what, check).await
+}
+
+/// [`eventually`], failing after `patience` instead: for what takes longer on a busy machine
+/// (delivering a backlog), or a test that bounds how soon a thing happens.
+pub async fn eventually_within<C, F, Fut>(patience: Duration, what: &str, mut check: F) -> C::Found
+where
+    C: Checked,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = C>,
+{
+    let give_up = tokio::time::Instant::now() + patience;
     loop {
-        if let Some(found) = check().await {
-            return found;
-        }
+        let seen = match check().await.found() {
+            Ok(found) => return found,
+            Err(seen) => seen,
+        };
         assert!(
             tokio::time::Instant::now() < give_up,
-            "waited {PATIENCE:?} for {what}"
+            "waited {patience:?} for {what}{}",
+            seen.map(|seen| format!("; the last check saw {seen}"))
+                .unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -239,27 +276,32 @@ where
 /// Waits until no record is PENDING: the deliverer has finished whatever answered PENDING (an
 /// item whose attempt outlived its budget on a busy machine is PENDING, and delivered after).
 pub async fn until_settled(client: &mut CcpaServiceClient<Channel>) {
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        let pending = client
-            .list_opt_out_records(ccpa_gateway::proto::ccpa_v1::ListOptOutRecordsRequest {
-                state: ccpa_gateway::proto::ccpa_v1::DeliveryState::Pending as i32,
-                page_size: 1,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .records;
-        if pending.is_empty() {
-            return;
+    until_settled_within(client, Duration::from_secs(300)).await;
+}
+
+/// [`until_settled`], failing after `patience`.
+pub async fn until_settled_within(client: &mut CcpaServiceClient<Channel>, patience: Duration) {
+    eventually_within(patience, "no record to be PENDING", || {
+        let mut client = client.clone();
+        async move {
+            let pending = client
+                .list_opt_out_records(ccpa_gateway::proto::ccpa_v1::ListOptOutRecordsRequest {
+                    state: ccpa_gateway::proto::ccpa_v1::DeliveryState::Pending as i32,
+                    page_size: 1,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .records;
+            if pending.is_empty() {
+                Ok(())
+            } else {
+                Err(pending)
+            }
         }
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "still pending after five minutes: {pending:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 }
 
 /// The most requests that arrived within any one second.

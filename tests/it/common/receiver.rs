@@ -6,7 +6,6 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -109,24 +108,18 @@ impl Receiver {
         self.script.lock().unwrap().received.clone()
     }
 
-    /// Waits (up to 20 s) until it has received `n` deliveries, and returns them all.
+    /// Waits (up to [`PATIENCE`](super::PATIENCE)) until it has received `n` deliveries, and
+    /// returns them all.
     pub async fn until_received(&self, n: usize) -> Vec<Delivery> {
-        let waited = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                let received = self.received();
-                if received.len() >= n {
-                    return received;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        super::eventually(&format!("{n} deliveries"), || {
+            let received = self.received();
+            std::future::ready(if received.len() >= n {
+                Ok(received)
+            } else {
+                Err(received)
+            })
         })
-        .await;
-        waited.unwrap_or_else(|_| {
-            panic!(
-                "{n} deliveries expected within 20 s; received {:?}",
-                self.received()
-            )
-        })
+        .await
     }
 
     /// Writes its secret to a file in `dir` and returns the path.
