@@ -14,7 +14,7 @@ use ccpa_gateway::proto::ccpa_v1::{
     SetOptOutRequest,
 };
 use ccpa_gateway::server::ServerOptions;
-use common::{GatewayBuilder, Store, bulk, opt_out_of, record, until_settled};
+use common::{GatewayBuilder, Store, bulk, eventually, opt_out_of, record, until_settled};
 use futures::StreamExt;
 use sha2::Digest;
 use tokio::sync::mpsc;
@@ -1034,9 +1034,15 @@ async fn an_interactive_call_goes_before_a_record_only_backlog() {
             .all(|a| a.error.is_none() && a.state == DeliveryState::Pending as i32)
     );
     // The deliverer is working the backlog.
-    while patches_per_profile(gw.emulator()).len() < 3 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("PATCHes for three profiles of the backlog", || {
+        let patched = patches_per_profile(gw.emulator());
+        std::future::ready(if patched.len() >= 3 {
+            Ok(())
+        } else {
+            Err(patched)
+        })
+    })
+    .await;
 
     for n in 0..3 {
         let pkey = gw.emulator().insert_profile(NewProfile::default());

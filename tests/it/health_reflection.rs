@@ -7,7 +7,7 @@ use std::time::Duration;
 use acs_emulator::Fault;
 use ccpa_gateway::proto::ccpa_v1::GetOptOutRequest;
 use ccpa_gateway::server::{CCPA_SERVICE_NAME, ServerOptions, ShutdownOptions};
-use common::{gateway, health_request};
+use common::{eventually, gateway, health_request};
 use futures::StreamExt;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -139,9 +139,10 @@ async fn shutdown_reports_not_serving_then_drains_calls_in_flight() {
             .await
             .map(|r| r.into_inner())
     });
-    while harness.emulator().request_count() == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("the call to reach ACS", || {
+        std::future::ready((harness.emulator().request_count() > 0).then_some(()))
+    })
+    .await;
     harness.begin_shutdown();
 
     for watch in [&mut server_watch, &mut service_watch] {

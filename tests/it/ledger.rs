@@ -299,9 +299,10 @@ async fn a_pending_opt_in_does_not_turn_the_answer_to_false(store: Store) {
     // opt-in pending until it is given back, so the reads below see it pending.
     let ledger = gw.ledger.clone();
     let lease = ledger.new_claim(MINUTE);
-    while !ledger.claim(&pkey, &lease).await.unwrap() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the profile's lease", || async {
+        ledger.claim(&pkey, &lease).await.unwrap().then_some(())
+    })
+    .await;
     gw.emulator().set_faults(acs_down());
     let read = gw
         .client()

@@ -677,17 +677,15 @@ async fn serve_with_the_embedded_emulator_notifies_and_exports_the_notification_
         .spawn(None)
         .await;
     // A demo profile's key, from the commands the embedded emulator prints.
-    let pkey = loop {
+    let pkey = eventually("a demo profile's key printed", || {
         let printed = gateway.stdout();
         let key = printed
             .iter()
             .find(|l| l.contains("get-opt-out"))
             .and_then(|l| l.split('\'').nth(1).map(str::to_owned));
-        if let Some(key) = key {
-            break key;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        std::future::ready(key.ok_or(printed))
+    })
+    .await;
     gateway
         .client
         .set_opt_out(set(&pkey, true, "demo-1"))

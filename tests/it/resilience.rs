@@ -1040,9 +1040,10 @@ async fn a_call_queued_behind_the_throttle_ends_at_its_deadline() {
             ))
             .await
     });
-    while emulator.active_requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("the first call to reach ACS", || {
+        std::future::ready((emulator.active_requests() > 0).then_some(()))
+    })
+    .await;
     let deadline = Duration::from_millis(300);
     let started = Instant::now();
     let status = client
