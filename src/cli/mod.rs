@@ -32,16 +32,32 @@ pub mod exit_codes {
     pub const OVERDUE: u8 = 6;
     /// `bulk-set-opt-out` finished, but some rows failed (see the results file).
     pub const SOME_ROWS_FAILED: u8 = 7;
-}
 
-const EXIT_CODES_HELP: &str = "\
-Exit codes: 0 success, 1 other failure, 2 bad flags or settings, 3 profile not found,
-4 input refused (INVALID_ARGUMENT), 5 gateway or Adobe Campaign unavailable,
-6 overdue opt-out requests (records --overdue), 7 some rows failed (bulk-set-opt-out).";
+    /// Every exit code with what it means, in order: `--help` lists them from here.
+    pub const MEANINGS: [(u8, &str); 8] = [
+        (OK, "success"),
+        (FAILURE, "other failure"),
+        (USAGE, "bad flags or settings"),
+        (NOT_FOUND, "profile not found"),
+        (INVALID_INPUT, "input refused (INVALID_ARGUMENT)"),
+        (UNAVAILABLE, "gateway or Adobe Campaign unavailable"),
+        (OVERDUE, "overdue opt-out requests (records --overdue)"),
+        (SOME_ROWS_FAILED, "some rows failed (bulk-set-opt-out)"),
+    ];
+
+    /// The exit codes' part of `--help`, made from [`MEANINGS`].
+    pub fn help() -> String {
+        MEANINGS
+            .iter()
+            .fold(String::from("Exit codes:"), |help, (code, meaning)| {
+                format!("{help}\n  {code}  {meaning}")
+            })
+    }
+}
 
 /// Reads and sets the CCPA opt-out of sale in Adobe Campaign Standard, over gRPC.
 #[derive(Parser)]
-#[command(name = "ccpa-gateway", version, after_help = EXIT_CODES_HELP)]
+#[command(name = "ccpa-gateway", version, after_help = exit_codes::help())]
 pub struct Cli {
     /// Log format, on standard error.
     #[arg(long, env = "CCPA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
@@ -137,5 +153,23 @@ impl Command {
             Command::Watch(args) => calls::watch(args).await,
             Command::WebhookReceiver(args) => webhook_receiver::run(args).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit_codes::{self, MEANINGS};
+
+    #[test]
+    fn the_exit_codes_are_0_to_7_and_the_help_lists_each_with_its_meaning() {
+        let codes: Vec<u8> = MEANINGS.iter().map(|(code, _)| *code).collect();
+        assert_eq!(codes, (0..=7).collect::<Vec<u8>>());
+        let help = exit_codes::help();
+        let lines: Vec<&str> = help.lines().collect();
+        assert_eq!(lines.len(), 9, "{help}");
+        assert_eq!(lines[0], "Exit codes:");
+        assert_eq!(lines[1], "  0  success");
+        assert_eq!(lines[6], "  5  gateway or Adobe Campaign unavailable");
+        assert_eq!(lines[8], "  7  some rows failed (bulk-set-opt-out)");
     }
 }

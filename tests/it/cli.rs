@@ -281,6 +281,19 @@ async fn exit_codes_tell_outcomes_apart() {
     assert_eq!(gateway_down.code, 5, "{}", gateway_down.stderr);
 }
 
+#[test]
+fn the_help_lists_every_exit_code() {
+    let output = std::process::Command::new(BINARY)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for (code, meaning) in ccpa_gateway::cli::exit_codes::MEANINGS {
+        assert!(help.contains(&format!("  {code}  {meaning}\n")), "{help}");
+    }
+}
+
 #[tokio::test]
 async fn a_bulk_file_for_a_gateway_that_is_down_is_resumed_then_reported_unavailable() {
     let dir = tempfile::tempdir().unwrap();
