@@ -38,6 +38,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::calls::{Connection, connect_lazily, state_name, timestamp};
 use super::exit_codes;
+use super::output::{CliError, Output, note};
 use super::source;
 use crate::backoff::Backoff;
 use crate::client::Client;
@@ -285,50 +286,31 @@ fn spreadsheet_safe(cell: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// `bulk-set-opt-out`.
-pub async fn run(args: BulkArgs) -> u8 {
-    let digest = match digest_of(&args.file) {
-        Ok(digest) => digest,
-        Err(e) => {
-            eprintln!("error: --file: cannot read {}: {e}", args.file.display());
-            return exit_codes::USAGE;
-        }
-    };
-    let lines = match row_lines(&args.file) {
-        Ok(lines) => Arc::new(lines),
-        Err(e) => {
-            eprintln!("error: --file: {e}");
-            return exit_codes::USAGE;
-        }
-    };
+pub async fn run(args: BulkArgs) -> Result<Output, CliError> {
+    let digest = digest_of(&args.file).map_err(|e| {
+        CliError::usage(format!("--file: cannot read {}: {e}", args.file.display()))
+    })?;
+    let lines =
+        Arc::new(row_lines(&args.file).map_err(|e| CliError::usage(format!("--file: {e}")))?);
     let rows = lines.len();
     let results_path = args.results.clone().unwrap_or_else(|| {
         let mut name = args.file.clone().into_os_string();
         name.push(".results.csv");
         PathBuf::from(name)
     });
-    let mut results = match csv::Writer::from_path(&results_path) {
-        Ok(writer) => writer,
-        Err(e) => {
-            eprintln!(
-                "error: --results: cannot write {}: {e}",
-                results_path.display()
-            );
-            return exit_codes::USAGE;
-        }
-    };
-    if let Err(e) = results.write_record(["line", "request_id", "outcome", "code", "message"]) {
-        eprintln!(
-            "error: --results: cannot write {}: {e}",
+    let cannot_write = |e: csv::Error| {
+        CliError::usage(format!(
+            "--results: cannot write {}: {e}",
             results_path.display()
-        );
-        return exit_codes::USAGE;
-    }
+        ))
+    };
+    let mut results = csv::Writer::from_path(&results_path).map_err(cannot_write)?;
+    results
+        .write_record(["line", "request_id", "outcome", "code", "message"])
+        .map_err(cannot_write)?;
     // Connected at the first stream, and again as a stream after a break opens: a gateway not
     // reachable yet is a break like any other, resumed up to --retries times.
-    let client = match connect_lazily(args.connection.builder().caller(args.caller.clone())) {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
+    let client = connect_lazily(args.connection.builder().caller(args.caller.clone()))?;
     let progress = Arc::new(Mutex::new(Progress {
         answered: vec![false; rows],
         lines: lines.clone(),
@@ -343,23 +325,21 @@ pub async fn run(args: BulkArgs) -> u8 {
     );
 
     let mut attempts = 0;
-    let finished = loop {
+    // Why the stream broke for good, if it did.
+    let broken = loop {
         match stream_once(&client, &args, &digest, &lines, &progress, &bar).await {
-            Ok(()) => break true,
+            Ok(()) => break None,
             Err(problem) if attempts < args.retries => {
                 attempts += 1;
                 bar.suspend(|| {
-                    eprintln!(
+                    note(&format!(
                         "the stream broke ({problem}); resuming ({attempts}/{})",
                         args.retries
-                    )
+                    ))
                 });
                 tokio::time::sleep(Backoff::BULK_RESUME.after(attempts)).await;
             }
-            Err(problem) => {
-                bar.suspend(|| eprintln!("error: UNAVAILABLE: {problem}"));
-                break false;
-            }
+            Err(problem) => break Some(format!("UNAVAILABLE: {problem}")),
         }
     };
     bar.finish_and_clear();
@@ -376,7 +356,7 @@ pub async fn run(args: BulkArgs) -> u8 {
     let unanswered = progress.answered.iter().filter(|a| !**a).count();
     let mut summary: Vec<_> = progress.counts.iter().collect();
     summary.sort();
-    eprintln!(
+    note(&format!(
         "{rows} rows: {}{}; results in {}",
         summary
             .iter()
@@ -389,7 +369,7 @@ pub async fn run(args: BulkArgs) -> u8 {
             String::new()
         },
         results_path.display()
-    );
+    ));
     // A row the gateway answered FAILED (a request by email whose profiles' deliveries failed
     // comes back so, without an error) failed as surely as one refused.
     let failed = progress
@@ -399,19 +379,21 @@ pub async fn run(args: BulkArgs) -> u8 {
     if let Some(problem) = &progress.write_error {
         // The rows were sent (and recorded, or refused), but which is which is not on disk: a
         // re-run of the same file replays them without recording anything twice.
-        eprintln!(
-            "error: --results: writing {} failed: {problem}; run the same file again for a \
-             complete results file (nothing is recorded twice)",
+        return Err(CliError::failure(format!(
+            "--results: writing {} failed: {problem}; run the same file again for a complete \
+             results file (nothing is recorded twice)",
             results_path.display()
-        );
-        exit_codes::FAILURE
-    } else if !finished {
-        exit_codes::UNAVAILABLE
-    } else if failed {
-        exit_codes::SOME_ROWS_FAILED
-    } else {
-        exit_codes::OK
+        ))
+        .with_details(broken.map(|broken| format!("and the stream broke: {broken}"))));
     }
+    if let Some(broken) = broken {
+        return Err(CliError::new(exit_codes::UNAVAILABLE, broken));
+    }
+    Ok(if failed {
+        Output::nothing().exit_with(exit_codes::SOME_ROWS_FAILED)
+    } else {
+        Output::nothing()
+    })
 }
 
 /// One stream: sends every row not yet answered, records the answers. `Err` when the stream

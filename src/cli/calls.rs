@@ -6,10 +6,8 @@ use clap::Args;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 
-use tonic::Code;
-
-use super::exit_codes;
-use crate::client::{Client, ClientBuilder, Error};
+use super::output::{CliError, Lines, Output};
+use crate::client::{Client, ClientBuilder};
 use crate::proto::ccpa_v1::{
     CreateProfileRequest, CreateProfileResponse, DeliveryState, GetOptOutRequest, OptOutChange,
     Profile, RequestSource, SetOptOutRequest,
@@ -162,69 +160,15 @@ impl Connection {
     }
 }
 
-/// Connects with the flags; a failure is printed, naming the flag, and becomes the exit code.
-pub(super) async fn connect(connection: &Connection) -> Result<Client, u8> {
-    connection
-        .builder()
-        .connect()
-        .await
-        .map_err(|error| report(&error))
+/// Connects with the flags (a failure names the flag).
+pub(super) async fn connect(connection: &Connection) -> Result<Client, CliError> {
+    Ok(connection.builder().connect().await?)
 }
 
-/// Checks `builder`'s settings (a failure is printed, naming the flag, and becomes the exit
-/// code) and gives a client that connects at its first call.
-pub(super) fn connect_lazily(builder: ClientBuilder) -> Result<Client, u8> {
-    builder.connect_lazy().map_err(|error| report(&error))
-}
-
-/// The flag (and variable) behind a setting of the library's builder.
-fn flag_of(setting: &str) -> &'static str {
-    match setting {
-        "addr" => "--addr (CCPA_ADDR)",
-        "tls_ca" => "--tls-ca (CCPA_CLIENT_TLS_CA)",
-        "tls_identity" => "--tls-cert and --tls-key (CCPA_CLIENT_TLS_CERT, CCPA_CLIENT_TLS_KEY)",
-        "caller" => "--caller (CCPA_CALLER)",
-        "deadline" => "--timeout (CCPA_CALL_TIMEOUT)",
-        _ => "a setting",
-    }
-}
-
-/// The exit code for a failure.
-fn exit_code(error: &Error) -> u8 {
-    match error {
-        Error::Config { .. } => exit_codes::USAGE,
-        error => match error.code() {
-            Code::NotFound => exit_codes::NOT_FOUND,
-            Code::InvalidArgument => exit_codes::INVALID_INPUT,
-            Code::Unavailable | Code::DeadlineExceeded => exit_codes::UNAVAILABLE,
-            _ => exit_codes::FAILURE,
-        },
-    }
-}
-
-/// Prints a failure (a setting named by its flag) and picks the exit code for it.
-fn report(error: &Error) -> u8 {
-    match error {
-        Error::Config { setting, reason } => eprintln!("error: {}: {reason}", flag_of(setting)),
-        Error::Connect { .. } => eprintln!("error: UNAVAILABLE: {error}"),
-        Error::Status {
-            code,
-            message,
-            violations,
-            ..
-        } => {
-            eprintln!("error: {code:?}: {message}");
-            for violation in violations {
-                eprintln!("  {}: {}", violation.field, violation.description);
-            }
-        }
-    }
-    exit_code(error)
-}
-
-fn print_json(value: &Value) -> u8 {
-    println!("{value}");
-    exit_codes::OK
+/// Checks `builder`'s settings (a failure names the flag) and gives a client that connects at
+/// its first call.
+pub(super) fn connect_lazily(builder: ClientBuilder) -> Result<Client, CliError> {
+    Ok(builder.connect_lazy()?)
 }
 
 fn rfc3339(timestamp: Option<&prost_types::Timestamp>) -> Value {
@@ -239,22 +183,17 @@ fn rfc3339(timestamp: Option<&prost_types::Timestamp>) -> Value {
 
 /// `watch [--after CURSOR] [--include-opt-ins]`: one JSON line per change, until interrupted
 /// or the gateway refuses the watch (a broken stream is resumed after the last line printed).
-pub async fn watch(args: WatchArgs) -> u8 {
+pub async fn watch(args: WatchArgs) -> Result<Output, CliError> {
     use futures::StreamExt as _;
-    let client = match connect(&args.connection).await {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
+    let client = connect(&args.connection).await?;
     let mut changes = client.watch_opt_out_changes(args.after, args.include_opt_ins);
+    // Printed as they come: the watch has no end to wait for.
+    let mut lines = Lines::flushed();
     while let Some(change) = changes.next().await {
-        match change {
-            Ok(change) => {
-                print_json(&change_json(&change));
-            }
-            Err(error) => return report(&error),
-        }
+        lines.json(&change_json(&change?))?;
     }
-    exit_codes::OK
+    lines.finish()?;
+    Ok(Output::nothing())
 }
 
 /// A change of the feed, as `watch` prints it.
@@ -283,54 +222,43 @@ fn source_name(source: i32) -> &'static str {
 }
 
 /// `get-opt-out PKEY` or `get-opt-out --email E`.
-pub async fn get_opt_out(args: GetOptOutArgs) -> u8 {
-    let client = match connect(&args.connection).await {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
-    match client
+pub async fn get_opt_out(args: GetOptOutArgs) -> Result<Output, CliError> {
+    let client = connect(&args.connection).await?;
+    let answer = client
         .get_opt_out(GetOptOutRequest {
             pkey: args.profiles.pkey.unwrap_or_default(),
             email: args.profiles.email.unwrap_or_default(),
         })
-        .await
-    {
-        Ok(answer) => {
-            let mut json = opt_out_json(
-                &answer.pkey,
-                answer.ccpa_opt_out,
-                answer.ccpa_opt_out_last_modified.as_ref(),
-            );
-            json["changePending"] = json!(answer.change_pending);
-            if answer.pkey.is_empty() {
-                // By email: the overall answer is the protective one; each profile follows.
-                json["profiles"] = answer
-                    .profiles
-                    .iter()
-                    .map(|p| {
-                        let mut profile = opt_out_json(
-                            &p.pkey,
-                            p.ccpa_opt_out,
-                            p.ccpa_opt_out_last_modified.as_ref(),
-                        );
-                        profile["changePending"] = json!(p.change_pending);
-                        profile
-                    })
-                    .collect();
-            }
-            print_json(&json)
-        }
-        Err(error) => report(&error),
+        .await?;
+    let mut json = opt_out_json(
+        &answer.pkey,
+        answer.ccpa_opt_out,
+        answer.ccpa_opt_out_last_modified.as_ref(),
+    );
+    json["changePending"] = json!(answer.change_pending);
+    if answer.pkey.is_empty() {
+        // By email: the overall answer is the protective one; each profile follows.
+        json["profiles"] = answer
+            .profiles
+            .iter()
+            .map(|p| {
+                let mut profile = opt_out_json(
+                    &p.pkey,
+                    p.ccpa_opt_out,
+                    p.ccpa_opt_out_last_modified.as_ref(),
+                );
+                profile["changePending"] = json!(p.change_pending);
+                profile
+            })
+            .collect();
     }
+    Output::json(&json)
 }
 
 /// `set-opt-out PKEY|--email E --opt-out true|false`.
-pub async fn set_opt_out(args: SetOptOutArgs) -> u8 {
-    let client = match connect(&args.connection).await {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
-    match client
+pub async fn set_opt_out(args: SetOptOutArgs) -> Result<Output, CliError> {
+    let client = connect(&args.connection).await?;
+    let answer = client
         .set_opt_out(SetOptOutRequest {
             pkey: args.profiles.pkey.unwrap_or_default(),
             email: args.profiles.email.unwrap_or_default(),
@@ -340,45 +268,37 @@ pub async fn set_opt_out(args: SetOptOutArgs) -> u8 {
             source: args.source as i32,
             received_at: args.request.received_at,
         })
-        .await
-    {
-        Ok(answer) => {
-            let mut json = opt_out_json(
-                &answer.pkey,
-                answer.ccpa_opt_out,
-                answer.ccpa_opt_out_last_modified.as_ref(),
-            );
-            json["requestId"] = json!(answer.request_id);
-            json["state"] = json!(state_name(answer.state));
-            if answer.pkey.is_empty() {
-                // By email: each profile's own request and state.
-                json["profiles"] = answer
-                    .profiles
-                    .iter()
-                    .map(|p| {
-                        json!({
-                            "pkey": p.pkey,
-                            "requestId": p.request_id,
-                            "state": state_name(p.state),
-                            "ccpaOptOut": p.ccpa_opt_out,
-                            "created": p.created,
-                        })
-                    })
-                    .collect();
-            }
-            print_json(&json)
-        }
-        Err(error) => report(&error),
+        .await?;
+    let mut json = opt_out_json(
+        &answer.pkey,
+        answer.ccpa_opt_out,
+        answer.ccpa_opt_out_last_modified.as_ref(),
+    );
+    json["requestId"] = json!(answer.request_id);
+    json["state"] = json!(state_name(answer.state));
+    if answer.pkey.is_empty() {
+        // By email: each profile's own request and state.
+        json["profiles"] = answer
+            .profiles
+            .iter()
+            .map(|p| {
+                json!({
+                    "pkey": p.pkey,
+                    "requestId": p.request_id,
+                    "state": state_name(p.state),
+                    "ccpaOptOut": p.ccpa_opt_out,
+                    "created": p.created,
+                })
+            })
+            .collect();
     }
+    Output::json(&json)
 }
 
 /// `create-profile --email E [--first-name F] [--last-name L] [--opt-out]`.
-pub async fn create_profile(args: CreateProfileArgs) -> u8 {
-    let client = match connect(&args.connection).await {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
-    match client
+pub async fn create_profile(args: CreateProfileArgs) -> Result<Output, CliError> {
+    let client = connect(&args.connection).await?;
+    let answer = client
         .create_profile(CreateProfileRequest {
             email: args.email,
             first_name: args.first_name,
@@ -388,25 +308,21 @@ pub async fn create_profile(args: CreateProfileArgs) -> u8 {
             source: args.source.unwrap_or(RequestSource::Unspecified) as i32,
             received_at: args.request.received_at,
         })
-        .await
-    {
-        Ok(answer) => match answer {
-            CreateProfileResponse {
-                profile: Some(profile),
-                request_id,
-            } => {
-                let mut json = profile_json(&profile);
-                if !request_id.is_empty() {
-                    json["requestId"] = json!(request_id);
-                }
-                print_json(&json)
+        .await?;
+    match answer {
+        CreateProfileResponse {
+            profile: Some(profile),
+            request_id,
+        } => {
+            let mut json = profile_json(&profile);
+            if !request_id.is_empty() {
+                json["requestId"] = json!(request_id);
             }
-            CreateProfileResponse { profile: None, .. } => {
-                eprintln!("error: the gateway answered without the profile");
-                exit_codes::FAILURE
-            }
-        },
-        Err(error) => report(&error),
+            Output::json(&json)
+        }
+        CreateProfileResponse { profile: None, .. } => Err(CliError::failure(
+            "the gateway answered without the profile",
+        )),
     }
 }
 

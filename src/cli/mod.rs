@@ -3,6 +3,7 @@
 mod bulk;
 mod calls;
 pub mod listen_addr;
+mod output;
 pub mod records;
 mod serve;
 mod source;
@@ -13,6 +14,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::telemetry::{self, LogFormat};
+use output::{CliError, Output};
 
 /// Exit codes, so that scripts can tell outcomes apart without parsing messages.
 pub mod exit_codes {
@@ -104,36 +106,35 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let cli = Cli::parse_from(args);
-    let traces = match &cli.command {
-        Command::Serve(settings) => match settings.observability.traces() {
-            Ok(traces) => traces,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(exit_codes::USAGE);
-            }
-        },
-        // Commands that call the gateway once trace nothing.
-        _ => telemetry::TraceSettings::default(),
-    };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    match runtime.build() {
-        Ok(runtime) => ExitCode::from(runtime.block_on(async {
+    ExitCode::from(finish(Cli::parse_from(args).run()))
+}
+
+/// Prints what a command ended with, its output or its failure, and gives its exit code: the
+/// one place where commands' results are printed (but for lines streamed as they come, see
+/// [`output`]).
+fn finish(result: Result<Output, CliError>) -> u8 {
+    result
+        .and_then(Output::print)
+        .unwrap_or_else(CliError::report)
+}
+
+impl Cli {
+    /// Starts the runtime and telemetry, and runs the command.
+    fn run(self) -> Result<Output, CliError> {
+        let traces = match &self.command {
+            Command::Serve(settings) => settings.observability.traces().map_err(CliError::usage)?,
+            // Commands that call the gateway once trace nothing.
+            _ => telemetry::TraceSettings::default(),
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CliError::failure(format!("cannot start the async runtime: {e}")))?;
+        runtime.block_on(async {
             // Inside the runtime: the OTLP exporter runs on it.
-            let _telemetry = match telemetry::init(cli.log_format, &traces) {
-                Ok(guard) => guard,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return exit_codes::USAGE;
-                }
-            };
-            cli.command.run().await
-        })),
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            ExitCode::from(exit_codes::FAILURE)
-        }
+            let _telemetry = telemetry::init(self.log_format, &traces).map_err(CliError::usage)?;
+            self.command.run().await
+        })
     }
 }
 
@@ -141,7 +142,7 @@ where
 pub const WORKER_THREADS: &str = "TOKIO_WORKER_THREADS";
 
 impl Command {
-    async fn run(self) -> u8 {
+    async fn run(self) -> Result<Output, CliError> {
         match self {
             Command::Serve(settings) => serve::serve(*settings).await,
             Command::Emulator(args) => serve::emulator(args).await,

@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use super::exit_codes;
+use super::output::{CliError, Lines, Output, note};
 use crate::config::{LEDGER, retention};
 use crate::optout::business_days::business_days_before;
 use crate::optout::reconcile::Direction;
@@ -125,11 +126,9 @@ async fn print_notifications(
     ledger: &Ledger,
     recipient: Option<&str>,
     state: Option<NotificationState>,
-) -> Result<u64, Problem> {
-    use std::io::Write;
+) -> Result<u64, CliError> {
     const PAGE: i64 = 1_000;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut out = Lines::buffered();
     let mut printed = 0u64;
     let mut after = None;
     loop {
@@ -137,7 +136,7 @@ async fn print_notifications(
             .list_notifications(recipient, state, after.as_ref(), PAGE)
             .await?;
         for notification in &page {
-            writeln!(out, "{}", notification_json(notification)).map_err(Problem::Output)?;
+            out.json(&notification_json(notification))?;
             printed += 1;
         }
         match page.last() {
@@ -151,7 +150,7 @@ async fn print_notifications(
             _ => break,
         }
     }
-    out.flush().map_err(Problem::Output)?;
+    out.finish()?;
     Ok(printed)
 }
 
@@ -193,7 +192,7 @@ pub fn record_json(record: &Record) -> Value {
 
 /// Prints each record as a JSON line as it is read (constant memory whatever the count), and
 /// says how many there were.
-async fn print_all(records: BoxStream<'_, Result<Record, LedgerError>>) -> Result<u64, Problem> {
+async fn print_all(records: BoxStream<'_, Result<Record, LedgerError>>) -> Result<u64, CliError> {
     print_lines(records, record_json).await
 }
 
@@ -201,17 +200,14 @@ async fn print_all(records: BoxStream<'_, Result<Record, LedgerError>>) -> Resul
 async fn print_lines(
     mut records: BoxStream<'_, Result<Record, LedgerError>>,
     line: fn(&Record) -> Value,
-) -> Result<u64, Problem> {
-    use std::io::Write;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+) -> Result<u64, CliError> {
+    let mut out = Lines::buffered();
     let mut printed = 0u64;
     while let Some(record) = records.next().await {
-        // A closed or full standard output ends the command: the records were not all written.
-        writeln!(out, "{}", line(&record?)).map_err(Problem::Output)?;
+        out.json(&line(&record?))?;
         printed += 1;
     }
-    out.flush().map_err(Problem::Output)?;
+    out.finish()?;
     Ok(printed)
 }
 
@@ -249,162 +245,122 @@ fn figures_json(figures: &Figures, with_days: bool) -> Value {
     value
 }
 
-/// Prints the yearly report: one JSON object, or a table a privacy officer can paste.
-fn print_report(report: &YearlyReport, as_json: bool) -> Result<(), Problem> {
-    use std::io::Write;
-    let text = if as_json {
-        json!({
+/// The yearly report: one JSON object, or a table a privacy officer can paste.
+fn report_output(report: &YearlyReport, as_json: bool) -> Result<Output, CliError> {
+    if as_json {
+        return Output::json(&json!({
             "year": report.year,
             "opt_out": figures_json(&report.opt_out, true),
             "opt_in": figures_json(&report.opt_in, false),
-        })
-        .to_string()
-    } else {
-        let row = |name: &str, f: &Figures| {
-            format!(
-                "{name:<10} {:>10} {:>10} {:>10} {:>10}",
-                f.received, f.complied, f.denied, f.pending
-            )
-        };
-        let sources = report
-            .opt_out
-            .by_source
-            .iter()
-            .filter(|(_, count)| **count > 0)
-            .map(|(source, count)| format!("{source} {count}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        }));
+    }
+    let row = |name: &str, f: &Figures| {
         format!(
-            "Requests to opt out of sale or sharing, {} (11 CCR 7102(a))\n\
-             {:<10} {:>10} {:>10} {:>10} {:>10}\n{}\n{}\n\
-             Days to respond to opt-outs: median {:.2}, mean {:.2}\n\
-             Opt-outs by source: {}\n\
-             Third parties notified of opt-outs: {} delivered, {} failed, {} pending",
-            report.year,
-            "",
-            "received",
-            "complied",
-            "denied",
-            "pending",
-            row("opt-out", &report.opt_out),
-            row("opt-in", &report.opt_in),
-            report.opt_out.median_days_to_respond(),
-            report.opt_out.mean_days_to_respond(),
-            if sources.is_empty() { "none" } else { &sources },
-            report.opt_out.notifications.delivered,
-            report.opt_out.notifications.failed,
-            report.opt_out.notifications.pending,
+            "{name:<10} {:>10} {:>10} {:>10} {:>10}",
+            f.received, f.complied, f.denied, f.pending
         )
     };
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}")
-        .and_then(|()| out.flush())
-        .map_err(Problem::Output)
+    let sources = report
+        .opt_out
+        .by_source
+        .iter()
+        .filter(|(_, count)| **count > 0)
+        .map(|(source, count)| format!("{source} {count}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(Output::text(format!(
+        "Requests to opt out of sale or sharing, {} (11 CCR 7102(a))\n\
+         {:<10} {:>10} {:>10} {:>10} {:>10}\n{}\n{}\n\
+         Days to respond to opt-outs: median {:.2}, mean {:.2}\n\
+         Opt-outs by source: {}\n\
+         Third parties notified of opt-outs: {} delivered, {} failed, {} pending",
+        report.year,
+        "",
+        "received",
+        "complied",
+        "denied",
+        "pending",
+        row("opt-out", &report.opt_out),
+        row("opt-in", &report.opt_in),
+        report.opt_out.median_days_to_respond(),
+        report.opt_out.mean_days_to_respond(),
+        if sources.is_empty() { "none" } else { &sources },
+        report.opt_out.notifications.delivered,
+        report.opt_out.notifications.failed,
+        report.opt_out.notifications.pending,
+    )))
 }
 
-/// Why a `records` command failed.
-#[derive(Debug, thiserror::Error)]
-enum Problem {
-    #[error(transparent)]
-    Ledger(#[from] LedgerError),
-    #[error("the records could not all be written to standard output: {0}")]
-    Output(std::io::Error),
+/// A failure of the ledger, told as the ledger tells it.
+impl From<LedgerError> for CliError {
+    fn from(error: LedgerError) -> Self {
+        CliError::failure(error)
+    }
 }
 
 /// `records`.
-pub async fn run(args: RecordsArgs) -> u8 {
+pub(super) async fn run(args: RecordsArgs) -> Result<Output, CliError> {
     if !args.overdue && args.action.is_none() {
-        eprintln!(
-            "error: give --overdue, or a subcommand (export, drift, report, notifications, \
-             prune); see --help"
-        );
-        return exit_codes::USAGE;
+        return Err(CliError::usage(
+            "give --overdue, or a subcommand (export, drift, report, notifications, prune); \
+             see --help",
+        ));
     }
     let Some(location) = &args.ledger else {
-        eprintln!("error: {LEDGER} is required: the ledger to read");
-        return exit_codes::USAGE;
+        return Err(CliError::usage(format!(
+            "{LEDGER} is required: the ledger to read"
+        )));
     };
-    let ledger = match Ledger::open_existing(location).await {
-        Ok(ledger) => ledger,
-        Err(e) => {
-            eprintln!("error: {LEDGER}: {e}");
-            return exit_codes::USAGE;
-        }
-    };
-    let result = match args.action {
+    let ledger = Ledger::open_existing(location)
+        .await
+        .map_err(|e| CliError::usage(format!("{LEDGER}: {e}")))?;
+    match args.action {
         Some(RecordsAction::Export { since, until }) => {
             let until = until.map_or_else(|| ledger.now_ms(), |at| at.timestamp_millis());
-            print_all(ledger.export(since.timestamp_millis(), until))
-                .await
-                .map(|exported| {
-                    eprintln!("{exported} records exported");
-                    exit_codes::OK
-                })
+            let exported = print_all(ledger.export(since.timestamp_millis(), until)).await?;
+            note(&format!("{exported} records exported"));
+            Ok(Output::nothing())
         }
         Some(RecordsAction::Drift { since }) => {
             let since = since.map_or(0, |at| at.timestamp_millis());
-            print_lines(ledger.drift(since), drift_json)
-                .await
-                .map(|found| {
-                    eprintln!("{found} drifts found");
-                    exit_codes::OK
-                })
+            let found = print_lines(ledger.drift(since), drift_json).await?;
+            note(&format!("{found} drifts found"));
+            Ok(Output::nothing())
         }
-        Some(RecordsAction::Report { year, json }) => ledger
-            .yearly_report(year)
-            .await
-            .map_err(Problem::from)
-            .and_then(|report| print_report(&report, json))
-            .map(|()| exit_codes::OK),
+        Some(RecordsAction::Report { year, json }) => {
+            report_output(&ledger.yearly_report(year).await?, json)
+        }
         Some(RecordsAction::Notifications { recipient, state }) => {
-            print_notifications(&ledger, recipient.as_deref(), state.map(Into::into))
-                .await
-                .map(|listed| {
-                    eprintln!("{listed} notifications");
-                    exit_codes::OK
-                })
+            let listed =
+                print_notifications(&ledger, recipient.as_deref(), state.map(Into::into)).await?;
+            note(&format!("{listed} notifications"));
+            Ok(Output::nothing())
         }
-        Some(RecordsAction::Prune { retention }) => ledger
-            .prune(retention)
-            .await
-            .map_err(Problem::from)
-            .map(|pruned| {
-                eprintln!("{pruned} records deleted");
-                exit_codes::OK
-            }),
+        Some(RecordsAction::Prune { retention }) => {
+            let pruned = ledger.prune(retention).await?;
+            note(&format!("{pruned} records deleted"));
+            Ok(Output::nothing())
+        }
         None => {
             let cutoff = business_days_before(ledger.now_ms(), args.overdue_after);
-            let notifications = match ledger.overdue_notifications(cutoff).await {
-                Ok(count) => count,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return exit_codes::FAILURE;
-                }
-            };
-            print_all(ledger.pending_before(cutoff))
-                .await
-                .map(|overdue| {
-                    eprintln!(
-                        "{overdue} pending requests older than {} business days",
-                        args.overdue_after
-                    );
-                    if notifications > 0 {
-                        eprintln!(
-                            "{notifications} notifications to third parties still pending after \
-                             {} business days (list them: records notifications --state pending)",
-                            args.overdue_after
-                        );
-                    }
-                    if overdue == 0 && notifications == 0 {
-                        exit_codes::OK
-                    } else {
-                        exit_codes::OVERDUE
-                    }
-                })
+            let notifications = ledger.overdue_notifications(cutoff).await?;
+            let overdue = print_all(ledger.pending_before(cutoff)).await?;
+            note(&format!(
+                "{overdue} pending requests older than {} business days",
+                args.overdue_after
+            ));
+            if notifications > 0 {
+                note(&format!(
+                    "{notifications} notifications to third parties still pending after {} \
+                     business days (list them: records notifications --state pending)",
+                    args.overdue_after
+                ));
+            }
+            if overdue == 0 && notifications == 0 {
+                Ok(Output::nothing())
+            } else {
+                Ok(Output::nothing().exit_with(exit_codes::OVERDUE))
+            }
         }
-    };
-    result.unwrap_or_else(|e| {
-        eprintln!("error: {e}");
-        exit_codes::FAILURE
-    })
+    }
 }

@@ -11,6 +11,7 @@ use secrecy::SecretString;
 use tokio::net::TcpListener;
 
 use super::exit_codes;
+use super::output::{CliError, Output, print_now};
 use crate::config::{AcsSettings, LEDGER, ServeSettings, duration_within};
 use crate::server;
 use crate::store::Ledger;
@@ -148,87 +149,49 @@ fn seed_demo(emulator: &Emulator) -> Vec<(String, bool)> {
 }
 
 /// `serve`: runs the gateway until Ctrl-C or SIGTERM.
-pub async fn serve(settings: ServeSettings) -> u8 {
-    let large_table = match settings.emulator_large_table() {
-        Ok(large_table) => large_table,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit_codes::USAGE;
-        }
-    };
+pub async fn serve(settings: ServeSettings) -> Result<Output, CliError> {
+    let large_table = settings.emulator_large_table().map_err(CliError::usage)?;
     // The emulator must outlive the server, so it is held here even when unused.
     let (client, emulator) = if settings.emulator {
-        match start_embedded_emulator(&settings, large_table).await {
-            Ok(pair) => pair,
-            Err(code) => return code,
-        }
+        start_embedded_emulator(&settings, large_table).await?
     } else {
-        match settings.client() {
-            Ok(client) => (client, None),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return exit_codes::USAGE;
-            }
-        }
+        (settings.client().map_err(CliError::usage)?, None)
     };
 
-    let options = match settings.server_options() {
-        Ok(options) => options,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit_codes::USAGE;
-        }
-    };
+    let options = settings.server_options().map_err(CliError::usage)?;
 
-    let ledger = match settings.ledger_location() {
-        Ok(location) => match Ledger::open(&location).await {
-            Ok(ledger) => ledger,
-            Err(e) => {
-                eprintln!("error: {LEDGER}: {e}");
-                return exit_codes::USAGE;
-            }
-        },
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit_codes::USAGE;
-        }
-    };
+    let location = settings.ledger_location().map_err(CliError::usage)?;
+    let ledger = Ledger::open(&location)
+        .await
+        .map_err(|e| CliError::usage(format!("{LEDGER}: {e}")))?;
 
-    let listener = match TcpListener::bind(settings.listen).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!(
-                "error: --listen (CCPA_LISTEN): cannot listen on {}: {e}",
-                settings.listen
-            );
-            return exit_codes::USAGE;
-        }
-    };
+    let listener = TcpListener::bind(settings.listen).await.map_err(|e| {
+        CliError::usage(format!(
+            "--listen (CCPA_LISTEN): cannot listen on {}: {e}",
+            settings.listen
+        ))
+    })?;
     let listen = listener.local_addr().unwrap_or(settings.listen);
-    if let Some(path) = &settings.listen_addr_file
-        && let Err(e) = super::listen_addr::write(path, listen)
-    {
-        eprintln!(
-            "error: --listen-addr-file (CCPA_LISTEN_ADDR_FILE): cannot write {}: {e}",
-            path.display()
-        );
-        return exit_codes::USAGE;
+    if let Some(path) = &settings.listen_addr_file {
+        super::listen_addr::write(path, listen).map_err(|e| {
+            CliError::usage(format!(
+                "--listen-addr-file (CCPA_LISTEN_ADDR_FILE): cannot write {}: {e}",
+                path.display()
+            ))
+        })?;
     }
     let health_listener = match settings.callers.health_listen {
         None => None,
-        Some(addr) => match TcpListener::bind(addr).await {
-            Ok(listener) => {
-                let bound = listener.local_addr().unwrap_or(addr);
-                tracing::info!(health_listen = %bound, "health listening (plaintext, health only)");
-                Some(listener)
-            }
-            Err(e) => {
-                eprintln!(
-                    "error: --health-listen (CCPA_HEALTH_LISTEN): cannot listen on {addr}: {e}"
-                );
-                return exit_codes::USAGE;
-            }
-        },
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                CliError::usage(format!(
+                    "--health-listen (CCPA_HEALTH_LISTEN): cannot listen on {addr}: {e}"
+                ))
+            })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            tracing::info!(health_listen = %bound, "health listening (plaintext, health only)");
+            Some(listener)
+        }
     };
     let metrics_addr = settings.observability.metrics_listen.or_else(|| {
         settings
@@ -237,13 +200,7 @@ pub async fn serve(settings: ServeSettings) -> u8 {
     });
     let metrics = match metrics_addr {
         None => None,
-        Some(addr) => match bind_metrics(addr).await {
-            Ok(bound) => Some(bound),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return exit_codes::USAGE;
-            }
-        },
+        Some(addr) => Some(bind_metrics(addr).await.map_err(CliError::usage)?),
     };
     let metrics_url = metrics
         .as_ref()
@@ -262,7 +219,7 @@ pub async fn serve(settings: ServeSettings) -> u8 {
         "gRPC server listening (health and reflection on)"
     );
     if let Some((emulator, profiles)) = &emulator {
-        print_try_it(emulator, profiles, listen, metrics_url.as_deref());
+        print_try_it(emulator, profiles, listen, metrics_url.as_deref())?;
     }
 
     let listeners = server::Listeners {
@@ -273,10 +230,11 @@ pub async fn serve(settings: ServeSettings) -> u8 {
     let result = server::serve(client, ledger, listeners, shutdown_signal(), options).await;
     drop(emulator);
     match result {
-        Ok(()) => exit_codes::OK,
+        Ok(()) => Ok(Output::nothing()),
         Err(e) => {
+            // In the log, where operators look (and, with --log-format json, their tools).
             tracing::error!(error = %e, "the server stopped");
-            exit_codes::FAILURE
+            Err(CliError::logged(exit_codes::FAILURE))
         }
     }
 }
@@ -288,7 +246,7 @@ type EmbeddedEmulator = (Emulator, Vec<(String, bool)>);
 async fn start_embedded_emulator(
     settings: &ServeSettings,
     large_table: bool,
-) -> Result<(Client, Option<EmbeddedEmulator>), u8> {
+) -> Result<(Client, Option<EmbeddedEmulator>), CliError> {
     let config = EmulatorConfig {
         big_table_threshold: if large_table {
             EmulatorConfig::LARGE_TABLE
@@ -297,10 +255,9 @@ async fn start_embedded_emulator(
         },
         ..EmulatorConfig::default()
     };
-    let emulator = Emulator::start(config).await.map_err(|e| {
-        eprintln!("error: cannot start the embedded emulator: {e}");
-        exit_codes::FAILURE
-    })?;
+    let emulator = Emulator::start(config)
+        .await
+        .map_err(|e| CliError::failure(format!("cannot start the embedded emulator: {e}")))?;
     let profiles = seed_demo(&emulator);
     let tokens = Arc::new(SharedToken::new(AccessToken::new(
         emulator.config().access_token.as_str(),
@@ -317,8 +274,9 @@ async fn start_embedded_emulator(
             settings.calls.settings(settings.acs.acs_timeout),
         )
         .map_err(|e| {
-            eprintln!("error: cannot build the client for the embedded emulator: {e}");
-            exit_codes::FAILURE
+            CliError::failure(format!(
+                "cannot build the client for the embedded emulator: {e}"
+            ))
         })?;
     tracing::info!(url = %emulator.url(), large_table, "embedded Adobe Campaign emulator started");
     Ok((client, Some((emulator, profiles))))
@@ -338,45 +296,51 @@ fn print_try_it(
     profiles: &[(String, bool)],
     listen: SocketAddr,
     metrics_url: Option<&str>,
-) {
+) -> Result<(), CliError> {
     let addr = if listen.port() == 50051 && listen.ip().is_loopback() {
         String::new()
     } else {
         format!(" --addr http://{listen}")
     };
-    println!(
-        "ccpa-gateway is serving on {listen}, backed by an in-memory Adobe Campaign emulator at {}.",
-        emulator.url()
+    let mut lines = vec![
+        format!(
+            "ccpa-gateway is serving on {listen}, backed by an in-memory Adobe Campaign emulator at {}.",
+            emulator.url()
+        ),
+        "Demo profiles (made up; gone when the gateway stops):".to_owned(),
+    ];
+    lines.extend(
+        profiles
+            .iter()
+            .map(|(pkey, opt_out)| demo_profile(pkey, *opt_out)),
     );
-    println!("Demo profiles (made up; gone when the gateway stops):");
-    for (pkey, opt_out) in profiles {
-        println!("  {pkey}  ccpaOptOut={opt_out}");
-    }
     if let Some((pkey, _)) = profiles.first() {
-        println!("\nTry, from another terminal:");
-        println!("  cargo run --release -- get-opt-out '{pkey}'{addr}");
-        // Every opt-out is recorded with the manner of its request, so --source is required.
-        println!(
-            "  cargo run --release -- set-opt-out '{pkey}' --opt-out true --source web-form{addr}"
-        );
-        println!(
-            "  cargo run --release -- create-profile --email someone@example.com --opt-out --source email{addr}"
-        );
-        println!(
-            "  grpcurl -plaintext -d '{{\"pkey\":\"{pkey}\"}}' {listen} ccpa.v1.CcpaService/GetOptOut"
-        );
-        println!("  grpcurl -plaintext {listen} grpc.health.v1.Health/Check");
-        // A Rust service's calls, through the library client (examples/gateway_client.rs).
-        println!("  CCPA_ADDR=http://{listen} cargo run --example gateway_client");
-        if let Some(url) = metrics_url {
-            println!("  curl -s {url}");
-        }
+        lines.extend([
+            "\nTry, from another terminal:".to_owned(),
+            format!("  cargo run --release -- get-opt-out '{pkey}'{addr}"),
+            // Every opt-out is recorded with the manner of its request, so --source is required.
+            format!(
+                "  cargo run --release -- set-opt-out '{pkey}' --opt-out true --source web-form{addr}"
+            ),
+            format!(
+                "  cargo run --release -- create-profile --email someone@example.com --opt-out --source email{addr}"
+            ),
+            format!(
+                "  grpcurl -plaintext -d '{{\"pkey\":\"{pkey}\"}}' {listen} ccpa.v1.CcpaService/GetOptOut"
+            ),
+            format!("  grpcurl -plaintext {listen} grpc.health.v1.Health/Check"),
+            // A Rust service's calls, through the library client (examples/gateway_client.rs).
+            format!("  CCPA_ADDR=http://{listen} cargo run --example gateway_client"),
+        ]);
+        lines.extend(metrics_url.map(|url| format!("  curl -s {url}")));
     }
-    println!("Stop with Ctrl-C.");
+    lines.push("Stop with Ctrl-C.".to_owned());
+    // Written whole, once the gateway listens: a reader of the pipe (a test) runs what it reads.
+    print_now(&lines)
 }
 
 /// `emulator`: runs an emulator alone until Ctrl-C or SIGTERM.
-pub async fn emulator(args: EmulatorArgs) -> u8 {
+pub async fn emulator(args: EmulatorArgs) -> Result<Output, CliError> {
     let config = EmulatorConfig {
         tenant: args.tenant,
         api_key: args.api_key,
@@ -391,33 +355,40 @@ pub async fn emulator(args: EmulatorArgs) -> u8 {
         // ACS's own default: a table past 100,000 profiles is a large one.
         big_table_threshold: EmulatorConfig::DEFAULT_BIG_TABLE_THRESHOLD,
     };
-    let emulator = match Emulator::bind(args.listen, config).await {
-        Ok(emulator) => emulator,
-        Err(e) => {
-            eprintln!(
-                "error: --listen (CCPA_EMULATOR_LISTEN): cannot listen on {}: {e}",
-                args.listen
-            );
-            return exit_codes::USAGE;
-        }
-    };
-    println!(
-        "Adobe Campaign emulator at {} (tenant {}). Point the gateway at it with:",
-        emulator.url(),
-        emulator.config().tenant
-    );
-    println!(
-        "  CCPA_ACS_BASE_URL={url} CCPA_ACS_TENANT={} CCPA_IMS_URL={url} CCPA_IMS_CLIENT_ID=... CCPA_IMS_CLIENT_SECRET=... ccpa-gateway serve",
-        emulator.config().tenant,
-        url = emulator.url(),
-    );
+    let emulator = Emulator::bind(args.listen, config).await.map_err(|e| {
+        CliError::usage(format!(
+            "--listen (CCPA_EMULATOR_LISTEN): cannot listen on {}: {e}",
+            args.listen
+        ))
+    })?;
+    let mut lines = vec![
+        format!(
+            "Adobe Campaign emulator at {} (tenant {}). Point the gateway at it with:",
+            emulator.url(),
+            emulator.config().tenant
+        ),
+        format!(
+            "  CCPA_ACS_BASE_URL={url} CCPA_ACS_TENANT={} CCPA_IMS_URL={url} CCPA_IMS_CLIENT_ID=... CCPA_IMS_CLIENT_SECRET=... ccpa-gateway serve",
+            emulator.config().tenant,
+            url = emulator.url(),
+        ),
+    ];
     if args.seed_demo {
-        println!("Demo profiles:");
-        for (pkey, opt_out) in seed_demo(&emulator) {
-            println!("  {pkey}  ccpaOptOut={opt_out}");
-        }
+        lines.push("Demo profiles:".to_owned());
+        lines.extend(
+            seed_demo(&emulator)
+                .into_iter()
+                .map(|(pkey, opt_out)| demo_profile(&pkey, opt_out)),
+        );
     }
+    // Written whole before it serves: whatever started it reads its URL from the first line.
+    print_now(&lines)?;
     shutdown_signal().await;
     emulator.shutdown().await;
-    exit_codes::OK
+    Ok(Output::nothing())
+}
+
+/// A demo profile's line: its key and opt-out, never its name or address.
+fn demo_profile(pkey: &str, opt_out: bool) -> String {
+    format!("  {pkey}  ccpaOptOut={opt_out}")
 }

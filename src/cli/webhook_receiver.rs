@@ -8,6 +8,7 @@ use clap::Args as ClapArgs;
 use tokio::net::TcpListener;
 
 use super::exit_codes;
+use super::output::{CliError, Output};
 use crate::notify::receiver;
 use crate::notify::recipients::Secrets;
 
@@ -27,35 +28,29 @@ pub struct Args {
     listen_addr_file: Option<PathBuf>,
 }
 
-/// `webhook-receiver`: runs until Ctrl-C or SIGTERM.
-pub async fn run(args: Args) -> u8 {
-    let secrets = match Secrets::read(&args.secret_file) {
-        Ok(secrets) => secrets,
-        Err(e) => {
-            eprintln!("error: --secret-file (CCPA_WEBHOOK_RECEIVER_SECRET_FILE): {e}");
-            return exit_codes::USAGE;
-        }
-    };
-    let listener = match TcpListener::bind(args.listen).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!(
-                "error: --listen (CCPA_WEBHOOK_RECEIVER_LISTEN): cannot listen on {}: {e}",
-                args.listen
-            );
-            return exit_codes::USAGE;
-        }
-    };
+/// `webhook-receiver`: runs until Ctrl-C or SIGTERM. The deliveries are printed by the receiver
+/// as they are verified, one JSON line each (see [`receiver`]).
+pub async fn run(args: Args) -> Result<Output, CliError> {
+    let secrets = Secrets::read(&args.secret_file).map_err(|e| {
+        CliError::usage(format!(
+            "--secret-file (CCPA_WEBHOOK_RECEIVER_SECRET_FILE): {e}"
+        ))
+    })?;
+    let listener = TcpListener::bind(args.listen).await.map_err(|e| {
+        CliError::usage(format!(
+            "--listen (CCPA_WEBHOOK_RECEIVER_LISTEN): cannot listen on {}: {e}",
+            args.listen
+        ))
+    })?;
     let listen = listener.local_addr().unwrap_or(args.listen);
-    if let Some(path) = &args.listen_addr_file
-        && let Err(e) = super::listen_addr::write(path, listen)
-    {
-        eprintln!(
-            "error: --listen-addr-file (CCPA_WEBHOOK_RECEIVER_LISTEN_ADDR_FILE): cannot write \
-             {}: {e}",
-            path.display()
-        );
-        return exit_codes::USAGE;
+    if let Some(path) = &args.listen_addr_file {
+        super::listen_addr::write(path, listen).map_err(|e| {
+            CliError::usage(format!(
+                "--listen-addr-file (CCPA_WEBHOOK_RECEIVER_LISTEN_ADDR_FILE): cannot write \
+                 {}: {e}",
+                path.display()
+            ))
+        })?;
     }
     tracing::info!(
         %listen,
@@ -63,10 +58,11 @@ pub async fn run(args: Args) -> u8 {
         "webhook receiver listening: deliveries verified are printed on standard output"
     );
     match receiver::serve(listener, secrets, super::serve::shutdown_signal()).await {
-        Ok(()) => exit_codes::OK,
+        Ok(()) => Ok(Output::nothing()),
         Err(e) => {
+            // In the log, where an operator of the receiver looks.
             tracing::error!(error = %e, "the webhook receiver stopped");
-            exit_codes::FAILURE
+            Err(CliError::logged(exit_codes::FAILURE))
         }
     }
 }
