@@ -1,16 +1,15 @@
-//! Commands that call a running gateway over gRPC and print its answer as JSON.
+//! Commands that call a running gateway over gRPC and print its answer as JSON, in the proto3
+//! JSON mapping (see `json.rs`).
 
 use std::time::Duration;
 
 use clap::Args;
-use serde_json::{Value, json};
 use std::path::PathBuf;
 
 use super::output::{CliError, Lines, Output};
 use crate::client::{Client, ClientBuilder};
 use crate::proto::ccpa_v1::{
-    CreateProfileRequest, CreateProfileResponse, DeliveryState, GetOptOutRequest, OptOutChange,
-    Profile, RequestSource, SetOptOutRequest,
+    CreateProfileRequest, DeliveryState, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
 
 /// Where the gateway is, and how long to wait for it.
@@ -171,16 +170,6 @@ pub(super) fn connect_lazily(builder: ClientBuilder) -> Result<Client, CliError>
     Ok(builder.connect_lazy()?)
 }
 
-fn rfc3339(timestamp: Option<&prost_types::Timestamp>) -> Value {
-    timestamp
-        .and_then(|t| {
-            chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
-        })
-        .map_or(Value::Null, |at| {
-            json!(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        })
-}
-
 /// `watch [--after CURSOR] [--include-opt-ins]`: one JSON line per change, until interrupted
 /// or the gateway refuses the watch (a broken stream is resumed after the last line printed).
 pub async fn watch(args: WatchArgs) -> Result<Output, CliError> {
@@ -190,35 +179,10 @@ pub async fn watch(args: WatchArgs) -> Result<Output, CliError> {
     // Printed as they come: the watch has no end to wait for.
     let mut lines = Lines::flushed();
     while let Some(change) = changes.next().await {
-        lines.json(&change_json(&change?))?;
+        lines.message(&change?)?;
     }
     lines.finish()?;
     Ok(Output::nothing())
-}
-
-/// A change of the feed, as `watch` prints it.
-fn change_json(change: &OptOutChange) -> Value {
-    json!({
-        "cursor": change.cursor,
-        "requestId": change.request_id,
-        "pkey": change.pkey,
-        "ccpaOptOut": change.ccpa_opt_out,
-        "source": source_name(change.source),
-        "receivedAt": rfc3339(change.received_at.as_ref()),
-        "state": state_name(change.state),
-        "changedAt": rfc3339(change.changed_at.as_ref()),
-        "honoredAt": rfc3339(change.honored_at.as_ref()),
-    })
-}
-
-/// The name of a request source, as the proto spells it without its prefix.
-fn source_name(source: i32) -> &'static str {
-    RequestSource::try_from(source).map_or("UNSPECIFIED", |source| {
-        source
-            .as_str_name()
-            .strip_prefix("REQUEST_SOURCE_")
-            .unwrap_or("UNSPECIFIED")
-    })
 }
 
 /// `get-opt-out PKEY` or `get-opt-out --email E`.
@@ -230,29 +194,7 @@ pub async fn get_opt_out(args: GetOptOutArgs) -> Result<Output, CliError> {
             email: args.profiles.email.unwrap_or_default(),
         })
         .await?;
-    let mut json = opt_out_json(
-        &answer.pkey,
-        answer.ccpa_opt_out,
-        answer.ccpa_opt_out_last_modified.as_ref(),
-    );
-    json["changePending"] = json!(answer.change_pending);
-    if answer.pkey.is_empty() {
-        // By email: the overall answer is the protective one; each profile follows.
-        json["profiles"] = answer
-            .profiles
-            .iter()
-            .map(|p| {
-                let mut profile = opt_out_json(
-                    &p.pkey,
-                    p.ccpa_opt_out,
-                    p.ccpa_opt_out_last_modified.as_ref(),
-                );
-                profile["changePending"] = json!(p.change_pending);
-                profile
-            })
-            .collect();
-    }
-    Output::json(&json)
+    Output::message(&answer)
 }
 
 /// `set-opt-out PKEY|--email E --opt-out true|false`.
@@ -269,30 +211,7 @@ pub async fn set_opt_out(args: SetOptOutArgs) -> Result<Output, CliError> {
             received_at: args.request.received_at,
         })
         .await?;
-    let mut json = opt_out_json(
-        &answer.pkey,
-        answer.ccpa_opt_out,
-        answer.ccpa_opt_out_last_modified.as_ref(),
-    );
-    json["requestId"] = json!(answer.request_id);
-    json["state"] = json!(state_name(answer.state));
-    if answer.pkey.is_empty() {
-        // By email: each profile's own request and state.
-        json["profiles"] = answer
-            .profiles
-            .iter()
-            .map(|p| {
-                json!({
-                    "pkey": p.pkey,
-                    "requestId": p.request_id,
-                    "state": state_name(p.state),
-                    "ccpaOptOut": p.ccpa_opt_out,
-                    "created": p.created,
-                })
-            })
-            .collect();
-    }
-    Output::json(&json)
+    Output::message(&answer)
 }
 
 /// `create-profile --email E [--first-name F] [--last-name L] [--opt-out]`.
@@ -309,34 +228,12 @@ pub async fn create_profile(args: CreateProfileArgs) -> Result<Output, CliError>
             received_at: args.request.received_at,
         })
         .await?;
-    match answer {
-        CreateProfileResponse {
-            profile: Some(profile),
-            request_id,
-        } => {
-            let mut json = profile_json(&profile);
-            if !request_id.is_empty() {
-                json["requestId"] = json!(request_id);
-            }
-            Output::json(&json)
-        }
-        CreateProfileResponse { profile: None, .. } => Err(CliError::failure(
+    if answer.profile.is_none() {
+        return Err(CliError::failure(
             "the gateway answered without the profile",
-        )),
+        ));
     }
-}
-
-/// What `get-opt-out` and `set-opt-out` print.
-fn opt_out_json(
-    pkey: &str,
-    opt_out: bool,
-    last_modified: Option<&prost_types::Timestamp>,
-) -> Value {
-    json!({
-        "pkey": pkey,
-        "ccpaOptOut": opt_out,
-        "ccpaOptOutLastModified": rfc3339(last_modified),
-    })
+    Output::message(&answer)
 }
 
 /// The name of a delivery state, as the proto spells it without its prefix.
@@ -348,15 +245,4 @@ pub(super) fn state_name(state: i32) -> &'static str {
         Ok(DeliveryState::Superseded) => "SUPERSEDED",
         _ => "UNSPECIFIED",
     }
-}
-
-fn profile_json(profile: &Profile) -> Value {
-    json!({
-        "pkey": profile.pkey,
-        "email": profile.email,
-        "firstName": profile.first_name,
-        "lastName": profile.last_name,
-        "ccpaOptOut": profile.ccpa_opt_out,
-        "ccpaOptOutLastModified": rfc3339(profile.ccpa_opt_out_last_modified.as_ref()),
-    })
 }

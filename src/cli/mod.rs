@@ -2,6 +2,7 @@
 
 mod bulk;
 mod calls;
+mod json;
 pub mod listen_addr;
 mod output;
 pub mod records;

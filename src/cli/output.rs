@@ -15,6 +15,7 @@ use serde::Serialize;
 use tonic::Code;
 
 use super::exit_codes;
+use super::json::{self, Printed};
 use crate::client::Error;
 
 /// What a command that ran to its end prints on standard output, and its exit code.
@@ -44,6 +45,11 @@ impl Output {
     /// One JSON document, on one line.
     pub(super) fn json(value: &impl Serialize) -> Result<Self, CliError> {
         Ok(Self::text(to_json(value)?))
+    }
+
+    /// An answer of the API, in the proto3 JSON mapping (see [`json`]).
+    pub(super) fn message<M: Printed>(message: &M) -> Result<Self, CliError> {
+        Self::json(&twin(message)?)
     }
 
     /// Exits with `code`, though the command ran to its end: what it found is what a script
@@ -171,6 +177,12 @@ pub(super) fn note(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
+/// `message`'s twin, which prints in the proto3 JSON mapping.
+fn twin<M: Printed>(message: &M) -> Result<M::Twin, CliError> {
+    json::twin_of(message)
+        .map_err(|e| CliError::failure(format!("cannot read the gateway's answer again: {e}")))
+}
+
 fn to_json(value: &impl Serialize) -> Result<String, CliError> {
     serde_json::to_string(value)
         .map_err(|e| CliError::failure(format!("cannot print the answer as JSON: {e}")))
@@ -212,6 +224,11 @@ impl Lines {
     /// Writes `value` as a JSON line.
     pub(super) fn json(&mut self, value: &impl Serialize) -> Result<(), CliError> {
         self.text(&to_json(value)?)
+    }
+
+    /// Writes an answer of the API as a JSON line, in the proto3 JSON mapping.
+    pub(super) fn message<M: Printed>(&mut self, message: &M) -> Result<(), CliError> {
+        self.json(&twin(message)?)
     }
 
     /// Writes what is left: only then is every line known to be written.

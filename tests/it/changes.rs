@@ -484,14 +484,23 @@ async fn the_cli_prints_each_change_as_a_json_line() {
             .expect("the command goes on");
         printed.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
     }
+    // OptOutChange in the proto3 JSON mapping: enums by their full names, instants in RFC 3339
+    // with `Z`, an instant not reached yet left out.
     assert_eq!(printed[0]["requestId"], "cli-1");
-    assert_eq!(printed[0]["state"], "PENDING");
+    assert_eq!(printed[0]["state"], "DELIVERY_STATE_PENDING");
     assert_eq!(printed[0]["pkey"], pkey.as_str());
     assert_eq!(printed[0]["ccpaOptOut"], true);
-    assert_eq!(printed[0]["source"], "WEB_FORM");
+    assert_eq!(printed[0]["source"], "REQUEST_SOURCE_WEB_FORM");
     assert!(printed[0]["cursor"].as_str().is_some_and(|c| !c.is_empty()));
-    assert_eq!(printed[0]["honoredAt"], serde_json::Value::Null);
-    assert_eq!(printed[1]["state"], "APPLIED");
+    for instant in ["receivedAt", "changedAt"] {
+        let at = printed[0][instant].as_str().unwrap();
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(at).is_ok() && at.ends_with('Z'),
+            "{instant}: {at}"
+        );
+    }
+    assert!(printed[0].get("honoredAt").is_none(), "{}", printed[0]);
+    assert_eq!(printed[1]["state"], "DELIVERY_STATE_APPLIED");
     assert!(printed[1]["honoredAt"].is_string());
 
     // Resumed from a cursor, it prints what follows it.

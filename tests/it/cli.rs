@@ -20,7 +20,7 @@ use ccpa_gateway::proto::ccpa_v1::{
 };
 use common::gateway;
 use futures::StreamExt;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tonic_health::pb::HealthCheckRequest;
@@ -72,12 +72,27 @@ async fn get_set_and_create_print_json() {
     let harness = gateway().start().await;
     let pkey = harness.profile(false);
 
+    // GetOptOutResponse in the proto3 JSON mapping, as `grpcurl -emit-defaults` prints it:
+    // every field, at its default value too; an unset message field (no instant, no request yet)
+    // left out. One profile read, for a key.
     let got = run(harness.addr, &["get-opt-out", &pkey]).await;
     assert_eq!(got.code, 0, "{}", got.stderr);
-    let json = got.json();
-    assert_eq!(json["pkey"], pkey.as_str());
-    assert_eq!(json["ccpaOptOut"], false);
-    assert_eq!(json["ccpaOptOutLastModified"], Value::Null);
+    let profile = json!({
+        "pkey": pkey,
+        "ccpaOptOut": false,
+        "changePending": false,
+        "driftDetected": false,
+    });
+    assert_eq!(
+        got.json(),
+        json!({
+            "pkey": pkey,
+            "ccpaOptOut": false,
+            "changePending": false,
+            "profiles": [profile],
+            "driftDetected": false,
+        })
+    );
 
     let set = run(
         harness.addr,
@@ -93,10 +108,21 @@ async fn get_set_and_create_print_json() {
     .await;
     assert_eq!(set.code, 0, "{}", set.stderr);
     let json = set.json();
-    assert_eq!(json["ccpaOptOut"], true);
+    assert_eq!(json["pkey"], pkey.as_str(), "{json}");
+    assert_eq!(json["ccpaOptOut"], true, "{json}");
+    assert_eq!(json["state"], "DELIVERY_STATE_APPLIED", "{json}");
+    assert!(
+        json["requestId"].as_str().is_some_and(|id| !id.is_empty()),
+        "{json}"
+    );
+    let profiles = json["profiles"].as_array().unwrap();
+    assert_eq!(profiles.len(), 1, "{json}");
+    assert_eq!(profiles[0]["pkey"], pkey.as_str(), "{json}");
+    assert_eq!(profiles[0]["state"], "DELIVERY_STATE_APPLIED", "{json}");
+    // RFC 3339 in UTC, with `Z`, as the mapping writes instants.
     let changed = json["ccpaOptOutLastModified"].as_str().unwrap();
     assert!(
-        chrono::DateTime::parse_from_rfc3339(changed).is_ok(),
+        chrono::DateTime::parse_from_rfc3339(changed).is_ok() && changed.ends_with('Z'),
         "{changed}"
     );
     assert_eq!(
@@ -121,11 +147,18 @@ async fn get_set_and_create_print_json() {
     )
     .await;
     assert_eq!(created.code, 0, "{}", created.stderr);
+    // CreateProfileResponse: the profile, and the request that recorded its opt-out.
     let json = created.json();
-    assert_eq!(json["email"], "grace@example.com");
-    assert_eq!(json["firstName"], "Grace");
-    assert_eq!(json["ccpaOptOut"], true);
-    let new_key = json["pkey"].as_str().unwrap();
+    let profile = &json["profile"];
+    assert_eq!(profile["email"], "grace@example.com", "{json}");
+    assert_eq!(profile["firstName"], "Grace", "{json}");
+    assert_eq!(profile["lastName"], "Hopper", "{json}");
+    assert_eq!(profile["ccpaOptOut"], true, "{json}");
+    assert!(
+        json["requestId"].as_str().is_some_and(|id| !id.is_empty()),
+        "{json}"
+    );
+    let new_key = profile["pkey"].as_str().unwrap();
     assert_eq!(
         harness.emulator().profile(new_key).unwrap()["lastName"],
         "Hopper"
@@ -153,6 +186,11 @@ async fn get_and_set_by_email_answer_every_profile() {
     expected.sort_unstable();
     assert_eq!(keys, expected);
     assert!(!got.stdout.contains("ada@"), "the address is not echoed");
+    for profile in json["profiles"].as_array().unwrap() {
+        assert!(profile["ccpaOptOut"].is_boolean(), "{json}");
+        assert_eq!(profile["changePending"], false, "{json}");
+        assert_eq!(profile["driftDetected"], false, "{json}");
+    }
 
     let set = run(
         harness.addr,
@@ -173,6 +211,11 @@ async fn get_and_set_by_email_answer_every_profile() {
     let json = set.json();
     assert_eq!(json["requestId"], "cli-email-1");
     assert_eq!(json["profiles"].as_array().unwrap().len(), 2, "{json}");
+    for profile in json["profiles"].as_array().unwrap() {
+        assert_eq!(profile["state"], "DELIVERY_STATE_APPLIED", "{json}");
+        assert_eq!(profile["ccpaOptOut"], true, "{json}");
+        assert_eq!(profile["created"], false, "{json}");
+    }
     for pkey in [&first, &second] {
         assert_eq!(
             harness.emulator().profile(pkey).unwrap()["ccpaOptOut"],
@@ -224,7 +267,9 @@ async fn create_profile_without_opt_out_leaves_acs_default() {
     )
     .await;
     assert_eq!(created.code, 0, "{}", created.stderr);
-    assert_eq!(created.json()["ccpaOptOut"], false);
+    let json = created.json();
+    assert_eq!(json["profile"]["ccpaOptOut"], false, "{json}");
+    assert_eq!(json["requestId"], "", "no opt-out, so no request: {json}");
     let post = harness.emulator().requests().pop().unwrap();
     assert_eq!(&post.body[..], br#"{"email":"alan@example.com"}"#);
 }
@@ -1063,15 +1108,16 @@ async fn serve_with_the_embedded_emulator_prints_commands_that_work() {
                     "set-opt-out" => {
                         assert_eq!(json["pkey"], pkey, "{line}: {json}");
                         assert_eq!(json["ccpaOptOut"], true, "{line}: {json}");
-                        assert_eq!(json["state"], "APPLIED", "{line}: {json}");
+                        assert_eq!(json["state"], "DELIVERY_STATE_APPLIED", "{line}: {json}");
                     }
                     "create-profile" => {
+                        let profile = &json["profile"];
                         assert!(
-                            json["pkey"].as_str().unwrap().starts_with('@'),
+                            profile["pkey"].as_str().unwrap().starts_with('@'),
                             "{line}: {json}"
                         );
-                        assert_eq!(json["email"], "someone@example.com", "{line}: {json}");
-                        assert_eq!(json["ccpaOptOut"], true, "{line}: {json}");
+                        assert_eq!(profile["email"], "someone@example.com", "{line}: {json}");
+                        assert_eq!(profile["ccpaOptOut"], true, "{line}: {json}");
                     }
                     other => panic!("{other}: a printed command the test does not check"),
                 }
