@@ -468,7 +468,7 @@ async fn the_cli_prints_each_change_as_a_json_line() {
     let gw: Gateway = common::gateway().start().await;
     let pkey = gw.profile(false);
     applied(&mut gw.client(), set(&pkey, true, "cli-1")).await;
-    let mut watcher = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+    let mut watcher = common::cli::ccpa_gateway()
         .args(["watch", "--addr", &format!("http://{}", gw.addr)])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -504,7 +504,7 @@ async fn the_cli_prints_each_change_as_a_json_line() {
     assert!(printed[1]["honoredAt"].is_string());
 
     // Resumed from a cursor, it prints what follows it.
-    let mut after = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+    let mut after = common::cli::ccpa_gateway()
         .args([
             "watch",
             "--addr",

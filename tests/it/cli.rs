@@ -18,53 +18,24 @@ use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
     BulkSetOptOutRequest, CreateProfileRequest, GetOptOutRequest, RequestSource, SetOptOutRequest,
 };
+use common::cli::{self, Outcome};
 use common::gateway;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_ccpa-gateway");
-
-struct Outcome {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Outcome {
-    fn of(output: &std::process::Output) -> Self {
-        Self {
-            code: output.status.code().expect("exited, not killed"),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
-            panic!(
-                "stdout is not JSON ({e}): {:?} / {:?}",
-                self.stdout, self.stderr
-            )
-        })
-    }
-}
-
 /// Runs a terminal command against the gateway at `addr`.
 async fn run(addr: SocketAddr, args: &[&str]) -> Outcome {
-    let output = Command::new(BINARY)
-        .args(args)
-        .arg("--addr")
-        .arg(format!("http://{addr}"))
-        .env_remove("RUST_LOG")
-        .output()
-        .await
-        .unwrap();
-    Outcome::of(&output)
+    cli::run(
+        cli::ccpa_gateway()
+            .args(args)
+            .arg("--addr")
+            .arg(format!("http://{addr}")),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -326,16 +297,16 @@ async fn exit_codes_tell_outcomes_apart() {
     assert_eq!(gateway_down.code, 5, "{}", gateway_down.stderr);
 }
 
-#[test]
-fn the_help_lists_every_exit_code() {
-    let output = std::process::Command::new(BINARY)
-        .arg("--help")
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    let help = String::from_utf8_lossy(&output.stdout);
+#[tokio::test]
+async fn the_help_lists_every_exit_code() {
+    let help = cli::run(cli::ccpa_gateway().arg("--help")).await;
+    assert_eq!(help.code, 0, "{}", help.stderr);
     for (code, meaning) in ccpa_gateway::cli::exit_codes::MEANINGS {
-        assert!(help.contains(&format!("  {code}  {meaning}\n")), "{help}");
+        assert!(
+            help.stdout.contains(&format!("  {code}  {meaning}\n")),
+            "{}",
+            help.stdout
+        );
     }
 }
 
@@ -348,7 +319,7 @@ async fn a_bulk_file_for_a_gateway_that_is_down_is_resumed_then_reported_unavail
     let closed = listener.local_addr().unwrap();
     drop(listener);
 
-    let output = Command::new(BINARY)
+    let output = cli::ccpa_gateway()
         .args(["bulk-set-opt-out", "--retries", "1", "--file"])
         .arg(&file)
         .args(["--addr", &format!("http://{closed}")])
@@ -655,7 +626,7 @@ async fn with_oauth_logs_carry_no_secret_and_no_token() {
 
 #[tokio::test]
 async fn emulator_command_injects_the_faults_it_is_told() {
-    let mut child = Command::new(BINARY)
+    let mut child = cli::ccpa_gateway()
         .args([
             "emulator",
             "--listen",
@@ -773,7 +744,7 @@ async fn missing_or_bad_settings_stop_start_up_naming_them() {
         ),
     ];
     for (args, named) in cases {
-        let output = Command::new(BINARY)
+        let output = cli::ccpa_gateway()
             .args(args)
             .env_remove("CCPA_ACS_TENANT")
             .env_remove("CCPA_ACS_API_KEY")
@@ -791,7 +762,7 @@ async fn missing_or_bad_settings_stop_start_up_naming_them() {
         }
     }
 
-    let output = Command::new(BINARY)
+    let output = cli::ccpa_gateway()
         .args(["serve", "--listen", "not-an-address"])
         .output()
         .await
@@ -799,7 +770,7 @@ async fn missing_or_bad_settings_stop_start_up_naming_them() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--listen"));
 
-    let output = Command::new(BINARY)
+    let output = cli::ccpa_gateway()
         .args(["serve", "--emulator", "--acs-tenant", "acme"])
         .output()
         .await
@@ -810,7 +781,7 @@ async fn missing_or_bad_settings_stop_start_up_naming_them() {
         "--emulator excludes ACS settings"
     );
 
-    let output = Command::new(BINARY)
+    let output = cli::ccpa_gateway()
         .args(["serve", "--emulator", "--listen", "127.0.0.1:0"])
         .args(["--listen-addr-file", "/nonexistent-directory/addr"])
         .output()
@@ -822,15 +793,14 @@ async fn missing_or_bad_settings_stop_start_up_naming_them() {
 
 /// Runs the binary with `args` in `dir`, with no ledger named in the environment.
 async fn run_in(dir: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> Outcome {
-    let output = Command::new(BINARY)
-        .args(args)
-        .current_dir(dir)
-        .env_remove("CCPA_LEDGER")
-        .envs(envs.iter().copied())
-        .output()
-        .await
-        .unwrap();
-    Outcome::of(&output)
+    cli::run(
+        cli::ccpa_gateway()
+            .args(args)
+            .current_dir(dir)
+            .env_remove("CCPA_LEDGER")
+            .envs(envs.iter().copied()),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -991,14 +961,7 @@ fn shell_words(line: &str) -> Vec<String> {
 
 /// Runs a printed `ccpa-gateway` command as it stands (its own `--addr`, nothing added).
 async fn run_as_printed(args: &[String]) -> Outcome {
-    let output = Command::new(BINARY)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("CCPA_ADDR")
-        .output()
-        .await
-        .unwrap();
-    Outcome::of(&output)
+    cli::run(cli::ccpa_gateway().args(args).env_remove("CCPA_ADDR")).await
 }
 
 /// What a printed `grpcurl` command does, made over gRPC by the test: grpcurl is not something
@@ -1235,7 +1198,7 @@ async fn serve_with_the_embedded_emulator_answers_as_a_large_table_unless_told_o
 
 #[tokio::test]
 async fn emulator_command_serves_until_terminated() {
-    let mut child = Command::new(BINARY)
+    let mut child = cli::ccpa_gateway()
         .args(["emulator", "--listen", "127.0.0.1:0", "--seed-demo"])
         .stdout(Stdio::piped())
         .kill_on_drop(true)

@@ -48,14 +48,15 @@ fn words(text: &str, prefix: &str, more: impl Fn(char) -> bool) -> BTreeSet<Stri
 }
 
 /// The help of `ccpa-gateway <command...> --help`.
-fn help(command: &[&str]) -> String {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
-        .args(command)
-        .arg("--help")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{command:?}");
-    String::from_utf8(output.stdout).unwrap()
+async fn help(command: &[&str]) -> String {
+    let help = crate::common::cli::run(
+        crate::common::cli::ccpa_gateway()
+            .args(command)
+            .arg("--help"),
+    )
+    .await;
+    assert_eq!(help.code, 0, "{command:?}: {}", help.stderr);
+    help.stdout
 }
 
 fn flags_in(text: &str) -> BTreeSet<String> {
@@ -66,9 +67,9 @@ fn variables_in(text: &str) -> BTreeSet<String> {
     words(text, "CCPA_", |c| c.is_ascii_uppercase() || c == '_')
 }
 
-#[test]
-fn every_flag_and_variable_the_deployment_names_is_one_the_gateway_takes() {
-    let serve = help(&["serve"]);
+#[tokio::test]
+async fn every_flag_and_variable_the_deployment_names_is_one_the_gateway_takes() {
+    let serve = help(&["serve"]).await;
     let serve_flags = flags_in(&serve);
     let serve_variables = variables_in(&serve);
     assert!(serve_flags.contains("--drain-delay") && serve_variables.contains("CCPA_LEDGER"));
@@ -82,7 +83,7 @@ fn every_flag_and_variable_the_deployment_names_is_one_the_gateway_takes() {
         &["records", "report"],
         &["records", "notifications"],
     ] {
-        let text = help(command);
+        let text = help(command).await;
         operator_flags.extend(flags_in(&text));
         operator_variables.extend(variables_in(&text));
     }
@@ -311,9 +312,9 @@ fn flag_table(text: &str, heading: &str) -> BTreeMap<String, (Option<String>, St
     rows
 }
 
-#[test]
-fn the_configuration_doc_lists_every_flag_of_serve_with_its_variable_and_default() {
-    let help = help(&["serve"]);
+#[tokio::test]
+async fn the_configuration_doc_lists_every_flag_of_serve_with_its_variable_and_default() {
+    let help = help(&["serve"]).await;
     let flags = flags_of_help(&help);
     let doc = std::fs::read_to_string(root().join("docs/configuration.md")).unwrap();
     let table = flag_table(&doc, "## The flags of `serve`");

@@ -118,19 +118,8 @@ async fn until_reread(emulator: &Emulator, before: usize) {
 
 /// `records` run against a ledger; its exit code and standard output.
 async fn records(args: &[&str]) -> (i32, String) {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
-        .arg("records")
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(60), output)
-        .await
-        .expect("records ends")
-        .unwrap();
-    (
-        output.status.code().unwrap(),
-        String::from_utf8(output.stdout).unwrap(),
-    )
+    let outcome = common::cli::run(common::cli::ccpa_gateway().arg("records").args(args)).await;
+    (outcome.code, outcome.stdout)
 }
 
 async fn the_reconciler_restores_a_reverted_opt_out_within_its_interval(store: Store) {

@@ -670,7 +670,7 @@ async fn the_csv_command_records_a_file_once_however_often_it_runs() {
     std::fs::write(&file, csv).unwrap();
 
     let run = || async {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+        common::cli::ccpa_gateway()
             .args(["bulk-set-opt-out", "--file"])
             .arg(&file)
             .args(["--addr", &format!("http://{}", gw.addr)])
@@ -735,7 +735,7 @@ async fn the_csv_command_records_a_file_once_however_often_it_runs() {
 
 /// Runs `bulk-set-opt-out --file FILE` against the gateway at `addr`.
 async fn bulk_csv(addr: std::net::SocketAddr, file: &std::path::Path) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+    common::cli::ccpa_gateway()
         .args(["bulk-set-opt-out", "--file"])
         .arg(file)
         .args(["--addr", &format!("http://{addr}")])
@@ -808,7 +808,7 @@ async fn the_results_file_is_safe_in_a_spreadsheet_and_a_failure_to_write_it_fai
     }
 
     // A results file that cannot be written (a full disk): the command fails, saying so.
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+    let output = common::cli::ccpa_gateway()
         .args(["bulk-set-opt-out", "--file"])
         .arg(&file)
         .args(["--results", "/dev/full"])

@@ -618,7 +618,7 @@ async fn overdue_requests_are_reported(store: Store) {
     )
     .await;
 
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+    let output = common::cli::ccpa_gateway()
         .args(["records", "--overdue", "--ledger", &location])
         .output()
         .await
@@ -641,7 +641,7 @@ async fn overdue_requests_are_reported(store: Store) {
     assert_eq!(line["source"], "GLOBAL_PRIVACY_CONTROL");
     assert_eq!(line["caller"], "privacy-portal");
 
-    let export = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+    let export = common::cli::ccpa_gateway()
         .args([
             "records",
             "--ledger",
@@ -661,7 +661,7 @@ async fn overdue_requests_are_reported(store: Store) {
         |days: u32| humantime::format_rfc3339(SystemTime::now() - days * DAY).to_string();
     for (until, lines) in [(days_ago(11), 0), (days_ago(7), 1)] {
         let until = until.as_str();
-        let export = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+        let export = common::cli::ccpa_gateway()
             .args([
                 "records",
                 "--ledger",
@@ -1039,7 +1039,7 @@ async fn a_retention_under_24_months_is_refused() {
         &["serve", "--emulator", "--retention", "700days"][..],
         &["records", "prune", "--retention", "1day"][..],
     ] {
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+        let output = common::cli::ccpa_gateway()
             .args(args)
             .output()
             .await
@@ -1665,7 +1665,7 @@ async fn a_record_only_backlog_is_watched_by_the_overdue_clock(store: Store) {
         "the clock to report the backlog",
     )
     .await;
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+    let output = common::cli::ccpa_gateway()
         .args(["records", "--overdue", "--ledger", &gw.store().location])
         .output()
         .await

@@ -405,7 +405,7 @@ async fn a_recipients_file_that_does_not_load_stops_start_up_or_keeps_the_previo
             max_rps: 5,
         }],
     );
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+    let output = common::cli::ccpa_gateway()
         .args([
             "serve",
             "--emulator",
@@ -607,36 +607,34 @@ async fn the_records_cli_lists_notifications_and_counts_them_overdue_and_in_the_
     until_attempts(&mut client, "r-1", "down", 1).await;
     gateway.shutdown().await.unwrap();
 
-    let records = |args: &[&str]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
-            .args(["records", "--ledger", &location])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
+    let records = async |args: &[&str]| {
+        let outcome = common::cli::run(
+            common::cli::ccpa_gateway()
+                .args(["records", "--ledger", &location])
+                .args(args),
         )
+        .await;
+        (Some(outcome.code), outcome.stdout, outcome.stderr)
     };
-    let (code, out, err) = records(&["notifications"]);
+
+    let (code, out, err) = records(&["notifications"]).await;
     assert_eq!(code, Some(0), "{err}");
     let lines: Vec<serde_json::Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 3, "{out}");
-    let (code, out, _) = records(&["notifications", "--state", "failed"]);
+    let (code, out, _) = records(&["notifications", "--state", "failed"]).await;
     assert_eq!(code, Some(0));
     let failed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(failed["recipient"], "gone");
     assert_eq!(failed["lastFailureClass"], "http_410");
-    let (_, out, _) = records(&["notifications", "--recipient", "down"]);
+    let (_, out, _) = records(&["notifications", "--recipient", "down"]).await;
     let pending: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(pending["state"], "PENDING");
     assert_eq!(pending["lastFailureClass"], "http_503");
 
-    let (code, _, err) = records(&["--overdue"]);
+    let (code, _, err) = records(&["--overdue"]).await;
     assert_eq!(code, Some(6), "{err}");
     assert!(err.contains("1 notifications"), "{err}");
 
@@ -648,7 +646,8 @@ async fn the_records_cli_lists_notifications_and_counts_them_overdue_and_in_the_
         "--year",
         &chrono::Datelike::year(&year).to_string(),
         "--json",
-    ]);
+    ])
+    .await;
     assert_eq!(code, Some(0));
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(

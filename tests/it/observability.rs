@@ -802,25 +802,23 @@ async fn token_requests_to_ims_carry_trace_context_and_are_counted() {
 
 /// `ccpa-gateway serve --emulator` with `args` and `envs`, expected to stop at start-up: its
 /// exit code and standard error.
-fn refused_start(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
-        .args(["serve", "--emulator", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .envs(envs.iter().copied())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+async fn refused_start(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let outcome = common::cli::run(
+        common::cli::ccpa_gateway()
+            .args(["serve", "--emulator", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .envs(envs.iter().copied())
+            .stdin(std::process::Stdio::null()),
     )
+    .await;
+    (outcome.code, outcome.stderr)
 }
 
-#[test]
-fn bad_observability_settings_stop_start_up_naming_the_setting() {
-    let (code, stderr) = refused_start(&["--otlp-endpoint", "ftp://collector:4317"], &[]);
+#[tokio::test]
+async fn bad_observability_settings_stop_start_up_naming_the_setting() {
+    let (code, stderr) = refused_start(&["--otlp-endpoint", "ftp://collector:4317"], &[]).await;
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--otlp-endpoint"), "{stderr}");
 
@@ -832,7 +830,8 @@ fn bad_observability_settings_stop_start_up_naming_the_setting() {
             "false",
         ],
         &[],
-    );
+    )
+    .await;
     assert_eq!(code, 2, "{stderr}");
     assert!(
         stderr.contains("--otlp-endpoint") && stderr.contains("--trace-context"),
@@ -843,12 +842,12 @@ fn bad_observability_settings_stop_start_up_naming_the_setting() {
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     ] {
-        let (code, stderr) = refused_start(&[], &[(variable, "not a url")]);
+        let (code, stderr) = refused_start(&[], &[(variable, "not a url")]).await;
         assert_eq!(code, 2, "{stderr}");
         assert!(stderr.contains(variable), "{stderr}");
     }
 
-    let (code, stderr) = refused_start(&["--metrics-listen", "nowhere"], &[]);
+    let (code, stderr) = refused_start(&["--metrics-listen", "nowhere"], &[]).await;
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--metrics-listen"), "{stderr}");
 }

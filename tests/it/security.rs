@@ -41,8 +41,6 @@ const AUDITOR: &str = "auditor.corp.example";
 const FRONT_PROXY: &str = "spiffe://corp.example/ns/edge/sa/front-proxy";
 /// A workload with a certificate from the same CA, trusted with nothing.
 const ATTACKER: &str = "spiffe://corp.example/ns/evil/sa/attacker";
-const BINARY: &str = env!("CARGO_BIN_EXE_ccpa-gateway");
-
 /// A gateway in the test's process, in front of a fresh emulator, behind `boundary`.
 struct Secured(Gateway);
 
@@ -1120,7 +1118,7 @@ async fn refused(args: &[&str], dir: &Path) -> (Option<i32>, String) {
 async fn refused_with(args: &[&str], envs: &[(&str, &str)], dir: &Path) -> (Option<i32>, String) {
     let output = tokio::time::timeout(
         Duration::from_secs(30),
-        tokio::process::Command::new(BINARY)
+        common::cli::ccpa_gateway()
             .arg("serve")
             .args(args)
             .current_dir(dir)
@@ -1304,7 +1302,7 @@ async fn unsafe_settings_stop_start_up_naming_the_fix() {
     );
 
     // OAuth's token endpoint, too, must be https:// (the emulator's loopback excepted).
-    let output = tokio::process::Command::new(BINARY)
+    let output = common::cli::ccpa_gateway()
         .args(["serve", "--acs-tenant", "acme"])
         .args(["--ims-client-id", "id", "--ims-client-secret", "s"])
         .args(["--ims-url", "http://ims.corp.example"])
@@ -1443,7 +1441,7 @@ async fn the_terminal_commands_speak_mutual_tls() {
     std::fs::write(&ca, certs.ca.pem()).unwrap();
     let addr = format!("https://localhost:{}", gateway.addr.port());
     let run = |args: Vec<String>, with_identity: bool| {
-        let mut command = tokio::process::Command::new(BINARY);
+        let mut command = common::cli::ccpa_gateway();
         command
             .args(args)
             .args(["--addr", &addr])

@@ -1,6 +1,8 @@
 //! The webhook parts over real sockets: the `webhook-receiver` command verifying what
 //! `notify::sender::Sender` signs and sends, and the sender's reading of every kind of answer.
 
+use crate::common;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
@@ -45,7 +47,7 @@ async fn receiver(secret_file_text: &str) -> Receiver {
     let secret_file = dir.path().join("secret");
     std::fs::write(&secret_file, secret_file_text).unwrap();
     let addr_file = dir.path().join("addr");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+    let mut child = common::cli::ccpa_gateway()
         .arg("webhook-receiver")
         .args(["--listen", "127.0.0.1:0", "--secret-file"])
         .arg(&secret_file)
@@ -180,7 +182,7 @@ async fn the_receiver_refuses_to_start_without_usable_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("secret");
     std::fs::write(&secret_file, "hunter2\n").unwrap();
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"))
+    let output = common::cli::ccpa_gateway()
         .args([
             "webhook-receiver",
             "--listen",

@@ -229,7 +229,7 @@ impl GatewayBuilder {
             LedgerChoice::Fresh => dir.path().join("ledger.sqlite3").display().to_string(),
             LedgerChoice::At(location) => location,
         };
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ccpa-gateway"));
+        let mut command = super::cli::ccpa_gateway();
         command
             .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
             .arg("--listen-addr-file")

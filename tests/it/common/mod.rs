@@ -21,6 +21,7 @@ macro_rules! on_both_stores {
     };
 }
 
+pub mod cli;
 pub mod gateway;
 pub mod pki;
 pub mod receiver;
