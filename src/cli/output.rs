@@ -78,6 +78,13 @@ pub(super) struct CliError {
     details: Vec<String>,
 }
 
+/// The message alone, for a failure told elsewhere than on standard error.
+impl Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message.as_deref().unwrap_or("failed (see the log)"))
+    }
+}
+
 impl CliError {
     /// A failure with exit code `code`.
     pub(super) fn new(code: u8, message: impl Display) -> Self {

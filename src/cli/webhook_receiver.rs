@@ -3,12 +3,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use clap::Args as ClapArgs;
 use tokio::net::TcpListener;
 
 use super::exit_codes;
-use super::output::{CliError, Output};
+use super::output::{CliError, Lines, Output};
 use crate::notify::receiver;
 use crate::notify::recipients::Secrets;
 
@@ -28,8 +29,8 @@ pub struct Args {
     listen_addr_file: Option<PathBuf>,
 }
 
-/// `webhook-receiver`: runs until Ctrl-C or SIGTERM. The deliveries are printed by the receiver
-/// as they are verified, one JSON line each (see [`receiver`]).
+/// `webhook-receiver`: runs until Ctrl-C or SIGTERM, printing each delivery the receiver verifies
+/// as a JSON line (see [`receiver`]).
 pub async fn run(args: Args) -> Result<Output, CliError> {
     let secrets = Secrets::read(&args.secret_file).map_err(|e| {
         CliError::usage(format!(
@@ -57,7 +58,16 @@ pub async fn run(args: Args) -> Result<Output, CliError> {
         secrets = secrets.count(),
         "webhook receiver listening: deliveries verified are printed on standard output"
     );
-    match receiver::serve(listener, secrets, super::serve::shutdown_signal()).await {
+    // One line a delivery, whole and flushed before it is acknowledged: a reader of a pipe sees
+    // each as it is taken.
+    let lines = Mutex::new(Lines::flushed());
+    let print: receiver::Print = Arc::new(move |line: &str| {
+        let mut lines = lines
+            .lock()
+            .map_err(|_| "an earlier print panicked".to_owned())?;
+        lines.text(line).map_err(|e| e.to_string())
+    });
+    match receiver::serve(listener, secrets, print, super::serve::shutdown_signal()).await {
         Ok(()) => Ok(Output::nothing()),
         Err(e) => {
             // In the log, where an operator of the receiver looks.

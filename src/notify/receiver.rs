@@ -5,7 +5,6 @@
 //! A delivery that is not signed with one of its secrets, or signed more than five minutes
 //! away from its clock, is answered 401 and printed nowhere; why is logged, never the body.
 
-use std::io::Write as _;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -72,45 +71,56 @@ pub fn accept(
     serde_json::to_string(&Line { webhook_id, event }).map_err(|_| Refusal::NotJson)
 }
 
+/// Where a verified delivery's line goes before the delivery is acknowledged: the command's
+/// standard output, which the CLI owns (`cli::webhook_receiver`). An error is answered 500, so
+/// that the sender tries again.
+pub type Print = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What every delivery is checked with, and where its line goes.
+struct Receiver {
+    secrets: Secrets,
+    print: Print,
+}
+
 /// The receiver's routes: POST to any path.
-pub fn app(secrets: Secrets) -> Router {
+pub fn app(secrets: Secrets, print: Print) -> Router {
     Router::new()
         .route("/", post(receive))
         .route("/{*path}", post(receive))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(Arc::new(secrets))
+        .with_state(Arc::new(Receiver { secrets, print }))
 }
 
 /// Serves deliveries on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     secrets: Secrets,
+    print: Print,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(secrets))
+    axum::serve(listener, app(secrets, print))
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-async fn receive(State(secrets): State<Arc<Secrets>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn receive(
+    State(receiver): State<Arc<Receiver>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let now_s = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |since| {
             i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
         });
-    match accept(&secrets, &headers, &body, now_s) {
-        Ok(line) => {
-            // One line at a time, whole, and flushed: a reader of a pipe sees each delivery as
-            // it is acknowledged.
-            let mut out = std::io::stdout().lock();
-            match writeln!(out, "{line}").and_then(|()| out.flush()) {
-                Ok(()) => StatusCode::NO_CONTENT.into_response(),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot print a delivery; answered 500");
-                    StatusCode::INTERNAL_SERVER_ERROR.into_response()
-                }
+    match accept(&receiver.secrets, &headers, &body, now_s) {
+        Ok(line) => match (receiver.print)(&line) {
+            Ok(()) => StatusCode::NO_CONTENT.into_response(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot print a delivery; answered 500");
+                StatusCode::INTERNAL_SERVER_ERROR.into_response()
             }
-        }
+        },
         Err(refusal) => {
             tracing::warn!(reason = %refusal, "delivery refused");
             (refusal.status(), format!("{refusal}\n")).into_response()
