@@ -15,6 +15,28 @@ pub fn write(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
     std::fs::rename(&partial, path)
 }
 
+/// Listens on `addr` and, when `file` is given, writes the address bound to it: what `serve` and
+/// `webhook-receiver` do first. A failure names the flag (`listen_flag`, `file_flag`: each with
+/// its variable) and stops the command as a bad setting.
+pub(super) async fn listen(
+    addr: SocketAddr,
+    listen_flag: &str,
+    file: Option<&Path>,
+    file_flag: &str,
+) -> Result<(tokio::net::TcpListener, SocketAddr), super::output::CliError> {
+    use super::output::CliError;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| CliError::usage(format!("{listen_flag}: cannot listen on {addr}: {e}")))?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    if let Some(path) = file {
+        write(path, bound).map_err(|e| {
+            CliError::usage(format!("{file_flag}: cannot write {}: {e}", path.display()))
+        })?;
+    }
+    Ok((listener, bound))
+}
+
 /// Waits until `path` holds an address (written by [`write()`]), for at most `timeout`.
 pub async fn wait(path: &Path, timeout: Duration) -> Result<SocketAddr, String> {
     let give_up = Instant::now() + timeout;

@@ -165,21 +165,13 @@ pub async fn serve(settings: ServeSettings) -> Result<Output, CliError> {
         .await
         .map_err(|e| CliError::usage(format!("{LEDGER}: {e}")))?;
 
-    let listener = TcpListener::bind(settings.listen).await.map_err(|e| {
-        CliError::usage(format!(
-            "--listen (CCPA_LISTEN): cannot listen on {}: {e}",
-            settings.listen
-        ))
-    })?;
-    let listen = listener.local_addr().unwrap_or(settings.listen);
-    if let Some(path) = &settings.listen_addr_file {
-        super::listen_addr::write(path, listen).map_err(|e| {
-            CliError::usage(format!(
-                "--listen-addr-file (CCPA_LISTEN_ADDR_FILE): cannot write {}: {e}",
-                path.display()
-            ))
-        })?;
-    }
+    let (listener, listen) = super::listen_addr::listen(
+        settings.listen,
+        "--listen (CCPA_LISTEN)",
+        settings.listen_addr_file.as_deref(),
+        "--listen-addr-file (CCPA_LISTEN_ADDR_FILE)",
+    )
+    .await?;
     let health_listener = match settings.callers.health_listen {
         None => None,
         Some(addr) => {

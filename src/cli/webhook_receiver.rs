@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use clap::Args as ClapArgs;
-use tokio::net::TcpListener;
 
 use super::exit_codes;
 use super::output::{CliError, Lines, Output};
@@ -37,22 +36,13 @@ pub async fn run(args: Args) -> Result<Output, CliError> {
             "--secret-file (CCPA_WEBHOOK_RECEIVER_SECRET_FILE): {e}"
         ))
     })?;
-    let listener = TcpListener::bind(args.listen).await.map_err(|e| {
-        CliError::usage(format!(
-            "--listen (CCPA_WEBHOOK_RECEIVER_LISTEN): cannot listen on {}: {e}",
-            args.listen
-        ))
-    })?;
-    let listen = listener.local_addr().unwrap_or(args.listen);
-    if let Some(path) = &args.listen_addr_file {
-        super::listen_addr::write(path, listen).map_err(|e| {
-            CliError::usage(format!(
-                "--listen-addr-file (CCPA_WEBHOOK_RECEIVER_LISTEN_ADDR_FILE): cannot write \
-                 {}: {e}",
-                path.display()
-            ))
-        })?;
-    }
+    let (listener, listen) = super::listen_addr::listen(
+        args.listen,
+        "--listen (CCPA_WEBHOOK_RECEIVER_LISTEN)",
+        args.listen_addr_file.as_deref(),
+        "--listen-addr-file (CCPA_WEBHOOK_RECEIVER_LISTEN_ADDR_FILE)",
+    )
+    .await?;
     tracing::info!(
         %listen,
         secrets = secrets.count(),

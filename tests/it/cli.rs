@@ -508,19 +508,9 @@ async fn logs_carry_no_personal_data_or_secrets() {
         item: Some(item),
         record_only: false,
     });
-    let answers: Vec<_> = client
-        .bulk_set_opt_out(futures::stream::iter(items))
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
+    let answers = common::bulk(&mut client, items.into()).await;
     assert_eq!(answers.len(), 2);
-    let refused = answers
-        .iter()
-        .map(|a| a.as_ref().unwrap())
-        .find(|a| a.error.is_some())
-        .unwrap();
+    let refused = answers.iter().find(|a| a.error.is_some()).unwrap();
     assert!(
         !refused.error.as_ref().unwrap().message.contains("canary"),
         "{refused:?}"

@@ -18,9 +18,7 @@ use acs_profile_client::{Clock, ManualClock};
 use ccpa_gateway::backoff::Backoff;
 use ccpa_gateway::notify::{Notifications, NotifySettings, recipients};
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
-use ccpa_gateway::proto::ccpa_v1::{
-    GetOptOutRecordRequest, NotificationState, RecipientNotification, SetOptOutRequest,
-};
+use ccpa_gateway::proto::ccpa_v1::{NotificationState, RecipientNotification, SetOptOutRequest};
 use ccpa_gateway::server::ServerOptions;
 use tonic::transport::Channel;
 
@@ -67,13 +65,8 @@ async fn notifications_of(
     client: &mut CcpaServiceClient<Channel>,
     request_id: &str,
 ) -> Vec<RecipientNotification> {
-    client
-        .get_opt_out_record(GetOptOutRecordRequest {
-            request_id: request_id.into(),
-        })
+    common::record_response(client, request_id)
         .await
-        .unwrap()
-        .into_inner()
         .notifications
 }
 

@@ -27,7 +27,7 @@ pub mod pki;
 pub mod receiver;
 mod requests;
 
-pub use requests::{get, health_request, opt_out_of, record, records_of, set};
+pub use requests::{get, health_request, opt_out_of, record, record_response, records_of, set};
 
 #[allow(unused_imports)] // Each test binary uses its own part.
 pub use gateway::{Gateway, GatewayBuilder, GatewayProcess, QUICK_DELIVERY_ARGS, gateway};

@@ -3,8 +3,8 @@
 
 use ccpa_gateway::proto::ccpa_v1::ccpa_service_client::CcpaServiceClient;
 use ccpa_gateway::proto::ccpa_v1::{
-    GetOptOutRecordRequest, GetOptOutRequest, GetOptOutResponse, ListOptOutRecordsRequest,
-    OptOutRecord, RequestSource, SetOptOutRequest,
+    GetOptOutRecordRequest, GetOptOutRecordResponse, GetOptOutRequest, GetOptOutResponse,
+    ListOptOutRecordsRequest, OptOutRecord, RequestSource, SetOptOutRequest,
 };
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -41,8 +41,11 @@ pub async fn opt_out_of(client: &mut CcpaServiceClient<Channel>, pkey: &str) -> 
     client.get_opt_out(get(pkey)).await.unwrap().into_inner()
 }
 
-/// One record of the ledger, by request id; it must exist.
-pub async fn record(client: &mut CcpaServiceClient<Channel>, request_id: &str) -> OptOutRecord {
+/// GetOptOutRecord of `request_id`, which must succeed: the record and its notifications.
+pub async fn record_response(
+    client: &mut CcpaServiceClient<Channel>,
+    request_id: &str,
+) -> GetOptOutRecordResponse {
     client
         .get_opt_out_record(GetOptOutRecordRequest {
             request_id: request_id.into(),
@@ -50,8 +53,11 @@ pub async fn record(client: &mut CcpaServiceClient<Channel>, request_id: &str) -
         .await
         .unwrap()
         .into_inner()
-        .record
-        .unwrap()
+}
+
+/// One record of the ledger, by request id; it must exist.
+pub async fn record(client: &mut CcpaServiceClient<Channel>, request_id: &str) -> OptOutRecord {
+    record_response(client, request_id).await.record.unwrap()
 }
 
 /// Every record of a profile (up to a hundred), newest first.
